@@ -1,0 +1,124 @@
+"""One way for every script to take its settings from the command line.
+
+Each script keeps its defaults as a plain dict at the top of the file, one
+commented line per setting:
+
+    DEFAULTS = dict(
+        batch_size=8,        # sequences per micro-step
+        compile=False,       # torch.compile the model
+    )
+
+and calls `cfg, args = parse_args(DEFAULTS, __doc__)` in main(). On the
+command line `--batch_size=16`, `--batch_size 16`, `--compile` (a bool set to
+true) and `--compile=false` all work; values take the type of their default.
+`--help` prints the script's docstring and every setting with its default and
+its comment. Mistakes end with one line on stderr and exit status 2, through
+`UserError` and `run()`, so no user ever sees a traceback for a typo.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+import sys
+from types import SimpleNamespace
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit 2."""
+
+
+def run(main) -> None:
+    """Call main(), turning a UserError into one clear line and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _convert(key: str, text: str, default):
+    if isinstance(default, bool):  # before int: bool is a subclass of int
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"--{key} takes true or false, not {text!r}")
+    if isinstance(default, (int, float)):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(default, int) and not isinstance(value, int)):
+            raise UserError(f"--{key} takes {type(default).__name__}, not {text!r}")
+        return type(default)(value)
+    if default is None:  # a number if it looks like one, else the string
+        try:
+            value = ast.literal_eval(text)
+            return value if isinstance(value, (int, float)) else text
+        except (ValueError, SyntaxError):
+            return text
+    return text
+
+
+def _comments(defaults: dict) -> dict[str, str]:
+    """The trailing comment of each `key=value,  # ...` line in the caller's source."""
+    try:
+        source = inspect.getsource(sys.modules["__main__"])
+    except (OSError, TypeError, KeyError):
+        return {}
+    found = {}
+    for key in defaults:
+        m = re.search(rf"^\s*{re.escape(key)}\s*=.*?#\s*(.*)$", source, re.M)
+        if m:
+            found[key] = m.group(1).strip()
+    return found
+
+
+def usage(defaults: dict, doc: str | None) -> str:
+    lines = [(doc or "").strip(), "", "settings (--key=value):"]
+    comments = _comments(defaults)
+    width = max((len(k) for k in defaults), default=0) + 2
+    for key, value in defaults.items():
+        lines.append(f"  --{key:<{width}} {value!r:<22} {comments.get(key, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def parse_args(defaults: dict, doc: str | None = None,
+               argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
+    """Overrides from argv applied to a copy of defaults; returns (config, positionals)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = dict(defaults)
+    positionals: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg in ("-h", "--help"):
+            print(usage(defaults, doc))
+            sys.exit(0)
+        if not arg.startswith("--"):
+            positionals.append(arg)
+            continue
+        key, has_value, text = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in defaults:
+            close = [k for k in defaults if key in k or k in key]
+            hint = f" (did you mean --{close[0]}?)" if close else " (see --help)"
+            raise UserError(f"unknown setting --{key}{hint}")
+        if not has_value:
+            if isinstance(defaults[key], bool):
+                cfg[key] = True
+                continue
+            if i >= len(argv):
+                raise UserError(f"--{key} needs a value")
+            text = argv[i]
+            i += 1
+        cfg[key] = _convert(key, text, defaults[key])
+    return SimpleNamespace(**cfg), positionals

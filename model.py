@@ -1,0 +1,547 @@
+"""The phi-1 model: a GPT with parallel attention and MLP blocks and partial rotary.
+
+One block, as in phi-1 (and Hugging Face's `PhiForCausalLM`):
+
+    h = LayerNorm(x)
+    x = x + Attention(h) + MLP(h)          # both branches read the same h
+
+Attention uses rotary position embeddings on the first 32 of each head's 64
+dims ("rotate-half" form, base 10000); the other 32 dims carry no position. The
+MLP is fc1 -> gelu (tanh approximation) -> fc2 with 4x width. Every linear has a
+bias, including the untied lm_head, and a final LayerNorm precedes it.
+
+Because both branches read the same h, one GEMM computes [q | k | v | fc1] and
+one GEMM computes [attn_out | gelu(fc1)] @ [W_dense; W_fc2]: `in_proj` and
+`out_proj` below. Hugging Face's separate q/k/v/dense/fc1/fc2 weights are split
+and joined in `to_hf_state_dict` / `from_hf_state_dict`, so phi-1 checkpoints
+load one-to-one and ours export back to the same names.
+
+Attention goes through one function, `attend`: the Triton FlashAttention kernel
+of flash_attn_triton.py on CUDA, PyTorch's scaled_dot_product_attention
+otherwise (CPU, padding masks, or anything the kernel rejects).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import struct
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tokenizer
+
+log = logging.getLogger("phi1")
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 24
+    n_head: int = 32
+    n_embd: int = 2048
+    block_size: int = 2048  # context length
+    vocab_size: int = 51200  # 50295 real tokens, padded to a multiple of 64
+    rotary_dim: int = 32  # rotary on the first rotary_dim dims of each head
+    rope_base: float = 10000.0
+    dropout: float = 0.0  # attention and residual dropout while training
+    layer_norm_eps: float = 1e-5
+    attention: str = "auto"  # auto (Triton kernel on CUDA), sdpa, or triton
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+PRESETS = {
+    # the paper's models (DESIGN.md); 1.42B and 357M parameters in all, as on the hub
+    "phi-1": GPTConfig(n_layer=24, n_head=32, n_embd=2048, dropout=0.1),
+    "phi-1-small": GPTConfig(n_layer=20, n_head=16, n_embd=1024, dropout=0.1),
+    # small presets: one GPU for minutes, a CPU for minutes, tests for seconds
+    "small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=1024),
+    "tiny": GPTConfig(n_layer=4, n_head=2, n_embd=128, block_size=256),
+    "nano": GPTConfig(n_layer=2, n_head=1, n_embd=64, block_size=64),
+}
+
+
+# ---------------------------------------------------------------- attention
+
+_flash = None  # the flash_attn_triton module once imported, False if unavailable
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def _flash_kernel():
+    global _flash
+    if _flash is None:
+        try:
+            import flash_attn_triton
+            _flash = flash_attn_triton
+        except ImportError as e:  # no triton installed
+            _flash = False
+            _warn_once(f"Triton FlashAttention unavailable ({e}); using PyTorch SDPA")
+    return _flash
+
+
+def attend(q, k, v, causal: bool, dropout_p: float = 0.0, mask=None, impl: str = "auto"):
+    """Softmax attention over (batch, heads, seq, head_dim) tensors.
+
+    With causal=True and fewer queries than keys (decoding with a KV cache), the
+    queries are the last ones: query i sees keys j <= i + Tk - Tq. `mask`, a
+    boolean (B, 1, Tq, Tk) tensor of allowed positions, replaces causal (padding).
+    """
+    if impl != "sdpa" and q.is_cuda and mask is None:
+        kernel = _flash_kernel()
+        if kernel:
+            reason = kernel.unsupported_reason(q, k, v, dropout_p)
+            if reason is None:
+                return kernel.flash_attn_func(q, k, v, causal=causal, dropout_p=dropout_p)
+            _warn_once(f"FlashAttention kernel rejected this call ({reason}); using PyTorch SDPA")
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if causal and Tq != Tk and mask is None:
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    if mask is not None:
+        causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=causal)
+
+
+def rotary_tables(config: GPTConfig, positions: torch.Tensor):
+    """cos and sin for the rotary dims at integer positions: shape (*positions.shape, rotary_dim)."""
+    half = torch.arange(0, config.rotary_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / (config.rope_base ** (half / config.rotary_dim))
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dim dims of x (B, T, H, D) in "rotate-half" form."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+# ---------------------------------------------------------------- the model
+
+class KVCache:
+    """Keys and values of every layer for a batch being decoded, preallocated."""
+
+    def __init__(self, config: GPTConfig, batch: int, length: int, device, dtype):
+        shape = (config.n_layer, batch, config.n_head, length, config.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        d = config.n_embd
+        self.config = config
+        self.ln = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.in_proj = nn.Linear(d, 7 * d)  # [q | k | v | fc1]
+        self.out_proj = nn.Linear(5 * d, d, bias=False)  # [attn_out | gelu(fc1)] -> d
+        self.attn_out_bias = nn.Parameter(torch.zeros(d))  # Hugging Face's dense.bias
+        self.mlp_out_bias = nn.Parameter(torch.zeros(d))  # Hugging Face's fc2.bias
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask=None):
+        B, T, d = x.shape
+        cfg = self.config
+        qkv, h = self.in_proj(self.ln(x)).split([3 * d, 4 * d], dim=-1)
+        q, k, v = qkv.view(B, T, 3, cfg.n_head, cfg.head_dim).unbind(2)  # (B, T, H, D) views
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) views
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+        dropout_p = cfg.dropout if self.training else 0.0
+        y = attend(q, k, v, causal=True, dropout_p=dropout_p, mask=mask, impl=cfg.attention)
+        y = y.transpose(1, 2).reshape(B, T, d)
+        mixed = torch.cat([y, F.gelu(h, approximate="tanh")], dim=-1)
+        out = F.linear(mixed, self.out_proj.weight, self.attn_out_bias + self.mlp_out_bias)
+        return x + self.dropout(out)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.final_layernorm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.apply(self._init_weights)
+        for block in self.layers:  # GPT-2's scaled init of the projections into the residual
+            nn.init.normal_(block.out_proj.weight, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embedding else n - self.embed_tokens.weight.numel()
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 per weight that multiplies (all but the
+        embedding lookup) plus attention's 12 * layers * width * context."""
+        c = self.config
+        return 6 * self.num_params(embedding=False) + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def _trunk(self, idx, positions, cache=None, mask=None):
+        cos, sin = rotary_tables(self.config, positions)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+        x = self.embed_tokens(idx)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache, i, mask)
+        if cache is not None:
+            cache.length += idx.shape[1]
+        return self.final_layernorm(x)
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, vocab) for token ids idx (B, T); with targets (B, T), also
+        the mean cross-entropy over the positions whose target is not -1."""
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
+        x = self._trunk(idx, torch.arange(T, device=idx.device))
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    # ------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, stop: list[str] | None = None,
+                 seed: int | None = None) -> list[list[int]]:
+        """Continue each prompt; returns the new tokens of each.
+
+        Prompts of different lengths are left-padded into one batch, with
+        positions counted from each prompt's first real token and the padding
+        masked out of attention. Each layer's keys and values are cached, so
+        every step feeds one token per row. A row ends at <|endoftext|> (not
+        returned), when its new text contains a stop string (the tokens that
+        completed it are returned: cut the text at the stop), or after
+        max_new_tokens. temperature 0 is greedy; otherwise nucleus sampling.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt, each of at least one token")
+        B, device = len(prompts), self.lm_head.weight.device
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        T0 = int(lengths.max())
+        total = T0 + max_new_tokens
+        if total > self.config.block_size:
+            raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"the context of {self.config.block_size}")
+        idx = torch.zeros(B, T0, dtype=torch.long, device=device)
+        for row, p in enumerate(prompts):
+            idx[row, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
+        pad = T0 - lengths
+        positions = (torch.arange(total, device=device)[None] - pad[:, None]).clamp(min=0)
+        padded = bool((pad > 0).any())
+        real_key = torch.arange(total, device=device)[None] >= pad[:, None]  # (B, total)
+
+        def step_mask(q_start: int, q_len: int):
+            if not padded:
+                return None
+            qi = torch.arange(q_start, q_start + q_len, device=device)[:, None]
+            kj = torch.arange(q_start + q_len, device=device)[None]
+            allowed = (kj <= qi) & (real_key[:, None, :q_start + q_len] | (kj == qi))
+            return allowed[:, None]  # (B, 1, Tq, Tk); a pad query sees itself only
+
+        generator = torch.Generator(device=device)
+        generator.manual_seed(torch.initial_seed() if seed is None else seed)
+        dtype = next(self.parameters()).dtype
+        cache = KVCache(self.config, B, total, device, dtype)
+        x = self._trunk(idx, positions[:, :T0], cache, step_mask(0, T0))
+        logits = self.lm_head(x[:, -1])
+
+        stop = [s for s in (stop or []) if s]
+        window = max((len(s.encode()) for s in stop), default=0) + 1  # tokens to decode for a check
+        new_tokens: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        for t in range(max_new_tokens):
+            logits[:, tokenizer.VOCAB_SIZE:] = -float("inf")  # padding rows of the vocabulary
+            next_ids = sample(logits.float(), temperature, top_p, generator)
+            for row, token in enumerate(next_ids.tolist()):
+                if done[row]:
+                    continue
+                if token == tokenizer.EOT:
+                    done[row] = True
+                    continue
+                new_tokens[row].append(token)
+                if stop and any(s in tokenizer.decode(new_tokens[row][-window:]) for s in stop):
+                    done[row] = True
+            if all(done) or t == max_new_tokens - 1:
+                break
+            pos = T0 + t
+            x = self._trunk(next_ids[:, None], positions[:, pos:pos + 1], cache, step_mask(pos, 1))
+            logits = self.lm_head(x[:, -1])
+        return new_tokens
+
+    # ------------------------------------------------------------ checkpoints
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu") -> "GPT":
+        """A model from a checkpoint written by train.py or finetune.py."""
+        ckpt = load_checkpoint(path)
+        model = cls(config_from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+        return model.to(device)
+
+    # ------------------------------------------------------------ Hugging Face
+
+    def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Our weights under Hugging Face PhiForCausalLM's names."""
+        d = self.config.n_embd
+        sd = {"model.embed_tokens.weight": self.embed_tokens.weight,
+              "model.final_layernorm.weight": self.final_layernorm.weight,
+              "model.final_layernorm.bias": self.final_layernorm.bias,
+              "lm_head.weight": self.lm_head.weight, "lm_head.bias": self.lm_head.bias}
+        for i, block in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            sd[p + "input_layernorm.weight"] = block.ln.weight
+            sd[p + "input_layernorm.bias"] = block.ln.bias
+            for name, w, b in zip(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"],
+                                  block.in_proj.weight.split([d, d, d, 4 * d]),
+                                  block.in_proj.bias.split([d, d, d, 4 * d])):
+                sd[p + name + ".weight"], sd[p + name + ".bias"] = w, b
+            dense, fc2 = block.out_proj.weight.split([d, 4 * d], dim=1)
+            sd[p + "self_attn.dense.weight"], sd[p + "self_attn.dense.bias"] = dense, block.attn_out_bias
+            sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = fc2, block.mlp_out_bias
+        return {k: v.detach().contiguous() for k, v in sd.items()}
+
+    @classmethod
+    def from_hf_state_dict(cls, state_dict: dict, config: GPTConfig | None = None) -> "GPT":
+        """A model holding a PhiForCausalLM state dict. Without a config, it is read
+        from the tensors' shapes, with phi-1's head size of 64 and rotary on 32 dims."""
+        sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        if config is None:
+            if "model.embed_tokens.weight" not in sd:
+                raise ValueError("not a PhiForCausalLM state dict: model.embed_tokens.weight is missing")
+            vocab, d = sd["model.embed_tokens.weight"].shape
+            n_layer = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
+            config = GPTConfig(n_layer=n_layer, n_head=d // 64, n_embd=d, vocab_size=vocab)
+        try:
+            ours = {"embed_tokens.weight": sd["model.embed_tokens.weight"],
+                    "final_layernorm.weight": sd["model.final_layernorm.weight"],
+                    "final_layernorm.bias": sd["model.final_layernorm.bias"],
+                    "lm_head.weight": sd["lm_head.weight"], "lm_head.bias": sd["lm_head.bias"]}
+            for i in range(config.n_layer):
+                p, o = f"model.layers.{i}.", f"layers.{i}."
+                names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"]
+                ours[o + "ln.weight"] = sd[p + "input_layernorm.weight"]
+                ours[o + "ln.bias"] = sd[p + "input_layernorm.bias"]
+                ours[o + "in_proj.weight"] = torch.cat([sd[p + n + ".weight"] for n in names])
+                ours[o + "in_proj.bias"] = torch.cat([sd[p + n + ".bias"] for n in names])
+                ours[o + "out_proj.weight"] = torch.cat([sd[p + "self_attn.dense.weight"],
+                                                         sd[p + "mlp.fc2.weight"]], dim=1)
+                ours[o + "attn_out_bias"] = sd[p + "self_attn.dense.bias"]
+                ours[o + "mlp_out_bias"] = sd[p + "mlp.fc2.bias"]
+        except KeyError as e:
+            raise ValueError(f"not a PhiForCausalLM state dict: {e.args[0]} is missing") from None
+        with torch.device("meta"):  # no time spent on a random init that is overwritten
+            model = cls(config)
+        dtype = sd["lm_head.weight"].dtype
+        model.load_state_dict({k: v.to(dtype) for k, v in ours.items()}, assign=True)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device="cpu") -> "GPT":
+        """A model from Hugging Face phi weights: a hub id such as "microsoft/phi-1"
+        (downloaded once, then cached), a local folder with config.json and
+        *.safetensors, or a checkpoint of ours (a .pt file)."""
+        path = Path(name_or_path)
+        if path.is_file() and path.suffix == ".pt":
+            return cls.from_checkpoint(path, device)
+        folder = path if path.is_dir() else download_hf(name_or_path)
+        hf_config = json.loads((folder / "config.json").read_text())
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors weights in {folder}")
+        state_dict = {}
+        for f in files:
+            state_dict.update(read_safetensors(f))
+        model = cls.from_hf_state_dict(state_dict, config_from_hf(hf_config))
+        return model.to(device)
+
+    def save_pretrained(self, folder) -> None:
+        """Write config.json and model.safetensors that transformers' PhiForCausalLM loads."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_safetensors(folder / "model.safetensors", self.to_hf_state_dict())
+        (folder / "config.json").write_text(json.dumps(hf_config_from(self.config), indent=2))
+
+
+# ---------------------------------------------------------------- helpers
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """One token id per row of logits (B, V): argmax at temperature 0, else from the
+    smallest set of most likely tokens whose probability reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
+        sorted_probs[before >= top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def config_from_dict(d: dict) -> GPTConfig:
+    known = {f.name for f in fields(GPTConfig)}
+    return GPTConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def config_from_hf(c: dict) -> GPTConfig:
+    """Our config from a Hugging Face phi config.json."""
+    n_embd, n_head = c["hidden_size"], c["num_attention_heads"]
+    return GPTConfig(n_layer=c["num_hidden_layers"], n_head=n_head, n_embd=n_embd,
+                     block_size=c.get("max_position_embeddings", 2048),
+                     vocab_size=c["vocab_size"],
+                     rotary_dim=int(c.get("partial_rotary_factor", 0.5) * n_embd // n_head),
+                     rope_base=c.get("rope_theta", 10000.0),
+                     layer_norm_eps=c.get("layer_norm_eps", 1e-5))
+
+
+def hf_config_from(c: GPTConfig) -> dict:
+    return {"architectures": ["PhiForCausalLM"], "model_type": "phi",
+            "hidden_size": c.n_embd, "intermediate_size": 4 * c.n_embd,
+            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_head, "max_position_embeddings": c.block_size,
+            "vocab_size": c.vocab_size, "partial_rotary_factor": c.rotary_dim / c.head_dim,
+            "rope_theta": c.rope_base, "layer_norm_eps": c.layer_norm_eps,
+            "hidden_act": "gelu_new", "tie_word_embeddings": False, "qk_layernorm": False,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0,
+            "bos_token_id": tokenizer.EOT, "eos_token_id": tokenizer.EOT, "torch_dtype": "float32"}
+
+
+def load_checkpoint(path) -> dict:
+    """A training checkpoint (a dict with "model" and "config"), with a clear error
+    for a file that is missing, truncated or not one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickles before failing on them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a phi1 checkpoint (no model and config inside)")
+    return ckpt
+
+
+# ---------------------------------------------------------------- safetensors
+
+# The format: 8 bytes little-endian header length, a JSON header mapping each
+# tensor name to {dtype, shape, data_offsets}, then the raw bytes.
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = bytearray(os.path.getsize(path) - 8 - n)
+        f.readinto(data)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _ST_DTYPES[info["dtype"]]
+        count = (end - start) // torch.empty((), dtype=dtype).element_size()
+        t = torch.frombuffer(data, dtype=dtype, count=count, offset=start) if count else torch.empty(0, dtype=dtype)
+        out[name] = t.reshape(info["shape"])
+    return out
+
+
+def write_safetensors(path, tensors: dict[str, torch.Tensor]) -> None:
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    header, offset, blobs = {}, 0, []
+    for name, t in tensors.items():
+        raw = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for raw in blobs:
+            f.write(raw)
+    os.replace(tmp, path)
+
+
+def download_hf(repo: str, revision: str = "main") -> Path:
+    """Fetch a hub repo's config.json and safetensors weights over plain HTTPS,
+    once; later calls read the cache ($PHI1_CACHE, default ~/.cache/phi1)."""
+    import requests
+    from tqdm import tqdm
+
+    cache = Path(os.environ.get("PHI1_CACHE", Path.home() / ".cache" / "phi1")) / "hub" / repo
+    cache.mkdir(parents=True, exist_ok=True)
+    base = f"https://huggingface.co/{repo}/resolve/{revision}/"
+
+    def fetch(name: str, required: bool = True) -> Path | None:
+        target = cache / name
+        if target.exists():
+            return target
+        try:
+            r = requests.get(base + name, stream=True, timeout=30)
+        except requests.RequestException as e:
+            raise ConnectionError(f"cannot download {repo} from the Hugging Face hub ({e}); "
+                                  f"pass a local folder with config.json and *.safetensors instead") from None
+        if r.status_code == 404 and not required:
+            return None
+        if r.status_code != 200:
+            raise ConnectionError(f"{base + name}: HTTP {r.status_code}")
+        tmp = target.with_suffix(target.suffix + ".part")
+        size = int(r.headers.get("content-length", 0)) or None
+        with open(tmp, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=name) as bar:
+            for chunk in r.iter_content(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+        os.replace(tmp, target)
+        return target
+
+    fetch("config.json")
+    index = fetch("model.safetensors.index.json", required=False)
+    if index is None:
+        fetch("model.safetensors")
+    else:
+        for name in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            fetch(name)
+    return cache

@@ -1,0 +1,189 @@
+"""model.py: presets, Hugging Face interop, KV-cache generation, checkpoints."""
+
+import itertools
+
+import pytest
+import torch
+
+import tokenizer
+from model import GPT, GPTConfig, KVCache, PRESETS, load_checkpoint, read_safetensors, sample
+
+SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=64, vocab_size=512)
+
+
+def small_model(seed=0, config=SMALL):
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():  # biases and LayerNorms away from their init, so the test sees them
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_phi(config: GPTConfig):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.PhiConfig(
+        vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=4 * config.n_embd,
+        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+        max_position_embeddings=config.block_size, partial_rotary_factor=config.rotary_dim / config.head_dim,
+        rope_theta=config.rope_base, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+        hidden_act="gelu_new", layer_norm_eps=config.layer_norm_eps, tie_word_embeddings=False)
+    hf_config._attn_implementation = "eager"
+    return transformers.PhiForCausalLM(hf_config).eval()
+
+
+@pytest.mark.parametrize("name, low, high", [("phi-1", 1.3e9, 1.45e9), ("phi-1-small", 3.4e8, 3.6e8)])
+def test_preset_parameter_counts(name, low, high):
+    """The paper's 1.3B and 350M models; the exact figures are those of the hub's phi-1."""
+    c = PRESETS[name]
+    with torch.device("meta"):
+        n = GPT(c).num_params()
+    d, L, V = c.n_embd, c.n_layer, c.vocab_size
+    per_layer = 2 * d + (d * 7 * d + 7 * d) + (5 * d * d + 2 * d)
+    assert n == 2 * V * d + V + L * per_layer + 2 * d
+    assert low < n < high
+    if name == "phi-1":
+        assert n == 1_418_270_720
+
+
+def test_hf_import_gives_transformers_logits():
+    hf = hf_phi(SMALL)
+    ours = GPT.from_hf_state_dict(hf.state_dict(), SMALL).eval()
+    idx = torch.randint(0, SMALL.vocab_size, (2, 37))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = ours(idx)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_export_round_trip_and_transformers_logits():
+    ours = small_model()
+    exported = ours.to_hf_state_dict()
+    hf = hf_phi(SMALL)
+    missing, unexpected = hf.load_state_dict(exported, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing)
+    idx = torch.randint(0, SMALL.vocab_size, (3, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, rtol=1e-5, atol=1e-5)
+    back = GPT.from_hf_state_dict(exported).to_hf_state_dict()  # config read from shapes
+    assert back.keys() == exported.keys()
+    assert all(torch.equal(back[k], exported[k]) for k in exported)
+
+
+def test_save_pretrained_loads_in_transformers_and_back(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = small_model(seed=1)
+    ours.save_pretrained(tmp_path)
+    hf = transformers.PhiForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    reloaded = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, SMALL.vocab_size, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(reloaded(idx)[0], ours(idx)[0])
+
+
+def test_safetensors_reader_matches_the_reference_library(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64),
+               "c": torch.randn(4, 2).to(torch.bfloat16), "d": torch.randn(2).half()}
+    safetensors.save_file(tensors, tmp_path / "x.safetensors")
+    got = read_safetensors(tmp_path / "x.safetensors")
+    assert got.keys() == tensors.keys()
+    assert all(torch.equal(got[k], tensors[k]) and got[k].dtype == tensors[k].dtype for k in tensors)
+
+
+def test_cached_decoding_gives_the_logits_of_a_full_forward():
+    model = small_model(seed=2)
+    idx = torch.randint(0, SMALL.vocab_size, (2, 24))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache(SMALL, 2, 24, "cpu", torch.float32)
+        steps = [model.lm_head(model._trunk(idx[:, :10], torch.arange(10), cache))]
+        for t in range(10, 24):
+            steps.append(model.lm_head(model._trunk(idx[:, t:t + 1], torch.arange(t, t + 1), cache)))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def greedy_reference(model, prompt, n):
+    """Greedy decoding by re-running the whole sequence each step, no cache, no batch."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits, _ = model(torch.tensor([ids]))
+        logits[0, -1, tokenizer.VOCAB_SIZE:] = -float("inf")
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_batched_generation_with_padding_equals_one_prompt_at_a_time():
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=64)  # full vocabulary
+    model = small_model(seed=3, config=config)
+    # large logits so greedy choices are not decided by float noise
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    prompts = [[5, 17, 300, 42, 9], [7], [1000, 2000, 3000]]
+    batched = model.generate(prompts, max_new_tokens=8)
+    for prompt, out in zip(prompts, batched):
+        assert out == greedy_reference(model, prompt, 8)
+        assert model.generate([prompt], max_new_tokens=8) == [out]
+
+
+def test_generation_stops_at_stop_strings_eot_and_max_tokens(monkeypatch):
+    import model as model_module
+    model = small_model(seed=4, config=GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64))
+    newline, word = tokenizer.encode("\n")[0], tokenizer.encode("def")[0]
+
+    def script(tokens):  # every row "says" the next token of the script
+        tokens = itertools.cycle(tokens)
+        return lambda logits, *args: torch.full((logits.shape[0],), next(tokens))
+
+    monkeypatch.setattr(model_module, "sample", script([newline, word]))
+    out = model.generate([[1, 2], [3]], max_new_tokens=10, stop=["\ndef"])
+    assert [tokenizer.decode(o) for o in out] == ["\ndef", "\ndef"]
+    monkeypatch.setattr(model_module, "sample", script([newline, word]))
+    assert len(model.generate([[1]], max_new_tokens=5)[0]) == 5
+    monkeypatch.setattr(model_module, "sample", script([word, tokenizer.EOT]))
+    assert model.generate([[1]], max_new_tokens=5) == [[word]]
+
+
+def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus():
+    model = small_model(seed=5, config=GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64))
+    a = model.generate([[1, 2, 3]], 10, temperature=1.0, top_p=0.9, seed=7)
+    b = model.generate([[1, 2, 3]], 10, temperature=1.0, top_p=0.9, seed=7)
+    assert a == b
+    logits = torch.tensor([[3.0, 2.9, -5.0, -6.0]])
+
+    def draws(top_p):
+        return {int(sample(logits, 1.0, top_p, torch.Generator().manual_seed(i))) for i in range(200)}
+
+    assert draws(0.9) == {0, 1}  # the two likely tokens make up the nucleus, never the tail
+    assert draws(0.5) == {0}  # token 0 alone holds more than half the mass
+    assert int(sample(logits, 0.0, 1.0)) == 0
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(bad)
+    torch.save({"weights": 1}, bad)
+    with pytest.raises(ValueError, match="not a phi1 checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="missing"):
+        GPT.from_hf_state_dict({"foo": torch.zeros(1)})
+
+
+def test_forward_loss_ignores_minus_one_targets():
+    model = small_model(seed=6)
+    idx = torch.randint(0, SMALL.vocab_size, (2, 16))
+    targets = torch.randint(0, SMALL.vocab_size, (2, 16))
+    masked = targets.clone()
+    masked[:, :8] = -1
+    _, loss_all = model(idx, targets)
+    logits, loss_half = model(idx, masked)
+    expected = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, SMALL.vocab_size),
+                                                 targets[:, 8:].reshape(-1))
+    torch.testing.assert_close(loss_half, expected)
+    assert not torch.isclose(loss_all, loss_half)

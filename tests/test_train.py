@@ -1,0 +1,198 @@
+"""train.py: schedule, optimizer groups, learning, exact resume, DDP, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from config import UserError, parse_args
+from model import GPT, PRESETS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_dataset(folder: Path, n_tokens: int = 20_000, seed: int = 0) -> Path:
+    """Token bins with structure to learn: a few dozen "words" of 3-6 tokens in random order."""
+    rng = np.random.default_rng(seed)
+    words = [rng.integers(0, 2000, size=rng.integers(3, 7)) for _ in range(40)]
+    stream = np.concatenate([words[i] for i in rng.integers(0, len(words), size=n_tokens // 3)])
+    folder.mkdir(parents=True, exist_ok=True)
+    split = int(0.9 * len(stream))
+    stream[:split].astype(np.uint16).tofile(folder / "train.bin")
+    stream[split:].astype(np.uint16).tofile(folder / "val.bin")
+    (folder / "meta.json").write_text(json.dumps({"train_tokens": split}))
+    return folder
+
+
+def settings(**overrides):
+    base = dict(preset="nano", batch_size=4, max_iters=20, warmup_iters=2, eval_interval=1000,
+                eval_iters=2, log_interval=5, checkpoint_interval=1000, sample_tokens=0, seed=3,
+                learning_rate=3e-3)
+    cfg, _ = parse_args(train.DEFAULTS, argv=[f"--{k}={v}" for k, v in {**base, **overrides}.items()])
+    return cfg
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_learning_rate_warms_up_then_decays_linearly():
+    cfg = settings(max_iters=100, warmup_iters=10, learning_rate=1.0, min_lr=0.1)
+    lrs = [train.learning_rate(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert train.learning_rate(100, cfg) == pytest.approx(0.1)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = GPT(PRESETS["nano"])
+    decayed, plain = train.make_optimizer(model, settings(), torch.device("cpu")).param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    data = make_dataset(tmp_path / "ds")
+    cfg = settings(data=str(data), out_dir=str(tmp_path / "out"), max_iters=30)
+    trained = train.train(cfg)
+    torch.manual_seed(cfg.seed)
+    untrained = GPT(PRESETS["nano"])
+    mixture = train.Mixture(str(data), 64, 51200, prepare_default=False)
+    x, y = map(torch.from_numpy, mixture.batch("val", 8, 0, 0))
+    with torch.no_grad():
+        before, after = untrained(x, y)[1].item(), trained.eval()(x, y)[1].item()
+    assert after < before - 2.0, (before, after)
+    assert (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_mixture_draws_by_weight(tmp_path):
+    a = make_dataset(tmp_path / "a", seed=1)
+    b = tmp_path / "b"
+    b.mkdir()
+    for split in ("train", "val"):  # dataset b holds only token 7
+        np.full(5000, 7, dtype=np.uint16).tofile(b / f"{split}.bin")
+    (b / "meta.json").write_text("{}")
+    mixture = train.Mixture(f"{a}:0.75,{b}:0.25", 16, 51200, prepare_default=False)
+    rows = np.concatenate([mixture.batch("train", 64, 0, 0, step, 0)[0] for step in range(20)])
+    from_b = (rows == 7).all(axis=1).mean()
+    assert 0.18 < from_b < 0.32
+    again = mixture.batch("train", 64, 0, 0, 3, 0)[0]
+    assert np.array_equal(again, mixture.batch("train", 64, 0, 0, 3, 0)[0])  # a pure function of the key
+
+
+@pytest.fixture(scope="module")
+def resume_setup(tmp_path_factory):
+    """An uninterrupted run, with dropout on so the random streams matter too."""
+    tmp = tmp_path_factory.mktemp("resume")
+    data = make_dataset(tmp / "ds")
+    args = [f"--data={data}", "--preset=nano", "--dropout=0.1", "--batch_size=4", "--max_iters=40",
+            "--warmup_iters=4", "--checkpoint_interval=5", "--log_interval=5", "--eval_interval=1000",
+            "--eval_iters=2", "--sample_tokens=0", "--seed=5"]
+    done = cli(*args, f"--out_dir={tmp / 'straight'}")
+    assert done.returncode == 0, done.stderr
+    return tmp, args, torch.load(tmp / "straight" / "ckpt.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_resume_after_a_kill_continues_exactly(resume_setup, sig):
+    tmp, args, straight = resume_setup
+    out = tmp / f"killed-{sig.name}"
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "train.py"), *args, f"--out_dir={out}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # stop it right after its first checkpoint
+        if line.startswith("saved"):
+            proc.send_signal(sig)
+            break
+    proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM
+    stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert stopped_at < 40, "the run ended before it could be stopped"
+    resumed = cli(*args, f"--out_dir={out}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out / 'ckpt.pt'} from step {stopped_at}" in resumed.stdout
+    final = torch.load(out / "ckpt.pt", weights_only=True)
+    assert final["step"] == 40
+    for name, tensor in straight["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+
+
+def test_torchrun_ddp_keeps_replicas_identical(tmp_path):
+    data = make_dataset(tmp_path / "ds")
+    script = tmp_path / "ddp_run.py"
+    script.write_text(f"""
+import os, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+import train
+from config import parse_args
+cfg, _ = parse_args(train.DEFAULTS, argv=sys.argv[1:])
+model = train.train(cfg)
+torch.save(model.state_dict(), os.path.join(cfg.out_dir, f"rank{{os.environ['RANK']}}.pt"))
+""")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         f"--data={data}", "--preset=nano", "--batch_size=2", "--total_batch_size=8", "--max_iters=6",
+         "--warmup_iters=1", "--log_interval=3", "--eval_interval=1000", "--eval_iters=1",
+         "--sample_tokens=0", f"--out_dir={out}", "--dropout=0.1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and "(2 micro-step(s) of 2 per process)" in result.stdout
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    torch.manual_seed(3)
+    initial = GPT(PRESETS["nano"]).state_dict()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert not torch.equal(rank0["lm_head.weight"], initial["lm_head.weight"])
+
+
+@pytest.mark.parametrize("case", ["preset", "flag", "data", "checkpoint", "token_ids", "diverged"])
+def test_bad_input_gives_one_clear_line(tmp_path, case):
+    data = make_dataset(tmp_path / "ds")
+    out = tmp_path / "out"
+    args = [f"--data={data}", "--preset=nano", f"--out_dir={out}", "--max_iters=10", "--eval_interval=1000",
+            "--sample_tokens=0", "--log_interval=1"]
+    expected = {"preset": "unknown preset", "flag": "unknown setting --bogus", "data": "no prepared data",
+                "checkpoint": "cannot resume", "token_ids": "outside the model's vocabulary",
+                "diverged": "training diverged"}[case]
+    if case == "preset":
+        args.append("--preset=huge")
+    elif case == "flag":
+        args.append("--bogus=1")
+    elif case == "data":
+        args[0] = f"--data={tmp_path / 'nowhere'}"
+    elif case == "checkpoint":
+        out.mkdir()
+        (out / "ckpt.pt").write_bytes(b"\x80garbage")
+        args.append("--init_from=resume")
+    elif case == "token_ids":
+        np.full(5000, 60000, dtype=np.uint16).tofile(data / "train.bin")
+    elif case == "diverged":
+        args += ["--learning_rate=1e9", "--warmup_iters=1"]
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
+    if case == "checkpoint":
+        assert (out / "ckpt.pt").read_bytes() == b"\x80garbage"
+    else:
+        assert not (out / "ckpt.pt").exists()
+
+
+def test_config_parsing():
+    cfg, rest = parse_args(train.DEFAULTS, argv=["--batch_size", "3", "--compile", "--dropout=0.2",
+                                                 "--learning-rate=2e-3", "extra"])
+    assert (cfg.batch_size, cfg.compile, cfg.dropout, cfg.learning_rate, rest) == (3, True, 0.2, 2e-3, ["extra"])
+    for bad in (["--batch_size=x"], ["--compile=maybe"], ["--max_iters=1.5"], ["--nope"]):
+        with pytest.raises(UserError):
+            parse_args(train.DEFAULTS, argv=bad)

@@ -1,0 +1,407 @@
+"""Pretrain a phi-1 model on prepared token bins, on one process or many.
+
+    python train.py                                  # CPU: the tiny preset on local Python files
+    python train.py --preset=phi-1-small --compile   # one GPU
+    torchrun --standalone --nproc_per_node=8 train.py --preset=phi-1 --compile ...
+    # several nodes: on each, with its own --node_rank
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
+        --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
+
+The recipe is the paper's: AdamW with weight decay on matrices only, linear
+warmup then linear decay, gradient clipping, gradient accumulation up to the
+effective batch (phi-1: 1024 sequences of 2048 tokens). Batches are drawn at
+random offsets from one prepared dataset or a weighted mixture of several
+(`--data=code:0.7,textbooks:0.3`); which tokens a micro-step reads depends only
+on (seed, rank, step, micro-step), and so does the dropout noise, so a run
+resumed from a checkpoint continues exactly as if it had never stopped.
+Checkpoints are written atomically; SIGTERM or Ctrl-C saves one and exits;
+rerunning the same command resumes (`--init_from=auto`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import tokenizer
+from config import UserError, parse_args, run
+from model import GPT, PRESETS, config_from_dict, load_checkpoint
+
+DEFAULTS = dict(
+    out_dir="out",  # checkpoints go to out_dir/ckpt.pt
+    init_from="auto",  # auto (resume out_dir's checkpoint if any), scratch, resume, or weights to start from (.pt, HF folder or hub id)
+    data="local_python",  # a prepared dataset in data/ (or a folder), or a mixture: "code:0.7,textbooks:0.3"
+    preset="tiny",  # model size: phi-1, phi-1-small, small, tiny, nano
+    block_size=None,  # context length in tokens (None: the preset's)
+    dropout=None,  # attention and residual dropout (None: the preset's)
+    attention="auto",  # auto (Triton kernel on CUDA, else SDPA), sdpa, triton
+    batch_size=8,  # sequences per micro-step and process
+    total_batch_size=0,  # sequences per optimizer step over all processes (0: batch_size x processes)
+    max_iters=400,  # optimizer steps in all
+    warmup_iters=40,  # linear warmup steps (paper: 750)
+    learning_rate=1e-3,  # peak learning rate (paper: 1e-3)
+    min_lr=0.0,  # the linear decay ends here at max_iters
+    weight_decay=0.1,  # AdamW decay of weight matrices; biases and norms are not decayed
+    beta1=0.9,  # AdamW betas
+    beta2=0.95,
+    grad_clip=1.0,  # clip the gradient norm (0: off)
+    eval_interval=100,  # steps between validation losses
+    eval_iters=20,  # batches per validation loss
+    log_interval=10,  # steps between log lines
+    checkpoint_interval=100,  # steps between checkpoints
+    sample_tokens=100,  # tokens of code sampled at the end (0: none)
+    device="auto",  # auto, cpu, cuda, cuda:1, ...
+    dtype="auto",  # auto (bfloat16 on GPUs that have it), float32, bfloat16, float16
+    compile=False,  # torch.compile the model
+    peak_tflops=0.0,  # the chip's dense bf16 peak for MFU (0: known GPUs only)
+    seed=1337,
+)
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_DATASET = "local_python"
+SAMPLE_PROMPT = 'def is_prime(n):\n    """Return True if n is a prime number."""\n'
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0}
+
+_stop_signal: int | None = None  # set by SIGTERM / SIGINT: save and exit at the next step
+
+
+# ---------------------------------------------------------------- processes
+
+def setup_processes(device: str):
+    """(rank, world size, device): torchrun's environment means DDP, NCCL on GPUs, gloo on CPUs."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, torch.device(device)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {name!r}")
+    return dtypes[name]
+
+
+# ---------------------------------------------------------------- data
+
+class Mixture:
+    """Prepared datasets (flat uint16 token bins) sampled by weight.
+
+    Every row of a batch picks a dataset by weight and a random window in it;
+    the random draws come from (seed, rank, step, micro-step) alone.
+    """
+
+    def __init__(self, spec: str, block_size: int, vocab_size: int, prepare_default: bool):
+        self.block_size, self.vocab_size = block_size, vocab_size
+        self.names, weights = [], []
+        for part in spec.split(","):
+            name, _, weight = part.strip().rpartition(":") if ":" in part else (part.strip(), "", "1")
+            try:
+                weights.append(float(weight))
+            except ValueError:
+                raise UserError(f"bad weight {weight!r} in --data={spec}") from None
+            self.names.append(name)
+        if min(weights) <= 0:
+            raise UserError(f"dataset weights must be positive: --data={spec}")
+        self.weights = np.array(weights) / sum(weights)
+        self.folders = [self._folder(n, prepare_default) for n in self.names]
+
+    def _folder(self, name: str, prepare_default: bool) -> Path:
+        folder = Path(name) if ("/" in name or Path(name).is_dir()) else DATA_DIR / name
+        if name == DEFAULT_DATASET and prepare_default and not (folder / "meta.json").exists():
+            from data.prepare import ensure_prepared
+            print(f"preparing the default dataset (Python files on this machine) in {folder}")
+            ensure_prepared(name)
+        for split in ("train", "val"):
+            path = folder / f"{split}.bin"
+            if not (folder / "meta.json").exists() or not path.exists():
+                raise UserError(f"no prepared data at {folder} (run: python data/prepare.py ...)")
+            tokens = path.stat().st_size // 2
+            if tokens <= self.block_size + 1:
+                raise UserError(f"{path} holds {tokens} tokens, too few for --block_size={self.block_size}")
+        return folder
+
+    def batch(self, split: str, batch_size: int, seed: int, *key: int):
+        """(inputs, targets) int64 arrays of shape (batch_size, block_size)."""
+        rng = np.random.default_rng([seed, *key, split == "val"])
+        choice = rng.choice(len(self.folders), size=batch_size, p=self.weights)
+        rows = []
+        for i in choice:
+            # a fresh memmap per batch: a long-lived one grows the process's resident memory
+            data = np.memmap(self.folders[i] / f"{split}.bin", dtype=np.uint16, mode="r")
+            start = int(rng.integers(0, len(data) - self.block_size - 1))
+            rows.append(data[start:start + self.block_size + 1].astype(np.int64))
+        rows = np.stack(rows)
+        if rows.max() >= self.vocab_size:
+            bad = [self.folders[i] for i, r in zip(choice, rows) if r.max() >= self.vocab_size][0]
+            raise UserError(f"{bad}/{split}.bin holds token id {rows.max()}, outside the model's "
+                            f"vocabulary of {self.vocab_size}: prepared with another tokenizer?")
+        return rows[:, :-1], rows[:, 1:]
+
+
+def to_device(arrays, device: torch.device):
+    tensors = [torch.from_numpy(a) for a in arrays]
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+    return tensors
+
+
+# ---------------------------------------------------------------- optimisation
+
+def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
+    """AdamW that decays weight matrices and embeddings, not biases or LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def learning_rate(step: int, cfg) -> float:
+    """Linear warmup to the peak, then linear decay to min_lr at max_iters."""
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+    progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    return cfg.min_lr + (cfg.learning_rate - cfg.min_lr) * max(0.0, 1.0 - progress)
+
+
+def peak_flops(cfg, device: torch.device) -> float | None:
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for chip, tflops in PEAK_TFLOPS.items():
+            if chip in name:
+                return tflops * 1e12
+    return None
+
+
+def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, step: int, cfg) -> None:
+    """Write to a temporary file, then rename: a kill never leaves half a checkpoint."""
+    ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "config": asdict(raw_model.config),
+            "step": step, "settings": vars(cfg)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def _on_signal(signum, frame):
+    global _stop_signal
+    if _stop_signal is not None and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    _stop_signal = signum
+
+
+# ---------------------------------------------------------------- the run
+
+def build_model(cfg, out_dir: Path, master: bool):
+    """The model and, when resuming, the checkpoint it came from."""
+    ckpt_path = out_dir / "ckpt.pt"
+    mode = cfg.init_from
+    if mode == "auto":
+        mode = "resume" if ckpt_path.exists() else "scratch"
+    if mode == "resume":
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"cannot resume: {e}") from None
+        config = config_from_dict(ckpt["config"])
+        model = GPT(replace(config, attention=cfg.attention))
+        model.load_state_dict(ckpt["model"])
+        if master:
+            print(f"resuming {ckpt_path} from step {ckpt['step']}")
+        return model, ckpt
+    if mode == "scratch":
+        if cfg.preset not in PRESETS:
+            raise UserError(f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
+        config = PRESETS[cfg.preset]
+        overrides = {"attention": cfg.attention}
+        if cfg.block_size is not None:
+            overrides["block_size"] = int(cfg.block_size)
+        if cfg.dropout is not None:
+            overrides["dropout"] = float(cfg.dropout)
+        torch.manual_seed(cfg.seed)
+        return GPT(replace(config, **overrides)), None
+    try:  # weights to start from: our checkpoint, a Hugging Face folder or hub id
+        model = GPT.from_pretrained(mode)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise UserError(f"cannot load --init_from={mode}: {e}") from None
+    model.config = replace(model.config, attention=cfg.attention,
+                           dropout=model.config.dropout if cfg.dropout is None else float(cfg.dropout))
+    return model.float(), None
+
+
+def train(cfg) -> GPT:
+    """Run the training that cfg describes; returns the trained (unwrapped) model."""
+    if cfg.attention not in ("auto", "sdpa", "triton"):
+        raise UserError(f"--attention must be auto, sdpa or triton, not {cfg.attention!r}")
+    rank, world, device = setup_processes(cfg.device)
+    master = rank == 0
+    out_dir = Path(cfg.out_dir)
+    ptdtype = pick_dtype(cfg.dtype, device)
+
+    raw_model, ckpt = build_model(cfg, out_dir, master)
+    start_step = ckpt["step"] if ckpt else 0
+    if ckpt and start_step >= cfg.max_iters:
+        if master:
+            print(f"{out_dir / 'ckpt.pt'} already finished {start_step} steps; raise --max_iters to go on, "
+                  f"or --init_from=scratch to train anew")
+        return raw_model
+    config = raw_model.config
+    total = cfg.total_batch_size or cfg.batch_size * world
+    if total % (cfg.batch_size * world):
+        raise UserError(f"--total_batch_size={total} is not a multiple of batch_size x processes "
+                        f"= {cfg.batch_size * world}")
+    accum = total // (cfg.batch_size * world)
+
+    if master:  # the default dataset is prepared once, by the first process
+        Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=True)
+    if world > 1:
+        dist.barrier()
+    data = Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=False)
+
+    raw_model.to(device)
+    optimizer = make_optimizer(raw_model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        del ckpt
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext())
+
+    tokens_per_step = total * config.block_size
+    peak = peak_flops(cfg, device)
+    if master:
+        print(f"model: {raw_model.num_params() / 1e6:.1f}M parameters, {config.n_layer} layers, "
+              f"width {config.n_embd}, context {config.block_size}; {world} process(es) on {device}, {ptdtype}")
+        print(f"batch: {total} sequences x {config.block_size} tokens = {tokens_per_step:,} tokens per step "
+              f"({accum} micro-step(s) of {cfg.batch_size} per process); data: {', '.join(data.names)}")
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        losses = {}
+        for i, name in enumerate(data.names):
+            one = Mixture.__new__(Mixture)  # the same sampler restricted to dataset i
+            one.__dict__.update(data.__dict__, folders=[data.folders[i]], weights=np.ones(1))
+            total_loss = 0.0
+            for k in range(cfg.eval_iters):
+                x, y = to_device(one.batch("val", cfg.batch_size, cfg.seed, k), device)
+                with autocast:
+                    total_loss += model(x, y)[1].item()
+            losses[name] = total_loss / cfg.eval_iters
+        model.train()
+        return losses
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    ckpt_path = out_dir / "ckpt.pt"
+    first_bad = torch.tensor(cfg.max_iters + 1, device=device)  # first step with a non-finite loss
+    x, y = to_device(data.batch("train", cfg.batch_size, cfg.seed, rank, start_step, 0), device)
+    t_last, step_last = time.time(), start_step
+    model.train()
+    step = start_step
+    while step < cfg.max_iters:
+        if step % cfg.eval_interval == 0 and master:
+            losses = evaluate()
+            print(f"step {step}: val loss " + ", ".join(f"{v:.4f} ({k})" for k, v in losses.items()), flush=True)
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(hash((cfg.seed, rank, step)) % 2**63)  # dropout noise, reproducible on resume
+        step_loss = torch.zeros((), device=device)
+        for micro in range(accum):
+            if world > 1:  # gradients are averaged over processes on the last micro-step only
+                model.require_backward_grad_sync = micro == accum - 1
+            with autocast:
+                _, loss = model(x, y)
+                loss = loss / accum
+            nxt = (step, micro + 1) if micro + 1 < accum else (step + 1, 0)
+            x, y = to_device(data.batch("train", cfg.batch_size, cfg.seed, rank, *nxt), device)
+            scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        first_bad = torch.where(torch.isfinite(step_loss) | (first_bad <= step), first_bad,
+                                torch.tensor(step, device=device))
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        last = step == cfg.max_iters
+        if step % cfg.log_interval == 0 or last or step % cfg.checkpoint_interval == 0:
+            flags = torch.stack([first_bad, torch.tensor(-(_stop_signal or 0), device=device)])
+            if world > 1:  # every process stops together, at the same step
+                dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+            bad, stop = int(flags[0]), -int(flags[1])
+            if bad <= cfg.max_iters:
+                raise UserError(f"the loss became {step_loss.item()} at step {bad}: training diverged "
+                                f"(lower --learning_rate, or resume from the last checkpoint)")
+            if master and step % cfg.log_interval == 0:
+                dt = time.time() - t_last
+                tok_s = tokens_per_step * (step - step_last) / dt
+                mfu = (f" | MFU {100 * raw_model.flops_per_token() * tok_s / world / peak:.1f}%" if peak else "")
+                print(f"step {step} | loss {step_loss.item():.4f} | lr {lr:.2e} | "
+                      f"{1000 * dt / (step - step_last):.0f} ms/step | {tok_s:,.0f} tok/s{mfu}", flush=True)
+                t_last, step_last = time.time(), step
+            if stop or last or step % cfg.checkpoint_interval == 0:
+                if master:
+                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, cfg)
+                    print(f"saved {ckpt_path} at step {step}", flush=True)
+                if stop:
+                    if master:
+                        print(f"stopped by {signal.Signals(stop).name}; rerun the same command to resume")
+                    sys.exit(128 + stop)
+
+    if master:
+        losses = evaluate()
+        print(f"step {step}: val loss " + ", ".join(f"{v:.4f} ({k})" for k, v in losses.items()), flush=True)
+        if cfg.sample_tokens > 0:
+            raw_model.eval()
+            with autocast:
+                new = raw_model.generate([tokenizer.encode(SAMPLE_PROMPT)], cfg.sample_tokens,
+                                         temperature=0.8, top_p=0.95, seed=cfg.seed)[0]
+            print("sample:\n" + SAMPLE_PROMPT + tokenizer.decode(new))
+    return raw_model
+
+
+def main():
+    cfg, extra = parse_args(DEFAULTS, __doc__)
+    if extra:
+        raise UserError(f"unexpected argument {extra[0]!r} (settings are --key=value, see --help)")
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(main)
