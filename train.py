@@ -48,18 +48,18 @@ DEFAULTS = dict(
     attention="auto",  # auto (Triton kernel on CUDA, else SDPA), sdpa, triton
     batch_size=8,  # sequences per micro-step and process
     total_batch_size=0,  # sequences per optimizer step over all processes (0: batch_size x processes)
-    max_iters=400,  # optimizer steps in all
-    warmup_iters=40,  # linear warmup steps (paper: 750)
+    max_iters=200,  # optimizer steps in all
+    warmup_iters=20,  # linear warmup steps (paper: 750)
     learning_rate=1e-3,  # peak learning rate (paper: 1e-3)
     min_lr=0.0,  # the linear decay ends here at max_iters
     weight_decay=0.1,  # AdamW decay of weight matrices; biases and norms are not decayed
     beta1=0.9,  # AdamW betas
     beta2=0.95,
     grad_clip=1.0,  # clip the gradient norm (0: off)
-    eval_interval=100,  # steps between validation losses
-    eval_iters=20,  # batches per validation loss
+    eval_interval=50,  # steps between validation losses
+    eval_iters=10,  # batches per validation loss
     log_interval=10,  # steps between log lines
-    checkpoint_interval=100,  # steps between checkpoints
+    checkpoint_interval=50,  # steps between checkpoints, one at the end too (0: none but on SIGTERM)
     sample_tokens=100,  # tokens of code sampled at the end (0: none)
     device="auto",  # auto, cpu, cuda, cuda:1, ...
     dtype="auto",  # auto (bfloat16 on GPUs that have it), float32, bfloat16, float16
@@ -141,10 +141,12 @@ class Mixture:
                 raise UserError(f"{path} holds {tokens} tokens, too few for --block_size={self.block_size}")
         return folder
 
-    def batch(self, split: str, batch_size: int, seed: int, *key: int):
-        """(inputs, targets) int64 arrays of shape (batch_size, block_size)."""
+    def batch(self, split: str, batch_size: int, seed: int, *key: int, only: int | None = None):
+        """(inputs, targets) int64 arrays of shape (batch_size, block_size); with
+        `only`, every row comes from that dataset."""
         rng = np.random.default_rng([seed, *key, split == "val"])
-        choice = rng.choice(len(self.folders), size=batch_size, p=self.weights)
+        choice = (rng.choice(len(self.folders), size=batch_size, p=self.weights) if only is None
+                  else np.full(batch_size, only))
         rows = []
         for i in choice:
             # a fresh memmap per batch: a long-lived one grows the process's resident memory
@@ -307,16 +309,18 @@ def train(cfg) -> GPT:
         model.eval()
         losses = {}
         for i, name in enumerate(data.names):
-            one = Mixture.__new__(Mixture)  # the same sampler restricted to dataset i
-            one.__dict__.update(data.__dict__, folders=[data.folders[i]], weights=np.ones(1))
             total_loss = 0.0
             for k in range(cfg.eval_iters):
-                x, y = to_device(one.batch("val", cfg.batch_size, cfg.seed, k), device)
+                x, y = to_device(data.batch("val", cfg.batch_size, cfg.seed, k, only=i), device)
                 with autocast:
                     total_loss += model(x, y)[1].item()
             losses[name] = total_loss / cfg.eval_iters
         model.train()
         return losses
+
+    def print_val_loss(step: int) -> None:
+        losses = evaluate()
+        print(f"step {step}: val loss " + ", ".join(f"{v:.4f} ({k})" for k, v in losses.items()), flush=True)
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -328,8 +332,9 @@ def train(cfg) -> GPT:
     step = start_step
     while step < cfg.max_iters:
         if step % cfg.eval_interval == 0 and master:
-            losses = evaluate()
-            print(f"step {step}: val loss " + ", ".join(f"{v:.4f} ({k})" for k, v in losses.items()), flush=True)
+            t_eval = time.time()
+            print_val_loss(step)
+            t_last += time.time() - t_eval  # the throughput counts training time only
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -356,7 +361,8 @@ def train(cfg) -> GPT:
         step += 1
 
         last = step == cfg.max_iters
-        if step % cfg.log_interval == 0 or last or step % cfg.checkpoint_interval == 0:
+        checkpoint = cfg.checkpoint_interval > 0 and (last or step % cfg.checkpoint_interval == 0)
+        if step % cfg.log_interval == 0 or last or checkpoint:
             flags = torch.stack([first_bad, torch.tensor(-(_stop_signal or 0), device=device)])
             if world > 1:  # every process stops together, at the same step
                 dist.all_reduce(flags, op=dist.ReduceOp.MIN)
@@ -368,10 +374,12 @@ def train(cfg) -> GPT:
                 dt = time.time() - t_last
                 tok_s = tokens_per_step * (step - step_last) / dt
                 mfu = (f" | MFU {100 * raw_model.flops_per_token() * tok_s / world / peak:.1f}%" if peak else "")
+                mem = (f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+                       if device.type == "cuda" else "")
                 print(f"step {step} | loss {step_loss.item():.4f} | lr {lr:.2e} | "
-                      f"{1000 * dt / (step - step_last):.0f} ms/step | {tok_s:,.0f} tok/s{mfu}", flush=True)
+                      f"{1000 * dt / (step - step_last):.0f} ms/step | {tok_s:,.0f} tok/s{mfu}{mem}", flush=True)
                 t_last, step_last = time.time(), step
-            if stop or last or step % cfg.checkpoint_interval == 0:
+            if stop or checkpoint:
                 if master:
                     save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, cfg)
                     print(f"saved {ckpt_path} at step {step}", flush=True)
@@ -381,8 +389,7 @@ def train(cfg) -> GPT:
                     sys.exit(128 + stop)
 
     if master:
-        losses = evaluate()
-        print(f"step {step}: val loss " + ", ".join(f"{v:.4f} ({k})" for k, v in losses.items()), flush=True)
+        print_val_loss(step)
         if cfg.sample_tokens > 0:
             raw_model.eval()
             with autocast:

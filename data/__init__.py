@@ -1,0 +1,1 @@
+"""Data preparation (prepare.py); prepared corpora live in the folders beside it."""

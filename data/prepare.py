@@ -1,0 +1,458 @@
+"""Turn a corpus into token bins: data/<name>/train.bin, val.bin (flat uint16) and meta.json.
+
+Sources (--source):
+  local  the Python files already on this machine: the interpreter's standard library
+         and installed packages (or the folders and files in --inputs). No network.
+  jsonl  JSONL files of {"text": ...} documents, as filter.py and synth.py write them
+         (--inputs: comma-separated paths or globs).
+  hf     a Hugging Face dataset, streamed; needs `pip install datasets` and network.
+         Default: The Stack dedup, Python (gated: accept its terms, `huggingface-cli login`).
+         StackOverflow: --hf_dataset=bigcode/stackoverflow-clean --hf_data_dir= --name=stackoverflow
+
+Each document is checked (skipped and counted when unreadable, larger than
+--max_file_bytes, binary (has NUL bytes), not UTF-8 or empty), deduplicated exactly by
+the sha256 of its bytes, and put in val when a hash of its content falls under
+--val_fraction: the split never depends on paths or order, so it is the same on every
+run and machine. Documents are tokenized on all cores with the phi-1 tokenizer, each
+followed by <|endoftext|>; np.memmap(path, dtype=np.uint16) reads the bins.
+
+Idempotent: meta.json (written last) holds a fingerprint of the inputs, the settings
+and the code, and a rerun with the same fingerprint does nothing. The work is done in
+parts of about 64 MB of text, each with a done marker, so a rerun after a kill reads
+the source again but tokenizes only the parts not yet done.
+
+    python data/prepare.py                                    # -> data/local_python/
+    python data/prepare.py --source=jsonl --inputs='synth/*.jsonl' --name=textbooks
+    python data/prepare.py --source=hf --max_docs=1000000 --name=stack_python
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import shutil
+import site
+import sys
+import sysconfig
+import time
+from collections import Counter
+from multiprocessing import Pool
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from config import UserError, parse_args, run  # noqa: E402
+from tokenizer import EOT, VOCAB_SIZE, encode  # noqa: E402
+
+DEFAULTS = dict(
+    source="local",            # local | jsonl | hf (see above)
+    name="",                   # output folder data/<name>/ or an absolute path ("" = local_python, hf dataset, 1st jsonl file)
+    out_dir="",                # folder that holds <name> ("" = this script's folder, data/)
+    inputs="",                 # jsonl: files or globs, comma-separated; local: folders to read instead of the interpreter's
+    val_fraction=0.01,         # share of documents (by content hash) that go to val.bin
+    max_file_bytes=1_000_000,  # skip larger documents (generated code, embedded data)
+    max_bytes=0,               # stop after this many bytes of kept documents (0 = no limit)
+    max_docs=0,                # stop after this many kept documents (0 = no limit)
+    workers=0,                 # tokenizer processes (0 = all cores)
+    seed=0,                    # salt of the train/val hash: another seed, another val set
+    hf_dataset="bigcode/the-stack-dedup",  # hf: dataset on the Hugging Face Hub
+    hf_config="",              # hf: configuration name ("" = none)
+    hf_data_dir="data/python", # hf: folder inside the dataset ("" = none)
+    hf_split="train",          # hf: split to read
+    hf_text_field="content",   # hf: field holding a document's text
+)
+
+assert VOCAB_SIZE <= 2**16, "token ids must fit uint16"
+PART_BYTES = 64 << 20  # text per part: the unit of resuming, and what is held in memory
+TASK_BYTES = 1 << 20   # text per task handed to a tokenizer process
+HERE = Path(__file__).resolve().parent
+UNFINGERPRINTED = ("name", "out_dir", "workers")  # settings that don't change the bins
+
+
+# ---------------------------------------------------------------- sources
+# A source lists what it is made of (cheap: for the fingerprint) and yields items
+# (data: bytes | None, skip reason: str | None, bytes read from the source).
+
+def distinct_roots(paths) -> list[Path]:
+    """Existing paths, resolved, without repeats; a root inside another is walked with it."""
+    roots = sorted({Path(p).resolve() for p in paths if Path(p).exists()}, key=lambda p: (len(p.parts), p))
+    kept: list[Path] = []
+    for root in roots:
+        if not any(root.is_relative_to(k) for k in kept):
+            kept.append(root)
+    return kept
+
+
+def interpreter_roots() -> list[Path]:
+    """The standard library and the installed packages of the running interpreter."""
+    paths = sysconfig.get_paths()
+    return distinct_roots([paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")]
+                          + site.getsitepackages())
+
+
+def list_python_files(roots: list[Path]) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every .py file under the roots (a root may be a file of
+    any name), sorted; size -1 where stat fails, so the file counts as unreadable."""
+    paths = []
+    for root in roots:
+        if root.is_file():
+            paths.append(root)
+        for folder, subfolders, files in os.walk(root):
+            subfolders[:] = [d for d in subfolders if d != "__pycache__"]
+            paths += [Path(folder, f) for f in files if f.endswith(".py")]
+    listing = []
+    for path in sorted(paths):
+        try:
+            st = path.stat()
+            listing.append((str(path), st.st_size, st.st_mtime_ns))
+        except OSError:
+            listing.append((str(path), -1, 0))
+    return listing
+
+
+def local_items(listing, max_file_bytes: int):
+    for path, size, _ in listing:
+        if size < 0:
+            yield None, "unreadable", 0
+        elif size > max_file_bytes:  # not even read
+            yield None, "too_big", size
+        else:
+            try:
+                yield Path(path).read_bytes(), None, size
+            except OSError:
+                yield None, "unreadable", size
+
+
+def expand(inputs: str) -> list[Path]:
+    """The files named by comma-separated paths and globs, in order, each once."""
+    files: list[Path] = []
+    for entry in filter(None, (s.strip() for s in inputs.split(","))):
+        if any(c in entry for c in "*?["):
+            matches = [Path(p) for p in sorted(glob.glob(entry, recursive=True)) if Path(p).is_file()]
+            if not matches:
+                raise UserError(f"no file matches {entry}")
+        elif Path(entry).is_file():
+            matches = [Path(entry)]
+        else:
+            raise UserError(f"no such file: {entry}")
+        files += [p for p in matches if p not in files]
+    if not files:
+        raise UserError("--source=jsonl needs --inputs=FILE[,FILE...]")
+    return files
+
+
+def text_item(text, nbytes: int = 0):
+    """An item for a document's text from JSON or a dataset row: (utf-8 bytes, None, size)."""
+    if not isinstance(text, str):
+        return None, "no_text", nbytes
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, which JSON can spell as "\ud800"
+        return None, "not_utf8", nbytes
+    return data, None, nbytes or len(data)
+
+
+def jsonl_items(files: list[Path]):
+    for path in files:
+        try:
+            f = open(path, "rb")
+        except OSError:
+            yield None, "unreadable", 0
+            continue
+        with f:
+            for line in f:
+                try:
+                    doc = json.loads(line)
+                except ValueError:  # not JSON, or not UTF-8
+                    yield None, "bad_json", len(line)
+                    continue
+                if not isinstance(doc, dict):
+                    yield None, "bad_json", len(line)
+                    continue
+                yield text_item(doc.get("text"), len(line))
+
+
+def hf_items(cfg):
+    """The rows of a streamed Hugging Face dataset; opens the stream now, so a missing
+    package, a wrong name or no network is a UserError before anything is written."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("--source=hf needs the datasets package: pip install datasets") from None
+    try:
+        stream = datasets.load_dataset(cfg.hf_dataset, cfg.hf_config or None, split=cfg.hf_split,
+                                       data_dir=cfg.hf_data_dir or None, streaming=True)
+    except Exception as e:  # not found, gated, offline: the user's to fix; the message says which
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot open {cfg.hf_dataset}: {type(e).__name__}: {first_line}") from None
+    return (text_item(row.get(cfg.hf_text_field)) for row in stream)
+
+
+def open_source(cfg) -> SimpleNamespace:
+    """The source's default name, a description for meta.json, what it is made of (for the
+    fingerprint), its size in bytes (None if unknown) and a function that opens its items.
+    Checks that the inputs exist; reads none of them."""
+    if cfg.source == "local":
+        entries = [s.strip() for s in cfg.inputs.split(",") if s.strip()]
+        for entry in entries:
+            if not Path(entry).exists():
+                raise UserError(f"no such file or folder: {entry}")
+        roots = distinct_roots(entries) if entries else interpreter_roots()
+        listing = list_python_files(roots)
+        return SimpleNamespace(name="local_python", inputs=[str(r) for r in roots], listing=listing,
+                               total=sum(max(size, 0) for _, size, _ in listing),
+                               items=lambda: local_items(listing, cfg.max_file_bytes))
+    if cfg.source == "jsonl":
+        files = expand(cfg.inputs)
+        listing = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        return SimpleNamespace(name=files[0].stem, inputs=[str(p) for p in files], listing=listing,
+                               total=sum(size for _, size, _ in listing),
+                               items=lambda: jsonl_items(files))
+    if cfg.source == "hf":
+        return SimpleNamespace(name=Path(cfg.hf_dataset).name, inputs=[cfg.hf_dataset], listing=[],
+                               total=None, items=lambda: hf_items(cfg))
+    raise UserError(f"unknown --source={cfg.source} (local, jsonl or hf)")
+
+
+# ---------------------------------------------------------------- documents
+
+def check(data: bytes, max_file_bytes: int) -> tuple[str | None, str | None]:
+    """(text, None) for a usable document, (None, reason) for one to skip."""
+    if len(data) > max_file_bytes:
+        return None, "too_big"
+    if b"\x00" in data:
+        return None, "binary"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not_utf8"
+    if not text.strip():
+        return None, "empty"
+    return text, None
+
+
+def in_val(digest: bytes, cfg) -> bool:
+    """Whether a document goes to val: a hash of its content (and the seed), so the split
+    depends on nothing else and duplicates agree."""
+    h = hashlib.sha256(b"%d:" % cfg.seed + digest).digest()
+    return int.from_bytes(h[:8], "big") < cfg.val_fraction * 2**64
+
+
+def parts(items, cfg, counts: Counter, skipped: Counter):
+    """The usable, new documents grouped into parts of about PART_BYTES of text:
+    yields ({"train": texts, "val": texts}, bytes read from the source). Cut the same way on
+    every run over the same source, which is what lets a rerun reuse finished parts."""
+    seen: set[bytes] = set()
+    docs, size, read = {"train": [], "val": []}, 0, 0
+    for data, reason, nbytes in items:
+        read += nbytes
+        text, reason = (None, reason) if reason else check(data, cfg.max_file_bytes)
+        if reason:
+            skipped[reason] += 1
+            continue
+        digest = hashlib.sha256(data).digest()
+        if digest in seen:
+            counts["duplicates"] += 1
+            continue
+        seen.add(digest)
+        split = "val" if in_val(digest, cfg) else "train"
+        docs[split].append(text)
+        counts[split] += 1
+        counts["bytes"] += len(data)
+        size += len(data)
+        full = (cfg.max_docs and counts["train"] + counts["val"] >= cfg.max_docs
+                or cfg.max_bytes and counts["bytes"] >= cfg.max_bytes)
+        if size >= PART_BYTES or full:
+            yield docs, read
+            docs, size, read = {"train": [], "val": []}, 0, 0
+        if full:
+            return
+    if docs["train"] or docs["val"] or read:
+        yield docs, read
+
+
+def encode_docs(texts: list[str]) -> np.ndarray:
+    """The texts' tokens, each text followed by EOT, in one uint16 array (runs in a worker:
+    the parallelism is the worker processes). A literal "<|endoftext|>" stays text."""
+    ids: list[int] = []
+    for text in texts:
+        ids += encode(text)
+        ids.append(EOT)
+    return np.array(ids, dtype=np.uint16)
+
+
+def tokenize(texts: list[str], pool, bar) -> np.ndarray:
+    """encode_docs over all texts, in TASK_BYTES tasks on the pool (in order), or here."""
+    tasks, task, size = [], [], 0
+    for text in texts:
+        task.append(text)
+        size += len(text)
+        if size >= TASK_BYTES:
+            tasks.append(task)
+            task, size = [], 0
+    if task:
+        tasks.append(task)
+    arrays = []
+    for task, ids in zip(tasks, (pool.imap if pool else map)(encode_docs, tasks)):
+        arrays.append(ids)
+        bar.update(sum(map(len, task)))
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
+
+
+# ---------------------------------------------------------------- output
+
+def output_dir(cfg, default_name: str) -> Path:
+    return Path(cfg.out_dir or HERE) / (cfg.name or default_name)
+
+
+def fingerprint(cfg, listing) -> str:
+    """What the bins are a function of: the inputs and the settings that matter."""
+    settings = {k: v for k, v in vars(cfg).items() if k not in UNFINGERPRINTED}
+    return hashlib.sha256(json.dumps([settings, listing]).encode()).hexdigest()
+
+
+def finished(out: Path, fp: str) -> dict | None:
+    """meta.json of a complete earlier run with this fingerprint, else None."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        sizes = [(out / f"{split}.bin").stat().st_size for split in ("train", "val")]
+    except (OSError, ValueError):
+        return None
+    complete = sizes == [2 * meta.get("train_tokens", -1), 2 * meta.get("val_tokens", -1)]
+    return meta if complete and meta.get("fingerprint") == fp else None
+
+
+def start(out: Path, fp: str) -> Path:
+    """The parts folder for this run, keeping the parts of an interrupted run with the
+    same fingerprint; drops meta.json first, so nothing looks complete until the end."""
+    part_dir = out / "parts"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "meta.json").unlink(missing_ok=True)
+        mark = part_dir / "fingerprint"
+        if part_dir.exists() and not (mark.is_file() and mark.read_text() == fp):
+            shutil.rmtree(part_dir)
+        part_dir.mkdir(exist_ok=True)
+        mark.write_text(fp)
+    except OSError as e:
+        raise UserError(f"cannot write to {out}: {e.strerror or e}") from None
+    return part_dir
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def concatenate(sources: list[Path], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for src in sources:
+            with open(src, "rb") as part:
+                shutil.copyfileobj(part, f, 1 << 24)
+    os.replace(tmp, path)
+
+
+def give_up(out: Path, part_dir: Path) -> None:
+    """Remove what this run wrote, before a UserError."""
+    shutil.rmtree(part_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        out.rmdir()  # only if empty
+
+
+# ---------------------------------------------------------------- pipeline
+
+def prepare(cfg, quiet: bool = False) -> dict:
+    """Prepare the corpus cfg describes (settings as in DEFAULTS); returns its meta.json."""
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError(f"--val_fraction must be in [0, 1), not {cfg.val_fraction}")
+    if cfg.max_file_bytes <= 0 or min(cfg.max_bytes, cfg.max_docs, cfg.workers) < 0:
+        raise UserError("--max_file_bytes must be positive, --max_bytes --max_docs --workers not negative")
+    t0 = time.time()
+    source = open_source(cfg)
+    out = output_dir(cfg, source.name)
+    fp = fingerprint(cfg, source.listing)
+    meta = finished(out, fp)
+    if meta:
+        if not quiet:
+            print(f"already prepared: {out} ({meta['train_tokens']:,} train, {meta['val_tokens']:,} val tokens)")
+        return meta
+
+    items = source.items()
+    part_dir = start(out, fp)
+    counts, skipped = Counter(), Counter()
+    workers = cfg.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                              else os.cpu_count() or 1)
+    bar = tqdm(total=source.total, unit="B", unit_scale=True, desc=f"prepare {out.name}",
+               disable=quiet, smoothing=0.05)
+    n_parts = 0
+    with Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for i, (docs, read) in enumerate(parts(items, cfg, counts, skipped)):
+            done = part_dir / f"{i:05d}.done"
+            if not done.exists():
+                for split, texts in docs.items():
+                    write_atomic(part_dir / f"{i:05d}.{split}.bin", tokenize(texts, pool, bar).tobytes())
+                    read -= sum(map(len, texts))  # already on the bar
+                write_atomic(done, b"")
+            bar.update(read)
+            n_parts = i + 1
+    bar.close()
+    if not counts["train"]:
+        give_up(out, part_dir)
+        raise UserError(f"no usable documents for train.bin in {', '.join(source.inputs)} "
+                        f"(skipped: {dict(skipped) or 'none'}; val: {counts['val']})")
+
+    tokens = {}
+    for split in ("train", "val"):
+        files = [part_dir / f"{i:05d}.{split}.bin" for i in range(n_parts)]
+        concatenate(files, out / f"{split}.bin")
+        tokens[split] = sum(f.stat().st_size for f in files) // 2
+    meta = dict(
+        tokenizer="phi-1 (CodeGen): GPT-2 BPE (tiktoken r50k_base) + 38 whitespace tokens",
+        vocab_size=VOCAB_SIZE, eot=EOT, dtype="uint16",
+        train_tokens=tokens["train"], val_tokens=tokens["val"],
+        train_documents=counts["train"], val_documents=counts["val"],
+        document_bytes=counts["bytes"], duplicates=counts["duplicates"],
+        skipped=dict(sorted(skipped.items())),
+        source=cfg.source, inputs=source.inputs,
+        settings={k: v for k, v in vars(cfg).items() if k not in UNFINGERPRINTED},
+        fingerprint=fp,
+    )
+    write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+    shutil.rmtree(part_dir)
+    if not quiet:
+        print(f"{out}: {tokens['train']:,} train + {tokens['val']:,} val tokens from "
+              f"{counts['train'] + counts['val']:,} documents ({counts['bytes'] / 1e6:.1f} MB), "
+              f"{counts['duplicates']:,} duplicates, skipped {dict(skipped) or 'none'}, "
+              f"{time.time() - t0:.0f}s")
+        if not counts["val"]:
+            print(f"warning: val.bin is empty; raise --val_fraction (now {cfg.val_fraction})")
+    return meta
+
+
+def ensure_prepared(name: str = "local_python", quiet: bool = False) -> Path:
+    """The folder of the default local corpus, prepared first if it isn't yet (or is stale):
+    what train.py's bare run trains on."""
+    cfg = SimpleNamespace(**{**DEFAULTS, "name": name})
+    prepare(cfg, quiet=quiet)
+    return output_dir(cfg, name)
+
+
+def main():
+    cfg, positionals = parse_args(DEFAULTS, __doc__)
+    if positionals:
+        raise UserError(f"unexpected argument {positionals[0]!r} (settings are --key=value)")
+    prepare(cfg)
+
+
+if __name__ == "__main__":
+    run(main)

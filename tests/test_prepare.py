@@ -1,0 +1,239 @@
+"""data/prepare.py on small corpora built here: what is skipped and counted, that the
+bins decode back to exactly the kept documents, the stable split, reruns and resumes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from config import UserError
+from data import prepare
+from tokenizer import EOT, VOCAB_SIZE, decode, encode
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def settings(tmp_path, **overrides):
+    return SimpleNamespace(**{**prepare.DEFAULTS, "out_dir": str(tmp_path / "out"), "name": "corpus",
+                              "workers": 1, **overrides})
+
+
+def tokens(folder: Path, split: str) -> np.ndarray:
+    return np.fromfile(folder / f"{split}.bin", dtype=np.uint16)
+
+
+def documents(ids: np.ndarray) -> list[str]:
+    """The texts between EOTs; every document must end with one."""
+    assert len(ids) == 0 or ids[-1] == EOT
+    ends = np.flatnonzero(ids == EOT)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [decode(ids[s:e]) for s, e in zip(starts, ends)]
+
+
+def write_tree(root: Path, files: dict) -> Path:
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return root
+
+
+A = "def add(a, b):\n    return a + b\n"
+B = 'text = "<|endoftext|> stays text"  # ünïcode\n\tif x:\n\t\tpass\n'
+
+
+def test_local_source_skips_counts_and_decodes_back(tmp_path):
+    src = write_tree(tmp_path / "src", {
+        "a.py": A,
+        "pkg/b.py": B,
+        "pkg/copy_of_a.py": A,                    # exact duplicate
+        "latin1.py": b"s = '\xe9t\xe9'\n",        # not UTF-8
+        "nul.py": b"x = 1\x00\x00\n",             # binary
+        "huge.py": "x = 1\n" * 400,               # over max_file_bytes
+        "empty.py": "",
+        "blank.py": "  \n\n",                     # whitespace only: empty too
+        "pkg/__pycache__/cached.py": "cached = True\n",  # never read
+        "notes.txt": "not python\n",              # never read
+    })
+    (src / "dangling.py").symlink_to(src / "missing.py")  # unreadable
+    cfg = settings(tmp_path, inputs=str(src), val_fraction=0.0, max_file_bytes=1000)
+    meta = prepare.prepare(cfg, quiet=True)
+
+    out = tmp_path / "out" / "corpus"
+    assert json.loads((out / "meta.json").read_text()) == meta
+    assert meta["skipped"] == {"binary": 1, "empty": 2, "not_utf8": 1, "too_big": 1, "unreadable": 1}
+    assert meta["duplicates"] == 1
+    assert (meta["train_documents"], meta["val_documents"]) == (2, 0)
+    assert (meta["dtype"], meta["eot"], meta["vocab_size"]) == ("uint16", EOT, VOCAB_SIZE)
+    train = tokens(out, "train")
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), 0)
+    assert (out / "val.bin").stat().st_size == 0
+    # sorted paths: a.py before pkg/b.py; the literal "<|endoftext|>" in b.py stays text
+    assert train.tolist() == encode(A) + [EOT] + encode(B) + [EOT]
+    assert documents(train) == [A, B]
+    assert train.max() < VOCAB_SIZE
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_split_depends_on_content_only_and_output_is_deterministic(tmp_path):
+    texts = [f"def f{i}():\n    return {i}\n" for i in range(40)]
+    first = write_tree(tmp_path / "one", {f"m{i:02d}.py": t for i, t in enumerate(texts)})
+    # the same documents under other names, folders and order
+    second = write_tree(tmp_path / "two", {f"z/{99 - i}_x.py": t for i, t in enumerate(texts)})
+    runs = {}
+    for name, folder, workers in [("a", first, 1), ("b", first, 2), ("c", second, 1)]:
+        prepare.prepare(settings(tmp_path, inputs=str(folder), name=name, val_fraction=0.5,
+                                 workers=workers), quiet=True)
+        out = tmp_path / "out" / name
+        runs[name] = {split: (out / f"{split}.bin").read_bytes() for split in ("train", "val")}
+    assert runs["a"] == runs["b"]  # byte-identical, in-process or on a pool
+    val_a = set(documents(np.frombuffer(runs["a"]["val"], np.uint16)))
+    val_c = set(documents(np.frombuffer(runs["c"]["val"], np.uint16)))
+    assert val_a == val_c and 0 < len(val_a) < len(texts)
+    assert set(documents(np.frombuffer(runs["c"]["train"], np.uint16))) == set(texts) - val_a
+
+
+def test_rerun_is_skipped_and_a_changed_input_redoes(tmp_path, capsys):
+    src = write_tree(tmp_path / "src", {"a.py": A, "b.py": B})
+    cfg = settings(tmp_path, inputs=str(src), val_fraction=0.0)
+    first = prepare.prepare(cfg)
+    out = tmp_path / "out" / "corpus"
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    assert prepare.prepare(cfg) == first
+    assert "already prepared" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+    (src / "b.py").write_text(B + "print('more')\n")
+    second = prepare.prepare(cfg, quiet=True)
+    assert second["fingerprint"] != first["fingerprint"]
+    assert documents(tokens(out, "train")) == [A, B + "print('more')\n"]
+
+    third = prepare.prepare(settings(tmp_path, inputs=str(src), val_fraction=0.5), quiet=True)
+    assert third["fingerprint"] != second["fingerprint"]
+
+
+def test_rerun_after_interruption_tokenizes_only_unfinished_parts(tmp_path, monkeypatch):
+    texts = [f"x{i} = {i}\n" for i in range(6)]
+    src = write_tree(tmp_path / "src", {f"m{i}.py": t for i, t in enumerate(texts)})
+    monkeypatch.setattr(prepare, "PART_BYTES", 1)  # one document per part
+    calls = []
+    real = prepare.encode_docs
+
+    class Killed(Exception):
+        pass
+
+    def dies_on_the_fourth_part(batch):
+        calls.append(batch)
+        if len(calls) == 4:
+            raise Killed
+        return real(batch)
+
+    monkeypatch.setattr(prepare, "encode_docs", dies_on_the_fourth_part)
+    cfg = settings(tmp_path, inputs=str(src), val_fraction=0.0)
+    with pytest.raises(Killed):
+        prepare.prepare(cfg, quiet=True)
+    out = tmp_path / "out" / "corpus"
+    assert not (out / "meta.json").exists()
+    assert len(list((out / "parts").glob("*.done"))) == 3
+
+    calls.clear()
+    monkeypatch.setattr(prepare, "encode_docs", lambda batch: calls.append(batch) or real(batch))
+    meta = prepare.prepare(cfg, quiet=True)
+    assert calls == [[texts[3]], [texts[4]], [texts[5]]]
+    assert documents(tokens(out, "train")) == texts
+    assert meta["train_documents"] == 6 and not (out / "parts").exists()
+
+
+def test_jsonl_source_skips_bad_lines(tmp_path):
+    good = {"id": 1, "text": A}
+    lines = [
+        json.dumps(good).encode(),
+        b"{not json",
+        b"[1, 2]",                                # not an object
+        "{\"text\": \"caf\xe9\"}".encode("latin-1"),  # not UTF-8
+        json.dumps({"id": 2}).encode(),           # no text
+        json.dumps({"text": 5}).encode(),         # text not a string
+        b'{"text": "\\ud800"}',                   # a lone surrogate: not UTF-8
+        json.dumps({"text": ""}).encode(),        # empty
+        json.dumps({"text": "a\u0000b"}).encode(),  # binary
+        json.dumps({"id": 3, "text": A}).encode(),  # duplicate text
+    ]
+    (tmp_path / "synth").mkdir()
+    (tmp_path / "synth" / "books_1.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "synth" / "books_2.jsonl").write_text(json.dumps({"text": B}) + "\n")
+    cfg = settings(tmp_path, source="jsonl", name="", val_fraction=0.0,
+                   inputs=str(tmp_path / "synth" / "books_*.jsonl"))
+    meta = prepare.prepare(cfg, quiet=True)
+    out = tmp_path / "out" / "books_1"  # default name: the first file's
+    assert meta["skipped"] == {"bad_json": 3, "binary": 1, "empty": 1, "no_text": 2, "not_utf8": 1}
+    assert meta["duplicates"] == 1
+    assert documents(tokens(out, "train")) == [A, B]
+
+
+def test_hf_source_through_a_stand_in_datasets_package(tmp_path, monkeypatch):
+    asked = {}
+
+    def load_dataset(name, config, split, data_dir, streaming):
+        asked.update(name=name, config=config, split=split, data_dir=data_dir, streaming=streaming)
+        return iter([{"content": A}, {"content": None}, {"content": A}, {"content": B}, {"content": "c = 3\n"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    meta = prepare.prepare(settings(tmp_path, source="hf", val_fraction=0.0, max_docs=2), quiet=True)
+    assert asked == dict(name="bigcode/the-stack-dedup", config=None, split="train",
+                         data_dir="data/python", streaming=True)
+    assert (meta["skipped"], meta["duplicates"], meta["train_documents"]) == ({"no_text": 1}, 1, 2)
+    assert documents(tokens(tmp_path / "out" / "corpus", "train")) == [A, B]
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(UserError, match="pip install datasets"):
+        prepare.prepare(settings(tmp_path, source="hf", name="other"), quiet=True)
+    assert not (tmp_path / "out" / "other").exists()
+
+
+def test_user_errors_leave_nothing_that_looks_complete(tmp_path):
+    only_empty = write_tree(tmp_path / "src", {"__init__.py": "", "b.py": "\n"})
+    with pytest.raises(UserError, match="no usable documents"):
+        prepare.prepare(settings(tmp_path, inputs=str(only_empty)), quiet=True)
+    assert not (tmp_path / "out" / "corpus").exists()
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="cannot write"):
+        prepare.prepare(settings(tmp_path, inputs=str(write_tree(tmp_path / "ok", {"a.py": A})),
+                                 out_dir=str(tmp_path / "a_file")), quiet=True)
+    for bad, message in [(dict(source="nope"), "unknown --source"),
+                         (dict(inputs=str(tmp_path / "missing")), "no such file"),
+                         (dict(val_fraction=1.0), "val_fraction")]:
+        with pytest.raises(UserError, match=message):
+            prepare.prepare(settings(tmp_path, **bad), quiet=True)
+
+
+def test_cli_missing_jsonl_is_one_line_and_exit_2(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "data/prepare.py", "--source=jsonl", f"--inputs={tmp_path / 'missing.jsonl'}",
+         f"--out_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+    assert "missing.jsonl" in result.stderr
+    assert not out.exists()
+
+
+def test_ensure_prepared_prepares_once_and_returns_the_folder(tmp_path, monkeypatch):
+    src = write_tree(tmp_path / "src", {f"m{i}.py": f"y = {i}\n" for i in range(30)})
+    monkeypatch.setattr(prepare, "DEFAULTS", {**prepare.DEFAULTS, "inputs": str(src),
+                                              "out_dir": str(tmp_path), "val_fraction": 0.3})
+    folder = prepare.ensure_prepared("mini", quiet=True)
+    assert folder == tmp_path / "mini" and (folder / "meta.json").exists()
+    assert prepare.ensure_prepared("mini", quiet=True) == folder
+    assert len(tokens(folder, "train")) and len(tokens(folder, "val"))
+
+
+def test_interpreter_roots_hold_the_standard_library():
+    roots = prepare.interpreter_roots()
+    assert any((root / "os.py").is_file() for root in roots)
+    assert all(not a.is_relative_to(b) for a in roots for b in roots if a != b)
