@@ -29,7 +29,7 @@ import math
 import os
 import struct
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -158,7 +158,6 @@ class Block(nn.Module):
         self.out_proj = nn.Linear(5 * d, d, bias=False)  # [attn_out | gelu(fc1)] -> d
         self.attn_out_bias = nn.Parameter(torch.zeros(d))  # Hugging Face's dense.bias
         self.mlp_out_bias = nn.Parameter(torch.zeros(d))  # Hugging Face's fc2.bias
-        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask=None):
         B, T, d = x.shape
@@ -177,12 +176,13 @@ class Block(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, d)
         mixed = torch.cat([y, F.gelu(h, approximate="tanh")], dim=-1)
         out = F.linear(mixed, self.out_proj.weight, self.attn_out_bias + self.mlp_out_bias)
-        return x + self.dropout(out)
+        return x + F.dropout(out, dropout_p, self.training)
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        config = replace(config)  # the model's own copy, shared by its blocks, may be changed
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))

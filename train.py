@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
 from config import UserError, parse_args, run
-from model import GPT, PRESETS, config_from_dict, load_checkpoint
+from model import GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint
 
 DEFAULTS = dict(
     out_dir="out",  # checkpoints go to out_dir/ckpt.pt
@@ -218,8 +218,21 @@ def _on_signal(signum, frame):
 
 # ---------------------------------------------------------------- the run
 
+def requested_config(cfg) -> GPTConfig:
+    """The model the settings ask for: a preset with its overrides."""
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
+    overrides = {"attention": cfg.attention}
+    if cfg.block_size is not None:
+        overrides["block_size"] = int(cfg.block_size)
+    if cfg.dropout is not None:
+        overrides["dropout"] = float(cfg.dropout)
+    return replace(PRESETS[cfg.preset], **overrides)
+
+
 def build_model(cfg, out_dir: Path, master: bool):
     """The model and, when resuming, the checkpoint it came from."""
+    config = requested_config(cfg)
     ckpt_path = out_dir / "ckpt.pt"
     mode = cfg.init_from
     if mode == "auto":
@@ -229,29 +242,25 @@ def build_model(cfg, out_dir: Path, master: bool):
             ckpt = load_checkpoint(ckpt_path)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"cannot resume: {e}") from None
-        config = config_from_dict(ckpt["config"])
-        model = GPT(replace(config, attention=cfg.attention))
+        saved = replace(config_from_dict(ckpt["config"]), attention=cfg.attention)
+        if saved != config:
+            raise UserError(f"{ckpt_path} holds another model than --preset={cfg.preset} asks for; "
+                            f"use another --out_dir, or --init_from=scratch to replace it")
+        model = GPT(saved)
         model.load_state_dict(ckpt["model"])
         if master:
             print(f"resuming {ckpt_path} from step {ckpt['step']}")
         return model, ckpt
     if mode == "scratch":
-        if cfg.preset not in PRESETS:
-            raise UserError(f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
-        config = PRESETS[cfg.preset]
-        overrides = {"attention": cfg.attention}
-        if cfg.block_size is not None:
-            overrides["block_size"] = int(cfg.block_size)
-        if cfg.dropout is not None:
-            overrides["dropout"] = float(cfg.dropout)
         torch.manual_seed(cfg.seed)
-        return GPT(replace(config, **overrides)), None
+        return GPT(config), None
     try:  # weights to start from: our checkpoint, a Hugging Face folder or hub id
         model = GPT.from_pretrained(mode)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         raise UserError(f"cannot load --init_from={mode}: {e}") from None
-    model.config = replace(model.config, attention=cfg.attention,
-                           dropout=model.config.dropout if cfg.dropout is None else float(cfg.dropout))
+    model.config.attention = cfg.attention  # the blocks share this config
+    if cfg.dropout is not None:
+        model.config.dropout = float(cfg.dropout)
     return model.float(), None
 
 
@@ -350,8 +359,9 @@ def train(cfg) -> GPT:
             x, y = to_device(data.batch("train", cfg.batch_size, cfg.seed, rank, *nxt), device)
             scaler.scale(loss).backward()
             step_loss += loss.detach()
+        # remembered on the device, read at the next log line: no host sync in the step
         first_bad = torch.where(torch.isfinite(step_loss) | (first_bad <= step), first_bad,
-                                torch.tensor(step, device=device))
+                                first_bad.new_full((), step))
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)

@@ -1,0 +1,80 @@
+"""Training throughput of the phi-1 presets on one GPU, beside DESIGN.md's reference.
+
+Runs train.py itself (the real loop: data loading, bf16 autocast, fused AdamW,
+gradient clipping, torch.compile) on random tokens at context 2048 and reads
+tokens/s, MFU and peak memory from its log. The reference figures are those of
+a nanoGPT-style GPT with torch.compile and SDPA on one H200.
+
+    python bench/train_speed.py                         # both presets, SDPA attention
+    python bench/train_speed.py --attention=auto        # our Triton kernel instead
+"""
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from config import UserError, parse_args, run  # noqa: E402
+
+DEFAULTS = dict(
+    presets="phi-1-small,phi-1",  # presets to measure
+    attention="sdpa",  # sdpa (as the reference) or auto (the Triton kernel)
+    steps=30,  # optimizer steps per preset; the first log interval holds the compilation
+    log_interval=10,  # steps per measurement
+    compile=True,  # torch.compile, as the reference
+    dropout=0.0,  # the presets' 0.1 is the paper's training; the reference ran without
+)
+
+# preset -> (micro-batch, reference tokens/s, reference MFU %) on one H200
+REFERENCE = {"phi-1-small": (16, 216_000, 51.0), "phi-1": (8, 61_000, 56.0)}
+LOG = re.compile(r"step (\d+) \|.*\| ([\d,]+) tok/s \| MFU ([\d.]+)% \| ([\d.]+) GiB")
+
+
+def main():
+    cfg, _ = parse_args(DEFAULTS, __doc__)
+    import torch
+    if not torch.cuda.is_available():
+        raise UserError("this benchmark needs a CUDA GPU")
+    device = torch.cuda.get_device_name()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "random"
+        data.mkdir()
+        rng = np.random.default_rng(0)
+        for split, n in (("train", 50_000_000), ("val", 1_000_000)):
+            rng.integers(0, 50_000, size=n, dtype=np.uint16).tofile(data / f"{split}.bin")
+        (data / "meta.json").write_text("{}")
+        for preset in cfg.presets.split(","):
+            batch, ref_tok_s, ref_mfu = REFERENCE[preset]
+            cmd = [sys.executable, str(ROOT / "train.py"), f"--preset={preset}", f"--data={data}",
+                   f"--batch_size={batch}", f"--max_iters={cfg.steps}", f"--log_interval={cfg.log_interval}",
+                   "--warmup_iters=5", "--eval_interval=1000000", "--eval_iters=1", "--checkpoint_interval=0",
+                   "--sample_tokens=0", f"--attention={cfg.attention}", f"--compile={cfg.compile}", f"--dropout={cfg.dropout}",
+                   f"--out_dir={Path(tmp) / 'out'}"]
+            print(" ".join(cmd[1:]), flush=True)
+            result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            print(result.stdout[-1500:], result.stderr[-1500:] if result.returncode else "", flush=True)
+            measured = [m for m in LOG.finditer(result.stdout) if int(m.group(1)) > cfg.log_interval]
+            if result.returncode or not measured:
+                rows.append((preset, batch, "failed", "", "", ref_tok_s, ref_mfu))
+                continue
+            tok_s = float(np.median([float(m.group(2).replace(",", "")) for m in measured]))
+            mfu = float(np.median([float(m.group(3)) for m in measured]))
+            mem = max(float(m.group(4)) for m in measured)
+            rows.append((preset, batch, f"{tok_s:,.0f}", f"{mfu:.1f}", f"{mem:.1f}", ref_tok_s, ref_mfu))
+    print(f"\ntraining throughput on one {device}, bf16, context 2048, attention={cfg.attention}, "
+          f"compile={cfg.compile}, dropout={cfg.dropout} (median of the steady log intervals)")
+    print(f"{'preset':<12} {'batch':>5} {'tok/s':>10} {'MFU %':>6} {'mem GiB':>8} | "
+          f"{'ref tok/s':>10} {'ref MFU %':>9} | {'MFU/ref':>7}")
+    for preset, batch, tok_s, mfu, mem, ref_tok_s, ref_mfu in rows:
+        ratio = f"{float(mfu) / ref_mfu:.2f}x" if mfu else ""
+        print(f"{preset:<12} {batch:>5} {tok_s:>10} {mfu:>6} {mem:>8} | {ref_tok_s:>10,} {ref_mfu:>9.1f} | {ratio:>7}")
+
+
+if __name__ == "__main__":
+    run(main)
