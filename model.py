@@ -274,8 +274,8 @@ class GPT(nn.Module):
             allowed = (kj <= qi) & (real_key[:, None, :q_start + q_len] | (kj == qi))
             return allowed[:, None]  # (B, 1, Tq, Tk); a pad query sees itself only
 
-        generator = torch.Generator(device=device)
-        generator.manual_seed(torch.initial_seed() if seed is None else seed)
+        generator = torch.Generator(device=device)  # without a seed, one drawn from torch's RNG
+        generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
         dtype = next(self.parameters()).dtype
         cache = KVCache(self.config, B, total, device, dtype)
         x = self._trunk(idx, positions[:, :T0], cache, step_mask(0, T0))
@@ -377,7 +377,7 @@ class GPT(nn.Module):
         (downloaded once, then cached), a local folder with config.json and
         *.safetensors, or a checkpoint of ours (a .pt file)."""
         path = Path(name_or_path)
-        if path.is_file() and path.suffix == ".pt":
+        if path.suffix == ".pt":
             return cls.from_checkpoint(path, device)
         folder = path if path.is_dir() else download_hf(name_or_path)
         hf_config = json.loads((folder / "config.json").read_text())

@@ -1,0 +1,730 @@
+"""Sample from a checkpoint on the command line, or serve it as an OpenAI-compatible API.
+
+    python sample.py --ckpt=out/ckpt.pt --prompt='def fib(n):' --max_new_tokens=64
+    python sample.py --ckpt=microsoft/phi-1 --prompt_file=p.py --temperature=0 --stop='\\ndef,\\nclass'
+    python sample.py --ckpt=out/ckpt.pt --serve --port=8000    # http://127.0.0.1:8000/v1
+
+On the command line it prints the prompt and its completion, --num_samples times.
+With --serve, a standard-library HTTP server speaks OpenAI's wire format, so any
+OpenAI client (the official one, llm.py, evaluate.py --api-base) can use the model:
+
+    GET  /v1/models, /v1/models/{id}   the one model, named --model_name (default: --ckpt as given)
+    POST /v1/completions               prompt: a string, a list of strings, token ids, or a list of those
+    POST /v1/chat/completions          messages, flattened into a prompt by the chat template below
+    GET  /health                       {"status": "ok", ...}
+
+Both POST routes take model (required; another name is a 404), max_tokens (chat:
+max_completion_tokens too), temperature, top_p, n, stop (a string or a list),
+seed, stream and stream_options; completions also take echo. A request that
+leaves out max_tokens, temperature, top_p or stop gets the server's
+--max_new_tokens, --temperature, --top_p or --stop. Answers carry usage token
+counts and a finish_reason per choice: "stop" (end of text, or a stop string,
+which is cut from the text) or "length" (max_tokens reached). max_tokens is
+clamped to the room the prompt leaves in the context; a prompt that leaves no
+room is refused (400, code context_length_exceeded), never silently truncated.
+logprobs, suffix, logit_bias, tools and non-zero penalties are refused with a
+400 naming the field. stream=true answers in OpenAI's server-sent events, but
+all at once when the generation ends (generate() has no per-token hook).
+Errors look like OpenAI's: {"error": {"message", "type", "param", "code"}}.
+
+Chat template: each message becomes one "role: content" line (roles system,
+developer, user, assistant; a list of content parts contributes its text parts,
+joined by newlines), and "assistant:" ends the prompt:
+
+    system: You are a helpful assistant.
+    user: Write a function that adds two numbers.
+    assistant:
+
+The reply is the continuation up to "\\nsystem:", "\\ndeveloper:", "\\nuser:" or
+"\\nassistant:" (or a stop of the request), less the one space after the colon.
+phi-1 never saw chats in training: the template is plain text a code model continues.
+
+Batching: one thread owns the model. Request threads put their rows (each prompt
+n times) on a queue; the generation thread takes whatever arrives within
+--batch_wait_ms of the first, up to --max_batch rows, groups the rows that share
+temperature, top_p and stop strings (generate() takes one of each per batch), and
+runs one generate() per group, up to the longest max_tokens in it, cutting each
+row to its own. Greedy output does not depend on batching (up to rounding in
+near-ties, more likely in bfloat16). Sampled rows in one batch draw from one
+random stream, so a request with a seed is reproducible when its rows make a
+batch of their own (it came alone, or nothing queued with it shares its
+temperature, top_p and stop); in a batch shared with other requests its samples
+depend on theirs. Without a seed, sampling is random.
+
+There is no authentication: the server listens on 127.0.0.1 (this machine) by
+default; --host=0.0.0.0 opens it to the network.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import queue
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import torch
+
+import tokenizer
+from config import UserError, parse_args, run
+from model import GPT
+from train import pick_dtype
+
+DEFAULTS = dict(
+    ckpt="out/ckpt.pt",  # our .pt checkpoint, a Hugging Face phi folder, or a hub id (microsoft/phi-1)
+    prompt='def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',  # the text to continue
+    prompt_file="",  # read the prompt from this file instead ("-": standard input)
+    max_new_tokens=256,  # tokens to generate at most (served: the default max_tokens)
+    temperature=0.8,  # 0 is greedy (served: the default temperature)
+    top_p=0.95,  # nucleus sampling probability mass (served: the default top_p)
+    num_samples=1,  # completions of the prompt to print
+    seed=1337,  # sampling seed on the command line; served requests bring their own
+    stop="",  # stop strings, comma-separated, escapes \n \t \\ \, (e.g. "\ndef,\nclass"); served: the default
+    device="auto",  # auto, cpu, cuda, cuda:1, ...
+    dtype="auto",  # auto (bfloat16 on GPUs that have it, float32 on CPUs), float32, bfloat16, float16
+    serve=False,  # serve an OpenAI-compatible HTTP API instead of printing samples
+    host="127.0.0.1",  # address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 is everyone (no auth)
+    port=8000,  # port to listen on (0: a free one, printed at start)
+    model_name="",  # the model id the API serves (empty: --ckpt as given)
+    max_batch=16,  # most rows (prompts x n) generated together
+    batch_wait_ms=10.0,  # how long to wait for more requests to batch with the first
+    quiet=False,  # no log line per request
+)
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_STOPS = tuple(f"\n{role}:" for role in CHAT_ROLES)  # a line starting a new turn ends the reply
+GREEDY_BELOW = 1e-4  # temperatures below this are greedy (logits / T would overflow)
+MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; HumanEval's conventions use 5)
+MAX_N = 128  # completions per prompt
+MAX_ROWS = 2048  # prompts x n per request
+MAX_BODY = 32 << 20  # bytes of one request body
+UNSUPPORTED = ("suffix", "logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice",
+               "functions", "function_call")
+
+
+# ---------------------------------------------------------------- shared by both modes
+
+def pick_device(name: str) -> torch.device:
+    try:
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        raise UserError(f"unknown --device={name} (auto, cpu, cuda, cuda:1, ...)") from None
+
+
+def load_model(ckpt: str, device: torch.device, dtype: torch.dtype) -> GPT:
+    """The model in ckpt, ready for inference, or one line saying why not."""
+    try:
+        model = GPT.from_pretrained(ckpt)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # OSError holds FileNotFound, Connection
+        detail = " ".join(str(e).split())
+        raise UserError(f"cannot load --ckpt={ckpt}: {detail[:300]}") from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def parse_stop(text: str) -> list[str]:
+    """--stop's comma-separated strings; \\n, \\t, \\\\ and \\, stand for newline, tab, \\ and ','."""
+    escapes = {"n": "\n", "t": "\t", "\\": "\\", ",": ","}
+    stops, current, i = [], "", 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1:i + 2] in escapes:
+            current += escapes[text[i + 1]]
+            i += 2
+            continue
+        if text[i] == ",":
+            stops.append(current)
+            current = ""
+        else:
+            current += text[i]
+        i += 1
+    return [s for s in stops + [current] if s]
+
+
+def sampling_mode(temperature: float, top_p: float) -> tuple[float, float]:
+    """(temperature, top_p) for generate(): near-zero temperature or top_p is greedy."""
+    if temperature < GREEDY_BELOW or top_p == 0:
+        return 0.0, 1.0
+    return float(temperature), float(top_p)
+
+
+def cut(ids: list[int], max_new: int, stops) -> tuple[str, str]:
+    """The text of new tokens up to the first stop string, and OpenAI's finish_reason.
+
+    generate() drops <|endoftext|>, so fewer than max_new tokens and no stop
+    string means the text ended: "stop" as well."""
+    text = tokenizer.decode(ids)
+    at = min((text.index(s) for s in stops if s in text), default=None)
+    if at is not None:
+        return text[:at], "stop"
+    return text, "length" if len(ids) >= max_new else "stop"
+
+
+# ---------------------------------------------------------------- command line
+
+def read_prompt(cfg) -> str:
+    if cfg.prompt_file == "-":
+        return sys.stdin.read()
+    if cfg.prompt_file:
+        try:
+            return Path(cfg.prompt_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --prompt_file={cfg.prompt_file}: {e}") from None
+    return cfg.prompt
+
+
+def print_samples(cfg, model: GPT) -> None:
+    """Print --num_samples completions of the prompt, each after the prompt itself."""
+    prompt = read_prompt(cfg)
+    ids = tokenizer.encode(prompt) or [tokenizer.EOT]  # an empty prompt starts a new document
+    block = model.config.block_size
+    if len(ids) >= block:
+        raise UserError(f"the prompt has {len(ids)} tokens, and the model's context holds {block} "
+                        f"with at least one new token")
+    max_new = min(cfg.max_new_tokens, block - len(ids))
+    stops = parse_stop(cfg.stop)
+    temperature, top_p = sampling_mode(cfg.temperature, cfg.top_p)
+    outs = model.generate([ids] * cfg.num_samples, max_new, temperature, top_p, stops, cfg.seed)
+    for i, new in enumerate(outs):
+        if i:
+            print("-" * 40)
+        print(prompt + cut(new, max_new, stops)[0], flush=True)
+
+
+# ---------------------------------------------------------------- requests
+
+class ApiError(Exception):
+    """A request the server refuses: an HTTP status and the body OpenAI would send."""
+
+    def __init__(self, message: str, status: int = 400, code: str | None = "invalid_value",
+                 param: str | None = None, type: str = "invalid_request_error", headers=()):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def parse_json(raw: bytes) -> dict:
+    def no_constant(name):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        body = json.loads(raw, parse_constant=no_constant)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ApiError(f"could not parse the JSON body of the request ({e})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError("the JSON body of the request must be an object", code="invalid_json")
+    return body
+
+
+def number(body: dict, key: str, default, low, high=None, integer: bool = False):
+    """body[key] if present, checked to be a number in [low, high], else default."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+            or value < low or (high is not None and value > high)):
+        what = "an integer" if integer else "a number"
+        bounds = f">= {low}" if high is None else f"from {low} to {high}"
+        raise ApiError(f"'{key}' must be {what} {bounds}, not {value!r}", param=key)
+    return value
+
+
+def flag(body: dict, key: str) -> bool:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(f"'{key}' must be true or false, not {value!r}", param=key)
+    return bool(value)
+
+
+@dataclass
+class Sampling:
+    """How a request wants its completions generated."""
+    max_tokens: int
+    temperature: float
+    top_p: float
+    n: int
+    stop: tuple[str, ...]
+    seed: int | None
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last event with the usage
+
+
+def parse_sampling(body: dict, cfg, chat: bool) -> Sampling:
+    """The sampling fields of a request; the server's settings fill in what it leaves out."""
+    for key in UNSUPPORTED:
+        value = body.get(key)
+        if not (value is None or value is False or value == "" or value == [] or value == {}):
+            raise ApiError(f"'{key}' is not supported by this server", param=key,
+                           code="unsupported_parameter")
+    for key in ("presence_penalty", "frequency_penalty"):
+        if number(body, key, 0, -2, 2) != 0:
+            raise ApiError(f"'{key}' is not supported by this server (only 0)", param=key,
+                           code="unsupported_parameter")
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise ApiError("only the text response_format is supported", param="response_format",
+                       code="unsupported_parameter")
+    newer = chat and body.get("max_completion_tokens") is not None  # chat's newer name for max_tokens
+    max_tokens = number(body, "max_completion_tokens" if newer else "max_tokens", cfg.max_new_tokens, 0,
+                        integer=True)
+    temperature = number(body, "temperature", cfg.temperature, 0, 2)
+    top_p = number(body, "top_p", cfg.top_p, 0, 1)
+    n = number(body, "n", 1, 1, MAX_N, integer=True)
+    if body.get("best_of") not in (None, n):
+        raise ApiError("'best_of' is not supported by this server (only equal to n)", param="best_of",
+                       code="unsupported_parameter")
+    seed = number(body, "seed", None, -2**63, 2**64 - 1, integer=True)
+    stop = body.get("stop")
+    if stop is None:
+        stops = parse_stop(cfg.stop)
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and len(stop) <= MAX_STOPS and all(isinstance(s, str) for s in stop):
+        stops = stop
+    else:
+        raise ApiError(f"'stop' must be a string or a list of at most {MAX_STOPS} strings", param="stop")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError("'stream_options' must be an object", param="stream_options")
+    temperature, top_p = sampling_mode(temperature, top_p)
+    return Sampling(max_tokens, temperature, top_p, n, tuple(sorted({s for s in stops if s})), seed,
+                    flag(body, "stream"), flag(options, "include_usage"))
+
+
+def parse_prompts(body: dict) -> list[tuple[list[int], str]]:
+    """(token ids, text) of each prompt of a completions request."""
+    prompt = body.get("prompt")
+
+    def is_ids(x):
+        return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = prompt
+    elif isinstance(prompt, list) and prompt and is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(is_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise ApiError("'prompt' must be a string, a list of strings, a list of token ids, or a list of "
+                       "lists of token ids", param="prompt")
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            ids = tokenizer.encode(p)  # "<|endoftext|>" in a prompt is plain text
+        elif all(0 <= t < tokenizer.VOCAB_SIZE for t in p):
+            ids, p = p, tokenizer.decode(p)
+        else:
+            raise ApiError(f"token ids must lie in 0..{tokenizer.VOCAB_SIZE - 1}", param="prompt")
+        out.append((ids or [tokenizer.EOT], p))  # an empty prompt starts a new document
+    return out
+
+
+def chat_prompt(messages) -> str:
+    """Messages flattened by the chat template of the module docstring."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("'messages' must be a non-empty list", param="messages")
+    lines = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in CHAT_ROLES:
+            raise ApiError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, not {role!r}",
+                           param=f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                             and isinstance(part.get("text"), str) for part in content):
+            content = "\n".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise ApiError(f"messages[{i}].content must be a string or a list of text parts",
+                           param=f"messages[{i}].content")
+        lines.append(f"{role}: {content}")
+    return "\n".join(lines) + "\nassistant:"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ---------------------------------------------------------------- the generation thread
+
+@dataclass(eq=False)
+class Row:
+    """One completion to generate; its future receives the new token ids."""
+    prompt: list[int]
+    max_new: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int | None
+    request: int  # which request it belongs to
+    future: Future = field(default_factory=Future)
+
+
+_CLOSE = object()  # queued by Engine.close
+
+
+class Engine:
+    """The one thread that runs the model, batching the rows of concurrent requests."""
+
+    def __init__(self, model: GPT, max_batch: int, batch_wait_ms: float, seed: int = 0):
+        self.model, self.max_batch, self.wait = model, max_batch, batch_wait_ms / 1000
+        self.block_size = model.config.block_size
+        self.queue: queue.Queue = queue.Queue()  # one list of rows per request
+        self.rng = random.Random(seed)  # seeds for batches that have no seed of their own
+        self.lock = threading.Lock()
+        self.closed = False
+        self.largest_batch = 0  # the most rows one generate() call has taken
+        self.thread = threading.Thread(target=self._loop, name="generate", daemon=True)
+        self.thread.start()
+
+    def submit(self, rows: list[Row]) -> None:
+        with self.lock:
+            if self.closed:
+                raise ApiError("the server is shutting down", 503, "unavailable", type="server_error")
+            self.queue.put(rows)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Take no more rows, fail the queued ones, and wait for the running batch."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.queue.put(_CLOSE)
+        self.thread.join(timeout)
+
+    def _loop(self) -> None:
+        carry = None  # a request taken from the queue that did not fit the last batch
+        while True:
+            first = carry if carry is not None else self.queue.get()
+            carry = None
+            if first is _CLOSE:
+                return
+            rows, deadline = list(first), time.monotonic() + self.wait
+            while len(rows) < self.max_batch:
+                try:
+                    more = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if more is _CLOSE or len(rows) + len(more) > self.max_batch:
+                    carry = more
+                    break
+                rows += more
+            if self.closed:
+                error = ApiError("the server is shutting down", 503, "unavailable", type="server_error")
+                for row in rows:
+                    row.future.set_exception(error)
+                continue
+            groups: dict[tuple, list[Row]] = {}
+            for row in rows:
+                groups.setdefault((row.temperature, row.top_p, row.stop), []).append(row)
+            for group in groups.values():
+                for i, batch in enumerate(self._split(group)):
+                    self._generate(batch, i)
+
+    def _split(self, rows: list[Row]) -> list[list[Row]]:
+        """Batches of at most max_batch rows whose longest prompt and longest max_new fit the context."""
+        batches, batch, longest, most = [], [], 0, 0
+        for row in rows:
+            t, m = max(longest, len(row.prompt)), max(most, row.max_new)
+            if batch and (len(batch) == self.max_batch or t + m > self.block_size):
+                batches.append(batch)
+                batch, t, m = [], len(row.prompt), row.max_new
+            batch.append(row)
+            longest, most = t, m
+        return batches + [batch]
+
+    def _generate(self, batch: list[Row], index: int) -> None:
+        first = batch[0]
+        if first.seed is not None and all(row.request == first.request for row in batch):
+            seed = (first.seed + index) % 2**64  # a request batched alone: reproducible
+        else:
+            seed = self.rng.randrange(2**63)
+        self.largest_batch = max(self.largest_batch, len(batch))
+        max_new = max(row.max_new for row in batch)
+        try:
+            if max_new == 0:
+                out = [[] for _ in batch]
+            else:
+                out = self.model.generate([row.prompt for row in batch], max_new, first.temperature,
+                                          first.top_p, list(first.stop), seed)
+        except Exception as e:  # e.g. out of memory: fail this batch, keep serving
+            traceback.print_exc()
+            error = ApiError(f"generation failed ({type(e).__name__}: {e})", 500, "generation_failed",
+                             type="server_error")
+            for row in batch:
+                row.future.set_exception(error)
+            return
+        for row, ids in zip(batch, out):
+            row.future.set_result(ids[:row.max_new])
+
+
+# ---------------------------------------------------------------- the HTTP server
+
+class Server(ThreadingHTTPServer):
+    """A thread per connection, all handing their rows to one Engine."""
+    daemon_threads = True
+    request_queue_size = 128  # connections the OS holds while we accept
+
+    def __init__(self, cfg):
+        self.address_family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        super().__init__((cfg.host, cfg.port), Handler)  # binds now: a busy port fails here
+        self.cfg = cfg
+        self.engine: Engine | None = None
+        self.model_name = ""
+        self.block_size = 0
+        self.created = int(time.time())
+        self.request_ids = itertools.count()
+
+    def start(self, model: GPT, model_name: str) -> None:
+        """Serve model under model_name (call serve_forever next)."""
+        self.model_name, self.block_size = model_name, model.config.block_size
+        self.engine = Engine(model, self.cfg.max_batch, self.cfg.batch_wait_ms, self.cfg.seed)
+
+    def close(self) -> None:
+        self.server_close()
+        if self.engine is not None:
+            self.engine.close()
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection: read a request, queue its rows, answer in OpenAI's format."""
+    protocol_version = "HTTP/1.1"  # keep-alive, so clients reuse their connections
+    server_version = "phi1-sample"
+    timeout = 300  # seconds before an idle connection is dropped
+    server: Server
+
+    ROUTES = {"/v1/models": ("GET", "models"), "/v1/completions": ("POST", "completions"),
+              "/v1/chat/completions": ("POST", "chat"), "/health": ("GET", "health")}
+
+    def dispatch(self) -> None:
+        try:
+            raw = self.read_body()  # always, so the next request on this connection starts clean
+            path = unquote(urlsplit(self.path).path).rstrip("/")
+            if path.startswith("/v1/models/"):
+                method, name = "GET", "one_model"
+            elif path in self.ROUTES:
+                method, name = self.ROUTES[path]
+            else:
+                raise ApiError(f"Invalid URL ({self.command} {path or '/'})", 404, "unknown_url")
+            if self.command != method:
+                raise ApiError(f"{path} takes {method}, not {self.command}", 405, "method_not_allowed",
+                               headers=[("Allow", method)])
+            if name == "one_model":
+                answer = self.one_model(path.removeprefix("/v1/models/"))
+            elif method == "POST":
+                answer = getattr(self, name)(parse_json(raw))
+            else:
+                answer = getattr(self, name)()
+            if answer is not None:  # None: already sent as a stream
+                self.send_json(200, answer)
+        except ApiError as e:
+            self.send_json(e.status, e.body, e.headers)
+        except Exception as e:
+            traceback.print_exc()
+            self.close_connection = True
+            self.send_json(500, ApiError(f"internal error ({type(e).__name__}: {e})", 500, "internal_error",
+                                         type="server_error").body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = dispatch
+
+    def read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise ApiError("chunked request bodies are not supported: send Content-Length", 411,
+                           "length_required")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self.close_connection = True
+            raise ApiError(f"bad Content-Length (at most {MAX_BODY} bytes)", 413 if length > 0 else 400,
+                           "bad_content_length")
+        return self.rfile.read(length) if length else b""
+
+    def send_json(self, status: int, obj: dict, headers=()) -> None:
+        data = json.dumps(obj).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in headers:
+                self.send_header(key, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client went away
+            self.close_connection = True
+
+    def send_events(self, events: list[dict]) -> None:
+        """Server-sent events as OpenAI streams them, then [DONE]; the connection closes after."""
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for event in events:
+                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def log_message(self, format, *args) -> None:
+        if not self.server.cfg.quiet:
+            super().log_message(format, *args)
+
+    # ------------------------------------------------------------ routes
+
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.server.model_name, "queued": self.server.engine.queue.qsize()}
+
+    def model_card(self) -> dict:
+        return {"id": self.server.model_name, "object": "model", "created": self.server.created,
+                "owned_by": "phi1"}
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [self.model_card()]}
+
+    def one_model(self, name: str) -> dict:
+        self.check_model(name)
+        return self.model_card()
+
+    def check_model(self, name) -> None:
+        if name is None:
+            raise ApiError("you must provide a model parameter", param="model",
+                           code="missing_required_parameter")
+        if name != self.server.model_name:
+            raise ApiError(f"The model `{name}` does not exist; this server has `{self.server.model_name}`",
+                           404, "model_not_found", param="model")
+
+    def generate(self, prompts: list[list[int]], s: Sampling, stop: tuple[str, ...],
+                 param: str) -> list[tuple[list[int], int]]:
+        """(new token ids, max_new) of n completions of each prompt, prompt-major, through the engine."""
+        if len(prompts) * s.n > MAX_ROWS:
+            raise ApiError(f"at most {MAX_ROWS} completions (prompts x n) per request", param="n")
+        block, request = self.server.block_size, next(self.server.request_ids)
+        rows = []
+        for ids in prompts:
+            if len(ids) >= block:
+                raise ApiError(f"This model's maximum context length is {block} tokens, and the prompt has "
+                               f"{len(ids)}: no room for a completion (prompts are not truncated)",
+                               param=param, code="context_length_exceeded")
+            max_new = min(s.max_tokens, block - len(ids))
+            rows += [Row(ids, max_new, s.temperature, s.top_p, stop, s.seed, request) for _ in range(s.n)]
+        self.server.engine.submit(rows)
+        return [(row.future.result(), row.max_new) for row in rows]
+
+    def completions(self, body: dict) -> dict | None:
+        self.check_model(body.get("model"))
+        s = parse_sampling(body, self.server.cfg, chat=False)
+        echo = flag(body, "echo")
+        prompts = parse_prompts(body)
+        choices, new_tokens = [], 0
+        for i, (ids, max_new) in enumerate(self.generate([ids for ids, _ in prompts], s, s.stop, "prompt")):
+            text, reason = cut(ids, max_new, s.stop)
+            choices.append({"index": i, "text": prompts[i // s.n][1] + text if echo else text,
+                            "logprobs": None, "finish_reason": reason})
+            new_tokens += len(ids)
+        used = usage(sum(len(ids) for ids, _ in prompts), new_tokens)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.server.model_name}
+        if not s.stream:
+            return {**head, "choices": choices, "usage": used}
+        events = [{**head, "choices": [choice]} for choice in choices]
+        self.send_events(events + ([{**head, "choices": [], "usage": used}] if s.include_usage else []))
+
+    def chat(self, body: dict) -> dict | None:
+        self.check_model(body.get("model"))
+        s = parse_sampling(body, self.server.cfg, chat=True)
+        prompt = tokenizer.encode(chat_prompt(body.get("messages")))
+        stop = tuple(sorted(set(s.stop) | set(CHAT_STOPS)))
+        choices, new_tokens = [], 0
+        for i, (ids, max_new) in enumerate(self.generate([prompt], s, stop, "messages")):
+            text, reason = cut(ids, max_new, stop)
+            choices.append({"index": i, "message": {"role": "assistant", "content": text.removeprefix(" ")},
+                            "logprobs": None, "finish_reason": reason})
+            new_tokens += len(ids)
+        used = usage(len(prompt), new_tokens)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.server.model_name}
+        if not s.stream:
+            return {**head, "object": "chat.completion", "choices": choices, "usage": used}
+        head["object"] = "chat.completion.chunk"
+        events = []
+        for c in choices:
+            events.append({**head, "choices": [{"index": c["index"], "delta": c["message"], "logprobs": None,
+                                                "finish_reason": None}]})
+            events.append({**head, "choices": [{"index": c["index"], "delta": {}, "logprobs": None,
+                                                "finish_reason": c["finish_reason"]}]})
+        self.send_events(events + ([{**head, "choices": [], "usage": used}] if s.include_usage else []))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def serve(cfg, device: torch.device, dtype: torch.dtype) -> None:
+    """Answer HTTP requests until Ctrl-C or SIGTERM."""
+    try:
+        server = Server(cfg)  # before the slow model load, so a busy port fails at once
+    except OSError as e:
+        hint = " (choose another --port)" if e.errno == errno.EADDRINUSE else ""
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}{hint}") from None
+    try:
+        model = load_model(cfg.ckpt, device, dtype)
+        name = cfg.model_name or cfg.ckpt
+        server.start(model, name)
+        signal.signal(signal.SIGTERM, _interrupt)
+        host, port = server.server_address[:2]
+        dtype_name = str(dtype).removeprefix("torch.")
+        print(f"serving {name} ({model.num_params():,} parameters, {device}, {dtype_name}) "
+              f"at http://{host}:{port}/v1; Ctrl-C stops", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print("stopping", file=sys.stderr, flush=True)
+    finally:
+        server.close()
+
+
+def check_settings(cfg) -> None:
+    for ok, message in [(cfg.max_new_tokens >= 0, "--max_new_tokens must be >= 0"),
+                        (cfg.temperature >= 0, "--temperature must be >= 0"),
+                        (0 <= cfg.top_p <= 1, "--top_p must be from 0 to 1"),
+                        (cfg.num_samples >= 1, "--num_samples must be >= 1"),
+                        (cfg.max_batch >= 1, "--max_batch must be >= 1"),
+                        (cfg.batch_wait_ms >= 0, "--batch_wait_ms must be >= 0"),
+                        (0 <= cfg.port <= 65535, "--port must be from 0 to 65535")]:
+        if not ok:
+            raise UserError(message)
+
+
+def main():
+    cfg, extra = parse_args(DEFAULTS, __doc__)
+    if extra:
+        raise UserError(f"unexpected argument {extra[0]!r} (settings are --key=value, see --help)")
+    check_settings(cfg)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    if cfg.serve:
+        serve(cfg, device, dtype)
+    else:
+        print_samples(cfg, load_model(cfg.ckpt, device, dtype))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,317 @@
+"""sample.py: the command line, and the OpenAI-compatible server answering the official client."""
+
+import dataclasses
+import http.client
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+import tokenizer
+from config import parse_args
+from model import GPT, PRESETS, load_checkpoint
+
+openai = pytest.importorskip("openai")  # requirements-test.txt
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "nano-test"
+BLOCK = PRESETS["nano"].block_size  # 64 tokens of context
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A random nano model saved the way train.py saves checkpoints."""
+    torch.manual_seed(0)
+    config = PRESETS["nano"]
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
+    torch.save({"model": GPT(config).state_dict(), "config": dataclasses.asdict(config), "step": 0}, path)
+    load_checkpoint(path)  # holds what a checkpoint must
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt) -> GPT:
+    """The same weights outside the server, for the answers to expect."""
+    return GPT.from_checkpoint(ckpt).eval()
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--port=0", "--quiet", "--max_batch=8",
+                                               "--batch_wait_ms=50"])
+    server = sample.Server(cfg)
+    server.start(sample.load_model(str(ckpt), torch.device("cpu"), torch.float32), NAME)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.close()
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    port = server.server_address[1]
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def expect(reference: GPT, prompt: str, max_tokens: int, stop=()) -> tuple[str, str, int]:
+    """(text, finish_reason, completion tokens) of a lone greedy completion."""
+    ids = tokenizer.encode(prompt) or [tokenizer.EOT]
+    max_new = min(max_tokens, BLOCK - len(ids))
+    new = reference.generate([ids], max_new, stop=list(stop))[0]
+    return (*sample.cut(new, max_new, stop), len(new))
+
+
+def raw(server, method: str, path: str, body=None, headers=None):
+    """(status, parsed JSON) of one request sent without the openai client."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    data = body if isinstance(body, (bytes, str)) or body is None else json.dumps(body)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    status, payload = response.status, json.loads(response.read())
+    conn.close()
+    return status, payload
+
+
+# ---------------------------------------------------------------- helpers
+
+def test_parse_stop_splits_on_commas_and_reads_escapes():
+    assert sample.parse_stop("") == []
+    assert sample.parse_stop(r"\ndef,\nclass") == ["\ndef", "\nclass"]
+    assert sample.parse_stop(r"a\,b,\\,\t") == ["a,b", "\\", "\t"]
+
+
+def test_cut_stops_at_the_first_stop_string_and_names_the_reason():
+    ids = tokenizer.encode("x = 1\ny = 2\ndef f():")
+    assert sample.cut(ids, 100, ("\ndef", "\ny")) == ("x = 1", "stop")
+    assert sample.cut(ids, len(ids), ()) == ("x = 1\ny = 2\ndef f():", "length")
+    assert sample.cut(ids, len(ids) + 1, ()) == ("x = 1\ny = 2\ndef f():", "stop")  # ended at <|endoftext|>
+
+
+def test_chat_template():
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Add"},
+                                             {"type": "text", "text": "two."}]}]
+    assert sample.chat_prompt(messages) == "system: Be brief.\nuser: Add\ntwo.\nassistant:"
+
+
+# ---------------------------------------------------------------- the official client
+
+def test_models_list_and_retrieve(client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_greedy_completion_equals_generate(client, reference):
+    prompt = "def add(a, b):"
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+    text, reason, n_new = expect(reference, prompt, 12)
+    assert r.model == NAME and r.object == "text_completion" and len(r.choices) == 1
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (text, reason)
+    assert r.usage.prompt_tokens == len(tokenizer.encode(prompt)) and r.usage.completion_tokens == n_new
+    assert r.usage.total_tokens == r.usage.prompt_tokens + n_new
+
+
+def test_list_of_prompts_with_n_and_echo(client, reference):
+    prompts = ["import os\n", "class Stack:"]
+    r = client.completions.create(model=NAME, prompt=prompts, n=2, max_tokens=6, temperature=0, echo=True)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for i, choice in enumerate(r.choices):
+        prompt = prompts[i // 2]
+        assert choice.text == prompt + expect(reference, prompt, 6)[0]
+    assert r.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+
+
+def test_stop_string_or_list_cuts_the_text(client, reference):
+    prompt = "for i in range(10):"
+    ids = reference.generate([tokenizer.encode(prompt)], 30)[0]
+    full = tokenizer.decode(ids)
+    # a stop string the model will produce: the text of a later ASCII token
+    stop = next(p for p in (tokenizer.decode([t]) for t in ids[3:]) if p.strip() and p.isascii())
+    for stops in (stop, [stop, "never produced"]):
+        r = client.completions.create(model=NAME, prompt=prompt, max_tokens=30, temperature=0, stop=stops)
+        assert r.choices[0].text == full[:full.index(stop)]
+        assert r.choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_is_clamped_to_the_context(client, reference):
+    prompt = "print('hello')"
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=10_000, temperature=0)
+    text, reason, n_new = expect(reference, prompt, 10_000)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (text, reason, n_new)
+    assert r.usage.prompt_tokens + r.usage.completion_tokens <= BLOCK
+
+
+def test_chat_completion_follows_the_template(client, reference):
+    messages = [{"role": "system", "content": "You write Python."},
+                {"role": "user", "content": "Add two numbers."}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0)
+    text, reason, n_new = expect(reference, sample.chat_prompt(messages), 10, sample.CHAT_STOPS)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == text.removeprefix(" ")
+    assert r.choices[0].finish_reason == reason and r.usage.completion_tokens == n_new
+
+
+def test_seeded_sampling_is_reproducible(client, reference):
+    ask = dict(model=NAME, prompt="def f(x):", max_tokens=8, temperature=1.0, top_p=0.9, n=2, seed=5)
+    first, second = client.completions.create(**ask), client.completions.create(**ask)
+    texts = [c.text for c in first.choices]
+    assert texts == [c.text for c in second.choices]
+    assert texts[0] != texts[1]  # n samples, not n copies
+    ids = tokenizer.encode("def f(x):")
+    alone = reference.generate([ids, ids], 8, temperature=1.0, top_p=0.9, seed=5)  # a lone request's batch
+    assert texts == [sample.cut(new, 8, ())[0] for new in alone]
+
+
+def test_concurrent_requests_are_batched_and_equal_lone_answers(client, server):
+    prompts = ["def f(x):", "import sys", "x = [", "class A:", "# sort a list", "while True:", "return None",
+               "try:", "async def g():", "from typing import List", "lambda x:", "if __name__ == '__main__':"]
+    asks = [dict(model=NAME, prompt=p, max_tokens=4 + i % 5, temperature=0,
+                 stop=["\n"] if i % 3 == 0 else None) for i, p in enumerate(prompts)]
+    chat = dict(model=NAME, messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0)
+
+    def ask(kwargs):
+        if "messages" in kwargs:
+            return client.chat.completions.create(**kwargs).choices[0].message.content
+        return client.completions.create(**kwargs).choices[0].text
+
+    lone = [ask(a) for a in asks + [chat]]
+    server.engine.largest_batch = 0
+    with ThreadPoolExecutor(len(asks) + 1) as pool:
+        together = list(pool.map(ask, asks + [chat]))
+    assert together == lone
+    assert server.engine.largest_batch > 1
+
+
+def test_streaming_gives_the_same_answer(client):
+    ask = dict(model=NAME, prompt="x = 1", max_tokens=6, temperature=0)
+    whole = client.completions.create(**ask).choices[0]
+    chunks = list(client.completions.create(**ask, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+
+    chat = dict(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0)
+    whole = client.chat.completions.create(**chat)
+    chunks = list(client.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_client_sees_openai_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=NAME, prompt="word " * BLOCK, max_tokens=1)
+    assert error.value.code == "context_length_exceeded"
+
+
+# ---------------------------------------------------------------- raw HTTP errors
+
+GOOD = {"model": NAME, "prompt": "x", "max_tokens": 1}
+
+
+@pytest.mark.parametrize("method, path, body, status, code", [
+    ("POST", "/v1/completions", b"{not json", 400, "invalid_json"),
+    ("POST", "/v1/completions", b'{"model": "nano-test", "prompt": "x", "temperature": NaN}', 400,
+     "invalid_json"),
+    ("POST", "/v1/completions", [1, 2], 400, "invalid_json"),
+    ("POST", "/v1/completions", b"", 400, "invalid_json"),
+    ("GET", "/v1/nothing", None, 404, "unknown_url"),
+    ("GET", "/v1/completions", None, 405, "method_not_allowed"),
+    ("POST", "/v1/completions", {**GOOD, "model": "gpt-4"}, 404, "model_not_found"),
+    ("POST", "/v1/completions", {"prompt": "x"}, 400, "missing_required_parameter"),
+    ("POST", "/v1/completions", {**GOOD, "max_tokens": "ten"}, 400, "invalid_value"),
+    ("POST", "/v1/completions", {**GOOD, "max_tokens": 1.5}, 400, "invalid_value"),
+    ("POST", "/v1/completions", {**GOOD, "temperature": 3}, 400, "invalid_value"),
+    ("POST", "/v1/completions", {**GOOD, "n": 0}, 400, "invalid_value"),
+    ("POST", "/v1/completions", {**GOOD, "stop": 7}, 400, "invalid_value"),
+    ("POST", "/v1/completions", {**GOOD, "prompt": [[1, 99999]]}, 400, "invalid_value"),
+    ("POST", "/v1/completions", {**GOOD, "logprobs": 1}, 400, "unsupported_parameter"),
+    ("POST", "/v1/completions", {**GOOD, "prompt": "word " * BLOCK}, 400, "context_length_exceeded"),
+    ("POST", "/v1/chat/completions", {"model": NAME}, 400, "invalid_value"),
+    ("POST", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "tool", "content": "x"}]}, 400,
+     "invalid_value"),
+    ("POST", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}],
+                                      "tools": [{"type": "function"}]}, 400, "unsupported_parameter"),
+])
+def test_bad_requests_get_openai_error_bodies(server, method, path, body, status, code):
+    got, payload = raw(server, method, path, body)
+    error = payload["error"]
+    assert got == status and error["code"] == code
+    assert isinstance(error["message"], str) and error["message"] and error["type"]
+
+
+def test_a_connection_survives_an_error(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    for body, status in [(b"{broken", 400), (json.dumps(GOOD), 200), (json.dumps({**GOOD, "n": -1}), 400),
+                         (json.dumps(GOOD), 200)]:
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == status
+        json.loads(response.read())
+    conn.close()
+
+
+def test_health(server):
+    assert raw(server, "GET", "/health") == (200, {"status": "ok", "model": NAME, "queued": 0})
+
+
+# ---------------------------------------------------------------- the script
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_prints_the_prompt_and_its_completion(ckpt, reference):
+    prompt = "def square(x):"
+    done = cli(f"--ckpt={ckpt}", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=10")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == prompt + expect(reference, prompt, 10)[0] + "\n"
+
+
+@pytest.mark.parametrize("content", [None, b"not a checkpoint"])
+def test_cli_bad_checkpoint_is_one_line_and_exit_2(tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    if content is not None:
+        path.write_bytes(content)
+    done = cli(f"--ckpt={path}")
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: cannot load --ckpt={path}") and done.stderr.count("\n") == 1
+
+
+def test_serve_on_a_busy_port_is_one_line_and_exit_2(ckpt):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        done = cli(f"--ckpt={ckpt}", "--serve", f"--port={busy.getsockname()[1]}")
+    assert done.returncode == 2
+    assert "already in use" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_serve_answers_then_stops_on_sigterm(ckpt):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--ckpt={ckpt}", "--serve", "--port=0",
+                             "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", line).group(1))
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        assert client.models.list().data[0].id == str(ckpt)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
