@@ -101,7 +101,9 @@ def attend(q, k, v, causal: bool, dropout_p: float = 0.0, mask=None, impl: str =
     queries are the last ones: query i sees keys j <= i + Tk - Tq. `mask`, a
     boolean (B, 1, Tq, Tk) tensor of allowed positions, replaces causal (padding).
     """
-    if impl != "sdpa" and q.is_cuda and mask is None:
+    # A single-token decoding step is too little work for the kernel: its launch
+    # costs more host time than SDPA's, so "auto" leaves those steps to SDPA.
+    if q.is_cuda and mask is None and (impl == "triton" or (impl == "auto" and q.shape[-2] > 1)):
         kernel = _flash_kernel()
         if kernel:
             reason = kernel.unsupported_reason(q, k, v, dropout_p)

@@ -56,7 +56,7 @@ DEFAULTS = dict(
     beta1=0.9,  # AdamW betas
     beta2=0.95,
     grad_clip=1.0,  # clip the gradient norm (0: off)
-    eval_interval=50,  # steps between validation losses
+    eval_interval=50,  # steps between validation losses, and one at the end (0: none)
     eval_iters=10,  # batches per validation loss
     log_interval=10,  # steps between log lines
     checkpoint_interval=50,  # steps between checkpoints, one at the end too (0: none but on SIGTERM)
@@ -340,7 +340,7 @@ def train(cfg) -> GPT:
     model.train()
     step = start_step
     while step < cfg.max_iters:
-        if step % cfg.eval_interval == 0 and master:
+        if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and master:
             t_eval = time.time()
             print_val_loss(step)
             t_last += time.time() - t_eval  # the throughput counts training time only
@@ -399,7 +399,8 @@ def train(cfg) -> GPT:
                     sys.exit(128 + stop)
 
     if master:
-        print_val_loss(step)
+        if cfg.eval_interval > 0:
+            print_val_loss(step)
         if cfg.sample_tokens > 0:
             raw_model.eval()
             with autocast:

@@ -1,0 +1,238 @@
+"""flash_attn_triton against a float32 softmax-attention reference.
+
+On a CPU-only machine the kernels run under TRITON_INTERPRET=1 (set in
+conftest.py before anything imports triton) on small shapes; with CUDA the
+same tests run on the GPU at full shapes (and the small CPU cases are
+skipped, since they exist only to keep the interpreter fast).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import flash_attn_triton as fa  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not CUDA and not fa.INTERPRET:
+    raise RuntimeError("flash_attn_triton was imported before TRITON_INTERPRET=1 was set; "
+                       "set it in the environment or in tests/conftest.py")
+if CUDA:
+    fa.set_autotune(False)  # one default config per kernel: tests should not spend minutes tuning
+
+cpu_only = pytest.mark.skipif(CUDA, reason="small interpreter shape; the CUDA run uses the full shapes")
+cuda_only = pytest.mark.skipif(not CUDA, reason="full-size shape, needs a CUDA GPU")
+
+# Errors are measured as max |ours - reference| / max(max |reference|, 1), per
+# tensor: relative for large values, absolute where the reference is small
+# (with a single key, dq and dk are exactly zero and only rounding remains).
+TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+F16, BF16 = torch.float16, torch.bfloat16
+
+# (B, H, Tq, Tk, D, causal, dtype, layout). Together: every head dim, both
+# dtypes, causal and not, lengths 1 / odd / past several blocks, Tq < Tk
+# (KV-cache prefill chunk, single-token decode), Tq > Tk (with and without
+# rows that see no key), and the three layouts model.py can hand over.
+SMALL = [
+    (1, 2, 1, 1, 32, True, F16, "bhtd"),
+    (2, 2, 17, 17, 64, True, BF16, "qkv"),
+    (1, 2, 129, 129, 80, False, F16, "bthd"),
+    (1, 1, 129, 129, 128, True, BF16, "bhtd"),
+    (1, 2, 17, 129, 64, True, F16, "bthd"),
+    (1, 2, 1, 33, 128, True, BF16, "bthd"),
+    (1, 2, 65, 17, 32, False, BF16, "bhtd"),
+    (1, 2, 40, 17, 80, True, F16, "bhtd"),
+    (1, 2, 50, 64, 32, True, F16, "bhtd"),
+]
+FULL = [
+    (2, 4, 1, 1, 32, True, F16, "bhtd"),
+    (2, 8, 2048, 2048, 64, True, BF16, "qkv"),
+    (2, 4, 1000, 1000, 80, False, F16, "bthd"),
+    (1, 8, 4096, 4096, 128, True, BF16, "bhtd"),
+    (2, 8, 257, 2048, 64, True, F16, "bthd"),
+    (4, 8, 1, 3001, 128, True, BF16, "bthd"),
+    (2, 4, 1531, 300, 32, False, BF16, "bhtd"),
+    (2, 4, 777, 301, 80, True, F16, "bhtd"),
+    (2, 4, 1000, 1111, 32, True, F16, "bhtd"),
+]
+CASES = [pytest.param(*c, marks=cpu_only) for c in SMALL] + [pytest.param(*c, marks=cuda_only) for c in FULL]
+
+
+def make_qkv(B, H, Tq, Tk, D, dtype, layout, seed=0):
+    """q, k, v as (B, H, T, D) views in the requested memory layout, plus the
+    leaf tensors that receive the gradients and a getter for (dq, dk, dv)."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
+
+    if layout == "qkv":  # model.py: one (B, T, 3, H, D) projection output
+        assert Tq == Tk
+        qkv = randn(B, Tq, 3, H, D).requires_grad_()
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        return q, k, v, [qkv], lambda: tuple(qkv.grad[:, :, i].transpose(1, 2) for i in range(3))
+    if layout == "bthd":  # e.g. a KV cache kept as (B, T, H, D)
+        leaves = [randn(B, T, H, D).requires_grad_() for T in (Tq, Tk, Tk)]
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+        return q, k, v, leaves, lambda: tuple(t.grad.transpose(1, 2) for t in leaves)
+    leaves = [randn(B, H, T, D).requires_grad_() for T in (Tq, Tk, Tk)]
+    return (*leaves, leaves, lambda: tuple(t.grad for t in leaves))
+
+
+def rel_err(x, ref):
+    """Max error over max(max magnitude, 1) on the reference's finite entries;
+    the non-finite entries (lse = -inf of rows that see no key) must match."""
+    x, ref = x.float(), ref.float()
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(x)), "non-finite entries differ from the reference"
+    if not fin.any():
+        return 0.0
+    assert torch.equal(x[~fin], ref[~fin])
+    return ((x - ref).abs()[fin].max() / ref.abs()[fin].max().clamp_min(1.0)).item()
+
+
+def run_both(B, H, Tq, Tk, D, causal, dtype, layout, dropout_p=0.0, seed=None):
+    """Forward and backward through the kernel and the float32 reference (with
+    the kernel's own dropout mask); returns {name: (ours, reference)}."""
+    q, k, v, _, grads = make_qkv(B, H, Tq, Tk, D, dtype, layout)
+    out, lse = fa.flash_attn_with_lse(q, k, v, causal=causal, dropout_p=dropout_p, seed=seed)
+    assert out.shape == (B, H, Tq, D) and out.dtype == dtype and lse.shape == (B, H, Tq)
+    assert out.transpose(1, 2).is_contiguous(), "output must be (B, Tq, H, D)-contiguous"
+    dout = torch.randn(B, H, Tq, D, device=DEVICE, dtype=dtype, generator=torch.Generator(DEVICE).manual_seed(1))
+    out.backward(dout)
+    dq, dk, dv = grads()
+
+    mask = fa.dropout_mask(seed, B, H, Tq, Tk, dropout_p, device=DEVICE) if dropout_p > 0 else None
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out_ref, lse_ref = fa.attention_reference(qr, kr, vr, causal, keep_mask=mask, dropout_p=dropout_p)
+    out_ref.backward(dout.float())
+    return {"out": (out, out_ref), "lse": (lse, lse_ref), "dq": (dq, qr.grad), "dk": (dk, kr.grad),
+            "dv": (dv, vr.grad)}
+
+
+@pytest.mark.parametrize("B,H,Tq,Tk,D,causal,dtype,layout", CASES)
+def test_matches_reference(B, H, Tq, Tk, D, causal, dtype, layout):
+    res = run_both(B, H, Tq, Tk, D, causal, dtype, layout)
+    errs = {name: rel_err(x, ref) for name, (x, ref) in res.items()}
+    print(B, H, Tq, Tk, D, causal, dtype, layout, {n: f"{e:.1e}" for n, e in errs.items()})
+    assert all(e <= TOL[dtype] for e in errs.values()), errs
+
+
+def test_dropout_zero_is_no_dropout():
+    q, k, v, leaves, grads = make_qkv(1, 2, 33, 33, 64, F16, "bhtd")
+    a = fa.flash_attn_func(q, k, v)
+    a.sum().backward()
+    ga = [g.clone() for g in grads()]
+    for t in leaves:
+        t.grad = None
+    b = fa.flash_attn_func(q, k, v, dropout_p=0.0, seed=123)
+    b.sum().backward()
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, grads()))
+
+
+def test_dropout_deterministic_for_seed():
+    q, k, v, leaves, grads = make_qkv(1, 2, 33, 40, 32, BF16, "bthd")
+    dout = torch.randn(1, 2, 33, 32, device=DEVICE, dtype=BF16)
+    runs = []
+    for seed in (7, 7, 8):
+        out = fa.flash_attn_func(q, k, v, dropout_p=0.3, seed=seed)
+        out.backward(dout)
+        runs.append((out.detach().clone(), *(g.clone() for g in grads())))
+        for t in leaves:
+            t.grad = None
+    assert all(torch.equal(x, y) for x, y in zip(runs[0], runs[1])), "same seed, different result"
+    assert not torch.equal(runs[0][0], runs[2][0]), "different seeds gave the same output"
+    # seed=None draws from torch's generator: torch.manual_seed reproduces it.
+    torch.manual_seed(0)
+    a = fa.flash_attn_func(q, k, v, dropout_p=0.3)
+    torch.manual_seed(0)
+    b = fa.flash_attn_func(q, k, v, dropout_p=0.3)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_fraction(p):
+    Tq, Tk = (64, 96) if not CUDA else (1024, 1024)
+    mask = fa.dropout_mask(1234, 2, 3, Tq, Tk, p, device=DEVICE)
+    n = mask.numel()
+    kept = mask.float().mean().item()
+    assert abs(kept - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5 + 1e-3, kept
+    # Every (batch, head) draws its own mask.
+    flat = mask.view(6, -1)
+    assert all(not torch.equal(flat[0], flat[i]) for i in range(1, 6))
+
+
+@pytest.mark.parametrize("B,H,Tq,Tk,D,causal,dtype,layout", [
+    pytest.param(1, 2, 33, 33, 64, True, F16, "bhtd", marks=cpu_only),
+    pytest.param(1, 2, 17, 40, 80, False, BF16, "bthd", marks=cpu_only),
+    pytest.param(2, 8, 1024, 1024, 64, True, BF16, "qkv", marks=cuda_only),
+    pytest.param(2, 4, 333, 1000, 128, True, F16, "bthd", marks=cuda_only),
+])
+def test_dropout_matches_masked_reference(B, H, Tq, Tk, D, causal, dtype, layout):
+    # The reference applies the mask dropout_mask() returns, so this checks at
+    # once that the forward, both backward kernels and the helper draw the
+    # same mask, and the gradients through the mask.
+    res = run_both(B, H, Tq, Tk, D, causal, dtype, layout, dropout_p=0.25, seed=99)
+    errs = {name: rel_err(x, ref) for name, (x, ref) in res.items()}
+    print(B, H, Tq, Tk, D, causal, dtype, layout, {n: f"{e:.1e}" for n, e in errs.items()})
+    assert all(e <= TOL[dtype] for e in errs.values()), errs
+
+
+def test_bad_inputs_raise_clear_errors():
+    def t(*shape, dtype=F16):
+        return torch.randn(*shape, device=DEVICE).to(dtype)
+
+    q = t(1, 2, 8, 64)
+    good = (q, t(1, 2, 8, 64), t(1, 2, 8, 64))
+    assert fa.unsupported_reason(*good) is None
+    bad = [
+        ((t(1, 2, 8, 64, dtype=torch.float32),) * 3, {}, "dtype"),
+        ((q, t(1, 2, 8, 64, dtype=BF16), t(1, 2, 8, 64)), {}, "dtypes differ"),
+        ((t(1, 2, 8, 96),) * 3, {}, "head_dim 96"),
+        ((q, t(2, 2, 8, 64), t(2, 2, 8, 64)), {}, "batch/heads"),
+        ((q, t(1, 2, 8, 64), t(1, 2, 9, 64)), {}, "lengths differ"),
+        ((q, t(1, 2, 8, 32), t(1, 2, 8, 32)), {}, "head dims differ"),
+        ((t(2, 8, 64),) * 3, {}, "4-d"),
+        ((t(1, 2, 64, 8).transpose(-1, -2), *good[1:]), {}, "contiguous in head_dim"),
+        ((t(1, 2, 0, 64), *good[1:]), {}, "empty"),
+        (good, {"dropout_p": 1.0}, "dropout_p"),
+        (good, {"softmax_scale": -1.0}, "softmax_scale"),
+        (good, {"dropout_p": 0.1, "seed": -1}, "seed"),
+    ]
+    if CUDA:
+        bad.append(((t(1, 2, 8, 64).cpu(),) * 3, {}, "CUDA"))
+    for args, kwargs, words in bad:
+        with pytest.raises(ValueError, match=words):
+            fa.flash_attn_func(*args, **kwargs)
+
+
+def test_torch_compile_traces_without_graph_break():
+    # fullgraph=True turns any graph break into an error. Under the
+    # interpreter only the "eager" backend can run the kernels; on CUDA this
+    # goes through Inductor.
+    backend = "inductor" if CUDA else "eager"
+    B, H, T, D = (2, 4, 256, 64) if CUDA else (1, 2, 17, 32)
+    q, k, v, leaves, grads = make_qkv(B, H, T, T, D, F16, "qkv")
+
+    def f(q, k, v):
+        return fa.flash_attn_func(q, k, v, causal=True).float().square().sum()
+
+    f(q, k, v).backward()
+    expected = tuple(g.clone() for g in grads())
+    leaves[0].grad = None
+    loss = torch.compile(f, backend=backend, fullgraph=True)(q, k, v)
+    loss.backward()
+    for got, want in zip(grads(), expected):
+        assert torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3)
+    # The registered op (what compiled graphs call) with its registered
+    # autograd, called directly, agrees with the eager path bitwise.
+    leaves[0].grad = None
+    seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    out, _ = torch.ops.phi1.flash_attn_fwd(q, k, v, seed, True, 0.0, D ** -0.5)
+    out.float().square().sum().backward()
+    assert all(torch.equal(got, want) for got, want in zip(grads(), expected))
