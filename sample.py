@@ -500,6 +500,7 @@ class Server(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     """One connection: read a request, queue its rows, answer in OpenAI's format."""
     protocol_version = "HTTP/1.1"  # keep-alive, so clients reuse their connections
+    disable_nagle_algorithm = True  # headers and body go out at once, not after the client's delayed ACK
     server_version = "phi1-sample"
     timeout = 300  # seconds before an idle connection is dropped
     server: Server

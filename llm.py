@@ -1,0 +1,378 @@
+"""The one HTTP client for LLMs: OpenAI-compatible chat and completions over raw HTTP.
+
+    client = Client("http://127.0.0.1:8000/v1", "gpt-3.5-turbo", concurrency=16, rpm=3500)
+    reply = client.chat([{"role": "user", "content": "Hello"}], max_tokens=64)
+    reply.text, reply.usage, reply.finish_reason
+    for key, result in client.map(enumerate(list_of_messages), max_tokens=64):
+        ...  # result: a Reply, or a Failure; in the order they complete
+
+Any OpenAI-compatible server works: OpenAI, vLLM, llama.cpp, Ollama, sample.py --serve.
+The endpoint is api_base, else $OPENAI_BASE_URL, else OpenAI's; the key is api_key,
+else $OPENAI_API_KEY, sent as a bearer token (local servers need none).
+
+Why not the SDK: this file is all the robustness a long synthesis or annotation run
+needs, in one readable place, with nothing to install:
+
+- at most `concurrency` requests in flight across all threads;
+- client-side limits of `rpm` requests and `tpm` tokens a minute, as token buckets
+  holding one second's worth (a request counts as its characters / 4 plus max_tokens,
+  corrected by the usage its reply reports);
+- retried, up to max_retries times: connection errors (refused, dropped), timeouts,
+  429, 5xx, and replies that are not JSON or lack the text. The wait doubles from
+  `backoff` seconds (up to max_backoff), jittered down to half; a Retry-After (or
+  retry-after-ms) header sets it instead, and after a 429 holds every thread's next
+  request until then;
+- not retried: other 4xx; the request fails with the server's message. 401, 403, 404
+  and a 429 for exhausted quota are `fatal`: a wrong key, model or URL fails every
+  request the same way, so callers should stop;
+- a request that fails for good raises LLMError from chat() and complete(), and is a
+  Failure in map();
+- `stats`: requests, retries, failed attempts and final failures by kind, tokens in
+  and out, and the cost at price_in / price_out USD per million tokens.
+
+check() sends one GET /models, without retries, so that an unreachable endpoint, a
+refused key or a model the server does not list fail at once with one clear line
+(a server without /models passes, and its first request tells). The model must be one
+of the ids listed, as written there (Ollama lists "llama3:latest", not "llama3").
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import random
+import re
+import threading
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+
+import requests
+
+DEFAULT_API_BASE = "https://api.openai.com/v1"
+FATAL_STATUS = (401, 403, 404)  # wrong key, no access, wrong model or URL: every request would fail
+
+
+@dataclass
+class Reply:
+    text: str
+    usage: dict  # prompt_tokens, completion_tokens (0 where the server reports none)
+    finish_reason: str | None  # "stop", "length", ...
+
+
+@dataclass
+class Failure:
+    kind: str  # connection, timeout, rate_limit, server, bad_response or refused
+    message: str
+    status: int | None = None  # the HTTP status, if one came
+    attempts: int = 1
+    fatal: bool = False  # every request would fail the same way: stop
+
+    def __str__(self) -> str:
+        status = f" {self.status}" if self.status else ""
+        return f"{self.kind}{status}: {self.message}"
+
+
+class LLMError(Exception):
+    """A request that failed for good; .failure says how."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+@dataclass
+class Stats:
+    requests: int = 0  # HTTP requests sent, retries included
+    retries: int = 0
+    errors: Counter = field(default_factory=Counter)  # failed attempts, by kind
+    failures: Counter = field(default_factory=Counter)  # requests that failed for good, by kind
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0  # USD, at price_in / price_out per million tokens
+
+
+class _Failed(Exception):
+    """One attempt that failed: whether to try again, and how long the server asked us to wait."""
+
+    def __init__(self, failure: Failure, retry: bool, retry_after: float | None = None):
+        super().__init__(str(failure))
+        self.failure, self.retry, self.retry_after = failure, retry, retry_after
+
+
+class _Bucket:
+    """A token bucket: per_minute units a minute, at most one second's worth saved up.
+    A take larger than that waits for a full bucket and leaves it in debt."""
+
+    def __init__(self, per_minute: float):
+        self.rate = per_minute / 60
+        self.capacity = self.level = max(1.0, self.rate)
+        self.time = time.monotonic()
+
+    def take(self, amount: float, now: float) -> float:
+        """Reserve amount now; returns the seconds to wait before using it."""
+        self.level = min(self.capacity, self.level + (now - self.time) * self.rate)
+        self.time = now
+        need = min(amount, self.capacity)
+        wait = max(0.0, (need - self.level) / self.rate)
+        self.level -= amount
+        return wait
+
+    def give(self, amount: float) -> None:
+        self.level = min(self.capacity, self.level + amount)
+
+
+class Client:
+    """A thread-safe client for one model at one OpenAI-compatible endpoint (see the module doc)."""
+
+    def __init__(self, api_base: str | None = None, model: str = "", api_key: str | None = None,
+                 concurrency: int = 8, rpm: float | None = None, tpm: float | None = None,
+                 timeout: float = 60.0, max_retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0,
+                 price_in: float = 0.0, price_out: float = 0.0):
+        base = (api_base or os.environ.get("OPENAI_BASE_URL") or DEFAULT_API_BASE).rstrip("/")
+        if not re.match(r"https?://[^/]", base):
+            raise ValueError(f"the API base must be an http:// or https:// URL, not {base!r}")
+        if concurrency < 1 or max_retries < 0 or timeout <= 0 or backoff < 0:
+            raise ValueError("need concurrency >= 1, max_retries >= 0, timeout > 0 and backoff >= 0")
+        self.api_base, self.model, self.concurrency = base, model, concurrency
+        self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
+        self.price_in, self.price_out = price_in, price_out
+        key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
+        self.headers = {"User-Agent": "phi1-llm", **({"Authorization": f"Bearer {key}"} if key else {})}
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._lock = threading.Lock()
+        self._rpm = _Bucket(rpm) if rpm else None
+        self._tpm = _Bucket(tpm) if tpm else None
+        self._resume_at = 0.0  # after a 429 with Retry-After, no request starts before this
+        self._stats = Stats()
+        self._local = threading.local()  # a requests.Session per thread
+        self._sessions: list[requests.Session] = []
+
+    # ------------------------------------------------------------ the API
+
+    def chat(self, messages: list[dict], **params) -> Reply:
+        """POST /chat/completions; params (max_tokens, temperature, seed, ...) go into the body."""
+        return self._request("/chat/completions", {"model": self.model, **params, "messages": messages},
+                             _chat_reply)
+
+    def complete(self, prompt: str, **params) -> Reply:
+        """POST /completions, for base models (a prompt to continue, not a chat)."""
+        return self._request("/completions", {"model": self.model, **params, "prompt": prompt}, _completion_reply)
+
+    def map(self, requests_, **params):
+        """Yield (key, Reply | Failure) for each (key, messages or prompt) of requests_, in
+        the order they complete: messages (a list) go to chat(), a prompt (a string) to
+        complete(). requests_ is read lazily, a few ahead of the answers."""
+
+        def one(key, payload):
+            try:
+                ask = self.complete if isinstance(payload, str) else self.chat
+                return key, ask(payload, **params)
+            except LLMError as e:
+                return key, e.failure
+
+        items = iter(requests_)
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="llm") as pool:
+            pending = set()
+            try:
+                while True:
+                    for key, payload in items:
+                        pending.add(pool.submit(one, key, payload))
+                        if len(pending) >= 2 * self.concurrency:
+                            break
+                    if not pending:
+                        return
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        yield future.result()
+            finally:
+                for future in pending:
+                    future.cancel()
+
+    def check(self) -> None:
+        """One GET /models, no retries: raise LLMError if the endpoint is unreachable, refuses
+        the key, or lists models without ours."""
+        url, timeout = self.api_base + "/models", min(self.timeout, 10.0)
+        try:
+            r = self._session().get(url, headers=self.headers, timeout=timeout)
+        except requests.Timeout:
+            raise LLMError(Failure("timeout", f"{self.api_base} did not answer within {timeout:g} s")) from None
+        except requests.RequestException as e:
+            raise LLMError(Failure("connection", f"cannot reach {self.api_base}: {_why(e)}")) from None
+        if r.status_code in (401, 403):
+            raise LLMError(Failure("refused", f"{self.api_base} refused the API key ($OPENAI_API_KEY): "
+                                   f"{_server_message(r)}", r.status_code, fatal=True))
+        try:
+            served = [m["id"] for m in r.json()["data"]] if r.status_code == 200 else []
+        except (ValueError, KeyError, TypeError):
+            served = []
+        if served and self.model not in served:
+            listed = ", ".join(served[:5]) + (", ..." if len(served) > 5 else "")
+            raise LLMError(Failure("refused", f"{self.api_base} has no model {self.model!r} (it lists {listed})",
+                                   404, fatal=True))
+
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the running totals."""
+        with self._lock:
+            s = self._stats
+            return replace(s, errors=Counter(s.errors), failures=Counter(s.failures))
+
+    def close(self) -> None:
+        for session in self._sessions:
+            session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------ one request, with retries
+
+    def _request(self, path: str, payload: dict, parse) -> Reply:
+        payload = {k: v for k, v in payload.items() if v is not None}
+        estimate = len(json.dumps(payload.get("messages", payload.get("prompt")))) / 4 + (
+            payload.get("max_tokens") or 0)
+        for attempt in range(self.max_retries + 1):
+            self._wait_turn(estimate)
+            try:
+                reply = self._attempt(path, payload, parse)
+            except _Failed as e:
+                failure = e.failure
+                with self._lock:
+                    self._stats.errors[failure.kind] += 1
+                if not e.retry or attempt == self.max_retries:
+                    break
+                if e.retry_after is not None:
+                    pause = e.retry_after * random.uniform(1.0, 1.2)
+                    if failure.kind == "rate_limit":
+                        with self._lock:
+                            self._resume_at = max(self._resume_at, time.monotonic() + pause)
+                else:
+                    pause = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+                with self._lock:
+                    self._stats.retries += 1
+                time.sleep(pause)
+                continue
+            self._count(reply, estimate)
+            return reply
+        failure.attempts = attempt + 1
+        with self._lock:
+            self._stats.failures[failure.kind] += 1
+        raise LLMError(failure)
+
+    def _wait_turn(self, estimate: float) -> None:
+        """Sleep until a 429's pause is over and the rate limits have room for this request."""
+        with self._lock:
+            now = time.monotonic()
+            pause = self._resume_at - now
+            if self._rpm:
+                pause = max(pause, self._rpm.take(1, now))
+            if self._tpm:
+                pause = max(pause, self._tpm.take(estimate, now))
+        if pause > 0:
+            time.sleep(pause)
+
+    def _attempt(self, path: str, payload: dict, parse) -> Reply:
+        """One HTTP request: the Reply, or _Failed saying whether to retry."""
+        with self._slots:
+            with self._lock:
+                self._stats.requests += 1
+            try:
+                r = self._session().post(self.api_base + path, json=payload, headers=self.headers,
+                                         timeout=(min(self.timeout, 10.0), self.timeout))
+                body = r.content
+            except requests.Timeout:
+                raise _Failed(Failure("timeout", f"no answer within {self.timeout:g} s"), True) from None
+            except requests.RequestException as e:
+                raise _Failed(Failure("connection", _why(e)), True) from None
+        if not 200 <= r.status_code < 300:
+            message = _server_message(r)
+            if r.status_code == 429 and "insufficient_quota" in body.decode("utf-8", "replace"):
+                raise _Failed(Failure("refused", message, 429, fatal=True), False)
+            kind = "rate_limit" if r.status_code == 429 else "server" if r.status_code >= 500 else "refused"
+            raise _Failed(Failure(kind, message, r.status_code, fatal=r.status_code in FATAL_STATUS),
+                          kind != "refused", _retry_after(r.headers))
+        try:
+            return parse(json.loads(body))
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise _Failed(Failure("bad_response", f"not an answer ({type(e).__name__}: {str(e)[:100]}): "
+                                  f"{body[:100]!r}", r.status_code), True) from None
+
+    def _count(self, reply: Reply, estimate: float) -> None:
+        tokens_in, tokens_out = reply.usage["prompt_tokens"], reply.usage["completion_tokens"]
+        with self._lock:
+            s = self._stats
+            s.tokens_in += tokens_in
+            s.tokens_out += tokens_out
+            s.cost += (tokens_in * self.price_in + tokens_out * self.price_out) / 1e6
+            if self._tpm and (tokens_in or tokens_out):
+                self._tpm.give(estimate - tokens_in - tokens_out)
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+
+# ---------------------------------------------------------------- reading replies
+
+def _usage(body: dict) -> dict:
+    usage = body.get("usage") or {}
+    count = lambda key: usage.get(key) if isinstance(usage.get(key), int) else 0  # noqa: E731
+    return {"prompt_tokens": count("prompt_tokens"), "completion_tokens": count("completion_tokens")}
+
+
+def _chat_reply(body: dict) -> Reply:
+    choice = body["choices"][0]
+    text = choice["message"]["content"]
+    if not isinstance(text, str):
+        raise TypeError("message.content is not a string")
+    return Reply(text, _usage(body), choice.get("finish_reason"))
+
+
+def _completion_reply(body: dict) -> Reply:
+    choice = body["choices"][0]
+    if not isinstance(choice["text"], str):
+        raise TypeError("text is not a string")
+    return Reply(choice["text"], _usage(body), choice.get("finish_reason"))
+
+
+def _server_message(r: requests.Response) -> str:
+    """The error message of an OpenAI-style error body, else the start of the body, else the reason."""
+    try:
+        body = r.json()
+        error = body.get("error", body)
+        message = error.get("message") or error.get("detail") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        message = r.text
+    message = " ".join(str(message or "").split())[:300]
+    return message or f"{r.status_code} {r.reason}"
+
+
+def _retry_after(headers) -> float | None:
+    """Seconds the server asks for: retry-after-ms, or Retry-After in seconds or as an HTTP date."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            return max(0.0, float(headers[name]) / scale)
+        except (KeyError, ValueError):
+            pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(headers["retry-after"]).timestamp() - time.time())
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _why(e: Exception) -> str:
+    """The root cause buried in a requests exception ("Connection refused", ...)."""
+    text = str(e)
+    m = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", text) or re.findall(r"\w+\((['\"])(.+?)\1\)", text)
+    if isinstance(m, re.Match):
+        return m.group(1).strip()
+    return m[-1][1] if m else text[:200] or type(e).__name__

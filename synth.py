@@ -1,0 +1,873 @@
+"""Synthetic textbooks and exercises from a teacher LLM, as phi-1 made them (paper section 2.2).
+
+    python synth.py textbook --n=10000 --model=gpt-3.5-turbo --concurrency=32 --rpm=3000
+    python synth.py exercises --n=10000 --api-base=http://127.0.0.1:8000/v1 --model=my-model
+
+Any OpenAI-compatible endpoint (llm.py): --api-base, else $OPENAI_BASE_URL, else
+OpenAI; the key comes from $OPENAI_API_KEY.
+
+textbook   sections of a textbook. Diversity comes from constraints drawn at random for
+           each prompt from the lists below: a topic and subtopic (Python, computer
+           science, mathematics), a target audience, a style, and three words the text
+           must use. Records: {"id", "text", "constraints", "model"}.
+exercises  function-completion exercises. Each prompt asks for one function with a given
+           name (verb, adjective, noun, qualifier, some left out: ~4M names) on a given
+           topic, with a signature, a docstring with examples, and the solution. The answer
+           must parse (ast) and hold just that function (imports above it allowed), with a
+           docstring and a real body. Records: {"id", "prompt" (imports, signature,
+           docstring), "completion" (the body), "text" (prompt + completion), "examples",
+           "constraints", "model"}: finetune.py reads prompt and completion. "examples" is
+           the verdict of the docstring's `>>>` examples run as asserts in evaluate.py's
+           sandbox (passed, failed: ..., timed out, crashed: ...), "none" without examples,
+           "unchecked" without a sandbox (--check_examples=false, or evaluate.py lacks one).
+
+Determinism and resume. Item i of --seed s has the id "<kind>-<s>-<i>"; its constraints
+come from a generator seeded by (kind, s, i), and its requests carry a seed made of
+(id, number of answers so far), so the output depends on nothing but (seed, index) and
+what the endpoint answers. Items run --concurrency at a time but are written in index
+order (one that finishes early waits for those before it), one flushed line each; an
+item that yields no record gets a line in FILE.skipped ({"id", "reason"}). So a run
+killed at any moment, started again with the same command, skips every id in either
+file and ends with the same records as a run never stopped (given an endpoint that
+answers the same request the same way), none twice. A line torn by the kill is cut off.
+
+An item yields no record when --attempts answers or requests failed (an invalid
+exercise, an empty answer, a request that failed for good after llm.py's retries), or
+when it duplicates a record already written: the same text up to case and whitespace,
+or a near-duplicate whose word 5-grams have an estimated Jaccard similarity of at least
+--near_dup (MinHash with numpy). Its slot goes to the next index, until the file holds
+--n records of this kind and seed.
+
+Errors end the run with one line and exit status 2, the output as it was: a bad setting
+or subcommand, an output that cannot be written, and an endpoint that is unreachable,
+refuses the key or lacks the model (checked with one GET /models before anything else).
+A 401, 403 or 404 later in the run ends it the same way, and so do --give_up items in a
+row without a record (the endpoint or model is not up to the task); the items before
+them are written. Ctrl-C starts no new
+items, lets those in flight finish and be written, and exits with status 130; a second
+Ctrl-C exits at once.
+
+The progress bar shows records/s, tokens, cost (with --price_in/--price_out) and
+failures. At the end a summary and a diversity report (distinct n-gram ratios, the
+near-duplicate rate, coverage of the constraint lists) are printed and written to
+FILE.report.json.
+"""
+
+from __future__ import annotations
+
+import ast
+import doctest
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+import signal
+import sys
+import textwrap
+import threading
+import time
+import zlib
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import llm
+from config import UserError, parse_args, run
+
+DEFAULTS = dict(
+    n=100,  # records of this kind and seed the output file should hold at the end
+    out="",  # output JSONL (default out/<kind>.jsonl); FILE.skipped and FILE.report.json beside it
+    api_base="",  # OpenAI-compatible endpoint (default $OPENAI_BASE_URL, else OpenAI); key: $OPENAI_API_KEY
+    model="gpt-3.5-turbo",  # the teacher model (the paper's generator)
+    seed=1337,  # item i of seed s is the same whenever it is made
+    concurrency=8,  # requests in flight at most
+    rpm=0,  # requests per minute at most, client side (0: no limit)
+    tpm=0,  # tokens per minute at most, client side (0: no limit)
+    timeout=120.0,  # seconds to wait for an answer before retrying
+    max_retries=6,  # retries of a request on connection errors, timeouts, 429 and 5xx
+    backoff=1.0,  # seconds before the first retry, doubling after each (with jitter)
+    temperature=1.0,  # sampling temperature of the teacher
+    max_tokens=1024,  # tokens per answer at most
+    attempts=3,  # answers or failed requests per item before giving up on it
+    near_dup=0.8,  # estimated Jaccard similarity of word 5-grams that makes a near-duplicate
+    give_up=100,  # items in a row without a record that end the run
+    check_examples=True,  # exercises: run the docstring's examples in evaluate.py's sandbox
+    price_in=0.0,  # USD per million prompt tokens, for the cost shown
+    price_out=0.0,  # USD per million completion tokens
+)
+
+KINDS = ("textbook", "exercises")
+
+# ---------------------------------------------------------------- what to write about
+
+TOPICS = """
+# Python
+variables and types: naming variables, integers and floats, booleans, type conversion, None
+strings: indexing and slicing, string methods, f-strings, escape sequences, Unicode and encodings
+lists: indexing lists, appending and removing items, slicing lists, nested lists, list methods
+tuples: packing and unpacking, immutability, named tuples, tuples as dictionary keys, returning several values
+dictionaries: lookup and insertion, iterating over items, default values, counting with dictionaries, nested dictionaries
+sets: membership tests, set operations, removing duplicates, frozensets, set comprehensions
+conditionals: if and else, elif chains, boolean logic, truthiness, conditional expressions
+loops: for loops, while loops, break and continue, the else clause of loops, nested loops
+functions: parameters and arguments, return values, default arguments, keyword arguments, variable arguments
+scope: local and global names, closures, nonlocal, name shadowing, the LEGB rule
+recursion: base cases, recursive definitions, recursion depth, memoization, recursion versus iteration
+comprehensions: list comprehensions, dictionary comprehensions, filtering in comprehensions, nested comprehensions, generator expressions
+iterators and generators: the iterator protocol, yield, lazy evaluation, itertools, infinite sequences
+higher-order functions: map and filter, lambda expressions, sorting with a key, functools.reduce, functions as values
+decorators: wrapping functions, functools.wraps, decorators with arguments, timing decorators, caching decorators
+classes: defining classes, attributes, methods, initializers, class and instance attributes
+inheritance: subclasses, super, overriding methods, multiple inheritance, abstract base classes
+special methods: __repr__ and __str__, comparison methods, __len__ and __getitem__, operator overloading, __eq__ and __hash__
+dataclasses: fields, default values, frozen dataclasses, ordering, post-init processing
+exceptions: try and except, raising exceptions, custom exceptions, finally, exception chaining
+context managers: with statements, __enter__ and __exit__, contextlib, managing files, cleanup
+files: reading text files, writing files, paths with pathlib, CSV files, JSON files
+modules and packages: import statements, writing modules, the standard library, running a module as a script, packages
+testing: assert statements, unittest, pytest, edge cases, doctests
+debugging: reading tracebacks, print debugging, pdb, logging, common bugs
+type hints: annotations, Optional, generics, protocols, static checking
+text processing: splitting and joining, regular expressions, parsing text, formatting tables, counting words
+the collections module: Counter, defaultdict, deque, namedtuple, OrderedDict
+sorting in Python: sorted and sort, key functions, stable sorting, sorting by several keys, reverse order
+numbers in Python: integer division and modulo, floating point precision, the math module, decimal, fractions
+dates and times: datetime, timedelta, formatting dates, time zones, measuring time
+randomness: the random module, seeding, shuffling, sampling, simulations
+concurrency in Python: threads, processes, asyncio, race conditions, queues
+performance: timing code, algorithmic cost, profiling, choosing data structures, caching results
+style: PEP 8, naming, docstrings, readable code, refactoring
+command-line programs: sys.argv, argparse, exit codes, standard input, printing output
+NumPy: arrays, vectorized operations, broadcasting, indexing arrays, aggregations
+object-oriented design: encapsulation, composition, interfaces, properties, design patterns
+functional programming: pure functions, immutability, partial application, function composition, folds
+iteration tools: enumerate, zip, range, reversed, any and all
+objects and memory: references, mutability, copying, identity and equality, garbage collection
+# computer science
+algorithms: what an algorithm is, pseudocode, correctness, counting steps, invariants
+complexity: big O notation, best and worst cases, amortized cost, space complexity, comparing growth rates
+searching: linear search, binary search, searching sorted data, bisection, search in rotated arrays
+sorting algorithms: bubble sort, insertion sort, merge sort, quicksort, counting sort
+arrays: contiguous memory, dynamic arrays, two pointers, sliding windows, prefix sums
+linked lists: singly linked lists, doubly linked lists, reversing a list, cycle detection, merging lists
+stacks and queues: stack operations, queue operations, balanced brackets, deques, priority queues
+hash tables: hash functions, collisions, load factor, open addressing, applications of hashing
+trees: binary trees, tree traversals, tree height, binary search trees, balanced trees
+heaps: binary heaps, heapify, heap sort, top-k problems, the heapq module
+graphs: adjacency lists, breadth-first search, depth-first search, connected components, topological sort
+shortest paths: Dijkstra's algorithm, Bellman-Ford, weighted graphs, paths in grids, negative cycles
+dynamic programming: overlapping subproblems, memoization tables, tabulation, knapsack problems, longest common subsequence
+greedy algorithms: interval scheduling, making change, Huffman coding, exchange arguments, when greed fails
+divide and conquer: splitting problems, recurrences, fast exponentiation, closest pair of points, Karatsuba multiplication
+backtracking: permutations, subsets, the N-queens puzzle, sudoku, pruning
+string algorithms: palindromes, anagrams, pattern matching, edit distance, tries
+bit manipulation: binary representation, bitwise operators, bit masks, counting bits, powers of two
+number representation: binary and hexadecimal, two's complement, floating point formats, character encodings, overflow
+state machines: finite automata, states and transitions, parsing with state machines, regular languages, vending machines
+databases: tables and rows, SQL queries, indexes, transactions, normalization
+networking: clients and servers, HTTP requests, sockets, JSON APIs, latency and bandwidth
+operating systems: processes, threads, virtual memory, file systems, scheduling
+interpreters and compilers: tokenizing, parsing, abstract syntax trees, evaluating expressions, bytecode
+software engineering: version control, code review, testing strategies, documentation, modular design
+security: validating input, hashing passwords, encryption, injection attacks, least privilege
+computer architecture: processors and memory, caches, instructions, clock speed, parallelism
+caching: hits and misses, LRU caches, memoization, cache invalidation, time to live
+randomized algorithms: random sampling, reservoir sampling, Monte Carlo methods, randomized quicksort, hashing with randomness
+simulation: discrete event simulation, cellular automata, random walks, the game of life, simulating queues
+data compression: run-length encoding, Huffman codes, dictionary coding, lossless and lossy compression, entropy
+machine learning: training data, features and labels, linear regression, overfitting, evaluating models
+concurrency: locks, deadlock, producers and consumers, atomic operations, message passing
+intervals: merging intervals, overlapping ranges, sweep lines, meeting rooms, calendar booking
+grids and matrices: matrix traversal, rotating a matrix, spiral order, sparse matrices, grids as graphs
+# mathematics
+arithmetic: order of operations, fractions, percentages, ratios, rounding
+number theory: divisibility, prime numbers, greatest common divisors, modular arithmetic, the sieve of Eratosthenes
+algebra: linear equations, quadratic equations, systems of equations, inequalities, factoring
+functions in mathematics: domain and range, composition, inverse functions, piecewise functions, growth of functions
+sequences and series: arithmetic sequences, geometric sequences, Fibonacci numbers, partial sums, convergence
+combinatorics: counting principles, permutations, combinations, Pascal's triangle, binomial coefficients
+probability: events, conditional probability, expected value, independence, Bayes' rule
+statistics: mean and median, variance, standard deviation, histograms, correlation
+geometry: distances between points, areas and perimeters, triangles, circles, coordinate geometry
+trigonometry: sine and cosine, angles and radians, the unit circle, solving triangles, periodic functions
+vectors: vector addition, dot products, norms, angles between vectors, projections
+matrices: matrix multiplication, identity and inverse, determinants, solving linear systems, linear transformations
+calculus: limits, derivatives, integrals, numerical differentiation, numerical integration
+logic: propositions, truth tables, logical equivalence, quantifiers, proof by contradiction
+sets and relations: set notation, unions and intersections, relations, equivalence relations, functions as relations
+graph theory: vertices and edges, degrees, paths and cycles, trees in graph theory, graph coloring
+proofs: direct proofs, induction, contradiction, counterexamples, invariants in proofs
+numerical methods: root finding, the bisection method, Newton's method, rounding error, fixed-point iteration
+exponents and logarithms: powers, exponential growth, logarithms, change of base, compound growth
+discrete mathematics: recurrence relations, the pigeonhole principle, inclusion and exclusion, counting paths, modular patterns
+number bases: binary numbers, octal numbers, hexadecimal numbers, base conversion, digit sums
+polynomials: evaluating polynomials, Horner's method, roots of polynomials, polynomial arithmetic, interpolation
+applied linear algebra: least squares, Markov chains, image transformations, networks of equations, rankings
+optimization: minima and maxima, gradient descent, linear programming, constraints, search for optima
+puzzles and games: nim, tic-tac-toe, invariants in puzzles, magic squares, the towers of Hanoi
+financial mathematics: simple interest, compound interest, loans and payments, present value, budgets
+measurement: unit conversion, significant figures, scientific notation, estimation, dimensional analysis
+fractals: the Sierpinski triangle, the Koch snowflake, self-similarity, recursive sequences, the Mandelbrot set
+cryptography: the Caesar cipher, modular inverses, RSA, hash functions, checksums
+sampling: random numbers, sampling without replacement, the law of large numbers, simulating dice, shuffling
+"""
+
+
+def _subtopics(text: str) -> list[tuple[str, str, str]]:
+    """(area, topic, subtopic) for each subtopic of each topic line, under its "# area" heading."""
+    found, area = [], ""
+    for line in text.strip().splitlines():
+        if line.startswith("# "):
+            area = line[2:]
+        else:
+            topic, subtopics = line.split(": ")
+            found += [(area, topic, s) for s in subtopics.split(", ")]
+    return found
+
+
+SUBTOPICS = _subtopics(TOPICS)
+AUDIENCES = [
+    "a high school student new to programming", "a first-year computer science student",
+    "a self-taught programmer", "a data analyst who knows spreadsheets", "a mathematics student learning to code",
+    "a curious twelve-year-old who likes puzzles", "a retired engineer", "a student preparing for coding interviews",
+    "a teacher preparing a lesson", "a web developer who knows JavaScript", "a physics student",
+    "a hobbyist who makes games", "a bootcamp student", "an experienced C programmer new to Python",
+    "a biology researcher", "an economics student", "a competitive programmer",
+    "a student who finds mathematics hard", "a professional changing careers", "a graduate student in statistics",
+]
+STYLES = [
+    "a step-by-step tutorial", "a Socratic dialogue between a teacher and a student",
+    "a textbook section with a worked example", "a series of short lessons, each ending with an exercise",
+    "a story whose characters discover the ideas", "a concise reference with examples", "a lecture transcript",
+    "a list of questions and answers", "a comparison of two approaches", "a walk through finding and fixing a bug",
+    "a problem solved in stages", "an explanation from first principles", "a summary followed by worked examples",
+    "a code review of a small program", "a short history of the idea followed by code",
+]
+WORDS = """
+apple river ladder mirror garden ticket puzzle orbit candle bridge library recipe train island compass
+harvest signal castle forest market lantern anchor balloon basket beacon blanket bottle bucket cabin canvas
+carpet cattle chimney circus cliff cloud comet copper cottage crystal desert diamond dragon drum eagle engine
+feather fence festival flute fountain galaxy glacier harbor helmet honey horizon jacket jungle kettle kite
+lemon lighthouse magnet maple marble meadow meteor mountain needle ocean orchard oven paddle parrot pebble
+pepper piano pillow planet pocket pond puppet quilt rabbit rainbow ribbon rocket saddle sailor sandwich
+satellite scarf shadow shell shovel skyline snail spider stadium statue storm sunflower tablet telescope
+thunder tiger tomato tower tractor treasure tunnel turtle umbrella valley violin volcano wagon wallet
+waterfall whale whistle window wizard workshop zebra bakery bicycle carnival chess domino elevator farmer
+glove hammock igloo jigsaw kayak llama mosaic notebook octopus pirate quartz robot scooter tent unicorn
+vase walrus yacht zipper inventory voyage tournament museum journal postcard orchestra ferry
+""".split()
+
+# exercise function names: verb, an adjective (3 in 5), noun, a qualifier (1 in 3): ~4M names
+VERBS = """
+count find merge reverse sort filter group split flatten parse format validate normalize convert compute sum
+average rotate shift encode decode compress expand remove insert replace extract match search rank score
+scale round clip pair chunk collect build generate simulate estimate measure detect compare combine partition
+interleave swap transpose fill pad trim summarize index tally select sample shuffle cache track schedule
+balance route classify label
+""".split()
+ADJECTIVES = """
+longest shortest largest smallest unique duplicate even odd sorted nested consecutive missing common distinct
+positive negative prime palindromic adjacent alternating weighted valid empty first last balanced overlapping
+frequent rare matching
+""".split()
+NOUNS = """
+words vowels digits primes intervals matrix grid pairs strings numbers letters lines tokens sentences dates
+scores grades prices temperatures coordinates points rectangles circles triangles vectors polynomials
+fractions coins items orders invoices emails usernames passwords urls paths files records rows columns cells
+nodes edges trees graphs cycles islands rooms tasks events meetings appointments flights
+trains stations routes cities countries students employees books movies songs playlists recipes ingredients
+inventory transactions accounts balances bits bytes colors pixels images notes chords moves cards dice
+players teams matches rounds votes ballots polls keys values entries tags categories messages logs errors
+timestamps durations segments ranges substrings prefixes suffixes anagrams brackets expressions
+""".split()
+QUALIFIERS = """
+by_length by_key by_frequency in_place in_range in_order from_text from_string to_dict to_list per_day
+per_group with_limit with_weights without_duplicates under_budget within_distance at_depth across_rows
+for_each_key
+""".split()
+
+
+def item_id(kind: str, seed: int, index: int) -> str:
+    return f"{kind}-{seed}-{index}"
+
+
+def draw(kind: str, seed: int, index: int) -> dict:
+    """The constraints of item index: a function of (kind, seed, index) alone."""
+    rng = random.Random(item_id(kind, seed, index))  # str seeds are hashed with SHA-512: stable
+    area, topic, subtopic = rng.choice(SUBTOPICS)
+    if kind == "textbook":
+        return dict(area=area, topic=topic, subtopic=subtopic, audience=rng.choice(AUDIENCES),
+                    style=rng.choice(STYLES), words=rng.sample(WORDS, 3))
+    verb, noun = rng.choice(VERBS), rng.choice(NOUNS)
+    adjective = rng.choice(ADJECTIVES) if rng.random() < 0.6 else ""
+    qualifier = rng.choice(QUALIFIERS) if rng.random() < 1 / 3 else ""
+    name = "_".join(w for w in (verb, adjective, noun, qualifier) if w)
+    return dict(name=name, verb=verb, adjective=adjective, noun=noun, qualifier=qualifier, area=area, topic=topic,
+                subtopic=subtopic)
+
+
+def messages(kind: str, c: dict) -> list[dict]:
+    """The chat request for an item with constraints c."""
+    if kind == "textbook":
+        system = "You are an expert teacher writing a textbook that teaches coding and reasoning."
+        words = ", ".join(c["words"][:-1]) + " and " + c["words"][-1]
+        user = (f"Write a section of a textbook for {c['audience']}, in the form of {c['style']}.\n"
+                f"Topic: {c['subtopic']} (part of {c['topic']}, in {c['area']}).\n"
+                f"Make it clear, correct and self-contained, and teach through short Python code examples "
+                f"and what they show. Use the words {words} somewhere in the text.\n"
+                f"Write only the section itself, in Markdown.")
+    else:
+        system = "You are an expert Python teacher writing programming exercises."
+        user = (f"Write a Python exercise: one function named `{c['name']}` that has to do with {c['subtopic']} "
+                f"({c['topic']}, in {c['area']}).\n"
+                f"Give it a signature with type hints and a docstring that states the task precisely and shows one "
+                f"to three examples, each a `>>> {c['name']}(...)` line followed by the expected result. Then "
+                f"write a correct, clear solution as its body.\n"
+                f"Use only the standard library and put any imports above the function. Reply with the code "
+                f"alone, in one ```python block: no other functions, no tests, no prose.")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def request_seed(rid: str, answers: int) -> int:
+    """The sampling seed of an item's next request: a new one after each answer, so an invalid
+    answer is not asked for again, and the same in every run."""
+    return int.from_bytes(hashlib.sha256(f"{rid}/{answers}".encode()).digest()[:4], "big") >> 1
+
+
+# ---------------------------------------------------------------- answers to records
+
+class Invalid(Exception):
+    """An answer that cannot become a record; the message says why."""
+
+
+FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.S)
+
+
+def parse_exercise(text: str, name: str) -> tuple[str, str]:
+    """(prompt, completion) of an answer holding one function `name` with a docstring and a body:
+    prompt = imports, signature, docstring; completion = the body after the docstring."""
+    fenced = FENCE.search(text)
+    code = textwrap.dedent(fenced.group(1) if fenced else text).strip("\n") + "\n"
+    try:
+        tree = ast.parse(code)
+    except SyntaxError as e:
+        raise Invalid(f"does not parse ({e.msg}, line {e.lineno})") from None
+    *imports, func = tree.body or [None]
+    if not isinstance(func, ast.FunctionDef) or not all(isinstance(s, (ast.Import, ast.ImportFrom))
+                                                        for s in imports):
+        raise Invalid("not one function alone (imports above it aside)")
+    if func.name != name:
+        raise Invalid(f"the function is named {func.name}, not {name}")
+    if ast.get_docstring(func) is None:
+        raise Invalid("no docstring")
+    body = func.body[1:]
+    if not body or all(_placeholder(s) for s in body):
+        raise Invalid("no body")
+    split = func.body[0].end_lineno  # the docstring's last line
+    if body[0].lineno <= split:
+        raise Invalid("the body starts on the docstring's line")
+    lines = code.splitlines(keepends=True)
+    return "".join(lines[:split]), "".join(lines[split:func.end_lineno])
+
+
+def _placeholder(statement: ast.stmt) -> bool:
+    """pass, ... or raise NotImplementedError: a body that does nothing."""
+    if isinstance(statement, ast.Pass):
+        return True
+    if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+        return statement.value.value is Ellipsis
+    return isinstance(statement, ast.Raise) and "NotImplementedError" in ast.unparse(statement)
+
+
+def example_asserts(code: str) -> str:
+    """The `>>>` examples of the last function's docstring in code, as Python: `>>> f(1)` then `2`
+    becomes `assert (f(1)) == (2)`; an example without a result runs as it is; one that prints,
+    or whose result is no expression (a traceback, printed text), is left out."""
+    docstring = ast.get_docstring(ast.parse(code).body[-1]) or ""
+    try:
+        examples = doctest.DocTestParser().get_examples(docstring)
+    except ValueError:  # badly indented examples: none that can be run
+        examples = []
+    lines = []
+    for example in examples:
+        source, want = example.source.strip(), example.want.strip()
+        if not want:
+            lines.append(source)
+            continue
+        try:
+            ast.parse(want, mode="eval")
+            ast.parse(source, mode="eval")
+        except SyntaxError:
+            continue
+        if source.startswith("print("):
+            continue
+        lines.append(f"assert ({source}) == ({want}), {source!r}")
+    return "\n".join(lines)
+
+
+def open_sandbox(workers: int):
+    """evaluate.py's sandbox for the exercises' examples, or None (they go "unchecked") without one."""
+    try:
+        from evaluate import Sandbox
+        return Sandbox(workers)
+    except (ImportError, UserError) as e:
+        print(f"note: the exercises' examples go unchecked: {e}", file=sys.stderr)
+        return None
+
+
+def check_examples(exercise: dict, sandbox) -> str:
+    """The sandbox's verdict on the exercise's examples: passed, failed: ..., timed out or
+    crashed: ...; "none" if its docstring has none, "unchecked" without a sandbox."""
+    asserts = example_asserts(exercise["text"])
+    if not asserts:
+        return "none"
+    if sandbox is None:
+        return "unchecked"
+    return sandbox.run([("exercise", exercise["text"]), ("examples", asserts + "\n")])
+
+
+def to_record(kind: str, text: str, c: dict, sandbox) -> dict:
+    """The record's content from an answer (raising Invalid)."""
+    if kind == "textbook":
+        if not text.strip():
+            raise Invalid("empty answer")
+        return {"text": text.strip()}
+    prompt, completion = parse_exercise(text, c["name"])
+    record = {"prompt": prompt, "completion": completion, "text": prompt + completion}
+    return {**record, "examples": check_examples(record, sandbox)}
+
+
+# ---------------------------------------------------------------- duplicates
+
+class Dedup:
+    """Exact duplicates (the same text up to case and whitespace) and near-duplicates (word 5-gram
+    sets with an estimated Jaccard similarity >= threshold) of everything added so far.
+
+    MinHash: 128 hash functions (a * x + b) mod (2^61 - 1) of 32-bit shingle hashes, the minimum
+    of each over a text's shingles; the fraction of equal minima estimates the Jaccard
+    similarity. LSH: texts that agree on all 4 values of one of 32 bands are candidates (found
+    with probability 0.9998 at similarity 0.7, 0.23 at 0.3); only those are compared."""
+
+    PERMS, BANDS, SHINGLE = 128, 32, 5
+    PRIME, MASK = np.uint64((1 << 61) - 1), np.uint64((1 << 32) - 1)
+
+    def __init__(self, threshold: float):
+        rng = np.random.default_rng(0)  # fixed: signatures stay comparable between runs
+        self.a = rng.integers(1, 1 << 31, self.PERMS, dtype=np.uint64)
+        self.b = rng.integers(0, 1 << 31, self.PERMS, dtype=np.uint64)
+        self.threshold = threshold
+        self.exact: dict[bytes, str] = {}  # normalized text digest -> id
+        self.buckets = [{} for _ in range(self.BANDS)]  # per band: band values -> rows
+        self.signatures = np.zeros((1024, self.PERMS), np.uint32)
+        self.ids: list[str] = []
+
+    def signature(self, text: str) -> np.ndarray:
+        """The MinHash of text's word 5-grams (all its words if fewer); thread-safe."""
+        words = re.findall(r"\w+", text.lower())
+        if not words:
+            return np.full(self.PERMS, self.MASK, np.uint32)
+        h = np.array([zlib.crc32(w.encode()) for w in words], np.uint64)
+        k = min(self.SHINGLE, len(h))
+        shingles = np.zeros(len(h) - k + 1, np.uint64)
+        for j in range(k):  # a polynomial hash of k words, mod 2^32
+            shingles = (shingles * np.uint64(1_000_003) + h[j:len(h) - k + 1 + j]) & self.MASK
+        return ((shingles[:, None] * self.a + self.b) % self.PRIME & self.MASK).min(axis=0).astype(np.uint32)
+
+    def add(self, rid: str, text: str, signature: np.ndarray | None = None) -> str | None:
+        """None if text is new (it is now known), else why it is a duplicate."""
+        key = hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=16).digest()
+        if key in self.exact:
+            return f"duplicate of {self.exact[key]}"
+        sig = self.signature(text) if signature is None else signature
+        bands = [band.tobytes() for band in sig.reshape(self.BANDS, -1)]
+        rows = sorted({row for bucket, band in zip(self.buckets, bands) for row in bucket.get(band, ())})
+        if rows:
+            similarity = (self.signatures[rows] == sig).mean(axis=1)
+            best = int(similarity.argmax())
+            if similarity[best] >= self.threshold:
+                return f"near duplicate of {self.ids[rows[best]]} (similarity {similarity[best]:.2f})"
+        row = len(self.ids)
+        if row == len(self.signatures):
+            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
+        self.signatures[row] = sig
+        self.ids.append(rid)
+        self.exact[key] = rid
+        for bucket, band in zip(self.buckets, bands):
+            bucket.setdefault(band, []).append(row)
+        return None
+
+
+# ---------------------------------------------------------------- files
+
+def read_jsonl(path: Path):
+    """The records of a JSONL file, one by one. A last line torn by a kill is left out
+    (Appender cuts it off); any other line that is not a JSON object is an error."""
+    if not path.exists():
+        return
+    try:
+        with path.open("rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                if not isinstance(record, dict):
+                    if not line.endswith(b"\n"):
+                        return  # torn
+                    raise UserError(f"{path} line {number} is not a JSON object: not adding to it")
+                yield record
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+class Appender:
+    """Appends JSON lines to path, each flushed. The file is opened at the first line, after
+    cutting off a last line torn by a kill (or ending a whole one that lacks its newline)."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, None
+
+    def write(self, obj: dict) -> None:
+        if self.file is None:
+            self.file = self.open()
+        self.file.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def open(self):
+        """The file for appending text, its last line made whole first."""
+        with self.path.open("ab+") as f:
+            start = f.seek(0, os.SEEK_END)
+            while start > 0:  # back to the start of the last line
+                step = min(start, 1 << 16)
+                f.seek(start - step)
+                newline = f.read(step).rfind(b"\n")
+                start -= step
+                if newline >= 0:
+                    start += newline + 1
+                    break
+            f.seek(start)
+            try:
+                tail = f.read()
+                if tail:
+                    json.loads(tail)
+                    f.write(b"\n")
+            except ValueError:
+                print(f"note: cutting off the torn last line of {self.path}", file=sys.stderr)
+                f.truncate(start)
+        return self.path.open("a", encoding="utf-8")
+
+
+def sidecars(out: Path) -> tuple[Path, Path]:
+    """The files beside the output: items without a record, and the report."""
+    return out.with_name(out.name + ".skipped"), out.with_name(out.name + ".report.json")
+
+
+def check_writable(*paths: Path) -> None:
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"cannot write {path}: it is a directory")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            raise UserError(f"cannot write {path}: permission denied")
+
+
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class Outcome:
+    """What became of one item: a record, or the reason there is none."""
+    index: int
+    record: dict | None = None
+    signature: np.ndarray | None = None  # the record's MinHash, computed in the worker
+    reason: str = ""
+    invalid: int = 0  # answers that could not become a record
+    failed: int = 0  # requests that failed for good
+
+
+def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sandbox) -> Outcome:
+    """Ask for item index until an answer makes a record, --attempts times at most.
+    A fatal LLMError (wrong key, model or URL) propagates."""
+    rid = item_id(kind, cfg.seed, index)
+    constraints = draw(kind, cfg.seed, index)
+    ask = messages(kind, constraints)
+    out, answers = Outcome(index), 0
+    for _ in range(cfg.attempts):
+        try:
+            reply = client.chat(ask, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                                seed=request_seed(rid, answers))
+        except llm.LLMError as e:
+            if e.failure.fatal:
+                raise
+            out.failed += 1
+            out.reason = f"request failed: {e.failure}"
+            continue
+        answers += 1
+        try:
+            record = to_record(kind, reply.text, constraints, sandbox)
+        except Invalid as e:
+            out.invalid += 1
+            out.reason = f"invalid: {e}"
+            continue
+        out.record = {"id": rid, **record, "constraints": constraints, "model": cfg.model}
+        out.signature = dedup.signature(record["text"])
+        return out
+    return out
+
+
+class Interrupts:
+    """While active, the first Ctrl-C sets .stop (no new items; those in flight finish); a
+    second one exits at once (every written line is already flushed)."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def handle(self, signum, frame):
+        if self.stop.is_set():
+            print("\ninterrupted", file=sys.stderr, flush=True)
+            os._exit(130)
+        self.stop.set()
+        print("\nstopping: finishing the items in flight (Ctrl-C again to quit now)", file=sys.stderr, flush=True)
+
+
+def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: Appender, skipped: Appender,
+               have: int, done: set[str], stop: threading.Event) -> tuple[Counter, str | None]:
+    """Make items until the output holds cfg.n records (have so far) or stop is set. Returns the
+    counts of this run (written, invalid answers, items dropped by reason) and the error that
+    ended it, if one did: a fatal failure, or --give_up items in a row without a record."""
+    counts = Counter()
+    indexes = (i for i in itertools.count() if item_id(kind, cfg.seed, i) not in done)
+    queue: deque = deque()  # (index, future) of items not yet written, in index order
+    streak, error = 0, None  # items in a row without a record; why the run must end
+    bar = tqdm(total=cfg.n, initial=have, unit="rec", desc=kind, dynamic_ncols=True, disable=None)
+    pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="item")
+    try:
+        while True:
+            while not stop.is_set() and error is None and have + len(queue) < cfg.n and \
+                    len(queue) < 4 * cfg.concurrency:
+                index = next(indexes)
+                queue.append((index, pool.submit(make_item, kind, index, cfg, client, dedup, sandbox)))
+            if stop.is_set() or error is not None:
+                while queue and queue[-1][1].cancel():  # not started yet: forget them
+                    queue.pop()
+            if not queue:
+                break
+            try:
+                outcome = queue[0][1].result(timeout=0.25)
+            except FutureTimeout:
+                bar.set_postfix_str(postfix(client, counts), refresh=False)
+                bar.update(0)
+                continue
+            except llm.LLMError as e:  # fatal: nothing after it may be written (gaps break resume)
+                error = error or f"{client.api_base} refused a request ({e.failure.status}): {e.failure.message}"
+                queue.popleft()
+                stop.set()
+                continue
+            queue.popleft()
+            if error is not None:
+                continue
+            counts["invalid answers"] += outcome.invalid
+            reason = outcome.reason
+            if outcome.record is not None:
+                reason = dedup.add(outcome.record["id"], outcome.record["text"], outcome.signature)
+            if reason is None:
+                out.write(outcome.record)
+                have, streak = have + 1, 0
+                counts["written"] += 1
+                bar.update(1)
+            else:
+                skipped.write({"id": item_id(kind, cfg.seed, outcome.index), "reason": reason})
+                counts[drop_kind(reason)] += 1
+                streak += 1
+                if streak >= cfg.give_up:
+                    error = (f"{streak} items in a row gave no record (the last: {reason[:200]}); "
+                             f"is --model={cfg.model} up to the task?")
+            bar.set_postfix_str(postfix(client, counts), refresh=False)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return counts, error
+
+
+def drop_kind(reason: str) -> str:
+    return reason.split(" of ")[0] if "duplicate of" in reason else "given up"
+
+
+def postfix(client: llm.Client, counts: Counter) -> str:
+    s = client.stats
+    cost = f", ${s.cost:.2f}" if client.price_in or client.price_out else ""
+    failures = sum(s.failures.values()) + counts["invalid answers"]
+    dropped = counts["duplicate"] + counts["near duplicate"] + counts["given up"]
+    return f"{(s.tokens_in + s.tokens_out) / 1000:.1f}k tok{cost}, {failures} failed, {s.retries} retries, " \
+           f"{dropped} dropped"
+
+
+# ---------------------------------------------------------------- the report
+
+LISTS = {"subtopics": SUBTOPICS, "audiences": AUDIENCES, "styles": STYLES, "words": WORDS, "verbs": VERBS,
+         "adjectives": ADJECTIVES, "nouns": NOUNS, "qualifiers": QUALIFIERS}
+COVERED = {"textbook": ("subtopics", "audiences", "styles", "words"),
+           "exercises": ("subtopics", "verbs", "adjectives", "nouns", "qualifiers")}
+SAMPLE = 1000  # records the distinct n-gram ratios are measured on
+
+
+def used(kind: str, c: dict) -> dict[str, list]:
+    """The entries of each constraint list that constraints c drew."""
+    values = {"subtopics": [(c["area"], c["topic"], c["subtopic"])]}
+    if kind == "textbook":
+        return {**values, "audiences": [c["audience"]], "styles": [c["style"]], "words": c["words"]}
+    return {**values, "verbs": [c["verb"]], "nouns": [c["noun"]],
+            **{key: [c[field]] if c[field] else [] for key, field in (("adjectives", "adjective"),
+                                                                          ("qualifiers", "qualifier"))}}
+
+
+def diversity(kind: str, out: Path, skipped: Path) -> dict:
+    """Records, distinct n-gram ratios (on a sample), duplicates dropped and list coverage of the
+    output's records of this kind, all seeds and runs together."""
+    rng, sample, records = random.Random(0), [], 0
+    seen = {name: set() for name in COVERED[kind]}
+    for record in read_jsonl(out):
+        if not str(record.get("id", "")).startswith(f"{kind}-"):
+            continue
+        records += 1
+        if len(sample) < SAMPLE:  # a reservoir sample
+            sample.append(record.get("text", ""))
+        elif (j := rng.randrange(records)) < SAMPLE:
+            sample[j] = record.get("text", "")
+        try:
+            for name, values in used(kind, record["constraints"]).items():
+                seen[name].update(tuple(v) if isinstance(v, list) else v for v in values)
+        except (KeyError, TypeError):
+            pass  # a record of some other origin
+    tokens = [re.findall(r"\w+|[^\w\s]", text.lower()) for text in sample]
+    distinct = {}
+    for n in (1, 2, 3, 4):
+        grams = [tuple(t[i:i + n]) for t in tokens for i in range(len(t) - n + 1)]
+        distinct[str(n)] = round(len(set(grams)) / len(grams), 4) if grams else 0.0
+    dropped = Counter(drop_kind(s.get("reason", "")) for s in read_jsonl(skipped)
+                      if str(s.get("id", "")).startswith(f"{kind}-"))
+    total = records + dropped["duplicate"] + dropped["near duplicate"]
+    coverage = {name: {"used": len(seen[name]), "of": len(LISTS[name]),
+                       "fraction": round(len(seen[name]) / len(LISTS[name]), 4)}
+                for name in COVERED[kind]}
+    return {"records": records, "distinct_ngrams": distinct, "sampled_records": len(sample),
+            "dropped": {k: dropped[k] for k in ("duplicate", "near duplicate", "given up")},
+            "near_duplicate_rate": round(dropped["near duplicate"] / total, 4) if total else 0.0,
+            "coverage": coverage}
+
+
+def summarize(kind: str, cfg, out: Path, client: llm.Client, counts: Counter, seconds: float, have: int) -> dict:
+    """Print the run's summary and the diversity report; write the report beside the output."""
+    s, (skipped, path) = client.stats, sidecars(out)
+    report = {"file": str(out), "kind": kind, "seed": cfg.seed, "model": cfg.model,
+              **diversity(kind, out, skipped),
+              "run": {"written": counts["written"], "seconds": round(seconds, 2), "requests": s.requests,
+                      "retries": s.retries, "failed_attempts": dict(s.errors), "failed_requests": dict(s.failures),
+                      "invalid_answers": counts["invalid answers"], "tokens_in": s.tokens_in,
+                      "tokens_out": s.tokens_out, "cost": round(s.cost, 4)}}
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    kinds = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
+    rate = counts["written"] / seconds if seconds > 0 else 0.0
+    cost = f", ${s.cost:.2f}" if cfg.price_in or cfg.price_out else ""
+    dropped, distinct = report["dropped"], report["distinct_ngrams"]
+    coverage = ", ".join(f"{k} {v['fraction']:.0%}" for k, v in report["coverage"].items())
+    print(f"{kind}: {counts['written']} records written in {seconds:.1f} s ({rate:.2f}/s); {out} holds "
+          f"{have}/{cfg.n} of seed {cfg.seed}\n"
+          f"requests {s.requests}, retries {s.retries}; failed attempts: {kinds(s.errors)}; failed requests: "
+          f"{kinds(s.failures)}; invalid answers {counts['invalid answers']}\n"
+          f"tokens {s.tokens_in:,} in, {s.tokens_out:,} out{cost}\n"
+          f"dropped (all runs): {dropped['duplicate']} duplicate, {dropped['near duplicate']} near duplicate "
+          f"(rate {report['near_duplicate_rate']:.1%}), {dropped['given up']} given up\n"
+          f"distinct 1/2/3/4-grams {' / '.join(f'{v:.3f}' for v in distinct.values())} "
+          f"(on {report['sampled_records']} records); coverage: {coverage}\n"
+          f"report: {path}", flush=True)
+    return report
+
+
+def check_settings(cfg) -> None:
+    for ok, message in [(cfg.n >= 0, "--n must be >= 0"), (cfg.concurrency >= 1, "--concurrency must be >= 1"),
+                        (cfg.rpm >= 0 and cfg.tpm >= 0, "--rpm and --tpm must be >= 0"),
+                        (cfg.timeout > 0, "--timeout must be > 0"),
+                        (cfg.max_retries >= 0, "--max_retries must be >= 0"),
+                        (cfg.backoff >= 0, "--backoff must be >= 0"), (cfg.attempts >= 1, "--attempts must be >= 1"),
+                        (0 < cfg.near_dup <= 1, "--near_dup must be in (0, 1]"),
+                        (cfg.give_up >= 1, "--give_up must be >= 1"), (bool(cfg.model), "--model is needed"),
+                        (cfg.price_in >= 0 and cfg.price_out >= 0, "--price_in and --price_out must be >= 0")]:
+        if not ok:
+            raise UserError(message)
+
+
+def main(argv=None):
+    cfg, args = parse_args(DEFAULTS, __doc__, argv)
+    if len(args) != 1 or args[0] not in KINDS:
+        what = f"unknown subcommand {args[0]!r}" if args and args[0] not in KINDS else \
+            f"unexpected argument {args[1]!r}" if args else "no subcommand"
+        raise UserError(f"{what}: say textbook or exercises (see --help)")
+    kind = args[0]
+    check_settings(cfg)
+    out = Path(cfg.out or f"out/{kind}.jsonl")
+    skipped_path, report_path = sidecars(out)
+    check_writable(out, skipped_path, report_path)
+    prefix = item_id(kind, cfg.seed, "")
+    ids = [str(r.get("id", "")) for r in read_jsonl(out)]
+    done = set(ids) | {str(r.get("id", "")) for r in read_jsonl(skipped_path)}
+    have = sum(rid.startswith(prefix) for rid in ids)
+    try:
+        client = llm.Client(cfg.api_base or None, cfg.model, concurrency=cfg.concurrency, rpm=cfg.rpm or None,
+                            tpm=cfg.tpm or None, timeout=cfg.timeout, max_retries=cfg.max_retries,
+                            backoff=cfg.backoff, price_in=cfg.price_in, price_out=cfg.price_out)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    counts, error, started, sandbox = Counter(), None, time.monotonic(), None
+    with client:
+        if have < cfg.n:
+            try:
+                client.check()
+            except llm.LLMError as e:
+                raise UserError(e.failure.message) from None
+            dedup = Dedup(cfg.near_dup)
+            for record in read_jsonl(out):
+                dedup.add(str(record.get("id", "")), str(record.get("text", "")))
+            if kind == "exercises" and cfg.check_examples:
+                sandbox = open_sandbox(min(cfg.concurrency, os.cpu_count() or 1))
+            writers = Appender(out), Appender(skipped_path)
+            try:
+                with Interrupts() as interrupts:
+                    counts, error = synthesize(kind, cfg, client, dedup, sandbox, *writers, have, done,
+                                               interrupts.stop)
+            finally:
+                for writer in writers:
+                    writer.close()
+                if sandbox is not None:
+                    sandbox.close()
+        summarize(kind, cfg, out, client, counts, time.monotonic() - started, have + counts["written"])
+    if error:
+        raise UserError(error)
+    if have + counts["written"] < cfg.n:  # stopped by Ctrl-C
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,149 @@
+"""llm.py against a local fake OpenAI-compatible server: replies, retries, limits, failures."""
+
+import email.utils
+import socket
+import threading
+import time
+
+import pytest
+
+import llm
+from llm_server import FakeLLM, answer
+
+MESSAGES = [{"role": "user", "content": "Tell me about loops."}]
+
+
+def client_for(server, **kw):
+    return llm.Client(server.url, "fake", **{"backoff": 0.01, "timeout": 0.5, **kw})
+
+
+def test_chat_returns_text_usage_and_cost():
+    with FakeLLM() as server, client_for(server, price_in=2.0, price_out=10.0) as client:
+        reply = client.chat(MESSAGES, max_tokens=50, temperature=0.5, seed=None)  # None: left out
+        assert reply.text == answer({"model": "fake", "messages": MESSAGES, "max_tokens": 50, "temperature": 0.5})
+        assert reply.finish_reason == "stop" and reply.usage["completion_tokens"] == len(reply.text) // 4
+        s = client.stats
+        assert (s.requests, s.retries, s.tokens_in, s.tokens_out) == (1, 0, reply.usage["prompt_tokens"],
+                                                                      reply.usage["completion_tokens"])
+        assert s.cost == pytest.approx((2.0 * s.tokens_in + 10.0 * s.tokens_out) / 1e6)
+
+
+def test_complete_uses_the_completions_route():
+    with FakeLLM() as server, client_for(server) as client:
+        assert client.complete("def f(x):", max_tokens=8).text == answer({"model": "fake", "prompt": "def f(x):",
+                                                                          "max_tokens": 8})
+
+
+def test_endpoint_and_key_from_the_environment(monkeypatch):
+    with FakeLLM(key="sekrit") as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sekrit")
+        assert llm.Client(model="fake").chat(MESSAGES).text
+        monkeypatch.delenv("OPENAI_API_KEY")
+        client = llm.Client(model="fake")
+        with pytest.raises(llm.LLMError) as error:
+            client.chat(MESSAGES)
+        failure = error.value.failure
+        assert (failure.kind, failure.status, failure.fatal, failure.attempts) == ("refused", 401, True, 1)
+        assert "Incorrect API key" in failure.message and client.stats.requests == 1
+
+
+@pytest.mark.parametrize("fault, kind", [("429", "rate_limit"), ("500", "server"), ("503", "server"),
+                                         ("slow", "timeout"), ("malformed", "bad_response"),
+                                         ("empty", "bad_response"), ("drop", "connection"), ("cut", "connection")])
+def test_a_failed_attempt_is_retried(fault, kind):
+    with FakeLLM(faults=[fault, "ok"], slow=1.0) as server, client_for(server, timeout=0.3) as client:
+        assert client.chat(MESSAGES).text == answer({"model": "fake", "messages": MESSAGES})
+        s = client.stats
+        assert (s.requests, s.retries, dict(s.errors), dict(s.failures)) == (2, 1, {kind: 1}, {})
+
+
+def test_retry_after_is_honoured_and_holds_other_requests():
+    with FakeLLM(faults=["429", "ok", "ok"], retry_after="0.4") as server, client_for(server, backoff=0) as client:
+        started = time.monotonic()
+        first = threading.Thread(target=client.chat, args=(MESSAGES,))
+        first.start()
+        time.sleep(0.1)
+        client.chat(MESSAGES)  # starts only once the 429's pause is over
+        first.join()
+        assert time.monotonic() - started >= 0.4
+
+
+def test_retry_after_header_forms():
+    future = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert llm._retry_after({"retry-after": "2"}) == 2.0
+    assert llm._retry_after({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    assert 28 < llm._retry_after({"retry-after": future}) <= 30
+    assert llm._retry_after({"retry-after": "soon"}) is None and llm._retry_after({}) is None
+
+
+def test_gives_up_after_max_retries():
+    with FakeLLM(faults=["500"]) as server, client_for(server, max_retries=2) as client:
+        with pytest.raises(llm.LLMError) as error:
+            client.chat(MESSAGES)
+        failure = error.value.failure
+        assert (failure.kind, failure.attempts, failure.fatal) == ("server", 3, False)
+        s = client.stats
+        assert (s.requests, s.retries, dict(s.failures)) == (3, 2, {"server": 1})
+
+
+@pytest.mark.parametrize("model, params, status, fatal", [("fake", {"max_tokens": 0}, 400, False),
+                                                          ("gpt-9", {}, 404, True)])
+def test_other_client_errors_are_not_retried(model, params, status, fatal):
+    with FakeLLM() as server:
+        client = llm.Client(server.url, model, backoff=0.01)
+        with pytest.raises(llm.LLMError) as error:
+            client.chat(MESSAGES, **params)
+        failure = error.value.failure
+        assert (failure.kind, failure.status, failure.fatal, client.stats.requests) == ("refused", status, fatal, 1)
+        assert failure.message.startswith(("max_tokens must be", "The model `gpt-9` does not exist"))
+
+
+def test_map_yields_every_request_with_bounded_concurrency():
+    with FakeLLM(faults=["ok"] * 9 + ["500"], latency=0.05) as server, client_for(server, concurrency=3) as client:
+        items = [(i, [{"role": "user", "content": f"question {i}"}]) for i in range(20)]
+        items += [("prompt", "def f():"), ("refused", [{"role": "user", "content": "x"}])]
+        results = dict(client.map(iter(items), max_tokens=5))
+        assert set(results) == {key for key, _ in items}
+        assert all(isinstance(r, llm.Reply) for key, r in results.items() if key != "refused")
+        assert server.most_in_flight == 3
+        assert results["prompt"].text == answer({"model": "fake", "prompt": "def f():", "max_tokens": 5})
+
+
+def test_map_yields_failures():
+    with FakeLLM() as server, client_for(server) as client:
+        (key, result), = client.map([("a", MESSAGES)], max_tokens=0)
+        assert key == "a" and isinstance(result, llm.Failure) and result.status == 400
+
+
+def test_requests_per_minute_limit():
+    with FakeLLM() as server, client_for(server, rpm=600, concurrency=8) as client:  # 10/s, 10 at once
+        started = time.monotonic()
+        assert len(list(client.map((i, MESSAGES) for i in range(15)))) == 15
+        assert time.monotonic() - started >= 0.4  # 5 beyond the first second's worth, 0.1 s apart
+
+
+def test_token_bucket_waits_and_lends():
+    bucket = llm._Bucket(per_minute=600)  # 10 a second, 10 saved up at most
+    now = bucket.time
+    assert bucket.take(4, now) == 0 and bucket.take(6, now) == 0
+    assert bucket.take(5, now) == pytest.approx(0.5)  # after a second's worth
+    assert bucket.take(30, now + 1.0) == pytest.approx(0.5)  # more than it holds: waits for a full bucket
+    bucket.give(100)
+    assert bucket.level == bucket.capacity == 10
+
+
+def test_check_finds_unreachable_refusing_and_modelless_endpoints():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(llm.LLMError, match=f"cannot reach http://127.0.0.1:{port}/v1: Connection refused"):
+        llm.Client(f"http://127.0.0.1:{port}/v1", "fake").check()
+    with FakeLLM(key="sekrit") as server:
+        with pytest.raises(llm.LLMError, match="refused the API key"):
+            llm.Client(server.url, "fake", api_key="wrong").check()
+        llm.Client(server.url, "fake", api_key="sekrit").check()
+        with pytest.raises(llm.LLMError, match="has no model 'gpt-9' \\(it lists fake\\)"):
+            llm.Client(server.url, "gpt-9", api_key="sekrit").check()
+    with pytest.raises(ValueError, match="http"):
+        llm.Client("localhost:8000/v1", "fake")

@@ -1,0 +1,325 @@
+"""synth.py against a local fake OpenAI-compatible server that injects faults, and against
+sample.py --serve: exact record counts, no duplicates, resume after kill -9 and Ctrl-C, bad input."""
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import synth
+from config import UserError
+from llm_server import FakeLLM
+
+ROOT = Path(__file__).resolve().parent.parent
+FAULTS = ["ok", "429", "ok", "500", "ok", "slow", "ok", "malformed", "ok", "drop", "ok", "cut", "ok", "empty",
+          "ok", "503"]
+FAST = ["--model=fake", "--concurrency=4", "--timeout=0.3", "--backoff=0.01", "--max_retries=10"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with FakeLLM(faults=FAULTS, latency=0.005, slow=0.5) as server:
+        yield server
+
+
+def synthesize(server, kind, out, *args):
+    """Run synth.py in this process; the report it writes."""
+    synth.main([kind, f"--out={out}", f"--api_base={server.url}", *FAST, *args])
+    return json.loads(Path(f"{out}.report.json").read_text())
+
+
+def lines(path):
+    return Path(path).read_text().splitlines()
+
+
+def records(path):
+    return [json.loads(line) for line in lines(path)]
+
+
+@pytest.fixture(scope="module")
+def reference(server, tmp_path_factory):
+    """Uninterrupted runs of each kind, to compare interrupted ones with."""
+    folder = tmp_path_factory.mktemp("reference")
+    runs = {"textbook": 40, "exercises": 24}
+    for kind, n in runs.items():
+        synthesize(server, kind, folder / f"{kind}.jsonl", f"--n={n}")
+    return {kind: (folder / f"{kind}.jsonl", n) for kind, n in runs.items()}
+
+
+def cli(*args, env=None):
+    return subprocess.Popen([sys.executable, str(ROOT / "synth.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def wait_for_lines(path, count, proc, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and path.read_text().count("\n") >= count:
+            return
+        time.sleep(0.01)
+    pytest.fail(f"{path} did not reach {count} lines (exit {proc.poll()})")
+
+
+# ---------------------------------------------------------------- runs through faults
+
+def test_textbook_run_through_faults(server, reference):
+    path, n = reference["textbook"]
+    got = records(path)
+    assert len(got) == n and len({r["id"] for r in got}) == n
+    assert [r["id"] for r in got] == sorted((r["id"] for r in got), key=lambda i: int(i.split("-")[-1]))
+    for r in got:
+        assert r["text"] and r["model"] == "fake" and r["constraints"] == synth.draw("textbook", 1337, int(
+            r["id"].split("-")[-1]))
+    dedup = synth.Dedup(0.8)
+    assert all(dedup.add(r["id"], r["text"]) is None for r in got)  # no duplicates left
+    report = json.loads(Path(f"{path}.report.json").read_text())
+    assert report["records"] == n and report["run"]["written"] == n
+    assert set(report["run"]["failed_attempts"]) == {"rate_limit", "server", "timeout", "bad_response", "connection"}
+    skipped = records(f"{path}.skipped")
+    assert report["dropped"]["near duplicate"] + report["dropped"]["duplicate"] == len(skipped) > 0
+    assert 0 < report["near_duplicate_rate"] < 1 and 0 < report["distinct_ngrams"]["1"] < 1
+    assert report["coverage"]["audiences"]["of"] == len(synth.AUDIENCES)
+
+
+def test_exercises_run_through_faults(reference):
+    path, n = reference["exercises"]
+    got = records(path)
+    assert len(got) == n and len({r["id"] for r in got}) == n
+    verdicts = set()
+    for r in got:
+        name = r["constraints"]["name"]
+        assert r["text"] == r["prompt"] + r["completion"]
+        assert synth.parse_exercise(r["text"], name) == (r["prompt"], r["completion"])
+        assert r["prompt"].startswith(f"def {name}(") and r["completion"].startswith("    return")
+        verdicts.add(r["examples"].split(":")[0])
+    assert verdicts == {"passed", "failed"}  # the fake server gets one example in 8 wrong
+    report = json.loads(Path(f"{path}.report.json").read_text())
+    assert report["run"]["invalid_answers"] > 0 and report["dropped"]["given up"] == len(
+        lines(f"{path}.skipped"))
+
+
+def test_a_rerun_of_a_finished_file_does_nothing(server, reference, tmp_path):
+    path, n = reference["textbook"]
+    before = path.read_bytes()
+    report = synthesize(server, "textbook", path, f"--n={n}", "--api_base=http://127.0.0.1:1/v1")  # no requests
+    assert path.read_bytes() == before and report["run"]["requests"] == 0
+
+
+def test_killed_and_restarted_run_equals_an_uninterrupted_one(server, reference, tmp_path):
+    path, n = reference["exercises"]
+    out = tmp_path / "exercises.jsonl"
+    with FakeLLM(faults=FAULTS, latency=0.05, slow=0.5) as slow_server:
+        proc = cli("exercises", f"--n={n}", f"--out={out}", f"--api_base={slow_server.url}", *FAST)
+        wait_for_lines(out, 5, proc)
+        proc.kill()
+        proc.wait()
+    assert 5 <= len(lines(out)) < n
+    synthesize(server, "exercises", out, f"--n={n}")
+    assert lines(out) == lines(path)
+
+
+def test_ctrl_c_finishes_the_items_in_flight_then_a_rerun_completes(server, reference, tmp_path):
+    path, n = reference["textbook"]
+    out = tmp_path / "textbook.jsonl"
+    with FakeLLM(faults=FAULTS, latency=0.1, slow=0.5) as slow_server:
+        proc = cli("textbook", f"--n={n}", f"--out={out}", f"--api_base={slow_server.url}", *FAST)
+        wait_for_lines(out, 3, proc)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "stopping" in stderr and "records written" in stdout
+    assert 3 <= len(lines(out)) < n and lines(out) == lines(path)[:len(lines(out))]  # whole lines, in order
+    synthesize(server, "textbook", out, f"--n={n}")
+    assert lines(out) == lines(path)
+
+
+def test_a_torn_last_line_is_cut_off(server, reference, tmp_path):
+    path, n = reference["textbook"]
+    out = tmp_path / "textbook.jsonl"
+    kept = lines(path)[:5]
+    out.write_text("\n".join(kept) + "\n" + lines(path)[5][:40])
+    synthesize(server, "textbook", out, f"--n={n}")
+    assert lines(out) == lines(path)
+
+
+def test_items_without_records_end_the_run(tmp_path):
+    with FakeLLM(answer=lambda body: "  ") as empty:
+        with pytest.raises(UserError, match="3 items in a row gave no record .*invalid: empty answer"):
+            synthesize(empty, "textbook", tmp_path / "t.jsonl", "--n=5", "--give_up=3", "--attempts=2")
+    assert not (tmp_path / "t.jsonl").exists() and len(lines(tmp_path / "t.jsonl.skipped")) == 3
+
+
+def test_fatal_failure_mid_run_stops_after_what_came_before(tmp_path):
+    with FakeLLM(latency=0.01) as server:
+        def answer(body, real=server.answer):  # from the 20th request on, the endpoint refuses our key
+            if len(server.served) >= 20:
+                server.key = "rotated"
+            return real(body)
+        server.answer = answer
+        with pytest.raises(UserError, match="refused a request \\(401\\): Incorrect API key"):
+            synthesize(server, "textbook", tmp_path / "t.jsonl", "--n=500", "--concurrency=2")
+    got = [int(r["id"].split("-")[-1]) for r in records(tmp_path / "t.jsonl")]
+    assert 10 <= len(got) < 20 and got == sorted(got)
+
+
+# ---------------------------------------------------------------- a real server: sample.py --serve
+
+def test_against_sample_serve(tmp_path):
+    torch = pytest.importorskip("torch")
+    import sample
+    from config import parse_args
+    from model import GPT, PRESETS
+    torch.manual_seed(0)
+    config = dataclasses.replace(PRESETS["nano"], block_size=512)  # room for synth's prompts
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": GPT(config).state_dict(), "config": dataclasses.asdict(config), "step": 0}, ckpt)
+    cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--port=0", "--quiet"])
+    server = sample.Server(cfg)
+    server.start(sample.load_model(str(ckpt), torch.device("cpu"), torch.float32), "nano")
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        out = tmp_path / "textbook.jsonl"
+        synth.main(["textbook", "--n=3", f"--out={out}", f"--api_base=http://127.0.0.1:{server.server_address[1]}/v1",
+                    "--model=nano", "--max_tokens=8"])
+    finally:
+        server.shutdown()
+        server.close()
+    got = records(out)
+    assert len(got) == 3 and all(r["text"] for r in got)
+
+
+# ---------------------------------------------------------------- bad input
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["unreachable", "bad key", "no such model", "unknown subcommand", "unwritable",
+                                  "bad setting"])
+def test_bad_input_is_one_line_exit_2_and_the_output_intact(case, tmp_path):
+    out = tmp_path / "t.jsonl"
+    out.write_text('{"id": "textbook-1337-0", "text": "kept as it was"}\n')
+    before = out.read_bytes()
+    with FakeLLM(key="sekrit") as server:
+        args = {"unreachable": ["textbook", f"--api_base=http://127.0.0.1:{closed_port()}/v1"],
+                "bad key": ["textbook", f"--api_base={server.url}"],
+                "no such model": ["textbook", f"--api_base={server.url}", "--model=gpt-9"],
+                "unknown subcommand": ["poems", f"--api_base={server.url}"],
+                "unwritable": ["textbook", f"--api_base={server.url}", f"--out={out}/x.jsonl"],
+                "bad setting": ["textbook", f"--api_base={server.url}", "--n=-1"]}[case]
+        env = {"OPENAI_API_KEY": "sekrit" if case in ("no such model", "unwritable") else "wrong"}
+        proc = cli(f"--out={out}", "--model=fake", *args, env=env)
+        stdout, stderr = proc.communicate(timeout=60)
+    expected = {"unreachable": "cannot reach http://127.0.0.1:", "bad key": "refused the API key",
+                "no such model": "has no model 'gpt-9'", "unknown subcommand": "unknown subcommand 'poems'",
+                "unwritable": "cannot write", "bad setting": "--n must be"}[case]
+    assert proc.returncode == 2 and stdout == ""
+    assert stderr.startswith("error: ") and expected in stderr and stderr.count("\n") == 1, stderr
+    assert out.read_bytes() == before and not Path(f"{out}.skipped").exists()
+
+
+# ---------------------------------------------------------------- the parts
+
+def test_constraints_depend_on_seed_and_index_alone_and_vary():
+    assert synth.draw("exercises", 7, 3) == synth.draw("exercises", 7, 3) != synth.draw("exercises", 7, 4)
+    assert synth.messages("textbook", synth.draw("textbook", 7, 3)) == synth.messages(
+        "textbook", synth.draw("textbook", 7, 3))
+    assert len(synth.SUBTOPICS) >= 500 and len(set(synth.SUBTOPICS)) == len(synth.SUBTOPICS)
+    for name in ("AUDIENCES", "STYLES", "WORDS", "VERBS", "ADJECTIVES", "NOUNS", "QUALIFIERS"):
+        entries = getattr(synth, name)
+        assert len(set(entries)) == len(entries), name
+    assert len(synth.VERBS) * (len(synth.ADJECTIVES) + 1) * len(synth.NOUNS) * (len(synth.QUALIFIERS) + 1) > 4e6
+    names = {synth.draw("exercises", 0, i)["name"] for i in range(1000)}
+    assert len(names) > 990 and all(name.isidentifier() for name in names)
+    textbooks = [synth.draw("textbook", 0, i) for i in range(1000)]
+    assert len({c["subtopic"] for c in textbooks}) > 400 and len({c["audience"] for c in textbooks}) == len(
+        synth.AUDIENCES)
+
+
+GOOD = '''Sure:
+```python
+import math
+
+def area(r: float) -> float:
+    """The area of a circle.
+
+    >>> area(1.0) == math.pi
+    True
+    >>> round(area(2.0), 2)
+    12.57
+    >>> print(area(0.0))
+    0.0
+    """
+    return math.pi * r * r
+```
+Hope it helps.'''
+
+
+@pytest.mark.parametrize("text, why", [
+    (GOOD, None),
+    (GOOD.replace("```python", "```").replace("Sure:", ""), None),
+    ("    def area(r):\n        '''Doc.'''\n        return r\n", None),  # unfenced, indented
+    (GOOD.replace("(r: float", "(r: float:"), "does not parse"),
+    (GOOD.replace("def area", "def volume"), "named volume, not area"),
+    (GOOD.replace("import math", "x = 1"), "not one function alone"),
+    (GOOD.replace("    return math.pi * r * r\n", "    return 1\nprint(area(1))\n"), "not one function alone"),
+    ("def area(r):\n    return r\n", "no docstring"),
+    ("def area(r):\n    '''Doc.'''\n    ...\n", "no body"),
+    ("def area(r):\n    '''Doc.'''\n    raise NotImplementedError\n", "no body"),
+    ("def area(r):\n    '''Doc.'''; return r\n", "docstring's line"),
+])
+def test_parse_exercise(text, why):
+    if why is None:
+        prompt, completion = synth.parse_exercise(text, "area")
+        assert prompt.rstrip().endswith(('"""', "'''")) and completion.lstrip().startswith("return")
+        assert prompt.startswith(("import math\n\ndef area", "def area"))
+    else:
+        with pytest.raises(synth.Invalid, match=why):
+            synth.parse_exercise(text, "area")
+
+
+def test_examples_become_asserts_and_run_in_the_sandbox(monkeypatch):
+    prompt, completion = synth.parse_exercise(GOOD, "area")
+    exercise = {"text": prompt + completion}
+    assert synth.example_asserts(exercise["text"]).splitlines() == [
+        "assert (area(1.0) == math.pi) == (True), 'area(1.0) == math.pi'",
+        "assert (round(area(2.0), 2)) == (12.57), 'round(area(2.0), 2)'"]  # print(...) left out
+    assert synth.check_examples(exercise, None) == "unchecked"
+    assert synth.check_examples({"text": "def f():\n    'No examples.'\n    return 1\n"}, None) == "none"
+    sandbox = synth.open_sandbox(1)
+    if sandbox is not None:  # evaluate.py has one
+        with sandbox:
+            assert synth.check_examples(exercise, sandbox) == "passed"
+            wrong = {"text": exercise["text"].replace("12.57", "12.5")}
+            assert synth.check_examples(wrong, sandbox).startswith("failed: AssertionError")
+    monkeypatch.setitem(sys.modules, "evaluate", None)  # evaluate.py missing
+    assert synth.open_sandbox(1) is None
+
+
+def test_dedup_exact_and_near_duplicates():
+    import random
+    rng = random.Random(0)
+    words = [f"w{rng.randrange(5000)}" for _ in range(300)]
+    text = " ".join(words)
+    dedup = synth.Dedup(0.8)
+    assert dedup.add("a", text) is None
+    assert dedup.add("b", text.upper().replace(" ", "\n  ")) == "duplicate of a"
+    close = words.copy()
+    close[150] = "changed"
+    assert dedup.add("c", " ".join(close)).startswith("near duplicate of a (similarity 0.9")
+    assert dedup.add("d", " ".join(words[:150] + [f"v{rng.randrange(5000)}" for _ in range(150)])) is None
+    assert dedup.add("e", " ".join(rng.sample(words, 300))) is None  # same words, other order
+    assert (synth.Dedup(0.8).signature(text) == dedup.signature(text)).all()  # stable between runs
+    many = synth.Dedup(0.8)
+    assert all(many.add(str(i), " ".join(f"w{rng.randrange(10**6)}" for _ in range(50))) is None
+               for i in range(3000))  # grows past its first allocation
