@@ -109,7 +109,7 @@ DEFAULTS = dict(
     samples="",  # score this samples file (jsonl of task_id, completion) instead of generating
     ckpt="",  # generate with this checkpoint of ours
     init_from="",  # or with Hugging Face phi weights: a hub id (microsoft/phi-1) or a folder
-    api_base="",  # or through an OpenAI-compatible endpoint (not yet)
+    api_base="",  # or through an OpenAI-compatible /completions endpoint (llm.py), e.g. sample.py --serve
     model="",  # the model's name at api_base
     out="",  # output folder (default out/<bench>)
     data="",  # mbpp.jsonl to use (default $PHI1_MBPP, ../shared/data/mbpp.jsonl, or downloaded once)
@@ -287,6 +287,35 @@ def model_completions(cfg, jobs: list[tuple], stop: list[str]):
             yield key, cut_at_stop(tokenizer.decode(ids), stop)
 
 
+def api_completions(cfg, jobs: list[tuple], stop: list[str]):
+    """Completions from an OpenAI-compatible /completions endpoint (llm.py): yields (key,
+    completion) for each (key, prompt) job as answers come, batch_size requests at a time.
+
+    OpenAI takes at most 4 stop strings: the first 4 go to the server, and every
+    completion is cut here at all of them. A request that fails for good writes no
+    sample, so a rerun asks again; the run then ends with an error saying how many."""
+    from llm import Client, Failure, LLMError
+    try:
+        client = Client(cfg.api_base, cfg.model, concurrency=cfg.batch_size)
+        client.check()
+    except (ValueError, LLMError) as e:
+        raise UserError(str(e)) from None
+    params = dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop=stop[:4],
+                  **({"top_p": cfg.top_p} if cfg.temperature > 0 else {}))
+    failed = []
+    with client:
+        for key, reply in client.map(jobs, **params):
+            if isinstance(reply, Failure):
+                failed.append(reply)
+                if reply.fatal:
+                    break
+                continue
+            yield key, cut_at_stop(reply.text, stop)
+    if failed:
+        raise UserError(f"{len(failed)} requests to {cfg.api_base} failed (first: {failed[0]}); "
+                        f"rerun the same command to ask again")
+
+
 def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
     """Fill out/samples.jsonl up to n_samples per problem, appending as completions come."""
     path = out / "samples.jsonl"
@@ -313,7 +342,7 @@ def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
     if have:
         print(f"resuming: {sum(have.values())} samples already in {path}, {len(jobs)} to go")
     from tqdm import tqdm
-    completions = model_completions  # an API backend is one more such function
+    completions = api_completions if cfg.api_base else model_completions
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(jobs), desc="generating") as bar:
         for (task_id, _), completion in completions(cfg, jobs, stop):
             f.write(json.dumps(dict(task_id=task_id, completion=completion)) + "\n")
@@ -845,8 +874,8 @@ def evaluate(cfg) -> dict:
     if len(sources) != 1:
         raise UserError("give one of --samples, --ckpt, --init_from or --api_base"
                         + (f" (not {' and '.join('--' + s for s in sources)})" if sources else ""))
-    if cfg.api_base:
-        raise UserError("--api_base is not supported yet")
+    if cfg.api_base and not cfg.model:
+        raise UserError("--api_base needs --model, the model's name at that endpoint")
     try:
         ks = sorted({int(k) for k in str(cfg.k).split(",") if k.strip()})
     except ValueError:

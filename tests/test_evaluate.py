@@ -370,6 +370,41 @@ def test_prompts_go_longest_first_in_batches_and_completions_stop(tmp_path, monk
     assert {s["completion"] for s in read_jsonl(tmp_path / "samples.jsonl")} == {"    return 1\n"}
 
 
+def test_api_base_against_sample_serve_equals_the_checkpoint_itself(tmp_path):
+    """evaluate.py --api_base through llm.py to sample.py --serve: the same greedy samples
+    as generating from the checkpoint directly."""
+    import threading
+
+    import sample
+    config = dataclasses.replace(PRESETS["nano"], block_size=1024)  # room for HumanEval prompts
+    torch.manual_seed(0)
+    model = GPT(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # decisive logits: greedy choices are not float-noise ties
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(config)}, ckpt)
+    cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--port=0", "--quiet"])
+    server = sample.Server(cfg)
+    server.start(sample.load_model(str(ckpt), torch.device("cpu"), torch.float32), "nano")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        common = ["--limit=4", "--max_new_tokens=12", "--workers=1", "--batch_size=2"]
+        api_base = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        evaluate.main([f"--api_base={api_base}", "--model=nano", f"--out={tmp_path / 'api'}", *common])
+        evaluate.main([f"--ckpt={ckpt}", f"--out={tmp_path / 'direct'}", *common])
+        with pytest.raises(UserError, match="no model 'other'"):
+            evaluate.main([f"--api_base={api_base}", "--model=other", f"--out={tmp_path / 'x'}", *common])
+    finally:
+        server.shutdown()
+        server.close()
+    api, direct = ({s["task_id"]: s["completion"] for s in read_jsonl(tmp_path / folder / "samples.jsonl")}
+                   for folder in ("api", "direct"))
+    assert len(api) == 4 and api == direct
+    assert any(api.values())  # something was generated
+    assert len(read_jsonl(tmp_path / "api" / "results.jsonl")) == 4
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_bad_input_ends_with_one_line_and_status_2(tmp_path):
