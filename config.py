@@ -68,16 +68,24 @@ def _convert(key: str, text: str, default):
 
 
 def _comments(defaults: dict) -> dict[str, str]:
-    """The trailing comment of each `key=value,  # ...` line in the caller's source."""
-    try:
-        source = inspect.getsource(sys.modules["__main__"])
-    except (OSError, TypeError, KeyError):
-        return {}
+    """The trailing comment of each `key=value,  # ...` line in the script's source, or
+    in the source of a module whose DEFAULTS it took them from (finetune.py: train.py's)."""
+    main = sys.modules.get("__main__")
+    modules = [main] + [m for m in list(sys.modules.values())
+                        if m is not main and isinstance(getattr(m, "__dict__", {}).get("DEFAULTS"), dict)]
+    sources = []
+    for module in modules:
+        try:
+            sources.append(inspect.getsource(module))
+        except (OSError, TypeError):
+            pass
     found = {}
     for key in defaults:
-        m = re.search(rf"^\s*{re.escape(key)}\s*=.*?#\s*(.*)$", source, re.M)
-        if m:
-            found[key] = m.group(1).strip()
+        for source in sources:
+            m = re.search(rf"^\s*{re.escape(key)}\s*=.*?#\s*(.*)$", source, re.M)
+            if m:
+                found[key] = m.group(1).strip()
+                break
     return found
 
 

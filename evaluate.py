@@ -254,14 +254,9 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 
 def model_completions(cfg, jobs: list[tuple], stop: list[str]):
-    """Completions of our model: yields (key, completion) for each (key, prompt) job.
-
-    Prompts go longest first, batch_size at a time, through GPT.generate (KV cache,
-    stop strings checked as tokens arrive); a prompt that leaves no room for
-    max_new_tokens in the context is cut from the left."""
+    """Completions of the checkpoint (--ckpt) or Hugging Face weights (--init_from)."""
     import torch
 
-    import tokenizer
     from model import GPT
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     try:
@@ -269,22 +264,50 @@ def model_completions(cfg, jobs: list[tuple], stop: list[str]):
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         raise UserError(str(e)) from None
     model = model.to(torch.bfloat16 if device.startswith("cuda") else torch.float32).eval()
-    room = model.config.block_size - cfg.max_new_tokens
+    yield from completions_of(model, jobs, stop, cfg.batch_size, cfg.max_new_tokens, cfg.temperature,
+                              cfg.top_p, cfg.seed)
+
+
+def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, max_new_tokens: int,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+    """Yields (key, completion) for each (key, prompt) job, from a model in memory.
+
+    Prompts go longest first, batch_size at a time, through GPT.generate (KV cache,
+    stop strings checked as tokens arrive); a prompt that leaves no room for
+    max_new_tokens in the context is cut from the left."""
+    import tokenizer
+    room = model.config.block_size - max_new_tokens
     if room < 1:
-        raise UserError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in "
+        raise UserError(f"--max_new_tokens={max_new_tokens} leaves no room for a prompt in "
                         f"the model's context of {model.config.block_size}")
     encoded = {prompt: tokenizer.encode(prompt) for prompt in {p for _, p in jobs}}
     if cut := sum(len(ids) > room for ids in encoded.values()):
         print(f"warning: {cut} prompts are longer than the {room} tokens the context leaves; "
               f"their beginnings are cut off", file=sys.stderr)
     order = sorted(jobs, key=lambda job: -len(encoded[job[1]]))
-    for start in range(0, len(order), cfg.batch_size):
-        batch = order[start:start + cfg.batch_size]
-        seed = cfg.seed ^ zlib.crc32(repr(batch[0][0]).encode())  # the same batch, the same draws
-        new = model.generate([encoded[p][-room:] for _, p in batch], cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, stop=stop, seed=seed)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        batch_seed = seed ^ zlib.crc32(repr(batch[0][0]).encode())  # the same batch, the same draws
+        new = model.generate([encoded[p][-room:] for _, p in batch], max_new_tokens,
+                             temperature=temperature, top_p=top_p, stop=stop, seed=batch_seed)
         for (key, _), ids in zip(batch, new):
             yield key, cut_at_stop(tokenizer.decode(ids), stop)
+
+
+def pass_at_1(model, bench: str = "humaneval", limit: int = 0, max_new_tokens: int = 256,
+              batch_size: int = 16, workers: int = 0, timeout: float = 3.0) -> float:
+    """Greedy pass@1 of a model in memory on a benchmark (its first `limit` problems
+    if limit > 0), nothing written: what finetune.py checks as it trains."""
+    problems, stop = load_problems(bench)
+    if limit > 0:
+        problems = dict(list(problems.items())[:limit])
+    jobs = [((task_id, 0), p["prompt"]) for task_id, p in problems.items()]
+    samples = [dict(task_id=key[0], completion=completion)
+               for key, completion in completions_of(model, jobs, stop, batch_size, max_new_tokens)]
+    workers = workers if workers > 0 else len(os.sched_getaffinity(0))
+    with Sandbox(workers, timeout) as sandbox:
+        results = score(samples, problems, sandbox, workers, progress=False)
+    return sum(r["passed"] for r in results) / len(results)
 
 
 def api_completions(cfg, jobs: list[tuple], stop: list[str]):
@@ -823,14 +846,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def score(samples: list[dict], problems: dict, sandbox: Sandbox, workers: int) -> list[dict]:
+def score(samples: list[dict], problems: dict, sandbox: Sandbox, workers: int,
+          progress: bool = True) -> list[dict]:
     """Each sample with its outcome; identical (task, completion) pairs run once."""
     from tqdm import tqdm
     outcome = dict.fromkeys((s["task_id"], s["completion"]) for s in samples)
     pool = ThreadPoolExecutor(workers)
     try:
         futures = {pool.submit(sandbox.run, program(problems[t], c)): (t, c) for t, c in outcome}
-        for future in tqdm(as_completed(futures), total=len(futures), desc="executing"):
+        for future in tqdm(as_completed(futures), total=len(futures), desc="executing", disable=not progress):
             outcome[futures[future]] = future.result()
     finally:
         pool.shutdown(cancel_futures=True)

@@ -313,7 +313,11 @@ class GPT(nn.Module):
         """A model from a checkpoint written by train.py or finetune.py."""
         ckpt = load_checkpoint(path)
         model = cls(config_from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # the weights of another architecture
+            first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+            raise ValueError(f"{path} does not hold a phi-1 model of this code ({first[:200]})") from None
         return model.to(device)
 
     # ------------------------------------------------------------ Hugging Face

@@ -198,11 +198,11 @@ def peak_flops(cfg, device: torch.device) -> float | None:
     return None
 
 
-def save_checkpoint(path: Path, raw_model: GPT, optimizer, scaler, step: int, cfg) -> None:
-    """Write to a temporary file, then rename: a kill never leaves half a checkpoint."""
-    ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "config": asdict(raw_model.config),
-            "step": step, "settings": vars(cfg)}
+def save_checkpoint(path: Path, raw_model: GPT, step: int, cfg, **state) -> None:
+    """Write to a temporary file, then rename: a kill never leaves half a checkpoint.
+    `state` adds what resuming needs (optimizer, scaler, best score)."""
+    ckpt = {"model": raw_model.state_dict(), "config": asdict(raw_model.config), "step": step,
+            "settings": vars(cfg), **state}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)
@@ -231,8 +231,9 @@ def requested_config(cfg) -> GPTConfig:
 
 
 def build_model(cfg, out_dir: Path, master: bool):
-    """The model and, when resuming, the checkpoint it came from."""
-    config = requested_config(cfg)
+    """The model and, when resuming, the checkpoint it came from. Without a preset
+    (finetuning) the model is whatever the checkpoint holds."""
+    config = requested_config(cfg) if cfg.preset else None
     ckpt_path = out_dir / "ckpt.pt"
     mode = cfg.init_from
     if mode == "auto":
@@ -243,7 +244,7 @@ def build_model(cfg, out_dir: Path, master: bool):
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"cannot resume: {e}") from None
         saved = replace(config_from_dict(ckpt["config"]), attention=cfg.attention)
-        if saved != config:
+        if config is not None and saved != config:
             raise UserError(f"{ckpt_path} holds another model than --preset={cfg.preset} asks for; "
                             f"use another --out_dir, or --init_from=scratch to replace it")
         model = GPT(saved)
@@ -252,20 +253,28 @@ def build_model(cfg, out_dir: Path, master: bool):
             print(f"resuming {ckpt_path} from step {ckpt['step']}")
         return model, ckpt
     if mode == "scratch":
+        if config is None:
+            raise UserError("training from scratch needs a --preset")
         torch.manual_seed(cfg.seed)
         return GPT(config), None
     try:  # weights to start from: our checkpoint, a Hugging Face folder or hub id
         model = GPT.from_pretrained(mode)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
-        raise UserError(f"cannot load --init_from={mode}: {e}") from None
+        raise UserError(f"cannot load {mode}: {e}") from None
     model.config.attention = cfg.attention  # the blocks share this config
     if cfg.dropout is not None:
         model.config.dropout = float(cfg.dropout)
     return model.float(), None
 
 
-def train(cfg) -> GPT:
-    """Run the training that cfg describes; returns the trained (unwrapped) model."""
+def train(cfg, make_data=None, score=None) -> GPT:
+    """Run the training that cfg describes; returns the trained (unwrapped) model.
+
+    make_data: a function of the model's config returning the batches to train on,
+    anything with Mixture's `names` and `batch()` (default: the Mixture that --data
+    names; finetune.py passes its exercises). score: a function of the model returning
+    (name, value), higher is better, called with each validation loss; the best
+    model so far is kept in out_dir/best.pt (finetune.py passes HumanEval's pass@1)."""
     if cfg.attention not in ("auto", "sdpa", "triton"):
         raise UserError(f"--attention must be auto, sdpa or triton, not {cfg.attention!r}")
     rank, world, device = setup_processes(cfg.device)
@@ -287,15 +296,19 @@ def train(cfg) -> GPT:
                         f"= {cfg.batch_size * world}")
     accum = total // (cfg.batch_size * world)
 
-    if master:  # the default dataset is prepared once, by the first process
-        Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=True)
-    if world > 1:
-        dist.barrier()
-    data = Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=False)
+    if make_data is not None:
+        data = make_data(config)
+    else:
+        if master:  # the default dataset is prepared once, by the first process
+            Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=True)
+        if world > 1:
+            dist.barrier()
+        data = Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=False)
 
     raw_model.to(device)
     optimizer = make_optimizer(raw_model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
+    best = ckpt.get("best") if ckpt else None  # the best score so far, kept in out_dir/best.pt
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -328,8 +341,19 @@ def train(cfg) -> GPT:
         return losses
 
     def print_val_loss(step: int) -> None:
+        nonlocal best
         losses = evaluate()
         print(f"step {step}: val loss " + ", ".join(f"{v:.4f} ({k})" for k, v in losses.items()), flush=True)
+        if score is not None:
+            raw_model.eval()
+            name, value = score(raw_model)
+            raw_model.train()
+            improved = best is None or value > best
+            print(f"step {step}: {name} {value:.4f}" + (" (best so far: saved best.pt)" if improved else ""),
+                  flush=True)
+            if improved:
+                best = value
+                save_checkpoint(out_dir / "best.pt", raw_model, step, cfg, best=best)
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -391,7 +415,8 @@ def train(cfg) -> GPT:
                 t_last, step_last = time.time(), step
             if stop or checkpoint:
                 if master:
-                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, cfg)
+                    save_checkpoint(ckpt_path, raw_model, step, cfg, optimizer=optimizer.state_dict(),
+                                    scaler=scaler.state_dict(), best=best)
                     print(f"saved {ckpt_path} at step {step}", flush=True)
                 if stop:
                     if master:

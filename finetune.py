@@ -1,0 +1,165 @@
+"""Finetune a pretrained phi-1 model on exercises: signature and docstring in, body out.
+
+    python finetune.py --base=out/ckpt.pt --exercises=out/exercises.jsonl      # the paper's recipe
+    torchrun --standalone --nproc_per_node=8 finetune.py --base=out/phi-1-base/ckpt.pt \
+        --exercises=out/exercises.jsonl --batch_size=32 --compile --humaneval_problems=164
+
+The defaults are the paper's finetuning recipe: 256 sequences a step, peak lr 1e-4,
+warmup 50, weight decay 0.01, 6K steps, a checkpoint every 1000. Everything but the
+data is train.py's, called, not copied: the loop, DDP under torchrun, bf16, exact
+resume (rerun the same command), SIGTERM, NaN checks, logs. --base is the model to
+start from: our checkpoint, a Hugging Face phi folder or hub id.
+
+The data. Each exercise ({"prompt", "completion"} per JSONL line, as synth.py
+writes them) becomes prompt tokens + completion tokens + <|endoftext|>, the prompt
+and completion encoded apart, as evaluation will see them. Exercises are packed one
+after another into one token stream, and batches are windows of the context length
+drawn from it like train.py's: attention crosses exercise boundaries inside a
+window, as in pretraining; the <|endoftext|> between them says where one ends, and
+no window is padded. The loss counts the completion tokens and the <|endoftext|>
+ending them (--loss_on=all: every token), so the model learns to write bodies, not
+docstrings, and to stop. Exercises go to val by a hash of their text. Malformed
+lines are skipped and counted.
+
+With --humaneval_problems=N, each validation loss comes with the greedy pass@1 on
+the first N HumanEval problems (evaluate.py's sandbox), and the best model so far is
+kept in out_dir/best.pt, as the paper keeps the best of its checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+import tokenizer
+import train
+from config import UserError, parse_args, run
+
+# train.py's settings, less those that choose the model and data, with the paper's finetuning recipe
+DEFAULTS = {key: value for key, value in train.DEFAULTS.items()
+            if key not in ("data", "preset", "init_from", "block_size")}
+DEFAULTS.update(
+    base="out/ckpt.pt",  # the model to finetune: our checkpoint, a Hugging Face phi folder or hub id
+    exercises="out/exercises.jsonl",  # JSONL of {"prompt", "completion"} (synth.py exercises)
+    out_dir="out/finetune",  # checkpoints go to out_dir/ckpt.pt, the best one to out_dir/best.pt
+    loss_on="completion",  # completion (the body and its <|endoftext|>) or all (every token)
+    val_fraction=0.02,  # share of exercises (by a hash of their text) kept for the validation loss
+    humaneval_problems=0,  # HumanEval problems scored with each validation loss (0: none, 164: all)
+    humaneval_max_tokens=256,  # tokens per HumanEval completion at most
+    batch_size=8,  # sequences per micro-step and process
+    total_batch_size=256,  # sequences per optimizer step over all processes (paper: 256)
+    learning_rate=1e-4,  # peak learning rate (paper: 1e-4)
+    warmup_iters=50,  # linear warmup steps (paper: 50)
+    weight_decay=0.01,  # AdamW decay of weight matrices (paper: 0.01)
+    max_iters=6000,  # optimizer steps in all (paper: 6000)
+    checkpoint_interval=1000,  # steps between checkpoints, one at the end too (paper: 1000)
+    eval_interval=1000,  # steps between validation losses (and HumanEval), one at the end too
+)
+
+
+def read_exercises(path: Path) -> tuple[list[tuple[str, str]], int]:
+    """(prompt, completion) of each well-formed line, and the number of malformed ones."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read --exercises={path}: {e.strerror or e}") from None
+    exercises, malformed = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            prompt, completion = record["prompt"], record["completion"]
+            if not (isinstance(prompt, str) and isinstance(completion, str) and completion.strip()):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            malformed += 1
+            continue
+        exercises.append((prompt, completion))
+    return exercises, malformed
+
+
+class Exercises:
+    """Exercises packed into one token stream per split, with a loss mask; batches are
+    drawn like train.Mixture's (a pure function of seed, rank, step, micro-step)."""
+
+    def __init__(self, exercises: list[tuple[str, str]], block_size: int, loss_on: str,
+                 val_fraction: float, name: str):
+        self.block_size, self.names = block_size, [name]
+        digests = [hashlib.sha256((p + c).encode()).digest() for p, c in exercises]
+        in_val = [int.from_bytes(d[:8], "big") < val_fraction * 2**64 for d in digests]
+        if not any(in_val):  # a tiny set: its most val-like exercise goes to val
+            in_val[min(range(len(digests)), key=digests.__getitem__)] = True
+        prompts = tokenizer.encode_batch([p for p, _ in exercises])
+        bodies = tokenizer.encode_batch([c for _, c in exercises])
+        self.splits = {}
+        for split, wanted in (("train", False), ("val", True)):
+            tokens, mask = [], []
+            for prompt, body, val in zip(prompts, bodies, in_val):
+                if val == wanted:
+                    tokens += prompt + body + [tokenizer.EOT]
+                    mask += [loss_on == "all"] * len(prompt) + [True] * (len(body) + 1)
+            if not tokens:
+                raise UserError(f"no exercises left for {split} (have {len(exercises)}; "
+                                f"adjust --val_fraction={val_fraction})")
+            reps = -(-(block_size + 1) // len(tokens))  # a stream shorter than a window repeats
+            self.splits[split] = (np.array(tokens * reps, dtype=np.int64), np.array(mask * reps))
+
+    def batch(self, split: str, batch_size: int, seed: int, *key: int, only: int | None = None):
+        """(inputs, targets) of shape (batch_size, block_size); targets the loss skips are -1."""
+        tokens, mask = self.splits[split]
+        rng = np.random.default_rng([seed, *key, split == "val"])
+        starts = rng.integers(0, len(tokens) - self.block_size, size=batch_size)
+        window = starts[:, None] + np.arange(self.block_size + 1)
+        targets = np.where(mask[window[:, 1:]], tokens[window[:, 1:]], -1)
+        return tokens[window[:, :-1]], targets
+
+
+def humaneval_score(cfg):
+    """The score train.train keeps the best of: greedy pass@1 on the first problems."""
+    import evaluate
+
+    def score(model):
+        value = evaluate.pass_at_1(model, "humaneval", cfg.humaneval_problems, cfg.humaneval_max_tokens)
+        return f"HumanEval pass@1 ({cfg.humaneval_problems} problems)", value
+    return score
+
+
+def finetune(cfg):
+    """Finetune as cfg says (DEFAULTS' settings); returns the finetuned model."""
+    if cfg.loss_on not in ("completion", "all"):
+        raise UserError(f"--loss_on must be completion or all, not {cfg.loss_on!r}")
+    path = Path(cfg.exercises)
+    exercises, malformed = read_exercises(path)
+    if malformed:
+        print(f"skipped {malformed} malformed lines of {path} (each needs a string prompt and completion)")
+    if not exercises:
+        raise UserError(f"no exercises in {path}")
+    resume = (Path(cfg.out_dir) / "ckpt.pt").exists()
+    cfg.preset, cfg.data, cfg.init_from = "", str(path), "resume" if resume else cfg.base
+    print(f"{len(exercises):,} exercises from {path}; "
+          + (f"resuming {cfg.out_dir}" if resume else f"starting from {cfg.base}"))
+
+    def make_data(config):  # windows of the model's context length
+        return Exercises(exercises, config.block_size, cfg.loss_on, cfg.val_fraction, path.stem)
+
+    score = humaneval_score(cfg) if cfg.humaneval_problems > 0 else None
+    return train.train(cfg, make_data, score)
+
+
+def main():
+    cfg, extra = parse_args(DEFAULTS, __doc__)
+    if extra:
+        raise UserError(f"unexpected argument {extra[0]!r} (settings are --key=value, see --help)")
+    try:
+        finetune(cfg)
+    finally:
+        if train.dist.is_initialized():
+            train.dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,166 @@
+"""finetune.py: packing and the loss mask, training through train.py, resume, DDP, bad input."""
+
+import dataclasses
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import finetune
+import tokenizer
+from config import parse_args
+from model import GPT, PRESETS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def exercises(n: int = 60) -> list[tuple[str, str]]:
+    """Small exercises whose bodies follow from their prompts: something to learn."""
+    out = []
+    for i in range(n):
+        a = i % 7
+        out.append((f'def add_{i}(x):\n    """Return x plus {a}."""\n', f"    return x + {a}\n"))
+    return out
+
+
+def write_exercises(path: Path, items, extra_lines=()) -> Path:
+    lines = [json.dumps({"id": f"ex-{i}", "prompt": p, "completion": c}) for i, (p, c) in enumerate(items)]
+    path.write_text("\n".join(lines + list(extra_lines)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A random nano model saved as train.py saves checkpoints."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base") / "ckpt.pt"
+    config = PRESETS["nano"]
+    torch.save({"model": GPT(config).state_dict(), "config": dataclasses.asdict(config), "step": 0}, path)
+    return path
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "finetune.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_exercises_are_packed_with_eot_and_only_completions_count():
+    items = exercises(3)
+    data = finetune.Exercises(items, block_size=16, loss_on="completion", val_fraction=0.0, name="ex")
+    digests = [hashlib.sha256((p + c).encode()).digest() for p, c in items]
+    in_val = digests.index(min(digests))  # a set with no val exercise gives val its most val-like one
+    stream, stream_mask = [], []
+    for i, (prompt, body) in enumerate(items):
+        if i != in_val:
+            p, b = tokenizer.encode(prompt), tokenizer.encode(body)
+            stream += p + b + [tokenizer.EOT]
+            stream_mask += [False] * len(p) + [True] * (len(b) + 1)
+    tokens, mask = data.splits["train"]
+    assert tokens[:len(stream)].tolist() == stream and mask[:len(stream)].tolist() == stream_mask
+    assert len(tokens) >= 17  # a stream shorter than a window is repeated to fill one
+    assert finetune.Exercises(items, 16, "all", 0.0, "ex").splits["train"][1].all()
+
+
+def test_targets_follow_the_mask_exactly():
+    items = exercises(5)
+    data = finetune.Exercises(items, block_size=24, loss_on="completion", val_fraction=0.0, name="ex")
+    tokens, mask = data.splits["train"]
+    x, y = data.batch("train", 16, 3, 0, 1, 0)
+    for row_x, row_y in zip(x, y):
+        start = next(s for s in range(len(tokens) - 24) if np.array_equal(tokens[s:s + 24], row_x))
+        nxt = tokens[start + 1:start + 25]
+        assert np.array_equal(row_y, np.where(mask[start + 1:start + 25], nxt, -1))
+
+
+def test_completion_only_loss_sends_no_gradient_through_prompt_positions(base):
+    model = GPT.from_checkpoint(base)
+    data = finetune.Exercises(exercises(8), block_size=64, loss_on="completion", val_fraction=0.0, name="ex")
+    x, y = map(torch.from_numpy, data.batch("train", 4, 0, 0, 0, 0))
+    logits, loss = model(x, y)
+    logits.retain_grad()
+    loss.backward()
+    per_position = logits.grad.abs().sum(-1)
+    assert (per_position[y == -1] == 0).all()  # a prompt target can change nothing
+    assert (per_position[y != -1] > 0).all()
+
+
+def test_finetune_trains_keeps_the_best_and_resumes_exactly(tmp_path, base):
+    data = write_exercises(tmp_path / "ex.jsonl", exercises(), extra_lines=["not json", '{"prompt": 1}'])
+    args = [f"--base={base}", f"--exercises={data}", "--batch_size=4", "--total_batch_size=4", "--max_iters=16",
+            "--warmup_iters=2", "--learning_rate=3e-3", "--checkpoint_interval=4", "--log_interval=4",
+            "--eval_interval=8", "--eval_iters=2", "--sample_tokens=0", "--dropout=0.1",
+            "--humaneval_problems=2", "--humaneval_max_tokens=8", "--val_fraction=0.1"]
+    straight = cli(*args, f"--out_dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr
+    assert "skipped 2 malformed lines" in straight.stdout
+    assert "HumanEval pass@1 (2 problems)" in straight.stdout and (tmp_path / "straight" / "best.pt").exists()
+    losses = [float(line.split("val loss ")[1].split()[0]) for line in straight.stdout.splitlines()
+              if "val loss" in line]
+    assert losses[-1] < losses[0] - 1.0, losses
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "finetune.py"), *args, f"--out_dir={out}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("saved"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.communicate(timeout=120)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] < 16
+    resumed = cli(*args, f"--out_dir={out}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    final = torch.load(out / "ckpt.pt", weights_only=True)
+    expected = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    assert final["step"] == 16
+    for name, tensor in expected["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+
+
+def test_torchrun_ddp_finetuning_keeps_replicas_identical(tmp_path, base):
+    data = write_exercises(tmp_path / "ex.jsonl", exercises())
+    script = tmp_path / "ddp_finetune.py"
+    script.write_text(f"""
+import os, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+import finetune
+from config import parse_args
+cfg, _ = parse_args(finetune.DEFAULTS, argv=sys.argv[1:])
+model = finetune.finetune(cfg)
+torch.save(model.state_dict(), os.path.join(cfg.out_dir, f"rank{{os.environ['RANK']}}.pt"))
+""")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         f"--base={base}", f"--exercises={data}", "--batch_size=2", "--total_batch_size=8", "--max_iters=4",
+         "--warmup_iters=1", "--log_interval=2", "--eval_interval=0", "--sample_tokens=0", f"--out_dir={out}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    initial = torch.load(base, weights_only=True)["model"]
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert not torch.equal(rank0["lm_head.weight"], initial["lm_head.weight"])
+
+
+def test_bad_input_gives_one_clear_line(tmp_path, base):
+    data = write_exercises(tmp_path / "ex.jsonl", exercises(10))
+    foreign = tmp_path / "foreign.pt"  # a checkpoint whose weights belong to another architecture
+    torch.save({"model": {"transformer.wte.weight": torch.zeros(10, 4)},
+                "config": dataclasses.asdict(PRESETS["nano"])}, foreign)
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text('{"prompt": "x"}\nnot json\n')
+    cases = [([f"--base={foreign}", f"--exercises={data}"], "does not hold a phi-1 model"),
+             ([f"--base={base}", f"--exercises={only_bad}"], "no exercises in"),
+             ([f"--base={base}", f"--exercises={tmp_path / 'missing.jsonl'}"], "cannot read"),
+             ([f"--base={base}", f"--exercises={data}", "--loss_on=some"], "--loss_on")]
+    for args, expected in cases:
+        result = cli(*args, f"--out_dir={tmp_path / 'out'}", "--max_iters=2")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, result.stderr)
+        assert not (tmp_path / "out" / "ckpt.pt").exists()
