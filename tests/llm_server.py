@@ -72,8 +72,8 @@ class FakeLLM(ThreadingHTTPServer):
     request_queue_size = 256
 
     def __init__(self, faults=("ok",), latency=0.0, slow=1.0, key=None, model="fake", retry_after="0.01",
-                 answer=answer):
-        super().__init__(("127.0.0.1", 0), Handler)
+                 answer=answer, port=0):
+        super().__init__(("127.0.0.1", port), Handler)
         self.faults, self.latency, self.slow, self.key, self.model = list(faults), latency, slow, key, model
         self.retry_after, self.answer = retry_after, answer
         self.posts = itertools.count()
@@ -179,3 +179,30 @@ class Handler(BaseHTTPRequestHandler):
             choice = {"index": 0, "text": text, "finish_reason": "stop"}
         self.send(200, {"id": "x", "object": "chat.completion", "model": self.server.model, "choices": [choice],
                         "usage": usage})
+
+
+# ---------------------------------------------------------------- the toy pipeline's stand-in teacher
+
+def toy_teacher(body: dict) -> str:
+    """What README's toy pipeline asks a teacher: exercises and prose as answer() gives
+    them, and educational value judged by a rule a forest can learn from embeddings:
+    docstrings and comments per line."""
+    asked = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
+    file = re.search(r"<file>\n(.*)\n</file>", asked, re.S)
+    if not file:
+        return answer(body)
+    lines = file.group(1).splitlines() or [""]
+    explained = file.group(1).count('"""') / 2 + sum(line.lstrip().startswith("#") for line in lines)
+    score = max(0, min(10, round(50 * explained / len(lines))))  # 6 from 12 per 100 lines
+    return f"Judged by the stand-in teacher's rule.\nEducational value: {score}"
+
+
+if __name__ == "__main__":  # python tests/llm_server.py --port=8012 --model=teacher
+    import argparse
+    parser = argparse.ArgumentParser(description="the toy pipeline's stand-in teacher (see README)")
+    parser.add_argument("--port", type=int, default=8012)
+    parser.add_argument("--model", default="teacher")
+    args = parser.parse_args()
+    server = FakeLLM(model=args.model, answer=toy_teacher, port=args.port)
+    print(f"stand-in teacher at {server.url}", flush=True)
+    server.thread.join()
