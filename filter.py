@@ -1,0 +1,1450 @@
+"""Filter web code by educational value, and check training data against the benchmarks.
+
+    python filter.py annotate --corpus=web.jsonl --n=100000 --model=gpt-4 --concurrency=32
+    python filter.py embed --ckpt=microsoft/phi-1        # embeds out/annotations.jsonl
+    python filter.py train                                # out/forest.npz from the two
+    python filter.py apply --corpus='web/*.jsonl' --top_fraction=0.17 --shard=0 --num_shards=64
+    torchrun --standalone --nproc_per_node=8 filter.py apply --corpus='web/*.jsonl' ...
+    python filter.py decontaminate --corpus=exercises.jsonl --prune_tau=0.95 --out=pruned.jsonl \\
+        --results=out/humaneval/results.jsonl
+
+The paper (section 2.1) had GPT-4 judge ~100K files for "educational value for a
+student whose goal is to learn basic coding concepts", trained a random forest on a
+pretrained code model's embeddings of them, and kept what the forest predicts to be
+educational: ~6B of 35B tokens. Corpora are JSONL, one {"id", "text", ...} per line (a
+line without an id is called FILE:LINE); --corpus takes comma-separated paths and globs.
+
+annotate   draws --n documents spread over --strata length quantiles in proportion (the
+           sample's lengths follow the corpus's without a plain draw's luck; a larger --n
+           extends the same draw) and asks the teacher (llm.py: --api_base, else
+           $OPENAI_BASE_URL, else OpenAI) for their educational value with our own prompt
+           (PROMPT): a score from 0 to 10 on the answer's last line. parse_score reads it;
+           an answer without one is asked again with a reminder, up to --attempts answers,
+           then written as a failure (score null, "error"). Records {"id", "score",
+           "answer", "text", "stratum", "model"} are appended to --labels as they come; a
+           rerun asks only for the documents without a score, and a document's last line
+           counts. A document is a positive (the label) when its score >= --min_score.
+embed      embeds --corpus (default: --labels) with --ckpt (our .pt, a Hugging Face phi
+           folder or hub id): the mean of the final hidden states (after the last
+           LayerNorm) over the document's first --doc_tokens tokens, capped at the model's
+           context. A decoder has no summary token, and its last position is shaped to
+           predict what comes next rather than to sum up; the mean gives every part of the
+           file a say. 2048 is phi-1's context and holds most files whole. Rows are padded
+           on the right, which causal attention never lets a real position see, so batches
+           need no mask. Writes --embeddings, a float16 .npy (documents x width) in corpus
+           order, and NAME.json beside it (format, ids, count, dim, the source and its
+           fingerprint: corpus, model contents, settings). The work goes chunk by chunk
+           into NAME.npy.partial; a rerun continues at the first unfinished chunk, and the
+           .npy and .json appear only once all are done. Under torchrun each process
+           embeds every world-th chunk on its own GPU.
+train      fits the forest (RandomForest) on the annotated documents' embeddings, keeping
+           --holdout of them aside for accuracy, precision, recall, F1 and AUC, printed with
+           the out-of-bag accuracy and saved in the forest (--forest) with the embedding's
+           source.
+apply      streams --corpus through the embedding model (the forest's, unless --ckpt)
+           and the forest a chunk at a time, in constant memory, and writes per shard in
+           --out (default out/filtered):
+             kept-I-of-N.jsonl    the kept documents, each with its "score"
+             scores-I-of-N.bin    score (float32) and tokens (uint32) of every document
+             summary-I-of-N.json  documents and tokens in all and kept, the threshold, a
+                                  histogram of the scores; written last
+           The score is the forest's probability of the positive class; a document is kept
+           at --threshold or above, or with --top_fraction, if it is among the best-scoring
+           documents that hold that fraction of the shard's tokens (the threshold read from
+           a 10,000-bin histogram; ties at it are kept). Shard I of N holds lines I, I + N,
+           I + 2N, ... of the corpus; under torchrun each process is a shard of its own (N =
+           --num_shards x processes). A shard with a summary is done: a rerun skips it, or
+           with another --threshold or --top_fraction only selects again from its scores.
+decontaminate  --corpus (e.g. exercises) against HumanEval and MBPP (--bench): 13-gram
+           overlap (lowercased words of the problem's prompt and solution), the L2 distance
+           of unit-normalised embeddings (with --ckpt) and the AST match rate tau. Writes
+           --report: per problem its closest training document by each measure, and per
+           tau how many documents and problems reach it. With --prune_tau, --out gets the
+           documents whose tau is below it against every problem; with --results
+           (evaluate.py's results.jsonl, comma-separated for several runs) it prints the
+           paper's Table 3: per tau, the problems with a training document at least that
+           close (similar) and the others, with their pass rates.
+
+The AST match rate: tau = 1 - d / max(n1, n2), d being the tree edit distance between
+two programs' ASTs of n1 and n2 nodes (Zhang and Shasha's algorithm; inserting, deleting
+or relabelling a node costs 1), so 1.0 is the same structure and 0 nothing in common.
+Names go before comparing (identifiers, attributes, arguments, imports, keywords: a node
+keeps its type only), and so do docstrings (comments never reach the AST); constants keep
+their type, not their value (3 matches 4, not "3"); operators and load/store contexts
+fold into their parent's label (BinOp:Add). Exact distances take O(n1 n2 k1 k2) steps (k:
+the smaller of depth and leaf count), about 20 ms for a pair of benchmark-sized
+functions in Python. As d >= max(n1, n2) - (the labels the two trees share, counted as
+multisets), pairs whose bound falls below --min_tau are not computed; for HumanEval
+against MBPP at 0.8 the bound leaves 0.3% of the pairs. At the paper's scale (880K
+exercises x 664 problems, on --workers processes) that is ~1.5M exact pairs, some
+hours of CPU; an embedding pre-filter would cut it further.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import llm
+from config import UserError, parse_args, run
+from data.prepare import expand, write_atomic
+from synth import Appender, check_writable, read_jsonl
+
+DEFAULTS = dict(
+    corpus="",  # input JSONL(s): annotate draws from it, embed embeds it (default --labels), apply filters it, ...
+    labels="out/annotations.jsonl",  # annotate writes it, embed and train read it
+    embeddings="out/embeddings.npy",  # embed writes it (and NAME.json), train reads it
+    forest="out/forest.npz",  # train writes it, apply reads it
+    out="",  # apply: output folder (default out/filtered); decontaminate: the pruned JSONL
+    seed=0,  # the annotation draw, the holdout split and the forest
+    # annotate
+    n=1000,  # documents to annotate (the paper: ~100K)
+    strata=10,  # length quantiles the draw is spread over, in proportion to their sizes
+    api_base="",  # OpenAI-compatible endpoint (default $OPENAI_BASE_URL, else OpenAI); key: $OPENAI_API_KEY
+    model="gpt-4",  # the teacher (the paper's annotator)
+    concurrency=8,  # requests in flight at most
+    rpm=0,  # requests per minute at most, client side (0: no limit)
+    tpm=0,  # tokens per minute at most, client side (0: no limit)
+    timeout=120.0,  # seconds to wait for an answer before retrying
+    max_retries=6,  # retries of a request on connection errors, timeouts, 429 and 5xx
+    backoff=1.0,  # seconds before the first retry, doubling after each (with jitter)
+    temperature=0.0,  # the teacher's sampling temperature
+    max_tokens=256,  # tokens per answer at most
+    attempts=3,  # answers per document without a readable score before it is written as a failure
+    prompt_chars=8000,  # characters of a document shown to the teacher (longer ones are cut)
+    min_score=6,  # a score of at least this (0-10) makes a document a positive
+    price_in=0.0,  # USD per million prompt tokens, for the cost shown
+    price_out=0.0,  # USD per million completion tokens
+    # embed (and apply, decontaminate)
+    ckpt="",  # embedding model: our .pt, a Hugging Face phi folder or hub id (apply: default the forest's)
+    doc_tokens=2048,  # tokens of each document embedded: its first ones
+    batch_size=8,  # documents per forward pass
+    device="auto",  # auto (cuda if there is one), cpu, cuda, cuda:1, ...
+    dtype="auto",  # auto (bfloat16 on GPUs that have it), float32, bfloat16, float16
+    # train
+    holdout=0.2,  # fraction of the annotated documents kept aside for the metrics (0: none)
+    n_trees=100,  # trees in the forest
+    max_depth=0,  # depth limit of a tree (0: none)
+    max_features="sqrt",  # features tried per split: sqrt, log2, all, a number, or a fraction
+    min_samples_leaf=1,  # documents in a leaf at least
+    class_weight="balanced",  # balanced (each class weighs the same in all) or none
+    workers=0,  # processes growing trees or comparing ASTs (0: one per core)
+    # apply
+    threshold=0.5,  # keep documents scoring at least this
+    top_fraction=0.0,  # or keep the best-scoring documents holding this fraction of the tokens (0: use threshold)
+    shard=0,  # this shard's index
+    num_shards=1,  # shards the corpus is split into (e.g. one per machine)
+    # decontaminate
+    bench="humaneval,mbpp",  # benchmarks to check against
+    mbpp="",  # mbpp.jsonl (default: where evaluate.py finds it)
+    min_tau=0.8,  # AST match rates below this are only bounded, not computed
+    prune_tau=0.0,  # write to --out the documents whose tau is below this against every problem (0: no)
+    results="",  # evaluate.py results.jsonl files (comma-separated) for the similar / non-similar table
+    report="out/decontamination.json",  # decontaminate's findings
+)
+
+COMMANDS = ("annotate", "embed", "train", "apply", "decontaminate")
+CHUNK_BATCHES = 16  # batches per chunk: embed's unit of resuming, apply's unit of streaming
+TAUS = (0.95, 0.9, 0.85, 0.8)  # the paper's Table 3
+NGRAM = 13
+EMBEDDINGS_FORMAT = "phi1-embeddings"
+SCORES = np.dtype([("score", "<f4"), ("tokens", "<u4")])  # apply's scores-I-of-N.bin
+
+
+# ---------------------------------------------------------------- corpora
+
+def corpus_files(spec: str) -> list[Path]:
+    """The files of a --corpus, which must hold a line that is not blank."""
+    if not spec:
+        raise UserError("--corpus is needed: a JSONL file (or comma-separated paths and globs)")
+    files = expand(spec)
+    for path in files:
+        try:
+            with path.open("rb") as f:
+                if any(line.strip() for line in f):
+                    return files
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    raise UserError(f"no documents in {', '.join(map(str, files))}: the corpus is empty")
+
+
+def documents(files: list[Path], skipped: Counter, shard: int = 0, num_shards: int = 1, wanted=None):
+    """(index, id, text, record) of each document: index counts the lines of all files,
+    and only lines with index % num_shards == shard (and in wanted, if given) are read.
+    A line that is not a JSON object with a string "text" is counted in skipped."""
+    index = -1
+    for path in files:
+        try:
+            f = path.open("rb")
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+        with f:
+            for number, line in enumerate(f, 1):
+                index += 1
+                if index % num_shards != shard or (wanted is not None and index not in wanted):
+                    continue
+                if not line.strip():
+                    skipped["blank"] += 1
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    skipped["not a JSON object with a text"] += 1
+                    continue
+                yield index, str(record.get("id", f"{path.name}:{number}")), record["text"], record
+
+
+def batched(items, size: int):
+    """Lists of size items from an iterable, the last one shorter."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def warn_skipped(skipped: Counter, files: list[Path]) -> None:
+    if skipped:
+        what = ", ".join(f"{n} {why}" for why, n in skipped.items())
+        print(f"warning: skipped lines of {', '.join(map(str, files))}: {what}", file=sys.stderr)
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def files_identity(files: list[Path]) -> list:
+    return [[str(p), p.stat().st_size] for p in files]
+
+
+def content_identity(name: str) -> list:
+    """What a model or file named name stands for: the name, and the contents of its local files."""
+    path = Path(name)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    return [name] + [[p.name, digest(p)] for p in files]
+
+
+def digest(path: Path) -> str:
+    """sha256 of a file, read a megabyte at a time (checkpoints are gigabytes)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- annotate
+
+SYSTEM = "You are an experienced teacher of programming who judges teaching material."
+PROMPT = """Here is a file of code{cut}:
+
+<file>
+{text}
+</file>
+
+Judge its educational value for a student whose goal is to learn basic coding concepts:
+variables, control flow, functions, data structures, simple algorithms. A file has high
+value when it is self-contained, correct and clear, with meaningful names and helpful
+comments, and shows such concepts in a way a student can follow and learn from. It has
+low value when it is mostly configuration, data, boilerplate or generated code, when it
+needs much outside context to understand, or when it is so specialised or convoluted
+that a beginner learns nothing from it.
+
+Explain your judgement in at most three sentences. Then write a last line of the form
+Educational value: N
+where N is a whole number from 0 (none) to 10 (excellent)."""
+REMINDER = ("I could not find the score. Answer again with just one line of the form\n"
+            "Educational value: N\nwhere N is a whole number from 0 to 10.")
+_AFTER_PHRASE = re.compile(r"educational\s+value", re.I)
+_RANGE = re.compile(r"[(\[]\s*\d+\s*(?:-|–|to)\s*\d+\s*[)\]]|\bfrom\s+\d+\s+to\s+\d+")
+_NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?![\w])")
+_OUT_OF_TEN = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*10\b", re.I)
+
+
+def parse_score(answer: str) -> int | None:
+    """The score (0-10) in a teacher's answer: the first number on the line after its last
+    "educational value", else its last "N/10" or "N out of 10", else the answer if it is a
+    bare number. Ranges like "(0-10)" are not scores; halves round up."""
+    found = None
+    phrases = list(_AFTER_PHRASE.finditer(answer))
+    if phrases:
+        line = answer[phrases[-1].end():].lstrip(" \t*_:=\n").split("\n", 1)[0]
+        m = _NUMBER.search(_RANGE.sub(" ", line).replace("*", " "))
+        found = m and m.group(1)
+    if not found:
+        found = next(iter(_OUT_OF_TEN.findall(answer)[-1:]), None)
+    if not found:
+        bare = answer.strip().strip("*`.").strip()
+        found = bare if re.fullmatch(r"\d+(?:\.\d+)?", bare) else None
+    if not found or not 0 <= float(found) <= 10:
+        return None
+    return int(float(found) + 0.5)
+
+
+def draw(files: list[Path], n: int, strata: int, seed: int) -> dict[int, int]:
+    """index -> stratum of n documents, spread over length quantiles in proportion to their
+    sizes. Every line gets a random priority and each stratum gives its highest-priority
+    lines, so a larger n extends the draw. Lengths are line lengths in bytes."""
+    def line_lengths():
+        for path in files:
+            with path.open("rb") as f:
+                yield from (len(line.strip()) for line in f)
+
+    lengths = np.fromiter(line_lengths(), dtype=np.int64)
+    lines = np.flatnonzero(lengths)
+    if not len(lines):
+        raise UserError(f"no documents in {', '.join(map(str, files))}")
+    cuts = np.quantile(lengths[lines], np.linspace(0, 1, strata + 1)[1:-1])
+    stratum = np.searchsorted(cuts, lengths[lines], side="right")
+    sizes = np.bincount(stratum, minlength=strata)
+    share = sizes * min(n, len(lines)) / len(lines)
+    quota = np.floor(share).astype(int)
+    quota[np.argsort(quota - share, kind="stable")[:min(n, len(lines)) - quota.sum()]] += 1
+    priority = np.random.default_rng(seed).permutation(len(lines))
+    picked = {}
+    for s in range(strata):
+        members = np.flatnonzero(stratum == s)
+        for i in members[np.argsort(priority[members])][:quota[s]]:
+            picked[int(lines[i])] = s
+    return picked
+
+
+def annotation_messages(text: str, cfg) -> list[dict]:
+    cut = f" (its first {cfg.prompt_chars} characters)" if len(text) > cfg.prompt_chars else ""
+    user = PROMPT.format(cut=cut, text=text[:cfg.prompt_chars])
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def make_client(cfg) -> llm.Client:
+    try:
+        client = llm.Client(cfg.api_base or None, cfg.model, concurrency=cfg.concurrency, rpm=cfg.rpm or None,
+                            tpm=cfg.tpm or None, timeout=cfg.timeout, max_retries=cfg.max_retries,
+                            backoff=cfg.backoff, price_in=cfg.price_in, price_out=cfg.price_out)
+        client.check()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    except llm.LLMError as e:
+        raise UserError(e.failure.message) from None
+    return client
+
+
+def annotate(cfg) -> Counter:
+    """Annotate the draw into cfg.labels; returns the counts of scores and failures."""
+    if cfg.n < 1 or cfg.strata < 1 or cfg.attempts < 1 or cfg.prompt_chars < 1:
+        raise UserError("--n, --strata, --attempts and --prompt_chars must be at least 1")
+    files = corpus_files(cfg.corpus)
+    out = Path(cfg.labels)
+    check_writable(out)
+    picked = draw(files, cfg.n, cfg.strata, cfg.seed)
+    scored = {r.get("id") for r in read_jsonl(out) if r.get("score") is not None}
+    skipped = Counter()
+    todo = {index: (doc_id, text, picked[index]) for index, doc_id, text, _ in documents(files, skipped, wanted=picked)
+            if doc_id not in scored}
+    warn_skipped(skipped, files)
+    counts = Counter()
+    if not todo:
+        print(f"{out}: all {len(picked)} documents drawn are annotated")
+        return counts
+    print(f"annotating {len(todo)} documents ({len(picked) - len(todo)} of {len(picked)} done before) into {out}")
+    writer, client = Appender(out), make_client(cfg)
+    conversations = {}  # those of the documents asked again
+
+    def conversation(index: int) -> list[dict]:
+        return conversations.get(index) or annotation_messages(todo[index][1], cfg)
+
+    try:
+        with client, tqdm(total=len(todo), desc="annotating") as bar:
+            pending = list(todo)
+            for attempt in range(1, cfg.attempts + 1):
+                again = []
+                for index, result in client.map(((i, conversation(i)) for i in pending),
+                                                 max_tokens=cfg.max_tokens, temperature=cfg.temperature):
+                    if isinstance(result, llm.Failure) and result.fatal:
+                        raise UserError(f"the teacher refuses: {result}")
+                    answer = result.text if isinstance(result, llm.Reply) else None
+                    score = None if answer is None else parse_score(answer)
+                    if answer is not None and score is None and attempt < cfg.attempts:
+                        conversations[index] = conversation(index) + [{"role": "assistant", "content": answer},
+                                                                       {"role": "user", "content": REMINDER}]
+                        again.append(index)
+                        continue
+                    doc_id, text, stratum = todo[index]
+                    record = dict(id=doc_id, score=score, answer=answer, text=text, stratum=stratum,
+                                  model=cfg.model)
+                    if score is None:
+                        record["error"] = (f"request failed: {result}" if answer is None else
+                                           f"no score in {attempt} answers")
+                    writer.write(record)
+                    counts["failed" if score is None else score] += 1
+                    bar.update()
+                pending = again
+            stats = client.stats
+    finally:
+        writer.close()
+    scores = {k: v for k, v in counts.items() if k != "failed"}
+    positive = sum(v for k, v in scores.items() if k >= cfg.min_score)
+    print(f"scores: {', '.join(f'{k}: {scores[k]}' for k in sorted(scores))}; failed: {counts['failed']}; "
+          f"positive (score >= {cfg.min_score}): {positive} of {sum(scores.values())}")
+    print(f"requests {stats.requests}, retries {stats.retries}, tokens {stats.tokens_in:,} in, "
+          f"{stats.tokens_out:,} out" + (f", cost ${stats.cost:.2f}" if stats.cost else ""))
+    return counts
+
+
+# ---------------------------------------------------------------- embeddings
+
+def start_processes(cfg):
+    """(rank, world size, device) of this process; under torchrun, in its process group, on its own GPU."""
+    from train import setup_processes
+    try:
+        return setup_processes(cfg.device)
+    except RuntimeError as e:
+        raise UserError(f"--device={cfg.device}: {e}") from None
+
+
+def load_embedder(cfg, ckpt: str, device):
+    """The embedding model, in eval mode on device."""
+    from sample import load_model
+    from train import pick_dtype
+    return load_model(ckpt, device, pick_dtype(cfg.dtype, device))
+
+
+def embed_texts(model, texts: list[str], doc_tokens: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The embedding of each text (float32, N x width): the mean of the final hidden states
+    over its first doc_tokens tokens; and each text's number of tokens in all."""
+    import torch
+
+    import tokenizer
+    limit = min(doc_tokens, model.config.block_size)
+    encoded = tokenizer.encode_batch(texts)
+    seqs = [ids[:limit] or [tokenizer.EOT] for ids in encoded]
+    device = next(model.parameters()).device
+    out = np.empty((len(texts), model.config.n_embd), np.float32)
+    order = np.argsort([-len(s) for s in seqs], kind="stable")  # similar lengths together: little padding
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            lengths = torch.tensor([len(seqs[i]) for i in rows])
+            idx = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+            for r, i in enumerate(rows):
+                idx[r, :len(seqs[i])] = torch.tensor(seqs[i])
+            positions = torch.arange(idx.shape[1])
+            hidden = model._trunk(idx.to(device), positions.to(device)).float()
+            mask = (positions[None] < lengths[:, None]).to(device)
+            pooled = (hidden * mask[..., None]).sum(1) / lengths[:, None].to(device)
+            out[rows] = pooled.cpu().numpy()
+    return out, np.array([len(ids) for ids in encoded], dtype=np.int64)
+
+
+def embedding_paths(out: Path) -> tuple[Path, Path, Path, Path]:
+    """The description beside the .npy, and the unfinished array with its description and chunk flags."""
+    partial = out.with_name(out.name + ".partial")
+    return (out.with_suffix(".json"), partial, partial.with_name(partial.name + ".json"),
+            partial.with_name(partial.name + ".done"))
+
+
+def embed(cfg) -> Path:
+    """Embed the documents of cfg.corpus (default cfg.labels) into cfg.embeddings."""
+    import torch.distributed as dist
+    files = corpus_files(cfg.corpus or cfg.labels)
+    out = Path(cfg.embeddings)
+    if out.suffix != ".npy":
+        raise UserError(f"--embeddings must name a .npy file, not {out}")
+    if not cfg.ckpt:
+        raise UserError("--ckpt is needed: the embedding model (our .pt, a Hugging Face phi folder or hub id)")
+    if cfg.doc_tokens < 1 or cfg.batch_size < 1:
+        raise UserError("--doc_tokens and --batch_size must be at least 1")
+    check_writable(out)
+    sidecar, partial, partial_meta, flags_path = embedding_paths(out)
+    skipped, indices, ids, seen = Counter(), [], [], set()
+    for index, doc_id, _, _ in documents(files, skipped):
+        if doc_id in seen:  # e.g. an annotation retried: the same document again
+            skipped["repeated id"] += 1
+            continue
+        seen.add(doc_id)
+        indices.append(index)
+        ids.append(doc_id)
+    warn_skipped(skipped, files)
+    if not ids:
+        raise UserError(f"no documents in {', '.join(map(str, files))}")
+    source = dict(corpus=files_identity(files), ckpt=cfg.ckpt, doc_tokens=cfg.doc_tokens)
+    fp = fingerprint(EMBEDDINGS_FORMAT, source, content_identity(cfg.ckpt), ids)
+    try:
+        if out.is_file() and json.loads(sidecar.read_text()).get("fingerprint") == fp:
+            print(f"{out} already holds these embeddings")
+            return out
+    except (OSError, ValueError):
+        pass
+
+    rank, world, device = start_processes(cfg)
+    model = load_embedder(cfg, cfg.ckpt, device)
+    n, dim, chunk = len(ids), model.config.n_embd, cfg.batch_size * CHUNK_BATCHES
+    n_chunks = -(-n // chunk)
+    state = dict(format=EMBEDDINGS_FORMAT, fingerprint=fp, count=n, dim=dim, chunk=chunk)
+    if rank == 0:
+        for stale in (out, sidecar):  # nothing of an older run may look complete
+            stale.unlink(missing_ok=True)
+        try:
+            resume = (json.loads(partial_meta.read_text()) == state and flags_path.stat().st_size == n_chunks
+                      and np.load(partial, mmap_mode="r").shape == (n, dim))
+        except (OSError, ValueError):
+            resume = False
+        if not resume:
+            np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
+            flags_path.write_bytes(bytes(n_chunks))
+            write_atomic(partial_meta, json.dumps(state).encode())
+    if world > 1:
+        dist.barrier()
+    array = np.load(partial, mmap_mode="r+")
+    flags = np.memmap(flags_path, dtype=np.uint8, mode="r+")
+    mine = [c for c in range(rank, n_chunks, world) if not flags[c]]
+    if rank == 0 and flags.any() and mine:
+        print(f"resuming: {int(flags.sum())} of {n_chunks} chunks done before")
+    wanted = {indices[p]: p for c in mine for p in range(c * chunk, min(n, (c + 1) * chunk))}
+    texts = []
+    with tqdm(total=len(wanted), desc=f"embedding{f' (rank {rank})' if world > 1 else ''}",
+              disable=not wanted) as bar:
+        for index, _, text, _ in documents(files, Counter(), wanted=wanted):
+            texts.append(text)
+            p = wanted[index]
+            c = p // chunk
+            if p == min(n, (c + 1) * chunk) - 1:  # the chunk's last document
+                array[c * chunk:p + 1] = embed_texts(model, texts, cfg.doc_tokens, cfg.batch_size)[0]
+                array.flush()
+                flags[c] = 1
+                flags.flush()
+                bar.update(len(texts))
+                texts = []
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        if not flags.all():
+            raise UserError(f"{partial}: {int((flags == 0).sum())} chunks were not embedded (did {flags_path} change?)")
+        del array
+        os.replace(partial, out)
+        meta = dict(format=EMBEDDINGS_FORMAT, version=1, count=n, dim=dim, dtype="float16", fingerprint=fp,
+                    source=dict(source, doc_tokens=min(cfg.doc_tokens, model.config.block_size)), ids=ids)
+        write_atomic(sidecar, json.dumps(meta).encode())
+        partial_meta.unlink()
+        flags_path.unlink()
+        print(f"{out}: {n} embeddings of width {dim} (float16); ids and source in {sidecar}")
+    return out
+
+
+def load_embeddings(path: Path) -> tuple[list[str], np.ndarray, dict]:
+    """(ids, array (memory-mapped float16, N x width), description) of embed's output, or
+    one line saying why it is not a complete, intact one."""
+    sidecar, partial, _, _ = embedding_paths(path)
+    if not path.is_file():
+        unfinished = " (an unfinished run is there: rerun filter.py embed)" if partial.exists() else ""
+        raise UserError(f"no embeddings at {path}{unfinished}")
+    try:
+        meta = json.loads(sidecar.read_text())
+        if meta.get("format") != EMBEDDINGS_FORMAT:
+            raise ValueError("not an embeddings description")
+        count, dim, ids = int(meta["count"]), int(meta["dim"]), meta["ids"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: its description {sidecar} is missing or broken ({e})") from None
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is corrupt: {e}") from None
+    if array.dtype != np.float16 or array.shape != (count, dim) or len(ids) != count:
+        raise UserError(f"{path} is corrupt: a {array.dtype} array of shape {array.shape}, where {sidecar} "
+                        f"describes float16 ({count}, {dim}) with {len(ids)} ids")
+    return ids, array, meta
+
+
+# ---------------------------------------------------------------- the random forest
+
+FOREST_FORMAT, FOREST_VERSION = "phi1-random-forest", 1
+_WORK: dict = {}  # what the tree-growing processes share: set before they fork, never copied to them
+GROUP_ENTRIES = 1 << 21  # (row, candidate feature) pairs a group of trees sorts per level, at most
+
+
+class RandomForest:
+    """Breiman's random forest of CART classification trees (gini impurity), in numpy.
+
+    Each tree grows on a bootstrap sample (n rows drawn with replacement; a row drawn k
+    times weighs k) and tries max_features features drawn afresh at each split, until a
+    node is pure, has fewer than 2 x min_samples_leaf rows, or is at max_depth. With
+    class_weight "balanced" each class weighs n / (classes x its count) in all (or pass
+    a dict class -> weight). A tree's leaf holds its rows' class shares; predict_proba
+    is their mean over the trees, as in scikit-learn's RandomForestClassifier. Fit also
+    sets oob_score_ (accuracy of each row's prediction by the trees that did not see
+    it), oob_proba_ and feature_importances_ (mean decrease of weighted impurity).
+
+    Why it is fast in numpy:
+    - every feature is binned once into at most max_bins bins: edges at midpoints
+      between distinct values where there are few, else at quantiles. Splits are
+      searched between bins and stored as "x <= threshold" (float32), the threshold
+      halfway across the empty bins between the two sides (as exact CART cuts halfway
+      between two values), so predictions need no binning.
+    - a tree grows a level at a time, all of the level's nodes together. Each (row of a
+      node, candidate feature of that node) becomes one 64-bit key, node | feature |
+      bin | row, and one sort of them lines up every node's rows by bin for every
+      candidate feature; cumulative class weights along that order are the left side
+      of every possible split at once, and a segmented argmax picks each node's best.
+      No Python runs per node, so a level of 10,000 small nodes costs what one node of
+      their rows would. Levels of large nodes use class-weight histograms (bincount,
+      then cumulative sums over the bins) instead of the sort.
+    - small trees grow several at once, large ones alone, in parallel processes (fork)
+      that share the binned uint8 matrix.
+    - trees are flat arrays (feature, -1 at a leaf; threshold; left and right child;
+      value), walked for all trees and rows at once, a level per step.
+
+    Saved as an .npz of those arrays and a JSON header with a format tag and version,
+    read with np.load(allow_pickle=False). `info`, a JSON-able dict, travels with it.
+    """
+
+    def __init__(self, n_trees=100, max_depth=None, max_features="sqrt", min_samples_leaf=1, seed=0, n_jobs=-1,
+                 class_weight=None, max_bins=256, progress=False):
+        if n_trees < 1 or min_samples_leaf < 1 or not 2 <= max_bins <= 256 or (max_depth is not None and max_depth < 0):
+            raise ValueError("need n_trees >= 1, min_samples_leaf >= 1, 2 <= max_bins <= 256 and max_depth >= 0")
+        if not (max_features in (None, "sqrt", "log2", "all") or (type(max_features) is int and max_features > 0)
+                or (type(max_features) is float and 0 < max_features <= 1)):
+            raise ValueError(f"max_features must be sqrt, log2, all, a positive int or fraction, not {max_features!r}")
+        self.n_trees, self.max_depth, self.max_features = n_trees, max_depth, max_features
+        self.min_samples_leaf, self.seed, self.n_jobs = min_samples_leaf, seed, n_jobs
+        self.class_weight, self.max_bins, self.progress = class_weight, max_bins, progress
+        self.info: dict = {}
+
+    def _params(self) -> dict:
+        return dict(n_trees=self.n_trees, max_depth=self.max_depth, max_features=self.max_features,
+                    min_samples_leaf=self.min_samples_leaf, seed=self.seed, class_weight=self.class_weight,
+                    max_bins=self.max_bins)
+
+    def _candidates(self, d: int) -> int:
+        """Features tried per split, of d."""
+        f = self.max_features
+        k = (d if f in (None, "all") else int(math.sqrt(d)) if f == "sqrt" else int(math.log2(d)) if f == "log2"
+             else int(f * d) if type(f) is float else f)
+        return min(d, max(1, k))
+
+    def _check(self, X) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 2 or (hasattr(self, "n_features_") and X.shape[1] != self.n_features_):
+            want = f"(rows, {self.n_features_})" if hasattr(self, "n_features_") else "(rows, features)"
+            raise ValueError(f"X must have shape {want}, not {X.shape}")
+        if not np.isfinite(X).all():
+            raise ValueError("X holds NaN or infinite values")
+        return X
+
+    def fit(self, X, y) -> "RandomForest":
+        X, y = self._check(X), np.asarray(y)
+        n, d = X.shape
+        if y.shape != (n,) or n < 2:
+            raise ValueError(f"need y of shape ({n},) and at least 2 rows")
+        self.n_features_ = d
+        self.classes_, label = np.unique(y, return_inverse=True)
+        counts = np.bincount(label)
+        if self.class_weight == "balanced":
+            class_weight = n / (len(counts) * counts)
+        elif isinstance(self.class_weight, dict):
+            class_weight = np.array([float(self.class_weight.get(c, 1.0)) for c in self.classes_.tolist()])
+            if not (class_weight > 0).all():
+                raise ValueError("class weights must be positive")
+        elif self.class_weight is None:
+            class_weight = np.ones(len(counts))
+        else:
+            raise ValueError(f"class_weight must be None, 'balanced' or a dict, not {self.class_weight!r}")
+        edges = bin_edges(X, self.max_bins, np.random.default_rng([self.seed, 1 << 32]))
+        table = np.full((d, self.max_bins), np.inf, dtype=np.float32)
+        for f, e in enumerate(edges):
+            table[f, :len(e)] = e
+        _WORK.update(bins=binned(X, edges), label=label, weight=class_weight[label], classes=len(counts),
+                     m=self._candidates(d), min_leaf=self.min_samples_leaf, seed=self.seed,
+                     max_depth=np.iinfo(np.int32).max if self.max_depth is None else self.max_depth)
+        # small trees grow several at a time, so numpy's per-call cost is shared; the groups
+        # depend on the data alone, so the forest is the same on any number of processes
+        size = int(np.clip(GROUP_ENTRIES // (n * _WORK["m"]), 1, 8))
+        groups = [range(t, min(t + size, self.n_trees)) for t in range(0, self.n_trees, size)]
+        jobs = min(len(groups), len(os.sched_getaffinity(0)) if self.n_jobs in (-1, None) else self.n_jobs)
+        trees, pool = [], None
+        try:
+            pool = multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else None
+            with tqdm(total=self.n_trees, desc="growing trees", disable=not self.progress) as bar:
+                for grown in (pool.imap(grow_trees, groups) if pool else map(grow_trees, groups)):
+                    trees += grown
+                    bar.update(len(grown))
+        finally:
+            _WORK.clear()
+            if pool:
+                pool.terminate()
+
+        sizes = [len(t["feature"]) for t in trees]
+        self.roots_ = np.cumsum([0] + sizes[:-1]).astype(np.int64)
+        self.feature_ = np.concatenate([t["feature"] for t in trees])
+        # the cut in the middle of the gap between the two sides' bins, as exact CART cuts halfway
+        # between the two sides' values (a leaf's low and high are 0: its threshold is unused)
+        feature, low, high = (np.maximum(self.feature_, 0), np.concatenate([t["low"] for t in trees]),
+                              np.concatenate([t["high"] for t in trees]))
+        self.threshold_ = ((table[feature, low].astype(np.float64) + table[feature, np.maximum(high, 1) - 1]) / 2
+                           ).astype(np.float32)
+        self.left_, self.right_ = (np.concatenate([np.where(t[side] >= 0, t[side] + r, -1) for t, r in
+                                                   zip(trees, self.roots_)]) for side in ("left", "right"))
+        self.value_ = np.concatenate([t["value"] for t in trees])
+        self.feature_importances_ = np.mean([t["importance"] for t in trees], axis=0)
+        if self.feature_importances_.sum() > 0:
+            self.feature_importances_ /= self.feature_importances_.sum()
+        tree = np.concatenate([np.full(len(t["oob"]), i) for i, t in enumerate(trees)])
+        row = np.concatenate([t["oob"] for t in trees])
+        leaves = route(X, self.feature_, self.threshold_, self.left_, self.right_, self.roots_[tree], row)
+        total = np.stack([np.bincount(row, weights=self.value_[leaves, c], minlength=n) for c in range(len(counts))], 1)
+        seen = np.bincount(row, minlength=n)
+        with np.errstate(invalid="ignore"):
+            self.oob_proba_ = total / seen[:, None]  # NaN for rows that every tree drew
+        self.oob_score_ = float((total.argmax(1) == label)[seen > 0].mean()) if seen.any() else float("nan")
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities, (rows, classes) in the order of classes_."""
+        X = self._check(X)
+        out = np.empty((len(X), len(self.classes_)))
+        step = max(1, (1 << 21) // len(self.roots_))  # rows routed at once through all trees
+        for start in range(0, len(X), step):
+            rows = len(X[start:start + step])
+            leaves = route(X[start:start + step], self.feature_, self.threshold_, self.left_, self.right_,
+                           np.repeat(self.roots_, rows), np.tile(np.arange(rows), len(self.roots_)))
+            out[start:start + step] = self.value_[leaves.reshape(len(self.roots_), rows)].mean(0)
+        return out
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+    def save(self, path) -> None:
+        """Write the forest to path (an .npz), through a temporary file."""
+        path = Path(path)
+        header = dict(format=FOREST_FORMAT, version=FOREST_VERSION, n_features=self.n_features_,
+                      classes=self.classes_.tolist(), params=self._params(), oob_score=self.oob_score_, info=self.info)
+        arrays = dict(header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), roots=self.roots_,
+                      feature=self.feature_, threshold=self.threshold_, left=self.left_, right=self.right_,
+                      value=self.value_, feature_importances=self.feature_importances_)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "RandomForest":
+        """A forest that save() wrote; ValueError (FileNotFoundError) for anything else."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no forest at {path}")
+        try:
+            data = np.load(path, allow_pickle=False)
+            if not hasattr(data, "files"):
+                raise ValueError("a single array, not an .npz archive")
+            with data:
+                arrays = {k: data[k] for k in data.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} is not a random forest file ({type(e).__name__}: {e})") from None
+        try:
+            header = json.loads(arrays.pop("header").tobytes())
+            kind, version = header.get("format"), header.get("version")
+        except (KeyError, ValueError, AttributeError):
+            raise ValueError(f"{path} is an .npz archive but not a random forest (no header)") from None
+        if kind != FOREST_FORMAT:
+            raise ValueError(f"{path} is a {kind!r} file, not a {FOREST_FORMAT!r} one")
+        if version != FOREST_VERSION:
+            raise ValueError(f"{path} is version {version} of {FOREST_FORMAT}; this filter.py reads version "
+                             f"{FOREST_VERSION}")
+        forest = cls(**header["params"])
+        forest.info, forest.n_features_, forest.oob_score_ = header["info"], header["n_features"], header["oob_score"]
+        forest.classes_ = np.array(header["classes"])
+        try:
+            for name in ("roots", "feature", "threshold", "left", "right", "value", "feature_importances"):
+                setattr(forest, name + "_", arrays[name])
+            n = len(forest.feature_)
+            assert all(len(a) == n for a in (forest.threshold_, forest.left_, forest.right_, forest.value_))
+            assert forest.value_.shape[1] == len(forest.classes_) and forest.roots_.max() < n
+            assert forest.feature_.max() < forest.n_features_ and max(forest.left_.max(), forest.right_.max()) < n
+        except (KeyError, AssertionError, IndexError, ValueError):
+            raise ValueError(f"{path} is a damaged {FOREST_FORMAT} file (arrays missing or inconsistent)") from None
+        return forest
+
+
+def bin_edges(X: np.ndarray, max_bins: int, rng, sample: int = 200_000) -> list[np.ndarray]:
+    """Per feature, at most max_bins - 1 increasing float32 thresholds, from (a sample of) X:
+    midpoints between the distinct values if there are at most max_bins, else quantiles."""
+    rows = X if len(X) <= sample else X[np.sort(rng.choice(len(X), sample, replace=False))]
+    edges = []
+    for column in np.sort(rows, axis=0).T:
+        distinct = column[np.r_[True, column[1:] != column[:-1]]]
+        if len(distinct) <= max_bins:
+            low, high = distinct[:-1], distinct[1:]
+            mid = ((low.astype(np.float64) + high) / 2).astype(np.float32)
+            edges.append(np.where(mid < high, mid, low))  # a midpoint that rounds up to high would not split
+        else:
+            edges.append(np.unique(column[(np.arange(1, max_bins) * len(column)) // max_bins]))
+    return edges
+
+
+def binned(X: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
+    """The bin of every value: bin <= t exactly when x <= edges[t]."""
+    out = np.empty(X.shape, dtype=np.uint8)
+    for f, e in enumerate(edges):
+        out[:, f] = np.searchsorted(e, X[:, f], side="left")
+    return out
+
+
+def grow_trees(trees: range) -> list[dict]:
+    """Trees of the forest in _WORK, grown together a level at a time (see RandomForest):
+    each one's node arrays, feature importances and out-of-bag rows. A split is kept as the
+    bins on either side of the gap it cuts (low, the left side's highest; high, the right
+    side's lowest). Tree t draws its bootstrap sample and its nodes' features from its own
+    generator, seeded (seed, t)."""
+    bins, label, weight, C, m, min_leaf, max_depth = (
+        _WORK[k] for k in ("bins", "label", "weight", "classes", "m", "min_leaf", "max_depth"))
+    n, d = bins.shape
+    G = len(trees)
+    rngs = [np.random.default_rng([_WORK["seed"], t]) for t in trees]
+    drawn = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for rng in rngs])
+    tree, rows = np.nonzero(drawn)  # the rows of the level's nodes, node after node
+    w, y = drawn[tree, rows] * weight[rows], label[rows]
+    sizes = np.bincount(tree, minlength=G)  # rows per node of the level
+    owner = np.arange(G)  # the tree of each node of the level
+    before = np.zeros(G, np.int64)  # nodes of each tree in the levels before
+    levels, importance, depth = [], np.zeros((G, d)), 0
+    while len(sizes):
+        K = len(sizes)
+        node = np.repeat(np.arange(K), sizes)
+        totals = np.bincount(node * C + y, weights=w, minlength=K * C).reshape(K, C)
+        feature, left = np.full(K, -1, np.int32), np.full(K, -1, np.int64)
+        low, high = np.zeros(K, np.uint8), np.zeros(K, np.uint8)
+        open_ = (sizes >= max(2, 2 * min_leaf)) & ((totals > 0).sum(1) > 1) & (depth < max_depth)
+        next_sizes, next_owner = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        first_child = before + np.bincount(owner, minlength=G)  # where each tree's next level starts
+        if open_.any():
+            keep = open_[node]
+            rows, w, y = rows[keep], w[keep], y[keep]
+            opened = np.flatnonzero(open_)
+            tried = np.concatenate([rngs[g].random((k, d)).argpartition(m - 1, axis=1)[:, :m] if m < d
+                                    else np.tile(np.arange(d), (k, 1))
+                                    for g, k in enumerate(np.bincount(owner[opened], minlength=G))])
+            nodes, f, b, above, decrease = best_splits(bins, rows, w, y, sizes[open_], totals[open_], tried, min_leaf)
+            split = opened[nodes]  # the level's nodes that split, tree by tree
+            np.add.at(importance, (owner[split], f), decrease)
+            feature[split], low[split], high[split] = f, b, above
+            in_tree = np.arange(len(split)) - np.searchsorted(owner[split], owner[split])  # rank within its tree
+            left[split] = first_child[owner[split]] + 2 * in_tree
+            # the rows of the nodes that split, into their children: left ones first
+            splits = np.zeros(len(opened), bool)
+            splits[nodes] = True
+            node = np.repeat(np.arange(len(opened)), sizes[open_])
+            keep = splits[node]
+            rows, w, y, node = rows[keep], w[keep], y[keep], node[keep]
+            node_feature, node_bin = np.zeros(len(opened), np.intp), np.zeros(len(opened), np.uint8)
+            node_feature[nodes], node_bin[nodes] = f, b
+            child = 2 * (np.cumsum(splits) - 1)[node] + (bins[rows, node_feature[node]] > node_bin[node])
+            order = np.argsort(child, kind="stable")  # stable: rows stay in memory order within a node
+            rows, w, y = rows[order], w[order], y[order]
+            next_sizes, next_owner = np.bincount(child, minlength=2 * len(nodes)), np.repeat(owner[split], 2)
+        value = (totals / totals.sum(1, keepdims=True)).astype(np.float32)
+        levels.append((owner, feature, low, high, left, value))
+        sizes, owner, before, depth = next_sizes, next_owner, first_child, depth + 1
+    owner, *arrays = (np.concatenate(parts) for parts in zip(*levels))
+    order = np.argsort(owner, kind="stable")  # tree after tree, each in level order
+    owner, (feature, low, high, left, value) = owner[order], (a[order] for a in arrays)
+    start = np.searchsorted(owner, np.arange(G + 1))
+    out = []
+    for g in range(G):
+        nodes, total = slice(start[g], start[g + 1]), importance[g].sum()
+        out.append(dict(feature=feature[nodes], low=low[nodes], high=high[nodes], left=left[nodes],
+                        right=np.where(left[nodes] >= 0, left[nodes] + 1, -1), value=value[nodes],
+                        importance=importance[g] / total if total > 0 else importance[g],
+                        oob=np.flatnonzero(drawn[g] == 0)))
+    return out
+
+
+def best_splits(bins, rows, w, y, sizes, totals, tried, min_leaf):
+    """The best gini split of each node of a level among its tried features (nodes x m).
+    rows lists node 0's rows, then node 1's, ...; w and y are their weights and classes;
+    sizes and totals (class weights) are per node. Returns the nodes that can split, and
+    for each its feature, the bins either side of the cut (left: bin <= low, right: bin >=
+    high, none between) and weighted impurity decrease."""
+    node = np.repeat(np.arange(len(sizes)), sizes)
+    values = bins[rows[:, None], tried[node]]  # (rows, m): the bins of each row's tried features
+    large = len(rows) >= 256 * len(sizes)  # nodes so large that histograms cost less than sorting
+    return (best_splits_dense if large else best_splits_sorted)(values, node, sizes, w, y, totals, tried, min_leaf)
+
+
+def best_splits_sorted(values, node, sizes, w, y, totals, tried, min_leaf):
+    """best_splits by sorting (node, feature, bin, row) keys: see RandomForest."""
+    K, C = totals.shape
+    m = tried.shape[1]
+    segment = (node[:, None] * m + np.arange(m)).astype(np.uint64)  # (node, candidate feature)
+    width = len(values).bit_length()  # bits of a row's position; the bin takes 8 above them, the segment the rest
+    assert K * m < 1 << (56 - width), "too many rows and nodes for 64-bit keys"
+    key = (segment << (width + 8) | values.astype(np.uint64) << width
+           | np.arange(len(values), dtype=np.uint64)[:, None]).ravel()
+    key.sort()
+    position = (key & ((1 << width) - 1)).astype(np.intp)
+    bin_ = (key >> width).astype(np.uint8)  # the low byte: the bin
+    seg_len = np.repeat(sizes, m)
+    seg_start = np.cumsum(seg_len) - seg_len
+    # a split after sorted entry i: the next entry has a larger bin in the same segment
+    cut = np.flatnonzero(bin_[:-1] != bin_[1:])
+    seg = (key[cut] >> (width + 8)).astype(np.intp)
+    n_left = cut + 1 - seg_start[seg]
+    ok = (n_left >= min_leaf) & (seg_len[seg] - n_left >= min_leaf)
+    cut, seg = cut[ok], seg[ok]
+    if not len(cut):
+        return np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros(0, np.uint8), np.zeros(0, np.uint8), np.zeros(0)
+    w_sorted, y_sorted = w[position], y[position]
+    start, end, cum = seg_start[seg], cut + 1, np.zeros(len(key) + 1)
+    left = np.empty((C, len(cut)))  # class weights left of each cut: all of them in row 0, until the others are known
+    np.cumsum(w_sorted, out=cum[1:])
+    left[0] = cum[end] - cum[start]
+    for c in range(1, C):
+        np.cumsum(np.where(y_sorted == c, w_sorted, 0.0), out=cum[1:])
+        left[c] = cum[end] - cum[start]
+        left[0] -= left[c]
+    owner = seg // m
+    right = totals.T[:, owner] - left
+    # maximising sum(L^2)/|L| + sum(R^2)/|R| minimises the children's weighted gini
+    score = (left * left).sum(0) / left.sum(0) + (right * right).sum(0) / right.sum(0)
+    first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    best = np.repeat(np.maximum.reduceat(score, first), np.diff(np.r_[first, len(score)]))
+    top = np.flatnonzero(score >= best)
+    top = top[np.r_[True, owner[top][1:] != owner[top][:-1]]]  # each node's first best
+    nodes, parent = owner[top], totals[owner[top]]
+    decrease = score[top] - (parent * parent).sum(1) / parent.sum(1)  # w·gini - wl·gini_l - wr·gini_r
+    return nodes, tried[nodes, seg[top] % m], bin_[cut[top]], bin_[cut[top] + 1], decrease
+
+
+def best_splits_dense(values, node, sizes, w, y, totals, tried, min_leaf):
+    """best_splits from class-weight histograms over (node, feature, bin), for levels of
+    nodes so large that their bins are mostly full. The same splits, ties broken alike."""
+    K, C = totals.shape
+    m = tried.shape[1]
+    cell = ((node[:, None] * m + np.arange(m)) * 256 + values).ravel()  # (node, feature, bin)
+    hist = np.bincount(cell * C + np.repeat(y, m), weights=np.repeat(w, m), minlength=K * m * 256 * C)
+    left = np.ascontiguousarray(hist.reshape(K * m, 256, C).transpose(2, 0, 1)).cumsum(2)
+    right = left[:, :, -1:] - left
+    left, right = left[:, :, :-1], right[:, :, :-1]  # a split after bin t = 0..254
+    weight_left, weight_right = left.sum(0), right.sum(0)  # (K * m, 255)
+    ok = (weight_left > 0) & (weight_right > 0)
+    if min_leaf > 1:
+        n_left = np.bincount(cell, minlength=K * m * 256).reshape(K * m, 256).cumsum(1)
+        ok &= (n_left[:, :-1] >= min_leaf) & (n_left[:, -1:] - n_left[:, :-1] >= min_leaf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = (left * left).sum(0) / weight_left + (right * right).sum(0) / weight_right
+    score = np.where(ok, score, -np.inf).reshape(K, m * 255)
+    best = score.argmax(1)  # the first best: lowest feature, then lowest bin
+    nodes = np.flatnonzero(np.isfinite(score[np.arange(K), best]))
+    j, t = np.divmod(best[nodes], 255)
+    occupied = np.diff(weight_left, axis=1, prepend=0, append=np.inf)[nodes * m + j] > 0  # bins holding rows
+    above = np.argmax(occupied * (np.arange(256) > t[:, None]), axis=1)  # the first such bin after t
+    parent = totals[nodes]
+    decrease = score[nodes, best[nodes]] - (parent * parent).sum(1) / parent.sum(1)
+    return nodes, tried[nodes, j], t.astype(np.uint8), above.astype(np.uint8), decrease
+
+
+def route(X, feature, threshold, left, right, node, row) -> np.ndarray:
+    """The leaf that row[i] of X reaches from node[i], for every i."""
+    flat, offset = X.ravel(), row * X.shape[1]
+    leaf = np.empty_like(node)
+    active = np.arange(len(node))
+    while len(active):
+        f = feature[node]
+        done = f < 0
+        if done.any():
+            leaf[active[done]] = node[done]
+            active, node, offset, f = active[~done], node[~done], offset[~done], f[~done]
+        node = np.where(flat[offset + f] > threshold[node], right[node], left[node])
+    return leaf
+
+
+# ---------------------------------------------------------------- train
+
+def auc(positive, score) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random
+    negative, ties counting half (Mann-Whitney U on average ranks)."""
+    positive, score = np.asarray(positive, bool), np.asarray(score, np.float64)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    rank = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # average 1-based rank of ties
+    return float((rank[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def metrics(positive, score, threshold: float = 0.5) -> dict:
+    """Accuracy, precision, recall and F1 of score >= threshold as the positive class, and AUC."""
+    positive, predicted = np.asarray(positive, bool), np.asarray(score) >= threshold
+    tp, fp, fn = (positive & predicted).sum(), (~positive & predicted).sum(), (positive & ~predicted).sum()
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return dict(accuracy=float((positive == predicted).mean()), precision=float(precision), recall=float(recall),
+                f1=float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0,
+                auc=auc(positive, score))
+
+
+def read_scores(path: Path) -> dict[str, int]:
+    """id -> score from annotate's output: each document's last line with a score."""
+    if not path.is_file():
+        raise UserError(f"no annotations at {path} (filter.py annotate writes them)")
+    return {str(r.get("id")): r["score"] for r in read_jsonl(path)
+            if isinstance(r.get("score"), (int, float)) and not isinstance(r.get("score"), bool)}
+
+
+def positive_column(forest: RandomForest) -> int:
+    if True not in forest.classes_.tolist():
+        raise UserError(f"the forest's classes are {forest.classes_.tolist()}, not a filter's [False, True]")
+    return forest.classes_.tolist().index(True)
+
+
+def train(cfg) -> RandomForest:
+    """Fit the forest on the annotated documents' embeddings, report, save to cfg.forest."""
+    if not 0 <= cfg.holdout < 1 or cfg.class_weight not in ("balanced", "none"):
+        raise UserError("--holdout must be in [0, 1) and --class_weight balanced or none")
+    scores = read_scores(Path(cfg.labels))
+    ids, array, meta = load_embeddings(Path(cfg.embeddings))
+    rows = [i for i, doc_id in enumerate(ids) if doc_id in scores]
+    if not rows:
+        raise UserError(f"none of the {len(ids)} documents of {cfg.embeddings} has a score in {cfg.labels}")
+    X = np.asarray(array[rows], dtype=np.float32)
+    if not np.isfinite(X).all():
+        raise UserError(f"{cfg.embeddings} holds NaN or infinite values: embed again (with --dtype=float32?)")
+    y = np.array([scores[ids[i]] >= cfg.min_score for i in rows])
+    if y.all() or not y.any():
+        raise UserError(f"all {len(y)} annotated documents are {'positive' if y.all() else 'negative'} at "
+                        f"--min_score={cfg.min_score}: a classifier needs both kinds")
+    order = np.random.default_rng(cfg.seed).permutation(len(y))
+    held, used = order[:round(cfg.holdout * len(y))], order[round(cfg.holdout * len(y)):]
+    features = cfg.max_features
+    if re.fullmatch(r"\d+", features):
+        features = int(features)
+    elif re.fullmatch(r"\d*\.\d+", features):
+        features = float(features)
+    try:
+        forest = RandomForest(n_trees=cfg.n_trees, max_depth=cfg.max_depth or None, max_features=features,
+                              min_samples_leaf=cfg.min_samples_leaf, seed=cfg.seed, n_jobs=cfg.workers or -1,
+                              class_weight=None if cfg.class_weight == "none" else "balanced", progress=True)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"training on {len(used)} of {len(y)} annotated documents ({int(y.sum())} positive: score >= "
+          f"{cfg.min_score}), {len(held)} held out; {X.shape[1]} features")
+    started = time.time()
+    forest.fit(X[used], y[used])
+    report = dict(documents=len(y), positives=int(y.sum()), trained_on=len(used), held_out=len(held),
+                  oob_accuracy=forest.oob_score_, fit_seconds=round(time.time() - started, 1))
+    print(f"fit in {report['fit_seconds']} s; out-of-bag accuracy {forest.oob_score_:.4f}")
+    if len(held):
+        proba = forest.predict_proba(X[held])[:, positive_column(forest)]
+        report["held_out"] = metrics(y[held], proba)
+        print("held out: " + ", ".join(f"{k} {v:.4f}" for k, v in report["held_out"].items()))
+    forest.info = dict(embedding=meta["source"], min_score=cfg.min_score, labels=cfg.labels, report=report)
+    Path(cfg.forest).parent.mkdir(parents=True, exist_ok=True)
+    forest.save(cfg.forest)
+    print(f"forest: {cfg.forest}")
+    return forest
+
+
+# ---------------------------------------------------------------- apply
+
+def histogram(scores: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Documents and tokens per score bin [b / bins, (b + 1) / bins) (1.0 in the last),
+    read a million scores at a time."""
+    documents, tokens = np.zeros(bins, np.int64), np.zeros(bins)
+    for start in range(0, len(scores), 1 << 20):
+        part = scores[start:start + (1 << 20)]
+        b = np.minimum((part["score"] * bins).astype(np.int64), bins - 1)
+        documents += np.bincount(b, minlength=bins)
+        tokens += np.bincount(b, weights=part["tokens"], minlength=bins)
+    return documents, tokens
+
+
+def top_threshold(scores: np.ndarray, fraction: float, bins: int = 10_000) -> float:
+    """The highest bin edge t such that the documents scoring at least t hold at least
+    fraction of the tokens (a bin's worth more at most)."""
+    from_top = np.cumsum(histogram(scores, bins)[1][::-1])[::-1]  # tokens scoring at least b / bins
+    return float(np.flatnonzero(from_top >= fraction * from_top[0])[-1] / bins) if len(scores) else 0.0
+
+
+def score_shard(cfg, files, shard: int, shards: int, forest: RandomForest, model, doc_tokens: int, path: Path):
+    """Embed and score every document of the shard, a chunk at a time, into path (SCORES records)."""
+    column, chunk, skipped = positive_column(forest), cfg.batch_size * CHUNK_BATCHES, Counter()
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f, tqdm(desc=f"scoring {path.name}", unit=" docs") as bar:
+        for texts in batched((text for _, _, text, _ in documents(files, skipped, shard, shards)), chunk):
+            f.write(scored(texts, cfg, forest, column, model, doc_tokens).tobytes())
+            bar.update(len(texts))
+    warn_skipped(skipped, files)
+    os.replace(partial, path)
+
+
+def scored(texts: list[str], cfg, forest: RandomForest, column: int, model, doc_tokens: int) -> np.ndarray:
+    """SCORES records of texts: the forest's probability of the positive class, and the tokens."""
+    X, tokens = embed_texts(model, texts, doc_tokens, cfg.batch_size)
+    out = np.zeros(len(texts), SCORES)
+    out["score"] = forest.predict_proba(X.astype(np.float16))[:, column]  # rounded as embed stores them
+    out["tokens"] = np.minimum(tokens, np.iinfo(np.uint32).max)
+    return out
+
+
+def apply(cfg) -> dict:
+    """Score this shard of cfg.corpus and write its kept documents and summary (see the module doc)."""
+    files = corpus_files(cfg.corpus)
+    if not 0 <= cfg.shard < cfg.num_shards:
+        raise UserError(f"--shard must be in [0, --num_shards={cfg.num_shards})")
+    if not 0 <= cfg.threshold <= 1 or not 0 <= cfg.top_fraction <= 1:
+        raise UserError("--threshold and --top_fraction must be in [0, 1]")
+    try:
+        forest = RandomForest.load(cfg.forest)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    positive_column(forest)
+    source = forest.info.get("embedding", {})
+    ckpt, doc_tokens = cfg.ckpt or source.get("ckpt"), source.get("doc_tokens", cfg.doc_tokens)
+    if not ckpt:
+        raise UserError("--ckpt is needed: the forest does not say which model made its embeddings")
+    rank, world, device = start_processes(cfg)  # every process joins, before any may find its shard done
+    shard, shards = cfg.shard * world + rank, cfg.num_shards * world
+    out = Path(cfg.out or "out/filtered")
+    name = f"{shard:05d}-of-{shards:05d}"
+    kept_path, scores_path, summary_path = (out / f"{kind}-{name}{ext}" for kind, ext in
+                                            (("kept", ".jsonl"), ("scores", ".bin"), ("summary", ".json")))
+    check_writable(kept_path)
+    scoring = fingerprint(files_identity(files), content_identity(cfg.forest), content_identity(ckpt), doc_tokens,
+                          shard, shards)
+    selection = dict(threshold=cfg.threshold, top_fraction=cfg.top_fraction)
+    try:
+        previous = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    if previous.get("scoring") == scoring and previous.get("selection") == selection and kept_path.is_file():
+        print(f"shard {name} is done: {summary_path}")
+        return previous
+    summary_path.unlink(missing_ok=True)  # nothing half-done may look complete
+    started = time.time()
+    if previous.get("scoring") != scoring or not scores_path.is_file() or \
+            scores_path.stat().st_size != SCORES.itemsize * previous.get("documents", -1):
+        model = load_embedder(cfg, ckpt, device)
+        if model.config.n_embd != forest.n_features_:
+            raise UserError(f"{ckpt} embeds in {model.config.n_embd} dimensions, the forest takes {forest.n_features_}")
+        score_shard(cfg, files, shard, shards, forest, model, doc_tokens, scores_path)
+    scores = np.memmap(scores_path, dtype=SCORES, mode="r") if scores_path.stat().st_size else np.zeros(0, SCORES)
+    threshold = top_threshold(scores, cfg.top_fraction) if cfg.top_fraction else cfg.threshold
+
+    partial = kept_path.with_name(kept_path.name + ".partial")
+    kept = kept_tokens = seen = 0
+    with open(partial, "w", encoding="utf-8") as f:
+        for i, (_, _, _, record) in enumerate(documents(files, Counter(), shard, shards)):
+            seen += 1
+            if i < len(scores) and scores[i]["score"] >= threshold:
+                f.write(json.dumps({**record, "score": round(float(scores[i]["score"]), 6)}, ensure_ascii=False) + "\n")
+                kept, kept_tokens = kept + 1, kept_tokens + int(scores[i]["tokens"])
+    if seen != len(scores):
+        partial.unlink()
+        raise UserError(f"{cfg.corpus} changed while shard {name} was filtered: rerun")
+    os.replace(partial, kept_path)
+    counts, tokens = histogram(scores, 10)
+    summary = dict(shard=shard, num_shards=shards, documents=len(scores), tokens=int(tokens.sum()), kept_documents=kept,
+                   kept_tokens=kept_tokens, threshold=threshold, selection=selection,
+                   histogram={f"{b / 10:.1f}-{(b + 1) / 10:.1f}": dict(documents=int(counts[b]), tokens=int(tokens[b]))
+                              for b in range(10)},
+                   forest=cfg.forest, ckpt=ckpt, doc_tokens=doc_tokens, scoring=scoring,
+                   seconds=round(time.time() - started, 1))
+    write_atomic(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
+    print(f"shard {name}: kept {kept} of {len(scores)} documents, {kept_tokens:,} of {summary['tokens']:,} tokens "
+          f"({kept_tokens / max(1, summary['tokens']):.1%}) at score >= {threshold:.4f}; {kept_path}")
+    return summary
+
+
+# ---------------------------------------------------------------- decontaminate
+
+_FOLDED = (ast.expr_context, ast.operator, ast.unaryop, ast.boolop, ast.cmpop)  # become part of their parent's label
+_LABELS: dict[str, int] = {}  # node label -> a small int
+
+
+def _label(node: ast.AST) -> int:
+    name = type(node).__name__
+    if isinstance(node, (ast.BinOp, ast.AugAssign, ast.UnaryOp, ast.BoolOp)):
+        name += ":" + type(node.op).__name__
+    elif isinstance(node, ast.Compare):
+        name += ":" + ",".join(type(op).__name__ for op in node.ops)
+    elif isinstance(node, ast.Constant):
+        name += ":" + type(node.value).__name__
+    return _LABELS.setdefault(name, len(_LABELS))
+
+
+def _children(node: ast.AST) -> list[ast.AST]:
+    kids = [c for c in ast.iter_child_nodes(node) if not isinstance(c, _FOLDED)]
+    body = getattr(node, "body", None)
+    if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+            and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)):
+        kids.remove(body[0])  # the docstring
+    return kids
+
+
+def code_tree(source: str):
+    """The AST of source for the tree edit distance, or None if it does not parse: node
+    labels in postorder (type only, see the module doc), the leftmost leaf of each node,
+    and Zhang and Shasha's keyroots."""
+    try:
+        root = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    labels, leftmost = [], []
+    stack = [[root, iter(_children(root)), None]]  # node, children to visit, its leftmost leaf
+    while stack:
+        top = stack[-1]
+        child = next(top[1], None)
+        if child is not None:
+            stack.append([child, iter(_children(child)), None])
+            continue
+        stack.pop()
+        labels.append(_label(top[0]))
+        leftmost.append(len(labels) - 1 if top[2] is None else top[2])
+        if stack and stack[-1][2] is None:
+            stack[-1][2] = leftmost[-1]
+    keyroots = sorted({l: i for i, l in enumerate(leftmost)}.values())  # the highest node of each leftmost leaf
+    return labels, leftmost, keyroots
+
+
+def tree_distance(a, b) -> int:
+    """Zhang and Shasha's ordered tree edit distance between two code_trees, each insert,
+    delete and relabel costing 1."""
+    la, lma, kra = a
+    lb, lmb, krb = b
+    if la == lb and lma == lmb:
+        return 0
+    td = [[0] * len(lb) for _ in la]  # td[i][j]: distance between the subtrees rooted at i and j
+    for i in kra:
+        li = lma[i]
+        for j in krb:
+            lj = lmb[j]
+            cols = j - lj + 2
+            fd = [list(range(cols))] + [[x] + [0] * (cols - 1) for x in range(1, i - li + 2)]  # forest distances
+            for x in range(1, i - li + 2):
+                ix = li + x - 1
+                lx, label, row, up, tdx = lma[ix], la[ix], fd[x], fd[x - 1], td[ix]
+                for y in range(1, cols):
+                    jy = lj + y - 1
+                    ly = lmb[jy]
+                    if lx == li and ly == lj:  # two whole trees
+                        v = min(up[y] + 1, row[y - 1] + 1, up[y - 1] + (label != lb[jy]))
+                        row[y] = tdx[jy] = v
+                    else:
+                        row[y] = min(up[y] + 1, row[y - 1] + 1, fd[lx - li][ly - lj] + tdx[jy])
+    return td[-1][-1]
+
+
+def ast_match_rate(a, b) -> float:
+    """tau between two code_trees: 1 - tree edit distance / the larger tree's size."""
+    return 1.0 - tree_distance(a, b) / max(len(a[0]), len(b[0]))
+
+
+def ast_match_rate_bound(a, b) -> float:
+    """An upper bound on ast_match_rate: a node of the larger tree is deleted, relabelled or
+    kept as one with its label, so d >= max(n1, n2) - (labels the trees share as multisets)."""
+    shared = sum((Counter(a[0]) & Counter(b[0])).values())
+    return shared / max(len(a[0]), len(b[0]))
+
+
+def ngrams(text: str) -> set[int]:
+    words = re.findall(r"\w+", text.lower())
+    return {hash(tuple(words[i:i + NGRAM])) for i in range(len(words) - NGRAM + 1)}
+
+
+def compare_document(document: tuple[str, str]):
+    """A training document (id, text) against the benchmark problems in _WORK: (its id,
+    whether it parsed, the problems it shares a 13-gram with, [(problem, tau)] for those
+    with tau >= min_tau)."""
+    grams, trees, counts, min_tau = _WORK["grams"], _WORK["trees"], _WORK["counts"], _WORK["min_tau"]
+    doc_id, text = document
+    shared = sorted({p for g in ngrams(text) if g in grams for p in grams[g]})
+    tree = code_tree(text)
+    if tree is None:
+        return doc_id, False, shared, []
+    mine = np.bincount(tree[0], minlength=counts.shape[1])[:counts.shape[1]]  # labels new to the problems count 0
+    sizes = np.maximum(counts.sum(1), len(tree[0]))
+    bound = np.minimum(counts, mine).sum(1) / sizes  # ast_match_rate_bound against every problem at once
+    close = []
+    for p in np.flatnonzero(bound >= min_tau - 1e-9):
+        tau = ast_match_rate(tree, trees[p])
+        if tau >= min_tau - 1e-9:
+            close.append((int(p), tau))
+    return doc_id, True, shared, close
+
+
+def similarity_table(best_tau: dict[str, float], results: list[Path], taus) -> str:
+    """The paper's Table 3: per tau, the problems with a training document at least that
+    close (similar) and the others, with the pass rate of each group per results file."""
+    rates = []
+    for path in results:
+        passed, count = Counter(), Counter()
+        for r in read_jsonl(path):
+            passed[str(r.get("task_id"))] += bool(r.get("passed"))
+            count[str(r.get("task_id"))] += 1
+        if not count:
+            raise UserError(f"no results in {path}")
+        unknown = set(count) - set(best_tau)
+        if unknown:
+            raise UserError(f"{path} has task ids the benchmarks checked do not: {sorted(unknown)[:3]}")
+        rates.append({t: passed[t] / count[t] for t in count})
+    tasks = sorted(set().union(*rates), key=lambda t: (t.split("/")[0], int(t.rpartition("/")[2] or 0)))
+    names = [p.parent.name or str(p) for p in results]
+    lines = [["tau", "problems", "count", *names]]
+    for tau in taus:
+        similar = [t for t in tasks if best_tau[t] >= tau]
+        other = [t for t in tasks if best_tau[t] < tau]
+        for group, members in (("similar", similar), ("non-similar", other), ("total", tasks)):
+            cells = [f"{100 * np.mean([r[t] for t in members if t in r]):.1f}%"
+                     if any(t in r for t in members) else "-" for r in rates]
+            lines.append([f"{tau:g}" if group == "similar" else "", group, str(len(members)), *cells])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))) for row in lines)
+
+
+def decontaminate(cfg) -> dict:
+    """Check cfg.corpus against the benchmarks; write the report (and the pruned set)."""
+    import evaluate
+    if cfg.prune_tau and not cfg.out:
+        raise UserError("--prune_tau needs --out: where to write the pruned documents")
+    if not 0 < cfg.min_tau <= 1 or (cfg.prune_tau and not cfg.min_tau <= cfg.prune_tau <= 1):
+        raise UserError("--min_tau must be in (0, 1], and --prune_tau (if given) in [--min_tau, 1]")
+    files = corpus_files(cfg.corpus)
+    results = [Path(p) for p in cfg.results.split(",") if p.strip()]
+    for path in results:
+        if not path.is_file():
+            raise UserError(f"no results file at {path}")
+    problems = {}
+    for bench in filter(None, (b.strip() for b in cfg.bench.split(","))):
+        found, _ = evaluate.load_problems(bench, cfg.mbpp)
+        problems.update({task: p["prompt"] + p["reference"] for task, p in found.items()})
+    tasks = list(problems)
+    trees = [code_tree(problems[t]) for t in tasks]
+    grams = {}
+    for p, task in enumerate(tasks):
+        for g in ngrams(problems[task]):
+            grams.setdefault(g, set()).add(p)
+    counts = np.stack([np.bincount(tree[0], minlength=len(_LABELS)) for tree in trees])  # problem x label
+    _WORK.update(grams=grams, trees=trees, counts=counts, min_tau=cfg.min_tau)
+
+    ids, doc_tau, parsed, overlapping = [], [], 0, 0
+    ngram_docs, ngram_example = Counter(), {}
+    best = {p: (0.0, None) for p in range(len(tasks))}
+    skipped = Counter()
+    docs = ((doc_id, text) for _, doc_id, text, _ in documents(files, skipped))
+    jobs, pool = cfg.workers or len(os.sched_getaffinity(0)), None
+    try:
+        pool = multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else None
+        found = pool.imap(compare_document, docs, chunksize=16) if pool else map(compare_document, docs)
+        for doc_id, ok, shared, close in tqdm(found, desc="comparing", unit=" docs"):
+            ids.append(doc_id)
+            parsed += ok
+            overlapping += bool(shared)
+            for p in shared:
+                ngram_docs[p] += 1
+                ngram_example.setdefault(p, doc_id)
+            doc_tau.append(max((tau for _, tau in close), default=float("nan")))
+            for p, tau in close:
+                if tau > best[p][0]:
+                    best[p] = (tau, doc_id)
+    finally:
+        _WORK.clear()
+        if pool:
+            pool.terminate()
+    warn_skipped(skipped, files)
+    if not ids:
+        raise UserError(f"no documents in {', '.join(map(str, files))}")
+    doc_tau = np.array(doc_tau)
+    taus = [t for t in TAUS if t >= cfg.min_tau]
+    rows = [dict(task_id=t, ngram_documents=ngram_docs[p], ngram_example=ngram_example.get(p),
+                 tau=best[p][0] or None, tau_document=best[p][1]) for p, t in enumerate(tasks)]
+    if cfg.ckpt:
+        nearest(cfg, files, [problems[t] for t in tasks], ids, rows)
+    report = dict(corpus=[str(f) for f in files], documents=len(ids), parsed=parsed, benchmarks=cfg.bench,
+                  problems=len(tasks), min_tau=cfg.min_tau, documents_with_13gram_overlap=overlapping,
+                  documents_by_tau={f"{t:g}": int((doc_tau >= t).sum()) for t in taus},
+                  problems_by_tau={f"{t:g}": sum((r["tau"] or 0) >= t for r in rows) for t in taus},
+                  embedding=cfg.ckpt or None, by_problem=rows)
+    if cfg.prune_tau:
+        out = Path(cfg.out)
+        check_writable(out)
+        partial = out.with_name(out.name + ".partial")
+        kept = 0
+        with open(partial, "w", encoding="utf-8") as f:
+            for i, (_, _, _, record) in enumerate(documents(files, Counter())):
+                if not doc_tau[i] >= cfg.prune_tau:  # NaN (no close problem) is kept
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    kept += 1
+        os.replace(partial, out)
+        report["pruned"] = dict(tau=cfg.prune_tau, kept=kept, removed=len(ids) - kept, file=str(out))
+        print(f"pruned: {len(ids) - kept} of {len(ids)} documents have tau >= {cfg.prune_tau} with some problem; "
+              f"the other {kept} are in {out}")
+    report_path = Path(cfg.report)
+    check_writable(report_path)
+    write_atomic(report_path, (json.dumps(report, indent=2) + "\n").encode())
+    print(f"{len(ids)} documents ({parsed} parse as Python) against {len(tasks)} problems of {cfg.bench}: "
+          f"{overlapping} share a 13-gram with one; by AST match rate, documents / problems at tau >= "
+          + ", ".join(f"{t:g}: {report['documents_by_tau'][f'{t:g}']} / {report['problems_by_tau'][f'{t:g}']}"
+                      for t in taus) + f"; report: {report_path}")
+    if results:
+        print(similarity_table({r["task_id"]: r["tau"] or 0.0 for r in rows}, results, taus))
+    return report
+
+
+def nearest(cfg, files: list[Path], problem_texts: list[str], ids: list[str], rows: list[dict]) -> None:
+    """Add each problem's closest training document by L2 distance of unit-normalised embeddings."""
+    model = load_embedder(cfg, cfg.ckpt, start_processes(cfg)[2])
+
+    def unit(texts):
+        X = embed_texts(model, texts, cfg.doc_tokens, cfg.batch_size)[0]
+        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+    bench = unit(problem_texts)
+    best, which, start = np.full(len(bench), np.inf), np.zeros(len(bench), np.int64), 0
+    texts = (text for _, _, text, _ in documents(files, Counter()))
+    for chunk in tqdm(batched(texts, cfg.batch_size * CHUNK_BATCHES), desc="embedding", unit=" chunks"):
+        distance = np.sqrt(np.maximum(2 - 2 * bench @ unit(chunk).T, 0))  # unit vectors: |a-b|^2 = 2 - 2ab
+        closer = distance.min(1) < best
+        which[closer] = start + distance.argmin(1)[closer]
+        best = np.minimum(best, distance.min(1))
+        start += len(chunk)
+    for row, d, i in zip(rows, best, which):
+        row["l2"], row["l2_document"] = round(float(d), 4), ids[i]
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None):
+    cfg, args = parse_args(DEFAULTS, __doc__, argv)
+    if len(args) != 1 or args[0] not in COMMANDS:
+        what = f"unknown subcommand {args[0]!r}" if args and args[0] not in COMMANDS else \
+            f"unexpected argument {args[1]!r}" if args else "no subcommand"
+        raise UserError(f"{what}: say {', '.join(COMMANDS[:-1])} or {COMMANDS[-1]} (see --help)")
+    command = globals()[args[0]]
+    try:
+        command(cfg)
+    finally:
+        if "torch.distributed" in sys.modules:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(main)

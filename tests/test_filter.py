@@ -1,0 +1,528 @@
+"""filter.py: the random forest (separable and noisy data, variance, limits, out-of-bag,
+determinism, its file), the teacher's scores, the AST match rate, and the pipeline end to
+end against a local teacher that scores by a rule and a tiny random model: annotate,
+embed (resumed after a crash, and under torchrun), train, apply, decontaminate; bad input."""
+
+import ast
+import dataclasses
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import filter
+from config import UserError
+from filter import RandomForest
+from llm_server import FakeLLM
+from model import GPT, PRESETS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def noisy(n, d=8, flip=0.2, seed=0):
+    """x0 + x1 > 0 decides the class, and a fraction flip of the labels is wrong: X, y, clean y."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    clean = (X[:, 0] + X[:, 1] > 0).astype(int)
+    return X, np.where(rng.random(n) < flip, 1 - clean, clean), clean
+
+
+def depths(forest):
+    """The depth of every node of every tree."""
+    depth = np.zeros(len(forest.feature_), np.int64)
+    for node in range(len(depth)):  # children come after their parent
+        if forest.feature_[node] >= 0:
+            depth[[forest.left_[node], forest.right_[node]]] = depth[node] + 1
+    return depth
+
+
+def leaves_of(forest, X):
+    n, trees = len(X), len(forest.roots_)
+    return filter.route(np.asarray(X, np.float32), forest.feature_, forest.threshold_, forest.left_,
+                        forest.right_, np.repeat(forest.roots_, n), np.tile(np.arange(n), trees))
+
+
+# ---------------------------------------------------------------- the forest
+
+def test_separable_data_is_learned_exactly_with_any_labels():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((600, 6)).astype(np.float32)
+    y = np.where(rng.random(600) < 0.5, "spam", "ham")
+    X[y == "spam", 2] += 8
+    forest = RandomForest(n_trees=20, seed=0).fit(X[:400], y[:400])
+    assert list(forest.classes_) == ["ham", "spam"]
+    assert (forest.predict(X[400:]) == y[400:]).all()
+    proba = forest.predict_proba(X[400:])
+    assert proba.shape == (200, 2) and np.allclose(proba.sum(1), 1)
+    assert forest.oob_score_ > 0.99  # each row judged by the few trees that did not see it
+    assert forest.feature_importances_.argmax() == 2 and np.isclose(forest.feature_importances_.sum(), 1)
+
+
+def test_noisy_data_out_of_bag_agrees_with_held_out():
+    X, y, clean = noisy(7000, flip=0.2)
+    forest = RandomForest(n_trees=100, seed=0).fit(X[:3000], y[:3000])
+    proba = forest.predict_proba(X[3000:])[:, 1]
+    held_out = ((proba >= 0.5) == y[3000:]).mean()
+    assert ((proba >= 0.5) == clean[3000:]).mean() > 0.9  # it learns the rule, not the noise
+    assert 0.72 < held_out < 0.82  # 20% of the held-out labels are wrong
+    assert abs(forest.oob_score_ - held_out) < 0.025  # 4000 held out: a standard error of 0.7 points
+    assert filter.auc(clean[3000:], proba) > 0.95
+    assert set(np.argsort(forest.feature_importances_)[-2:]) == {0, 1}
+
+
+def test_more_trees_lower_the_variance():
+    X, y, _ = noisy(700, flip=0.25, seed=2)
+    spread = {}
+    for trees in (4, 32):
+        runs = [RandomForest(n_trees=trees, seed=s, n_jobs=1).fit(X[:500], y[:500]).predict_proba(X[500:])[:, 1]
+                for s in range(6)]
+        spread[trees] = np.var(runs, axis=0).mean()
+    assert spread[32] < spread[4] / 4  # the variance of a mean of k trees falls as 1/k
+
+
+def test_depth_and_leaf_limits_are_respected():
+    X, y, _ = noisy(2000, flip=0.2, seed=3)
+    free = RandomForest(n_trees=10, seed=0).fit(X, y)
+    assert depths(free).max() > 8
+    shallow = RandomForest(n_trees=10, max_depth=4, seed=0).fit(X, y)
+    assert depths(shallow).max() == 4 and depths(shallow)[shallow.feature_ >= 0].max() == 3
+    stump = RandomForest(n_trees=3, max_depth=0, seed=0).fit(X, y)
+    assert (stump.feature_ == -1).all()
+    for min_leaf in (7, 40):
+        forest = RandomForest(n_trees=10, min_samples_leaf=min_leaf, seed=0).fit(X, y)
+        per_leaf = np.bincount(leaves_of(forest, X), minlength=len(forest.feature_))
+        assert per_leaf[forest.feature_ < 0].min() >= min_leaf  # each leaf's bootstrap rows are among these
+
+
+def test_histograms_and_sorting_find_the_same_splits():
+    rng = np.random.default_rng(7)
+    bins = rng.integers(0, 40, (3000, 12), dtype=np.uint8)  # few distinct bins: many ties to break alike
+    sizes = np.array([900, 40, 1200, 7, 600])
+    rows = rng.choice(3000, sizes.sum(), replace=False)
+    w = rng.integers(1, 4, len(rows)) * rng.choice([0.5, 1.25], len(rows))  # sums exact in any order: ties stay ties
+    y = rng.integers(0, 3, len(rows))
+    node = np.repeat(np.arange(len(sizes)), sizes)
+    totals = np.stack([np.bincount(node, weights=w * (y == c), minlength=len(sizes)) for c in range(3)], 1)
+    tried = np.stack([rng.permutation(12)[:4] for _ in sizes])
+    values = bins[rows[:, None], tried[node]]
+    for min_leaf in (1, 5):
+        found = [split(values, node, sizes, w, y, totals, tried, min_leaf)
+                 for split in (filter.best_splits_sorted, filter.best_splits_dense)]
+        assert list(found[0][0]) == ([0, 1, 2, 4] if min_leaf == 5 else [0, 1, 2, 3, 4])  # 7 rows: two leaves of 5?
+        for a, b in zip(*found):
+            assert np.allclose(a, b)
+
+
+def test_class_weights_favour_the_rare_class():
+    X, _, _ = noisy(3000, seed=4)
+    y = (X[:, 0] + 0.8 * np.random.default_rng(4).standard_normal(3000) > 1.3).astype(int)  # ~12% positive
+    recall = {}
+    for weight in (None, "balanced"):
+        forest = RandomForest(n_trees=30, min_samples_leaf=20, class_weight=weight, seed=0).fit(X[:2000], y[:2000])
+        recall[weight] = filter.metrics(y[2000:], forest.predict_proba(X[2000:])[:, 1])["recall"]
+    assert recall["balanced"] > recall[None] + 0.1
+
+
+def test_the_same_seed_gives_the_same_forest_on_any_number_of_processes():
+    X, y, _ = noisy(1500, seed=5)
+    one, two, other = (RandomForest(n_trees=12, seed=s, n_jobs=j).fit(X, y) for s, j in ((7, 1), (7, 2), (8, 2)))
+    for name in ("feature_", "threshold_", "left_", "right_", "value_", "roots_", "oob_proba_"):
+        assert np.array_equal(getattr(one, name), getattr(two, name), equal_nan=True), name
+    assert not np.array_equal(one.predict_proba(X), other.predict_proba(X))
+
+
+def test_forest_files_round_trip_and_other_files_are_refused(tmp_path):
+    X, y, _ = noisy(500, seed=6)
+    forest = RandomForest(n_trees=8, seed=0).fit(X, y > 0)
+    forest.info = {"embedding": {"ckpt": "x.pt"}}
+    forest.save(tmp_path / "f.npz")
+    loaded = RandomForest.load(tmp_path / "f.npz")
+    assert np.array_equal(loaded.predict_proba(X), forest.predict_proba(X))
+    assert loaded.info == forest.info and list(loaded.classes_) == [False, True]
+    assert loaded.oob_score_ == forest.oob_score_ and not list(tmp_path.glob("*.tmp"))
+
+    def bad(name, writer, message):
+        path = tmp_path / name
+        writer(path)
+        with pytest.raises(ValueError, match=message):
+            RandomForest.load(path)
+
+    header = lambda **h: np.frombuffer(json.dumps(h).encode(), np.uint8)  # noqa: E731
+    bad("other.npz", lambda p: np.savez(p, weights=np.zeros(3)), "not a random forest .no header")
+    bad("tag.npz", lambda p: np.savez(p, header=header(format="sklearn-pickle", version=1)), "'sklearn-pickle' file")
+    bad("new.npz", lambda p: np.savez(p, header=header(format=filter.FOREST_FORMAT, version=99)), "version 99")
+    bad("array.npy", lambda p: np.save(p, np.zeros(3)), "not a random forest file")
+    bad("text.npz", lambda p: p.write_text("hello"), "not a random forest file")
+    bad("cut.npz", lambda p: p.write_bytes((tmp_path / "f.npz").read_bytes()[:300]), "not a random forest file")
+    with np.load(tmp_path / "f.npz") as data:
+        arrays = dict(data)
+    arrays["left"] = arrays["left"][:5]
+    bad("damaged.npz", lambda p: np.savez(p, **arrays), "damaged")
+    with pytest.raises(FileNotFoundError):
+        RandomForest.load(tmp_path / "missing.npz")
+
+
+def test_teacher_scores_are_read_robustly():
+    cases = {"Clear and short.\nEducational value: 7": 7, "Educational value (0-10): 4": 4,
+             "**Educational value:** 8/10": 8, "Educational value:\n9": 9, "I would give it 6/10.": 6,
+             "It has some educational value.\nScore: 3 out of 10": 3, "5": 5, "Educational value: 7.5": 8,
+             "Educational value: 11": None, "It has educational value, I think.": None, "": None}
+    for answer, score in cases.items():
+        assert filter.parse_score(answer) == score, answer
+
+
+# ---------------------------------------------------------------- the AST match rate
+
+class Rename(ast.NodeTransformer):
+    """Every name, argument, function and attribute renamed; docstrings replaced."""
+
+    def visit_Name(self, node):
+        node.id = "renamed_" + node.id
+        return node
+
+    def visit_arg(self, node):
+        node.arg = "arg_" + node.arg
+        return node
+
+    def visit_Attribute(self, node):
+        self.generic_visit(node)
+        node.attr = "attr_" + node.attr
+        return node
+
+    def visit_FunctionDef(self, node):
+        node.name = "fn_" + node.name
+        if ast.get_docstring(node) is not None:
+            node.body[0].value.value = "Something else entirely."
+        self.generic_visit(node)
+        return node
+
+
+def tree(spec):
+    """A code_tree from nested (label, children...) tuples, for the textbook example."""
+    labels, leftmost = [], []
+
+    def visit(node):
+        first = None
+        for child in node[1:]:
+            leaf = visit(child)
+            first = leaf if first is None else first
+        labels.append(node[0])
+        leftmost.append(len(labels) - 1 if first is None else first)
+        return leftmost[-1]
+
+    visit(spec)
+    return labels, leftmost, sorted({l: i for i, l in enumerate(leftmost)}.values())
+
+
+def test_tree_edit_distance_of_zhang_and_shashas_example():
+    a = tree(("f", ("d", ("a",), ("c", ("b",))), ("e",)))
+    b = tree(("f", ("c", ("d", ("a",), ("b",))), ("e",)))
+    assert filter.tree_distance(a, b) == 2 and filter.tree_distance(b, a) == 2
+    assert filter.tree_distance(a, tree(("x",))) == 6  # relabel one node, delete five
+
+
+def test_ast_match_rate_ignores_names_comments_and_docstrings():
+    code = '''
+def average(values):
+    """The mean of values."""
+    total = 0  # running sum
+    for v in values:
+        total += v
+    return total / len(values) if values else 0.0
+'''
+    renamed = '''
+def mean_of(xs):
+    # no docstring here, other comments
+    acc = 0
+    for item in xs:   # each item
+        acc += item
+    return acc / len(xs) if xs else 1.5
+'''
+    unrelated = '''
+class Stack:
+    def __init__(self):
+        self.items = []
+
+    def push(self, item):
+        self.items.append(item)
+
+with open("data.txt") as f:
+    print([line.split(",") for line in f if line.strip()])
+'''
+    a, b, c = (filter.code_tree(s) for s in (code, renamed, unrelated))
+    assert filter.ast_match_rate(a, b) == 1.0
+    assert filter.ast_match_rate(a, c) < 0.3
+    assert filter.ast_match_rate(a, filter.code_tree(code.replace("total = 0", "total = '0'"))) < 1.0
+    assert filter.ast_match_rate_bound(a, c) >= filter.ast_match_rate(a, c)
+    assert filter.code_tree("def broken(:\n") is None
+
+
+def test_humaneval_solutions_match_renamed_copies_of_themselves():
+    problems, _ = evaluate.load_problems("humaneval")
+    taus = []
+    for p in problems.values():
+        original = p["prompt"] + p["reference"]
+        copy = "# copied\n" + ast.unparse(Rename().visit(ast.parse(original)))
+        assert copy != original
+        taus.append(filter.ast_match_rate(filter.code_tree(original), filter.code_tree(copy)))
+    assert taus == [1.0] * len(problems)
+    first, second = (problems[f"HumanEval/{i}"] for i in (0, 1))
+    other = filter.ast_match_rate(filter.code_tree(first["prompt"] + first["reference"]),
+                                  filter.code_tree(second["prompt"] + second["reference"]))
+    assert other < 0.5
+
+
+# ---------------------------------------------------------------- the pipeline
+
+def test_the_draw_is_spread_over_length_quantiles_and_grows_by_extension(tmp_path):
+    lengths = list(range(1, 1001))
+    random.Random(0).shuffle(lengths)
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join("x" * n + "\n" for n in lengths))  # line i has length lengths[i]
+    picked = filter.draw([path], 100, 10, seed=0)
+    deciles = np.bincount([(lengths[i] - 1) // 100 for i in picked], minlength=10)
+    assert list(deciles) == [10] * 10 and all((lengths[i] - 1) // 100 == s for i, s in picked.items())
+    assert set(filter.draw([path], 50, 10, seed=0)) < set(picked)
+    assert set(filter.draw([path], 100, 10, seed=1)) != set(picked)
+
+
+LESSON = '''def {name}(items, factor):
+    """Return every item of items multiplied by factor: a lesson in loops."""
+    result = []  # the answer, built one item at a time
+    for item in items:
+        result.append(item * factor)
+    return result
+'''
+
+
+def corpus(path: Path, n: int, seed: int, extra=()) -> Path:
+    """Lessons (40%) and dumps of constants, each with its kind."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        if rng.random() < 0.4:
+            name = "_".join(rng.sample(["scale", "items", "by", "factor", "each", "list", "values"], 3))
+            rows.append(dict(id=f"{path.stem}-{i}", kind="lesson", text=LESSON.format(name=name)))
+        else:
+            text = "\n".join(f"LIMIT_{rng.randrange(999)} = 0x{rng.randrange(1 << 16):04x}"
+                             for _ in range(rng.randrange(3, 12)))
+            rows.append(dict(id=f"{path.stem}-{i}", kind="dump", text=text))
+    rows += extra
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def teacher(body) -> str:
+    """Lessons score 9, dumps 1; "shy" documents need the reminder, "mute" ones never answer."""
+    last = body["messages"][-1]["content"]
+    text = re.search(r"<file>\n(.*)\n</file>", body["messages"][1]["content"], re.S).group(1)
+    if "mute" in text:
+        return "I would rather not say."
+    if "shy" in text and "could not find the score" not in last:
+        return "A fine file."
+    return "Loops, named well.\nEducational value: 9" if "lesson" in text else "Constants.\nEducational value: 1"
+
+
+@pytest.fixture(scope="module")
+def nano(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = GPT(PRESETS["nano"])
+    path = tmp_path_factory.mktemp("model") / "nano.pt"
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config)}, path)
+    return path
+
+
+def run_filter(*args):
+    filter.main([str(a) for a in args])
+
+
+def test_annotate_embed_train_apply_keep_what_the_teacher_favours(tmp_path, nano):
+    extra = [dict(id="shy", kind="dump", text="shy = 1"), dict(id="mute", kind="dump", text="mute = 1")]
+    train_corpus = corpus(tmp_path / "annotate.jsonl", 90, seed=1, extra=extra)
+    labels, emb, forest = tmp_path / "labels.jsonl", tmp_path / "emb.npy", tmp_path / "forest.npz"
+    with FakeLLM(answer=teacher) as server:
+        teach = [f"--api_base={server.url}", "--model=fake", "--attempts=2", "--concurrency=4"]
+        run_filter("annotate", f"--corpus={train_corpus}", "--n=92", f"--labels={labels}", *teach)
+        records = {r["id"]: r for r in map(json.loads, labels.read_text().splitlines())}
+        assert len(records) == 92 and records["shy"]["score"] == 1
+        assert records["mute"]["score"] is None and "no score in 2 answers" in records["mute"]["error"]
+        asked = len(server.served)
+        assert asked == 92 + 2  # shy and mute were asked twice
+        run_filter("annotate", f"--corpus={train_corpus}", "--n=92", f"--labels={labels}", *teach)
+        assert len(server.served) == asked + 2  # only mute, the one without a score, is asked again
+    kinds = {r["id"]: r["kind"] for r in map(json.loads, train_corpus.read_text().splitlines())}
+    scored = [r for r in records.values() if r["score"] is not None]
+    assert all((r["score"] == 9) == (kinds[r["id"]] == "lesson") for r in scored)
+    assert {r["stratum"] for r in records.values()} == set(range(10))
+
+    run_filter("embed", f"--ckpt={nano}", f"--labels={labels}", f"--embeddings={emb}", "--batch_size=4")
+    ids, array, meta = filter.load_embeddings(emb)
+    assert array.shape == (92, 64) and array.dtype == np.float16 and len(set(ids)) == 92
+    assert meta["source"]["doc_tokens"] == 64  # capped at the model's context
+
+    run_filter("train", f"--labels={labels}", f"--embeddings={emb}", f"--forest={forest}", "--n_trees=30")
+    report = RandomForest.load(forest).info["report"]
+    assert report["documents"] == 91 and report["held_out"]["auc"] > 0.9
+
+    web = corpus(tmp_path / "web.jsonl", 150, seed=2)
+    out = tmp_path / "filtered"
+    run_filter("apply", f"--corpus={web}", f"--forest={forest}", f"--out={out}", "--batch_size=4")
+    kept = [json.loads(line) for line in (out / "kept-00000-of-00001.jsonl").read_text().splitlines()]
+    share = lambda rows: np.mean([r["kind"] == "lesson" for r in rows])  # noqa: E731
+    everything = [json.loads(line) for line in web.read_text().splitlines()]
+    assert share(everything) < 0.5 and share(kept) > 0.9 and len(kept) > 0.8 * share(everything) * 150
+    summary = json.loads((out / "summary-00000-of-00001.json").read_text())
+    assert summary["documents"] == 150 and summary["kept_documents"] == len(kept)
+    assert sum(b["documents"] for b in summary["histogram"].values()) == 150
+
+    # a fraction of the tokens instead, from the scores already there; then two shards
+    run_filter("apply", f"--corpus={web}", f"--forest={forest}", f"--out={out}", "--top_fraction=0.2")
+    summary = json.loads((out / "summary-00000-of-00001.json").read_text())
+    scores = np.fromfile(out / "scores-00000-of-00001.bin", dtype=filter.SCORES)["score"]
+    assert summary["kept_tokens"] >= 0.2 * summary["tokens"] and summary["kept_documents"] < len(kept)
+    assert scores[scores >= summary["threshold"]].min() > scores[scores < summary["threshold"]].max()
+    for shard in (0, 1):
+        run_filter("apply", f"--corpus={web}", f"--forest={forest}", f"--out={out}", f"--shard={shard}",
+                   "--num_shards=2")
+    halves = [json.loads((out / f"summary-0000{s}-of-00002.json").read_text()) for s in (0, 1)]
+    assert [h["documents"] for h in halves] == [75, 75]
+    split = {json.loads(line)["id"] for s in (0, 1) for line in (out / f"kept-0000{s}-of-00002.jsonl").open()}
+    assert len(split ^ {r["id"] for r in kept}) <= 2  # batched differently: a borderline score may move
+
+
+def test_embed_resumes_after_a_crash_and_leaves_nothing_that_looks_complete(tmp_path, nano, monkeypatch):
+    docs = corpus(tmp_path / "docs.jsonl", 40, seed=3)
+    emb = tmp_path / "emb.npy"
+    args = ["embed", f"--corpus={docs}", f"--ckpt={nano}", "--batch_size=1"]  # 16 documents a chunk
+    run_filter(*args, f"--embeddings={tmp_path / 'whole.npy'}")
+    args.append(f"--embeddings={emb}")
+    real, calls = filter.embed_texts, []
+
+    def crash_on_the_second_chunk(*a, **k):
+        calls.append(len(a[1]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(filter, "embed_texts", crash_on_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run_filter(*args)
+    assert not emb.exists() and not emb.with_suffix(".json").exists()
+    with pytest.raises(UserError, match="unfinished run"):
+        filter.load_embeddings(emb)
+    calls.clear()
+    monkeypatch.setattr(filter, "embed_texts", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    run_filter(*args)
+    assert calls == [16, 8]  # the two chunks left
+    assert np.array_equal(filter.load_embeddings(emb)[1], filter.load_embeddings(tmp_path / "whole.npy")[1])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("emb")) == ["emb.json", "emb.npy"]
+
+
+def test_embed_under_torchrun_matches_one_process(tmp_path, nano):
+    docs = corpus(tmp_path / "docs.jsonl", 30, seed=4)
+    common = ["embed", f"--corpus={docs}", f"--ckpt={nano}", "--batch_size=2"]
+    run_filter(*common, f"--embeddings={tmp_path / 'one.npy'}")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "filter.py"), *common, f"--embeddings={tmp_path / 'two.npy'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = (filter.load_embeddings(tmp_path / f"{n}.npy") for n in ("one", "two"))
+    assert one[0] == two[0] and np.allclose(one[1], two[1], atol=1e-3)  # other thread counts: other roundings
+
+
+def test_decontaminate_finds_renamed_benchmark_code_and_prunes_it(tmp_path, nano, capsys):
+    problems, _ = evaluate.load_problems("humaneval")
+    copies = [dict(id=f"copy-{i}", text=ast.unparse(Rename().visit(ast.parse(problems[f"HumanEval/{i}"]["prompt"] +
+                                                                          problems[f"HumanEval/{i}"]["reference"]))))
+              for i in (2, 7)]
+    verbatim = dict(id="verbatim", text=problems["HumanEval/5"]["prompt"] + problems["HumanEval/5"]["reference"])
+    own = [verbatim, dict(id="own", text=LESSON.format(name="scale")), dict(id="prose", text="Loops repeat things.")]
+    docs = tmp_path / "exercises.jsonl"
+    docs.write_text("".join(json.dumps(r) + "\n" for r in copies + own))
+    results = tmp_path / "humaneval" / "results.jsonl"
+    results.parent.mkdir()
+    results.write_text("".join(json.dumps(dict(task_id=t, completion="", passed=t in ("HumanEval/2", "HumanEval/5"),
+                                               result="x")) + "\n" for t in problems))
+    report_path, pruned = tmp_path / "report.json", tmp_path / "pruned.jsonl"
+    run_filter("decontaminate", f"--corpus={docs}", "--bench=humaneval", f"--ckpt={nano}", "--prune_tau=0.95",
+               f"--out={pruned}", f"--report={report_path}", f"--results={results}", "--workers=2")
+    report = json.loads(report_path.read_text())
+    by_task = {r["task_id"]: r for r in report["by_problem"]}
+    assert by_task["HumanEval/2"]["tau"] == 1.0 and by_task["HumanEval/2"]["tau_document"] == "copy-2"
+    assert by_task["HumanEval/7"]["ngram_example"] is None  # its docstring was rewritten
+    assert by_task["HumanEval/5"]["ngram_example"] == "verbatim" and by_task["HumanEval/5"]["l2"] < 1e-3
+    assert report["parsed"] == 4 and report["problems_by_tau"]["0.95"] == 3
+    assert [json.loads(line)["id"] for line in pruned.read_text().splitlines()] == ["own", "prose"]
+    table = capsys.readouterr().out
+    assert re.search(r"0\.95\s+similar\s+3\s+66\.7%", table) and re.search(r"non-similar\s+161\s+0\.0%", table)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_input_gives_one_clear_line(tmp_path, nano):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    for command in ("annotate", "embed", "apply", "decontaminate"):
+        with pytest.raises(UserError, match="no documents in .*empty"):
+            run_filter(command, f"--corpus={empty}", f"--ckpt={nano}", f"--labels={tmp_path / 'l.jsonl'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
+
+    docs = corpus(tmp_path / "docs.jsonl", 12, seed=5)
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps(dict(id=f"docs-{i}", score=9 * (i % 2))) + "\n" for i in range(12)))
+    emb = tmp_path / "emb.npy"
+    run_filter("embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}")
+    train = ["train", f"--labels={labels}", f"--forest={tmp_path / 'f.npz'}", "--n_trees=3"]
+    good = emb.read_bytes()
+    emb.write_bytes(good[:-100])
+    with pytest.raises(UserError, match="emb.npy is corrupt"):
+        run_filter(*train, f"--embeddings={emb}")
+    emb.write_bytes(good)
+    meta = json.loads(emb.with_suffix(".json").read_text())
+    emb.with_suffix(".json").write_text(json.dumps(dict(meta, count=13)))
+    with pytest.raises(UserError, match="emb.npy is corrupt"):
+        run_filter(*train, f"--embeddings={emb}")
+    emb.with_suffix(".json").unlink()
+    with pytest.raises(UserError, match="description .* is missing"):
+        run_filter(*train, f"--embeddings={emb}")
+    with pytest.raises(UserError, match="no embeddings at"):
+        run_filter(*train, f"--embeddings={tmp_path / 'none.npy'}")
+    assert not (tmp_path / "f.npz").exists()
+
+    with pytest.raises(UserError, match="emb.npy is not a random forest file"):
+        run_filter("apply", f"--corpus={docs}", f"--forest={emb}", f"--out={tmp_path / 'out'}")
+    result = subprocess.run([sys.executable, str(ROOT / "filter.py"), "apply", f"--corpus={docs}",
+                             f"--forest={labels}", f"--out={tmp_path / 'out'}"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not a random forest file" in result.stderr
+    with pytest.raises(UserError, match="unknown subcommand 'filter'"):
+        run_filter("filter")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_apply_leaves_no_summary_and_resumes(tmp_path, nano, monkeypatch):
+    docs = corpus(tmp_path / "docs.jsonl", 20, seed=6)
+    X, y, _ = noisy(100, d=64)
+    forest = RandomForest(n_trees=5).fit(X, y > 0)
+    forest.info = {"embedding": {"ckpt": str(nano), "doc_tokens": 64}}
+    forest.save(tmp_path / "f.npz")
+    args = ["apply", f"--corpus={docs}", f"--forest={tmp_path / 'f.npz'}", f"--out={tmp_path / 'out'}",
+            "--batch_size=1"]
+    real = filter.embed_texts
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(filter, "embed_texts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_filter(*args)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["scores-00000-of-00001.bin.partial"]
+    monkeypatch.setattr(filter, "embed_texts", real)
+    run_filter(*args)
+    assert json.loads((tmp_path / "out" / "summary-00000-of-00001.json").read_text())["documents"] == 20

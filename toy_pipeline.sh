@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The whole phi-1 pipeline at toy scale on one CPU machine: no GPU, no network, no API key.
+#
+#   bash toy_pipeline.sh                  # about 30 minutes on 2 cores; everything lands in out/toy
+#
+# The sizes below are the defaults; tests/test_toy_pipeline.py runs the same script with
+# tiny ones. A 3-minute model is no teacher: it writes the textbooks (any text will do),
+# but exercises must parse and annotations must end in a score, so those come from a
+# stand-in teacher (tests/llm_server.py: valid made-up exercises, and educational value
+# by a rule: docstrings and comments per line). At paper scale both
+# roles are GPT-4 / GPT-3.5 behind the same --api_base.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+OUT=${OUT:-out/toy}                      # everything this run writes
+LOCAL_INPUTS=${LOCAL_INPUTS:-}           # folders of .py files instead of this interpreter's
+PRESET=${PRESET:-tiny}                   # model size for both pretraining runs
+PRETRAIN_ITERS=${PRETRAIN_ITERS:-200}    # steps of each pretraining run
+FINETUNE_ITERS=${FINETUNE_ITERS:-100}    # finetuning steps
+N_WEB=${N_WEB:-1000}                     # files in the "web" corpus that is filtered
+N_ANNOTATE=${N_ANNOTATE:-300}            # of them annotated by the teacher
+N_SYNTH=${N_SYNTH:-100}                  # textbook sections and exercises synthesized
+EVAL_PROBLEMS=${EVAL_PROBLEMS:-0}        # HumanEval and MBPP problems evaluated (0: all)
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}     # tokens per benchmark completion
+SERVE_PORT=${SERVE_PORT:-8011}           # sample.py --serve
+TEACHER_PORT=${TEACHER_PORT:-8012}       # the stand-in teacher
+mkdir -p "$OUT"
+stage() { echo; echo "=== $(date +%H:%M:%S) $*"; }
+wait_for() {  # an OpenAI-compatible server answering /v1/models
+  python - "$1" <<'EOF'
+import sys, time, urllib.request
+for _ in range(600):
+    try:
+        urllib.request.urlopen(sys.argv[1] + "/models", timeout=1)
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.5)
+sys.exit(f"no server at {sys.argv[1]}")
+EOF
+}
+
+stage "1. web code: the Python files on this machine, as token bins and as a JSONL corpus"
+if [ -n "$LOCAL_INPUTS" ]; then
+  python data/prepare.py --inputs="$LOCAL_INPUTS" --out_dir="$OUT/data" --name=local
+  LOCAL_DATA="$OUT/data/local"
+else
+  python data/prepare.py
+  LOCAL_DATA=local_python
+fi
+python - "$OUT/web.jsonl" "$N_WEB" "$LOCAL_INPUTS" <<'EOF'
+import json, sys
+from data.prepare import distinct_roots, interpreter_roots, list_python_files
+out, n, inputs = sys.argv[1], int(sys.argv[2]), [p for p in sys.argv[3].split(",") if p]
+files = [f for f in list_python_files(distinct_roots(inputs) if inputs else interpreter_roots())
+         if 200 < f[1] < 100_000]
+docs = []
+for path, _, _ in files[::max(1, len(files) // n)][:n]:  # spread over the whole tree
+    try:
+        docs.append({"id": path, "text": open(path, encoding="utf-8").read()})
+    except (OSError, UnicodeDecodeError):
+        pass
+with open(out, "w") as f:
+    f.writelines(json.dumps(d) + "\n" for d in docs)
+print(f"{out}: {len(docs)} files")
+EOF
+
+stage "2. pretrain a small model on them"
+python train.py --preset="$PRESET" --data="$LOCAL_DATA" --out_dir="$OUT/base" --max_iters="$PRETRAIN_ITERS" \
+  --init_from=scratch --eval_interval="$PRETRAIN_ITERS" --sample_tokens=0
+
+stage "3. serve it, and start the stand-in teacher"
+python sample.py --ckpt="$OUT/base/ckpt.pt" --serve --port="$SERVE_PORT" --model_name=base --quiet &
+SERVER=$!
+python tests/llm_server.py --port="$TEACHER_PORT" --model=teacher &
+TEACHER=$!
+trap 'kill $SERVER $TEACHER 2>/dev/null || true' EXIT
+wait_for "http://127.0.0.1:$SERVE_PORT/v1"
+wait_for "http://127.0.0.1:$TEACHER_PORT/v1"
+
+stage "4. synthesize textbooks (our model) and exercises (the teacher)"
+python synth.py textbook --n="$N_SYNTH" --api_base="http://127.0.0.1:$SERVE_PORT/v1" --model=base \
+  --out="$OUT/textbooks.jsonl" --max_tokens=128 --concurrency=16 --near_dup=1.0
+python synth.py exercises --n="$N_SYNTH" --api_base="http://127.0.0.1:$TEACHER_PORT/v1" --model=teacher \
+  --out="$OUT/exercises.jsonl" --concurrency=16
+
+stage "5. filter: annotate, embed, train the forest, keep the best half of the tokens"
+python filter.py annotate --corpus="$OUT/web.jsonl" --n="$N_ANNOTATE" --labels="$OUT/annotations.jsonl" \
+  --api_base="http://127.0.0.1:$TEACHER_PORT/v1" --model=teacher --concurrency=16
+python filter.py embed --ckpt="$OUT/base/ckpt.pt" --labels="$OUT/annotations.jsonl" \
+  --embeddings="$OUT/embeddings.npy"
+python filter.py train --labels="$OUT/annotations.jsonl" --embeddings="$OUT/embeddings.npy" \
+  --forest="$OUT/forest.npz" --n_trees=50
+python filter.py apply --corpus="$OUT/web.jsonl" --forest="$OUT/forest.npz" --out="$OUT/filtered" \
+  --top_fraction=0.5
+
+stage "6. the mixture: filtered code and textbooks as token bins"
+python data/prepare.py --source=jsonl --inputs="$OUT/filtered/kept-*.jsonl" --out_dir="$OUT/data" --name=code \
+  --val_fraction=0.05
+python data/prepare.py --source=jsonl --inputs="$OUT/textbooks.jsonl" --out_dir="$OUT/data" --name=textbooks \
+  --val_fraction=0.2
+
+stage "7. pretrain phi-1-base (toy) on the mixture"
+python train.py --preset="$PRESET" --data="$OUT/data/code:0.5,$OUT/data/textbooks:0.5" --out_dir="$OUT/phi1-base" \
+  --max_iters="$PRETRAIN_ITERS" --init_from=scratch --eval_interval="$PRETRAIN_ITERS" --sample_tokens=0
+
+stage "8. finetune on the exercises"
+python finetune.py --base="$OUT/phi1-base/ckpt.pt" --exercises="$OUT/exercises.jsonl" --out_dir="$OUT/phi1" \
+  --batch_size=8 --total_batch_size=8 --max_iters="$FINETUNE_ITERS" --warmup_iters=10 --learning_rate=1e-3 \
+  --eval_interval="$FINETUNE_ITERS" --checkpoint_interval="$FINETUNE_ITERS" --sample_tokens=0 --val_fraction=0.1
+
+stage "9. evaluate on HumanEval and MBPP"
+for bench in humaneval mbpp; do
+  python evaluate.py --bench=$bench --ckpt="$OUT/phi1/ckpt.pt" --out="$OUT/$bench" --limit="$EVAL_PROBLEMS" \
+    --max_new_tokens="$MAX_NEW_TOKENS"
+done
+
+stage "10. decontamination report"
+python filter.py decontaminate --corpus="$OUT/exercises.jsonl" --results="$OUT/humaneval/results.jsonl" \
+  --report="$OUT/decontamination.json"
+
+stage "done: $OUT"
