@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole phi-1 pipeline at toy scale on one CPU machine: no GPU, no network, no API key.
 #
-#   bash toy_pipeline.sh                  # about 30 minutes on 2 cores; everything lands in out/toy
+#   bash toy_pipeline.sh                  # about 20 minutes on 2 cores; everything lands in out/toy
 #
 # The sizes below are the defaults; tests/test_toy_pipeline.py runs the same script with
 # tiny ones. A 3-minute model is no teacher: it writes the textbooks (any text will do),
