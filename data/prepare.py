@@ -362,6 +362,23 @@ def concatenate(sources: list[Path], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def move_last_document(train: Path, val: Path, window: int = 1 << 22) -> int:
+    """Move train's last document to val, for a small corpus whose hash split gave val
+    none: every corpus of two documents or more can be validated on. Tokens moved
+    (0 when the last document is longer than the window searched for its start)."""
+    data = np.memmap(train, dtype=np.uint16, mode="r")
+    start = max(0, len(data) - window)
+    ends = np.flatnonzero(data[start:] == EOT) + start  # every document ends with EOT
+    if len(ends) < 2:
+        return 0
+    cut = int(ends[-2]) + 1
+    write_atomic(val, data[cut:].tobytes())
+    moved = len(data) - cut
+    del data
+    os.truncate(train, cut * 2)
+    return moved
+
+
 def give_up(out: Path, part_dir: Path) -> None:
     """Remove what this run wrote, before a UserError."""
     shutil.rmtree(part_dir, ignore_errors=True)
@@ -416,6 +433,12 @@ def prepare(cfg, quiet: bool = False) -> dict:
         files = [part_dir / f"{i:05d}.{split}.bin" for i in range(n_parts)]
         concatenate(files, out / f"{split}.bin")
         tokens[split] = sum(f.stat().st_size for f in files) // 2
+    if not tokens["val"] and cfg.val_fraction > 0 and counts["train"] >= 2:
+        moved = move_last_document(out / "train.bin", out / "val.bin")
+        tokens["train"] -= moved
+        tokens["val"] += moved
+        counts["train"] -= bool(moved)
+        counts["val"] += bool(moved)
     meta = dict(
         tokenizer="phi-1 (CodeGen): GPT-2 BPE (tiktoken r50k_base) + 38 whitespace tokens",
         vocab_size=VOCAB_SIZE, eot=EOT, dtype="uint16",

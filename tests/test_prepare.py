@@ -175,6 +175,19 @@ def test_jsonl_source_skips_bad_lines(tmp_path):
     assert documents(tokens(out, "train")) == [A, B]
 
 
+def test_a_small_corpus_always_gets_a_val_document(tmp_path):
+    """Where the hash gives val nothing (few documents), val gets train's last one."""
+    docs = [f"x_{i} = {i}\n" for i in range(5)]
+    (tmp_path / "small.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = settings(tmp_path, source="jsonl", inputs=str(tmp_path / "small.jsonl"), val_fraction=1e-9)
+    meta = prepare.prepare(cfg, quiet=True)
+    out = tmp_path / "out" / "corpus"
+    train, val = documents(tokens(out, "train")), documents(tokens(out, "val"))
+    assert train == docs[:-1] and val == [docs[-1]]
+    assert (meta["train_documents"], meta["val_documents"]) == (4, 1)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(tokens(out, "train")), len(tokens(out, "val")))
+
+
 def test_hf_source_through_a_stand_in_datasets_package(tmp_path, monkeypatch):
     asked = {}
 
