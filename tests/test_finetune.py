@@ -133,6 +133,7 @@ import finetune
 from config import parse_args
 cfg, _ = parse_args(finetune.DEFAULTS, argv=sys.argv[1:])
 model = finetune.finetune(cfg)
+os.makedirs(cfg.out_dir, exist_ok=True)  # rank 0 may not have written its checkpoint yet
 torch.save(model.state_dict(), os.path.join(cfg.out_dir, f"rank{{os.environ['RANK']}}.pt"))
 """)
     out = tmp_path / "out"
