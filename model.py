@@ -141,13 +141,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # ---------------------------------------------------------------- the model
 
 class KVCache:
-    """Keys and values of every layer for a batch being decoded, preallocated."""
+    """Keys and values of every layer for a batch being decoded, preallocated.
+
+    Two ways to fill it. A forward with `slot` None (the prompt) writes its T
+    positions after the `length` filled so far and attends over those. A forward
+    with `slot`, a one-element tensor holding a position, writes that position
+    and attends over the whole cache under the caller's mask: every shape is then
+    fixed, so one decoding step can be captured in a CUDA graph and replayed.
+    """
 
     def __init__(self, config: GPTConfig, batch: int, length: int, device, dtype):
         shape = (config.n_layer, batch, config.n_head, length, config.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled so far
+        # zeros, not empty: masked-out slots still meet V in the attention matmul
+        # (with weight 0), and 0 * NaN from uninitialised memory would be NaN
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far by forwards without a slot
+        self.slot: torch.Tensor | None = None
 
 
 class Block(nn.Module):
@@ -168,7 +178,11 @@ class Block(nn.Module):
         q, k, v = qkv.view(B, T, 3, cfg.n_head, cfg.head_dim).unbind(2)  # (B, T, H, D) views
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) views
-        if cache is not None:
+        if cache is not None and cache.slot is not None:  # one decoding step, fixed shapes
+            cache.k[layer].index_copy_(2, cache.slot, k)
+            cache.v[layer].index_copy_(2, cache.slot, v)
+            k, v = cache.k[layer], cache.v[layer]
+        elif cache is not None:
             start = cache.length
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
@@ -217,7 +231,7 @@ class GPT(nn.Module):
         x = self.embed_tokens(idx)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, cache, i, mask)
-        if cache is not None:
+        if cache is not None and cache.slot is None:
             cache.length += idx.shape[1]
         return self.final_layernorm(x)
 
@@ -268,20 +282,35 @@ class GPT(nn.Module):
         padded = bool((pad > 0).any())
         real_key = torch.arange(total, device=device)[None] >= pad[:, None]  # (B, total)
 
-        def step_mask(q_start: int, q_len: int):
-            if not padded:
-                return None
-            qi = torch.arange(q_start, q_start + q_len, device=device)[:, None]
-            kj = torch.arange(q_start + q_len, device=device)[None]
-            allowed = (kj <= qi) & (real_key[:, None, :q_start + q_len] | (kj == qi))
-            return allowed[:, None]  # (B, 1, Tq, Tk); a pad query sees itself only
+        prompt_mask = None
+        if padded:
+            qi = torch.arange(T0, device=device)[:, None]
+            kj = torch.arange(T0, device=device)[None]
+            allowed = (kj <= qi) & (real_key[:, None, :T0] | (kj == qi))
+            prompt_mask = allowed[:, None]  # (B, 1, T0, T0); a pad query sees itself only
 
         generator = torch.Generator(device=device)  # without a seed, one drawn from torch's RNG
         generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
         dtype = next(self.parameters()).dtype
         cache = KVCache(self.config, B, total, device, dtype)
-        x = self._trunk(idx, positions[:, :T0], cache, step_mask(0, T0))
+        x = self._trunk(idx, positions[:, :T0], cache, prompt_mask)
         logits = self.lm_head(x[:, -1])
+
+        # Decoding feeds one token per row at a position held in a tensor, so every
+        # step has the same shapes. On a GPU the step is captured once in a CUDA
+        # graph and replayed: one launch instead of hundreds of small kernels whose
+        # host-side cost would otherwise dominate a step.
+        ids = torch.zeros(B, 1, dtype=torch.long, device=device)
+        cache.slot = torch.full((1,), T0, dtype=torch.long, device=device)
+        key_index = torch.arange(total, device=device)
+
+        def decode_step():
+            mask = (real_key & (key_index <= cache.slot))[:, None, None]  # (B, 1, 1, total)
+            x = self._trunk(ids, positions.index_select(1, cache.slot), cache, mask)
+            return self.lm_head(x[:, -1])
+
+        if device.type == "cuda" and max_new_tokens > 2 and not torch.is_autocast_enabled("cuda"):
+            decode_step = _cuda_graph(decode_step)
 
         stop = [s for s in (stop or []) if s]
         window = max((len(s.encode()) for s in stop), default=0) + 1  # tokens to decode for a check
@@ -301,9 +330,9 @@ class GPT(nn.Module):
                     done[row] = True
             if all(done) or t == max_new_tokens - 1:
                 break
-            pos = T0 + t
-            x = self._trunk(next_ids[:, None], positions[:, pos:pos + 1], cache, step_mask(pos, 1))
-            logits = self.lm_head(x[:, -1])
+            ids.copy_(next_ids[:, None])
+            cache.slot.fill_(T0 + t)
+            logits = decode_step()
         return new_tokens
 
     # ------------------------------------------------------------ checkpoints
@@ -405,6 +434,24 @@ class GPT(nn.Module):
 
 
 # ---------------------------------------------------------------- helpers
+
+def _cuda_graph(fn):
+    """fn captured in a CUDA graph: the returned function replays it and returns
+    fn's output tensor, which every replay overwrites in place."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up outside the graph: lazy initialisation, kernel choices
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # sample.py's server decodes off the main thread
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
     """One token id per row of logits (B, V): argmax at temperature 0, else from the

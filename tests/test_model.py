@@ -105,6 +105,24 @@ def test_cached_decoding_gives_the_logits_of_a_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_fixed_shape_decoding_steps_give_the_logits_of_a_full_forward():
+    # generate()'s decoding steps (the ones a GPU replays as a CUDA graph): each
+    # writes one position of the cache and attends over all of it under a mask
+    model = small_model(seed=2)
+    idx = torch.randint(0, SMALL.vocab_size, (2, 24))
+    keys = torch.arange(24)
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache(SMALL, 2, 24, "cpu", torch.float32)
+        steps = [model.lm_head(model._trunk(idx[:, :10], torch.arange(10), cache))]
+        cache.slot = torch.zeros(1, dtype=torch.long)
+        for t in range(10, 24):
+            cache.slot.fill_(t)
+            mask = (keys <= cache.slot).expand(2, 1, 1, 24)
+            steps.append(model.lm_head(model._trunk(idx[:, t:t + 1], cache.slot, cache, mask)))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
 def greedy_reference(model, prompt, n):
     """Greedy decoding by re-running the whole sequence each step, no cache, no batch."""
     ids = list(prompt)
