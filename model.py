@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tokenizer
 
@@ -72,6 +73,8 @@ PRESETS = {
 
 # ---------------------------------------------------------------- attention
 
+SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
 _flash = None  # the flash_attn_triton module once imported, False if unavailable
 _warned: set[str] = set()
 
@@ -115,8 +118,12 @@ def attend(q, k, v, causal: bool, dropout_p: float = 0.0, mask=None, impl: str =
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
     if mask is not None:
         causal = False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                          is_causal=causal)
+    if q.is_cuda and mask is None:
+        # PyTorch tries its FlashAttention-2 backend first; cuDNN's is faster on
+        # Hopper (python flash_attn_triton.py). Each takes what the other rejects.
+        with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
 
 
 def rotary_tables(config: GPTConfig, positions: torch.Tensor):

@@ -65,6 +65,7 @@ DEFAULTS = dict(
     dtype="auto",  # auto (bfloat16 on GPUs that have it), float32, bfloat16, float16
     compile=False,  # torch.compile the model
     peak_tflops=0.0,  # the chip's dense bf16 peak for MFU (0: known GPUs only)
+    profile=False,  # trace 3 steps after the first log interval and print where the time went
     seed=1337,
 )
 
@@ -364,6 +365,10 @@ def train(cfg, make_data=None, score=None) -> GPT:
     t_last, step_last = time.time(), start_step
     model.train()
     step = start_step
+    profiler = None
+    if cfg.profile and master:
+        profiler = torch.profiler.profile(schedule=torch.profiler.schedule(wait=cfg.log_interval, warmup=2, active=3))
+        profiler.start()
     while step < cfg.max_iters:
         if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and master:
             t_eval = time.time()
@@ -394,6 +399,8 @@ def train(cfg, make_data=None, score=None) -> GPT:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if profiler:
+            profiler.step()
 
         last = step == cfg.max_iters
         checkpoint = cfg.checkpoint_interval > 0 and (last or step % cfg.checkpoint_interval == 0)
@@ -424,6 +431,10 @@ def train(cfg, make_data=None, score=None) -> GPT:
                         print(f"stopped by {signal.Signals(stop).name}; rerun the same command to resume")
                     sys.exit(128 + stop)
 
+    if profiler:
+        profiler.stop()
+        time_column = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(profiler.key_averages().table(sort_by=time_column, row_limit=30, max_name_column_width=100))
     if master:
         if cfg.eval_interval > 0:
             print_val_loss(step)

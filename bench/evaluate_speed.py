@@ -118,10 +118,11 @@ def gpu_generation_speed(cfg) -> None:
     import tokenizer
     from model import GPT, PRESETS, hf_config_from
     torch.manual_seed(0)
-    ours = GPT(PRESETS["phi-1"]).to("cuda", torch.bfloat16).eval()
-    settings = {k: v for k, v in hf_config_from(ours.config).items()
-                if k not in ("architectures", "model_type", "torch_dtype")}
-    theirs = transformers.PhiForCausalLM(transformers.PhiConfig(**settings)).to("cuda", torch.bfloat16).eval()
+    with torch.device("cuda"):  # initialised on the GPU: seconds instead of a minute on the CPU
+        ours = GPT(PRESETS["phi-1"]).to(torch.bfloat16).eval()
+        settings = {k: v for k, v in hf_config_from(ours.config).items()
+                    if k not in ("architectures", "model_type", "torch_dtype")}
+        theirs = transformers.PhiForCausalLM(transformers.PhiConfig(**settings)).to(torch.bfloat16).eval()
     missing, unexpected = theirs.load_state_dict(ours.to_hf_state_dict(), strict=False)
     if unexpected or any(not name.endswith("inv_freq") for name in missing):  # rotary buffers only
         raise RuntimeError(f"weights did not map onto PhiForCausalLM: {missing} {unexpected}")
