@@ -126,13 +126,17 @@ def attend(q, k, v, causal: bool, dropout_p: float = 0.0, mask=None, impl: str =
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
 
 
-def rotary_tables(config: GPTConfig, positions: torch.Tensor):
-    """cos and sin for the rotary dims at integer positions: shape (*positions.shape, rotary_dim)."""
-    half = torch.arange(0, config.rotary_dim, 2, device=positions.device, dtype=torch.float32)
+def rotary_table(config: GPTConfig) -> torch.Tensor:
+    """cos and sin of the rotary angles at every position: (block_size, 2, rotary_dim).
+
+    Computed once: under torch.compile, angles computed in the forward were
+    recomputed (pow, sin, cos) for every element of q and k, which made the
+    rotary kernels six times slower than their memory traffic on an H200."""
+    half = torch.arange(0, config.rotary_dim, 2, dtype=torch.float32)
     inv_freq = 1.0 / (config.rope_base ** (half / config.rotary_dim))
-    angles = positions.float()[..., None] * inv_freq
+    angles = torch.arange(config.block_size, dtype=torch.float32)[:, None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return torch.stack([angles.cos(), angles.sin()], dim=1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -211,6 +215,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_layernorm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.register_buffer("rotary", rotary_table(config), persistent=False)
         self.apply(self._init_weights)
         for block in self.layers:  # GPT-2's scaled init of the projections into the residual
             nn.init.normal_(block.out_proj.weight, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -233,8 +238,7 @@ class GPT(nn.Module):
         return 6 * self.num_params(embedding=False) + 12 * c.n_layer * c.n_embd * c.block_size
 
     def _trunk(self, idx, positions, cache=None, mask=None):
-        cos, sin = rotary_tables(self.config, positions)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+        cos, sin = self.rotary[positions].unsqueeze(-3).unbind(-2)  # (..., T, 1, rotary_dim): any head
         x = self.embed_tokens(idx)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, cache, i, mask)
@@ -411,6 +415,7 @@ class GPT(nn.Module):
             model = cls(config)
         dtype = sd["lm_head.weight"].dtype
         model.load_state_dict({k: v.to(dtype) for k, v in ours.items()}, assign=True)
+        model.rotary = rotary_table(config).to(sd["lm_head.weight"].device)  # not a weight: still on meta
         return model
 
     @classmethod
