@@ -317,7 +317,8 @@ def train(cfg, make_data=None, score=None) -> GPT:
         del ckpt
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # the only buffer, the rotary table, is a constant: no broadcast every forward
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     autocast = (torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext())
 
     tokens_per_step = total * config.block_size
