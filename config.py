@@ -98,6 +98,15 @@ def usage(defaults: dict, doc: str | None) -> str:
     return "\n".join(lines)
 
 
+def subcommand(args: list[str], choices: tuple[str, ...]) -> str:
+    """The one positional argument of a script with subcommands (synth.py, filter.py)."""
+    if len(args) == 1 and args[0] in choices:
+        return args[0]
+    what = (f"unknown subcommand {args[0]!r}" if args and args[0] not in choices else
+            f"unexpected argument {args[1]!r}" if args else "no subcommand")
+    raise UserError(f"{what}: say {', '.join(choices[:-1])} or {choices[-1]} (see --help)")
+
+
 def parse_args(defaults: dict, doc: str | None = None,
                argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
     """Overrides from argv applied to a copy of defaults; returns (config, positionals)."""

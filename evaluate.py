@@ -351,13 +351,8 @@ def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
                         f"pass another --out or remove it")
     out.mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps(identity, indent=2) + "\n")
-    have = Counter()
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):  # a line cut short by an interruption
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-        have = Counter(s["task_id"] for s in read_samples(path, cfg.bench)[0])
+    # a line torn by an interruption is malformed here, and cut off when appending starts
+    have = Counter(s["task_id"] for s in read_samples(path, cfg.bench)[0]) if path.exists() else Counter()
     jobs = [((task_id, i), p["prompt"]) for task_id, p in problems.items()
             for i in range(have[task_id], cfg.n_samples)]
     if not jobs:
@@ -365,12 +360,17 @@ def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
     if have:
         print(f"resuming: {sum(have.values())} samples already in {path}, {len(jobs)} to go")
     from tqdm import tqdm
+
+    from data.prepare import Appender
     completions = api_completions if cfg.api_base else model_completions
-    with open(path, "a", encoding="utf-8") as f, tqdm(total=len(jobs), desc="generating") as bar:
-        for (task_id, _), completion in completions(cfg, jobs, stop):
-            f.write(json.dumps(dict(task_id=task_id, completion=completion)) + "\n")
-            f.flush()
-            bar.update()
+    samples = Appender(path)
+    try:
+        with tqdm(total=len(jobs), desc="generating") as bar:
+            for (task_id, _), completion in completions(cfg, jobs, stop):
+                samples.write(dict(task_id=task_id, completion=completion))
+                bar.update()
+    finally:
+        samples.close()
     return path
 
 

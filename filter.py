@@ -99,9 +99,8 @@ import numpy as np
 from tqdm import tqdm
 
 import llm
-from config import UserError, parse_args, run
-from data.prepare import expand, write_atomic
-from synth import Appender, check_writable, read_jsonl
+from config import UserError, parse_args, run, subcommand
+from data.prepare import Appender, check_writable, expand, read_jsonl, write_atomic
 
 DEFAULTS = dict(
     corpus="",  # input JSONL(s): annotate draws from it, embed embeds it (default --labels), apply filters it, ...
@@ -113,21 +112,13 @@ DEFAULTS = dict(
     # annotate
     n=1000,  # documents to annotate (the paper: ~100K)
     strata=10,  # length quantiles the draw is spread over, in proportion to their sizes
-    api_base="",  # OpenAI-compatible endpoint (default $OPENAI_BASE_URL, else OpenAI); key: $OPENAI_API_KEY
     model="gpt-4",  # the teacher (the paper's annotator)
-    concurrency=8,  # requests in flight at most
-    rpm=0,  # requests per minute at most, client side (0: no limit)
-    tpm=0,  # tokens per minute at most, client side (0: no limit)
-    timeout=120.0,  # seconds to wait for an answer before retrying
-    max_retries=6,  # retries of a request on connection errors, timeouts, 429 and 5xx
-    backoff=1.0,  # seconds before the first retry, doubling after each (with jitter)
+    **llm.DEFAULTS,  # the client: --api_base, --concurrency, --rpm, --tpm, --timeout, ... (llm.py)
     temperature=0.0,  # the teacher's sampling temperature
     max_tokens=256,  # tokens per answer at most
     attempts=3,  # answers per document without a readable score before it is written as a failure
     prompt_chars=8000,  # characters of a document shown to the teacher (longer ones are cut)
     min_score=6,  # a score of at least this (0-10) makes a document a positive
-    price_in=0.0,  # USD per million prompt tokens, for the cost shown
-    price_out=0.0,  # USD per million completion tokens
     # embed (and apply, decontaminate)
     ckpt="",  # embedding model: our .pt, a Hugging Face phi folder or hub id (apply: default the forest's)
     doc_tokens=2048,  # tokens of each document embedded: its first ones
@@ -334,13 +325,9 @@ def annotation_messages(text: str, cfg) -> list[dict]:
 
 
 def make_client(cfg) -> llm.Client:
+    client = llm.client_from(cfg, cfg.model)
     try:
-        client = llm.Client(cfg.api_base or None, cfg.model, concurrency=cfg.concurrency, rpm=cfg.rpm or None,
-                            tpm=cfg.tpm or None, timeout=cfg.timeout, max_retries=cfg.max_retries,
-                            backoff=cfg.backoff, price_in=cfg.price_in, price_out=cfg.price_out)
         client.check()
-    except ValueError as e:
-        raise UserError(str(e)) from None
     except llm.LLMError as e:
         raise UserError(e.failure.message) from None
     return client
@@ -1432,11 +1419,7 @@ def nearest(cfg, files: list[Path], problem_texts: list[str], ids: list[str], ro
 
 def main(argv=None):
     cfg, args = parse_args(DEFAULTS, __doc__, argv)
-    if len(args) != 1 or args[0] not in COMMANDS:
-        what = f"unknown subcommand {args[0]!r}" if args and args[0] not in COMMANDS else \
-            f"unexpected argument {args[1]!r}" if args else "no subcommand"
-        raise UserError(f"{what}: say {', '.join(COMMANDS[:-1])} or {COMMANDS[-1]} (see --help)")
-    command = globals()[args[0]]
+    command = globals()[subcommand(args, COMMANDS)]
     try:
         command(cfg)
     finally:

@@ -52,6 +52,20 @@ from dataclasses import dataclass, field, replace
 import requests
 
 DEFAULT_API_BASE = "https://api.openai.com/v1"
+
+# The client's settings as scripts take them from the command line (config.py):
+# synth.py and filter.py put these into their own DEFAULTS and call client_from(cfg).
+DEFAULTS = dict(
+    api_base="",  # OpenAI-compatible endpoint (default $OPENAI_BASE_URL, else OpenAI); key: $OPENAI_API_KEY
+    concurrency=8,  # requests in flight at most
+    rpm=0,  # requests per minute at most, client side (0: no limit)
+    tpm=0,  # tokens per minute at most, client side (0: no limit)
+    timeout=120.0,  # seconds to wait for an answer before retrying
+    max_retries=6,  # retries of a request on connection errors, timeouts, 429 and 5xx
+    backoff=1.0,  # seconds before the first retry, doubling after each (with jitter)
+    price_in=0.0,  # USD per million prompt tokens, for the cost shown
+    price_out=0.0,  # USD per million completion tokens
+)
 FATAL_STATUS = (401, 403, 404)  # wrong key, no access, wrong model or URL: every request would fail
 
 
@@ -122,6 +136,26 @@ class _Bucket:
 
     def give(self, amount: float) -> None:
         self.level = min(self.capacity, self.level + amount)
+
+
+def client_from(cfg, model: str) -> "Client":
+    """The client a script's settings ask for (DEFAULTS above, as parsed by config.py);
+    a bad setting is a UserError, one line for the user."""
+    from config import UserError
+    for ok, message in [(cfg.concurrency >= 1, "--concurrency must be >= 1"),
+                        (cfg.rpm >= 0 and cfg.tpm >= 0, "--rpm and --tpm must be >= 0"),
+                        (cfg.timeout > 0, "--timeout must be > 0"),
+                        (cfg.max_retries >= 0, "--max_retries must be >= 0"),
+                        (cfg.backoff >= 0, "--backoff must be >= 0"),
+                        (cfg.price_in >= 0 and cfg.price_out >= 0, "--price_in and --price_out must be >= 0")]:
+        if not ok:
+            raise UserError(message)
+    try:
+        return Client(cfg.api_base or None, model, concurrency=cfg.concurrency, rpm=cfg.rpm or None,
+                      tpm=cfg.tpm or None, timeout=cfg.timeout, max_retries=cfg.max_retries,
+                      backoff=cfg.backoff, price_in=cfg.price_in, price_out=cfg.price_out)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 class Client:

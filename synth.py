@@ -79,28 +79,21 @@ import numpy as np
 from tqdm import tqdm
 
 import llm
-from config import UserError, parse_args, run
+from config import UserError, parse_args, run, subcommand
+from data.prepare import Appender, check_writable, read_jsonl
 
 DEFAULTS = dict(
     n=100,  # records of this kind and seed the output file should hold at the end
     out="",  # output JSONL (default out/<kind>.jsonl); FILE.skipped and FILE.report.json beside it
-    api_base="",  # OpenAI-compatible endpoint (default $OPENAI_BASE_URL, else OpenAI); key: $OPENAI_API_KEY
     model="gpt-3.5-turbo",  # the teacher model (the paper's generator)
     seed=1337,  # item i of seed s is the same whenever it is made
-    concurrency=8,  # requests in flight at most
-    rpm=0,  # requests per minute at most, client side (0: no limit)
-    tpm=0,  # tokens per minute at most, client side (0: no limit)
-    timeout=120.0,  # seconds to wait for an answer before retrying
-    max_retries=6,  # retries of a request on connection errors, timeouts, 429 and 5xx
-    backoff=1.0,  # seconds before the first retry, doubling after each (with jitter)
+    **llm.DEFAULTS,  # the client: --api_base, --concurrency, --rpm, --tpm, --timeout, ... (llm.py)
     temperature=1.0,  # sampling temperature of the teacher
     max_tokens=1024,  # tokens per answer at most
     attempts=3,  # answers or failed requests per item before giving up on it
     near_dup=0.8,  # estimated Jaccard similarity of word 5-grams that makes a near-duplicate
     give_up=100,  # items in a row without a record that end the run
     check_examples=True,  # exercises: run the docstring's examples in evaluate.py's sandbox
-    price_in=0.0,  # USD per million prompt tokens, for the cost shown
-    price_out=0.0,  # USD per million completion tokens
 )
 
 KINDS = ("textbook", "exercises")
@@ -506,85 +499,9 @@ class Dedup:
 
 # ---------------------------------------------------------------- files
 
-def read_jsonl(path: Path):
-    """The records of a JSONL file, one by one. A last line torn by a kill is left out
-    (Appender cuts it off); any other line that is not a JSON object is an error."""
-    if not path.exists():
-        return
-    try:
-        with path.open("rb") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    record = None
-                if not isinstance(record, dict):
-                    if not line.endswith(b"\n"):
-                        return  # torn
-                    raise UserError(f"{path} line {number} is not a JSON object: not adding to it")
-                yield record
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-class Appender:
-    """Appends JSON lines to path, each flushed. The file is opened at the first line, after
-    cutting off a last line torn by a kill (or ending a whole one that lacks its newline)."""
-
-    def __init__(self, path: Path):
-        self.path, self.file = path, None
-
-    def write(self, obj: dict) -> None:
-        if self.file is None:
-            self.file = self.open()
-        self.file.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-    def open(self):
-        """The file for appending text, its last line made whole first."""
-        with self.path.open("ab+") as f:
-            start = f.seek(0, os.SEEK_END)
-            while start > 0:  # back to the start of the last line
-                step = min(start, 1 << 16)
-                f.seek(start - step)
-                newline = f.read(step).rfind(b"\n")
-                start -= step
-                if newline >= 0:
-                    start += newline + 1
-                    break
-            f.seek(start)
-            try:
-                tail = f.read()
-                if tail:
-                    json.loads(tail)
-                    f.write(b"\n")
-            except ValueError:
-                print(f"note: cutting off the torn last line of {self.path}", file=sys.stderr)
-                f.truncate(start)
-        return self.path.open("a", encoding="utf-8")
-
-
 def sidecars(out: Path) -> tuple[Path, Path]:
     """The files beside the output: items without a record, and the report."""
     return out.with_name(out.name + ".skipped"), out.with_name(out.name + ".report.json")
-
-
-def check_writable(*paths: Path) -> None:
-    for path in paths:
-        if path.is_dir():
-            raise UserError(f"cannot write {path}: it is a directory")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-        if not os.access(path if path.exists() else path.parent, os.W_OK):
-            raise UserError(f"cannot write {path}: permission denied")
 
 
 # ---------------------------------------------------------------- the run
@@ -807,26 +724,18 @@ def summarize(kind: str, cfg, out: Path, client: llm.Client, counts: Counter, se
 
 
 def check_settings(cfg) -> None:
-    for ok, message in [(cfg.n >= 0, "--n must be >= 0"), (cfg.concurrency >= 1, "--concurrency must be >= 1"),
-                        (cfg.rpm >= 0 and cfg.tpm >= 0, "--rpm and --tpm must be >= 0"),
-                        (cfg.timeout > 0, "--timeout must be > 0"),
-                        (cfg.max_retries >= 0, "--max_retries must be >= 0"),
-                        (cfg.backoff >= 0, "--backoff must be >= 0"), (cfg.attempts >= 1, "--attempts must be >= 1"),
+    for ok, message in [(cfg.n >= 0, "--n must be >= 0"), (cfg.attempts >= 1, "--attempts must be >= 1"),
                         (0 < cfg.near_dup <= 1, "--near_dup must be in (0, 1]"),
-                        (cfg.give_up >= 1, "--give_up must be >= 1"), (bool(cfg.model), "--model is needed"),
-                        (cfg.price_in >= 0 and cfg.price_out >= 0, "--price_in and --price_out must be >= 0")]:
+                        (cfg.give_up >= 1, "--give_up must be >= 1"), (bool(cfg.model), "--model is needed")]:
         if not ok:
             raise UserError(message)
 
 
 def main(argv=None):
     cfg, args = parse_args(DEFAULTS, __doc__, argv)
-    if len(args) != 1 or args[0] not in KINDS:
-        what = f"unknown subcommand {args[0]!r}" if args and args[0] not in KINDS else \
-            f"unexpected argument {args[1]!r}" if args else "no subcommand"
-        raise UserError(f"{what}: say textbook or exercises (see --help)")
-    kind = args[0]
+    kind = subcommand(args, KINDS)
     check_settings(cfg)
+    client = llm.client_from(cfg, cfg.model)
     out = Path(cfg.out or f"out/{kind}.jsonl")
     skipped_path, report_path = sidecars(out)
     check_writable(out, skipped_path, report_path)
@@ -834,12 +743,6 @@ def main(argv=None):
     ids = [str(r.get("id", "")) for r in read_jsonl(out)]
     done = set(ids) | {str(r.get("id", "")) for r in read_jsonl(skipped_path)}
     have = sum(rid.startswith(prefix) for rid in ids)
-    try:
-        client = llm.Client(cfg.api_base or None, cfg.model, concurrency=cfg.concurrency, rpm=cfg.rpm or None,
-                            tpm=cfg.tpm or None, timeout=cfg.timeout, max_retries=cfg.max_retries,
-                            backoff=cfg.backoff, price_in=cfg.price_in, price_out=cfg.price_out)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     counts, error, started, sandbox = Counter(), None, time.monotonic(), None
     with client:
         if have < cfg.n:

@@ -20,7 +20,6 @@ rerunning the same command resumes (`--init_from=auto`).
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys

@@ -347,6 +347,85 @@ def start(out: Path, fp: str) -> Path:
     return part_dir
 
 
+# ---------------------------------------------------------------- JSONL files that grow
+# (synth.py, filter.py and evaluate.py append records as they come, and resume after a kill)
+
+def read_jsonl(path: Path):
+    """The records of a JSONL file, one by one. A last line torn by a kill is left out
+    (Appender cuts it off); any other line that is not a JSON object is an error."""
+    if not path.exists():
+        return
+    try:
+        with path.open("rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                if not isinstance(record, dict):
+                    if not line.endswith(b"\n"):
+                        return  # torn
+                    raise UserError(f"{path} line {number} is not a JSON object: not adding to it")
+                yield record
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+class Appender:
+    """Appends JSON lines to path, each flushed. The file is opened at the first line, after
+    cutting off a last line torn by a kill (or ending a whole one that lacks its newline)."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, None
+
+    def write(self, obj: dict) -> None:
+        if self.file is None:
+            self.file = self.open()
+        self.file.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def open(self):
+        """The file for appending text, its last line made whole first."""
+        with self.path.open("ab+") as f:
+            start = f.seek(0, os.SEEK_END)
+            while start > 0:  # back to the start of the last line
+                step = min(start, 1 << 16)
+                f.seek(start - step)
+                newline = f.read(step).rfind(b"\n")
+                start -= step
+                if newline >= 0:
+                    start += newline + 1
+                    break
+            f.seek(start)
+            try:
+                tail = f.read()
+                if tail:
+                    json.loads(tail)
+                    f.write(b"\n")
+            except ValueError:
+                print(f"note: cutting off the torn last line of {self.path}", file=sys.stderr)
+                f.truncate(start)
+        return self.path.open("a", encoding="utf-8")
+
+
+def check_writable(*paths: Path) -> None:
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"cannot write {path}: it is a directory")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            raise UserError(f"cannot write {path}: permission denied")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)

@@ -147,3 +147,16 @@ def test_check_finds_unreachable_refusing_and_modelless_endpoints():
             llm.Client(server.url, "gpt-9", api_key="sekrit").check()
     with pytest.raises(ValueError, match="http"):
         llm.Client("localhost:8000/v1", "fake")
+
+
+def test_client_from_command_line_settings():
+    from config import UserError, parse_args
+    cfg, _ = parse_args(llm.DEFAULTS, argv=["--api_base=http://127.0.0.1:9/v1", "--concurrency=3", "--rpm=60"])
+    client = llm.client_from(cfg, "some-model")
+    assert (client.api_base, client.model, client.concurrency) == ("http://127.0.0.1:9/v1", "some-model", 3)
+    for argv, message in [(["--concurrency=0"], "--concurrency must be >= 1"), (["--tpm=-1"], "--rpm and --tpm"),
+                          (["--price_out=-2"], "--price_in and --price_out"),
+                          (["--api_base=ftp://example.com"], "http:// or https://")]:
+        cfg, _ = parse_args(llm.DEFAULTS, argv=argv)
+        with pytest.raises(UserError, match=message):
+            llm.client_from(cfg, "some-model")
