@@ -190,8 +190,8 @@ class Block(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) views
         if cache is not None and cache.slot is not None:  # one decoding step, fixed shapes
-            cache.k[layer].index_copy_(2, cache.slot, k)
-            cache.v[layer].index_copy_(2, cache.slot, v)
+            cache.k[layer].index_copy_(2, cache.slot, k.to(cache.k.dtype))  # autocast: bf16 into fp32
+            cache.v[layer].index_copy_(2, cache.slot, v.to(cache.v.dtype))
             k, v = cache.k[layer], cache.v[layer]
         elif cache is not None:
             start = cache.length

@@ -146,6 +146,15 @@ def test_batched_generation_with_padding_equals_one_prompt_at_a_time():
         assert model.generate([prompt], max_new_tokens=8) == [out]
 
 
+def test_generation_under_autocast_and_with_no_new_tokens():
+    # train.py samples from its float32 model under bf16 autocast: the cache is float32
+    model = small_model(seed=5, config=GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate([[1, 2, 3], [4]], max_new_tokens=6)
+    assert [len(o) for o in out] == [6, 6]
+    assert model.generate([[1, 2]], max_new_tokens=0) == [[]]
+
+
 def test_generation_stops_at_stop_strings_eot_and_max_tokens(monkeypatch):
     import model as model_module
     model = small_model(seed=4, config=GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64))
