@@ -321,7 +321,10 @@ class GPT(nn.Module):
             return self.lm_head(x[:, -1])
 
         if device.type == "cuda" and max_new_tokens > 2 and not torch.is_autocast_enabled("cuda"):
-            decode_step = _cuda_graph(decode_step)
+            try:
+                decode_step = _cuda_graph(decode_step)
+            except RuntimeError as e:  # an op this torch or GPU cannot capture: still correct, slower
+                _warn_once(f"CUDA graph capture failed ({str(e)[:200]}); decoding step by step")
 
         stop = [s for s in (stop or []) if s]
         window = max((len(s.encode()) for s in stop), default=0) + 1  # tokens to decode for a check
