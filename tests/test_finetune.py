@@ -14,7 +14,6 @@ import torch
 
 import finetune
 import tokenizer
-from config import parse_args
 from model import GPT, PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent

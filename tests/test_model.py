@@ -47,10 +47,15 @@ def test_preset_parameter_counts(name, low, high):
         assert n == 1_418_270_720
 
 
-def test_hf_import_gives_transformers_logits():
-    hf = hf_phi(SMALL)
-    ours = GPT.from_hf_state_dict(hf.state_dict(), SMALL).eval()
-    idx = torch.randint(0, SMALL.vocab_size, (2, 37))
+@pytest.mark.parametrize("config", [
+    SMALL,  # phi-1's heads: rotary on 32 of 64 dims
+    GPTConfig(n_layer=1, n_head=2, n_embd=160, block_size=64, vocab_size=512),  # phi-2's: 32 of 80
+    GPTConfig(n_layer=1, n_head=4, n_embd=128, block_size=64, vocab_size=512, rotary_dim=32),  # all 32
+], ids=["rotary-32-of-64", "rotary-32-of-80", "rotary-32-of-32"])
+def test_hf_import_gives_transformers_logits(config):
+    hf = hf_phi(config)
+    ours = GPT.from_hf_state_dict(hf.state_dict(), config).eval()
+    idx = torch.randint(0, config.vocab_size, (2, 37))
     with torch.no_grad():
         expected = hf(idx).logits
         logits, _ = ours(idx)

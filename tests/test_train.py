@@ -1,7 +1,6 @@
 """train.py: schedule, optimizer groups, learning, exact resume, DDP, bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
