@@ -31,6 +31,7 @@ import struct
 import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -277,8 +278,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, stop: list[str] | None = None,
-                 seed: int | None = None) -> list[list[int]]:
+                 top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
         """Continue each prompt; returns the new tokens of each.
 
         Prompts of different lengths are left-padded into one batch, with
@@ -288,6 +289,8 @@ class GPT(nn.Module):
         returned), when its new text contains a stop string (the tokens that
         completed it are returned: cut the text at the stop), or after
         max_new_tokens. temperature 0 is greedy; otherwise nucleus sampling.
+        on_token(row, token), if given, sees each new token as it is kept (a
+        server streams them).
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, each of at least one token")
@@ -353,6 +356,8 @@ class GPT(nn.Module):
                     done[row] = True
                     continue
                 new_tokens[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
                 if stop and any(s in tokenizer.decode(new_tokens[row][-window:]) for s in stop):
                     done[row] = True
             if all(done) or t == max_new_tokens - 1:

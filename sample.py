@@ -23,8 +23,10 @@ which is cut from the text) or "length" (max_tokens reached). max_tokens is
 clamped to the room the prompt leaves in the context; a prompt that leaves no
 room is refused (400, code context_length_exceeded), never silently truncated.
 logprobs, suffix, logit_bias, tools and non-zero penalties are refused with a
-400 naming the field. stream=true answers in OpenAI's server-sent events, but
-all at once when the generation ends (generate() has no per-token hook).
+400 naming the field. stream=true answers in OpenAI's server-sent events as the
+tokens come; text that may still turn out to begin a stop string (its last
+len(stop) - 1 characters) or an incomplete UTF-8 character waits for the next
+token, so the streamed pieces join into exactly the answer without stream.
 Errors look like OpenAI's: {"error": {"message", "type", "param", "code"}}.
 
 Chat template: each message becomes one "role: content" line (roles system,
@@ -73,6 +75,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import unquote, urlsplit
 
 import torch
@@ -360,7 +363,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 @dataclass(eq=False)
 class Row:
-    """One completion to generate; its future receives the new token ids."""
+    """One completion to generate; its future receives the new token ids. A
+    streamed row also puts (row, token) on `tokens` as each comes, then (row, None)."""
     prompt: list[int]
     max_new: int
     temperature: float
@@ -368,7 +372,22 @@ class Row:
     stop: tuple[str, ...]
     seed: int | None
     request: int  # which request it belongs to
+    tokens: queue.Queue | None = None  # the request's stream, shared by its rows
+    streamed: int = 0  # tokens put on it so far
     future: Future = field(default_factory=Future)
+
+    def push(self, token: int) -> None:
+        if self.tokens is not None and self.streamed < self.max_new:  # the batch may run longer
+            self.streamed += 1
+            self.tokens.put((self, token))
+
+    def finish(self, ids: list[int] | None = None, error: Exception | None = None) -> None:
+        if error is None:
+            self.future.set_result(ids)
+        else:
+            self.future.set_exception(error)
+        if self.tokens is not None:
+            self.tokens.put((self, None))
 
 
 _CLOSE = object()  # queued by Engine.close
@@ -423,7 +442,7 @@ class Engine:
             if self.closed:
                 error = ApiError("the server is shutting down", 503, "unavailable", type="server_error")
                 for row in rows:
-                    row.future.set_exception(error)
+                    row.finish(error=error)
                 continue
             groups: dict[tuple, list[Row]] = {}
             for row in rows:
@@ -457,16 +476,17 @@ class Engine:
                 out = [[] for _ in batch]
             else:
                 out = self.model.generate([row.prompt for row in batch], max_new, first.temperature,
-                                          first.top_p, list(first.stop), seed)
+                                          first.top_p, list(first.stop), seed,
+                                          on_token=lambda i, token: batch[i].push(token))
         except Exception as e:  # e.g. out of memory: fail this batch, keep serving
             traceback.print_exc()
             error = ApiError(f"generation failed ({type(e).__name__}: {e})", 500, "generation_failed",
                              type="server_error")
             for row in batch:
-                row.future.set_exception(error)
+                row.finish(error=error)
             return
         for row, ids in zip(batch, out):
-            row.future.set_result(ids[:row.max_new])
+            row.finish(ids[:row.max_new])
 
 
 # ---------------------------------------------------------------- the HTTP server
@@ -569,18 +589,23 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:  # the client went away
             self.close_connection = True
 
-    def send_events(self, events: list[dict]) -> None:
-        """Server-sent events as OpenAI streams them, then [DONE]; the connection closes after."""
+    def send_events(self, events: Iterator[dict]) -> None:
+        """Server-sent events as OpenAI streams them, each as soon as it is made, then
+        [DONE]; the connection closes after. A generation that fails after the first
+        event ends the stream with an error event, as OpenAI's do."""
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")
             self.end_headers()
-            for event in events:
-                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
-        except OSError:
+            try:
+                for event in events:
+                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+            except ApiError as e:
+                self.wfile.write(f"data: {json.dumps(e.body)}\n\n".encode())
+        except OSError:  # the client went away; its rows still finish in the engine, unread
             pass
         self.close_connection = True
 
@@ -612,12 +637,12 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(f"The model `{name}` does not exist; this server has `{self.server.model_name}`",
                            404, "model_not_found", param="model")
 
-    def generate(self, prompts: list[list[int]], s: Sampling, stop: tuple[str, ...],
-                 param: str) -> list[tuple[list[int], int]]:
-        """(new token ids, max_new) of n completions of each prompt, prompt-major, through the engine."""
+    def submit(self, prompts: list[list[int]], s: Sampling, stop: tuple[str, ...], param: str) -> list[Row]:
+        """n rows per prompt, prompt-major, handed to the engine; streamed, they share one queue."""
         if len(prompts) * s.n > MAX_ROWS:
             raise ApiError(f"at most {MAX_ROWS} completions (prompts x n) per request", param="n")
         block, request = self.server.block_size, next(self.server.request_ids)
+        tokens = queue.Queue() if s.stream else None
         rows = []
         for ids in prompts:
             if len(ids) >= block:
@@ -625,53 +650,102 @@ class Handler(BaseHTTPRequestHandler):
                                f"{len(ids)}: no room for a completion (prompts are not truncated)",
                                param=param, code="context_length_exceeded")
             max_new = min(s.max_tokens, block - len(ids))
-            rows += [Row(ids, max_new, s.temperature, s.top_p, stop, s.seed, request) for _ in range(s.n)]
+            rows += [Row(ids, max_new, s.temperature, s.top_p, stop, s.seed, request, tokens)
+                     for _ in range(s.n)]
         self.server.engine.submit(rows)
-        return [(row.future.result(), row.max_new) for row in rows]
+        return rows
+
+    @staticmethod
+    def streamed_texts(rows: list[Row], stop: tuple[str, ...],
+                       chat: bool) -> Iterator[tuple[int, str, str | None]]:
+        """(choice index, new text, finish_reason at a row's end else None) as the rows' tokens come.
+
+        Each piece extends what was given before, and together they make exactly the
+        text `cut` gives at the end: text that may still begin a stop string, or is
+        an incomplete UTF-8 character (U+FFFD for now), is held back a token."""
+        index = {row: i for i, row in enumerate(rows)}
+        ids: dict[Row, list[int]] = {row: [] for row in rows}
+        given = dict.fromkeys(rows, 0)  # characters of each row's text given so far
+        hold = max(map(len, stop), default=1) - 1
+        ended = 0
+        while ended < len(rows):
+            row, token = rows[0].tokens.get()
+            if token is None:
+                ended += 1
+                row.future.result()  # raises the engine's ApiError if generation failed
+                text, reason = cut(ids[row], row.max_new, stop)
+            else:
+                ids[row].append(token)
+                text, reason = tokenizer.decode(ids[row]), None
+                if any(s in text for s in stop):
+                    continue  # the row's text is complete: the rest comes with its end
+                text = text[:len(text) - hold].rstrip("\ufffd")
+            if chat:
+                text = text.removeprefix(" ")  # as the answer without stream
+            if len(text) > given[row] or reason:
+                yield index[row], text[given[row]:], reason
+                given[row] = len(text)
 
     def completions(self, body: dict) -> dict | None:
         self.check_model(body.get("model"))
         s = parse_sampling(body, self.server.cfg, chat=False)
         echo = flag(body, "echo")
         prompts = parse_prompts(body)
-        choices, new_tokens = [], 0
-        for i, (ids, max_new) in enumerate(self.generate([ids for ids, _ in prompts], s, s.stop, "prompt")):
-            text, reason = cut(ids, max_new, s.stop)
-            choices.append({"index": i, "text": prompts[i // s.n][1] + text if echo else text,
-                            "logprobs": None, "finish_reason": reason})
-            new_tokens += len(ids)
-        used = usage(sum(len(ids) for ids, _ in prompts), new_tokens)
+        rows = self.submit([ids for ids, _ in prompts], s, s.stop, "prompt")
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.server.model_name}
-        if not s.stream:
-            return {**head, "choices": choices, "usage": used}
-        events = [{**head, "choices": [choice]} for choice in choices]
-        self.send_events(events + ([{**head, "choices": [], "usage": used}] if s.include_usage else []))
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+
+        def choice(i, text, reason):
+            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+
+        def chunks():
+            if echo:
+                for i in range(len(rows)):
+                    yield {**head, "choices": [choice(i, prompts[i // s.n][1], None)]}
+            for i, text, reason in self.streamed_texts(rows, s.stop, chat=False):
+                yield {**head, "choices": [choice(i, text, reason)]}
+            if s.include_usage:
+                yield {**head, "choices": [], "usage": usage(prompt_tokens, sum(r.streamed for r in rows))}
+
+        if s.stream:
+            return self.send_events(chunks())
+        choices = []
+        for i, row in enumerate(rows):
+            text, reason = cut(row.future.result(), row.max_new, s.stop)
+            choices.append(choice(i, prompts[i // s.n][1] + text if echo else text, reason))
+        used = usage(prompt_tokens, sum(len(row.future.result()) for row in rows))
+        return {**head, "choices": choices, "usage": used}
 
     def chat(self, body: dict) -> dict | None:
         self.check_model(body.get("model"))
         s = parse_sampling(body, self.server.cfg, chat=True)
         prompt = tokenizer.encode(chat_prompt(body.get("messages")))
         stop = tuple(sorted(set(s.stop) | set(CHAT_STOPS)))
-        choices, new_tokens = [], 0
-        for i, (ids, max_new) in enumerate(self.generate([prompt], s, stop, "messages")):
-            text, reason = cut(ids, max_new, stop)
-            choices.append({"index": i, "message": {"role": "assistant", "content": text.removeprefix(" ")},
-                            "logprobs": None, "finish_reason": reason})
-            new_tokens += len(ids)
-        used = usage(len(prompt), new_tokens)
+        rows = self.submit([prompt], s, stop, "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.server.model_name}
-        if not s.stream:
-            return {**head, "object": "chat.completion", "choices": choices, "usage": used}
-        head["object"] = "chat.completion.chunk"
-        events = []
-        for c in choices:
-            events.append({**head, "choices": [{"index": c["index"], "delta": c["message"], "logprobs": None,
-                                                "finish_reason": None}]})
-            events.append({**head, "choices": [{"index": c["index"], "delta": {}, "logprobs": None,
-                                                "finish_reason": c["finish_reason"]}]})
-        self.send_events(events + ([{**head, "choices": [], "usage": used}] if s.include_usage else []))
+
+        def chunks():
+            head["object"] = "chat.completion.chunk"
+            for i in range(len(rows)):
+                yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]}
+            for i, text, reason in self.streamed_texts(rows, stop, chat=True):
+                yield {**head, "choices": [{"index": i, "delta": {"content": text} if text else {},
+                                            "logprobs": None, "finish_reason": reason}]}
+            if s.include_usage:
+                yield {**head, "choices": [], "usage": usage(len(prompt), sum(r.streamed for r in rows))}
+
+        if s.stream:
+            return self.send_events(chunks())
+        choices = []
+        for i, row in enumerate(rows):
+            text, reason = cut(row.future.result(), row.max_new, stop)
+            choices.append({"index": i, "message": {"role": "assistant", "content": text.removeprefix(" ")},
+                            "logprobs": None, "finish_reason": reason})
+        used = usage(len(prompt), sum(len(row.future.result()) for row in rows))
+        return {**head, "object": "chat.completion", "choices": choices, "usage": used}
 
 
 def _interrupt(signum, frame):

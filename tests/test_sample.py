@@ -3,6 +3,7 @@
 import dataclasses
 import http.client
 import json
+import queue
 import re
 import signal
 import socket
@@ -208,6 +209,65 @@ def test_streaming_gives_the_same_answer(client):
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == whole.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+@pytest.mark.parametrize("stop, chat", [((), False), (("\n\ndef",), False), (("語",), False), ((), True)])
+def test_streamed_pieces_join_into_the_cut_text_and_hold_back_what_may_change(stop, chat):
+    text = " 日本語 naïve\nreturn x\n\ndef g(): 🙂 日本語"
+    ids = tokenizer.encode(text)
+    assert any(tokenizer.decode(ids[:n]).endswith("\ufffd") for n in range(len(ids)))  # a prefix ends mid-character
+    row = sample.Row(ids, len(ids), 0.0, 1.0, stop, None, 0, queue.Queue())
+    for token in ids:
+        row.push(token)
+    row.finish(ids)
+    pieces = list(sample.Handler.streamed_texts([row], stop, chat))
+    expected, reason = sample.cut(ids, len(ids), stop)
+    assert "".join(piece for _, piece, _ in pieces) == (expected.removeprefix(" ") if chat else expected)
+    assert [r for _, _, r in pieces] == [None] * (len(pieces) - 1) + [reason]
+    assert len(pieces) > 3 and not any("\ufffd" in piece for _, piece, _ in pieces)
+
+
+def test_stream_sends_text_as_it_is_generated(client, server, monkeypatch):
+    """Generation pauses after its first visible text until the client holds it:
+    a server that sent the stream only at the end would keep it waiting."""
+    seen, waited, kept = threading.Event(), [], []
+    real = server.engine.model.generate
+
+    def generate(*args, on_token, **kwargs):
+        def hook(row, token):
+            on_token(row, token)
+            kept.append(token)
+            if not waited and tokenizer.decode(kept).rstrip("\ufffd"):
+                waited.append(seen.wait(timeout=20))
+        return real(*args, on_token=hook, **kwargs)
+
+    monkeypatch.setattr(server.engine.model, "generate", generate)
+    pieces = []
+    for chunk in client.completions.create(model=NAME, prompt="def f(x):", max_tokens=12, temperature=0,
+                                           stream=True):
+        pieces.append(chunk.choices[0].text)
+        seen.set()
+    assert waited == [True] and len(kept) == 12
+    assert "".join(pieces) == sample.cut(kept, 12, ())[0]
+
+
+def test_stream_echoes_the_prompt_and_ends_with_an_error_event_if_generation_fails(client, server, monkeypatch):
+    chunks = list(client.completions.create(model=NAME, prompt="x = [", max_tokens=5, temperature=0,
+                                            echo=True, stream=True))
+    whole = client.completions.create(model=NAME, prompt="x = [", max_tokens=5, temperature=0, echo=True)
+    assert chunks[0].choices[0].text == "x = ["
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+
+    def fail(*args, on_token, **kwargs):
+        on_token(0, tokenizer.encode(" y")[0])
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(server.engine.model, "generate", fail)
+    texts = []
+    with pytest.raises(openai.APIError, match="generation failed"):
+        for chunk in client.completions.create(model=NAME, prompt="x", max_tokens=5, stream=True):
+            texts.append(chunk.choices[0].text)
+    assert texts == [" y"]
 
 
 def test_client_sees_openai_errors(client):
