@@ -25,6 +25,8 @@ from pathlib import Path
 
 import tiktoken
 
+from config import UserError
+
 EOT = 50256  # <|endoftext|>
 VOCAB_SIZE = 50295  # real tokens; model embeddings are padded to 51200 rows
 EOT_TEXT = "<|endoftext|>"
@@ -49,8 +51,8 @@ def _bpe() -> tiktoken.Encoding:
     try:
         return tiktoken.get_encoding("r50k_base")
     except Exception as e:  # tiktoken raises whatever its download raised
-        raise RuntimeError(f"cannot load tiktoken's r50k_base BPE file ({type(e).__name__}); offline, "
-                           f"set TIKTOKEN_CACHE_DIR to a folder holding a copy") from None
+        raise UserError(f"cannot load tiktoken's r50k_base BPE file ({type(e).__name__}); offline, "
+                        f"set TIKTOKEN_CACHE_DIR to a folder holding a copy") from None
 
 
 def _split(text: str, allowed_special: bool) -> list[tuple[str, int | None]]:

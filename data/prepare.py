@@ -314,9 +314,13 @@ def output_dir(cfg, default_name: str) -> Path:
 
 
 def fingerprint(cfg, listing) -> str:
-    """What the bins are a function of: the inputs and the settings that matter."""
+    """What the bins are a function of: the inputs, the settings that matter, and the
+    code that splits and tokenizes (this file and tokenizer.py)."""
     settings = {k: v for k, v in vars(cfg).items() if k not in UNFINGERPRINTED}
-    return hashlib.sha256(json.dumps([settings, listing]).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([settings, listing]).encode())
+    for code in (Path(__file__), ROOT / "tokenizer.py"):
+        digest.update(code.read_bytes())
+    return digest.hexdigest()
 
 
 def finished(out: Path, fp: str) -> dict | None:
@@ -332,11 +336,11 @@ def finished(out: Path, fp: str) -> dict | None:
 
 def start(out: Path, fp: str) -> Path:
     """The parts folder for this run, keeping the parts of an interrupted run with the
-    same fingerprint; drops meta.json first, so nothing looks complete until the end."""
+    same fingerprint. A prepared dataset already in out stays whole until its bins are
+    replaced (see prepare)."""
     part_dir = out / "parts"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "meta.json").unlink(missing_ok=True)
         mark = part_dir / "fingerprint"
         if part_dir.exists() and not (mark.is_file() and mark.read_text() == fp):
             shutil.rmtree(part_dir)
@@ -483,6 +487,7 @@ def prepare(cfg, quiet: bool = False) -> dict:
             print(f"already prepared: {out} ({meta['train_tokens']:,} train, {meta['val_tokens']:,} val tokens)")
         return meta
 
+    encode("")  # loads the BPE file now: offline without a copy, stop before writing anything
     items = source.items()
     part_dir = start(out, fp)
     counts, skipped = Counter(), Counter()
@@ -508,6 +513,7 @@ def prepare(cfg, quiet: bool = False) -> dict:
                         f"(skipped: {dict(skipped) or 'none'}; val: {counts['val']})")
 
     tokens = {}
+    (out / "meta.json").unlink(missing_ok=True)  # the old bins go now: nothing looks complete until the end
     for split in ("train", "val"):
         files = [part_dir / f"{i:05d}.{split}.bin" for i in range(n_parts)]
         concatenate(files, out / f"{split}.bin")

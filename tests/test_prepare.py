@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from config import UserError
+import tokenizer
 from data import prepare
 from tokenizer import EOT, VOCAB_SIZE, decode, encode
 
@@ -223,6 +224,39 @@ def test_user_errors_leave_nothing_that_looks_complete(tmp_path):
                          (dict(val_fraction=1.0), "val_fraction")]:
         with pytest.raises(UserError, match=message):
             prepare.prepare(settings(tmp_path, **bad), quiet=True)
+
+
+def test_a_failed_rerun_leaves_the_prepared_dataset_whole(tmp_path, monkeypatch):
+    cfg = settings(tmp_path, inputs=str(write_tree(tmp_path / "ok", {"a.py": A, "b.py": B})))
+    meta = prepare.prepare(cfg, quiet=True)
+    out = tmp_path / "out" / "corpus"
+    before = {name: (out / name).read_bytes() for name in ("meta.json", "train.bin", "val.bin")}
+
+    only_empty = write_tree(tmp_path / "empty", {"c.py": "\n"})
+    with pytest.raises(UserError, match="no usable documents"):
+        prepare.prepare(settings(tmp_path, inputs=str(only_empty)), quiet=True)
+
+    def offline():
+        raise UserError("cannot load tiktoken's r50k_base BPE file")
+    monkeypatch.setattr(tokenizer, "_bpe", offline)  # offline without a copy of the BPE file
+    with pytest.raises(UserError, match="r50k_base"):
+        prepare.prepare(settings(tmp_path, inputs=str(write_tree(tmp_path / "new", {"d.py": A + A}))),
+                        quiet=True)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not (out / "parts").exists()
+    monkeypatch.undo()
+    assert prepare.finished(out, meta["fingerprint"]) == meta
+
+
+def test_the_fingerprint_covers_the_tokenizer_code(tmp_path, monkeypatch):
+    cfg = settings(tmp_path)
+    first = prepare.fingerprint(cfg, ["a.py"])
+    assert prepare.fingerprint(cfg, ["a.py"]) == first
+    changed = tmp_path / "root"
+    changed.mkdir()
+    (changed / "tokenizer.py").write_text((ROOT / "tokenizer.py").read_text() + "\n# changed\n")
+    monkeypatch.setattr(prepare, "ROOT", changed)
+    assert prepare.fingerprint(cfg, ["a.py"]) != first
 
 
 def test_cli_missing_jsonl_is_one_line_and_exit_2(tmp_path):
