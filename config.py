@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 import re
 import sys
 from types import SimpleNamespace
@@ -41,6 +42,16 @@ def run(main) -> None:
         sys.exit(130)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(key: str, value):
+    if not math.isfinite(value):  # 1e999: inf would train nothing, or everything, silently
+        raise UserError(f"--{key} takes a finite number, not {value}")
+    return value
+
+
 def _convert(key: str, text: str, default):
     if isinstance(default, bool):  # before int: bool is a subclass of int
         low = text.lower()
@@ -54,16 +65,15 @@ def _convert(key: str, text: str, default):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                isinstance(default, int) and not isinstance(value, int)):
+        if not _is_number(value) or (isinstance(default, int) and not isinstance(value, int)):
             raise UserError(f"--{key} takes {type(default).__name__}, not {text!r}")
-        return type(default)(value)
+        return type(default)(_finite(key, value))
     if default is None:  # a number if it looks like one, else the string
         try:
             value = ast.literal_eval(text)
-            return value if isinstance(value, (int, float)) else text
         except (ValueError, SyntaxError):
             return text
+        return _finite(key, value) if _is_number(value) else text
     return text
 
 

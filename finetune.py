@@ -138,10 +138,9 @@ def finetune(cfg):
         print(f"skipped {malformed} malformed lines of {path} (each needs a string prompt and completion)")
     if not exercises:
         raise UserError(f"no exercises in {path}")
-    resume = (Path(cfg.out_dir) / "ckpt.pt").exists()
-    cfg.preset, cfg.data, cfg.init_from = "", str(path), "resume" if resume else cfg.base
-    print(f"{len(exercises):,} exercises from {path}; "
-          + (f"resuming {cfg.out_dir}" if resume else f"starting from {cfg.base}"))
+    # the model is --base's (rerunning resumes out_dir's checkpoint: train.build_model)
+    cfg.preset, cfg.block_size, cfg.data, cfg.init_from = "", None, str(path), cfg.base
+    print(f"{len(exercises):,} exercises from {path}")
 
     def make_data(config):  # windows of the model's context length
         return Exercises(exercises, config.block_size, cfg.loss_on, cfg.val_fraction, path.stem)

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 import warnings
 from dataclasses import dataclass, fields, replace
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tokenizer
+from config import UserError
 
 log = logging.getLogger("phi1")
 
@@ -240,6 +242,11 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def set_context(self, block_size: int) -> None:
+        """Train or sample at another context length: rotary positions learn no table."""
+        self.config.block_size = block_size
+        self.rotary = rotary_table(self.config).to(self.rotary.device)
 
     def num_params(self, embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -445,8 +452,10 @@ class GPT(nn.Module):
         (downloaded once, then cached), a local folder with config.json and
         *.safetensors, or a checkpoint of ours (a .pt file)."""
         path = Path(name_or_path)
-        if path.suffix == ".pt":
+        if path.suffix == ".pt" or path.is_file():
             return cls.from_checkpoint(path, device)
+        if not path.is_dir() and not looks_like_hub_id(name_or_path):
+            raise FileNotFoundError(f"no such checkpoint or folder: {name_or_path}")
         folder = path if path.is_dir() else download_hf(name_or_path)
         hf_config = json.loads((folder / "config.json").read_text())
         files = sorted(folder.glob("*.safetensors"))
@@ -528,6 +537,22 @@ def hf_config_from(c: GPTConfig) -> dict:
             "bos_token_id": tokenizer.EOT, "eos_token_id": tokenizer.EOT, "torch_dtype": "float32"}
 
 
+def pick_device(name: str) -> torch.device:
+    """--device: auto (the GPU if there is one), cpu, cuda, cuda:1, ...; one line for a bad name."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device={name} (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device={name}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device={name}: only cpu and cuda devices are supported")
+    return device
+
+
 def load_checkpoint(path) -> dict:
     """A training checkpoint (a dict with "model" and "config"), with a clear error
     for a file that is missing, truncated or not one of ours."""
@@ -591,6 +616,13 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """"owner/name", neither part a folder here: a path with a typo is not sent to the hub."""
+    parts = name.split("/")
+    return (len(parts) == 2 and all(re.fullmatch(r"[\w][\w.-]*", p) for p in parts)
+            and not Path(parts[0]).is_dir())
+
+
 def download_hf(repo: str, revision: str = "main") -> Path:
     """Fetch a hub repo's config.json and safetensors weights over plain HTTPS,
     once; later calls read the cache ($PHI1_CACHE, default ~/.cache/phi1)."""
@@ -598,7 +630,6 @@ def download_hf(repo: str, revision: str = "main") -> Path:
     from tqdm import tqdm
 
     cache = Path(os.environ.get("PHI1_CACHE", Path.home() / ".cache" / "phi1")) / "hub" / repo
-    cache.mkdir(parents=True, exist_ok=True)
     base = f"https://huggingface.co/{repo}/resolve/{revision}/"
 
     def fetch(name: str, required: bool = True) -> Path | None:
@@ -614,6 +645,7 @@ def download_hf(repo: str, revision: str = "main") -> Path:
             return None
         if r.status_code != 200:
             raise ConnectionError(f"{base + name}: HTTP {r.status_code}")
+        cache.mkdir(parents=True, exist_ok=True)  # only for a repo that exists
         tmp = target.with_suffix(target.suffix + ".part")
         size = int(r.headers.get("content-length", 0)) or None
         with open(tmp, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=name) as bar:

@@ -15,11 +15,13 @@ random offsets from one prepared dataset or a weighted mixture of several
 on (seed, rank, step, micro-step), and so does the dropout noise, so a run
 resumed from a checkpoint continues exactly as if it had never stopped.
 Checkpoints are written atomically; SIGTERM or Ctrl-C saves one and exits;
-rerunning the same command resumes (`--init_from=auto`).
+rerunning the same command resumes, whether the run started from scratch or
+from weights (`--init_from=microsoft/phi-1`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -35,11 +37,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
 from config import UserError, parse_args, run
-from model import GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint
+from data.prepare import check_writable, ensure_prepared
+from model import GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, pick_device
 
 DEFAULTS = dict(
     out_dir="out",  # checkpoints go to out_dir/ckpt.pt
-    init_from="auto",  # auto (resume out_dir's checkpoint if any), scratch, resume, or weights to start from (.pt, HF folder or hub id)
+    init_from="auto",  # auto (resume out_dir's checkpoint if any, else scratch), scratch, resume, or weights to start from (.pt, HF folder or hub id; a rerun resumes)
     data="local_python",  # a prepared dataset in data/ (or a folder), or a mixture: "code:0.7,textbooks:0.3"
     preset="tiny",  # model size: phi-1, phi-1-small, small, tiny, nano
     block_size=None,  # context length in tokens (None: the preset's)
@@ -78,18 +81,17 @@ _stop_signal: int | None = None  # set by SIGTERM / SIGINT: save and exit at the
 
 # ---------------------------------------------------------------- processes
 
-def setup_processes(device: str):
+def setup_processes(name: str):
     """(rank, world size, device): torchrun's environment means DDP, NCCL on GPUs, gloo on CPUs."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(name)
     if "RANK" not in os.environ:
-        return 0, 1, torch.device(device)
+        return 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, torch.device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -111,7 +113,8 @@ class Mixture:
     the random draws come from (seed, rank, step, micro-step) alone.
     """
 
-    def __init__(self, spec: str, block_size: int, vocab_size: int, prepare_default: bool):
+    def __init__(self, spec: str, block_size: int, vocab_size: int, prepare_default: bool,
+                 splits: tuple[str, ...] = ("train", "val")):
         self.block_size, self.vocab_size = block_size, vocab_size
         self.names, weights = [], []
         for part in spec.split(","):
@@ -121,18 +124,18 @@ class Mixture:
             except ValueError:
                 raise UserError(f"bad weight {weight!r} in --data={spec}") from None
             self.names.append(name)
-        if min(weights) <= 0:
-            raise UserError(f"dataset weights must be positive: --data={spec}")
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            raise UserError(f"dataset weights must be positive numbers: --data={spec}")
         self.weights = np.array(weights) / sum(weights)
-        self.folders = [self._folder(n, prepare_default) for n in self.names]
+        self.folders = [self._folder(n, prepare_default, splits) for n in self.names]
 
-    def _folder(self, name: str, prepare_default: bool) -> Path:
+    def _folder(self, name: str, prepare_default: bool, splits: tuple[str, ...]) -> Path:
+        """The dataset's folder, checked to hold the splits that will be read."""
         folder = Path(name) if ("/" in name or Path(name).is_dir()) else DATA_DIR / name
         if name == DEFAULT_DATASET and prepare_default and not (folder / "meta.json").exists():
-            from data.prepare import ensure_prepared
             print(f"preparing the default dataset (Python files on this machine) in {folder}")
             ensure_prepared(name)
-        for split in ("train", "val"):
+        for split in splits:
             path = folder / f"{split}.bin"
             if not (folder / "meta.json").exists() or not path.exists():
                 raise UserError(f"no prepared data at {folder} (run: python data/prepare.py ...)")
@@ -219,53 +222,93 @@ def _on_signal(signum, frame):
 
 # ---------------------------------------------------------------- the run
 
+def check_settings(cfg) -> None:
+    """Stop at once, with one line, on settings that would crash later or train nothing."""
+    positive = ["batch_size", "log_interval"] + (["eval_iters"] if cfg.eval_interval > 0 else [])
+    not_negative = ["total_batch_size", "max_iters", "warmup_iters", "eval_interval", "checkpoint_interval",
+                    "sample_tokens", "seed", "learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_tflops"]
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"--{key} must be positive, not {getattr(cfg, key)}")
+    for key in not_negative:
+        if getattr(cfg, key) < 0:
+            raise UserError(f"--{key} must not be negative, not {getattr(cfg, key)}")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise UserError(f"--beta1 and --beta2 must be in [0, 1), not {cfg.beta1} and {cfg.beta2}")
+    if cfg.block_size is not None and (not isinstance(cfg.block_size, int) or cfg.block_size <= 0):
+        raise UserError(f"--block_size must be a positive number of tokens, not {cfg.block_size!r}")
+    if cfg.dropout is not None and (not isinstance(cfg.dropout, (int, float)) or not 0 <= cfg.dropout < 1):
+        raise UserError(f"--dropout must be a number in [0, 1), not {cfg.dropout!r}")
+    if cfg.attention not in ("auto", "sdpa", "triton"):
+        raise UserError(f"--attention must be auto, sdpa or triton, not {cfg.attention!r}")
+    if cfg.profile and cfg.max_iters < cfg.log_interval + 5:
+        raise UserError(f"--profile traces steps {cfg.log_interval + 3} to {cfg.log_interval + 5}: "
+                        f"it needs --max_iters of at least {cfg.log_interval + 5}")
+
+
+def model_overrides(cfg) -> dict:
+    """The settings that change a preset's (or loaded weights') model."""
+    overrides = {"attention": cfg.attention}
+    if cfg.block_size is not None:
+        overrides["block_size"] = cfg.block_size
+    if cfg.dropout is not None:
+        overrides["dropout"] = float(cfg.dropout)
+    return overrides
+
+
 def requested_config(cfg) -> GPTConfig:
     """The model the settings ask for: a preset with its overrides."""
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
-    overrides = {"attention": cfg.attention}
-    if cfg.block_size is not None:
-        overrides["block_size"] = int(cfg.block_size)
-    if cfg.dropout is not None:
-        overrides["dropout"] = float(cfg.dropout)
-    return replace(PRESETS[cfg.preset], **overrides)
+    return replace(PRESETS[cfg.preset], **model_overrides(cfg))
 
 
 def build_model(cfg, out_dir: Path, master: bool):
-    """The model and, when resuming, the checkpoint it came from. Without a preset
-    (finetuning) the model is whatever the checkpoint holds."""
-    config = requested_config(cfg) if cfg.preset else None
+    """(model, checkpoint when resuming, where the run started: "scratch" or the weights).
+
+    Rerunning a command resumes the checkpoint in out_dir, whether the run started from
+    scratch (--init_from=auto) or from weights (the same --init_from). Without a preset
+    (finetuning) the model is whatever the checkpoint or weights hold."""
     ckpt_path = out_dir / "ckpt.pt"
     mode = cfg.init_from
-    if mode == "auto":
+    if mode == "auto" or (mode not in ("scratch", "resume") and ckpt_path.exists()):
         mode = "resume" if ckpt_path.exists() else "scratch"
     if mode == "resume":
         try:
             ckpt = load_checkpoint(ckpt_path)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"cannot resume: {e}") from None
+        origin = ckpt.get("origin", "scratch")
+        if cfg.init_from not in ("auto", "resume") and os.path.normpath(origin) != os.path.normpath(cfg.init_from):
+            raise UserError(f"{ckpt_path} holds a run that started from {origin}, not from {cfg.init_from}; "
+                            f"use another --out_dir")
         saved = replace(config_from_dict(ckpt["config"]), attention=cfg.attention)
-        if config is not None and saved != config:
-            raise UserError(f"{ckpt_path} holds another model than --preset={cfg.preset} asks for; "
-                            f"use another --out_dir, or --init_from=scratch to replace it")
+        wanted = (requested_config(cfg) if origin == "scratch" and cfg.preset
+                  else replace(saved, **model_overrides(cfg)))
+        if saved != wanted:
+            asked = f"--preset={cfg.preset}" if origin == "scratch" else "--block_size or --dropout"
+            raise UserError(f"{ckpt_path} holds another model than {asked} asks for; use another --out_dir")
         model = GPT(saved)
         model.load_state_dict(ckpt["model"])
         if master:
             print(f"resuming {ckpt_path} from step {ckpt['step']}")
-        return model, ckpt
+        return model, ckpt, origin
     if mode == "scratch":
-        if config is None:
+        if not cfg.preset:
             raise UserError("training from scratch needs a --preset")
         torch.manual_seed(cfg.seed)
-        return GPT(config), None
+        return GPT(requested_config(cfg)), None, "scratch"
     try:  # weights to start from: our checkpoint, a Hugging Face folder or hub id
         model = GPT.from_pretrained(mode)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         raise UserError(f"cannot load {mode}: {e}") from None
-    model.config.attention = cfg.attention  # the blocks share this config
-    if cfg.dropout is not None:
-        model.config.dropout = float(cfg.dropout)
-    return model.float(), None
+    overrides = model_overrides(cfg)
+    model.set_context(overrides.pop("block_size", model.config.block_size))
+    for key, value in overrides.items():  # the blocks share this config
+        setattr(model.config, key, value)
+    if master:
+        print(f"starting from {mode}")
+    return model.float(), None, mode
 
 
 def train(cfg, make_data=None, score=None) -> GPT:
@@ -276,19 +319,19 @@ def train(cfg, make_data=None, score=None) -> GPT:
     names; finetune.py passes its exercises). score: a function of the model returning
     (name, value), higher is better, called with each validation loss; the best
     model so far is kept in out_dir/best.pt (finetune.py passes HumanEval's pass@1)."""
-    if cfg.attention not in ("auto", "sdpa", "triton"):
-        raise UserError(f"--attention must be auto, sdpa or triton, not {cfg.attention!r}")
+    check_settings(cfg)
     rank, world, device = setup_processes(cfg.device)
     master = rank == 0
     out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
     ptdtype = pick_dtype(cfg.dtype, device)
 
-    raw_model, ckpt = build_model(cfg, out_dir, master)
+    raw_model, ckpt, origin = build_model(cfg, out_dir, master)
     start_step = ckpt["step"] if ckpt else 0
     if ckpt and start_step >= cfg.max_iters:
         if master:
-            print(f"{out_dir / 'ckpt.pt'} already finished {start_step} steps; raise --max_iters to go on, "
-                  f"or --init_from=scratch to train anew")
+            print(f"{ckpt_path} already finished {start_step} steps; raise --max_iters to go on, "
+                  f"or use another --out_dir to train anew")
         return raw_model
     config = raw_model.config
     total = cfg.total_batch_size or cfg.batch_size * world
@@ -300,12 +343,15 @@ def train(cfg, make_data=None, score=None) -> GPT:
     if make_data is not None:
         data = make_data(config)
     else:
+        splits = ("train", "val") if cfg.eval_interval > 0 else ("train",)
         if master:  # the default dataset is prepared once, by the first process
-            Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=True)
+            Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=True, splits=splits)
         if world > 1:
             dist.barrier()
-        data = Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=False)
+        data = Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=False, splits=splits)
 
+    if master:  # now, not at the first checkpoint hours later
+        check_writable(ckpt_path)
     raw_model.to(device)
     optimizer = make_optimizer(raw_model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
@@ -355,11 +401,10 @@ def train(cfg, make_data=None, score=None) -> GPT:
                   flush=True)
             if improved:
                 best = value
-                save_checkpoint(out_dir / "best.pt", raw_model, step, cfg, best=best)
+                save_checkpoint(out_dir / "best.pt", raw_model, step, cfg, best=best, origin=origin)
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    ckpt_path = out_dir / "ckpt.pt"
     first_bad = torch.tensor(cfg.max_iters + 1, device=device)  # first step with a non-finite loss
     x, y = to_device(data.batch("train", cfg.batch_size, cfg.seed, rank, start_step, 0), device)
     t_last, step_last = time.time(), start_step
@@ -424,7 +469,7 @@ def train(cfg, make_data=None, score=None) -> GPT:
             if stop or checkpoint:
                 if master:
                     save_checkpoint(ckpt_path, raw_model, step, cfg, optimizer=optimizer.state_dict(),
-                                    scaler=scaler.state_dict(), best=best)
+                                    scaler=scaler.state_dict(), best=best, origin=origin)
                     print(f"saved {ckpt_path} at step {step}", flush=True)
                 if stop:
                     if master:
@@ -438,11 +483,12 @@ def train(cfg, make_data=None, score=None) -> GPT:
     if master:
         if cfg.eval_interval > 0:
             print_val_loss(step)
-        if cfg.sample_tokens > 0:
+        prompt = tokenizer.encode(SAMPLE_PROMPT) if cfg.sample_tokens > 0 else []
+        n_sample = min(cfg.sample_tokens, config.block_size - len(prompt))  # a small context holds fewer
+        if n_sample > 0:
             raw_model.eval()
             with autocast:
-                new = raw_model.generate([tokenizer.encode(SAMPLE_PROMPT)], cfg.sample_tokens,
-                                         temperature=0.8, top_p=0.95, seed=cfg.seed)[0]
+                new = raw_model.generate([prompt], n_sample, temperature=0.8, top_p=0.95, seed=cfg.seed)[0]
             print("sample:\n" + SAMPLE_PROMPT + tokenizer.decode(new))
     return raw_model
 

@@ -207,6 +207,19 @@ def test_checkpoint_errors_are_clear(tmp_path):
         GPT.from_hf_state_dict({"foo": torch.zeros(1)})
 
 
+def test_a_mistyped_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHI1_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for typo in ("out/ckpt", str(tmp_path / "nowhere" / "model"), "./phi-1", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="no such checkpoint or folder"):
+            GPT.from_pretrained(typo)
+    with pytest.raises(ValueError, match="not a readable checkpoint"):  # a file is read as a checkpoint
+        GPT.from_pretrained("notes.txt")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_forward_loss_ignores_minus_one_targets():
     model = small_model(seed=6)
     idx = torch.randint(0, SMALL.vocab_size, (2, 16))

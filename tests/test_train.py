@@ -189,10 +189,74 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
         assert not (out / "ckpt.pt").exists()
 
 
+@pytest.mark.parametrize("bad, message", [
+    (dict(batch_size=0), "--batch_size must be positive"),
+    (dict(log_interval=0), "--log_interval must be positive"),
+    (dict(eval_interval=5, eval_iters=0), "--eval_iters must be positive"),
+    (dict(total_batch_size=-2), "--total_batch_size must not be negative"),
+    (dict(seed=-1), "--seed must not be negative"),
+    (dict(block_size="abc"), "--block_size must be a positive"),
+    (dict(block_size=-4), "--block_size must be a positive"),
+    (dict(dropout=1.5), "--dropout must be a number in"),
+    (dict(dropout="abc"), "--dropout must be a number in"),
+    (dict(device="foo"), "unknown --device=foo"),
+    (dict(device="cuda:99"), "--device=cuda:99, but this machine has"),
+    (dict(profile=True, max_iters=8), "--profile traces steps"),
+    (dict(data="DATA:nan"), "weights must be positive numbers"),
+    (dict(out_dir="A_FILE"), "cannot write"),
+])
+def test_settings_that_cannot_train_stop_before_training(tmp_path, bad, message):
+    data = make_dataset(tmp_path / "ds")
+    (tmp_path / "a_file").write_text("")
+    bad = {k: str(v).replace("DATA", str(data)).replace("A_FILE", str(tmp_path / "a_file"))
+           for k, v in bad.items()}
+    cfg = settings(**{"data": str(data), "out_dir": str(tmp_path / "out"), **bad})
+    with pytest.raises(UserError, match=message):
+        train.train(cfg)
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_a_run_from_weights_resumes_its_own_checkpoint(tmp_path, capsys):
+    data = make_dataset(tmp_path / "ds")
+    base = tmp_path / "base.pt"
+    train.save_checkpoint(base, GPT(PRESETS["nano"]), 0, settings())
+    cfg = dict(data=str(data), out_dir=str(tmp_path / "out"), init_from=str(base), checkpoint_interval=5)
+    train.train(settings(**cfg, max_iters=5))
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["origin"] == str(base)
+    capsys.readouterr()
+    train.train(settings(**cfg, max_iters=10))  # as after a SIGTERM at step 5: the same command again
+    assert f"resuming {tmp_path / 'out' / 'ckpt.pt'} from step 5" in capsys.readouterr().out
+    with pytest.raises(UserError, match="started from .*base.pt, not from"):
+        train.train(settings(**{**cfg, "init_from": str(tmp_path / "other.pt")}, max_iters=20))
+
+
+def test_block_size_and_dropout_apply_to_loaded_weights(tmp_path):
+    data = make_dataset(tmp_path / "ds")
+    base = tmp_path / "base.pt"
+    train.save_checkpoint(base, GPT(PRESETS["nano"]), 0, settings())
+    model = train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), init_from=str(base),
+                                 block_size=32, dropout=0.1, max_iters=2))
+    assert (model.config.block_size, model.config.dropout, model.rotary.shape[0]) == (32, 0.1, 32)
+    with pytest.raises(UserError, match="another model than --block_size"):  # resuming at another size
+        train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), init_from=str(base),
+                             block_size=48, max_iters=4))
+
+
+def test_no_validation_needs_no_val_data_and_a_small_context_still_samples(tmp_path, capsys):
+    data = make_dataset(tmp_path / "ds")
+    (data / "val.bin").write_bytes(b"")
+    train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), eval_interval=0, max_iters=2,
+                         sample_tokens=100))  # nano's context of 64 tokens holds fewer
+    assert "sample:\n" in capsys.readouterr().out
+    with pytest.raises(UserError, match="val.bin is empty"):
+        train.train(settings(data=str(data), out_dir=str(tmp_path / "out2"), eval_interval=5))
+
+
 def test_config_parsing():
     cfg, rest = parse_args(train.DEFAULTS, argv=["--batch_size", "3", "--compile", "--dropout=0.2",
                                                  "--learning-rate=2e-3", "extra"])
     assert (cfg.batch_size, cfg.compile, cfg.dropout, cfg.learning_rate, rest) == (3, True, 0.2, 2e-3, ["extra"])
-    for bad in (["--batch_size=x"], ["--compile=maybe"], ["--max_iters=1.5"], ["--nope"]):
+    for bad in (["--batch_size=x"], ["--compile=maybe"], ["--max_iters=1.5"], ["--nope"],
+                ["--learning_rate=1e999"], ["--dropout=-1e999"]):
         with pytest.raises(UserError):
             parse_args(train.DEFAULTS, argv=bad)
