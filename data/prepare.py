@@ -387,7 +387,11 @@ class Appender:
     def write(self, obj: dict) -> None:
         if self.file is None:
             self.file = self.open()
-        self.file.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        try:
+            line = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+        except UnicodeEncodeError:  # a lone surrogate (a teacher's answer can hold one): \u escapes keep it
+            line = (json.dumps(obj) + "\n").encode()
+        self.file.write(line)
         self.file.flush()
 
     def close(self) -> None:
@@ -415,7 +419,7 @@ class Appender:
             except ValueError:
                 print(f"note: cutting off the torn last line of {self.path}", file=sys.stderr)
                 f.truncate(start)
-        return self.path.open("a", encoding="utf-8")
+        return self.path.open("ab")
 
 
 def check_writable(*paths: Path) -> None:

@@ -248,6 +248,17 @@ def test_a_failed_rerun_leaves_the_prepared_dataset_whole(tmp_path, monkeypatch)
     assert prepare.finished(out, meta["fingerprint"]) == meta
 
 
+def test_appender_keeps_records_that_utf8_cannot_spell(tmp_path):
+    path = tmp_path / "records.jsonl"
+    records = [{"answer": "lone \ud800 surrogate"}, {"text": "ünïcode ✓"}]
+    writer = prepare.Appender(path)
+    for record in records:
+        writer.write(record)
+    writer.close()
+    assert list(prepare.read_jsonl(path)) == records
+    assert "ünïcode ✓" in path.read_text(encoding="utf-8")  # readable text stays unescaped
+
+
 def test_the_fingerprint_covers_the_tokenizer_code(tmp_path, monkeypatch):
     cfg = settings(tmp_path)
     first = prepare.fingerprint(cfg, ["a.py"])
