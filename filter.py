@@ -12,7 +12,8 @@ The paper (section 2.1) had GPT-4 judge ~100K files for "educational value for a
 student whose goal is to learn basic coding concepts", trained a random forest on a
 pretrained code model's embeddings of them, and kept what the forest predicts to be
 educational: ~6B of 35B tokens. Corpora are JSONL, one {"id", "text", ...} per line (a
-line without an id is called FILE:LINE); --corpus takes comma-separated paths and globs.
+line without an id is called PATH:LINE, PATH resolved); --corpus takes comma-separated
+paths and globs.
 
 annotate   draws --n documents spread over --strata length quantiles in proportion (the
            sample's lengths follow the corpus's without a plain draw's luck; a larger --n
@@ -38,9 +39,9 @@ embed      embeds --corpus (default: --labels) with --ckpt (our .pt, a Hugging F
            .npy and .json appear only once all are done. Under torchrun each process
            embeds every world-th chunk on its own GPU.
 train      fits the forest (RandomForest) on the annotated documents' embeddings, keeping
-           --holdout of them aside for accuracy, precision, recall, F1 and AUC, printed with
-           the out-of-bag accuracy and saved in the forest (--forest) with the embedding's
-           source.
+           --holdout of each class aside for accuracy, precision, recall, F1 and AUC (none,
+           where that would leave a side with one class), printed with the out-of-bag
+           accuracy and saved in the forest (--forest) with the embedding's source.
 apply      streams --corpus through the embedding model (the forest's, unless --ckpt)
            and the forest a chunk at a time, in constant memory, and writes per shard in
            --out (default out/filtered):
@@ -159,7 +160,7 @@ SCORES = np.dtype([("score", "<f4"), ("tokens", "<u4")])  # apply's scores-I-of-
 
 def corpus_files(spec: str) -> list[Path]:
     """The files of a --corpus, which must hold a line that is not blank."""
-    if not spec:
+    if not spec.replace(",", "").strip():
         raise UserError("--corpus is needed: a JSONL file (or comma-separated paths and globs)")
     files = expand(spec)
     for path in files:
@@ -175,29 +176,46 @@ def corpus_files(spec: str) -> list[Path]:
 def documents(files: list[Path], skipped: Counter, shard: int = 0, num_shards: int = 1, wanted=None):
     """(index, id, text, record) of each document: index counts the lines of all files,
     and only lines with index % num_shards == shard (and in wanted, if given) are read.
-    A line that is not a JSON object with a string "text" is counted in skipped."""
+    A document without an id is called by its file's resolved path and its line number:
+    unique however the file was named, and whatever other files share its name."""
     index = -1
     for path in files:
         try:
             f = path.open("rb")
         except OSError as e:
             raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+        where = path.resolve()
         with f:
             for number, line in enumerate(f, 1):
                 index += 1
                 if index % num_shards != shard or (wanted is not None and index not in wanted):
                     continue
-                if not line.strip():
-                    skipped["blank"] += 1
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    record = None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    skipped["not a JSON object with a text"] += 1
-                    continue
-                yield index, str(record.get("id", f"{path.name}:{number}")), record["text"], record
+                record = corpus_record(line, skipped)
+                if record is not None:
+                    yield index, str(record.get("id", f"{where}:{number}")), record["text"], record
+
+
+def corpus_record(line: bytes, skipped: Counter) -> dict | None:
+    """The record on a corpus line, or None, counted in skipped by why, for a line that holds
+    no document: blank, not a JSON object with a string "text", or holding a lone surrogate,
+    which JSON can spell ("\\ud800") but no UTF-8 output can hold."""
+    if not line.strip():
+        skipped["blank"] += 1
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        skipped["not a JSON object with a text"] += 1
+        return None
+    if b"\\u" in line or b"\xed" in line:  # surrogates come of \\u escapes, or of bytes ED A0-BF that json.loads takes
+        try:
+            json.dumps(record, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            skipped["with a lone surrogate (not UTF-8)"] += 1
+            return None
+    return record
 
 
 def batched(items, size: int):
@@ -265,20 +283,22 @@ where N is a whole number from 0 (none) to 10 (excellent)."""
 REMINDER = ("I could not find the score. Answer again with just one line of the form\n"
             "Educational value: N\nwhere N is a whole number from 0 to 10.")
 _AFTER_PHRASE = re.compile(r"educational\s+value", re.I)
-_RANGE = re.compile(r"[(\[]\s*\d+\s*(?:-|–|to)\s*\d+\s*[)\]]|\bfrom\s+\d+\s+to\s+\d+")
+_ASIDE = re.compile(r"[(\[][^()\[\]]*[)\]]")  # "(out of 10)", "[0-10]", "(10 is best)"
+_SCALE = re.compile(r"\b[01]\s*(?:-|–|—|to)\s*10\b|(?:/|\bout\s+of|\bscale\s+of)\s*10\b", re.I)
 _NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?![\w])")
 _OUT_OF_TEN = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*10\b", re.I)
 
 
 def parse_score(answer: str) -> int | None:
     """The score (0-10) in a teacher's answer: the first number on the line after its last
-    "educational value", else its last "N/10" or "N out of 10", else the answer if it is a
-    bare number. Ranges like "(0-10)" are not scores; halves round up."""
+    "educational value" but for asides in brackets and the scale ("0 to 10", "1-10", "out
+    of 10", "/10"), else its last "N/10" or "N out of 10", else the answer if it is a bare
+    number. Halves round up."""
     found = None
     phrases = list(_AFTER_PHRASE.finditer(answer))
     if phrases:
         line = answer[phrases[-1].end():].lstrip(" \t*_:=\n").split("\n", 1)[0]
-        m = _NUMBER.search(_RANGE.sub(" ", line).replace("*", " "))
+        m = _NUMBER.search(_SCALE.sub(" ", _ASIDE.sub(" ", line)).replace("*", " "))
         found = m and m.group(1)
     if not found:
         found = next(iter(_OUT_OF_TEN.findall(answer)[-1:]), None)
@@ -290,19 +310,20 @@ def parse_score(answer: str) -> int | None:
     return int(float(found) + 0.5)
 
 
-def draw(files: list[Path], n: int, strata: int, seed: int) -> dict[int, int]:
-    """index -> stratum of n documents, spread over length quantiles in proportion to their
-    sizes. Every line gets a random priority and each stratum gives its highest-priority
-    lines, so a larger n extends the draw. Lengths are line lengths in bytes."""
-    def line_lengths():
+def draw(files: list[Path], n: int, strata: int, seed: int, skipped: Counter) -> dict[int, int]:
+    """index -> stratum of n documents (fewer if the corpus holds fewer), spread over length
+    quantiles in proportion to their sizes. Every line gets a random priority and each
+    stratum gives its highest-priority documents, so a larger n extends the draw. Lengths
+    are line lengths in bytes; lines that hold no document are counted in skipped."""
+    def document_lengths():
         for path in files:
             with path.open("rb") as f:
-                yield from (len(line.strip()) for line in f)
+                yield from (len(line.strip()) if corpus_record(line, skipped) else 0 for line in f)
 
-    lengths = np.fromiter(line_lengths(), dtype=np.int64)
+    lengths = np.fromiter(document_lengths(), dtype=np.int64)
     lines = np.flatnonzero(lengths)
     if not len(lines):
-        raise UserError(f"no documents in {', '.join(map(str, files))}")
+        return {}
     cuts = np.quantile(lengths[lines], np.linspace(0, 1, strata + 1)[1:-1])
     stratum = np.searchsorted(cuts, lengths[lines], side="right")
     sizes = np.bincount(stratum, minlength=strata)
@@ -316,6 +337,20 @@ def draw(files: list[Path], n: int, strata: int, seed: int) -> dict[int, int]:
         for i in members[np.argsort(priority[members])][:quota[s]]:
             picked[int(lines[i])] = s
     return picked
+
+
+def renamed_ids(ids: set, files: list[Path]) -> set[str]:
+    """Today's ids of documents without an id of their own that an older filter.py called
+    NAME:LINE, before ids held the whole path: those of files whose name no other file of
+    the corpus has (of two files of the same name, the old ids cannot tell which is meant)."""
+    names = Counter(path.name for path in files)
+    unique = {path.name: path.resolve() for path in files if names[path.name] == 1}
+    renamed = set()
+    for doc_id in ids:
+        name, _, line = str(doc_id).rpartition(":")
+        if name in unique and line.isdigit():
+            renamed.add(f"{unique[name]}:{line}")
+    return renamed
 
 
 def annotation_messages(text: str, cfg) -> list[dict]:
@@ -340,12 +375,15 @@ def annotate(cfg) -> Counter:
     files = corpus_files(cfg.corpus)
     out = Path(cfg.labels)
     check_writable(out)
-    picked = draw(files, cfg.n, cfg.strata, cfg.seed)
-    scored = {r.get("id") for r in read_jsonl(out) if r.get("score") is not None}
     skipped = Counter()
-    todo = {index: (doc_id, text, picked[index]) for index, doc_id, text, _ in documents(files, skipped, wanted=picked)
-            if doc_id not in scored}
+    picked = draw(files, cfg.n, cfg.strata, cfg.seed, skipped)
     warn_skipped(skipped, files)
+    if not picked:
+        raise UserError(f"no documents in {', '.join(map(str, files))}")
+    scored = {r.get("id") for r in read_jsonl(out) if r.get("score") is not None}
+    scored |= renamed_ids(scored, files)
+    todo = {index: (doc_id, text, picked[index]) for index, doc_id, text, _ in
+            documents(files, Counter(), wanted=picked) if doc_id not in scored}
     counts = Counter()
     if not todo:
         print(f"{out}: all {len(picked)} documents drawn are annotated")
@@ -725,9 +763,12 @@ class RandomForest:
                       feature=self.feature_, threshold=self.threshold_, left=self.left_, right=self.right_,
                       value=self.value_, feature_importances=self.feature_importances_)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failure leaves no half-written file behind
 
     @classmethod
     def load(cls, path) -> "RandomForest":
@@ -993,6 +1034,15 @@ def read_scores(path: Path) -> dict[str, int]:
             if isinstance(r.get("score"), (int, float)) and not isinstance(r.get("score"), bool)}
 
 
+def holdout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held out, used for training): row indices, fraction of each class held out at
+    random, so that both sides have both classes wherever the counts allow."""
+    rng = np.random.default_rng(seed)
+    shuffled = [rng.permutation(np.flatnonzero(y == kind)) for kind in (False, True)]
+    held = np.sort(np.concatenate([rows[:round(fraction * len(rows))] for rows in shuffled]))
+    return held, np.setdiff1d(np.arange(len(y)), held)
+
+
 def positive_column(forest: RandomForest) -> int:
     if True not in forest.classes_.tolist():
         raise UserError(f"the forest's classes are {forest.classes_.tolist()}, not a filter's [False, True]")
@@ -1003,6 +1053,7 @@ def train(cfg) -> RandomForest:
     """Fit the forest on the annotated documents' embeddings, report, save to cfg.forest."""
     if not 0 <= cfg.holdout < 1 or cfg.class_weight not in ("balanced", "none"):
         raise UserError("--holdout must be in [0, 1) and --class_weight balanced or none")
+    check_writable(Path(cfg.forest))  # before the fit, not after it
     scores = read_scores(Path(cfg.labels))
     ids, array, meta = load_embeddings(Path(cfg.embeddings))
     rows = [i for i, doc_id in enumerate(ids) if doc_id in scores]
@@ -1015,8 +1066,11 @@ def train(cfg) -> RandomForest:
     if y.all() or not y.any():
         raise UserError(f"all {len(y)} annotated documents are {'positive' if y.all() else 'negative'} at "
                         f"--min_score={cfg.min_score}: a classifier needs both kinds")
-    order = np.random.default_rng(cfg.seed).permutation(len(y))
-    held, used = order[:round(cfg.holdout * len(y))], order[round(cfg.holdout * len(y)):]
+    held, used = holdout_split(y, cfg.holdout, cfg.seed)
+    if len(held) and not (np.unique(y[held]).size == np.unique(y[used]).size == 2):
+        print(f"note: holding out {cfg.holdout:g} of {len(y)} documents ({int(y.sum())} positive) leaves one side "
+              f"without both classes: training on all of them, with no held-out metrics", file=sys.stderr)
+        held, used = held[:0], np.arange(len(y))
     features = cfg.max_features
     if re.fullmatch(r"\d+", features):
         features = int(features)
@@ -1040,7 +1094,6 @@ def train(cfg) -> RandomForest:
         report["held_out"] = metrics(y[held], proba)
         print("held out: " + ", ".join(f"{k} {v:.4f}" for k, v in report["held_out"].items()))
     forest.info = dict(embedding=meta["source"], min_score=cfg.min_score, labels=cfg.labels, report=report)
-    Path(cfg.forest).parent.mkdir(parents=True, exist_ok=True)
     forest.save(cfg.forest)
     print(f"forest: {cfg.forest}")
     return forest
@@ -1312,13 +1365,16 @@ def decontaminate(cfg) -> dict:
         raise UserError("--prune_tau needs --out: where to write the pruned documents")
     if not 0 < cfg.min_tau <= 1 or (cfg.prune_tau and not cfg.min_tau <= cfg.prune_tau <= 1):
         raise UserError("--min_tau must be in (0, 1], and --prune_tau (if given) in [--min_tau, 1]")
+    benches = [b.strip() for b in cfg.bench.split(",") if b.strip()]
+    if not benches:
+        raise UserError("--bench is needed: humaneval, mbpp or both, comma-separated")
     files = corpus_files(cfg.corpus)
     results = [Path(p) for p in cfg.results.split(",") if p.strip()]
     for path in results:
         if not path.is_file():
             raise UserError(f"no results file at {path}")
     problems = {}
-    for bench in filter(None, (b.strip() for b in cfg.bench.split(","))):
+    for bench in benches:
         found, _ = evaluate.load_problems(bench, cfg.mbpp)
         problems.update({task: p["prompt"] + p["reference"] for task, p in found.items()})
     tasks = list(problems)

@@ -10,6 +10,7 @@ import random
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,11 @@ def leaves_of(forest, X):
     n, trees = len(X), len(forest.roots_)
     return filter.route(np.asarray(X, np.float32), forest.feature_, forest.threshold_, forest.left_,
                         forest.right_, np.repeat(forest.roots_, n), np.tile(np.arange(n), trees))
+
+
+def lines(*rows) -> str:
+    """JSONL of rows: dicts become JSON, strings stay as they are."""
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
 
 
 # ---------------------------------------------------------------- the forest
@@ -173,7 +179,11 @@ def test_teacher_scores_are_read_robustly():
     cases = {"Clear and short.\nEducational value: 7": 7, "Educational value (0-10): 4": 4,
              "**Educational value:** 8/10": 8, "Educational value:\n9": 9, "I would give it 6/10.": 6,
              "It has some educational value.\nScore: 3 out of 10": 3, "5": 5, "Educational value: 7.5": 8,
-             "Educational value: 11": None, "It has educational value, I think.": None, "": None}
+             "Educational value: 11": None, "It has educational value, I think.": None, "": None,
+             "Educational value (out of 10): 7": 7, "Educational value (on a scale of 0 to 10): 6": 6,
+             "Educational value on a scale from 1 to 10: 8": 8, "Educational value [0–10]: 5": 5,
+             "Educational value (0 to 10, where 10 is excellent): 3": 3, "Educational value: 2 out of 10": 2,
+             "Educational value: 10/10": 10, "Educational value on a scale of 10: 4": 4}
     for answer, score in cases.items():
         assert filter.parse_score(answer) == score, answer
 
@@ -285,12 +295,12 @@ def test_the_draw_is_spread_over_length_quantiles_and_grows_by_extension(tmp_pat
     lengths = list(range(1, 1001))
     random.Random(0).shuffle(lengths)
     path = tmp_path / "docs.jsonl"
-    path.write_text("".join("x" * n + "\n" for n in lengths))  # line i has length lengths[i]
-    picked = filter.draw([path], 100, 10, seed=0)
+    path.write_text(lines(*(dict(text="x" * n) for n in lengths)))  # line i has length lengths[i] + 12
+    picked = filter.draw([path], 100, 10, 0, Counter())
     deciles = np.bincount([(lengths[i] - 1) // 100 for i in picked], minlength=10)
     assert list(deciles) == [10] * 10 and all((lengths[i] - 1) // 100 == s for i, s in picked.items())
-    assert set(filter.draw([path], 50, 10, seed=0)) < set(picked)
-    assert set(filter.draw([path], 100, 10, seed=1)) != set(picked)
+    assert set(filter.draw([path], 50, 10, 0, Counter())) < set(picked)
+    assert set(filter.draw([path], 100, 10, 1, Counter())) != set(picked)
 
 
 LESSON = '''def {name}(items, factor):
@@ -462,6 +472,113 @@ def test_decontaminate_finds_renamed_benchmark_code_and_prunes_it(tmp_path, nano
     assert [json.loads(line)["id"] for line in pruned.read_text().splitlines()] == ["own", "prose"]
     table = capsys.readouterr().out
     assert re.search(r"0\.95\s+similar\s+3\s+66\.7%", table) and re.search(r"non-similar\s+161\s+0\.0%", table)
+
+
+def annotated(labels: Path) -> list[dict]:
+    return [json.loads(line) for line in labels.read_text().splitlines()]
+
+
+def test_annotate_counts_documents_not_lines(tmp_path, capsys):
+    docs = tmp_path / "docs.jsonl"
+    lessons = [dict(id=f"l{i}", text=LESSON.format(name=f"scale_{i}")) for i in range(6)]
+    docs.write_text(lines(lessons[0], "not JSON", lessons[1], dict(id="no text"), lessons[2], "",
+                          lessons[3], '{"id": "lone", "text": "x = \'\\ud800\'"}', lessons[4], lessons[5]))
+    labels = tmp_path / "labels.jsonl"
+    with FakeLLM(answer=teacher) as server:
+        teach = [f"--corpus={docs}", f"--labels={labels}", f"--api_base={server.url}", "--model=fake"]
+        run_filter("annotate", "--n=3", *teach)
+        run_filter("annotate", "--n=6", *teach)
+        out, err = capsys.readouterr()
+        assert "annotating 3 documents (0 of 3 done before)" in out
+        assert "annotating 3 documents (3 of 6 done before)" in out
+        assert "2 not a JSON object with a text, 1 blank, 1 with a lone surrogate" in err
+        assert sorted(r["id"] for r in annotated(labels)) == [f"l{i}" for i in range(6)]
+        run_filter("annotate", "--n=10", *teach)
+        assert "all 6 documents drawn are annotated" in capsys.readouterr().out
+        assert len(server.served) == 6
+        docs.write_text(lines("not JSON", dict(id="no text"), '{"text": "\\udc00"}'))
+        with pytest.raises(UserError, match="no documents in"):
+            run_filter("annotate", *teach)
+
+
+def test_documents_without_ids_in_files_of_one_name_are_told_apart(tmp_path, capsys):
+    first, second = tmp_path / "a" / "docs.jsonl", tmp_path / "b" / "docs.jsonl"
+    for path, kind in ((first, "lesson"), (second, "dump")):
+        path.parent.mkdir()
+        path.write_text(lines(*(dict(text=f"{kind}_{i} = {i}") for i in range(3))))
+    ids = [doc_id for _, doc_id, _, _ in filter.documents([first, second], Counter())]
+    assert ids == [f"{path.resolve()}:{n}" for path in (first, second) for n in (1, 2, 3)]
+
+    labels = tmp_path / "labels.jsonl"  # from before ids held the path: NAME:LINE
+    labels.write_text(lines(*(dict(id=f"docs.jsonl:{n}", score=9, text=f"lesson_{n - 1} = {n - 1}")
+                              for n in (1, 2, 3))))
+    with FakeLLM(answer=teacher) as server:
+        teach = [f"--labels={labels}", f"--api_base={server.url}", "--model=fake"]
+        run_filter("annotate", f"--corpus={first}", *teach)
+        assert "all 3 documents drawn are annotated" in capsys.readouterr().out and not server.served
+        run_filter("annotate", f"--corpus={first},{second}", *teach)  # the old ids cannot tell the two apart
+        assert len(server.served) == 6
+    scores = filter.read_scores(labels)
+    assert [scores[doc_id] for doc_id in ids] == [9, 9, 9, 1, 1, 1]
+
+
+def test_lines_with_lone_surrogates_are_skipped_and_counted(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_bytes(lines(dict(id="fine", text="def f():\n    return 1\n"),
+                           '{"id": "escaped", "text": "def g():\\n    return \'\\ud800\'\\n"}',
+                           '{"id": "in the id \\udfff", "text": "x = 1"}',
+                           '{"id": "an emoji", "text": "print(\'\\ud83d\\ude00\')"}').encode()
+                     + '{"id": "raw", "text": "\ud800"}\n'.encode("utf-8", "surrogatepass"))
+    skipped = Counter()
+    assert [doc_id for _, doc_id, _, _ in filter.documents([docs], skipped)] == ["fine", "an emoji"]
+    assert skipped == {"with a lone surrogate (not UTF-8)": 3}
+    pruned = tmp_path / "pruned.jsonl"
+    run_filter("decontaminate", f"--corpus={docs}", "--bench=humaneval", "--prune_tau=0.95", f"--out={pruned}",
+               f"--report={tmp_path / 'report.json'}", "--workers=1")
+    assert [json.loads(line)["id"] for line in pruned.read_text(encoding="utf-8").splitlines()] == ["fine", "an emoji"]
+
+
+def fake_embeddings(tmp_path: Path, scores: list[int]) -> list[str]:
+    """Labels with these scores and random embeddings of their documents, as annotate and embed
+    write them; the settings that point train at them."""
+    ids = [f"doc-{i}" for i in range(len(scores))]
+    labels, emb = tmp_path / "labels.jsonl", tmp_path / "emb.npy"
+    labels.write_text(lines(*(dict(id=i, score=s) for i, s in zip(ids, scores))))
+    np.save(emb, np.random.default_rng(0).standard_normal((len(ids), 4)).astype(np.float16))
+    emb.with_suffix(".json").write_text(json.dumps(dict(format=filter.EMBEDDINGS_FORMAT, count=len(ids), dim=4,
+                                                        ids=ids, source={})))
+    return [f"--labels={labels}", f"--embeddings={emb}", "--n_trees=3", "--workers=1"]
+
+
+def test_train_holds_out_both_classes_or_nothing(tmp_path, capsys):
+    forest = tmp_path / "forest.npz"
+    run_filter("train", *fake_embeddings(tmp_path, [1, 1, 9]), "--holdout=0.5", f"--forest={forest}")
+    assert "training on all of them, with no held-out metrics" in capsys.readouterr().err
+    report = RandomForest.load(forest).info["report"]
+    assert report["trained_on"] == 3 and report["held_out"] == 0
+
+    run_filter("train", *fake_embeddings(tmp_path, [1, 9] * 5), "--holdout=0.2", f"--forest={forest}")
+    report = RandomForest.load(forest).info["report"]
+    assert report["trained_on"] == 8 and not np.isnan(report["held_out"]["auc"])  # a positive and a negative
+
+
+def test_train_checks_its_output_before_the_fit(tmp_path, monkeypatch):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    monkeypatch.setattr(RandomForest, "fit", lambda *a: pytest.fail("fitted a forest it cannot write"))
+    with pytest.raises(UserError, match="taken: it is a directory"):
+        run_filter("train", *fake_embeddings(tmp_path, [1, 9] * 3), f"--forest={taken}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.json", "emb.npy", "labels.jsonl", "taken"]
+
+
+def test_empty_lists_name_their_setting(tmp_path):
+    docs = corpus(tmp_path / "docs.jsonl", 3, seed=7)
+    for bench in ("", ","):
+        with pytest.raises(UserError, match="^--bench is needed"):
+            run_filter("decontaminate", f"--corpus={docs}", f"--bench={bench}")
+    for command in ("annotate", "embed", "apply", "decontaminate"):
+        with pytest.raises(UserError, match="^--corpus is needed"):
+            run_filter(command, "--corpus= , ")
 
 
 # ---------------------------------------------------------------- bad input
