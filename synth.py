@@ -341,17 +341,22 @@ class Invalid(Exception):
 
 
 FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.S)
+PARSE_ERRORS = (SyntaxError, ValueError, RecursionError, MemoryError)  # ast.parse's, for bad or too deep code
 
 
 def parse_exercise(text: str, name: str) -> tuple[str, str]:
     """(prompt, completion) of an answer holding one function `name` with a docstring and a body:
-    prompt = imports, signature, docstring; completion = the body after the docstring."""
+    prompt = imports, signature, docstring; completion = the body after the docstring. Lines
+    end in "\n" alone: Python also ends them at "\r\n" and "\r", and at nothing else."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     fenced = FENCE.search(text)
     code = textwrap.dedent(fenced.group(1) if fenced else text).strip("\n") + "\n"
     try:
         tree = ast.parse(code)
-    except SyntaxError as e:
-        raise Invalid(f"does not parse ({e.msg}, line {e.lineno})") from None
+    except SyntaxError as e:  # newer Pythons raise it for a null byte too, with no line
+        raise Invalid(f"does not parse ({e.msg}{f', line {e.lineno}' if e.lineno else ''})") from None
+    except PARSE_ERRORS as e:  # nesting too deep for the parser, or a null byte (older Pythons)
+        raise Invalid(f"does not parse ({type(e).__name__})") from None
     *imports, func = tree.body or [None]
     if not isinstance(func, ast.FunctionDef) or not all(isinstance(s, (ast.Import, ast.ImportFrom))
                                                         for s in imports):
@@ -366,7 +371,7 @@ def parse_exercise(text: str, name: str) -> tuple[str, str]:
     split = func.body[0].end_lineno  # the docstring's last line
     if body[0].lineno <= split:
         raise Invalid("the body starts on the docstring's line")
-    lines = code.splitlines(keepends=True)
+    lines = [line + "\n" for line in code.split("\n")]  # not splitlines(): "\x0c", "\u2028", ... end no line
     return "".join(lines[:split]), "".join(lines[split:func.end_lineno])
 
 
@@ -376,7 +381,10 @@ def _placeholder(statement: ast.stmt) -> bool:
         return True
     if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
         return statement.value.value is Ellipsis
-    return isinstance(statement, ast.Raise) and "NotImplementedError" in ast.unparse(statement)
+    if not isinstance(statement, ast.Raise):
+        return False
+    error = statement.exc.func if isinstance(statement.exc, ast.Call) else statement.exc
+    return isinstance(error, ast.Name) and error.id == "NotImplementedError"
 
 
 def example_asserts(code: str) -> str:
@@ -397,7 +405,7 @@ def example_asserts(code: str) -> str:
         try:
             ast.parse(want, mode="eval")
             ast.parse(source, mode="eval")
-        except SyntaxError:
+        except PARSE_ERRORS:
             continue
         if source.startswith("print("):
             continue

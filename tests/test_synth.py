@@ -276,6 +276,7 @@ Hope it helps.'''
     ("def area(r):\n    return r\n", "no docstring"),
     ("def area(r):\n    '''Doc.'''\n    ...\n", "no body"),
     ("def area(r):\n    '''Doc.'''\n    raise NotImplementedError\n", "no body"),
+    ("def area(r):\n    '''Doc.'''\n    raise NotImplementedError('later')\n", "no body"),
     ("def area(r):\n    '''Doc.'''; return r\n", "docstring's line"),
 ])
 def test_parse_exercise(text, why):
@@ -286,6 +287,26 @@ def test_parse_exercise(text, why):
     else:
         with pytest.raises(synth.Invalid, match=why):
             synth.parse_exercise(text, "area")
+
+
+@pytest.mark.parametrize("odd", ["\u2028", "\x0c", "\x1c", "\x85"])
+def test_parse_exercise_ends_lines_where_python_does(odd):
+    text = GOOD.replace("The area of a circle.", f"The area of a circle{odd}in the plane.").replace(
+        "    return math.pi", f"    unit = '{odd}'\n    return math.pi")
+    prompt, completion = synth.parse_exercise(text, "area")
+    assert prompt + completion == synth.FENCE.search(text).group(1)
+    assert completion == f"    unit = '{odd}'\n    return math.pi * r * r\n"
+    assert synth.parse_exercise(text.replace("\n", "\r\n"), "area") == (prompt, completion)
+
+
+def test_code_too_deep_for_the_parser_or_with_a_null_byte_is_invalid():
+    for body in ("1 + " * 100_000 + "1", "-" * 100_000 + "1", "[" * 10_000 + "]" * 10_000, "'\x00'"):
+        with pytest.raises(synth.Invalid, match="does not parse"):
+            synth.parse_exercise(f"def area(r):\n    '''Doc.'''\n    return {body}\n", "area")
+    deep = "-" * 990 + "1"  # parses, but is too deep for ast.unparse
+    assert synth.parse_exercise(f"def area(r):\n    '''Doc.'''\n    raise {deep}\n", "area")[1] == f"    raise {deep}\n"
+    for want in ("-" * 100_000 + "1", "1 + " * 100_000 + "1"):  # in a docstring's example
+        assert synth.example_asserts(f"def area(r):\n    '''Doc.\n\n    >>> area(1)\n    {want}\n    '''\n") == ""
 
 
 def test_examples_become_asserts_and_run_in_the_sandbox(monkeypatch):
