@@ -160,9 +160,7 @@ SCORES = np.dtype([("score", "<f4"), ("tokens", "<u4")])  # apply's scores-I-of-
 
 def corpus_files(spec: str) -> list[Path]:
     """The files of a --corpus, which must hold a line that is not blank."""
-    if not spec.replace(",", "").strip():
-        raise UserError("--corpus is needed: a JSONL file (or comma-separated paths and globs)")
-    files = expand(spec)
+    files = expand(spec, "--corpus")
     for path in files:
         try:
             with path.open("rb") as f:

@@ -131,9 +131,11 @@ def local_items(listing, max_file_bytes: int):
                 yield None, "unreadable", size
 
 
-def expand(inputs: str) -> list[Path]:
-    """The files named by comma-separated paths and globs, in order, each once."""
+def expand(inputs: str, setting: str = "--inputs") -> list[Path]:
+    """The files named by comma-separated paths and globs, in order, each once however
+    it is spelled; setting names the flag in the error for an empty list."""
     files: list[Path] = []
+    seen: set[Path] = set()
     for entry in filter(None, (s.strip() for s in inputs.split(","))):
         if any(c in entry for c in "*?["):
             matches = [Path(p) for p in sorted(glob.glob(entry, recursive=True)) if Path(p).is_file()]
@@ -143,9 +145,12 @@ def expand(inputs: str) -> list[Path]:
             matches = [Path(entry)]
         else:
             raise UserError(f"no such file: {entry}")
-        files += [p for p in matches if p not in files]
+        for path in matches:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                files.append(path)
     if not files:
-        raise UserError("--source=jsonl needs --inputs=FILE[,FILE...]")
+        raise UserError(f"{setting} is needed: a JSONL file (or comma-separated paths and globs)")
     return files
 
 

@@ -295,3 +295,11 @@ def test_interpreter_roots_hold_the_standard_library():
     roots = prepare.interpreter_roots()
     assert any((root / "os.py").is_file() for root in roots)
     assert all(not a.is_relative_to(b) for a in roots for b in roots if a != b)
+
+
+def test_expand_names_each_file_once_however_spelled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    assert prepare.expand(f"a.jsonl,{tmp_path / 'a.jsonl'},./a.jsonl,*.jsonl") == [Path("a.jsonl")]
+    with pytest.raises(UserError, match="^--corpus is needed"):
+        prepare.expand(" , ", "--corpus")
