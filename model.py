@@ -504,7 +504,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
-        sorted_probs[before >= top_p] = 0.0
+        drop = before >= top_p
+        drop[..., 0] = False  # the most likely token always stays (a top_p that rounds to 0 in float32)
+        sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

@@ -191,6 +191,7 @@ def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus():
     assert draws(0.9) == {0, 1}  # the two likely tokens make up the nucleus, never the tail
     assert draws(0.5) == {0}  # token 0 alone holds more than half the mass
     assert int(sample(logits, 0.0, 1.0)) == 0
+    assert draws(1e-320) == {0}  # 0 in float32: the most likely token still stays
 
 
 def test_checkpoint_errors_are_clear(tmp_path):
