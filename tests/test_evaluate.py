@@ -11,8 +11,11 @@ import dataclasses
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -246,6 +249,26 @@ def test_early_exits_and_forged_output_never_pass(sandbox):
     assert results["fork, parent leaves"].startswith("crashed: exited with status 0")
 
 
+REPLACED_BUILTINS = {  # after a completion: what the harness looks up once the program has run
+    "exec": "import builtins\nbuiltins.exec = lambda *args, **kwargs: None\n",
+    "compile": "import builtins\nreal = builtins.compile\n"
+               "builtins.compile = lambda *args, **kwargs: real('', '<nothing>', 'exec')\n",
+    "BaseException": "import builtins\nbuiltins.BaseException = type('Never', (Exception,), {})\n",
+    "type and str": "import builtins\nbuiltins.type = builtins.str = None\n",
+}
+
+
+def test_replaced_builtins_neither_skip_the_tests_nor_change_the_verdict(sandbox, humaneval):
+    problem = humaneval["HumanEval/0"]
+    with ThreadPoolExecutor(2) as pool:
+        wrong = dict(zip(REPLACED_BUILTINS, pool.map(
+            sandbox.run, (evaluate.program(problem, "    return True\n" + code) for code in REPLACED_BUILTINS.values()))))
+        right = dict(zip(REPLACED_BUILTINS, pool.map(
+            sandbox.run, (evaluate.program(problem, problem["reference"] + code) for code in REPLACED_BUILTINS.values()))))
+    assert wrong == dict.fromkeys(REPLACED_BUILTINS, "failed: AssertionError")
+    assert right == dict.fromkeys(REPLACED_BUILTINS, "passed")
+
+
 def test_hostile_programs_fail_within_the_timeout_and_change_nothing(sandbox, tmp_path):
     sentinel = tmp_path / "sentinel.txt"
     sentinel.write_text("keep")
@@ -311,15 +334,79 @@ def test_processes_that_leave_the_session_are_killed_when_not_root(monkeypatch):
     with evaluate.Sandbox(workers=2, timeout=2.0) as box:
         assert box.describe().startswith("not root")
         assert run_all(box, {"escape": escape, "good": GOOD}) == {"escape": "passed", "good": "passed"}
-        sleepers = [p for p in Path("/proc").glob("[0-9]*") if marker.encode() in _cmdline(p)]
-        assert not sleepers
+        assert not processes_with(marker)
 
 
-def _cmdline(proc: Path) -> bytes:
+def processes_with(marker: str) -> list[int]:
+    """The pids of the processes whose command line holds marker."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+@ROOT_ONLY
+def test_sysv_shared_memory_ends_with_the_program(sandbox):
+    """A SysV segment outlives its process unless removed: it must stay in the program's IPC namespace."""
+    import ctypes
+    libc = ctypes.CDLL(None)
+    key = 0x5A000000 + os.getpid() % 0x10000
+    code = GOOD + f"import ctypes\nassert ctypes.CDLL(None).shmget({key}, 4096, 0o1600) >= 0\n"  # IPC_CREAT
     try:
-        return (proc / "cmdline").read_bytes()
-    except OSError:
-        return b""
+        assert run_all(sandbox, {"shm": code}) == {"shm": "passed"}
+        with open("/proc/sysvipc/shm") as f:
+            assert key not in [int(line.split()[0]) for line in f.readlines()[1:]]
+    finally:
+        if (leaked := libc.shmget(key, 0, 0)) >= 0:
+            libc.shmctl(leaked, 0, None)  # IPC_RMID
+
+
+@pytest.mark.parametrize("stop", ["Ctrl-C", "SIGTERM"])
+def test_an_interrupt_ends_the_programs_and_leaves_nothing(tmp_path, stop):
+    """Ctrl-C (SIGINT to the terminal's process group, supervisors included unless they
+    left it) or SIGTERM while a program runs: one line, and no folder or process left."""
+    marker = f"60.{os.getpid()}{len(stop)}"
+    completion = f"import subprocess\nsubprocess.run(['sleep', '{marker}'])\n"
+    samples = write_jsonl(tmp_path / "s.jsonl", [dict(task_id="HumanEval/0", completion=completion)])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), f"--samples={samples}", "--limit=1",
+                             "--workers=1", "--timeout=60", f"--out={tmp_path / 'out'}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (sleepers := processes_with(marker)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        program = evaluate._status(sleepers[0])[1]
+        supervisor = evaluate._status(program)[1]
+        base = Path(os.readlink(f"/proc/{supervisor}/cwd"))
+        if stop == "Ctrl-C":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 130 and err.rstrip().endswith("interrupted") and "Traceback" not in err, err
+    assert base.name.startswith("phi1-sandbox-") and not base.exists()
+    assert not processes_with(marker)
+
+
+@ROOT_ONLY
+def test_a_sandbox_that_fails_to_start_leaves_no_lock_files_or_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the lock files and folders go
+    with pytest.raises(UserError, match="no free sandbox uids"):
+        evaluate.Sandbox(workers=2, uid=evaluate.MAX_UID)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(evaluate, "SUPERVISOR", "raise SystemExit(1)")
+    with pytest.raises(UserError, match="cannot run Python here"):
+        evaluate.Sandbox(workers=2)
+    assert not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------- generation
@@ -422,6 +509,53 @@ def test_bad_input_ends_with_one_line_and_status_2(tmp_path):
         r = cli(*args, f"--out={tmp_path / 'out'}")
         assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: "), (args, r.stderr)
         assert message in r.stderr, (args, r.stderr)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch_size=0"], "--batch_size must be >= 1"),
+    (["--max_new_tokens=-1"], "--max_new_tokens must be >= 0"),
+    (["--temperature=-1"], "--temperature must be >= 0"),
+    (["--temperature=0.8", "--top_p=0"], "--top_p must be > 0 and <= 1 when sampling"),
+    (["--temperature=0.8", "--top_p=1.5"], "--top_p must be > 0 and <= 1 when sampling"),
+    (["--device=banana"], "unknown --device=banana"),
+    (["--device=cuda:99"], "--device=cuda:99, but this machine has"),
+    (["--sandbox_uid=0"], "--sandbox_uid must be from 1 to 4294967294"),
+    (["--sandbox_uid=4294967295"], "--sandbox_uid must be from 1 to 4294967294"),
+])
+def test_settings_that_cannot_work_are_refused_up_front(tmp_path, args, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        evaluate.main([f"--ckpt={tmp_path / 'absent.pt'}", f"--out={tmp_path / 'out'}", *args])
+    assert not (tmp_path / "out" / "generation.json").exists()  # refused before anything ran
+
+
+def test_an_out_that_is_a_file_or_an_unreadable_generation_json_is_one_line(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [dict(task_id="HumanEval/0", completion="")])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="--out=.*file is a file"):
+        evaluate.main([f"--samples={samples}", f"--out={tmp_path / 'file'}"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "samples.jsonl").write_text('{"task_id": "HumanEval/0", "completion": ""}\n')
+    (out / "generation.json").write_text('{"bench": "huma')  # torn
+    with pytest.raises(UserError, match=f"cannot read {re.escape(str(out / 'generation.json'))}"):
+        evaluate.main([f"--ckpt={tmp_path / 'absent.pt'}", "--limit=2", f"--out={out}"])
+
+
+def test_a_top_p_too_small_for_float32_is_greedy():
+    torch.manual_seed(0)
+    model = GPT(PRESETS["nano"]).eval()
+    jobs = [("a", "def f(x):"), ("b", "import os")]
+    greedy = list(evaluate.completions_of(model, jobs, [], 2, 8))
+    assert list(evaluate.completions_of(model, jobs, [], 2, 8, temperature=0.8, top_p=1e-320)) == greedy
+
+
+def test_requests_the_server_refused_do_not_ask_for_a_rerun(tmp_path):
+    from llm_server import FakeLLM
+    with FakeLLM() as server:  # a 400 for max_tokens=0: it would refuse again
+        with pytest.raises(UserError, match="failed") as refused:
+            evaluate.main([f"--api_base={server.url}", "--model=fake", "--max_new_tokens=0", "--limit=1",
+                           f"--out={tmp_path}"])
+    assert "refused 400" in str(refused.value) and "rerun" not in str(refused.value)
 
 
 def test_malformed_sample_lines_are_skipped_and_counted(tmp_path, capsys):
