@@ -51,7 +51,9 @@ near-ties, more likely in bfloat16). Sampled rows in one batch draw from one
 random stream, so a request with a seed is reproducible when its rows make a
 batch of their own (it came alone, or nothing queued with it shares its
 temperature, top_p and stop); in a batch shared with other requests its samples
-depend on theirs. Without a seed, sampling is random.
+depend on theirs. Without a seed, sampling is random: the server draws the seeds of
+such batches from --seed if given, else from the OS, so a restarted server does not
+repeat the samples of the one before.
 
 There is no authentication: the server listens on 127.0.0.1 (this machine) by
 default; --host=0.0.0.0 opens it to the network.
@@ -82,7 +84,7 @@ import torch
 
 import tokenizer
 from config import UserError, parse_args, run
-from model import GPT
+from model import GPT, pick_device
 from train import pick_dtype
 
 DEFAULTS = dict(
@@ -93,7 +95,7 @@ DEFAULTS = dict(
     temperature=0.8,  # 0 is greedy (served: the default temperature)
     top_p=0.95,  # nucleus sampling probability mass (served: the default top_p)
     num_samples=1,  # completions of the prompt to print
-    seed=1337,  # sampling seed on the command line; served requests bring their own
+    seed=None,  # sampling seed (unset: 1337 on the command line; served, a fresh one from the OS each start)
     stop="",  # stop strings, comma-separated, escapes \n \t \\ \, (e.g. "\ndef,\nclass"); served: the default
     device="auto",  # auto, cpu, cuda, cuda:1, ...
     dtype="auto",  # auto (bfloat16 on GPUs that have it, float32 on CPUs), float32, bfloat16, float16
@@ -108,7 +110,8 @@ DEFAULTS = dict(
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 CHAT_STOPS = tuple(f"\n{role}:" for role in CHAT_ROLES)  # a line starting a new turn ends the reply
-GREEDY_BELOW = 1e-4  # temperatures below this are greedy (logits / T would overflow)
+GREEDY_BELOW = 1e-4  # temperatures or top_p below this are greedy (logits / T would overflow)
+COMMAND_LINE_SEED = 1337  # without --seed, the command line prints the same samples every run
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; HumanEval's conventions use 5)
 MAX_N = 128  # completions per prompt
 MAX_ROWS = 2048  # prompts x n per request
@@ -118,13 +121,6 @@ UNSUPPORTED = ("suffix", "logprobs", "top_logprobs", "logit_bias", "tools", "too
 
 
 # ---------------------------------------------------------------- shared by both modes
-
-def pick_device(name: str) -> torch.device:
-    try:
-        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    except RuntimeError:
-        raise UserError(f"unknown --device={name} (auto, cpu, cuda, cuda:1, ...)") from None
-
 
 def load_model(ckpt: str, device: torch.device, dtype: torch.dtype) -> GPT:
     """The model in ckpt, ready for inference, or one line saying why not."""
@@ -155,8 +151,9 @@ def parse_stop(text: str) -> list[str]:
 
 
 def sampling_mode(temperature: float, top_p: float) -> tuple[float, float]:
-    """(temperature, top_p) for generate(): near-zero temperature or top_p is greedy."""
-    if temperature < GREEDY_BELOW or top_p == 0:
+    """(temperature, top_p) for generate(): near-zero temperature or top_p is greedy
+    (a top_p that float32 rounds to 0 would leave no token to sample)."""
+    if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW:
         return 0.0, 1.0
     return float(temperature), float(top_p)
 
@@ -197,7 +194,8 @@ def print_samples(cfg, model: GPT) -> None:
     max_new = min(cfg.max_new_tokens, block - len(ids))
     stops = parse_stop(cfg.stop)
     temperature, top_p = sampling_mode(cfg.temperature, cfg.top_p)
-    outs = model.generate([ids] * cfg.num_samples, max_new, temperature, top_p, stops, cfg.seed)
+    seed = COMMAND_LINE_SEED if cfg.seed is None else cfg.seed
+    outs = model.generate([ids] * cfg.num_samples, max_new, temperature, top_p, stops, seed)
     for i, new in enumerate(outs):
         if i:
             print("-" * 40)
@@ -396,11 +394,13 @@ _CLOSE = object()  # queued by Engine.close
 class Engine:
     """The one thread that runs the model, batching the rows of concurrent requests."""
 
-    def __init__(self, model: GPT, max_batch: int, batch_wait_ms: float, seed: int = 0):
+    def __init__(self, model: GPT, max_batch: int, batch_wait_ms: float, seed: int | None = None):
         self.model, self.max_batch, self.wait = model, max_batch, batch_wait_ms / 1000
         self.block_size = model.config.block_size
         self.queue: queue.Queue = queue.Queue()  # one list of rows per request
-        self.rng = random.Random(seed)  # seeds for batches that have no seed of their own
+        # seeds for batches that have no seed of their own; seed None draws from the OS, so a
+        # restarted server does not repeat the samples of the last one
+        self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.closed = False
         self.largest_batch = 0  # the most rows one generate() call has taken
@@ -748,10 +748,6 @@ class Handler(BaseHTTPRequestHandler):
         return {**head, "object": "chat.completion", "choices": choices, "usage": used}
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def serve(cfg, device: torch.device, dtype: torch.dtype) -> None:
     """Answer HTTP requests until Ctrl-C or SIGTERM."""
     try:
@@ -763,7 +759,7 @@ def serve(cfg, device: torch.device, dtype: torch.dtype) -> None:
         model = load_model(cfg.ckpt, device, dtype)
         name = cfg.model_name or cfg.ckpt
         server.start(model, name)
-        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops as Ctrl-C does
         host, port = server.server_address[:2]
         dtype_name = str(dtype).removeprefix("torch.")
         print(f"serving {name} ({model.num_params():,} parameters, {device}, {dtype_name}) "
@@ -783,7 +779,9 @@ def check_settings(cfg) -> None:
                         (cfg.num_samples >= 1, "--num_samples must be >= 1"),
                         (cfg.max_batch >= 1, "--max_batch must be >= 1"),
                         (cfg.batch_wait_ms >= 0, "--batch_wait_ms must be >= 0"),
-                        (0 <= cfg.port <= 65535, "--port must be from 0 to 65535")]:
+                        (0 <= cfg.port <= 65535, "--port must be from 0 to 65535"),
+                        (cfg.seed is None or isinstance(cfg.seed, int) and -2**63 <= cfg.seed < 2**64,
+                         "--seed must be an integer from -2**63 to 2**64 - 1")]:
         if not ok:
             raise UserError(message)
 

@@ -18,7 +18,7 @@ import torch
 
 import sample
 import tokenizer
-from config import parse_args
+from config import UserError, parse_args
 from model import GPT, PRESETS, load_checkpoint
 
 openai = pytest.importorskip("openai")  # requirements-test.txt
@@ -174,6 +174,29 @@ def test_seeded_sampling_is_reproducible(client, reference):
     ids = tokenizer.encode("def f(x):")
     alone = reference.generate([ids, ids], 8, temperature=1.0, top_p=0.9, seed=5)  # a lone request's batch
     assert texts == [sample.cut(new, 8, ())[0] for new in alone]
+
+
+def test_a_top_p_too_small_for_float32_is_greedy(client, reference):
+    assert sample.sampling_mode(1.0, 1e-320) == (0.0, 1.0)
+    r = client.completions.create(model=NAME, prompt="def f(x):", max_tokens=8, temperature=1.0, top_p=1e-320)
+    assert r.choices[0].text == expect(reference, "def f(x):", 8)[0]
+
+
+def test_served_samples_without_a_seed_differ_from_one_start_to_the_next(ckpt, reference):
+    """Batches without a request seed draw theirs from the OS, unless --seed says otherwise."""
+    def first_sample(*args):
+        cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--port=0", *args])
+        server = sample.Server(cfg)
+        server.start(reference, NAME)
+        row = sample.Row(tokenizer.encode("def f(x):"), 16, 1.0, 1.0, (), None, 0)
+        server.engine.submit([row])
+        try:
+            return row.future.result(timeout=60)
+        finally:
+            server.close()
+
+    assert first_sample() != first_sample()
+    assert first_sample("--seed=5") == first_sample("--seed=5")
 
 
 def test_concurrent_requests_are_batched_and_equal_lone_answers(client, server):
@@ -341,6 +364,17 @@ def test_cli_prints_the_prompt_and_its_completion(ckpt, reference):
     done = cli(f"--ckpt={ckpt}", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=10")
     assert done.returncode == 0, done.stderr
     assert done.stdout == prompt + expect(reference, prompt, 10)[0] + "\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device=cuda:99"], "--device=cuda:99, but this machine has"),
+    (["--device=banana"], "unknown --device=banana"),
+    (["--seed=1.5"], "--seed must be an integer"),
+])
+def test_bad_settings_are_one_line(ckpt, monkeypatch, args, message):
+    monkeypatch.setattr(sys, "argv", ["sample.py", f"--ckpt={ckpt}", *args])
+    with pytest.raises(UserError, match=re.escape(message)):
+        sample.main()
 
 
 @pytest.mark.parametrize("content", [None, b"not a checkpoint"])
