@@ -222,6 +222,12 @@ class Block(nn.Module):
         return x + F.dropout(out, dropout_p, self.training)
 
 
+# Hugging Face PhiForCausalLM's tensors of a layer: the first four are joined into in_proj
+_HF_IN_PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"]
+_HF_LAYER_TENSORS = [f"{module}.{kind}" for module in [*_HF_IN_PROJ, "self_attn.dense", "mlp.fc2", "input_layernorm"]
+                     for kind in ("weight", "bias")]
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -301,13 +307,17 @@ class GPT(nn.Module):
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, each of at least one token")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
+        if not all(0 <= t < self.config.vocab_size for p in prompts for t in p):
+            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
         B, device = len(prompts), self.lm_head.weight.device
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         T0 = int(lengths.max())
-        total = T0 + max_new_tokens
+        total = T0 + max(max_new_tokens - 1, 0)  # positions fed to the model: the last new token never is
         if total > self.config.block_size:
             raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"the context of {self.config.block_size}")
+                             f"the context of {self.config.block_size} by {total - self.config.block_size}")
         idx = torch.zeros(B, T0, dtype=torch.long, device=device)
         for row, p in enumerate(prompts):
             idx[row, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
@@ -350,7 +360,7 @@ class GPT(nn.Module):
                 _warn_once(f"CUDA graph capture failed ({str(e)[:200]}); decoding step by step")
 
         stop = [s for s in (stop or []) if s]
-        window = max((len(s.encode()) for s in stop), default=0) + 1  # tokens to decode for a check
+        window = max((len(s.encode(errors="surrogatepass")) for s in stop), default=0) + 1  # tokens to decode for a check
         new_tokens: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         for t in range(max_new_tokens):
@@ -386,7 +396,7 @@ class GPT(nn.Module):
         except RuntimeError as e:  # the weights of another architecture
             first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
             raise ValueError(f"{path} does not hold a phi-1 model of this code ({first[:200]})") from None
-        return model.to(device)
+        return model.to(device).eval()
 
     # ------------------------------------------------------------ Hugging Face
 
@@ -401,8 +411,7 @@ class GPT(nn.Module):
             p = f"model.layers.{i}."
             sd[p + "input_layernorm.weight"] = block.ln.weight
             sd[p + "input_layernorm.bias"] = block.ln.bias
-            for name, w, b in zip(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"],
-                                  block.in_proj.weight.split([d, d, d, 4 * d]),
+            for name, w, b in zip(_HF_IN_PROJ, block.in_proj.weight.split([d, d, d, 4 * d]),
                                   block.in_proj.bias.split([d, d, d, 4 * d])):
                 sd[p + name + ".weight"], sd[p + name + ".bias"] = w, b
             dense, fc2 = block.out_proj.weight.split([d, 4 * d], dim=1)
@@ -413,7 +422,9 @@ class GPT(nn.Module):
     @classmethod
     def from_hf_state_dict(cls, state_dict: dict, config: GPTConfig | None = None) -> "GPT":
         """A model holding a PhiForCausalLM state dict. Without a config, it is read
-        from the tensors' shapes, with phi-1's head size of 64 and rotary on 32 dims."""
+        from the tensors' shapes, with phi-1's head size of 64 and rotary on 32 dims.
+        Tensors that need no joining are taken as they are (load_state_dict's assign):
+        the model shares their memory. A tensor with no place here is an error."""
         sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
         if config is None:
             if "model.embed_tokens.weight" not in sd:
@@ -428,17 +439,22 @@ class GPT(nn.Module):
                     "lm_head.weight": sd["lm_head.weight"], "lm_head.bias": sd["lm_head.bias"]}
             for i in range(config.n_layer):
                 p, o = f"model.layers.{i}.", f"layers.{i}."
-                names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"]
                 ours[o + "ln.weight"] = sd[p + "input_layernorm.weight"]
                 ours[o + "ln.bias"] = sd[p + "input_layernorm.bias"]
-                ours[o + "in_proj.weight"] = torch.cat([sd[p + n + ".weight"] for n in names])
-                ours[o + "in_proj.bias"] = torch.cat([sd[p + n + ".bias"] for n in names])
+                ours[o + "in_proj.weight"] = torch.cat([sd[p + n + ".weight"] for n in _HF_IN_PROJ])
+                ours[o + "in_proj.bias"] = torch.cat([sd[p + n + ".bias"] for n in _HF_IN_PROJ])
                 ours[o + "out_proj.weight"] = torch.cat([sd[p + "self_attn.dense.weight"],
                                                          sd[p + "mlp.fc2.weight"]], dim=1)
                 ours[o + "attn_out_bias"] = sd[p + "self_attn.dense.bias"]
                 ours[o + "mlp_out_bias"] = sd[p + "mlp.fc2.bias"]
         except KeyError as e:
             raise ValueError(f"not a PhiForCausalLM state dict: {e.args[0]} is missing") from None
+        placed = {f"model.layers.{i}.{n}" for i in range(config.n_layer) for n in _HF_LAYER_TENSORS}
+        placed |= {"model.embed_tokens.weight", "model.final_layernorm.weight", "model.final_layernorm.bias",
+                   "lm_head.weight", "lm_head.bias"}
+        extra = sorted(k for k in sd if k not in placed and "rotary_emb" not in k)
+        if extra:  # q/k layernorms, another layer count, another model's weights
+            raise ValueError(f"{extra[0]} (and {len(extra) - 1} more) has no place in a phi-1 model")
         with torch.device("meta"):  # no time spent on a random init that is overwritten
             model = cls(config)
         dtype = sd["lm_head.weight"].dtype
@@ -457,22 +473,26 @@ class GPT(nn.Module):
         if not path.is_dir() and not looks_like_hub_id(name_or_path):
             raise FileNotFoundError(f"no such checkpoint or folder: {name_or_path}")
         folder = path if path.is_dir() else download_hf(name_or_path)
-        hf_config = json.loads((folder / "config.json").read_text())
+        try:
+            hf_config = json.loads((folder / "config.json").read_text())
+        except ValueError as e:
+            raise ValueError(f"{folder / 'config.json'} is not JSON ({e})") from None
+        config = config_from_hf(hf_config, folder / "config.json")
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no .safetensors weights in {folder}")
         state_dict = {}
         for f in files:
             state_dict.update(read_safetensors(f))
-        model = cls.from_hf_state_dict(state_dict, config_from_hf(hf_config))
-        return model.to(device)
+        return cls.from_hf_state_dict(state_dict, config).to(device).eval()
 
     def save_pretrained(self, folder) -> None:
         """Write config.json and model.safetensors that transformers' PhiForCausalLM loads."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_safetensors(folder / "model.safetensors", self.to_hf_state_dict())
-        (folder / "config.json").write_text(json.dumps(hf_config_from(self.config), indent=2))
+        dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
+        (folder / "config.json").write_text(json.dumps({**hf_config_from(self.config), "torch_dtype": dtype}, indent=2))
 
 
 # ---------------------------------------------------------------- helpers
@@ -495,10 +515,14 @@ def _cuda_graph(fn):
     return replay
 
 
+GREEDY_BELOW = 1e-4  # lower temperatures are greedy: logits / T would overflow float32
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """One token id per row of logits (B, V): argmax at temperature 0, else from the
-    smallest set of most likely tokens whose probability reaches top_p."""
-    if temperature <= 0:
+    """One token id per row of logits (B, V): argmax at temperature 0 (or below
+    GREEDY_BELOW), else from the smallest set of most likely tokens whose probability
+    reaches top_p."""
+    if not temperature >= GREEDY_BELOW:  # NaN too
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
@@ -516,14 +540,30 @@ def config_from_dict(d: dict) -> GPTConfig:
     return GPTConfig(**{k: v for k, v in d.items() if k in known})
 
 
-def config_from_hf(c: dict) -> GPTConfig:
-    """Our config from a Hugging Face phi config.json."""
-    n_embd, n_head = c["hidden_size"], c["num_attention_heads"]
-    return GPTConfig(n_layer=c["num_hidden_layers"], n_head=n_head, n_embd=n_embd,
-                     block_size=c.get("max_position_embeddings", 2048),
-                     vocab_size=c["vocab_size"],
-                     rotary_dim=int(c.get("partial_rotary_factor", 0.5) * n_embd // n_head),
-                     rope_base=c.get("rope_theta", 10000.0),
+def config_from_hf(c: dict, source="config.json") -> GPTConfig:
+    """Our config from a Hugging Face phi config.json, or a ValueError naming what in
+    it this model is not (another activation, q/k LayerNorms, scaled rotary, GQA, ...)."""
+    try:
+        n_embd, n_head = c["hidden_size"], c["num_attention_heads"]
+        n_layer, vocab_size = c["num_hidden_layers"], c["vocab_size"]
+    except KeyError as e:
+        hint = " (phi-msft checkpoints need converting to PhiForCausalLM's)" if c.get("model_type") != "phi" else ""
+        raise ValueError(f"{source} has no {e.args[0]}: not a Hugging Face phi config{hint}") from None
+    rope = {**c, **(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}  # transformers 5 nests it
+    refused = [(c.get("model_type", "phi") != "phi", f"model_type {c.get('model_type')!r}"),
+               (c.get("hidden_act", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
+                f"hidden_act {c.get('hidden_act')!r}"),
+               (bool(c.get("qk_layernorm")), "qk_layernorm"),
+               (rope.get("rope_type", rope.get("type", "default")) != "default", "scaled rotary (rope_scaling)"),
+               (c.get("num_key_value_heads") not in (None, n_head), "grouped-query attention"),
+               (c.get("intermediate_size") not in (None, 4 * n_embd), "an MLP width other than 4x")]
+    for bad, what in refused:
+        if bad:
+            raise ValueError(f"{source}: {what} is not phi-1's architecture, which this model implements")
+    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                     block_size=c.get("max_position_embeddings", 2048), vocab_size=vocab_size,
+                     rotary_dim=int(rope.get("partial_rotary_factor", 0.5) * n_embd // n_head),
+                     rope_base=rope.get("rope_theta", 10000.0),
                      layer_norm_eps=c.get("layer_norm_eps", 1e-5))
 
 
@@ -577,25 +617,39 @@ def load_checkpoint(path) -> dict:
 # The format: 8 bytes little-endian header length, a JSON header mapping each
 # tensor name to {dtype, shape, data_offsets}, then the raw bytes.
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+              "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+              "BOOL": torch.bool}
 
 
 def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, each in memory of its own, or a ValueError
+    naming the file (truncated, a git-lfs pointer, a dtype torch lacks)."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        if head.startswith(b"version "):  # "version https://git-lfs.github.com/spec/v1"
+            raise ValueError(f"{path} is a git-lfs pointer, not the weights (run: git lfs pull)")
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+        if 8 + n > size:
+            raise ValueError(f"{path} is not a safetensors file, or is truncated")
         header = json.loads(f.read(n))
-        data = bytearray(os.path.getsize(path) - 8 - n)
-        f.readinto(data)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        dtype = _ST_DTYPES[info["dtype"]]
-        count = (end - start) // torch.empty((), dtype=dtype).element_size()
-        t = torch.frombuffer(data, dtype=dtype, count=count, offset=start) if count else torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(info["shape"])
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _ST_DTYPES:
+                raise ValueError(f"{path}: {name} has dtype {info['dtype']}, which this reader does not take")
+            start, end = info["data_offsets"]
+            if 8 + n + end > size:
+                raise ValueError(f"{path} is truncated: {name} ends past the end of the file")
+            data = bytearray(end - start)
+            f.seek(8 + n + start)
+            f.readinto(data)
+            dtype = _ST_DTYPES[info["dtype"]]
+            t = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            out[name] = t.reshape(info["shape"])
     return out
 
 
@@ -603,6 +657,8 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor]) -> None:
     names = {v: k for k, v in _ST_DTYPES.items()}
     header, offset, blobs = {}, 0, []
     for name, t in tensors.items():
+        if t.dtype not in names:
+            raise ValueError(f"{name}: safetensors has no {t.dtype}")
         raw = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
         header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(raw)]}
@@ -643,21 +699,24 @@ def download_hf(repo: str, revision: str = "main") -> Path:
         except requests.RequestException as e:
             raise ConnectionError(f"cannot download {repo} from the Hugging Face hub ({e}); "
                                   f"pass a local folder with config.json and *.safetensors instead") from None
-        if r.status_code == 404 and not required:
-            return None
-        if r.status_code != 200:
-            raise ConnectionError(f"{base + name}: HTTP {r.status_code}")
-        cache.mkdir(parents=True, exist_ok=True)  # only for a repo that exists
-        tmp = target.with_suffix(target.suffix + ".part")
-        size = int(r.headers.get("content-length", 0)) or None
-        with open(tmp, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=name) as bar:
-            for chunk in r.iter_content(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
+        with r:
+            if r.status_code == 404 and not required:
+                return None
+            if r.status_code != 200:
+                raise ConnectionError(f"{base + name}: HTTP {r.status_code}")
+            cache.mkdir(parents=True, exist_ok=True)  # only for a repo that exists
+            tmp = target.with_suffix(target.suffix + ".part")
+            size = int(r.headers.get("content-length", 0)) or None
+            with open(tmp, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=name) as bar:
+                for chunk in r.iter_content(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
         os.replace(tmp, target)
         return target
 
     fetch("config.json")
+    if (cache / "model.safetensors").exists():  # one file, complete: nothing to ask the hub
+        return cache
     index = fetch("model.safetensors.index.json", required=False)
     if index is None:
         fetch("model.safetensors")

@@ -84,7 +84,7 @@ import torch
 
 import tokenizer
 from config import UserError, parse_args, run
-from model import GPT, pick_device
+from model import GPT, GREEDY_BELOW, pick_device
 from train import pick_dtype
 
 DEFAULTS = dict(
@@ -110,7 +110,6 @@ DEFAULTS = dict(
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 CHAT_STOPS = tuple(f"\n{role}:" for role in CHAT_ROLES)  # a line starting a new turn ends the reply
-GREEDY_BELOW = 1e-4  # temperatures or top_p below this are greedy (logits / T would overflow)
 COMMAND_LINE_SEED = 1337  # without --seed, the command line prints the same samples every run
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; HumanEval's conventions use 5)
 MAX_N = 128  # completions per prompt

@@ -8,7 +8,8 @@ tokens out of the text (leftmost, longest match) and byte-level-BPEs the pieces
 between them, so "    return x" is [4 spaces] "return" " x". We do the same:
 a greedy regex finds the whitespace runs (greedy on a run of one character is
 leftmost-longest), and tiktoken encodes the rest. Every byte sequence maps to
-tokens and back, so decode(encode(text)) == text for any string.
+tokens and back, so decode(encode(text)) == text for any string that UTF-8 can
+spell (a lone surrogate such as "\\ud800" cannot: tiktoken encodes it as U+FFFD).
 
 tiktoken downloads r50k_base on first use and caches it in $TIKTOKEN_CACHE_DIR.
 Offline, point TIKTOKEN_CACHE_DIR at a folder holding a copy; when it is unset,

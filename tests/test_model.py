@@ -1,12 +1,13 @@
 """model.py: presets, Hugging Face interop, KV-cache generation, checkpoints."""
 
 import itertools
+import json
 
 import pytest
 import torch
 
 import tokenizer
-from model import GPT, GPTConfig, KVCache, PRESETS, load_checkpoint, read_safetensors, sample
+from model import GPT, GPTConfig, KVCache, PRESETS, load_checkpoint, read_safetensors, sample, write_safetensors
 
 SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=64, vocab_size=512)
 
@@ -81,11 +82,68 @@ def test_save_pretrained_loads_in_transformers_and_back(tmp_path):
     ours = small_model(seed=1)
     ours.save_pretrained(tmp_path)
     hf = transformers.PhiForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    reloaded = GPT.from_pretrained(str(tmp_path)).eval()
+    reloaded = GPT.from_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float32"
+    small_model().to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     idx = torch.randint(0, SMALL.vocab_size, (1, 30))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)
         assert torch.equal(reloaded(idx)[0], ours(idx)[0])
+
+
+def test_a_transformers_saved_folder_loads_with_its_rotary_settings(tmp_path):
+    """transformers 5 nests partial_rotary_factor and rope_theta under rope_parameters."""
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=160, block_size=64, vocab_size=512, rope_base=500.0)
+    hf = hf_phi(config)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path))
+    assert (ours.config.rotary_dim, ours.config.rope_base, ours.training) == (32, 500.0, False)
+    idx = torch.randint(0, config.vocab_size, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(qk_layernorm=True), "qk_layernorm"), (dict(hidden_act="relu"), "hidden_act"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 4.0}), "scaled rotary"),
+    (dict(num_key_value_heads=1), "grouped-query"), (dict(model_type="phi-msft"), "model_type"),
+])
+def test_phi_variants_this_model_is_not_are_refused(tmp_path, change, message):
+    small_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=message):
+        GPT.from_pretrained(str(tmp_path))
+    state = small_model().to_hf_state_dict()
+    state["model.layers.0.self_attn.q_layernorm.weight"] = torch.ones(64)
+    with pytest.raises(ValueError, match="q_layernorm.weight .* has no place"):
+        GPT.from_hf_state_dict(state, SMALL)
+
+
+def test_safetensors_files_that_are_not_weights_are_named(tmp_path):
+    good = tmp_path / "good.safetensors"
+    write_safetensors(good, {"w": torch.randn(100, 10), "u": torch.arange(6).to(torch.uint16)})
+    assert read_safetensors(good)["u"].tolist() == list(range(6))
+    cases = {"lfs.safetensors": b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n",
+             "short.safetensors": b"\x01\x02", "cut.safetensors": good.read_bytes()[:2000]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name}.*(git-lfs|truncated)"):
+            read_safetensors(tmp_path / name)
+
+
+def test_a_downloaded_model_loads_offline(tmp_path, monkeypatch):
+    requests = pytest.importorskip("requests")
+    monkeypatch.setenv("PHI1_CACHE", str(tmp_path))
+    ours = small_model(seed=2)
+    ours.save_pretrained(tmp_path / "hub" / "someone" / "phi-tiny")  # what a finished download leaves
+
+    def offline(*args, **kwargs):
+        raise requests.ConnectionError("no network")
+    monkeypatch.setattr(requests, "get", offline)
+    loaded = GPT.from_pretrained("someone/phi-tiny")
+    assert torch.equal(loaded.lm_head.weight, ours.lm_head.weight)
 
 
 def test_safetensors_reader_matches_the_reference_library(tmp_path):
@@ -178,6 +236,24 @@ def test_generation_stops_at_stop_strings_eot_and_max_tokens(monkeypatch):
     assert model.generate([[1]], max_new_tokens=5) == [[word]]
 
 
+def test_generation_fills_the_context_and_refuses_what_cannot_be(tmp_path):
+    model = small_model(seed=3)  # context 64, vocabulary 512
+    prompt = list(range(1, 61))
+    full = model.generate([prompt], max_new_tokens=5)[0]  # 60 + 4 fed back = 64: the last is never fed
+    assert len(full) == 5
+    with torch.no_grad():  # the greedy tokens are those of full forwards
+        for i, token in enumerate(full):
+            assert int(model(torch.tensor([prompt + full[:i]]))[0][0, -1].argmax()) == token
+    for prompts, n, message in [([prompt], 6, "exceeds the context of 64 by 1"), ([[1]], -1, ">= 0"),
+                                ([[1, 512]], 1, "token ids must be in")]:
+        with pytest.raises(ValueError, match=message):
+            model.generate(prompts, n)
+    assert len(model.generate([[1]], 3, stop=["\ud800"])[0]) == 3  # can never match; no crash
+    path = tmp_path / "dropout.pt"
+    torch.save({"model": GPT(PRESETS["nano"]).state_dict(), "config": {**vars(PRESETS["nano"]), "dropout": 0.5}}, path)
+    assert not GPT.from_checkpoint(path).training  # loaded models sample without dropout
+
+
 def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus():
     model = small_model(seed=5, config=GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64))
     a = model.generate([[1, 2, 3]], 10, temperature=1.0, top_p=0.9, seed=7)
@@ -192,6 +268,7 @@ def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus():
     assert draws(0.5) == {0}  # token 0 alone holds more than half the mass
     assert int(sample(logits, 0.0, 1.0)) == 0
     assert draws(1e-320) == {0}  # 0 in float32: the most likely token still stays
+    assert int(sample(logits, 1e-39, 1.0)) == int(sample(logits, float("nan"), 1.0)) == 0  # greedy
 
 
 def test_checkpoint_errors_are_clear(tmp_path):
