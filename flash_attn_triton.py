@@ -74,6 +74,8 @@ Conventions (what model.py relies on):
 """
 
 import math
+import numbers
+import operator
 import os
 import sys
 
@@ -629,7 +631,8 @@ def _run(jit_fn, head_dim, grid, args, kwargs):
     of host time per launch). (Under torch.compile the autotuner itself goes
     into the graph and Inductor launches it.)"""
     tuner = _kernel(jit_fn, head_dim)
-    key = (tuner, args[-3], args[-2], args[-1], kwargs["CAUSAL"], kwargs["DROPOUT"], args[0].dtype)
+    key = (tuner, args[-3], args[-2], args[-1], kwargs["HEAD_DIM"], kwargs["CAUSAL"], kwargs["DROPOUT"],
+           args[0].dtype)
     cfg = _best_configs.get(key)
     if cfg is None:
         tuner[grid](*args, **kwargs)
@@ -797,6 +800,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+@torch.autograd.function.once_differentiable  # the backward is a kernel, not differentiable again
 def _op_backward(ctx, dout, dlse):
     q, k, v, out, lse, seed = ctx.saved_tensors
     dq, dk, dv = _flash_attn_bwd_op(dout, q, k, v, out, lse, seed, ctx.causal, ctx.dropout_p, ctx.softmax_scale)
@@ -814,6 +818,7 @@ class _FlashAttnFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, seed = ctx.saved_tensors
         dq, dk, dv = _bwd_impl(dout, q, k, v, out, lse, seed, ctx.causal, ctx.dropout_p, ctx.softmax_scale,
@@ -865,9 +870,13 @@ def unsupported_reason(q, k, v, dropout_p=0.0):
             return f"{name} must be contiguous in head_dim (stride 1), got strides {tuple(t.stride())}"
         if t.stride(2) >= 2**23:  # tile offsets (stride * block rows) are int32
             return f"{name}'s sequence stride {t.stride(2)} is too large"
-    if not 0.0 <= float(dropout_p) < 1.0:
-        return f"dropout_p must be in [0, 1), got {dropout_p}"
+    if not _is_real(dropout_p) or not 0.0 <= float(dropout_p) < 1.0:
+        return f"dropout_p must be a number in [0, 1), got {dropout_p!r}"
     return None
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)  # numpy's floats too
 
 
 _UNUSED_SEED = {}  # device -> a seed tensor the kernels never read (dropout_p = 0)
@@ -879,7 +888,7 @@ def _check_and_prepare(q, k, v, causal, dropout_p, softmax_scale, seed):
         raise ValueError(f"flash_attn_func: {reason}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
+    elif not (_is_real(softmax_scale) and math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"flash_attn_func: softmax_scale must be a positive number, got {softmax_scale!r}")
     dropout_p = float(dropout_p)
     if dropout_p > 0.0 and seed is None:
@@ -887,9 +896,13 @@ def _check_and_prepare(q, k, v, causal, dropout_p, softmax_scale, seed):
         # torch.manual_seed makes the whole run reproducible.
         seed_t = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
     elif dropout_p > 0.0:
-        if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        try:
+            value = operator.index(seed) if not isinstance(seed, bool) else -1  # numpy's ints too
+        except TypeError:
+            value = -1
+        if not 0 <= value < 2**63:
             raise ValueError(f"flash_attn_func: seed must be an int in [0, 2**63), got {seed!r}")
-        seed_t = torch.full((1,), seed, dtype=torch.int64, device=q.device)
+        seed_t = torch.full((1,), value, dtype=torch.int64, device=q.device)
     elif torch.compiler.is_compiling():
         seed_t = torch.zeros((1,), dtype=torch.int64, device=q.device)  # never read
     else:
@@ -1054,6 +1067,9 @@ def _benchmark(shapes=BENCH_SHAPES, dev="cuda", do_bench=None):
 
 
 def main():
+    from config import UserError, parse_args
+    if parse_args({}, __doc__)[1]:
+        raise UserError("flash_attn_triton.py takes no arguments (see --help)")
     if torch.cuda.is_available():
         print(f"correctness vs float32 reference on {torch.cuda.get_device_name()} "
               f"(autotune {'on' if AUTOTUNE else 'off'}):", flush=True)
@@ -1073,4 +1089,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from config import run
+    run(main)

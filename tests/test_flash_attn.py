@@ -203,12 +203,28 @@ def test_bad_inputs_raise_clear_errors():
         (good, {"dropout_p": 1.0}, "dropout_p"),
         (good, {"softmax_scale": -1.0}, "softmax_scale"),
         (good, {"dropout_p": 0.1, "seed": -1}, "seed"),
+        (good, {"dropout_p": 0.1, "seed": True}, "seed"),
+        (good, {"dropout_p": None}, "dropout_p"),
+        (good, {"dropout_p": "0.1"}, "dropout_p"),
+        (good, {"softmax_scale": True}, "softmax_scale"),
     ]
     if CUDA:
         bad.append(((t(1, 2, 8, 64).cpu(),) * 3, {}, "CUDA"))
     for args, kwargs, words in bad:
         with pytest.raises(ValueError, match=words):
             fa.flash_attn_func(*args, **kwargs)
+    numpy = pytest.importorskip("numpy")  # numpy's numbers are numbers
+    fa.flash_attn_func(*good, softmax_scale=numpy.float32(0.1), dropout_p=numpy.float64(0.1), seed=numpy.int64(3))
+
+
+def test_a_second_derivative_is_an_error_not_a_wrong_number():
+    q, k, v, leaves, _ = make_qkv(1, 2, 17, 17, 32, F16, "qkv")
+    seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    for out in (fa.flash_attn_func(q, k, v),  # eager, and the registered op that compiled graphs call
+                torch.ops.phi1.flash_attn_fwd(q, k, v, seed, True, 0.0, 32 ** -0.5)[0]):
+        (grad,) = torch.autograd.grad(out.float().square().sum(), leaves[0], create_graph=True)
+        with pytest.raises(RuntimeError, match="twice"):
+            grad.float().square().sum().backward()
 
 
 def test_torch_compile_traces_without_graph_break():
