@@ -478,7 +478,9 @@ class GPT(nn.Module):
         except ValueError as e:
             raise ValueError(f"{folder / 'config.json'} is not JSON ({e})") from None
         config = config_from_hf(hf_config, folder / "config.json")
-        files = sorted(folder.glob("*.safetensors"))
+        index = folder / "model.safetensors.index.json"  # a sharded model names its shards
+        files = (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+                 if index.exists() else sorted(folder.glob("*.safetensors")))
         if not files:
             raise FileNotFoundError(f"no .safetensors weights in {folder}")
         state_dict = {}
@@ -681,14 +683,14 @@ def looks_like_hub_id(name: str) -> bool:
             and not Path(parts[0]).is_dir())
 
 
-def download_hf(repo: str, revision: str = "main") -> Path:
+def download_hf(repo: str) -> Path:
     """Fetch a hub repo's config.json and safetensors weights over plain HTTPS,
     once; later calls read the cache ($PHI1_CACHE, default ~/.cache/phi1)."""
     import requests
     from tqdm import tqdm
 
     cache = Path(os.environ.get("PHI1_CACHE", Path.home() / ".cache" / "phi1")) / "hub" / repo
-    base = f"https://huggingface.co/{repo}/resolve/{revision}/"
+    base = f"https://huggingface.co/{repo}/resolve/main/"
 
     def fetch(name: str, required: bool = True) -> Path | None:
         target = cache / name

@@ -133,6 +133,22 @@ def test_safetensors_files_that_are_not_weights_are_named(tmp_path):
             read_safetensors(tmp_path / name)
 
 
+def test_a_sharded_folder_loads_the_shards_its_index_names(tmp_path):
+    ours = small_model(seed=4)
+    ours.save_pretrained(tmp_path)
+    tensors = read_safetensors(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, part in shards.items():
+        write_safetensors(tmp_path / shard, {n: tensors[n] for n in part})
+    index = {"weight_map": {n: shard for shard, part in shards.items() for n in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    write_safetensors(tmp_path / "stale.safetensors", {"lm_head.bias": torch.zeros(SMALL.vocab_size)})
+    loaded = GPT.from_pretrained(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ours.state_dict().values()))
+
+
 def test_a_downloaded_model_loads_offline(tmp_path, monkeypatch):
     requests = pytest.importorskip("requests")
     monkeypatch.setenv("PHI1_CACHE", str(tmp_path))
