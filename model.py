@@ -656,23 +656,23 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write tensors one at a time (the header first, from shapes): no second copy of
+    the model in memory."""
     names = {v: k for k, v in _ST_DTYPES.items()}
-    header, offset, blobs = {}, 0, []
+    header, offset = {}, 0
     for name, t in tensors.items():
         if t.dtype not in names:
             raise ValueError(f"{name}: safetensors has no {t.dtype}")
-        raw = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        offset += len(raw)
-        blobs.append(raw)
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(head)) + head)
-        for raw in blobs:
-            f.write(raw)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
     os.replace(tmp, path)
 
 
