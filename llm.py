@@ -22,9 +22,13 @@ needs, in one readable place, with nothing to install:
   `backoff` seconds (up to max_backoff), jittered down to half; a Retry-After (or
   retry-after-ms) header sets it instead, and after a 429 holds every thread's next
   request until then;
-- not retried: other 4xx; the request fails with the server's message. 401, 403, 404
-  and a 429 for exhausted quota are `fatal`: a wrong key, model or URL fails every
-  request the same way, so callers should stop;
+- not retried: other 4xx; the request fails with the server's message (a 404 also
+  names the URL asked). 401, 403, 404, a 429 for exhausted quota and a malformed URL
+  are `fatal`: a wrong key, model or URL fails every request the same way, so callers
+  should stop;
+- map() that ends early (the caller breaks off or raises, Ctrl-C) returns at once: its
+  requests start and retry no more, and those in flight are left to end in daemon
+  threads, which do not hold up the program's exit;
 - a request that fails for good raises LLMError from chat() and complete(), and is a
   Failure in map();
 - `stats`: requests, retries, failed attempts and final failures by kind, tokens in
@@ -41,12 +45,12 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import queue
 import random
 import re
 import threading
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 
 import requests
@@ -67,6 +71,7 @@ DEFAULTS = dict(
     price_out=0.0,  # USD per million completion tokens
 )
 FATAL_STATUS = (401, 403, 404)  # wrong key, no access, wrong model or URL: every request would fail
+_NEVER = threading.Event()  # what stops a request outside map(): nothing
 
 
 @dataclass
@@ -78,7 +83,7 @@ class Reply:
 
 @dataclass
 class Failure:
-    kind: str  # connection, timeout, rate_limit, server, bad_response or refused
+    kind: str  # connection, timeout, rate_limit, server, bad_response, refused, or stopped (map() ended)
     message: str
     status: int | None = None  # the HTTP status, if one came
     attempts: int = 1
@@ -173,7 +178,7 @@ class Client:
         self.api_base, self.model, self.concurrency = base, model, concurrency
         self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
         self.price_in, self.price_out = price_in, price_out
-        key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
+        key = (os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key).strip()  # a pasted newline
         self.headers = {"User-Agent": "phi1-llm", **({"Authorization": f"Bearer {key}"} if key else {})}
         self._slots = threading.BoundedSemaphore(concurrency)
         self._lock = threading.Lock()
@@ -181,8 +186,8 @@ class Client:
         self._tpm = _Bucket(tpm) if tpm else None
         self._resume_at = 0.0  # after a 429 with Retry-After, no request starts before this
         self._stats = Stats()
-        self._local = threading.local()  # a requests.Session per thread
-        self._sessions: list[requests.Session] = []
+        self._local = threading.local()  # per thread: its requests.Session; in map()'s, map's stop event
+        self._sessions: list[requests.Session] = []  # those of the caller's threads, closed by close()
 
     # ------------------------------------------------------------ the API
 
@@ -198,7 +203,13 @@ class Client:
     def map(self, requests_, **params):
         """Yield (key, Reply | Failure) for each (key, messages or prompt) of requests_, in
         the order they complete: messages (a list) go to chat(), a prompt (a string) to
-        complete(). requests_ is read lazily, a few ahead of the answers."""
+        complete(). requests_ is read lazily, a few ahead of the answers.
+
+        The requests run in daemon threads of this call, each with a Session of its own
+        that it closes when it ends (a Session is not documented as thread-safe). Not a
+        ThreadPoolExecutor: the program's exit waits for its threads, and closing a Session
+        does not abort a request in flight, so Ctrl-C would wait out every request running
+        (up to the timeout, times the retries)."""
 
         def one(key, payload):
             try:
@@ -207,23 +218,40 @@ class Client:
             except LLMError as e:
                 return key, e.failure
 
-        items = iter(requests_)
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="llm") as pool:
-            pending = set()
-            try:
-                while True:
-                    for key, payload in items:
-                        pending.add(pool.submit(one, key, payload))
-                        if len(pending) >= 2 * self.concurrency:
-                            break
-                    if not pending:
-                        return
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        yield future.result()
-            finally:
-                for future in pending:
-                    future.cancel()
+        def work():
+            self._local.stop = stop
+            with requests.Session() as self._local.session:
+                while not stop.is_set() and (job := jobs.get()) is not None:
+                    try:
+                        done.put(one(*job))
+                    except Exception as e:  # a bug: raised to map's caller
+                        done.put(e)
+
+        jobs, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+        items, pending, threads = iter(requests_), 0, []
+        try:
+            while True:
+                for job in items:
+                    jobs.put(job)
+                    pending += 1
+                    if len(threads) < self.concurrency:
+                        threads.append(threading.Thread(target=work, name="llm", daemon=True))
+                        threads[-1].start()
+                    if pending >= 2 * self.concurrency:
+                        break
+                if not pending:
+                    break
+                result = done.get()
+                pending -= 1
+                if isinstance(result, Exception):
+                    raise result
+                yield result
+        finally:  # also when the caller stops early: no waiting for the requests in flight
+            stop.set()
+            for _ in threads:
+                jobs.put(None)
+        for thread in threads:  # all answered: they only close their sessions
+            thread.join()
 
     def check(self) -> None:
         """One GET /models, no retries: raise LLMError if the endpoint is unreachable, refuses
@@ -233,7 +261,7 @@ class Client:
             r = self._session().get(url, headers=self.headers, timeout=timeout)
         except requests.Timeout:
             raise LLMError(Failure("timeout", f"{self.api_base} did not answer within {timeout:g} s")) from None
-        except requests.RequestException as e:
+        except (requests.RequestException, ValueError) as e:  # ValueError: a malformed URL
             raise LLMError(Failure("connection", f"cannot reach {self.api_base}: {_why(e)}")) from None
         if r.status_code in (401, 403):
             raise LLMError(Failure("refused", f"{self.api_base} refused the API key ($OPENAI_API_KEY): "
@@ -267,11 +295,14 @@ class Client:
     # ------------------------------------------------------------ one request, with retries
 
     def _request(self, path: str, payload: dict, parse) -> Reply:
+        stop = getattr(self._local, "stop", _NEVER)
         payload = {k: v for k, v in payload.items() if v is not None}
         estimate = len(json.dumps(payload.get("messages", payload.get("prompt")))) / 4 + (
             payload.get("max_tokens") or 0)
         for attempt in range(self.max_retries + 1):
-            self._wait_turn(estimate)
+            self._wait_turn(estimate, stop)
+            if stop.is_set():
+                raise LLMError(Failure("stopped", "map() ended before an answer came", attempts=attempt))
             try:
                 reply = self._attempt(path, payload, parse)
             except _Failed as e:
@@ -289,7 +320,7 @@ class Client:
                     pause = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
                 with self._lock:
                     self._stats.retries += 1
-                time.sleep(pause)
+                stop.wait(pause)
                 continue
             self._count(reply, estimate)
             return reply
@@ -298,8 +329,9 @@ class Client:
             self._stats.failures[failure.kind] += 1
         raise LLMError(failure)
 
-    def _wait_turn(self, estimate: float) -> None:
-        """Sleep until a 429's pause is over and the rate limits have room for this request."""
+    def _wait_turn(self, estimate: float, stop: threading.Event) -> None:
+        """Sleep until a 429's pause is over and the rate limits have room for this request,
+        or until stop is set."""
         with self._lock:
             now = time.monotonic()
             pause = self._resume_at - now
@@ -308,23 +340,29 @@ class Client:
             if self._tpm:
                 pause = max(pause, self._tpm.take(estimate, now))
         if pause > 0:
-            time.sleep(pause)
+            stop.wait(pause)
 
     def _attempt(self, path: str, payload: dict, parse) -> Reply:
         """One HTTP request: the Reply, or _Failed saying whether to retry."""
+        url = self.api_base + path
         with self._slots:
             with self._lock:
                 self._stats.requests += 1
             try:
-                r = self._session().post(self.api_base + path, json=payload, headers=self.headers,
+                r = self._session().post(url, json=payload, headers=self.headers,
                                          timeout=(min(self.timeout, 10.0), self.timeout))
                 body = r.content
             except requests.Timeout:
                 raise _Failed(Failure("timeout", f"no answer within {self.timeout:g} s"), True) from None
+            except ValueError as e:  # requests' InvalidURL, urllib3's LocationParseError: a malformed URL
+                raise _Failed(Failure("refused", f"cannot send to {url}: {e}", fatal=True), False) from None
             except requests.RequestException as e:
                 raise _Failed(Failure("connection", _why(e)), True) from None
         if not 200 <= r.status_code < 300:
             message = _server_message(r)
+            if r.status_code == 404:  # a wrong model, or a wrong URL
+                hint = "" if self.api_base.endswith("/v1") else ": does --api_base end in /v1?"
+                message += f" (POST {url}{hint})"
             if r.status_code == 429 and "insufficient_quota" in body.decode("utf-8", "replace"):
                 raise _Failed(Failure("refused", message, 429, fatal=True), False)
             kind = "rate_limit" if r.status_code == 429 else "server" if r.status_code >= 500 else "refused"

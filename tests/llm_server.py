@@ -8,6 +8,7 @@ The i-th POST gets faults[i % len(faults)]: "ok" (answer), "429" (Retry-After:
 server.retry_after), "500", "503" (retry-after-ms: 10), "slow" (answers after
 server.slow seconds), "malformed" (200, not JSON), "empty" (200, no choices), "drop"
 (closes the connection without answering) or "cut" (closes it half-way through the body).
+Only paths under /v1/ exist: any other is a 404, as on vLLM.
 """
 
 import hashlib
@@ -119,6 +120,12 @@ class Handler(BaseHTTPRequestHandler):
     def error(self, status: int, message: str, code: str, headers=()) -> None:
         self.send(status, {"error": {"message": message, "type": "error", "param": None, "code": code}}, headers)
 
+    def routed(self) -> bool:
+        if not self.path.startswith("/v1/"):
+            self.send(404, {"detail": "Not Found"})
+            return False
+        return True
+
     def authorized(self) -> bool:
         if self.server.key and self.headers.get("Authorization") != f"Bearer {self.server.key}":
             self.error(401, "Incorrect API key provided.", "invalid_api_key")
@@ -126,13 +133,13 @@ class Handler(BaseHTTPRequestHandler):
         return True
 
     def do_GET(self):
-        if self.authorized():
+        if self.routed() and self.authorized():
             self.send(200, {"object": "list", "data": [{"id": self.server.model, "object": "model"}]})
 
     def do_POST(self):
         s = self.server
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if not self.authorized():
+        if not self.routed() or not self.authorized():
             return
         with s.lock:
             fault = s.faults[next(s.posts) % len(s.faults)]

@@ -1,11 +1,13 @@
 """llm.py against a local fake OpenAI-compatible server: replies, retries, limits, failures."""
 
 import email.utils
+import signal
 import socket
 import threading
 import time
 
 import pytest
+import requests
 
 import llm
 from llm_server import FakeLLM, answer
@@ -114,6 +116,99 @@ def test_map_yields_failures():
     with FakeLLM() as server, client_for(server) as client:
         (key, result), = client.map([("a", MESSAGES)], max_tokens=0)
         assert key == "a" and isinstance(result, llm.Failure) and result.status == 400
+
+
+@pytest.fixture
+def sessions(monkeypatch):
+    """The requests.Sessions made during the test, and those of them still open."""
+    made, still_open = [], set()
+
+    class Session(requests.Session):
+        def __init__(self):
+            super().__init__()
+            made.append(self)
+            still_open.add(self)
+
+        def close(self):
+            still_open.discard(self)
+            super().close()
+
+    monkeypatch.setattr(requests, "Session", Session)
+    return made, still_open
+
+
+def eventually(condition, seconds=2.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_ctrl_c_in_map_returns_at_once():
+    """Ctrl-C while map() waits for answers that take 10 s: it raises at once, and the
+    requests still queued are never sent."""
+    signalled = []
+
+    def interrupt():
+        eventually(lambda: server.in_flight == 2)
+        signalled.append(time.monotonic())
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    with FakeLLM(faults=["slow"], slow=10) as server, client_for(server, timeout=60, concurrency=2) as client:
+        threading.Thread(target=interrupt).start()
+        with pytest.raises(KeyboardInterrupt):
+            list(client.map((i, MESSAGES) for i in range(5)))
+        assert time.monotonic() - signalled[0] < 1 and server.served == ["slow", "slow"]
+
+
+def test_leaving_map_early_stops_its_retries(sessions):
+    """A request in a 15 s backoff when the caller stops reading map(): map returns at once,
+    and its thread leaves the backoff and closes its session without asking again."""
+    _, still_open = sessions
+    with FakeLLM(faults=["ok", "500"]) as server, client_for(server, backoff=30, concurrency=2) as client:
+        results = client.map((i, MESSAGES) for i in range(2))
+        next(results)  # the answer; the other request got a 500 and waits to retry
+        assert eventually(lambda: client.stats.retries == 1)
+        started = time.monotonic()
+        results.close()
+        assert time.monotonic() - started < 0.5
+        assert eventually(lambda: not still_open) and server.served == ["ok", "500"]
+
+
+def test_map_closes_its_sessions(sessions):
+    made, still_open = sessions
+    with FakeLLM() as server, client_for(server, concurrency=4) as client:
+        for _ in range(20):
+            assert len(list(client.map((i, MESSAGES) for i in range(8)))) == 8
+        assert len(made) >= 20 and not still_open
+
+
+@pytest.mark.parametrize("api_base", ["http://localhost:abc/v1", "http://[::1/v1", "http://a..b/v1"])
+def test_a_malformed_url_fails_at_once(api_base):
+    client = llm.Client(api_base, "fake", backoff=0.01)
+    with pytest.raises(llm.LLMError) as error:
+        client.chat(MESSAGES)
+    failure = error.value.failure
+    assert (failure.fatal, failure.attempts, client.stats.retries) == (True, 1, 0)
+    assert f"{api_base}/chat/completions" in failure.message
+    with pytest.raises(llm.LLMError, match="cannot reach"):
+        client.check()
+
+
+def test_a_404_names_the_url_and_asks_about_v1():
+    with FakeLLM() as server:
+        base = server.url.removesuffix("/v1")
+        client = llm.Client(base, "fake")
+        client.check()  # a 404 for /models: a server without one passes
+        with pytest.raises(llm.LLMError) as error:
+            client.complete("def f():")
+        failure = error.value.failure
+        assert (failure.status, failure.fatal, client.stats.requests) == (404, True, 1)
+        assert f"POST {base}/completions: does --api_base end in /v1?" in failure.message
+        with pytest.raises(llm.LLMError) as error:
+            llm.Client(server.url, "gpt-9").complete("def f():")
+        assert error.value.failure.message == ("The model `gpt-9` does not exist "
+                                               f"(POST {server.url}/completions)")
 
 
 def test_requests_per_minute_limit():
