@@ -18,7 +18,7 @@ needs, in one readable place, with nothing to install:
   holding one second's worth (a request counts as its characters / 4 plus max_tokens,
   corrected by the usage its reply reports);
 - retried, up to max_retries times: connection errors (refused, dropped), timeouts,
-  429, 5xx, and replies that are not JSON or lack the text. The wait doubles from
+  429, 5xx, 408, 409, and replies that are not JSON or lack the text. The wait doubles from
   `backoff` seconds (up to max_backoff), jittered down to half; a Retry-After (or
   retry-after-ms) header sets it instead, and after a 429 holds every thread's next
   request until then;
@@ -71,6 +71,7 @@ DEFAULTS = dict(
     price_out=0.0,  # USD per million completion tokens
 )
 FATAL_STATUS = (401, 403, 404)  # wrong key, no access, wrong model or URL: every request would fail
+TRANSIENT_4XX = (408, 409)  # the server timed out reading the request; a conflict (OpenAI's SDK retries both)
 _NEVER = threading.Event()  # what stops a request outside map(): nothing
 
 
@@ -365,7 +366,8 @@ class Client:
                 message += f" (POST {url}{hint})"
             if r.status_code == 429 and "insufficient_quota" in body.decode("utf-8", "replace"):
                 raise _Failed(Failure("refused", message, 429, fatal=True), False)
-            kind = "rate_limit" if r.status_code == 429 else "server" if r.status_code >= 500 else "refused"
+            kind = ("rate_limit" if r.status_code == 429 else
+                    "server" if r.status_code >= 500 or r.status_code in TRANSIENT_4XX else "refused")
             raise _Failed(Failure(kind, message, r.status_code, fatal=r.status_code in FATAL_STATUS),
                           kind != "refused", _retry_after(r.headers))
         try:

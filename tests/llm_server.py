@@ -5,7 +5,7 @@ only on the request (a hash of it), faults injected on a schedule, a fixed laten
         client = llm.Client(server.url, "fake")
 
 The i-th POST gets faults[i % len(faults)]: "ok" (answer), "429" (Retry-After:
-server.retry_after), "500", "503" (retry-after-ms: 10), "slow" (answers after
+server.retry_after), "500", "503" and "408" (retry-after-ms: 10), "slow" (answers after
 server.slow seconds), "malformed" (200, not JSON), "empty" (200, no choices), "drop"
 (closes the connection without answering) or "cut" (closes it half-way through the body).
 Only paths under /v1/ exist: any other is a 404, as on vLLM.
@@ -161,6 +161,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(500, "The server had an error.", "server_error")
         if fault == "503":
             return self.error(503, "Overloaded.", "overloaded", [("retry-after-ms", "10")])
+        if fault == "408":
+            return self.error(408, "Request timed out.", "timeout", [("retry-after-ms", "10")])
         if fault == "malformed":
             return self.send(200, b'{"choices": [{"message": {"content": "half')
         if fault == "empty":

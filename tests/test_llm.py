@@ -50,7 +50,7 @@ def test_endpoint_and_key_from_the_environment(monkeypatch):
         assert "Incorrect API key" in failure.message and client.stats.requests == 1
 
 
-@pytest.mark.parametrize("fault, kind", [("429", "rate_limit"), ("500", "server"), ("503", "server"),
+@pytest.mark.parametrize("fault, kind", [("429", "rate_limit"), ("500", "server"), ("503", "server"), ("408", "server"),
                                          ("slow", "timeout"), ("malformed", "bad_response"),
                                          ("empty", "bad_response"), ("drop", "connection"), ("cut", "connection")])
 def test_a_failed_attempt_is_retried(fault, kind):
