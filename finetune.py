@@ -57,6 +57,7 @@ DEFAULTS.update(
     max_iters=6000,  # optimizer steps in all (paper: 6000)
     checkpoint_interval=1000,  # steps between checkpoints, one at the end too (paper: 1000)
     eval_interval=1000,  # steps between validation losses (and HumanEval), one at the end too
+    dropout=None,  # attention and residual dropout (None: the base model's)
 )
 
 
@@ -132,6 +133,8 @@ def finetune(cfg):
     """Finetune as cfg says (DEFAULTS' settings); returns the finetuned model."""
     if cfg.loss_on not in ("completion", "all"):
         raise UserError(f"--loss_on must be completion or all, not {cfg.loss_on!r}")
+    if cfg.humaneval_problems > 0 and cfg.eval_interval == 0:
+        raise UserError("--humaneval_problems scores at each validation: it needs --eval_interval > 0")
     path = Path(cfg.exercises)
     exercises, malformed = read_exercises(path)
     if malformed:

@@ -275,7 +275,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """Logits (B, T, vocab) for token ids idx (B, T); with targets (B, T), also
-        the mean cross-entropy over the positions whose target is not -1."""
+        the mean cross-entropy over the positions whose target is not -1 (0 if none is:
+        a finetuning window can hold prompt tokens only)."""
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
@@ -283,8 +284,9 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-1)
+            targets = targets.reshape(-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets, ignore_index=-1,
+                                   reduction="sum") / (targets != -1).sum().clamp(min=1)
         return logits, loss
 
     # ------------------------------------------------------------ generation
@@ -707,7 +709,7 @@ def download_hf(repo: str) -> Path:
             if r.status_code != 200:
                 raise ConnectionError(f"{base + name}: HTTP {r.status_code}")
             cache.mkdir(parents=True, exist_ok=True)  # only for a repo that exists
-            tmp = target.with_suffix(target.suffix + ".part")
+            tmp = target.with_suffix(f"{target.suffix}.{os.getpid()}.part")  # processes may race
             size = int(r.headers.get("content-length", 0)) or None
             with open(tmp, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=name) as bar:
                 for chunk in r.iter_content(1 << 20):

@@ -68,7 +68,7 @@ DEFAULTS = dict(
     compile=False,  # torch.compile the model
     peak_tflops=0.0,  # the chip's dense bf16 peak for MFU (0: known GPUs only)
     profile=False,  # trace 3 steps after the first log interval and print where the time went
-    seed=1337,
+    seed=1337,  # initial weights, batches and dropout noise (the train/val split is prepare.py's)
 )
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -76,7 +76,7 @@ DEFAULT_DATASET = "local_python"
 SAMPLE_PROMPT = 'def is_prime(n):\n    """Return True if n is a prime number."""\n'
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0}
 
-_stop_signal: int | None = None  # set by SIGTERM / SIGINT: save and exit at the next step
+_stop_signal: int | None = None  # set by SIGTERM / SIGINT: save and exit (see train's loop)
 
 
 # ---------------------------------------------------------------- processes
@@ -218,6 +218,8 @@ def _on_signal(signum, frame):
     if _stop_signal is not None and signum == signal.SIGINT:
         raise KeyboardInterrupt  # a second Ctrl-C stops at once
     _stop_signal = signum
+    print(f"{signal.Signals(signum).name}: saving a checkpoint, then stopping (Ctrl-C again: stop now)",
+          file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- the run
@@ -233,6 +235,8 @@ def check_settings(cfg) -> None:
     for key in not_negative:
         if getattr(cfg, key) < 0:
             raise UserError(f"--{key} must not be negative, not {getattr(cfg, key)}")
+    if cfg.seed >= 2**63:
+        raise UserError(f"--seed must be below 2**63, not {cfg.seed}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise UserError(f"--beta1 and --beta2 must be in [0, 1), not {cfg.beta1} and {cfg.beta2}")
     if cfg.block_size is not None and (not isinstance(cfg.block_size, int) or cfg.block_size <= 0):
@@ -241,9 +245,6 @@ def check_settings(cfg) -> None:
         raise UserError(f"--dropout must be a number in [0, 1), not {cfg.dropout!r}")
     if cfg.attention not in ("auto", "sdpa", "triton"):
         raise UserError(f"--attention must be auto, sdpa or triton, not {cfg.attention!r}")
-    if cfg.profile and cfg.max_iters < cfg.log_interval + 5:
-        raise UserError(f"--profile traces steps {cfg.log_interval + 3} to {cfg.log_interval + 5}: "
-                        f"it needs --max_iters of at least {cfg.log_interval + 5}")
 
 
 def model_overrides(cfg) -> dict:
@@ -278,8 +279,8 @@ def build_model(cfg, out_dir: Path, master: bool):
             ckpt = load_checkpoint(ckpt_path)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"cannot resume: {e}") from None
-        origin = ckpt.get("origin", "scratch")
-        if cfg.init_from not in ("auto", "resume") and os.path.normpath(origin) != os.path.normpath(cfg.init_from):
+        origin = ckpt.get("origin") or recorded_origin(ckpt)
+        if cfg.init_from not in ("auto", "resume") and origin not in ("resume", origin_of(cfg.init_from)):
             raise UserError(f"{ckpt_path} holds a run that started from {origin}, not from {cfg.init_from}; "
                             f"use another --out_dir")
         saved = replace(config_from_dict(ckpt["config"]), attention=cfg.attention)
@@ -308,7 +309,20 @@ def build_model(cfg, out_dir: Path, master: bool):
         setattr(model.config, key, value)
     if master:
         print(f"starting from {mode}")
-    return model.float(), None, mode
+    return model.float(), None, origin_of(mode)
+
+
+def origin_of(init_from: str) -> str:
+    """What a run started from, as checkpoints record it: a local path resolved (however it
+    was spelled), a hub id as given."""
+    return str(Path(init_from).resolve()) if Path(init_from).exists() else init_from
+
+
+def recorded_origin(ckpt: dict) -> str:
+    """The origin of a checkpoint written before checkpoints recorded one: its --init_from
+    ("resume" when that run was itself resumed: unknown, not checked)."""
+    init_from = ckpt.get("settings", {}).get("init_from", "scratch")
+    return "scratch" if init_from in ("auto", "scratch") else origin_of(init_from)
 
 
 def train(cfg, make_data=None, score=None) -> GPT:
@@ -326,13 +340,21 @@ def train(cfg, make_data=None, score=None) -> GPT:
     ckpt_path = out_dir / "ckpt.pt"
     ptdtype = pick_dtype(cfg.dtype, device)
 
+    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if world > 1 and not first_on_node:  # a node's first process fetches hub weights once, then the rest
+        dist.barrier()
     raw_model, ckpt, origin = build_model(cfg, out_dir, master)
+    if world > 1 and first_on_node:
+        dist.barrier()
     start_step = ckpt["step"] if ckpt else 0
     if ckpt and start_step >= cfg.max_iters:
         if master:
             print(f"{ckpt_path} already finished {start_step} steps; raise --max_iters to go on, "
                   f"or use another --out_dir to train anew")
         return raw_model
+    if cfg.profile and cfg.max_iters - start_step < cfg.log_interval + 5:
+        raise UserError(f"--profile traces the {cfg.log_interval + 3}rd to {cfg.log_interval + 5}th steps of "
+                        f"this run: it needs {cfg.log_interval + 5} steps to go, not {cfg.max_iters - start_step}")
     config = raw_model.config
     total = cfg.total_batch_size or cfg.batch_size * world
     if total % (cfg.batch_size * world):
@@ -449,13 +471,14 @@ def train(cfg, make_data=None, score=None) -> GPT:
 
         last = step == cfg.max_iters
         checkpoint = cfg.checkpoint_interval > 0 and (last or step % cfg.checkpoint_interval == 0)
-        if step % cfg.log_interval == 0 or last or checkpoint:
+        # one process stops right after a signal; processes under DDP agree at log and checkpoint steps
+        if step % cfg.log_interval == 0 or last or checkpoint or (world == 1 and _stop_signal):
             flags = torch.stack([first_bad, torch.tensor(-(_stop_signal or 0), device=device)])
             if world > 1:  # every process stops together, at the same step
                 dist.all_reduce(flags, op=dist.ReduceOp.MIN)
             bad, stop = int(flags[0]), -int(flags[1])
             if bad <= cfg.max_iters:
-                raise UserError(f"the loss became {step_loss.item()} at step {bad}: training diverged "
+                raise UserError(f"the loss became inf or nan at step {bad + 1}: training diverged "
                                 f"(lower --learning_rate, or resume from the last checkpoint)")
             if master and step % cfg.log_interval == 0:
                 dt = time.time() - t_last
@@ -472,6 +495,8 @@ def train(cfg, make_data=None, score=None) -> GPT:
                                     scaler=scaler.state_dict(), best=best, origin=origin)
                     print(f"saved {ckpt_path} at step {step}", flush=True)
                 if stop:
+                    if world > 1:  # torchrun stops every process once one exits: not before the save
+                        dist.barrier()
                     if master:
                         print(f"stopped by {signal.Signals(stop).name}; rerun the same command to resume")
                     sys.exit(128 + stop)

@@ -326,3 +326,4 @@ def test_forward_loss_ignores_minus_one_targets():
                                                  targets[:, 8:].reshape(-1))
     torch.testing.assert_close(loss_half, expected)
     assert not torch.isclose(loss_all, loss_half)
+    assert model(idx, torch.full_like(targets, -1))[1].item() == 0.0  # nothing to count: 0, not nan

@@ -1,6 +1,7 @@
 """train.py: schedule, optimizer groups, learning, exact resume, DDP, bad input."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -201,7 +202,8 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
     (dict(dropout="abc"), "--dropout must be a number in"),
     (dict(device="foo"), "unknown --device=foo"),
     (dict(device="cuda:99"), "--device=cuda:99, but this machine has"),
-    (dict(profile=True, max_iters=8), "--profile traces steps"),
+    (dict(profile=True, max_iters=8), "--profile traces the"),
+    (dict(seed=2**64), "--seed must be below 2\\*\\*63"),
     (dict(data="DATA:nan"), "weights must be positive numbers"),
     (dict(out_dir="A_FILE"), "cannot write"),
 ])
@@ -222,12 +224,31 @@ def test_a_run_from_weights_resumes_its_own_checkpoint(tmp_path, capsys):
     train.save_checkpoint(base, GPT(PRESETS["nano"]), 0, settings())
     cfg = dict(data=str(data), out_dir=str(tmp_path / "out"), init_from=str(base), checkpoint_interval=5)
     train.train(settings(**cfg, max_iters=5))
-    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["origin"] == str(base)
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["origin"] == str(base.resolve())
     capsys.readouterr()
     train.train(settings(**cfg, max_iters=10))  # as after a SIGTERM at step 5: the same command again
     assert f"resuming {tmp_path / 'out' / 'ckpt.pt'} from step 5" in capsys.readouterr().out
     with pytest.raises(UserError, match="started from .*base.pt, not from"):
         train.train(settings(**{**cfg, "init_from": str(tmp_path / "other.pt")}, max_iters=20))
+
+
+def test_one_process_saves_and_stops_at_the_step_after_a_signal(tmp_path, monkeypatch):
+    data = train.Mixture(str(make_dataset(tmp_path / "ds")), 64, 51200, prepare_default=False)
+
+    class SignalledData:  # SIGTERM arrives while step 3 runs
+        names = data.names
+
+        def batch(self, split, batch_size, seed, *key, only=None):
+            if split == "train" and key[1:] == (3, 0):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return data.batch(split, batch_size, seed, *key, only=only)
+
+    monkeypatch.setattr(train, "_stop_signal", None)
+    with pytest.raises(SystemExit) as stopped:
+        train.train(settings(out_dir=str(tmp_path / "out"), log_interval=100, checkpoint_interval=100,
+                             max_iters=50), make_data=lambda config: SignalledData())
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] <= 4
 
 
 def test_block_size_and_dropout_apply_to_loaded_weights(tmp_path):
