@@ -79,24 +79,30 @@ def _convert(key: str, text: str, default):
 
 def _comments(defaults: dict) -> dict[str, str]:
     """The trailing comment of each `key=value,  # ...` line in the script's source, or
-    in the source of a module whose DEFAULTS it took them from (finetune.py: train.py's)."""
+    in the source of a module whose DEFAULTS it took the setting from (finetune.py:
+    train.py's), that is, whose DEFAULTS hold the same key with the same value."""
     main = sys.modules.get("__main__")
     modules = [main] + [m for m in list(sys.modules.values())
                         if m is not main and isinstance(getattr(m, "__dict__", {}).get("DEFAULTS"), dict)]
     sources = []
     for module in modules:
         try:
-            sources.append(inspect.getsource(module))
+            sources.append((module, inspect.getsource(module)))
         except (OSError, TypeError):
             pass
     found = {}
     for key in defaults:
-        for source in sources:
+        for module, source in sources:
+            if module is not main and module.DEFAULTS.get(key, _MISSING) != defaults[key]:
+                continue
             m = re.search(rf"^\s*{re.escape(key)}\s*=.*?#\s*(.*)$", source, re.M)
             if m:
                 found[key] = m.group(1).strip()
                 break
     return found
+
+
+_MISSING = object()
 
 
 def usage(defaults: dict, doc: str | None) -> str:

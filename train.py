@@ -68,7 +68,7 @@ DEFAULTS = dict(
     compile=False,  # torch.compile the model
     peak_tflops=0.0,  # the chip's dense bf16 peak for MFU (0: known GPUs only)
     profile=False,  # trace 3 steps after the first log interval and print where the time went
-    seed=1337,  # initial weights, batches and dropout noise (the train/val split is prepare.py's)
+    seed=1337,  # batches, dropout noise and (from scratch) initial weights; the train/val split is prepare.py's
 )
 
 DATA_DIR = Path(__file__).resolve().parent / "data"

@@ -164,3 +164,10 @@ def test_bad_input_gives_one_clear_line(tmp_path, base):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, result.stderr)
         assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_help_describes_finetunings_own_settings():
+    text = cli("--help").stdout
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  --")}
+    assert "base model's" in lines["--dropout"]
+    assert "batches" in lines["--seed"] and "salt" not in lines["--seed"]  # train.py's seed, not prepare.py's
