@@ -347,6 +347,12 @@ def train(cfg, make_data=None, score=None) -> GPT:
     if world > 1 and first_on_node:
         dist.barrier()
     start_step = ckpt["step"] if ckpt else 0
+    if world > 1:  # several nodes: every one must see the same checkpoint (out_dir on a shared disk)
+        steps = torch.tensor([start_step, -start_step], device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+        if -int(steps[1]) != int(steps[0]):
+            raise UserError(f"processes resume from different steps ({int(steps[0])} to {-int(steps[1])}): "
+                            f"--out_dir must be one folder that every node shares")
     if ckpt and start_step >= cfg.max_iters:
         if master:
             print(f"{ckpt_path} already finished {start_step} steps; raise --max_iters to go on, "
