@@ -83,6 +83,9 @@ def read_exercises(path: Path) -> tuple[list[tuple[str, str]], int]:
     return exercises, malformed
 
 
+ENCODE_CHUNK = 10_000  # exercises tokenized at a time
+
+
 class Exercises:
     """Exercises packed into one token stream per split, with a loss mask; batches are
     drawn like train.Mixture's (a pure function of seed, rank, step, micro-step)."""
@@ -94,20 +97,24 @@ class Exercises:
         in_val = [int.from_bytes(d[:8], "big") < val_fraction * 2**64 for d in digests]
         if not any(in_val):  # a tiny set: its most val-like exercise goes to val
             in_val[min(range(len(digests)), key=digests.__getitem__)] = True
-        prompts = tokenizer.encode_batch([p for p, _ in exercises])
-        bodies = tokenizer.encode_batch([c for _, c in exercises])
+        parts = {False: ([], []), True: ([], [])}  # in val? -> (token arrays, mask arrays)
+        for start in range(0, len(exercises), ENCODE_CHUNK):  # a chunk at a time: no Python int per token
+            chunk = exercises[start:start + ENCODE_CHUNK]
+            prompts = tokenizer.encode_batch([p for p, _ in chunk])
+            bodies = tokenizer.encode_batch([c for _, c in chunk])
+            for prompt, body, val in zip(prompts, bodies, in_val[start:]):
+                tokens, mask = parts[val]
+                tokens.append(np.array(prompt + body + [tokenizer.EOT], dtype=np.int32))
+                mask.append(np.arange(len(tokens[-1])) >= (0 if loss_on == "all" else len(prompt)))
         self.splits = {}
-        for split, wanted in (("train", False), ("val", True)):
-            tokens, mask = [], []
-            for prompt, body, val in zip(prompts, bodies, in_val):
-                if val == wanted:
-                    tokens += prompt + body + [tokenizer.EOT]
-                    mask += [loss_on == "all"] * len(prompt) + [True] * (len(body) + 1)
+        for split, val in (("train", False), ("val", True)):
+            tokens, mask = parts[val]
             if not tokens:
                 raise UserError(f"no exercises left for {split} (have {len(exercises)}; "
                                 f"adjust --val_fraction={val_fraction})")
+            tokens, mask = np.concatenate(tokens), np.concatenate(mask)
             reps = -(-(block_size + 1) // len(tokens))  # a stream shorter than a window repeats
-            self.splits[split] = (np.array(tokens * reps, dtype=np.int64), np.array(mask * reps))
+            self.splits[split] = (np.tile(tokens, reps), np.tile(mask, reps))
 
     def batch(self, split: str, batch_size: int, seed: int, *key: int, only: int | None = None):
         """(inputs, targets) of shape (batch_size, block_size); targets the loss skips are -1."""
@@ -115,8 +122,8 @@ class Exercises:
         rng = np.random.default_rng([seed, *key, split == "val"])
         starts = rng.integers(0, len(tokens) - self.block_size, size=batch_size)
         window = starts[:, None] + np.arange(self.block_size + 1)
-        targets = np.where(mask[window[:, 1:]], tokens[window[:, 1:]], -1)
-        return tokens[window[:, :-1]], targets
+        targets = np.where(mask[window[:, 1:]], tokens[window[:, 1:]], -1).astype(np.int64)
+        return tokens[window[:, :-1]].astype(np.int64), targets
 
 
 def humaneval_score(cfg):

@@ -49,9 +49,13 @@ def cli(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_exercises_are_packed_with_eot_and_only_completions_count():
+def test_exercises_are_packed_with_eot_and_only_completions_count(monkeypatch):
     items = exercises(3)
     data = finetune.Exercises(items, block_size=16, loss_on="completion", val_fraction=0.0, name="ex")
+    monkeypatch.setattr(finetune, "ENCODE_CHUNK", 2)  # tokenized in chunks: the same streams
+    chunked = finetune.Exercises(items, block_size=16, loss_on="completion", val_fraction=0.0, name="ex")
+    assert all(np.array_equal(a, b) for split in ("train", "val")
+               for a, b in zip(data.splits[split], chunked.splits[split]))
     digests = [hashlib.sha256((p + c).encode()).digest() for p, c in items]
     in_val = digests.index(min(digests))  # a set with no val exercise gives val its most val-like one
     stream, stream_mask = [], []
