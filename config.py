@@ -77,6 +77,9 @@ def _convert(key: str, text: str, default):
     return text
 
 
+_MISSING = object()
+
+
 def _comments(defaults: dict) -> dict[str, str]:
     """The trailing comment of each `key=value,  # ...` line in the script's source, or
     in the source of a module whose DEFAULTS it took the setting from (finetune.py:
@@ -100,9 +103,6 @@ def _comments(defaults: dict) -> dict[str, str]:
                 found[key] = m.group(1).strip()
                 break
     return found
-
-
-_MISSING = object()
 
 
 def usage(defaults: dict, doc: str | None) -> str:

@@ -279,11 +279,9 @@ def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, m
 
     Prompts go longest first, batch_size at a time, through GPT.generate (KV cache,
     stop strings checked as tokens arrive); a prompt that leaves no room for
-    max_new_tokens in the context is cut from the left. A temperature or top_p too
-    small to sample with (as sample.py takes them) is greedy."""
+    max_new_tokens in the context is cut from the left. (model.sample makes a temperature
+    or top_p too small to sample with greedy.)"""
     import tokenizer
-    from sample import sampling_mode
-    temperature, top_p = sampling_mode(temperature, top_p)
     room = model.config.block_size - max_new_tokens
     if room < 1:
         raise UserError(f"--max_new_tokens={max_new_tokens} leaves no room for a prompt in "

@@ -150,8 +150,8 @@ def parse_stop(text: str) -> list[str]:
 
 
 def sampling_mode(temperature: float, top_p: float) -> tuple[float, float]:
-    """(temperature, top_p) for generate(): near-zero temperature or top_p is greedy
-    (a top_p that float32 rounds to 0 would leave no token to sample)."""
+    """(temperature, top_p) for generate(): a near-zero temperature or top_p is greedy,
+    written (0, 1) so that all greedy requests share one batching key."""
     if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW:
         return 0.0, 1.0
     return float(temperature), float(top_p)
