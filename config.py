@@ -42,6 +42,14 @@ def run(main) -> None:
         sys.exit(130)
 
 
+def require(*checks: tuple[object, str]) -> None:
+    """Each check is (condition, message): a UserError with the message of the first
+    that fails. Scripts list their settings' limits with it, before any work starts."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -106,7 +106,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from config import UserError, parse_args, run
+from config import UserError, parse_args, require, run
 
 DEFAULTS = dict(
     bench="humaneval",  # humaneval or mbpp
@@ -956,8 +956,7 @@ def check_settings(cfg) -> list[int]:
         ks = sorted({int(k) for k in str(cfg.k).split(",") if k.strip()})
     except ValueError:
         raise UserError(f"--k takes a comma-separated list of numbers, not {cfg.k!r}") from None
-    for ok, message in [
-            (ks and ks[0] >= 1, "--k needs numbers of at least 1"),
+    require((ks and ks[0] >= 1, "--k needs numbers of at least 1"),
             (cfg.n_samples >= 1, "--n_samples must be >= 1"),
             (cfg.temperature >= 0, "--temperature must be >= 0 (0 is greedy)"),
             (cfg.temperature == 0 or 0 < cfg.top_p <= 1, "--top_p must be > 0 and <= 1 when sampling "
@@ -968,9 +967,7 @@ def check_settings(cfg) -> list[int]:
             (cfg.memory_mb >= 64, "--memory_mb must be >= 64"),
             (1 <= cfg.sandbox_uid <= MAX_UID, f"--sandbox_uid must be from 1 to {MAX_UID}"),
             (cfg.n_samples == 1 or cfg.temperature > 0 or cfg.samples,
-             "greedy decoding gives the same sample every time: with --n_samples > 1, set --temperature > 0")]:
-        if not ok:
-            raise UserError(message)
+             "greedy decoding gives the same sample every time: with --n_samples > 1, set --temperature > 0"))
     if cfg.ckpt or cfg.init_from:
         from model import pick_device
         pick_device(cfg.device)  # a bad name, or a GPU this machine lacks

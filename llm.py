@@ -147,15 +147,13 @@ class _Bucket:
 def client_from(cfg, model: str) -> "Client":
     """The client a script's settings ask for (DEFAULTS above, as parsed by config.py);
     a bad setting is a UserError, one line for the user."""
-    from config import UserError
-    for ok, message in [(cfg.concurrency >= 1, "--concurrency must be >= 1"),
-                        (cfg.rpm >= 0 and cfg.tpm >= 0, "--rpm and --tpm must be >= 0"),
-                        (cfg.timeout > 0, "--timeout must be > 0"),
-                        (cfg.max_retries >= 0, "--max_retries must be >= 0"),
-                        (cfg.backoff >= 0, "--backoff must be >= 0"),
-                        (cfg.price_in >= 0 and cfg.price_out >= 0, "--price_in and --price_out must be >= 0")]:
-        if not ok:
-            raise UserError(message)
+    from config import UserError, require
+    require((cfg.concurrency >= 1, "--concurrency must be >= 1"),
+            (cfg.rpm >= 0 and cfg.tpm >= 0, "--rpm and --tpm must be >= 0"),
+            (cfg.timeout > 0, "--timeout must be > 0"),
+            (cfg.max_retries >= 0, "--max_retries must be >= 0"),
+            (cfg.backoff >= 0, "--backoff must be >= 0"),
+            (cfg.price_in >= 0 and cfg.price_out >= 0, "--price_in and --price_out must be >= 0"))
     try:
         return Client(cfg.api_base or None, model, concurrency=cfg.concurrency, rpm=cfg.rpm or None,
                       tpm=cfg.tpm or None, timeout=cfg.timeout, max_retries=cfg.max_retries,

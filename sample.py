@@ -83,7 +83,7 @@ from urllib.parse import unquote, urlsplit
 import torch
 
 import tokenizer
-from config import UserError, parse_args, run
+from config import UserError, parse_args, require, run
 from model import GPT, GREEDY_BELOW, pick_device
 from train import pick_dtype
 
@@ -772,17 +772,15 @@ def serve(cfg, device: torch.device, dtype: torch.dtype) -> None:
 
 
 def check_settings(cfg) -> None:
-    for ok, message in [(cfg.max_new_tokens >= 0, "--max_new_tokens must be >= 0"),
-                        (cfg.temperature >= 0, "--temperature must be >= 0"),
-                        (0 <= cfg.top_p <= 1, "--top_p must be from 0 to 1"),
-                        (cfg.num_samples >= 1, "--num_samples must be >= 1"),
-                        (cfg.max_batch >= 1, "--max_batch must be >= 1"),
-                        (cfg.batch_wait_ms >= 0, "--batch_wait_ms must be >= 0"),
-                        (0 <= cfg.port <= 65535, "--port must be from 0 to 65535"),
-                        (cfg.seed is None or isinstance(cfg.seed, int) and -2**63 <= cfg.seed < 2**64,
-                         "--seed must be an integer from -2**63 to 2**64 - 1")]:
-        if not ok:
-            raise UserError(message)
+    require((cfg.max_new_tokens >= 0, "--max_new_tokens must be >= 0"),
+            (cfg.temperature >= 0, "--temperature must be >= 0"),
+            (0 <= cfg.top_p <= 1, "--top_p must be from 0 to 1"),
+            (cfg.num_samples >= 1, "--num_samples must be >= 1"),
+            (cfg.max_batch >= 1, "--max_batch must be >= 1"),
+            (cfg.batch_wait_ms >= 0, "--batch_wait_ms must be >= 0"),
+            (0 <= cfg.port <= 65535, "--port must be from 0 to 65535"),
+            (cfg.seed is None or isinstance(cfg.seed, int) and -2**63 <= cfg.seed < 2**64,
+             "--seed must be an integer from -2**63 to 2**64 - 1"))
 
 
 def main():

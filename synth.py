@@ -79,7 +79,7 @@ import numpy as np
 from tqdm import tqdm
 
 import llm
-from config import UserError, parse_args, run, subcommand
+from config import UserError, parse_args, require, run, subcommand
 from data.prepare import Appender, check_writable, read_jsonl
 
 DEFAULTS = dict(
@@ -732,11 +732,9 @@ def summarize(kind: str, cfg, out: Path, client: llm.Client, counts: Counter, se
 
 
 def check_settings(cfg) -> None:
-    for ok, message in [(cfg.n >= 0, "--n must be >= 0"), (cfg.attempts >= 1, "--attempts must be >= 1"),
-                        (0 < cfg.near_dup <= 1, "--near_dup must be in (0, 1]"),
-                        (cfg.give_up >= 1, "--give_up must be >= 1"), (bool(cfg.model), "--model is needed")]:
-        if not ok:
-            raise UserError(message)
+    require((cfg.n >= 0, "--n must be >= 0"), (cfg.attempts >= 1, "--attempts must be >= 1"),
+            (0 < cfg.near_dup <= 1, "--near_dup must be in (0, 1]"),
+            (cfg.give_up >= 1, "--give_up must be >= 1"), (bool(cfg.model), "--model is needed"))
 
 
 def main(argv=None):

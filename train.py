@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
-from config import UserError, parse_args, run
+from config import UserError, parse_args, require, run
 from data.prepare import check_writable, ensure_prepared
 from model import GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, pick_device
 
@@ -229,22 +229,17 @@ def check_settings(cfg) -> None:
     positive = ["batch_size", "log_interval"] + (["eval_iters"] if cfg.eval_interval > 0 else [])
     not_negative = ["total_batch_size", "max_iters", "warmup_iters", "eval_interval", "checkpoint_interval",
                     "sample_tokens", "seed", "learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_tflops"]
-    for key in positive:
-        if getattr(cfg, key) <= 0:
-            raise UserError(f"--{key} must be positive, not {getattr(cfg, key)}")
-    for key in not_negative:
-        if getattr(cfg, key) < 0:
-            raise UserError(f"--{key} must not be negative, not {getattr(cfg, key)}")
-    if cfg.seed >= 2**63:
-        raise UserError(f"--seed must be below 2**63, not {cfg.seed}")
-    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
-        raise UserError(f"--beta1 and --beta2 must be in [0, 1), not {cfg.beta1} and {cfg.beta2}")
-    if cfg.block_size is not None and (not isinstance(cfg.block_size, int) or cfg.block_size <= 0):
-        raise UserError(f"--block_size must be a positive number of tokens, not {cfg.block_size!r}")
-    if cfg.dropout is not None and (not isinstance(cfg.dropout, (int, float)) or not 0 <= cfg.dropout < 1):
-        raise UserError(f"--dropout must be a number in [0, 1), not {cfg.dropout!r}")
-    if cfg.attention not in ("auto", "sdpa", "triton"):
-        raise UserError(f"--attention must be auto, sdpa or triton, not {cfg.attention!r}")
+    require(*[(getattr(cfg, key) > 0, f"--{key} must be positive, not {getattr(cfg, key)}") for key in positive],
+            *[(getattr(cfg, key) >= 0, f"--{key} must not be negative, not {getattr(cfg, key)}") for key in not_negative],
+            (cfg.seed < 2**63, f"--seed must be below 2**63, not {cfg.seed}"),
+            (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
+             f"--beta1 and --beta2 must be in [0, 1), not {cfg.beta1} and {cfg.beta2}"),
+            (cfg.block_size is None or isinstance(cfg.block_size, int) and cfg.block_size > 0,
+             f"--block_size must be a positive number of tokens, not {cfg.block_size!r}"),
+            (cfg.dropout is None or isinstance(cfg.dropout, (int, float)) and 0 <= cfg.dropout < 1,
+             f"--dropout must be a number in [0, 1), not {cfg.dropout!r}"),
+            (cfg.attention in ("auto", "sdpa", "triton"),
+             f"--attention must be auto, sdpa or triton, not {cfg.attention!r}"))
 
 
 def model_overrides(cfg) -> dict:
