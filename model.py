@@ -568,7 +568,8 @@ def config_from_hf(c: dict, source="config.json") -> GPTConfig:
                      block_size=c.get("max_position_embeddings", 2048), vocab_size=vocab_size,
                      rotary_dim=int(rope.get("partial_rotary_factor", 0.5) * n_embd // n_head),
                      rope_base=rope.get("rope_theta", 10000.0),
-                     layer_norm_eps=c.get("layer_norm_eps", 1e-5))
+                     layer_norm_eps=c.get("layer_norm_eps", 1e-5),
+                     dropout=float(c.get("resid_pdrop") or 0.0))  # ours is attention's and the residual's
 
 
 def hf_config_from(c: GPTConfig) -> dict:
@@ -579,7 +580,7 @@ def hf_config_from(c: GPTConfig) -> dict:
             "vocab_size": c.vocab_size, "partial_rotary_factor": c.rotary_dim / c.head_dim,
             "rope_theta": c.rope_base, "layer_norm_eps": c.layer_norm_eps,
             "hidden_act": "gelu_new", "tie_word_embeddings": False, "qk_layernorm": False,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0,
+            "resid_pdrop": c.dropout, "embd_pdrop": 0.0, "attention_dropout": c.dropout,
             "bos_token_id": tokenizer.EOT, "eos_token_id": tokenizer.EOT, "torch_dtype": "float32"}
 
 

@@ -80,9 +80,11 @@ def test_hf_export_round_trip_and_transformers_logits():
 def test_save_pretrained_loads_in_transformers_and_back(tmp_path):
     transformers = pytest.importorskip("transformers")
     ours = small_model(seed=1)
+    ours.config.dropout = 0.1  # training's dropout travels in config.json (eval mode: logits unchanged)
     ours.save_pretrained(tmp_path)
     hf = transformers.PhiForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     reloaded = GPT.from_pretrained(str(tmp_path))
+    assert hf.config.resid_pdrop == hf.config.attention_dropout == reloaded.config.dropout == 0.1
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float32"
     small_model().to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
