@@ -50,7 +50,8 @@ DEFAULTS = dict(
     attention="auto",  # auto (Triton kernel on CUDA, else SDPA), sdpa (on GPUs cuDNN's kernels first), triton
     batch_size=8,  # sequences per micro-step and process
     total_batch_size=0,  # sequences per optimizer step over all processes (0: batch_size x processes)
-    max_iters=200,  # optimizer steps in all
+    max_iters=200,  # optimizer steps in all: where the learning rate decays to min_lr
+    stop_iters=0,  # stop after this step, the schedule still max_iters' (paper: phi-1-base is step 24000 of 36000; 0: max_iters)
     warmup_iters=20,  # linear warmup steps (paper: 750)
     learning_rate=1e-3,  # peak learning rate (paper: 1e-3)
     min_lr=0.0,  # the linear decay ends here at max_iters
@@ -227,11 +228,14 @@ def _on_signal(signum, frame):
 def check_settings(cfg) -> None:
     """Stop at once, with one line, on settings that would crash later or train nothing."""
     positive = ["batch_size", "log_interval"] + (["eval_iters"] if cfg.eval_interval > 0 else [])
-    not_negative = ["total_batch_size", "max_iters", "warmup_iters", "eval_interval", "checkpoint_interval",
-                    "sample_tokens", "seed", "learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_tflops"]
+    not_negative = ["total_batch_size", "max_iters", "stop_iters", "warmup_iters", "eval_interval",
+                    "checkpoint_interval", "sample_tokens", "seed", "learning_rate", "min_lr", "weight_decay",
+                    "grad_clip", "peak_tflops"]
     require(*[(getattr(cfg, key) > 0, f"--{key} must be positive, not {getattr(cfg, key)}") for key in positive],
             *[(getattr(cfg, key) >= 0, f"--{key} must not be negative, not {getattr(cfg, key)}") for key in not_negative],
             (cfg.seed < 2**63, f"--seed must be below 2**63, not {cfg.seed}"),
+            (cfg.stop_iters <= cfg.max_iters, f"--stop_iters ({cfg.stop_iters}) must not be above "
+                                              f"--max_iters ({cfg.max_iters})"),
             (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
              f"--beta1 and --beta2 must be in [0, 1), not {cfg.beta1} and {cfg.beta2}"),
             (cfg.block_size is None or isinstance(cfg.block_size, int) and cfg.block_size > 0,
@@ -348,14 +352,15 @@ def train(cfg, make_data=None, score=None) -> GPT:
         if -int(steps[1]) != int(steps[0]):
             raise UserError(f"processes resume from different steps ({int(steps[0])} to {-int(steps[1])}): "
                             f"--out_dir must be one folder that every node shares")
-    if ckpt and start_step >= cfg.max_iters:
+    end = cfg.stop_iters or cfg.max_iters  # the last step of this run
+    if ckpt and start_step >= end:
         if master:
-            print(f"{ckpt_path} already finished {start_step} steps; raise --max_iters to go on, "
+            print(f"{ckpt_path} already finished {start_step} steps; raise --max_iters (or --stop_iters) to go on, "
                   f"or use another --out_dir to train anew")
         return raw_model
-    if cfg.profile and cfg.max_iters - start_step < cfg.log_interval + 5:
+    if cfg.profile and end - start_step < cfg.log_interval + 5:
         raise UserError(f"--profile traces the {cfg.log_interval + 3}rd to {cfg.log_interval + 5}th steps of "
-                        f"this run: it needs {cfg.log_interval + 5} steps to go, not {cfg.max_iters - start_step}")
+                        f"this run: it needs {cfg.log_interval + 5} steps to go, not {end - start_step}")
     config = raw_model.config
     total = cfg.total_batch_size or cfg.batch_size * world
     if total % (cfg.batch_size * world):
@@ -437,7 +442,7 @@ def train(cfg, make_data=None, score=None) -> GPT:
     if cfg.profile and master:
         profiler = torch.profiler.profile(schedule=torch.profiler.schedule(wait=cfg.log_interval, warmup=2, active=3))
         profiler.start()
-    while step < cfg.max_iters:
+    while step < end:
         if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and master:
             t_eval = time.time()
             print_val_loss(step)
@@ -470,7 +475,7 @@ def train(cfg, make_data=None, score=None) -> GPT:
         if profiler:
             profiler.step()
 
-        last = step == cfg.max_iters
+        last = step == end
         checkpoint = cfg.checkpoint_interval > 0 and (last or step % cfg.checkpoint_interval == 0)
         # one process stops right after a signal; processes under DDP agree at log and checkpoint steps
         if step % cfg.log_interval == 0 or last or checkpoint or (world == 1 and _stop_signal):

@@ -127,6 +127,23 @@ def test_resume_after_a_kill_continues_exactly(resume_setup, sig):
         assert torch.equal(final["model"][name], tensor), name
 
 
+def test_stop_iters_ends_early_on_max_iters_schedule_and_goes_on_later(resume_setup):
+    """The paper's phi-1-base: step 24000 of a 36000-step schedule."""
+    tmp, args, straight = resume_setup
+    out = tmp / "stopped"
+    for _ in range(2):  # the second run finds the work done
+        stopped = cli(*args, "--stop_iters=25", f"--out_dir={out}")
+        assert stopped.returncode == 0, stopped.stderr
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 25
+    assert "already finished 25 steps" in stopped.stdout
+    rest = cli(*args, f"--out_dir={out}")
+    assert rest.returncode == 0, rest.stderr
+    final = torch.load(out / "ckpt.pt", weights_only=True)
+    assert final["step"] == 40
+    for name, tensor in straight["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+
+
 def test_torchrun_ddp_keeps_replicas_identical(tmp_path):
     data = make_dataset(tmp_path / "ds")
     script = tmp_path / "ddp_run.py"
@@ -204,6 +221,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
     (dict(device="cuda:99"), "--device=cuda:99, but this machine has"),
     (dict(profile=True, max_iters=8), "--profile traces the"),
     (dict(seed=2**64), "--seed must be below 2\\*\\*63"),
+    (dict(stop_iters=30), "--stop_iters \\(30\\) must not be above --max_iters \\(20\\)"),
     (dict(data="DATA:nan"), "weights must be positive numbers"),
     (dict(out_dir="A_FILE"), "cannot write"),
 ])
