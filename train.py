@@ -43,7 +43,7 @@ from model import GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, pi
 DEFAULTS = dict(
     out_dir="out",  # checkpoints go to out_dir/ckpt.pt
     init_from="auto",  # auto (resume out_dir's checkpoint if any, else scratch), scratch, resume, or weights to start from (.pt, HF folder or hub id; a rerun resumes)
-    data="local_python",  # a prepared dataset in data/ (or a folder), or a mixture: "code:0.7,textbooks:0.3"
+    data="local_python",  # a prepared dataset in data/ (or a folder), or several: "code,textbooks" (each by its size) or "code:0.7,textbooks:0.3"
     preset="tiny",  # model size: phi-1, phi-1-small, small, tiny, nano
     block_size=None,  # context length in tokens (None: the preset's)
     dropout=None,  # attention and residual dropout (None: the preset's)
@@ -111,24 +111,31 @@ class Mixture:
     """Prepared datasets (flat uint16 token bins) sampled by weight.
 
     Every row of a batch picks a dataset by weight and a random window in it;
-    the random draws come from (seed, rank, step, micro-step) alone.
+    the random draws come from (seed, rank, step, micro-step) alone. Without
+    weights, each dataset weighs its train tokens: the datasets read as one
+    corpus, each seen as often as the others (the paper's CodeTextbook).
     """
 
     def __init__(self, spec: str, block_size: int, vocab_size: int, prepare_default: bool,
                  splits: tuple[str, ...] = ("train", "val")):
         self.block_size, self.vocab_size = block_size, vocab_size
-        self.names, weights = [], []
-        for part in spec.split(","):
-            name, _, weight = part.strip().rpartition(":") if ":" in part else (part.strip(), "", "1")
+        parts = [part.strip() for part in spec.split(",")]
+        weighted = [":" in part for part in parts]
+        if any(weighted) and not all(weighted):
+            raise UserError(f"give every dataset a weight, or none (each then weighs its size): --data={spec}")
+        self.names = [part.rpartition(":")[0] if ":" in part else part for part in parts]
+        weights = None
+        if all(weighted):
             try:
-                weights.append(float(weight))
+                weights = [float(part.rpartition(":")[2]) for part in parts]
             except ValueError:
-                raise UserError(f"bad weight {weight!r} in --data={spec}") from None
-            self.names.append(name)
-        if not all(math.isfinite(w) and w > 0 for w in weights):
-            raise UserError(f"dataset weights must be positive numbers: --data={spec}")
-        self.weights = np.array(weights) / sum(weights)
+                raise UserError(f"bad weight in --data={spec}") from None
+            if not all(math.isfinite(w) and w > 0 for w in weights):
+                raise UserError(f"dataset weights must be positive numbers: --data={spec}")
         self.folders = [self._folder(n, prepare_default, splits) for n in self.names]
+        if weights is None:
+            weights = [(folder / "train.bin").stat().st_size for folder in self.folders]
+        self.weights = np.array(weights, dtype=np.float64) / sum(weights)
 
     def _folder(self, name: str, prepare_default: bool, splits: tuple[str, ...]) -> Path:
         """The dataset's folder, checked to hold the splits that will be read."""

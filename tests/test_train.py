@@ -88,6 +88,11 @@ def test_mixture_draws_by_weight(tmp_path):
     assert 0.18 < from_b < 0.32
     again = mixture.batch("train", 64, 0, 0, 3, 0)[0]
     assert np.array_equal(again, mixture.batch("train", 64, 0, 0, 3, 0)[0])  # a pure function of the key
+    by_size = train.Mixture(f"{a},{b}", 16, 51200, prepare_default=False)  # no weights: train tokens
+    a_tokens = (a / "train.bin").stat().st_size // 2
+    assert np.allclose(by_size.weights, [a_tokens / (a_tokens + 5000), 5000 / (a_tokens + 5000)])
+    with pytest.raises(UserError, match="give every dataset a weight, or none"):
+        train.Mixture(f"{a}:2,{b}", 16, 51200, prepare_default=False)
 
 
 @pytest.fixture(scope="module")
