@@ -1,10 +1,11 @@
 """Filter web code by educational value, and check training data against the benchmarks.
 
-    python filter.py annotate --corpus=web.jsonl --n=100000 --model=gpt-4 --concurrency=32
+    python data/prepare.py --source=hf --output=jsonl --name=web_stack  # data/web_stack/part-*.jsonl
+    python filter.py annotate --corpus='data/web_stack/*.jsonl' --n=100000 --model=gpt-4 --concurrency=32
     python filter.py embed --ckpt=microsoft/phi-1        # embeds out/annotations.jsonl
     python filter.py train                                # out/forest.npz from the two
-    python filter.py apply --corpus='web/*.jsonl' --top_fraction=0.17 --shard=0 --num_shards=64
-    torchrun --standalone --nproc_per_node=8 filter.py apply --corpus='web/*.jsonl' ...
+    python filter.py apply --corpus='data/web_stack/*.jsonl' --top_fraction=0.17 --shard=0 --num_shards=64
+    torchrun --standalone --nproc_per_node=8 filter.py apply --corpus='data/web_stack/*.jsonl' ...
     python filter.py decontaminate --corpus=exercises.jsonl --prune_tau=0.95 --out=pruned.jsonl \\
         --results=out/humaneval/results.jsonl
 

@@ -1,4 +1,5 @@
 """Turn a corpus into token bins: data/<name>/train.bin, val.bin (flat uint16) and meta.json.
+With --output=jsonl, into the same documents as JSONL instead, for filter.py to score.
 
 Sources (--source):
   local  the Python files already on this machine: the interpreter's standard library
@@ -16,6 +17,11 @@ the sha256 of its bytes, and put in val when a hash of its content falls under
 run and machine. Documents are tokenized on all cores with the phi-1 tokenizer, each
 followed by <|endoftext|>; np.memmap(path, dtype=np.uint16) reads the bins.
 
+--output=jsonl writes the kept documents (checked and deduplicated the same way, no
+val split) as data/<name>/part-00000.jsonl, ... of {"id", "text"} records, what
+filter.py annotates, embeds and filters. The id says where a document came from:
+its path (local), the record's own "id" or path:line (jsonl), dataset:row (hf).
+
 Idempotent: meta.json (written last) holds a fingerprint of the inputs, the settings
 and the code, and a rerun with the same fingerprint does nothing. The work is done in
 parts of about 64 MB of text, each with a done marker, so a rerun after a kill reads
@@ -24,6 +30,7 @@ the source again but tokenizes only the parts not yet done.
     python data/prepare.py                                    # -> data/local_python/
     python data/prepare.py --source=jsonl --inputs='synth/*.jsonl' --name=textbooks
     python data/prepare.py --source=hf --max_docs=1000000 --name=stack_python
+    python data/prepare.py --source=hf --output=jsonl --name=web_stack   # for filter.py
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from tokenizer import EOT, VOCAB_SIZE, encode  # noqa: E402
 
 DEFAULTS = dict(
     source="local",            # local | jsonl | hf (see above)
+    output="bins",             # bins (train.bin, val.bin: what train.py reads) or jsonl (documents, for filter.py)
     name="",                   # output folder data/<name>/ or an absolute path ("" = local_python, hf dataset, 1st jsonl file)
     out_dir="",                # folder that holds <name> ("" = this script's folder, data/)
     inputs="",                 # jsonl: files or globs, comma-separated; local: folders to read instead of the interpreter's
@@ -118,17 +126,20 @@ def list_python_files(roots: list[Path]) -> list[tuple[str, int, int]]:
     return listing
 
 
+# A source yields one item per document: (utf-8 bytes or None, why it is skipped or None,
+# bytes read from the source, the document's id).
+
 def local_items(listing, max_file_bytes: int):
     for path, size, _ in listing:
         if size < 0:
-            yield None, "unreadable", 0
+            yield None, "unreadable", 0, path
         elif size > max_file_bytes:  # not even read
-            yield None, "too_big", size
+            yield None, "too_big", size, path
         else:
             try:
-                yield Path(path).read_bytes(), None, size
+                yield Path(path).read_bytes(), None, size, path
             except OSError:
-                yield None, "unreadable", size
+                yield None, "unreadable", size, path
 
 
 def expand(inputs: str, setting: str = "--inputs") -> list[Path]:
@@ -154,15 +165,15 @@ def expand(inputs: str, setting: str = "--inputs") -> list[Path]:
     return files
 
 
-def text_item(text, nbytes: int = 0):
-    """An item for a document's text from JSON or a dataset row: (utf-8 bytes, None, size)."""
+def text_item(text, nbytes: int, doc_id: str):
+    """The item of a document's text from JSON or a dataset row (nbytes 0: its size)."""
     if not isinstance(text, str):
-        return None, "no_text", nbytes
+        return None, "no_text", nbytes, doc_id
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates, which JSON can spell as "\ud800"
-        return None, "not_utf8", nbytes
-    return data, None, nbytes or len(data)
+        return None, "not_utf8", nbytes, doc_id
+    return data, None, nbytes or len(data), doc_id
 
 
 def jsonl_items(files: list[Path]):
@@ -170,19 +181,21 @@ def jsonl_items(files: list[Path]):
         try:
             f = open(path, "rb")
         except OSError:
-            yield None, "unreadable", 0
+            yield None, "unreadable", 0, str(path)
             continue
+        resolved = path.resolve()
         with f:
-            for line in f:
+            for number, line in enumerate(f, 1):
+                where = f"{resolved}:{number}"  # filter.py's name for a document without an id
                 try:
                     doc = json.loads(line)
                 except ValueError:  # not JSON, or not UTF-8
-                    yield None, "bad_json", len(line)
+                    yield None, "bad_json", len(line), where
                     continue
                 if not isinstance(doc, dict):
-                    yield None, "bad_json", len(line)
+                    yield None, "bad_json", len(line), where
                     continue
-                yield text_item(doc.get("text"), len(line))
+                yield text_item(doc.get("text"), len(line), str(doc["id"]) if "id" in doc else where)
 
 
 def hf_items(cfg):
@@ -198,7 +211,8 @@ def hf_items(cfg):
     except Exception as e:  # not found, gated, offline: the user's to fix; the message says which
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise UserError(f"cannot open {cfg.hf_dataset}: {type(e).__name__}: {first_line}") from None
-    return (text_item(row.get(cfg.hf_text_field)) for row in stream)
+    return (text_item(row.get(cfg.hf_text_field), 0, f"{cfg.hf_dataset}:{row_number}")
+            for row_number, row in enumerate(stream))
 
 
 def open_source(cfg) -> SimpleNamespace:
@@ -246,18 +260,18 @@ def check(data: bytes, max_file_bytes: int) -> tuple[str | None, str | None]:
 
 def in_val(digest: bytes, cfg) -> bool:
     """Whether a document goes to val: a hash of its content (and the seed), so the split
-    depends on nothing else and duplicates agree."""
+    depends on nothing else and duplicates agree. JSONL output has no val."""
     h = hashlib.sha256(b"%d:" % cfg.seed + digest).digest()
-    return int.from_bytes(h[:8], "big") < cfg.val_fraction * 2**64
+    return cfg.output == "bins" and int.from_bytes(h[:8], "big") < cfg.val_fraction * 2**64
 
 
 def parts(items, cfg, counts: Counter, skipped: Counter):
-    """The usable, new documents grouped into parts of about PART_BYTES of text:
-    yields ({"train": texts, "val": texts}, bytes read from the source). Cut the same way on
-    every run over the same source, which is what lets a rerun reuse finished parts."""
+    """The usable, new documents grouped into parts of about PART_BYTES of text: yields
+    ({"train": [(id, text), ...], "val": [...]}, bytes read from the source). Cut the same
+    way on every run over the same source, which is what lets a rerun reuse finished parts."""
     seen: set[bytes] = set()
     docs, size, read = {"train": [], "val": []}, 0, 0
-    for data, reason, nbytes in items:
+    for data, reason, nbytes, doc_id in items:
         read += nbytes
         text, reason = (None, reason) if reason else check(data, cfg.max_file_bytes)
         if reason:
@@ -269,7 +283,7 @@ def parts(items, cfg, counts: Counter, skipped: Counter):
             continue
         seen.add(digest)
         split = "val" if in_val(digest, cfg) else "train"
-        docs[split].append(text)
+        docs[split].append((doc_id, text))
         counts[split] += 1
         counts["bytes"] += len(data)
         size += len(data)
@@ -332,10 +346,9 @@ def finished(out: Path, fp: str) -> dict | None:
     """meta.json of a complete earlier run with this fingerprint, else None."""
     try:
         meta = json.loads((out / "meta.json").read_text())
-        sizes = [(out / f"{split}.bin").stat().st_size for split in ("train", "val")]
-    except (OSError, ValueError):
+        complete = all((out / name).stat().st_size == size for name, size in meta["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    complete = sizes == [2 * meta.get("train_tokens", -1), 2 * meta.get("val_tokens", -1)]
     return meta if complete and meta.get("fingerprint") == fp else None
 
 
@@ -482,6 +495,8 @@ def give_up(out: Path, part_dir: Path) -> None:
 
 def prepare(cfg, quiet: bool = False) -> dict:
     """Prepare the corpus cfg describes (settings as in DEFAULTS); returns its meta.json."""
+    if cfg.output not in ("bins", "jsonl"):
+        raise UserError(f"--output must be bins or jsonl, not {cfg.output!r}")
     if not 0 <= cfg.val_fraction < 1:
         raise UserError(f"--val_fraction must be in [0, 1), not {cfg.val_fraction}")
     if cfg.max_file_bytes <= 0 or min(cfg.max_bytes, cfg.max_docs, cfg.workers) < 0:
@@ -493,10 +508,12 @@ def prepare(cfg, quiet: bool = False) -> dict:
     meta = finished(out, fp)
     if meta:
         if not quiet:
-            print(f"already prepared: {out} ({meta['train_tokens']:,} train, {meta['val_tokens']:,} val tokens)")
+            print(f"already prepared: {out} ({summary(meta)})")
         return meta
 
-    encode("")  # loads the BPE file now: offline without a copy, stop before writing anything
+    bins = cfg.output == "bins"
+    if bins:
+        encode("")  # loads the BPE file now: offline without a copy, stop before writing anything
     items = source.items()
     part_dir = start(out, fp)
     counts, skipped = Counter(), Counter()
@@ -505,55 +522,85 @@ def prepare(cfg, quiet: bool = False) -> dict:
     bar = tqdm(total=source.total, unit="B", unit_scale=True, desc=f"prepare {out.name}",
                disable=quiet, smoothing=0.05)
     n_parts = 0
-    with Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+    with Pool(workers) if bins and workers > 1 else contextlib.nullcontext() as pool:
         for i, (docs, read) in enumerate(parts(items, cfg, counts, skipped)):
             done = part_dir / f"{i:05d}.done"
             if not done.exists():
-                for split, texts in docs.items():
-                    write_atomic(part_dir / f"{i:05d}.{split}.bin", tokenize(texts, pool, bar).tobytes())
-                    read -= sum(map(len, texts))  # already on the bar
+                if bins:
+                    for split, split_docs in docs.items():
+                        texts = [text for _, text in split_docs]
+                        write_atomic(part_dir / f"{i:05d}.{split}.bin", tokenize(texts, pool, bar).tobytes())
+                        read -= sum(map(len, texts))  # already on the bar
+                else:
+                    write_atomic(part_dir / f"{i:05d}.jsonl", b"".join(
+                        (json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n").encode()
+                        for doc_id, text in docs["train"]))
                 write_atomic(done, b"")
             bar.update(read)
             n_parts = i + 1
     bar.close()
     if not counts["train"]:
         give_up(out, part_dir)
-        raise UserError(f"no usable documents for train.bin in {', '.join(source.inputs)} "
+        raise UserError(f"no usable documents {'for train.bin ' if bins else ''}in {', '.join(source.inputs)} "
                         f"(skipped: {dict(skipped) or 'none'}; val: {counts['val']})")
 
+    (out / "meta.json").unlink(missing_ok=True)  # the old output goes now: nothing looks complete until the end
+    meta = dict(source=cfg.source, inputs=source.inputs, output=cfg.output,
+                **(join_bins(out, part_dir, n_parts, counts, cfg.val_fraction) if bins
+                   else move_jsonl(out, part_dir, n_parts, counts)),
+                document_bytes=counts["bytes"], duplicates=counts["duplicates"],
+                skipped=dict(sorted(skipped.items())),
+                settings={k: v for k, v in vars(cfg).items() if k not in UNFINGERPRINTED},
+                fingerprint=fp)
+    write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+    shutil.rmtree(part_dir)
+    if not quiet:
+        print(f"{out}: {summary(meta)}, {counts['duplicates']:,} duplicates, "
+              f"skipped {dict(skipped) or 'none'}, {time.time() - t0:.0f}s")
+        if bins and not counts["val"]:
+            print(f"warning: val.bin is empty; raise --val_fraction (now {cfg.val_fraction})")
+    return meta
+
+
+def join_bins(out: Path, part_dir: Path, n_parts: int, counts: Counter, val_fraction: float) -> dict:
+    """train.bin and val.bin from the parts' bins; meta.json's entries about them."""
     tokens = {}
-    (out / "meta.json").unlink(missing_ok=True)  # the old bins go now: nothing looks complete until the end
     for split in ("train", "val"):
         files = [part_dir / f"{i:05d}.{split}.bin" for i in range(n_parts)]
         concatenate(files, out / f"{split}.bin")
         tokens[split] = sum(f.stat().st_size for f in files) // 2
-    if not tokens["val"] and cfg.val_fraction > 0 and counts["train"] >= 2:
+    if not tokens["val"] and val_fraction > 0 and counts["train"] >= 2:
         moved = move_last_document(out / "train.bin", out / "val.bin")
         tokens["train"] -= moved
         tokens["val"] += moved
         counts["train"] -= bool(moved)
         counts["val"] += bool(moved)
-    meta = dict(
-        tokenizer="phi-1 (CodeGen): GPT-2 BPE (tiktoken r50k_base) + 38 whitespace tokens",
-        vocab_size=VOCAB_SIZE, eot=EOT, dtype="uint16",
-        train_tokens=tokens["train"], val_tokens=tokens["val"],
-        train_documents=counts["train"], val_documents=counts["val"],
-        document_bytes=counts["bytes"], duplicates=counts["duplicates"],
-        skipped=dict(sorted(skipped.items())),
-        source=cfg.source, inputs=source.inputs,
-        settings={k: v for k, v in vars(cfg).items() if k not in UNFINGERPRINTED},
-        fingerprint=fp,
-    )
-    write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
-    shutil.rmtree(part_dir)
-    if not quiet:
-        print(f"{out}: {tokens['train']:,} train + {tokens['val']:,} val tokens from "
-              f"{counts['train'] + counts['val']:,} documents ({counts['bytes'] / 1e6:.1f} MB), "
-              f"{counts['duplicates']:,} duplicates, skipped {dict(skipped) or 'none'}, "
-              f"{time.time() - t0:.0f}s")
-        if not counts["val"]:
-            print(f"warning: val.bin is empty; raise --val_fraction (now {cfg.val_fraction})")
-    return meta
+    return dict(tokenizer="phi-1 (CodeGen): GPT-2 BPE (tiktoken r50k_base) + 38 whitespace tokens",
+                vocab_size=VOCAB_SIZE, eot=EOT, dtype="uint16",
+                train_tokens=tokens["train"], val_tokens=tokens["val"],
+                train_documents=counts["train"], val_documents=counts["val"],
+                files={f"{split}.bin": 2 * tokens[split] for split in ("train", "val")})
+
+
+def move_jsonl(out: Path, part_dir: Path, n_parts: int, counts: Counter) -> dict:
+    """The parts' JSONL files moved to out/part-NNNNN.jsonl; meta.json's entries about them.
+    A part already moved by a finish that was killed is in place (its done marker says so)."""
+    names = [f"part-{i:05d}.jsonl" for i in range(n_parts)]
+    for i, name in enumerate(names):
+        if (part_dir / f"{i:05d}.jsonl").exists():
+            os.replace(part_dir / f"{i:05d}.jsonl", out / name)
+    for stale in out.glob("part-*.jsonl"):  # from an earlier, larger output
+        if stale.name not in names:
+            stale.unlink()
+    return dict(documents=counts["train"], files={name: (out / name).stat().st_size for name in names})
+
+
+def summary(meta: dict) -> str:
+    if meta.get("output") == "jsonl":
+        return (f"{meta['documents']:,} documents ({meta['document_bytes'] / 1e6:.1f} MB) "
+                f"in {len(meta['files'])} JSONL files")
+    return (f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens from "
+            f"{meta['train_documents'] + meta['val_documents']:,} documents ({meta['document_bytes'] / 1e6:.1f} MB)")
 
 
 def ensure_prepared(name: str = "local_python", quiet: bool = False) -> Path:

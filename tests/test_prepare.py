@@ -303,3 +303,45 @@ def test_expand_names_each_file_once_however_spelled(tmp_path, monkeypatch):
     assert prepare.expand(f"a.jsonl,{tmp_path / 'a.jsonl'},./a.jsonl,*.jsonl") == [Path("a.jsonl")]
     with pytest.raises(UserError, match="^--corpus is needed"):
         prepare.expand(" , ", "--corpus")
+
+
+def test_jsonl_output_holds_the_kept_documents_with_their_ids_for_filter(tmp_path, monkeypatch):
+    """--output=jsonl: the documents filter.py scores, checked and deduplicated like the bins'."""
+    import filter
+    src = write_tree(tmp_path / "src", {"a.py": A, "b.py": B, "copy_of_a.py": A, "nul.py": b"x\x00\n"})
+    cfg = settings(tmp_path, inputs=str(src), output="jsonl", val_fraction=0.5)
+    meta = prepare.prepare(cfg, quiet=True)
+    out = tmp_path / "out" / "corpus"
+    files = sorted(out.glob("part-*.jsonl"))
+    assert [f.name for f in files] == ["part-00000.jsonl"] and not (out / "train.bin").exists()
+    records = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert records == [{"id": str(src / "a.py"), "text": A}, {"id": str(src / "b.py"), "text": B}]  # no val
+    assert (meta["documents"], meta["duplicates"], meta["skipped"]) == (2, 1, {"binary": 1})
+    docs = list(filter.documents(files, filter.Counter()))
+    assert [(doc_id, text) for _, doc_id, text, _ in docs] == [(r["id"], r["text"]) for r in records]
+    assert prepare.prepare(cfg, quiet=True) == meta  # done: nothing to do
+
+    # a JSONL source keeps a record's own id, else names it by path:line as filter.py would
+    (tmp_path / "web.jsonl").write_text(json.dumps({"id": "x/1", "text": A}) + "\n" + json.dumps({"text": B}) + "\n")
+    prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(tmp_path / "web.jsonl"), output="jsonl"),
+                    quiet=True)
+    ids = [json.loads(line)["id"] for line in (out / "part-00000.jsonl").read_text().splitlines()]
+    assert ids == ["x/1", f"{(tmp_path / 'web.jsonl').resolve()}:2"]
+
+    # killed after moving its files but before meta.json: the rerun finishes the same output
+    real = prepare.write_atomic
+
+    def killed_at_meta(path, data):
+        if path.name == "meta.json":
+            raise KeyboardInterrupt
+        real(path, data)
+    monkeypatch.setattr(prepare, "write_atomic", killed_at_meta)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(cfg, quiet=True)
+    assert not (out / "meta.json").exists() and not list((out / "parts").glob("*.jsonl"))
+    monkeypatch.undo()
+    assert prepare.prepare(cfg, quiet=True) == meta
+    assert [json.loads(line) for line in files[0].read_text().splitlines()] == records
+
+    with pytest.raises(UserError, match="--output must be bins or jsonl"):
+        prepare.prepare(settings(tmp_path, inputs=str(src), output="npy"), quiet=True)
