@@ -562,7 +562,8 @@ class Sandbox:
 
     def __init__(self, workers: int, timeout: float = 3.0, memory_mb: int = 1024, uid: int = 61000):
         self.timeout, self.root = timeout, os.geteuid() == 0
-        self.base = Path(tempfile.mkdtemp(prefix="phi1-sandbox-"))
+        _remove_dead_runs_folders()
+        self.base = Path(tempfile.mkdtemp(prefix=f"phi1-sandbox-{os.getpid()}-"))
         self.notes: set[str] = set()
         self.locks = []  # lock files of the uids we hold, as root
         self.every_slot: list[Slot] = []
@@ -875,6 +876,21 @@ def _hidden_dirs(paths) -> list[tuple[str, list[str]]]:
     return list(hidden.items())
 
 
+def _remove_dead_runs_folders() -> None:
+    """The folders of sandboxes whose process is gone: SIGKILL leaves it no time to clean up.
+    (A folder is named after the pid of the process that made it.)"""
+    for folder in Path(tempfile.gettempdir()).glob("phi1-sandbox-*-*"):
+        pid = folder.name.split("-")[2]
+        if not pid.isdigit() or not folder.is_dir():
+            continue  # a uid lock file
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, onerror=_force_remove)
+        except OSError:  # alive, another user's
+            pass
+
+
 def _force_remove(function, path, exc_info):
     """rmtree's error handler: a program may leave directories without write permission."""
     try:
@@ -976,7 +992,7 @@ def check_settings(cfg) -> list[int]:
 
 def evaluate(cfg) -> dict:
     """Generate (unless cfg.samples names a file), score, write results and summary."""
-    from data.prepare import check_writable
+    from data.prepare import check_writable, write_atomic
     ks = check_settings(cfg)
     out = Path(cfg.out or f"out/{cfg.bench}")
     if out.exists() and not out.is_dir():
@@ -1021,10 +1037,10 @@ def evaluate(cfg) -> dict:
     summary = dict(bench=cfg.bench, **summary, malformed_lines=malformed, seconds=seconds,
                    workers=workers, timeout=cfg.timeout, sandbox=described, samples_file=str(samples_path))
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.jsonl", "w", encoding="utf-8") as f:
-        for r in results:
-            f.write(json.dumps(r) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # each file whole or not at all, and no summary beside results it does not describe
+    (out / "summary.json").unlink(missing_ok=True)
+    write_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results).encode())
+    write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     if summary["problems"] < len(problems):
         print(f"warning: only {summary['problems']} of {len(problems)} problems have samples", file=sys.stderr)
     print(table(summary))

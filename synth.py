@@ -43,7 +43,7 @@ or subcommand, an output that cannot be written, and an endpoint that is unreach
 refuses the key or lacks the model (checked with one GET /models before anything else).
 A 401, 403 or 404 later in the run ends it the same way, and so do --give_up items in a
 row without a record (the endpoint or model is not up to the task); the items before
-them are written. Ctrl-C starts no new
+them are written. Ctrl-C (or SIGTERM) starts no new
 items, lets those in flight finish and be written, and exits with status 130; a second
 Ctrl-C exits at once.
 
@@ -556,25 +556,30 @@ def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sand
 
 
 class Interrupts:
-    """While active, the first Ctrl-C sets .stop (no new items; those in flight finish); a
-    second one exits at once (every written line is already flushed)."""
+    """While active, the first Ctrl-C or SIGTERM sets .stop (no new items; those in flight
+    finish, and the sandbox is cleaned up); a second one exits at once (every written line
+    is already flushed)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.stop = threading.Event()
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.previous = [signal.signal(s, self.handle) for s in self.SIGNALS]
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, previous in zip(self.SIGNALS, self.previous):
+            signal.signal(s, previous)
 
     def handle(self, signum, frame):
         if self.stop.is_set():
             print("\ninterrupted", file=sys.stderr, flush=True)
-            os._exit(130)
+            os._exit(128 + signum)
         self.stop.set()
-        print("\nstopping: finishing the items in flight (Ctrl-C again to quit now)", file=sys.stderr, flush=True)
+        print(f"\nstopping on {signal.Signals(signum).name}: finishing the items in flight "
+              f"(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
 
 
 def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: Appender, skipped: Appender,

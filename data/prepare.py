@@ -507,6 +507,9 @@ def prepare(cfg, quiet: bool = False) -> dict:
     fp = fingerprint(cfg, source.listing)
     meta = finished(out, fp)
     if meta:
+        mark = out / "parts" / "fingerprint"
+        if (out / "parts").is_dir() and (not mark.exists() or mark.read_text() == fp):
+            shutil.rmtree(out / "parts", ignore_errors=True)  # what a kill left of this run's cleanup
         if not quiet:
             print(f"already prepared: {out} ({summary(meta)})")
         return meta

@@ -409,6 +409,22 @@ def test_a_sandbox_that_fails_to_start_leaves_no_lock_files_or_folders(tmp_path,
     assert not list(tmp_path.iterdir())
 
 
+def test_folders_of_runs_killed_outright_go_at_the_next_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid is free now
+    dead = tmp_path / f"phi1-sandbox-{gone.pid}-x1"
+    (dead / "tmpw" / "locked").mkdir(parents=True)
+    (dead / "tmpw" / "locked" / "f").write_text("left by a program")
+    (dead / "tmpw" / "locked").chmod(0o500)
+    alive = tmp_path / f"phi1-sandbox-{os.getpid()}-y2"
+    alive.mkdir()
+    lock = tmp_path / "phi1-sandbox-uid-61000.lock"
+    lock.write_text("")
+    evaluate._remove_dead_runs_folders()
+    assert not dead.exists() and alive.exists() and lock.exists()
+
+
 # ---------------------------------------------------------------- generation
 
 def nano_checkpoint(path: Path) -> Path:
@@ -566,3 +582,24 @@ def test_malformed_sample_lines_are_skipped_and_counted(tmp_path, capsys):
                                                                     f"--out={tmp_path / 'out'}"])[0])
     assert summary["malformed_lines"] == 3 and summary["samples"] == 2 and summary["counts"]["failed"] == 2
     assert "skipped 3 malformed lines" in capsys.readouterr().err
+
+
+def test_a_rerun_killed_while_writing_leaves_no_summary_of_other_results(tmp_path, monkeypatch):
+    import data.prepare
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"task_id": "HumanEval/0", "completion": ""}\n{"task_id": "HumanEval/1", "completion": ""}\n')
+    out = tmp_path / "out"
+    cfg = parse_args(evaluate.DEFAULTS, argv=[f"--samples={path}", "--limit=2", f"--out={out}"])[0]
+    evaluate.evaluate(cfg)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2 and (out / "summary.json").exists()
+    real = data.prepare.write_atomic
+
+    def killed_writing_results(target, content):
+        if target.name == "results.jsonl":
+            raise KeyboardInterrupt
+        real(target, content)
+    monkeypatch.setattr(data.prepare, "write_atomic", killed_writing_results)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[f"--samples={path}", "--limit=1", f"--out={out}"])[0])
+    assert not (out / "summary.json").exists()  # the old one described other results
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2  # the old results, whole

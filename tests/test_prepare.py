@@ -343,5 +343,10 @@ def test_jsonl_output_holds_the_kept_documents_with_their_ids_for_filter(tmp_pat
     assert prepare.prepare(cfg, quiet=True) == meta
     assert [json.loads(line) for line in files[0].read_text().splitlines()] == records
 
+    # killed while removing its parts after meta.json: the next run finds them and removes them
+    (out / "parts").mkdir()
+    (out / "parts" / "00000.done").write_bytes(b"")
+    assert prepare.prepare(cfg, quiet=True) == meta and not (out / "parts").exists()
+
     with pytest.raises(UserError, match="--output must be bins or jsonl"):
         prepare.prepare(settings(tmp_path, inputs=str(src), output="npy"), quiet=True)

@@ -126,13 +126,14 @@ def test_killed_and_restarted_run_equals_an_uninterrupted_one(server, reference,
     assert lines(out) == lines(path)
 
 
-def test_ctrl_c_finishes_the_items_in_flight_then_a_rerun_completes(server, reference, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_finishes_the_items_in_flight_then_a_rerun_completes(server, reference, tmp_path, sig):
     path, n = reference["textbook"]
     out = tmp_path / "textbook.jsonl"
     with FakeLLM(faults=FAULTS, latency=0.1, slow=0.5) as slow_server:
         proc = cli("textbook", f"--n={n}", f"--out={out}", f"--api_base={slow_server.url}", *FAST)
         wait_for_lines(out, 3, proc)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "stopping" in stderr and "records written" in stdout
     assert 3 <= len(lines(out)) < n and lines(out) == lines(path)[:len(lines(out))]  # whole lines, in order
