@@ -106,11 +106,11 @@ def _comments(defaults: dict) -> dict[str, str]:
         for module, source in sources:
             if module is not main and module.DEFAULTS.get(key, _MISSING) != defaults[key]:
                 continue
-            m = re.search(rf"^\s*{re.escape(key)}\s*=.*?#\s*(.*)$", source, re.M)
-            if m:
-                found[key] = m.group(1).strip()
+            m = re.search(rf"^\s*{re.escape(key)}\s*=(.*)$", source, re.M)
+            if m:  # the script's own line, with or without a comment, ends the search
+                found[key] = m.group(1).partition("#")[2].strip()
                 break
-    return found
+    return {key: comment for key, comment in found.items() if comment}
 
 
 def usage(defaults: dict, doc: str | None) -> str:

@@ -274,18 +274,18 @@ def model_completions(cfg, jobs: list[tuple], stop: list[str]):
 
 
 def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, max_new_tokens: int,
-                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, setting: str = "--max_new_tokens"):
     """Yields (key, completion) for each (key, prompt) job, from a model in memory.
 
     Prompts go longest first, batch_size at a time, through GPT.generate (KV cache,
     stop strings checked as tokens arrive); a prompt that leaves no room for
     max_new_tokens in the context is cut from the left. (model.sample makes a temperature
-    or top_p too small to sample with greedy.)"""
+    or top_p too small to sample with greedy.) `setting` names max_new_tokens in errors."""
     import tokenizer
     room = model.config.block_size - max_new_tokens
     if room < 1:
-        raise UserError(f"--max_new_tokens={max_new_tokens} leaves no room for a prompt in "
-                        f"the model's context of {model.config.block_size}")
+        raise UserError(f"{setting}={max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"of {model.config.block_size} (try {setting}={model.config.block_size // 2})")
     encoded = {prompt: tokenizer.encode(prompt) for prompt in {p for _, p in jobs}}
     if cut := sum(len(ids) > room for ids in encoded.values()):
         print(f"warning: {cut} prompts are longer than the {room} tokens the context leaves; "
@@ -301,7 +301,8 @@ def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, m
 
 
 def pass_at_1(model, bench: str = "humaneval", limit: int = 0, max_new_tokens: int = 256,
-              batch_size: int = 16, workers: int = 0, timeout: float = 3.0) -> float:
+              batch_size: int = 16, workers: int = 0, timeout: float = 3.0,
+              setting: str = "--max_new_tokens") -> float:
     """Greedy pass@1 of a model in memory on a benchmark (its first `limit` problems
     if limit > 0), nothing written: what finetune.py checks as it trains."""
     problems, stop = load_problems(bench)
@@ -309,7 +310,8 @@ def pass_at_1(model, bench: str = "humaneval", limit: int = 0, max_new_tokens: i
         problems = dict(list(problems.items())[:limit])
     jobs = [((task_id, 0), p["prompt"]) for task_id, p in problems.items()]
     samples = [dict(task_id=key[0], completion=completion)
-               for key, completion in completions_of(model, jobs, stop, batch_size, max_new_tokens)]
+               for key, completion in completions_of(model, jobs, stop, batch_size, max_new_tokens,
+                                                     setting=setting)]
     workers = workers if workers > 0 else len(os.sched_getaffinity(0))
     with Sandbox(workers, timeout) as sandbox:
         results = score(samples, problems, sandbox, workers, progress=False)
@@ -1008,6 +1010,10 @@ def evaluate(cfg) -> dict:
         samples_path = Path(cfg.samples)
         if not samples_path.is_file():
             raise UserError(f"no samples file at {samples_path}")
+        generated_here = out / "samples.jsonl"
+        if generated_here.exists() and generated_here.resolve() != samples_path.resolve():
+            raise UserError(f"{out} holds the samples and results of another run: give --out a folder "
+                            f"for the results of {samples_path}")
     else:
         samples_path = generate(cfg, problems, stop, out)
         seconds["generation"] = time.time() - t0

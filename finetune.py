@@ -1,7 +1,7 @@
 """Finetune a pretrained phi-1 model on exercises: signature and docstring in, body out.
 
     python finetune.py --base=out/ckpt.pt --exercises=out/exercises.jsonl      # the paper's recipe
-    torchrun --standalone --nproc_per_node=8 finetune.py --base=out/phi-1-base/ckpt.pt \
+    torchrun --standalone --nproc_per_node=8 finetune.py --base=out/phi-1-base/ckpt.pt \\
         --exercises=out/exercises.jsonl --batch_size=32 --compile --humaneval_problems=164
 
 The defaults are the paper's finetuning recipe: 256 sequences a step, peak lr 1e-4,
@@ -58,6 +58,7 @@ DEFAULTS.update(
     checkpoint_interval=1000,  # steps between checkpoints, one at the end too (paper: 1000)
     eval_interval=1000,  # steps between validation losses (and HumanEval), one at the end too
     dropout=None,  # attention and residual dropout (None: the base model's)
+    seed=train.DEFAULTS["seed"],  # batches and dropout noise; exercises go to val by a hash of their text
 )
 
 
@@ -131,7 +132,8 @@ def humaneval_score(cfg):
     import evaluate
 
     def score(model):
-        value = evaluate.pass_at_1(model, "humaneval", cfg.humaneval_problems, cfg.humaneval_max_tokens)
+        value = evaluate.pass_at_1(model, "humaneval", cfg.humaneval_problems, cfg.humaneval_max_tokens,
+                                   setting="--humaneval_max_tokens")
         return f"HumanEval pass@1 ({cfg.humaneval_problems} problems)", value
     return score
 
@@ -153,6 +155,9 @@ def finetune(cfg):
     print(f"{len(exercises):,} exercises from {path}")
 
     def make_data(config):  # windows of the model's context length
+        if cfg.humaneval_problems > 0 and cfg.humaneval_max_tokens >= config.block_size:
+            raise UserError(f"--humaneval_max_tokens={cfg.humaneval_max_tokens} leaves no room for a prompt in "
+                            f"the model's context of {config.block_size} (try {config.block_size // 2})")
         return Exercises(exercises, config.block_size, cfg.loss_on, cfg.val_fraction, path.stem)
 
     score = humaneval_score(cfg) if cfg.humaneval_problems > 0 else None

@@ -116,6 +116,8 @@ def attend(q, k, v, causal: bool, dropout_p: float = 0.0, mask=None, impl: str =
             if reason is None:
                 return kernel.flash_attn_func(q, k, v, causal=causal, dropout_p=dropout_p)
             _warn_once(f"FlashAttention kernel rejected this call ({reason}); using PyTorch SDPA")
+    elif impl == "triton" and not q.is_cuda:
+        _warn_once("the Triton FlashAttention kernel runs on CUDA only; using PyTorch SDPA")
     Tq, Tk = q.shape[-2], k.shape[-2]
     if causal and Tq != Tk and mask is None:
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)

@@ -47,22 +47,9 @@ else
   python data/prepare.py
   LOCAL_DATA=local_python
 fi
-python - "$OUT/web.jsonl" "$N_WEB" "$LOCAL_INPUTS" <<'EOF'
-import json, sys
-from data.prepare import distinct_roots, interpreter_roots, list_python_files
-out, n, inputs = sys.argv[1], int(sys.argv[2]), [p for p in sys.argv[3].split(",") if p]
-files = [f for f in list_python_files(distinct_roots(inputs) if inputs else interpreter_roots())
-         if 200 < f[1] < 100_000]
-docs = []
-for path, _, _ in files[::max(1, len(files) // n)][:n]:  # spread over the whole tree
-    try:
-        docs.append({"id": path, "text": open(path, encoding="utf-8").read()})
-    except (OSError, UnicodeDecodeError):
-        pass
-with open(out, "w") as f:
-    f.writelines(json.dumps(d) + "\n" for d in docs)
-print(f"{out}: {len(docs)} files")
-EOF
+python data/prepare.py ${LOCAL_INPUTS:+--inputs="$LOCAL_INPUTS"} --output=jsonl --max_docs="$N_WEB" \
+  --max_file_bytes=100000 --out_dir="$OUT" --name=web
+WEB="$OUT/web/part-*.jsonl"  # filter.py expands the glob
 
 stage "2. pretrain a small model on them"
 python train.py --preset="$PRESET" --data="$LOCAL_DATA" --out_dir="$OUT/base" --max_iters="$PRETRAIN_ITERS" \
@@ -84,13 +71,13 @@ python synth.py exercises --n="$N_SYNTH" --api_base="http://127.0.0.1:$TEACHER_P
   --out="$OUT/exercises.jsonl" --concurrency=16
 
 stage "5. filter: annotate, embed, train the forest, keep the best half of the tokens"
-python filter.py annotate --corpus="$OUT/web.jsonl" --n="$N_ANNOTATE" --labels="$OUT/annotations.jsonl" \
+python filter.py annotate --corpus="$WEB" --n="$N_ANNOTATE" --labels="$OUT/annotations.jsonl" \
   --api_base="http://127.0.0.1:$TEACHER_PORT/v1" --model=teacher --concurrency=16
 python filter.py embed --ckpt="$OUT/base/ckpt.pt" --labels="$OUT/annotations.jsonl" \
   --embeddings="$OUT/embeddings.npy"
 python filter.py train --labels="$OUT/annotations.jsonl" --embeddings="$OUT/embeddings.npy" \
   --forest="$OUT/forest.npz" --n_trees=50
-python filter.py apply --corpus="$OUT/web.jsonl" --forest="$OUT/forest.npz" --out="$OUT/filtered" \
+python filter.py apply --corpus="$WEB" --forest="$OUT/forest.npz" --out="$OUT/filtered" \
   --top_fraction=0.5
 
 stage "6. the mixture: filtered code and textbooks as token bins"

@@ -21,6 +21,7 @@ from weights (`--init_from=microsoft/phi-1`).
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import signal
@@ -398,7 +399,10 @@ def train(cfg, make_data=None, score=None) -> GPT:
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world > 1:
         # the only buffer, the rotary table, is a constant: no broadcast every forward
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        # (torch 2.13 renamed broadcast_buffers, which now warns, to forward_sync_buffers)
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else "broadcast_buffers")
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
     autocast = (torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext())
 
     tokens_per_step = total * config.block_size

@@ -34,7 +34,7 @@ DEFAULTS = dict(
     splits=5,  # random train/test splits of each small dataset, averaged
     rows=100_000,  # rows of the synthetic embeddings (0: leave them out)
     dims=256,  # their width
-    seed=0,
+    seed=0,  # the synthetic data and the train/test splits
 )
 
 

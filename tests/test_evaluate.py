@@ -603,3 +603,16 @@ def test_a_rerun_killed_while_writing_leaves_no_summary_of_other_results(tmp_pat
         evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[f"--samples={path}", "--limit=1", f"--out={out}"])[0])
     assert not (out / "summary.json").exists()  # the old one described other results
     assert len((out / "results.jsonl").read_text().splitlines()) == 2  # the old results, whole
+
+
+def test_scoring_other_samples_never_mixes_them_into_a_runs_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    run_samples = write_jsonl(out / "samples.jsonl", [dict(task_id="HumanEval/0", completion="")])
+    other = write_jsonl(tmp_path / "other.jsonl", [dict(task_id="HumanEval/0", completion="    return 1\n")])
+    with pytest.raises(UserError, match="holds the samples and results of another run"):
+        evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[f"--samples={other}", "--limit=1", f"--out={out}"])[0])
+    assert not (out / "results.jsonl").exists()
+    summary = evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[f"--samples={run_samples}", "--limit=1",
+                                                                    f"--out={out}"])[0])  # its own: rescored
+    assert summary["samples"] == 1 and (out / "results.jsonl").exists()

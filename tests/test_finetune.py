@@ -162,7 +162,9 @@ def test_bad_input_gives_one_clear_line(tmp_path, base):
     cases = [([f"--base={foreign}", f"--exercises={data}"], "does not hold a phi-1 model"),
              ([f"--base={base}", f"--exercises={only_bad}"], "no exercises in"),
              ([f"--base={base}", f"--exercises={tmp_path / 'missing.jsonl'}"], "cannot read"),
-             ([f"--base={base}", f"--exercises={data}", "--loss_on=some"], "--loss_on")]
+             ([f"--base={base}", f"--exercises={data}", "--loss_on=some"], "--loss_on"),
+             ([f"--base={base}", f"--exercises={data}", "--humaneval_problems=1"],  # nano: a 64-token context
+              "--humaneval_max_tokens=256 leaves no room for a prompt")]
     for args, expected in cases:
         result = cli(*args, f"--out_dir={tmp_path / 'out'}", "--max_iters=2")
         lines = result.stderr.strip().splitlines()
@@ -174,4 +176,4 @@ def test_help_describes_finetunings_own_settings():
     text = cli("--help").stdout
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  --")}
     assert "base model's" in lines["--dropout"]
-    assert "batches" in lines["--seed"] and "salt" not in lines["--seed"]  # train.py's seed, not prepare.py's
+    assert "batches" in lines["--seed"] and "prepare.py" not in lines["--seed"]  # finetune splits exercises itself
