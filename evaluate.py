@@ -1040,6 +1040,9 @@ def evaluate(cfg) -> dict:
         print(f"warning: unshare was refused; {described}", file=sys.stderr)
 
     summary = summarize(results, ks)
+    if missing := [k for k in ks if f"pass@{k}" not in summary]:
+        print(f"warning: no pass@{', pass@'.join(map(str, missing))}: a problem has fewer samples than that "
+              f"(--n_samples)", file=sys.stderr)
     summary = dict(bench=cfg.bench, **summary, malformed_lines=malformed, seconds=seconds,
                    workers=workers, timeout=cfg.timeout, sandbox=described, samples_file=str(samples_path))
     out.mkdir(parents=True, exist_ok=True)

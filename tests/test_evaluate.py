@@ -582,6 +582,10 @@ def test_malformed_sample_lines_are_skipped_and_counted(tmp_path, capsys):
                                                                     f"--out={tmp_path / 'out'}"])[0])
     assert summary["malformed_lines"] == 3 and summary["samples"] == 2 and summary["counts"]["failed"] == 2
     assert "skipped 3 malformed lines" in capsys.readouterr().err
+    summary = evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[f"--samples={path}", "--limit=1", "--k=1,2,5",
+                                                                    f"--out={tmp_path / 'out'}"])[0])
+    assert "pass@2" in summary and "pass@5" not in summary
+    assert "warning: no pass@5: a problem has fewer samples" in capsys.readouterr().err
 
 
 def test_a_rerun_killed_while_writing_leaves_no_summary_of_other_results(tmp_path, monkeypatch):
