@@ -31,7 +31,8 @@ def test_every_stage_runs_and_leaves_its_output(tmp_path):
     assert count(toy / "textbooks.jsonl") == 16 and count(toy / "exercises.jsonl") == 16
     assert count(toy / "annotations.jsonl") >= 20
     kept = count(toy / "filtered" / "kept-00000-of-00001.jsonl")
-    assert 0 < kept < count(toy / "web" / "part-00000.jsonl") == 40  # the filter kept some, not all
+    web = count(toy / "web" / "part-00000.jsonl")  # json's and email's files, at most N_WEB
+    assert 20 < web <= 40 and 0 < kept < web  # the filter kept some, not all
     for name in ("base", "phi1-base", "phi1"):
         assert (toy / name / "ckpt.pt").exists()
     for bench in ("humaneval", "mbpp"):
