@@ -565,7 +565,10 @@ class Sandbox:
     def __init__(self, workers: int, timeout: float = 3.0, memory_mb: int = 1024, uid: int = 61000):
         self.timeout, self.root = timeout, os.geteuid() == 0
         _remove_dead_runs_folders()
-        self.base = Path(tempfile.mkdtemp(prefix=f"phi1-sandbox-{os.getpid()}-"))
+        self.base = Path(tempfile.mkdtemp(prefix="phi1-sandbox-"))
+        self.alive = open(self.base / ALIVE, "w")  # locked while this sandbox lives
+        os.fchmod(self.alive.fileno(), 0o600)
+        fcntl.flock(self.alive, fcntl.LOCK_EX)
         self.notes: set[str] = set()
         self.locks = []  # lock files of the uids we hold, as root
         self.every_slot: list[Slot] = []
@@ -787,6 +790,7 @@ class Sandbox:
             f.close()
         self.locks.clear()
         shutil.rmtree(self.base, onerror=_force_remove)
+        self.alive.close()
 
     def __enter__(self):
         return self
@@ -878,18 +882,18 @@ def _hidden_dirs(paths) -> list[tuple[str, list[str]]]:
     return list(hidden.items())
 
 
+ALIVE = ".alive"  # a file in each sandbox's folder, locked while the sandbox lives
+
+
 def _remove_dead_runs_folders() -> None:
     """The folders of sandboxes whose process is gone: SIGKILL leaves it no time to clean up.
-    (A folder is named after the pid of the process that made it.)"""
-    for folder in Path(tempfile.gettempdir()).glob("phi1-sandbox-*-*"):
-        pid = folder.name.split("-")[2]
-        if not pid.isdigit() or not folder.is_dir():
-            continue  # a uid lock file
+    A folder whose lock file can be locked has no living owner, whatever its pid namespace."""
+    for folder in Path(tempfile.gettempdir()).glob("phi1-sandbox-*"):
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, onerror=_force_remove)
-        except OSError:  # alive, another user's
+            with open(folder / ALIVE) as f:  # not there: a uid lock file, or a folder being made
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(folder, onerror=_force_remove)
+        except OSError:  # held: its sandbox lives; or not ours to remove
             pass
 
 
@@ -1011,8 +1015,12 @@ def evaluate(cfg) -> dict:
         if not samples_path.is_file():
             raise UserError(f"no samples file at {samples_path}")
         generated_here = out / "samples.jsonl"
-        if generated_here.exists() and generated_here.resolve() != samples_path.resolve():
-            raise UserError(f"{out} holds the samples and results of another run: give --out a folder "
+        try:
+            scored_here = Path(json.loads((out / "summary.json").read_text())["samples_file"])
+        except (OSError, ValueError, KeyError, TypeError):
+            scored_here = samples_path
+        if any(p.exists() and p.resolve() != samples_path.resolve() for p in (generated_here, scored_here)):
+            raise UserError(f"{out} holds the results of other samples: give --out a folder "
                             f"for the results of {samples_path}")
     else:
         samples_path = generate(cfg, problems, stop, out)
@@ -1040,7 +1048,7 @@ def evaluate(cfg) -> dict:
         print(f"warning: unshare was refused; {described}", file=sys.stderr)
 
     summary = summarize(results, ks)
-    if missing := [k for k in ks if f"pass@{k}" not in summary]:
+    if (missing := [k for k in ks if f"pass@{k}" not in summary]) and cfg.k != DEFAULTS["k"]:  # asked for
         print(f"warning: no pass@{', pass@'.join(map(str, missing))}: a problem has fewer samples than that "
               f"(--n_samples)", file=sys.stderr)
     summary = dict(bench=cfg.bench, **summary, malformed_lines=malformed, seconds=seconds,

@@ -22,6 +22,7 @@ from weights (`--init_from=microsoft/phi-1`).
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 import signal
@@ -144,9 +145,15 @@ class Mixture:
         if name == DEFAULT_DATASET and prepare_default and not (folder / "meta.json").exists():
             print(f"preparing the default dataset (Python files on this machine) in {folder}")
             ensure_prepared(name)
+        try:
+            output = json.loads((folder / "meta.json").read_text()).get("output", "bins")
+        except (OSError, ValueError, AttributeError):
+            output = None
+        if output == "jsonl":
+            raise UserError(f"{folder} holds JSONL documents (prepare.py --output=jsonl), not token bins")
         for split in splits:
             path = folder / f"{split}.bin"
-            if not (folder / "meta.json").exists() or not path.exists():
+            if output is None or not path.exists():
                 raise UserError(f"no prepared data at {folder} (run: python data/prepare.py ...)")
             if path.stat().st_size < 4:
                 raise UserError(f"{path} is empty: nothing to {'train' if split == 'train' else 'validate'} on")

@@ -18,7 +18,8 @@ run and machine. Documents are tokenized on all cores with the phi-1 tokenizer, 
 followed by <|endoftext|>; np.memmap(path, dtype=np.uint16) reads the bins.
 
 --output=jsonl writes the kept documents (checked and deduplicated the same way, no
-val split) as data/<name>/part-00000.jsonl, ... of {"id", "text"} records, what
+val split) as data/<name>/part-00000.jsonl, ... (default name: the bins' + "_jsonl")
+of {"id", "text"} records, what
 filter.py annotates, embeds and filters. The id says where a document came from:
 its path (local), the record's own "id" or path:line (jsonl), dataset:row (hf).
 
@@ -329,7 +330,9 @@ def tokenize(texts: list[str], pool, bar) -> np.ndarray:
 # ---------------------------------------------------------------- output
 
 def output_dir(cfg, default_name: str) -> Path:
-    return Path(cfg.out_dir or HERE) / (cfg.name or default_name)
+    """Where the output goes; JSONL's default folder is not the bins' (data/<name>_jsonl)."""
+    suffix = "_jsonl" if cfg.output == "jsonl" else ""
+    return Path(cfg.out_dir or HERE) / (cfg.name or default_name + suffix)
 
 
 def fingerprint(cfg, listing) -> str:
@@ -395,6 +398,15 @@ def read_jsonl(path: Path):
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def json_line(record: dict) -> bytes:
+    """One JSONL line; a lone surrogate (a file name or a teacher's answer can hold one),
+    which UTF-8 cannot, is kept as a \\u escape."""
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:
+        return (json.dumps(record) + "\n").encode()
+
+
 class Appender:
     """Appends JSON lines to path, each flushed. The file is opened at the first line, after
     cutting off a last line torn by a kill (or ending a whole one that lacks its newline)."""
@@ -405,11 +417,7 @@ class Appender:
     def write(self, obj: dict) -> None:
         if self.file is None:
             self.file = self.open()
-        try:
-            line = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
-        except UnicodeEncodeError:  # a lone surrogate (a teacher's answer can hold one): \u escapes keep it
-            line = (json.dumps(obj) + "\n").encode()
-        self.file.write(line)
+        self.file.write(json_line(obj))
         self.file.flush()
 
     def close(self) -> None:
@@ -535,9 +543,8 @@ def prepare(cfg, quiet: bool = False) -> dict:
                         write_atomic(part_dir / f"{i:05d}.{split}.bin", tokenize(texts, pool, bar).tobytes())
                         read -= sum(map(len, texts))  # already on the bar
                 else:
-                    write_atomic(part_dir / f"{i:05d}.jsonl", b"".join(
-                        (json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n").encode()
-                        for doc_id, text in docs["train"]))
+                    write_atomic(part_dir / f"{i:05d}.jsonl", b"".join(json_line({"id": doc_id, "text": text})
+                                                                        for doc_id, text in docs["train"]))
                 write_atomic(done, b"")
             bar.update(read)
             n_parts = i + 1
@@ -556,7 +563,7 @@ def prepare(cfg, quiet: bool = False) -> dict:
                 settings={k: v for k, v in vars(cfg).items() if k not in UNFINGERPRINTED},
                 fingerprint=fp)
     write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
-    shutil.rmtree(part_dir)
+    shutil.rmtree(part_dir, ignore_errors=True)
     if not quiet:
         print(f"{out}: {summary(meta)}, {counts['duplicates']:,} duplicates, "
               f"skipped {dict(skipped) or 'none'}, {time.time() - t0:.0f}s")
@@ -567,6 +574,8 @@ def prepare(cfg, quiet: bool = False) -> dict:
 
 def join_bins(out: Path, part_dir: Path, n_parts: int, counts: Counter, val_fraction: float) -> dict:
     """train.bin and val.bin from the parts' bins; meta.json's entries about them."""
+    for stale in out.glob("part-*.jsonl"):  # an earlier --output=jsonl here: globs must not find them
+        stale.unlink()
     tokens = {}
     for split in ("train", "val"):
         files = [part_dir / f"{i:05d}.{split}.bin" for i in range(n_parts)]
@@ -595,6 +604,8 @@ def move_jsonl(out: Path, part_dir: Path, n_parts: int, counts: Counter) -> dict
     for stale in out.glob("part-*.jsonl"):  # from an earlier, larger output
         if stale.name not in names:
             stale.unlink()
+    for stale in ("train.bin", "val.bin"):  # an earlier --output=bins here
+        (out / stale).unlink(missing_ok=True)
     return dict(documents=counts["train"], files={name: (out / name).stat().st_size for name in names})
 
 

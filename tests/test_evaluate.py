@@ -411,18 +411,19 @@ def test_a_sandbox_that_fails_to_start_leaves_no_lock_files_or_folders(tmp_path,
 
 def test_folders_of_runs_killed_outright_go_at_the_next_start(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    gone = subprocess.Popen(["true"])
-    gone.wait()  # its pid is free now
-    dead = tmp_path / f"phi1-sandbox-{gone.pid}-x1"
+    dead = tmp_path / "phi1-sandbox-dead"  # its owner was SIGKILLed: nobody holds its lock
     (dead / "tmpw" / "locked").mkdir(parents=True)
+    (dead / evaluate.ALIVE).write_text("")
     (dead / "tmpw" / "locked" / "f").write_text("left by a program")
     (dead / "tmpw" / "locked").chmod(0o500)
-    alive = tmp_path / f"phi1-sandbox-{os.getpid()}-y2"
-    alive.mkdir()
-    lock = tmp_path / "phi1-sandbox-uid-61000.lock"
+    lock = tmp_path / "phi1-sandbox-uid-99.lock"  # another run's uid lock: a file
     lock.write_text("")
-    evaluate._remove_dead_runs_folders()
-    assert not dead.exists() and alive.exists() and lock.exists()
+    unknown = tmp_path / "phi1-sandbox-unknown"  # no lock file: being made, or an older version's
+    unknown.mkdir()
+    with evaluate.Sandbox(workers=1) as live:  # another run, in whatever pid namespace
+        evaluate._remove_dead_runs_folders()
+        assert live.base.exists() and live.run([("t", "pass\n")]) == "passed"
+    assert not dead.exists() and lock.exists() and unknown.exists() and not live.base.exists()
 
 
 # ---------------------------------------------------------------- generation
@@ -610,13 +611,18 @@ def test_a_rerun_killed_while_writing_leaves_no_summary_of_other_results(tmp_pat
 
 
 def test_scoring_other_samples_never_mixes_them_into_a_runs_folder(tmp_path):
+    def score(samples, out):
+        return evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[f"--samples={samples}", "--limit=1",
+                                                                     f"--out={out}"])[0])
     out = tmp_path / "out"
     out.mkdir()
     run_samples = write_jsonl(out / "samples.jsonl", [dict(task_id="HumanEval/0", completion="")])
     other = write_jsonl(tmp_path / "other.jsonl", [dict(task_id="HumanEval/0", completion="    return 1\n")])
-    with pytest.raises(UserError, match="holds the samples and results of another run"):
-        evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[f"--samples={other}", "--limit=1", f"--out={out}"])[0])
+    with pytest.raises(UserError, match="holds the results of other samples"):
+        score(other, out)  # a model's run
     assert not (out / "results.jsonl").exists()
-    summary = evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[f"--samples={run_samples}", "--limit=1",
-                                                                    f"--out={out}"])[0])  # its own: rescored
-    assert summary["samples"] == 1 and (out / "results.jsonl").exists()
+    assert score(run_samples, out)["samples"] == 1 and (out / "results.jsonl").exists()  # its own: rescored
+    score(other, tmp_path / "scored")
+    with pytest.raises(UserError, match="holds the results of other samples"):
+        score(run_samples, tmp_path / "scored")  # the results of --samples=other
+    assert score(other, tmp_path / "scored")["samples"] == 1

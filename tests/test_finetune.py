@@ -169,7 +169,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, base):
         result = cli(*args, f"--out_dir={tmp_path / 'out'}", "--max_iters=2")
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, result.stderr)
-        assert not (tmp_path / "out" / "ckpt.pt").exists()
+        assert "val loss" not in result.stdout and not (tmp_path / "out" / "ckpt.pt").exists()  # before any work
 
 
 def test_help_describes_finetunings_own_settings():

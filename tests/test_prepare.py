@@ -350,3 +350,23 @@ def test_jsonl_output_holds_the_kept_documents_with_their_ids_for_filter(tmp_pat
 
     with pytest.raises(UserError, match="--output must be bins or jsonl"):
         prepare.prepare(settings(tmp_path, inputs=str(src), output="npy"), quiet=True)
+
+
+def test_jsonl_and_bins_outputs_never_mix(tmp_path):
+    import train
+    src = write_tree(tmp_path / "src", {"a.py": A, "b.py": B})
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"id": "\ud800", "text": A}) + "\n")  # a lone surrogate in an id
+    prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(tmp_path / "odd.jsonl"), name="", output="jsonl"),
+                    quiet=True)
+    odd = tmp_path / "out" / "odd_jsonl"  # not the bins' default folder
+    assert json.loads((odd / "part-00000.jsonl").read_text())["id"] == "\ud800"
+
+    out = tmp_path / "out" / "corpus"
+    prepare.prepare(settings(tmp_path, inputs=str(src)), quiet=True)
+    prepare.prepare(settings(tmp_path, inputs=str(src), output="jsonl"), quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "part-00000.jsonl"]
+    with pytest.raises(UserError, match="holds JSONL documents"):
+        train.Mixture(str(out), 16, 51200, prepare_default=False)
+    prepare.prepare(settings(tmp_path, inputs=str(src)), quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    train.Mixture(str(out), 16, 51200, prepare_default=False)
