@@ -275,6 +275,14 @@ def model_completions(cfg, jobs: list[tuple], stop: list[str]):
                               cfg.top_p, cfg.seed)
 
 
+def prompt_room(block_size: int, max_new_tokens: int, setting: str = "--max_new_tokens") -> int:
+    """Prompt tokens the context holds beside max_new_tokens; a UserError naming `setting` if none."""
+    if max_new_tokens >= block_size:
+        raise UserError(f"{setting}={max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"of {block_size} (try {setting}={block_size // 2})")
+    return block_size - max_new_tokens
+
+
 def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, max_new_tokens: int,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, setting: str = "--max_new_tokens"):
     """Yields (key, completion) for each (key, prompt) job, from a model in memory.
@@ -284,10 +292,7 @@ def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, m
     max_new_tokens in the context is cut from the left. (model.sample makes a temperature
     or top_p too small to sample with greedy.) `setting` names max_new_tokens in errors."""
     import tokenizer
-    room = model.config.block_size - max_new_tokens
-    if room < 1:
-        raise UserError(f"{setting}={max_new_tokens} leaves no room for a prompt in the model's context "
-                        f"of {model.config.block_size} (try {setting}={model.config.block_size // 2})")
+    room = prompt_room(model.config.block_size, max_new_tokens, setting)
     encoded = {prompt: tokenizer.encode(prompt) for prompt in {p for _, p in jobs}}
     if cut := sum(len(ids) > room for ids in encoded.values()):
         print(f"warning: {cut} prompts are longer than the {room} tokens the context leaves; "

@@ -155,9 +155,9 @@ def finetune(cfg):
     print(f"{len(exercises):,} exercises from {path}")
 
     def make_data(config):  # windows of the model's context length
-        if cfg.humaneval_problems > 0 and cfg.humaneval_max_tokens >= config.block_size:
-            raise UserError(f"--humaneval_max_tokens={cfg.humaneval_max_tokens} leaves no room for a prompt in "
-                            f"the model's context of {config.block_size} (try {config.block_size // 2})")
+        if cfg.humaneval_problems > 0:  # now, not at the first validation
+            import evaluate
+            evaluate.prompt_room(config.block_size, cfg.humaneval_max_tokens, "--humaneval_max_tokens")
         return Exercises(exercises, config.block_size, cfg.loss_on, cfg.val_fraction, path.stem)
 
     score = humaneval_score(cfg) if cfg.humaneval_problems > 0 else None
