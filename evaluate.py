@@ -284,15 +284,15 @@ def prompt_room(block_size: int, max_new_tokens: int, setting: str = "--max_new_
 
 
 def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, max_new_tokens: int,
-                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, setting: str = "--max_new_tokens"):
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
     """Yields (key, completion) for each (key, prompt) job, from a model in memory.
 
     Prompts go longest first, batch_size at a time, through GPT.generate (KV cache,
     stop strings checked as tokens arrive); a prompt that leaves no room for
     max_new_tokens in the context is cut from the left. (model.sample makes a temperature
-    or top_p too small to sample with greedy.) `setting` names max_new_tokens in errors."""
+    or top_p too small to sample with greedy.)"""
     import tokenizer
-    room = prompt_room(model.config.block_size, max_new_tokens, setting)
+    room = prompt_room(model.config.block_size, max_new_tokens)
     encoded = {prompt: tokenizer.encode(prompt) for prompt in {p for _, p in jobs}}
     if cut := sum(len(ids) > room for ids in encoded.values()):
         print(f"warning: {cut} prompts are longer than the {room} tokens the context leaves; "
@@ -308,8 +308,7 @@ def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, m
 
 
 def pass_at_1(model, bench: str = "humaneval", limit: int = 0, max_new_tokens: int = 256,
-              batch_size: int = 16, workers: int = 0, timeout: float = 3.0,
-              setting: str = "--max_new_tokens") -> float:
+              batch_size: int = 16, workers: int = 0, timeout: float = 3.0) -> float:
     """Greedy pass@1 of a model in memory on a benchmark (its first `limit` problems
     if limit > 0), nothing written: what finetune.py checks as it trains."""
     problems, stop = load_problems(bench)
@@ -317,8 +316,7 @@ def pass_at_1(model, bench: str = "humaneval", limit: int = 0, max_new_tokens: i
         problems = dict(list(problems.items())[:limit])
     jobs = [((task_id, 0), p["prompt"]) for task_id, p in problems.items()]
     samples = [dict(task_id=key[0], completion=completion)
-               for key, completion in completions_of(model, jobs, stop, batch_size, max_new_tokens,
-                                                     setting=setting)]
+               for key, completion in completions_of(model, jobs, stop, batch_size, max_new_tokens)]
     workers = workers if workers > 0 else len(os.sched_getaffinity(0))
     with Sandbox(workers, timeout) as sandbox:
         results = score(samples, problems, sandbox, workers, progress=False)

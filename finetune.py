@@ -132,8 +132,7 @@ def humaneval_score(cfg):
     import evaluate
 
     def score(model):
-        value = evaluate.pass_at_1(model, "humaneval", cfg.humaneval_problems, cfg.humaneval_max_tokens,
-                                   setting="--humaneval_max_tokens")
+        value = evaluate.pass_at_1(model, "humaneval", cfg.humaneval_problems, cfg.humaneval_max_tokens)
         return f"HumanEval pass@1 ({cfg.humaneval_problems} problems)", value
     return score
 
