@@ -8,7 +8,8 @@ commented line per setting:
         compile=False,       # torch.compile the model
     )
 
-and calls `cfg, args = parse_args(DEFAULTS, __doc__)` in main(). On the
+and calls `cfg = parse_settings(DEFAULTS, __doc__)` in main() (or
+`cfg, args = parse_args(DEFAULTS, __doc__)`, where it takes arguments). On the
 command line `--batch_size=16`, `--batch_size 16`, `--compile` (a bool set to
 true) and `--compile=false` all work; values take the type of their default.
 `--help` prints the script's docstring and every setting with its default and
@@ -54,9 +55,13 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _finite(key: str, value):
-    if not math.isfinite(value):  # 1e999: inf would train nothing, or everything, silently
-        raise UserError(f"--{key} takes a finite number, not {value}")
+def _finite(key: str, text: str, value):
+    try:
+        finite = math.isfinite(value)  # 1e999: inf would train nothing, or everything, silently
+    except OverflowError:  # an integer past float's range
+        finite = False
+    if not finite:
+        raise UserError(f"--{key} takes a finite number of a sensible size, not {text[:40]}")
     return value
 
 
@@ -75,13 +80,13 @@ def _convert(key: str, text: str, default):
             value = None
         if not _is_number(value) or (isinstance(default, int) and not isinstance(value, int)):
             raise UserError(f"--{key} takes {type(default).__name__}, not {text!r}")
-        return type(default)(_finite(key, value))
+        return type(default)(_finite(key, text, value))
     if default is None:  # a number if it looks like one, else the string
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             return text
-        return _finite(key, value) if _is_number(value) else text
+        return _finite(key, text, value) if _is_number(value) else text
     return text
 
 
@@ -163,3 +168,12 @@ def parse_args(defaults: dict, doc: str | None = None,
             i += 1
         cfg[key] = _convert(key, text, defaults[key])
     return SimpleNamespace(**cfg), positionals
+
+
+def parse_settings(defaults: dict, doc: str | None = None, argv: list[str] | None = None) -> SimpleNamespace:
+    """parse_args for a script that takes settings only: an argument that is not
+    one (a forgotten --, a stray word) is a mistake, not something to ignore."""
+    cfg, positionals = parse_args(defaults, doc, argv)
+    if positionals:
+        raise UserError(f"unexpected argument {positionals[0]!r} (settings are --key=value, see --help)")
+    return cfg

@@ -108,7 +108,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from config import UserError, parse_args, require, run
+from config import UserError, parse_settings, require, run
 
 DEFAULTS = dict(
     bench="humaneval",  # humaneval or mbpp
@@ -1071,9 +1071,7 @@ def evaluate(cfg) -> dict:
 
 
 def main(argv=None):
-    cfg, extra = parse_args(DEFAULTS, __doc__, argv)
-    if extra:
-        raise UserError(f"unexpected argument {extra[0]!r} (settings are --key=value)")
+    cfg = parse_settings(DEFAULTS, __doc__, argv)
     evaluate(cfg)
 
 

@@ -445,8 +445,8 @@ def start_processes(cfg):
 
 def load_embedder(cfg, ckpt: str, device):
     """The embedding model, in eval mode on device."""
+    from model import pick_dtype
     from sample import load_model
-    from train import pick_dtype
     return load_model(ckpt, device, pick_dtype(cfg.dtype, device))
 
 
@@ -470,7 +470,7 @@ def embed_texts(model, texts: list[str], doc_tokens: int, batch_size: int) -> tu
             for r, i in enumerate(rows):
                 idx[r, :len(seqs[i])] = torch.tensor(seqs[i])
             positions = torch.arange(idx.shape[1])
-            hidden = model._trunk(idx.to(device), positions.to(device)).float()
+            hidden = model.hidden_states(idx.to(device), positions.to(device)).float()
             mask = (positions[None] < lengths[:, None]).to(device)
             pooled = (hidden * mask[..., None]).sum(1) / lengths[:, None].to(device)
             out[rows] = pooled.cpu().numpy()

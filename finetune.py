@@ -36,7 +36,7 @@ import numpy as np
 
 import tokenizer
 import train
-from config import UserError, parse_args, run
+from config import UserError, parse_settings, run
 
 # train.py's settings, less those that choose the model and data, with the paper's finetuning recipe
 DEFAULTS = {key: value for key, value in train.DEFAULTS.items()
@@ -164,9 +164,7 @@ def finetune(cfg):
 
 
 def main():
-    cfg, extra = parse_args(DEFAULTS, __doc__)
-    if extra:
-        raise UserError(f"unexpected argument {extra[0]!r} (settings are --key=value, see --help)")
+    cfg = parse_settings(DEFAULTS, __doc__)
     try:
         finetune(cfg)
     finally:

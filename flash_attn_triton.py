@@ -42,9 +42,10 @@ both slow (memory-bound) and large. FlashAttention never builds it:
 Conventions (what model.py relies on):
 
 - Inputs are (batch, heads, seq, head_dim) with any strides as long as the last
-  dimension is contiguous. model.py passes views of a packed (B, T, 3, H, D)
-  qkv tensor (`qkv[:, :, 0].transpose(1, 2)`); the strides go to the kernels
-  as arguments, so nothing is copied.
+  dimension is contiguous. model.py passes (B, T, H, D) tensors seen as
+  (B, H, T, D) with `.transpose(1, 2)`: q and k as rotary writes them, v as a
+  view into the [q | k | v | fc1] projection; the strides go to the kernels as
+  arguments, so nothing is copied.
 - The output is a (B, Tq, H, D)-contiguous buffer viewed as (B, H, Tq, D), so
   `out.transpose(1, 2).reshape(B, Tq, H * D)` is free. dQ/dK/dV use the same
   (B, T, H, D) memory order, except for an input that is a plain contiguous

@@ -14,11 +14,15 @@ Because both branches read the same h, one GEMM computes [q | k | v | fc1] and
 one GEMM computes [attn_out | gelu(fc1)] @ [W_dense; W_fc2]: `in_proj` and
 `out_proj` below. Hugging Face's separate q/k/v/dense/fc1/fc2 weights are split
 and joined in `to_hf_state_dict` / `from_hf_state_dict`, so phi-1 checkpoints
-load one-to-one and ours export back to the same names.
+load one-to-one and ours export back to the same names. One difference in
+training: residual dropout falls on the summed output of the joined GEMM, one
+mask for both branches, where Hugging Face draws one mask per branch (the same
+expectation, somewhat different noise).
 
 Attention goes through one function, `attend`: the Triton FlashAttention kernel
 of flash_attn_triton.py on CUDA, PyTorch's scaled_dot_product_attention
-otherwise (CPU, padding masks, or anything the kernel rejects).
+otherwise (CPU, padding masks, single-token decoding steps, or anything the
+kernel rejects).
 """
 
 from __future__ import annotations
@@ -147,10 +151,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate the first rotary_dim dims of x (B, T, H, D) in "rotate-half" form:
     [x1 | x2] -> [x1 cos - x2 sin | x2 cos + x1 sin]; the other dims pass.
 
-    Slices and concatenations, with q, k, v taken from one [qkv | fc1] split,
-    trained faster on an H200 under torch.compile than one elementwise
-    expression over the whole head with torch.roll (bench/train_speed.py,
-    phi-1-small, interleaved runs: 48.6-48.7% MFU against 47.8-47.9%)."""
+    Written with slices and concatenations: under torch.compile this trained
+    faster on an H200 than one elementwise expression over the whole head with
+    torch.roll (README, Speed)."""
     r = cos.shape[-1]
     x_rot, x_pass = x[..., :r], x[..., r:]
     x1, x2 = x_rot.chunk(2, dim=-1)
@@ -200,7 +203,7 @@ class Block(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) views
         if cache is not None and cache.slot is not None:  # one decoding step, fixed shapes
-            cache.k[layer].index_copy_(2, cache.slot, k.to(cache.k.dtype))  # autocast: bf16 into fp32
+            cache.k[layer].index_copy_(2, cache.slot, k.to(cache.k.dtype))
             cache.v[layer].index_copy_(2, cache.slot, v.to(cache.v.dtype))
             k, v = cache.k[layer], cache.v[layer]
         elif cache is not None:
@@ -258,7 +261,9 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params(embedding=False) + 12 * c.n_layer * c.n_embd * c.block_size
 
-    def _trunk(self, idx, positions, cache=None, mask=None):
+    def hidden_states(self, idx, positions, cache=None, mask=None):
+        """The last layer's normalised outputs (..., T, n_embd) before lm_head:
+        what generation feeds lm_head and what filter.py embeds code with."""
         cos, sin = self.rotary[positions].unsqueeze(-3).unbind(-2)  # (..., T, 1, rotary_dim): any head
         x = self.embed_tokens(idx)
         for i, block in enumerate(self.layers):
@@ -274,7 +279,7 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
-        x = self._trunk(idx, torch.arange(T, device=idx.device))
+        x = self.hidden_states(idx, torch.arange(T, device=idx.device))
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
@@ -331,9 +336,12 @@ class GPT(nn.Module):
 
         generator = torch.Generator(device=device)  # without a seed, one drawn from torch's RNG
         generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
-        dtype = next(self.parameters()).dtype
+        # under autocast (train.py samples its float32 model in bf16) q is in the
+        # autocast dtype: a cache in the same dtype keeps k and v in it too
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else next(self.parameters()).dtype)
         cache = KVCache(self.config, B, total, device, dtype)
-        x = self._trunk(idx, positions[:, :T0], cache, prompt_mask)
+        x = self.hidden_states(idx, positions[:, :T0], cache, prompt_mask)
         logits = self.lm_head(x[:, -1])
 
         # Decoding feeds one token per row at a position held in a tensor, so every
@@ -346,7 +354,7 @@ class GPT(nn.Module):
 
         def decode_step():
             mask = (real_key & (key_index <= cache.slot))[:, None, None]  # (B, 1, 1, total)
-            x = self._trunk(ids, positions.index_select(1, cache.slot), cache, mask)
+            x = self.hidden_states(ids, positions.index_select(1, cache.slot), cache, mask)
             return self.lm_head(x[:, -1])
 
         if device.type == "cuda" and max_new_tokens > 2 and not torch.is_autocast_enabled("cuda"):
@@ -592,6 +600,18 @@ def pick_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device={name}: only cpu and cuda devices are supported")
     return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: auto (bfloat16 on GPUs that have it, else float16 on a GPU, float32
+    on the CPU), float32, bfloat16 or float16."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {name!r}")
+    return dtypes[name]
 
 
 def load_checkpoint(path) -> dict:

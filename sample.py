@@ -83,9 +83,8 @@ from urllib.parse import unquote, urlsplit
 import torch
 
 import tokenizer
-from config import UserError, parse_args, require, run
-from model import GPT, GREEDY_BELOW, pick_device
-from train import pick_dtype
+from config import UserError, parse_settings, require, run
+from model import GPT, GREEDY_BELOW, pick_device, pick_dtype
 
 DEFAULTS = dict(
     ckpt="out/ckpt.pt",  # our .pt checkpoint, a Hugging Face phi folder, or a hub id (microsoft/phi-1)
@@ -784,9 +783,7 @@ def check_settings(cfg) -> None:
 
 
 def main():
-    cfg, extra = parse_args(DEFAULTS, __doc__)
-    if extra:
-        raise UserError(f"unexpected argument {extra[0]!r} (settings are --key=value, see --help)")
+    cfg = parse_settings(DEFAULTS, __doc__)
     check_settings(cfg)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)

@@ -38,9 +38,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
-from config import UserError, parse_args, require, run
+from config import UserError, parse_settings, require, run
 from data.prepare import check_writable, ensure_prepared
-from model import GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, pick_device
+from model import GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, pick_device, pick_dtype
 
 DEFAULTS = dict(
     out_dir="out",  # checkpoints go to out_dir/ckpt.pt
@@ -95,16 +95,6 @@ def setup_processes(name: str):
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float16 if device.type == "cuda" else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {name!r}")
-    return dtypes[name]
 
 
 # ---------------------------------------------------------------- data
@@ -169,9 +159,9 @@ class Mixture:
         for i in choice:
             # a fresh memmap per batch: a long-lived one grows the process's resident memory
             data = np.memmap(self.folders[i] / f"{split}.bin", dtype=np.uint16, mode="r")
-            if len(data) < self.block_size + 2:  # shorter than a window (toy data): it repeats
-                data = np.resize(np.asarray(data), self.block_size + 2)
-            start = int(rng.integers(0, len(data) - self.block_size - 1))
+            if len(data) < self.block_size + 1:  # shorter than a window (toy data): it repeats
+                data = np.resize(np.asarray(data), self.block_size + 1)
+            start = int(rng.integers(0, len(data) - self.block_size))  # the last window ends on the last token
             rows.append(data[start:start + self.block_size + 1].astype(np.int64))
         rows = np.stack(rows)
         if rows.max() >= self.vocab_size:
@@ -421,7 +411,7 @@ def train(cfg, make_data=None, score=None) -> GPT:
               f"({accum} micro-step(s) of {cfg.batch_size} per process); data: {', '.join(data.names)}")
 
     @torch.no_grad()
-    def evaluate() -> dict[str, float]:
+    def val_losses() -> dict[str, float]:
         model.eval()
         losses = {}
         for i, name in enumerate(data.names):
@@ -436,7 +426,7 @@ def train(cfg, make_data=None, score=None) -> GPT:
 
     def print_val_loss(step: int) -> None:
         nonlocal best
-        losses = evaluate()
+        losses = val_losses()
         print(f"step {step}: val loss " + ", ".join(f"{v:.4f} ({k})" for k, v in losses.items()), flush=True)
         if score is not None:
             raw_model.eval()
@@ -458,7 +448,9 @@ def train(cfg, make_data=None, score=None) -> GPT:
     step = start_step
     profiler = None
     if cfg.profile and master:
-        profiler = torch.profiler.profile(schedule=torch.profiler.schedule(wait=cfg.log_interval, warmup=2, active=3))
+        # one cycle (repeat=0 would trace again every log_interval + 5 steps to the end)
+        schedule = torch.profiler.schedule(wait=cfg.log_interval, warmup=2, active=3, repeat=1)
+        profiler = torch.profiler.profile(schedule=schedule)
         profiler.start()
     while step < end:
         if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and master:
@@ -543,9 +535,7 @@ def train(cfg, make_data=None, score=None) -> GPT:
 
 
 def main():
-    cfg, extra = parse_args(DEFAULTS, __doc__)
-    if extra:
-        raise UserError(f"unexpected argument {extra[0]!r} (settings are --key=value, see --help)")
+    cfg = parse_settings(DEFAULTS, __doc__)
     try:
         train(cfg)
     finally:

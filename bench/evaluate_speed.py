@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from config import UserError, parse_args, run  # noqa: E402
+from config import UserError, parse_settings, run  # noqa: E402
 
 DEFAULTS = dict(
     workers=0,  # programs run at once by both harnesses (0: one per core)
@@ -56,7 +56,7 @@ def score_speed(cfg, workers: int) -> None:
                                    for t, p in problems.items()))
         quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
         for _ in range(cfg.repeats):
-            args, _ = parse_args(evaluate.DEFAULTS, argv=[f"--samples={samples}", f"--workers={workers}",
+            args = parse_settings(evaluate.DEFAULTS, argv=[f"--samples={samples}", f"--workers={workers}",
                                                           f"--out={tmp}/out"])
             with quiet[0], quiet[1]:
                 t0 = time.perf_counter()
@@ -191,7 +191,7 @@ def gpu_generation_speed(cfg) -> None:
 
 
 def main():
-    cfg, _ = parse_args(DEFAULTS, __doc__)
+    cfg = parse_settings(DEFAULTS, __doc__)
     import os
     workers = cfg.workers if cfg.workers > 0 else len(os.sched_getaffinity(0))
     parts = cfg.parts.split(",")

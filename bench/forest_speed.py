@@ -22,7 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from config import UserError, parse_args, run  # noqa: E402
+from config import UserError, parse_settings, run  # noqa: E402
 from filter import RandomForest, auc  # noqa: E402
 
 DEFAULTS = dict(
@@ -64,7 +64,7 @@ def measure(make, X, y, train, test) -> tuple[float, float, float, float]:
 
 
 def main():
-    cfg, _ = parse_args(DEFAULTS, __doc__)
+    cfg = parse_settings(DEFAULTS, __doc__)
     try:
         from sklearn import datasets
         from sklearn.ensemble import RandomForestClassifier

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import synth  # noqa: E402
-from config import parse_args, run  # noqa: E402
+from config import parse_settings, run  # noqa: E402
 from llm_server import FakeLLM, digest, prose  # noqa: E402
 
 DEFAULTS = dict(
@@ -47,7 +47,7 @@ def measure(url: str, concurrency: int, rpm: int, n: int) -> tuple[float, int]:
 
 
 def main():
-    cfg, _ = parse_args(DEFAULTS, __doc__)
+    cfg = parse_settings(DEFAULTS, __doc__)
     latency = cfg.latency_ms / 1000
     levels = [int(c) for c in str(cfg.concurrency).split(",")]
     rows = [(c, 0) for c in levels] + ([(levels[-1], cfg.rpm)] if cfg.rpm else [])

@@ -20,7 +20,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from config import UserError, parse_args, run  # noqa: E402
+from config import UserError, parse_settings, run  # noqa: E402
 
 DEFAULTS = dict(
     presets="phi-1-small,phi-1",  # presets to measure
@@ -38,7 +38,7 @@ LOG = re.compile(r"step (\d+) \|.*\| ([\d,]+) tok/s \| MFU ([\d.]+)% \| ([\d.]+)
 
 
 def main():
-    cfg, _ = parse_args(DEFAULTS, __doc__)
+    cfg = parse_settings(DEFAULTS, __doc__)
     unknown = [p for p in cfg.presets.split(",") if p not in REFERENCE]
     if unknown:
         raise UserError(f"no reference figures for --presets={unknown[0]}; choose from {', '.join(REFERENCE)}")

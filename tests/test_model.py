@@ -180,9 +180,9 @@ def test_cached_decoding_gives_the_logits_of_a_full_forward():
     with torch.no_grad():
         full, _ = model(idx)
         cache = KVCache(SMALL, 2, 24, "cpu", torch.float32)
-        steps = [model.lm_head(model._trunk(idx[:, :10], torch.arange(10), cache))]
+        steps = [model.lm_head(model.hidden_states(idx[:, :10], torch.arange(10), cache))]
         for t in range(10, 24):
-            steps.append(model.lm_head(model._trunk(idx[:, t:t + 1], torch.arange(t, t + 1), cache)))
+            steps.append(model.lm_head(model.hidden_states(idx[:, t:t + 1], torch.arange(t, t + 1), cache)))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -195,12 +195,12 @@ def test_fixed_shape_decoding_steps_give_the_logits_of_a_full_forward():
     with torch.no_grad():
         full, _ = model(idx)
         cache = KVCache(SMALL, 2, 24, "cpu", torch.float32)
-        steps = [model.lm_head(model._trunk(idx[:, :10], torch.arange(10), cache))]
+        steps = [model.lm_head(model.hidden_states(idx[:, :10], torch.arange(10), cache))]
         cache.slot = torch.zeros(1, dtype=torch.long)
         for t in range(10, 24):
             cache.slot.fill_(t)
             mask = (keys <= cache.slot).expand(2, 1, 1, 24)
-            steps.append(model.lm_head(model._trunk(idx[:, t:t + 1], cache.slot, cache, mask)))
+            steps.append(model.lm_head(model.hidden_states(idx[:, t:t + 1], cache.slot, cache, mask)))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -227,12 +227,18 @@ def test_batched_generation_with_padding_equals_one_prompt_at_a_time():
         assert model.generate([prompt], max_new_tokens=8) == [out]
 
 
-def test_generation_under_autocast_and_with_no_new_tokens():
-    # train.py samples from its float32 model under bf16 autocast: the cache is float32
+def test_generation_under_autocast_and_with_no_new_tokens(monkeypatch):
+    # train.py samples from its float32 model under bf16 autocast: the cache then holds
+    # bf16 like q, so attention gets one dtype (the Triton kernel refuses a mix)
+    import model as model_module
     model = small_model(seed=5, config=GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64))
+    seen, attend = set(), model_module.attend
+    monkeypatch.setattr(model_module, "attend", lambda q, k, v, *a, **kw: seen.add((q.dtype, k.dtype, v.dtype))
+                        or attend(q, k, v, *a, **kw))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.generate([[1, 2, 3], [4]], max_new_tokens=6)
     assert [len(o) for o in out] == [6, 6]
+    assert seen == {(torch.bfloat16,) * 3}
     assert model.generate([[1, 2]], max_new_tokens=0) == [[]]
 
 

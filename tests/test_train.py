@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from config import UserError, parse_args
+from config import UserError, parse_args, parse_settings
 from model import GPT, PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +59,18 @@ def test_weight_decay_applies_to_matrices_only():
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_windows_reach_every_token_and_a_short_bin_repeats(tmp_path):
+    for split, n in (("train", 18), ("val", 5)):  # windows of 16 + 1 tokens fit train.bin two ways; val.bin is short
+        np.arange(1, n + 1, dtype=np.uint16).tofile(tmp_path / f"{split}.bin")
+    (tmp_path / "meta.json").write_text("{}")
+    mixture = train.Mixture(str(tmp_path), 16, 51200, prepare_default=False)
+    x, y = mixture.batch("train", 64, 0, 0)
+    assert {int(row[0]) for row in x} == {1, 2} and y.max() == 18  # the last token is a target too
+    assert np.array_equal(y[:, :-1], x[:, 1:])
+    x, y = mixture.batch("val", 4, 0, 0)
+    assert x.shape == y.shape == (4, 16) and list(x[0, :7]) == [1, 2, 3, 4, 5, 1, 2]
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):
@@ -301,6 +313,9 @@ def test_config_parsing():
                                                  "--learning-rate=2e-3", "extra"])
     assert (cfg.batch_size, cfg.compile, cfg.dropout, cfg.learning_rate, rest) == (3, True, 0.2, 2e-3, ["extra"])
     for bad in (["--batch_size=x"], ["--compile=maybe"], ["--max_iters=1.5"], ["--nope"],
-                ["--learning_rate=1e999"], ["--dropout=-1e999"]):
+                ["--learning_rate=1e999"], ["--dropout=-1e999"], ["--max_iters=" + "9" * 400],
+                ["--learning_rate=" + "9" * 400]):
         with pytest.raises(UserError):
             parse_args(train.DEFAULTS, argv=bad)
+    with pytest.raises(UserError, match="unexpected argument 'extra'"):  # scripts that take settings only
+        parse_settings(train.DEFAULTS, argv=["--batch_size=3", "extra"])
