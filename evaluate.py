@@ -989,6 +989,7 @@ def check_settings(cfg) -> list[int]:
             (cfg.temperature == 0 or 0 < cfg.top_p <= 1, "--top_p must be > 0 and <= 1 when sampling "
                                                          "(--temperature > 0)"),
             (cfg.max_new_tokens >= 0, "--max_new_tokens must be >= 0"),
+            (cfg.limit >= 0, "--limit must be >= 0 (0: every problem)"),
             (cfg.batch_size >= 1, "--batch_size must be >= 1"),
             (cfg.timeout > 0, "--timeout must be > 0"),
             (cfg.memory_mb >= 64, "--memory_mb must be >= 64"),

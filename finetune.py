@@ -36,7 +36,7 @@ import numpy as np
 
 import tokenizer
 import train
-from config import UserError, parse_settings, run
+from config import UserError, parse_settings, require, run
 
 # train.py's settings, less those that choose the model and data, with the paper's finetuning recipe
 DEFAULTS = {key: value for key, value in train.DEFAULTS.items()
@@ -60,6 +60,9 @@ DEFAULTS.update(
     dropout=None,  # attention and residual dropout (None: the base model's)
     seed=train.DEFAULTS["seed"],  # batches and dropout noise; exercises go to val by a hash of their text
 )
+
+
+HUMANEVAL_PROBLEMS = 164
 
 
 def read_exercises(path: Path) -> tuple[list[tuple[str, str]], int]:
@@ -139,10 +142,13 @@ def humaneval_score(cfg):
 
 def finetune(cfg):
     """Finetune as cfg says (DEFAULTS' settings); returns the finetuned model."""
-    if cfg.loss_on not in ("completion", "all"):
-        raise UserError(f"--loss_on must be completion or all, not {cfg.loss_on!r}")
-    if cfg.humaneval_problems > 0 and cfg.eval_interval == 0:
-        raise UserError("--humaneval_problems scores at each validation: it needs --eval_interval > 0")
+    require((cfg.loss_on in ("completion", "all"), f"--loss_on must be completion or all, not {cfg.loss_on!r}"),
+            (0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), not {cfg.val_fraction}"),
+            (0 <= cfg.humaneval_problems <= HUMANEVAL_PROBLEMS,
+             f"--humaneval_problems must be 0 to {HUMANEVAL_PROBLEMS}, not {cfg.humaneval_problems}"),
+            (cfg.humaneval_max_tokens > 0, f"--humaneval_max_tokens must be positive, not {cfg.humaneval_max_tokens}"),
+            (cfg.humaneval_problems == 0 or cfg.eval_interval > 0,
+             "--humaneval_problems scores at each validation: it needs --eval_interval > 0"))
     path = Path(cfg.exercises)
     exercises, malformed = read_exercises(path)
     if malformed:

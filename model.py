@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import struct
 import warnings
@@ -620,12 +621,18 @@ def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (not a checkpoint)")
     try:
         with warnings.catch_warnings():  # torch warns about odd pickles before failing on them
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's many-line message suggests an unsafe load instead
+        raise ValueError(f"{path} is not a readable checkpoint (not a file of tensors that torch.save wrote)") from None
     except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a phi1 checkpoint (no model and config inside)")
     return ckpt

@@ -25,6 +25,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -59,7 +60,7 @@ DEFAULTS = dict(
     min_lr=0.0,  # the linear decay ends here at max_iters
     weight_decay=0.1,  # AdamW decay of weight matrices; biases and norms are not decayed
     beta1=0.9,  # AdamW betas
-    beta2=0.95,
+    beta2=0.95,  # the second moment's decay (paper: 0.95)
     grad_clip=1.0,  # clip the gradient norm (0: off)
     eval_interval=50,  # steps between validation losses, and one at the end (0: none)
     eval_iters=10,  # batches per validation loss
@@ -147,6 +148,8 @@ class Mixture:
                 raise UserError(f"no prepared data at {folder} (run: python data/prepare.py ...)")
             if path.stat().st_size < 4:
                 raise UserError(f"{path} is empty: nothing to {'train' if split == 'train' else 'validate'} on")
+            if path.stat().st_size % 2:  # uint16 tokens: cut short by a full disk or a copy
+                raise UserError(f"{path} is cut short (an odd number of bytes): prepare the data again")
         return folder
 
     def batch(self, split: str, batch_size: int, seed: int, *key: int, only: int | None = None):
@@ -215,8 +218,15 @@ def save_checkpoint(path: Path, raw_model: GPT, step: int, cfg, **state) -> None
             "settings": vars(cfg), **state}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk: torch reports it as a RuntimeError
+        tmp.unlink(missing_ok=True)  # the space a half-written file holds goes back
+        reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e).strip().splitlines()[0][:120]
+        free = shutil.disk_usage(path.parent).free / 2**30
+        raise UserError(f"cannot write the checkpoint {path}: {reason} ({free:.1f} GiB free there; "
+                        f"the last checkpoint, if any, is intact)") from None
 
 
 def _on_signal(signum, frame):
@@ -312,7 +322,8 @@ def build_model(cfg, out_dir: Path, master: bool):
     for key, value in overrides.items():  # the blocks share this config
         setattr(model.config, key, value)
     if master:
-        print(f"starting from {mode}")
+        ignored = f" (the weights' own model: --preset={cfg.preset} does not apply)" if cfg.preset else ""
+        print(f"starting from {mode}{ignored}")
     return model.float(), None, origin_of(mode)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from config import UserError, parse_settings, run  # noqa: E402
+from config import UserError, parse_settings, require, run  # noqa: E402
 from filter import RandomForest, auc  # noqa: E402
 
 DEFAULTS = dict(
@@ -65,14 +65,21 @@ def measure(make, X, y, train, test) -> tuple[float, float, float, float]:
 
 def main():
     cfg = parse_settings(DEFAULTS, __doc__)
+    require(*[(getattr(cfg, key) > 0, f"--{key} must be positive, not {getattr(cfg, key)}")
+              for key in ("n_trees", "min_samples_leaf", "splits", "dims")],
+            *[(getattr(cfg, key) >= 0, f"--{key} must not be negative, not {getattr(cfg, key)}")
+              for key in ("max_depth", "jobs", "rows", "seed")])
     try:
         from sklearn import datasets
         from sklearn.ensemble import RandomForestClassifier
     except ImportError:
         raise UserError("this benchmark compares with scikit-learn: pip install scikit-learn") from None
     jobs = cfg.jobs or len(os.sched_getaffinity(0))
-    max_features = cfg.max_features if cfg.max_features in ("sqrt", "log2") else (
-        float(cfg.max_features) if "." in cfg.max_features else int(cfg.max_features))
+    try:
+        max_features = cfg.max_features if cfg.max_features in ("sqrt", "log2") else (
+            float(cfg.max_features) if "." in cfg.max_features else int(cfg.max_features))
+    except ValueError:
+        raise UserError(f"--max_features takes sqrt, log2, a count or a fraction, not {cfg.max_features!r}") from None
     depth = cfg.max_depth or None
 
     def ours(seed):

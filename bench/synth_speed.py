@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import synth  # noqa: E402
-from config import parse_settings, run  # noqa: E402
+from config import parse_settings, require, run  # noqa: E402
 from llm_server import FakeLLM, digest, prose  # noqa: E402
 
 DEFAULTS = dict(
@@ -48,8 +48,11 @@ def measure(url: str, concurrency: int, rpm: int, n: int) -> tuple[float, int]:
 
 def main():
     cfg = parse_settings(DEFAULTS, __doc__)
+    levels = [int(c) if c.strip().isdigit() else 0 for c in str(cfg.concurrency).split(",")]
+    require((min(levels) > 0, f"--concurrency takes positive whole numbers, not {cfg.concurrency!r}"),
+            (cfg.latency_ms > 0 and cfg.seconds > 0, "--latency_ms and --seconds must be positive"),
+            (cfg.rpm >= 0, f"--rpm must not be negative, not {cfg.rpm}"))
     latency = cfg.latency_ms / 1000
-    levels = [int(c) for c in str(cfg.concurrency).split(",")]
     rows = [(c, 0) for c in levels] + ([(levels[-1], cfg.rpm)] if cfg.rpm else [])
     print(f"synth.py textbook against a fake server answering in {cfg.latency_ms:g} ms "
           f"({os.cpu_count()} CPUs)\n")

@@ -455,7 +455,9 @@ def check_writable(*paths: Path) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+            in_the_way = next((p for p in path.parents if p.is_file()), None)  # mkdir says only "File exists"
+            reason = f"{in_the_way} is a file, not a folder" if in_the_way else e.strerror or e
+            raise UserError(f"cannot write {path}: {reason}") from None
         if not os.access(path if path.exists() else path.parent, os.W_OK):
             raise UserError(f"cannot write {path}: permission denied")
 
@@ -522,6 +524,14 @@ def prepare(cfg, quiet: bool = False) -> dict:
             print(f"already prepared: {out} ({summary(meta)})")
         return meta
 
+    try:
+        earlier = json.loads((out / "meta.json").read_text()).get("output", "bins")
+    except (OSError, ValueError, AttributeError):  # nothing there (or nothing readable)
+        earlier = cfg.output
+    if earlier != cfg.output and not quiet:  # the user may have meant two outputs: say so before the work
+        kinds = {"bins": "token bins", "jsonl": "JSONL documents"}
+        print(f"{out} holds {kinds.get(earlier, earlier)} from an earlier run: this run replaces them with "
+              f"{kinds[cfg.output]} (another --name keeps both)")
     bins = cfg.output == "bins"
     if bins:
         encode("")  # loads the BPE file now: offline without a copy, stop before writing anything

@@ -531,6 +531,7 @@ def test_bad_input_ends_with_one_line_and_status_2(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--batch_size=0"], "--batch_size must be >= 1"),
     (["--max_new_tokens=-1"], "--max_new_tokens must be >= 0"),
+    (["--limit=-1"], "--limit must be >= 0"),
     (["--temperature=-1"], "--temperature must be >= 0"),
     (["--temperature=0.8", "--top_p=0"], "--top_p must be > 0 and <= 1 when sampling"),
     (["--temperature=0.8", "--top_p=1.5"], "--top_p must be > 0 and <= 1 when sampling"),

@@ -172,6 +172,20 @@ def test_bad_input_gives_one_clear_line(tmp_path, base):
         assert "val loss" not in result.stdout and not (tmp_path / "out" / "ckpt.pt").exists()  # before any work
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("--val_fraction=1.5", "--val_fraction must be in"), ("--val_fraction=-1", "--val_fraction must be in"),
+    ("--humaneval_problems=-3", "--humaneval_problems must be 0 to 164"),
+    ("--humaneval_problems=500", "--humaneval_problems must be 0 to 164"),
+    ("--humaneval_max_tokens=-5", "--humaneval_max_tokens must be positive"),
+])
+def test_settings_out_of_range_stop_before_anything_is_read(tmp_path, setting, message):
+    from config import UserError, parse_settings
+    cfg = parse_settings(finetune.DEFAULTS, argv=[setting, f"--exercises={tmp_path / 'never_read.jsonl'}",
+                                                  f"--out_dir={tmp_path / 'out'}"])
+    with pytest.raises(UserError, match=message):
+        finetune.finetune(cfg)
+
+
 def test_help_describes_finetunings_own_settings():
     text = cli("--help").stdout
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  --")}

@@ -297,9 +297,12 @@ def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus():
 
 def test_checkpoint_errors_are_clear(tmp_path):
     bad = tmp_path / "ckpt.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
-        load_checkpoint(bad)
+    for content, message in ((b"\x80garbage", "not a readable checkpoint"), (b"", "is empty"),
+                             (b"garbage\n", "not a file of tensors that torch.save wrote")):
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=message) as error:
+            load_checkpoint(bad)
+        assert "\n" not in str(error.value) and "weights_only" not in str(error.value)  # one line, no unsafe advice
     torch.save({"weights": 1}, bad)
     with pytest.raises(ValueError, match="not a phi1 checkpoint"):
         load_checkpoint(bad)

@@ -352,7 +352,7 @@ def test_jsonl_output_holds_the_kept_documents_with_their_ids_for_filter(tmp_pat
         prepare.prepare(settings(tmp_path, inputs=str(src), output="npy"), quiet=True)
 
 
-def test_jsonl_and_bins_outputs_never_mix(tmp_path):
+def test_jsonl_and_bins_outputs_never_mix(tmp_path, capsys):
     import train
     src = write_tree(tmp_path / "src", {"a.py": A, "b.py": B})
     (tmp_path / "odd.jsonl").write_text(json.dumps({"id": "\ud800", "text": A}) + "\n")  # a lone surrogate in an id
@@ -367,6 +367,9 @@ def test_jsonl_and_bins_outputs_never_mix(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "part-00000.jsonl"]
     with pytest.raises(UserError, match="holds JSONL documents"):
         train.Mixture(str(out), 16, 51200, prepare_default=False)
-    prepare.prepare(settings(tmp_path, inputs=str(src)), quiet=True)
+    capsys.readouterr()
+    prepare.prepare(settings(tmp_path, inputs=str(src)))
+    said = capsys.readouterr().out
+    assert "holds JSONL documents from an earlier run: this run replaces them with token bins" in said
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     train.Mixture(str(out), 16, 51200, prepare_default=False)

@@ -73,6 +73,29 @@ def test_windows_reach_every_token_and_a_short_bin_repeats(tmp_path):
     assert x.shape == y.shape == (4, 16) and list(x[0, :7]) == [1, 2, 3, 4, 5, 1, 2]
 
 
+def test_a_bin_cut_short_is_named(tmp_path):
+    data = make_dataset(tmp_path / "ds")
+    with open(data / "train.bin", "ab") as f:
+        f.write(b"\x01")  # half a token: a copy cut short
+    with pytest.raises(UserError, match="train.bin is cut short"):
+        train.Mixture(str(data), 16, 51200, prepare_default=False)
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_and_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(path, GPT(PRESETS["nano"]), 1, settings())
+    before = path.read_bytes()
+
+    def disk_full(obj, f):  # what torch.save does on a full disk: some bytes, then an error
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8128 vs 8022")
+
+    monkeypatch.setattr(train.torch, "save", disk_full)
+    with pytest.raises(UserError, match="cannot write the checkpoint .*unexpected pos.*GiB free there"):
+        train.save_checkpoint(path, GPT(PRESETS["nano"]), 2, settings())
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
 def test_a_few_steps_lower_the_loss(tmp_path):
     data = make_dataset(tmp_path / "ds")
     cfg = settings(data=str(data), out_dir=str(tmp_path / "out"), max_iters=30)
@@ -240,7 +263,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
     (dict(seed=2**64), "--seed must be below 2\\*\\*63"),
     (dict(stop_iters=30), "--stop_iters \\(30\\) must not be above --max_iters \\(20\\)"),
     (dict(data="DATA:nan"), "weights must be positive numbers"),
-    (dict(out_dir="A_FILE"), "cannot write"),
+    (dict(out_dir="A_FILE"), "cannot write .*a_file is a file, not a folder"),
 ])
 def test_settings_that_cannot_train_stop_before_training(tmp_path, bad, message):
     data = make_dataset(tmp_path / "ds")
@@ -260,7 +283,7 @@ def test_a_run_from_weights_resumes_its_own_checkpoint(tmp_path, capsys):
     cfg = dict(data=str(data), out_dir=str(tmp_path / "out"), init_from=str(base), checkpoint_interval=5)
     train.train(settings(**cfg, max_iters=5))
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["origin"] == str(base.resolve())
-    capsys.readouterr()
+    assert "(the weights' own model: --preset=nano does not apply)" in capsys.readouterr().out
     train.train(settings(**cfg, max_iters=10))  # as after a SIGTERM at step 5: the same command again
     assert f"resuming {tmp_path / 'out' / 'ckpt.pt'} from step 5" in capsys.readouterr().out
     with pytest.raises(UserError, match="started from .*base.pt, not from"):
