@@ -1327,21 +1327,37 @@ def compare_document(document: tuple[str, str]):
     return doc_id, True, shared, close
 
 
-def similarity_table(best_tau: dict[str, float], results: list[Path], taus) -> str:
+def pass_rates(path: Path, tasks: list[str]) -> dict[str, float]:
+    """Each task's pass rate in an evaluate.py results file, read before the comparison (hours
+    at the paper's scale) so that a wrong --results is told at once, by file and line."""
+    passed, count = Counter(), Counter()
+    try:
+        with path.open("rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                if not (isinstance(record, dict) and "task_id" in record and isinstance(record.get("passed"), bool)):
+                    raise UserError(f"--results: {path} line {number} is not an evaluate.py result (a JSON object "
+                                    f"with a task_id and passed): is {path.name} a results.jsonl?")
+                passed[str(record["task_id"])] += record["passed"]
+                count[str(record["task_id"])] += 1
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if not count:
+        raise UserError(f"--results: no results in {path}")
+    unknown = set(count) - set(tasks)
+    if unknown:
+        raise UserError(f"--results: {path} has task ids the benchmarks checked do not: {sorted(unknown)[:3]}")
+    return {t: passed[t] / count[t] for t in count}
+
+
+def similarity_table(best_tau: dict[str, float], results: list[Path], rates: list[dict[str, float]], taus) -> str:
     """The paper's Table 3: per tau, the problems with a training document at least that
     close (similar) and the others, with the pass rate of each group per results file."""
-    rates = []
-    for path in results:
-        passed, count = Counter(), Counter()
-        for r in read_jsonl(path):
-            passed[str(r.get("task_id"))] += bool(r.get("passed"))
-            count[str(r.get("task_id"))] += 1
-        if not count:
-            raise UserError(f"no results in {path}")
-        unknown = set(count) - set(best_tau)
-        if unknown:
-            raise UserError(f"{path} has task ids the benchmarks checked do not: {sorted(unknown)[:3]}")
-        rates.append({t: passed[t] / count[t] for t in count})
     tasks = sorted(set().union(*rates), key=lambda t: (t.split("/")[0], int(t.rpartition("/")[2] or 0)))
     names = [p.parent.name or str(p) for p in results]
     lines = [["tau", "problems", "count", *names]]
@@ -1357,13 +1373,37 @@ def similarity_table(best_tau: dict[str, float], results: list[Path], taus) -> s
                                enumerate(zip(row, widths))) for row in lines)
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether a and b name one file, by whatever path (a link, "..", a hard link)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is not there (yet): compare where the paths lead
+        return a.resolve() == b.resolve()
+
+
+def check_apart(outputs: dict[str, Path], inputs: dict[str, list[Path]]) -> None:
+    """Refuse an output that is one of the inputs or an earlier output: writing it would
+    overwrite, without a word, what is read (the corpus itself) or what was just written."""
+    taken = [(option, path) for option, paths in inputs.items() for path in paths]
+    for option, path in outputs.items():
+        for other_option, other in taken:
+            if same_file(path, other):
+                raise UserError(f"{option}={path} is the file {other_option} names ({other}): "
+                                f"writing it would overwrite that; give {option} another path")
+        taken.append((option, path))
+
+
 def decontaminate(cfg) -> dict:
-    """Check cfg.corpus against the benchmarks; write the report (and the pruned set)."""
+    """Check cfg.corpus against the benchmarks; write the report (and the pruned set).
+    The comparison takes hours at the paper's scale, so all that can go wrong with the
+    settings (the outputs, --results, --ckpt) is found out before it."""
     import evaluate
     if cfg.prune_tau and not cfg.out:
         raise UserError("--prune_tau needs --out: where to write the pruned documents")
     if not 0 < cfg.min_tau <= 1 or (cfg.prune_tau and not cfg.min_tau <= cfg.prune_tau <= 1):
         raise UserError("--min_tau must be in (0, 1], and --prune_tau (if given) in [--min_tau, 1]")
+    if cfg.ckpt and (cfg.doc_tokens < 1 or cfg.batch_size < 1):
+        raise UserError("--doc_tokens and --batch_size must be at least 1")
     benches = [b.strip() for b in cfg.bench.split(",") if b.strip()]
     if not benches:
         raise UserError("--bench is needed: humaneval, mbpp or both, comma-separated")
@@ -1372,11 +1412,17 @@ def decontaminate(cfg) -> dict:
     for path in results:
         if not path.is_file():
             raise UserError(f"no results file at {path}")
+    report_path, out = Path(cfg.report), Path(cfg.out) if cfg.prune_tau else None
+    outputs = {"--report": report_path} if out is None else {"--out": out, "--report": report_path}
+    check_apart(outputs, {"--corpus": files, "--results": results})
     problems = {}
     for bench in benches:
         found, _ = evaluate.load_problems(bench, cfg.mbpp)
         problems.update({task: p["prompt"] + p["reference"] for task, p in found.items()})
     tasks = list(problems)
+    rates = [pass_rates(path, tasks) for path in results]
+    check_writable(*outputs.values())
+    model = load_embedder(cfg, cfg.ckpt, start_processes(cfg)[2]) if cfg.ckpt else None
     trees = [code_tree(problems[t]) for t in tasks]
     grams = {}
     for p, task in enumerate(tasks):
@@ -1416,16 +1462,14 @@ def decontaminate(cfg) -> dict:
     taus = [t for t in TAUS if t >= cfg.min_tau]
     rows = [dict(task_id=t, ngram_documents=ngram_docs[p], ngram_example=ngram_example.get(p),
                  tau=best[p][0] or None, tau_document=best[p][1]) for p, t in enumerate(tasks)]
-    if cfg.ckpt:
-        nearest(cfg, files, [problems[t] for t in tasks], ids, rows)
+    if model is not None:
+        nearest(cfg, model, files, [problems[t] for t in tasks], ids, rows)
     report = dict(corpus=[str(f) for f in files], documents=len(ids), parsed=parsed, benchmarks=cfg.bench,
                   problems=len(tasks), min_tau=cfg.min_tau, documents_with_13gram_overlap=overlapping,
                   documents_by_tau={f"{t:g}": int((doc_tau >= t).sum()) for t in taus},
                   problems_by_tau={f"{t:g}": sum((r["tau"] or 0) >= t for r in rows) for t in taus},
                   embedding=cfg.ckpt or None, by_problem=rows)
     if cfg.prune_tau:
-        out = Path(cfg.out)
-        check_writable(out)
         partial = out.with_name(out.name + ".partial")
         kept = 0
         with open(partial, "w", encoding="utf-8") as f:
@@ -1437,21 +1481,18 @@ def decontaminate(cfg) -> dict:
         report["pruned"] = dict(tau=cfg.prune_tau, kept=kept, removed=len(ids) - kept, file=str(out))
         print(f"pruned: {len(ids) - kept} of {len(ids)} documents have tau >= {cfg.prune_tau} with some problem; "
               f"the other {kept} are in {out}")
-    report_path = Path(cfg.report)
-    check_writable(report_path)
     write_atomic(report_path, (json.dumps(report, indent=2) + "\n").encode())
     print(f"{len(ids)} documents ({parsed} parse as Python) against {len(tasks)} problems of {cfg.bench}: "
           f"{overlapping} share a 13-gram with one; by AST match rate, documents / problems at tau >= "
           + ", ".join(f"{t:g}: {report['documents_by_tau'][f'{t:g}']} / {report['problems_by_tau'][f'{t:g}']}"
                       for t in taus) + f"; report: {report_path}")
     if results:
-        print(similarity_table({r["task_id"]: r["tau"] or 0.0 for r in rows}, results, taus))
+        print(similarity_table({r["task_id"]: r["tau"] or 0.0 for r in rows}, results, rates, taus))
     return report
 
 
-def nearest(cfg, files: list[Path], problem_texts: list[str], ids: list[str], rows: list[dict]) -> None:
+def nearest(cfg, model, files: list[Path], problem_texts: list[str], ids: list[str], rows: list[dict]) -> None:
     """Add each problem's closest training document by L2 distance of unit-normalised embeddings."""
-    model = load_embedder(cfg, cfg.ckpt, start_processes(cfg)[2])
 
     def unit(texts):
         X = embed_texts(model, texts, cfg.doc_tokens, cfg.batch_size)[0]

@@ -31,19 +31,29 @@ killed at any moment, started again with the same command, skips every id in eit
 file and ends with the same records as a run never stopped (given an endpoint that
 answers the same request the same way), none twice. A line torn by the kill is cut off.
 
-An item yields no record when --attempts answers or requests failed (an invalid
-exercise, an empty answer, a request that failed for good after llm.py's retries), or
-when it duplicates a record already written: the same text up to case and whitespace,
-or a near-duplicate whose word 5-grams have an estimated Jaccard similarity of at least
---near_dup (MinHash with numpy). Its slot goes to the next index, until the file holds
---n records of this kind and seed.
+An item yields no record when --attempts answers were judged unusable (an invalid
+exercise, an empty answer), or when it duplicates a record already written: the same
+text up to case and whitespace, or a near-duplicate whose word 5-grams have an
+estimated Jaccard similarity of at least --near_dup (MinHash with numpy). Its slot goes
+to the next index, until the file holds --n records of this kind and seed.
+
+An item whose request failed for good (after llm.py's retries; a request refused with
+a 4xx is not sent again, as it would be refused again) before it had a record is
+written nowhere: it keeps its slot, the run ends with the file short of --n and says so,
+and the same command run again asks for it anew (its record then comes after the
+others). So an outage or a setting the endpoint rejects loses no item for good.
+(Older versions wrote such items to FILE.skipped as "request failed: ..."; those lines
+are not taken as done.)
 
 Errors end the run with one line and exit status 2, the output as it was: a bad setting
 or subcommand, an output that cannot be written, and an endpoint that is unreachable,
 refuses the key or lacks the model (checked with one GET /models before anything else).
 A 401, 403 or 404 later in the run ends it the same way, and so do --give_up items in a
-row without a record (the endpoint or model is not up to the task); the items before
-them are written. Ctrl-C (or SIGTERM) starts no new
+row without a record (the endpoint or model is not up to the task; when all were refused
+alike, with a 4xx, the line quotes the endpoint's message: a setting it rejects), and
+items whose requests failed (a rerun retries them); the items before them are written.
+Settings an OpenAI-compatible API rejects (--temperature outside [0, 2], --max_tokens
+below 1) are refused before any request. Ctrl-C (or SIGTERM) starts no new
 items, lets those in flight finish and be written, and exits with status 130; a second
 Ctrl-C exits at once.
 
@@ -90,7 +100,7 @@ DEFAULTS = dict(
     **llm.DEFAULTS,  # the client: --api_base, --concurrency, --rpm, --tpm, --timeout, ... (llm.py)
     temperature=1.0,  # sampling temperature of the teacher
     max_tokens=1024,  # tokens per answer at most
-    attempts=3,  # answers or failed requests per item before giving up on it
+    attempts=3,  # answers (or failed requests) per item before giving up on it (leaving it to a rerun)
     near_dup=0.8,  # estimated Jaccard similarity of word 5-grams that makes a near-duplicate
     give_up=100,  # items in a row without a record that end the run
     check_examples=True,  # exercises: run the docstring's examples in evaluate.py's sandbox
@@ -512,21 +522,29 @@ def sidecars(out: Path) -> tuple[Path, Path]:
     return out.with_name(out.name + ".skipped"), out.with_name(out.name + ".report.json")
 
 
+def judged(skipped: dict) -> bool:
+    """Whether a line of FILE.skipped gives a verdict on its item, and not a failed request, as
+    older versions wrote there too: such an item was never judged, and is asked for again."""
+    return not str(skipped.get("reason", "")).startswith("request failed")
+
+
 # ---------------------------------------------------------------- the run
 
 @dataclass
 class Outcome:
-    """What became of one item: a record, or the reason there is none."""
+    """What became of one item: a record, or the reason there is none: unusable answers, or
+    a failed request (then no verdict was reached, and a rerun asks again)."""
     index: int
     record: dict | None = None
     signature: np.ndarray | None = None  # the record's MinHash, computed in the worker
-    reason: str = ""
+    reason: str = ""  # why the answers could not become a record
     invalid: int = 0  # answers that could not become a record
-    failed: int = 0  # requests that failed for good
+    failure: llm.Failure | None = None  # the last request that failed for good
 
 
 def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sandbox) -> Outcome:
-    """Ask for item index until an answer makes a record, --attempts times at most.
+    """Ask for item index until an answer makes a record, --attempts times at most; a request
+    refused with a 4xx is not sent again (the same request would be refused the same way).
     A fatal LLMError (wrong key, model or URL) propagates."""
     rid = item_id(kind, cfg.seed, index)
     constraints = draw(kind, cfg.seed, index)
@@ -539,8 +557,9 @@ def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sand
         except llm.LLMError as e:
             if e.failure.fatal:
                 raise
-            out.failed += 1
-            out.reason = f"request failed: {e.failure}"
+            out.failure = e.failure
+            if e.failure.kind == "refused":
+                break
             continue
         answers += 1
         try:
@@ -584,19 +603,23 @@ class Interrupts:
 
 def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: Appender, skipped: Appender,
                have: int, done: set[str], stop: threading.Event) -> tuple[Counter, str | None]:
-    """Make items until the output holds cfg.n records (have so far) or stop is set. Returns the
-    counts of this run (written, invalid answers, items dropped by reason) and the error that
-    ended it, if one did: a fatal failure, or --give_up items in a row without a record."""
+    """Make items until the output holds cfg.n records (have so far), but for the items whose
+    requests failed (they keep their slots for a rerun), or stop is set. Returns the counts of
+    this run (written, invalid answers, items dropped by reason, unanswered) and the error that
+    ended it, if one did: a fatal failure, --give_up items in a row without a record, or
+    unanswered items."""
     counts = Counter()
     indexes = (i for i in itertools.count() if item_id(kind, cfg.seed, i) not in done)
     queue: deque = deque()  # (index, future) of items not yet written, in index order
     streak, error = 0, None  # items in a row without a record; why the run must end
+    alike = None  # the failure of every item of the streak, if all were refused the same way
+    last_failure = None  # that of the last item without an answer
     bar = tqdm(total=cfg.n, initial=have, unit="rec", desc=kind, dynamic_ncols=True, disable=None)
     pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="item")
     try:
         while True:
-            while not stop.is_set() and error is None and have + len(queue) < cfg.n and \
-                    len(queue) < 4 * cfg.concurrency:
+            while not stop.is_set() and error is None and len(queue) < 4 * cfg.concurrency and \
+                    have + counts["unanswered"] + len(queue) < cfg.n:
                 index = next(indexes)
                 queue.append((index, pool.submit(make_item, kind, index, cfg, client, dedup, sandbox)))
             if stop.is_set() or error is not None:
@@ -619,26 +642,48 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
             if error is not None:
                 continue
             counts["invalid answers"] += outcome.invalid
-            reason = outcome.reason
-            if outcome.record is not None:
+            failure = outcome.failure if outcome.record is None else None
+            if failure is not None:  # no verdict on the item: written nowhere, so a rerun asks again
+                counts["unanswered"] += 1
+                reason, last_failure = f"request failed: {failure}", failure
+            elif outcome.record is None:
+                reason = outcome.reason
+            else:
                 reason = dedup.add(outcome.record["id"], outcome.record["text"], outcome.signature)
             if reason is None:
                 out.write(outcome.record)
-                have, streak = have + 1, 0
+                have, streak, alike = have + 1, 0, None
                 counts["written"] += 1
                 bar.update(1)
             else:
-                skipped.write({"id": item_id(kind, cfg.seed, outcome.index), "reason": reason})
-                counts[drop_kind(reason)] += 1
+                if failure is None:
+                    skipped.write({"id": item_id(kind, cfg.seed, outcome.index), "reason": reason})
+                    counts[drop_kind(reason)] += 1
+                refused = failure is not None and failure.kind == "refused"
+                alike = failure if refused and (streak == 0 or str(alike) == str(failure)) else None
                 streak += 1
                 if streak >= cfg.give_up:
-                    error = (f"{streak} items in a row gave no record (the last: {reason[:200]}); "
-                             f"is --model={cfg.model} up to the task?")
+                    error = refused_alike(client, streak, alike) if alike else (
+                        f"{streak} items in a row gave no record (the last: {reason[:200]}); "
+                        + (f"is --model={cfg.model} up to the task?" if failure is None else
+                           f"is {client.api_base} working?"))
             bar.set_postfix_str(postfix(client, counts), refresh=False)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+    if error is None and counts["unanswered"] and not stop.is_set():
+        error = refused_alike(client, streak, alike) if alike else (
+            f"{counts['unanswered']} items got no answer (the last: {last_failure}); run the same command "
+            f"again to ask for them again")
     return counts, error
+
+
+def refused_alike(client: llm.Client, streak: int, failure: llm.Failure) -> str:
+    """Why the run ended when the endpoint refused every request of the last items the same way:
+    a client error (a 400), so likely a setting or model it does not take, not the model's answers."""
+    return (f"{client.api_base} refused the last {streak} requests alike ({failure.status}: "
+            f"{failure.message[:200]}): does it take the settings sent (--model, --temperature, "
+            f"--max_tokens)? Items without an answer are asked for again by a rerun")
 
 
 def drop_kind(reason: str) -> str:
@@ -697,7 +742,7 @@ def diversity(kind: str, out: Path, skipped: Path) -> dict:
         grams = [tuple(t[i:i + n]) for t in tokens for i in range(len(t) - n + 1)]
         distinct[str(n)] = round(len(set(grams)) / len(grams), 4) if grams else 0.0
     dropped = Counter(drop_kind(s.get("reason", "")) for s in read_jsonl(skipped)
-                      if str(s.get("id", "")).startswith(f"{kind}-"))
+                      if str(s.get("id", "")).startswith(f"{kind}-") and judged(s))
     total = records + dropped["duplicate"] + dropped["near duplicate"]
     coverage = {name: {"used": len(seen[name]), "of": len(LISTS[name]),
                        "fraction": round(len(seen[name]) / len(LISTS[name]), 4)}
@@ -715,7 +760,8 @@ def summarize(kind: str, cfg, out: Path, client: llm.Client, counts: Counter, se
               **diversity(kind, out, skipped),
               "run": {"written": counts["written"], "seconds": round(seconds, 2), "requests": s.requests,
                       "retries": s.retries, "failed_attempts": dict(s.errors), "failed_requests": dict(s.failures),
-                      "invalid_answers": counts["invalid answers"], "tokens_in": s.tokens_in,
+                      "invalid_answers": counts["invalid answers"], "unanswered_items": counts["unanswered"],
+                      "tokens_in": s.tokens_in,
                       "tokens_out": s.tokens_out, "cost": round(s.cost, 4)}}
     path.write_text(json.dumps(report, indent=1) + "\n")
     kinds = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
@@ -726,7 +772,8 @@ def summarize(kind: str, cfg, out: Path, client: llm.Client, counts: Counter, se
     print(f"{kind}: {counts['written']} records written in {seconds:.1f} s ({rate:.2f}/s); {out} holds "
           f"{have}/{cfg.n} of seed {cfg.seed}\n"
           f"requests {s.requests}, retries {s.retries}; failed attempts: {kinds(s.errors)}; failed requests: "
-          f"{kinds(s.failures)}; invalid answers {counts['invalid answers']}\n"
+          f"{kinds(s.failures)}; invalid answers {counts['invalid answers']}; items without an answer "
+          f"{counts['unanswered']} (a rerun asks for them again)\n"
           f"tokens {s.tokens_in:,} in, {s.tokens_out:,} out{cost}\n"
           f"dropped (all runs): {dropped['duplicate']} duplicate, {dropped['near duplicate']} near duplicate "
           f"(rate {report['near_duplicate_rate']:.1%}), {dropped['given up']} given up\n"
@@ -737,7 +784,10 @@ def summarize(kind: str, cfg, out: Path, client: llm.Client, counts: Counter, se
 
 
 def check_settings(cfg) -> None:
+    """Refuse what the endpoint would refuse on every request, before any is sent (and paid for)."""
     require((cfg.n >= 0, "--n must be >= 0"), (cfg.attempts >= 1, "--attempts must be >= 1"),
+            (0 <= cfg.temperature <= 2, "--temperature must be in [0, 2]"),
+            (cfg.max_tokens >= 1, "--max_tokens must be >= 1"),
             (0 < cfg.near_dup <= 1, "--near_dup must be in (0, 1]"),
             (cfg.give_up >= 1, "--give_up must be >= 1"), (bool(cfg.model), "--model is needed"))
 
@@ -752,7 +802,7 @@ def main(argv=None):
     check_writable(out, skipped_path, report_path)
     prefix = item_id(kind, cfg.seed, "")
     ids = [str(r.get("id", "")) for r in read_jsonl(out)]
-    done = set(ids) | {str(r.get("id", "")) for r in read_jsonl(skipped_path)}
+    done = set(ids) | {str(r.get("id", "")) for r in read_jsonl(skipped_path) if judged(r)}
     have = sum(rid.startswith(prefix) for rid in ids)
     counts, error, started, sandbox = Counter(), None, time.monotonic(), None
     with client:

@@ -623,6 +623,68 @@ def test_bad_input_gives_one_clear_line(tmp_path, nano):
     assert not (tmp_path / "out").exists()
 
 
+def decontaminating(tmp_path: Path, monkeypatch) -> list[str]:
+    """A corpus to check, with a comparison that fails the test if it starts: a wrong setting
+    must be told before the hours it takes. The settings that point decontaminate at it."""
+    monkeypatch.setattr(filter, "compare_document", lambda *a: pytest.fail("compared before checking the settings"))
+    docs = corpus(tmp_path / "docs.jsonl", 3, seed=8)
+    return ["decontaminate", f"--corpus={docs}", "--bench=humaneval", "--workers=1"]
+
+
+def test_decontaminate_checks_its_outputs_before_comparing(tmp_path, monkeypatch):
+    args = decontaminating(tmp_path, monkeypatch)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UserError, match="taken: it is a directory"):
+        run_filter(*args, f"--report={tmp_path / 'taken'}")
+    with pytest.raises(UserError, match="taken: it is a directory"):
+        run_filter(*args, "--prune_tau=0.95", f"--out={tmp_path / 'taken'}", f"--report={tmp_path / 'r.json'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "taken"]
+    assert not any((tmp_path / "taken").iterdir())
+
+
+def test_decontaminate_loads_its_embedding_model_before_comparing(tmp_path, monkeypatch, nano):
+    args = decontaminating(tmp_path, monkeypatch)
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a model")
+    with pytest.raises(UserError, match="cannot load --ckpt=.*junk.pt"):
+        run_filter(*args, f"--ckpt={junk}", f"--report={tmp_path / 'r.json'}")
+    with pytest.raises(UserError, match="--batch_size must be at least 1"):
+        run_filter(*args, f"--ckpt={nano}", "--batch_size=0", f"--report={tmp_path / 'r.json'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "junk.pt"]
+
+
+def test_decontaminate_reads_its_results_before_comparing(tmp_path, monkeypatch):
+    args = decontaminating(tmp_path, monkeypatch)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(lines(dict(task_id="HumanEval/0", passed=True), "not JSON"))
+    report = f"--report={tmp_path / 'r.json'}"
+    with pytest.raises(UserError, match=r"^--results: .*mixed.jsonl line 2 is not an evaluate.py result"):
+        run_filter(*args, f"--results={mixed}", report)
+    with pytest.raises(UserError, match=r"^--results: .*docs.jsonl line 1 is not an evaluate.py result"):
+        run_filter(*args, f"--results={tmp_path / 'docs.jsonl'}", report)  # JSON objects, but not results
+    mixed.write_text(lines(dict(task_id="MBPP/2", passed=True)))
+    with pytest.raises(UserError, match=r"^--results: .*mixed.jsonl has task ids the benchmarks checked do not"):
+        run_filter(*args, f"--results={mixed}", report)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "mixed.jsonl"]
+
+
+def test_decontaminate_never_writes_over_its_corpus(tmp_path, monkeypatch):
+    args = decontaminating(tmp_path, monkeypatch)
+    docs = tmp_path / "docs.jsonl"
+    before = docs.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(docs)
+    for same in (docs, tmp_path / "sub" / ".." / "docs.jsonl", tmp_path / "link.jsonl"):
+        with pytest.raises(UserError, match=r"^--out=.* is the file --corpus names .*: writing it would overwrite"):
+            run_filter(*args, "--prune_tau=0.95", f"--out={same}", f"--report={tmp_path / 'r.json'}")
+    with pytest.raises(UserError, match=r"^--report=.* is the file --corpus names"):
+        run_filter(*args, f"--report={tmp_path / 'link.jsonl'}")
+    with pytest.raises(UserError, match=r"^--report=.* is the file --out names"):
+        run_filter(*args, "--prune_tau=0.95", f"--out={tmp_path / 'p.jsonl'}", f"--report={tmp_path / 'p.jsonl'}")
+    assert docs.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "link.jsonl", "sub"]
+
+
 def test_an_interrupted_apply_leaves_no_summary_and_resumes(tmp_path, nano, monkeypatch):
     docs = corpus(tmp_path / "docs.jsonl", 20, seed=6)
     X, y, _ = noisy(100, d=64)

@@ -170,6 +170,53 @@ def test_fatal_failure_mid_run_stops_after_what_came_before(tmp_path):
     assert 10 <= len(got) < 20 and got == sorted(got)
 
 
+def test_items_whose_requests_failed_are_asked_for_again_by_a_rerun(server, tmp_path):
+    n, out = 30, tmp_path / "t.jsonl"
+    with FakeLLM(faults=["ok", "ok", "500"]) as flaky:  # one request in 3 fails, for good: no retries
+        with pytest.raises(UserError, match="items got no answer .*server 500.*run the same command again"):
+            synthesize(flaky, "textbook", out, f"--n={n}", "--max_retries=0", "--attempts=1")
+    first = [r["id"] for r in records(out)]
+    report = json.loads(Path(f"{out}.report.json").read_text())
+    unanswered = report["run"]["unanswered_items"]
+    assert unanswered > 0 and len(first) + unanswered == n  # they keep their slots
+    skipped = records(f"{out}.skipped") if Path(f"{out}.skipped").exists() else []
+    assert all("duplicate of" in s["reason"] for s in skipped) and report["dropped"]["given up"] == 0
+    seen = set(first) | {s["id"] for s in skipped}
+    missing = {f"textbook-1337-{i}" for i in range(len(seen) + unanswered)} - seen  # items 0, 1, ... were asked for
+    assert len(missing) == unanswered
+    report = synthesize(server, "textbook", out, f"--n={n}")  # the endpoint is well again
+    got = [r["id"] for r in records(out)]
+    skipped = [s["id"] for s in records(f"{out}.skipped")] if Path(f"{out}.skipped").exists() else []
+    assert got[:len(first)] == first and len(got) == len(set(got)) == n and not set(got) & set(skipped)
+    assert missing <= set(got) | set(skipped) and report["run"]["unanswered_items"] == 0
+    dedup = synth.Dedup(0.8)
+    assert all(dedup.add(r["id"], r["text"]) is None for r in records(out))
+
+
+def test_a_setting_the_endpoint_refuses_is_named_and_its_items_are_retried(tmp_path, monkeypatch):
+    monkeypatch.setattr(synth, "check_settings", lambda cfg: None)  # a setting synth.py does not know is bad
+    out = tmp_path / "t.jsonl"
+    with FakeLLM() as server:
+        with pytest.raises(UserError, match=r"refused the last 5 requests alike \(400: max_tokens must be at least "
+                                            r"1\): does it take the settings sent"):
+            synthesize(server, "textbook", out, "--n=5", "--max_tokens=0")
+        assert len(server.served) == 5  # one request an item: a refused one is not sent again
+        assert not out.exists() and not Path(f"{out}.skipped").exists()
+        synthesize(server, "textbook", out, "--n=5")
+    assert [r["id"] for r in records(out)][:4] == [f"textbook-1337-{i}" for i in range(4)]
+    assert len(records(out)) == 5
+
+
+def test_failed_requests_an_older_version_skipped_are_retried(server, tmp_path):
+    out = tmp_path / "t.jsonl"
+    Path(f"{out}.skipped").write_text("".join(json.dumps(
+        {"id": f"textbook-1337-{i}", "reason": "request failed: refused 400: max_tokens must be at least 1"}) + "\n"
+        for i in range(3)))
+    report = synthesize(server, "textbook", out, "--n=3")
+    assert [r["id"] for r in records(out)] == [f"textbook-1337-{i}" for i in range(3)]
+    assert report["dropped"]["given up"] == 0
+
+
 # ---------------------------------------------------------------- a real server: sample.py --serve
 
 def test_against_sample_serve(tmp_path):
@@ -206,7 +253,7 @@ def closed_port() -> int:
 
 
 @pytest.mark.parametrize("case", ["unreachable", "bad key", "no such model", "unknown subcommand", "unwritable",
-                                  "bad setting"])
+                                  "bad setting", "bad temperature", "bad max_tokens"])
 def test_bad_input_is_one_line_exit_2_and_the_output_intact(case, tmp_path):
     out = tmp_path / "t.jsonl"
     out.write_text('{"id": "textbook-1337-0", "text": "kept as it was"}\n')
@@ -217,16 +264,21 @@ def test_bad_input_is_one_line_exit_2_and_the_output_intact(case, tmp_path):
                 "no such model": ["textbook", f"--api_base={server.url}", "--model=gpt-9"],
                 "unknown subcommand": ["poems", f"--api_base={server.url}"],
                 "unwritable": ["textbook", f"--api_base={server.url}", f"--out={out}/x.jsonl"],
-                "bad setting": ["textbook", f"--api_base={server.url}", "--n=-1"]}[case]
-        env = {"OPENAI_API_KEY": "sekrit" if case in ("no such model", "unwritable") else "wrong"}
+                "bad setting": ["textbook", f"--api_base={server.url}", "--n=-1"],
+                "bad temperature": ["textbook", f"--api_base={server.url}", "--n=3", "--temperature=-1"],
+                "bad max_tokens": ["textbook", f"--api_base={server.url}", "--n=3", "--max_tokens=0"]}[case]
+        right_key = case in ("no such model", "unwritable", "bad temperature", "bad max_tokens")
+        env = {"OPENAI_API_KEY": "sekrit" if right_key else "wrong"}
         proc = cli(f"--out={out}", "--model=fake", *args, env=env)
         stdout, stderr = proc.communicate(timeout=60)
     expected = {"unreachable": "cannot reach http://127.0.0.1:", "bad key": "refused the API key",
                 "no such model": "has no model 'gpt-9'", "unknown subcommand": "unknown subcommand 'poems'",
-                "unwritable": "cannot write", "bad setting": "--n must be"}[case]
+                "unwritable": "cannot write", "bad setting": "--n must be",
+                "bad temperature": "--temperature must be in [0, 2]", "bad max_tokens": "--max_tokens must be >= 1"}[case]
     assert proc.returncode == 2 and stdout == ""
     assert stderr.startswith("error: ") and expected in stderr and stderr.count("\n") == 1, stderr
     assert out.read_bytes() == before and not Path(f"{out}.skipped").exists()
+    assert server.served == []  # no request sent
 
 
 # ---------------------------------------------------------------- the parts
