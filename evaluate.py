@@ -208,6 +208,8 @@ def mbpp_problems(path: str = "") -> dict[str, dict]:
                     prompt=f'"""\n{p["text"]}\n{p["test_list"][0]}\n"""\n', reference=p["code"], tests=tests)
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise UserError(f"{file} is not in mbpp.jsonl's format ({type(e).__name__}: {e})") from None
+    if not problems:
+        raise UserError(f"{file} holds no problem of MBPP's test split (task_ids 11 to 510)")
     return problems
 
 
@@ -262,15 +264,13 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 def model_completions(cfg, jobs: list[tuple], stop: list[str]):
     """Completions of the checkpoint (--ckpt) or Hugging Face weights (--init_from)."""
-    import torch
-
-    from model import GPT, pick_device
+    from model import GPT, pick_device, pick_dtype
     device = pick_device(cfg.device)
     try:
         model = GPT.from_checkpoint(cfg.ckpt, device) if cfg.ckpt else GPT.from_pretrained(cfg.init_from, device)
-    except (FileNotFoundError, ValueError, ConnectionError) as e:
-        raise UserError(str(e)) from None
-    model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # OSError holds FileNotFound, Connection
+        raise UserError(" ".join(str(e).split())[:300]) from None
+    model = model.to(pick_dtype("auto", device)).eval()
     yield from completions_of(model, jobs, stop, cfg.batch_size, cfg.max_new_tokens, cfg.temperature,
                               cfg.top_p, cfg.seed)
 

@@ -472,6 +472,8 @@ class GPT(nn.Module):
         """A model from Hugging Face phi weights: a hub id such as "microsoft/phi-1"
         (downloaded once, then cached), a local folder with config.json and
         *.safetensors, or a checkpoint of ours (a .pt file)."""
+        if not str(name_or_path).strip():  # Path("") would be the current folder
+            raise FileNotFoundError("no model named (an empty path)")
         path = Path(name_or_path)
         if path.suffix == ".pt" or path.is_file():
             return cls.from_checkpoint(path, device)
@@ -619,6 +621,8 @@ def load_checkpoint(path) -> dict:
     """A training checkpoint (a dict with "model" and "config"), with a clear error
     for a file that is missing, truncated or not one of ours."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.stat().st_size == 0:

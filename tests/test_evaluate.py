@@ -117,6 +117,9 @@ def test_mbpp_file_sources(tmp_path, monkeypatch, capsys):
     other.write_text(MBPP.read_text() + "\n")
     assert evaluate.mbpp_file(str(other)) == other
     assert "not the canonical mbpp.jsonl" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="holds no problem of MBPP's test split"):
+        evaluate.mbpp_problems(str(tmp_path / "empty.jsonl"))
     monkeypatch.setenv("PHI1_MBPP", str(MBPP))
     assert evaluate.mbpp_file() == MBPP
     monkeypatch.delenv("PHI1_MBPP")

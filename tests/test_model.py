@@ -308,6 +308,11 @@ def test_checkpoint_errors_are_clear(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(FileNotFoundError, match="folder.pt is a folder, not a checkpoint file"):
+        GPT.from_pretrained(str(tmp_path / "folder.pt"))
+    with pytest.raises(FileNotFoundError, match="no model named"):  # not the current folder's config.json
+        GPT.from_pretrained("")
     with pytest.raises(ValueError, match="missing"):
         GPT.from_hf_state_dict({"foo": torch.zeros(1)})
 
