@@ -1331,22 +1331,12 @@ def pass_rates(path: Path, tasks: list[str]) -> dict[str, float]:
     """Each task's pass rate in an evaluate.py results file, read before the comparison (hours
     at the paper's scale) so that a wrong --results is told at once, by file and line."""
     passed, count = Counter(), Counter()
-    try:
-        with path.open("rb") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    record = None
-                if not (isinstance(record, dict) and "task_id" in record and isinstance(record.get("passed"), bool)):
-                    raise UserError(f"--results: {path} line {number} is not an evaluate.py result (a JSON object "
-                                    f"with a task_id and passed): is {path.name} a results.jsonl?")
-                passed[str(record["task_id"])] += record["passed"]
-                count[str(record["task_id"])] += 1
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    for record in read_jsonl(path):
+        if not ("task_id" in record and isinstance(record.get("passed"), bool)):
+            raise UserError(f"--results: {path} holds a record that is not an evaluate.py result (with a task_id "
+                            f"and passed: {json.dumps(record)[:80]}): is {path.name} a results.jsonl?")
+        passed[str(record["task_id"])] += record["passed"]
+        count[str(record["task_id"])] += 1
     if not count:
         raise UserError(f"--results: no results in {path}")
     unknown = set(count) - set(tasks)

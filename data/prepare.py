@@ -392,7 +392,7 @@ def read_jsonl(path: Path):
                 if not isinstance(record, dict):
                     if not line.endswith(b"\n"):
                         return  # torn
-                    raise UserError(f"{path} line {number} is not a JSON object: not adding to it")
+                    raise UserError(f"{path} line {number} is not a JSON object, as every line of a JSONL file is")
                 yield record
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None

@@ -658,9 +658,9 @@ def test_decontaminate_reads_its_results_before_comparing(tmp_path, monkeypatch)
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(lines(dict(task_id="HumanEval/0", passed=True), "not JSON"))
     report = f"--report={tmp_path / 'r.json'}"
-    with pytest.raises(UserError, match=r"^--results: .*mixed.jsonl line 2 is not an evaluate.py result"):
+    with pytest.raises(UserError, match=r"mixed.jsonl line 2 is not a JSON object, as every line of a JSONL"):
         run_filter(*args, f"--results={mixed}", report)
-    with pytest.raises(UserError, match=r"^--results: .*docs.jsonl line 1 is not an evaluate.py result"):
+    with pytest.raises(UserError, match=r"^--results: .*docs.jsonl holds a record that is not an evaluate.py result"):
         run_filter(*args, f"--results={tmp_path / 'docs.jsonl'}", report)  # JSON objects, but not results
     mixed.write_text(lines(dict(task_id="MBPP/2", passed=True)))
     with pytest.raises(UserError, match=r"^--results: .*mixed.jsonl has task ids the benchmarks checked do not"):
