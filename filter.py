@@ -1411,8 +1411,8 @@ def decontaminate(cfg) -> dict:
         problems.update({task: p["prompt"] + p["reference"] for task, p in found.items()})
     tasks = list(problems)
     rates = [pass_rates(path, tasks) for path in results]
-    check_writable(*outputs.values())
     model = load_embedder(cfg, cfg.ckpt, start_processes(cfg)[2]) if cfg.ckpt else None
+    check_writable(*outputs.values())  # last: it makes the folders, which nothing after may leave behind
     trees = [code_tree(problems[t]) for t in tasks]
     grams = {}
     for p, task in enumerate(tasks):

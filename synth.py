@@ -26,32 +26,33 @@ come from a generator seeded by (kind, s, i), and its requests carry a seed made
 (id, number of answers so far), so the output depends on nothing but (seed, index) and
 what the endpoint answers. Items run --concurrency at a time but are written in index
 order (one that finishes early waits for those before it), one flushed line each; an
-item that yields no record gets a line in FILE.skipped ({"id", "reason"}). So a run
+item judged to yield no record gets a line in FILE.skipped ({"id", "reason"}). So a run
 killed at any moment, started again with the same command, skips every id in either
 file and ends with the same records as a run never stopped (given an endpoint that
 answers the same request the same way), none twice. A line torn by the kill is cut off.
 
 An item yields no record when --attempts answers were judged unusable (an invalid
-exercise, an empty answer), or when it duplicates a record already written: the same
+exercise, an empty answer), when the endpoint refused its request (a 4xx, not sent
+again: a content filter, say), or when it duplicates a record already written: the same
 text up to case and whitespace, or a near-duplicate whose word 5-grams have an
 estimated Jaccard similarity of at least --near_dup (MinHash with numpy). Its slot goes
 to the next index, until the file holds --n records of this kind and seed.
 
-An item whose request failed for good (after llm.py's retries; a request refused with
-a 4xx is not sent again, as it would be refused again) before it had a record is
-written nowhere: it keeps its slot, the run ends with the file short of --n and says so,
-and the same command run again asks for it anew (its record then comes after the
-others). So an outage or a setting the endpoint rejects loses no item for good.
-(Older versions wrote such items to FILE.skipped as "request failed: ..."; those lines
-are not taken as done.)
+Two kinds of failure are not verdicts on an item, and leave no line anywhere, so the
+same command run again asks for those items anew (their records then come after the
+others): a request that failed for good after llm.py's retries (an outage, a timeout),
+which keeps its item's slot, the run ending short of --n and saying so; and
+REFUSED_ALIKE (5) items in a row refused the same way, which says the request is at
+fault (a setting the endpoint rejects), not the items, and ends the run quoting the
+endpoint. (Older versions wrote failed requests to FILE.skipped as "request failed:
+..."; those lines are not taken as done.)
 
 Errors end the run with one line and exit status 2, the output as it was: a bad setting
 or subcommand, an output that cannot be written, and an endpoint that is unreachable,
 refuses the key or lacks the model (checked with one GET /models before anything else).
 A 401, 403 or 404 later in the run ends it the same way, and so do --give_up items in a
-row without a record (the endpoint or model is not up to the task; when all were refused
-alike, with a 4xx, the line quotes the endpoint's message: a setting it rejects), and
-items whose requests failed (a rerun retries them); the items before them are written.
+row without a record (the endpoint or model is not up to the task), refusals alike (above)
+and items whose requests failed (a rerun retries them); the items before them are written.
 Settings an OpenAI-compatible API rejects (--temperature outside [0, 2], --max_tokens
 below 1) are refused before any request. Ctrl-C (or SIGTERM) starts no new
 items, lets those in flight finish and be written, and exits with status 130; a second
@@ -107,6 +108,7 @@ DEFAULTS = dict(
 )
 
 KINDS = ("textbook", "exercises")
+REFUSED_ALIKE = 5  # items in a row refused the same way: the request is at fault (a setting), not the items
 
 # ---------------------------------------------------------------- what to write about
 
@@ -606,14 +608,26 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
     """Make items until the output holds cfg.n records (have so far), but for the items whose
     requests failed (they keep their slots for a rerun), or stop is set. Returns the counts of
     this run (written, invalid answers, items dropped by reason, unanswered) and the error that
-    ended it, if one did: a fatal failure, --give_up items in a row without a record, or
-    unanswered items."""
+    ended it, if one did: a fatal failure, --give_up items in a row without a record,
+    REFUSED_ALIKE items in a row refused the same way, or unanswered items.
+
+    A refused request (a 4xx) is a verdict on its item (a content filter, say) unless the next
+    items are refused the same way, which points at the request itself (a setting): so the
+    refusals of a run of them are written to FILE.skipped only once another outcome follows,
+    or the run ends, with fewer than REFUSED_ALIKE of them."""
     counts = Counter()
     indexes = (i for i in itertools.count() if item_id(kind, cfg.seed, i) not in done)
     queue: deque = deque()  # (index, future) of items not yet written, in index order
     streak, error = 0, None  # items in a row without a record; why the run must end
-    alike = None  # the failure of every item of the streak, if all were refused the same way
+    refusals: list[tuple[int, llm.Failure]] = []  # the last items, refused alike, not yet written
     last_failure = None  # that of the last item without an answer
+
+    def judge_refusals():  # each was about its own item: skipped for good, like an unusable answer
+        for index, failure in refusals:
+            skipped.write({"id": item_id(kind, cfg.seed, index), "reason": f"refused: {failure}"})
+            counts["given up"] += 1
+        refusals.clear()
+
     bar = tqdm(total=cfg.n, initial=have, unit="rec", desc=kind, dynamic_ncols=True, disable=None)
     pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="item")
     try:
@@ -643,47 +657,53 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
                 continue
             counts["invalid answers"] += outcome.invalid
             failure = outcome.failure if outcome.record is None else None
-            if failure is not None:  # no verdict on the item: written nowhere, so a rerun asks again
-                counts["unanswered"] += 1
+            refused = failure is not None and failure.kind == "refused"
+            if refusals and not (refused and str(failure) == str(refusals[-1][1])):
+                judge_refusals()  # another outcome came after them
+            if failure is not None:  # no verdict on the item (yet): written nowhere for now
                 reason, last_failure = f"request failed: {failure}", failure
+                if refused:
+                    refusals.append((outcome.index, failure))
+                else:  # it keeps its slot, and a rerun asks again
+                    counts["unanswered"] += 1
             elif outcome.record is None:
                 reason = outcome.reason
             else:
                 reason = dedup.add(outcome.record["id"], outcome.record["text"], outcome.signature)
             if reason is None:
                 out.write(outcome.record)
-                have, streak, alike = have + 1, 0, None
+                have, streak = have + 1, 0
                 counts["written"] += 1
                 bar.update(1)
             else:
                 if failure is None:
                     skipped.write({"id": item_id(kind, cfg.seed, outcome.index), "reason": reason})
                     counts[drop_kind(reason)] += 1
-                refused = failure is not None and failure.kind == "refused"
-                alike = failure if refused and (streak == 0 or str(alike) == str(failure)) else None
                 streak += 1
-                if streak >= cfg.give_up:
-                    error = refused_alike(client, streak, alike) if alike else (
-                        f"{streak} items in a row gave no record (the last: {reason[:200]}); "
-                        + (f"is --model={cfg.model} up to the task?" if failure is None else
-                           f"is {client.api_base} working?"))
+                if len(refusals) >= min(cfg.give_up, REFUSED_ALIKE):
+                    error = refused_alike(client, len(refusals), failure)
+                elif streak >= cfg.give_up:
+                    error = (f"{streak} items in a row gave no record (the last: {reason[:200]}); "
+                             + (f"is --model={cfg.model} up to the task?" if failure is None else
+                                f"is {client.api_base} working?"))
             bar.set_postfix_str(postfix(client, counts), refresh=False)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-    if error is None and counts["unanswered"] and not stop.is_set():
-        error = refused_alike(client, streak, alike) if alike else (
-            f"{counts['unanswered']} items got no answer (the last: {last_failure}); run the same command "
-            f"again to ask for them again")
+    if error is None and not stop.is_set():
+        judge_refusals()  # fewer than REFUSED_ALIKE at the end
+        if counts["unanswered"]:
+            error = (f"{counts['unanswered']} items got no answer (the last: {last_failure}); run the same "
+                     f"command again to ask for them again")
     return counts, error
 
 
-def refused_alike(client: llm.Client, streak: int, failure: llm.Failure) -> str:
-    """Why the run ended when the endpoint refused every request of the last items the same way:
-    a client error (a 400), so likely a setting or model it does not take, not the model's answers."""
-    return (f"{client.api_base} refused the last {streak} requests alike ({failure.status}: "
+def refused_alike(client: llm.Client, count: int, failure: llm.Failure) -> str:
+    """Why the run ended when the endpoint refused the requests of the last items the same way:
+    a client error (a 400), so likely a setting or model it does not take, not the items."""
+    return (f"{client.api_base} refused the last {count} requests alike ({failure.status}: "
             f"{failure.message[:200]}): does it take the settings sent (--model, --temperature, "
-            f"--max_tokens)? Items without an answer are asked for again by a rerun")
+            f"--max_tokens)? A rerun asks for those items again")
 
 
 def drop_kind(reason: str) -> str:

@@ -25,6 +25,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -221,8 +222,11 @@ def save_checkpoint(path: Path, raw_model: GPT, step: int, cfg, **state) -> None
     try:
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk: torch reports it as a RuntimeError
+    except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)  # the space a half-written file holds goes back
+        # a full disk: torch's writer reports it as a RuntimeError; any other (a CUDA error) is a bug to show
+        if not isinstance(e, OSError) and not re.search("inline_container|PytorchStreamWriter", str(e)):
+            raise
         reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e).strip().splitlines()[0][:120]
         free = shutil.disk_usage(path.parent).free / 2**30
         raise UserError(f"cannot write the checkpoint {path}: {reason} ({free:.1f} GiB free there; "
@@ -322,7 +326,8 @@ def build_model(cfg, out_dir: Path, master: bool):
     for key, value in overrides.items():  # the blocks share this config
         setattr(model.config, key, value)
     if master:
-        ignored = f" (the weights' own model: --preset={cfg.preset} does not apply)" if cfg.preset else ""
+        ignored = (f" (the weights' own model: --preset={cfg.preset} does not apply)"
+                   if cfg.preset and cfg.preset != DEFAULTS["preset"] else "")
         print(f"starting from {mode}{ignored}")
     return model.float(), None, origin_of(mode)
 

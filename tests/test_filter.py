@@ -647,7 +647,7 @@ def test_decontaminate_loads_its_embedding_model_before_comparing(tmp_path, monk
     junk = tmp_path / "junk.pt"
     junk.write_text("not a model")
     with pytest.raises(UserError, match="cannot load --ckpt=.*junk.pt"):
-        run_filter(*args, f"--ckpt={junk}", f"--report={tmp_path / 'r.json'}")
+        run_filter(*args, f"--ckpt={junk}", f"--report={tmp_path / 'new' / 'deep' / 'r.json'}")  # no folder made
     with pytest.raises(UserError, match="--batch_size must be at least 1"):
         run_filter(*args, f"--ckpt={nano}", "--batch_size=0", f"--report={tmp_path / 'r.json'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "junk.pt"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import llm_server
 import synth
 from config import UserError
 from llm_server import FakeLLM
@@ -200,11 +201,31 @@ def test_a_setting_the_endpoint_refuses_is_named_and_its_items_are_retried(tmp_p
         with pytest.raises(UserError, match=r"refused the last 5 requests alike \(400: max_tokens must be at least "
                                             r"1\): does it take the settings sent"):
             synthesize(server, "textbook", out, "--n=5", "--max_tokens=0")
-        assert len(server.served) == 5  # one request an item: a refused one is not sent again
+        assert len(server.served) <= 5 + 4  # one request an item (a refused one is not sent again), 4 in flight
         assert not out.exists() and not Path(f"{out}.skipped").exists()
         synthesize(server, "textbook", out, "--n=5")
     assert [r["id"] for r in records(out)][:4] == [f"textbook-1337-{i}" for i in range(4)]
     assert len(records(out)) == 5
+
+
+def test_a_request_refused_for_its_item_alone_skips_that_item(tmp_path, monkeypatch):
+    respond = llm_server.Handler.respond
+
+    def content_filter(handler, fault, body):  # "400": a refusal about what this request asked
+        if fault == "400":
+            return handler.error(400, "The request was flagged by the content filter.", "content_filter")
+        return respond(handler, fault, body)
+
+    monkeypatch.setattr(llm_server.Handler, "respond", content_filter)
+    out = tmp_path / "t.jsonl"
+    with FakeLLM(faults=["ok", "ok", "400"]) as server:  # never two refusals in a row, one item at a time
+        report = synthesize(server, "textbook", out, "--n=8", "--concurrency=1")
+        refused = [s for s in records(f"{out}.skipped") if s["reason"].startswith("refused:")]
+        assert len(records(out)) == 8 and len(refused) >= 3 and "content filter" in refused[0]["reason"]
+        assert report["dropped"]["given up"] == len(refused) and report["run"]["unanswered_items"] == 0
+        asked = len(server.served)
+        synthesize(server, "textbook", out, "--n=8")  # judged: nothing is asked again
+        assert len(server.served) == asked
 
 
 def test_failed_requests_an_older_version_skipped_are_retried(server, tmp_path):

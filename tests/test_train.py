@@ -95,6 +95,14 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_and_no_partial_
         train.save_checkpoint(path, GPT(PRESETS["nano"]), 2, settings())
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
+    def cuda_error(obj, f):  # not the disk: a bug to see whole, not one line about writing
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(train.torch, "save", cuda_error)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        train.save_checkpoint(path, GPT(PRESETS["nano"]), 2, settings())
+    assert path.read_bytes() == before
+
 
 def test_a_few_steps_lower_the_loss(tmp_path):
     data = make_dataset(tmp_path / "ds")
