@@ -264,13 +264,10 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 def model_completions(cfg, jobs: list[tuple], stop: list[str]):
     """Completions of the checkpoint (--ckpt) or Hugging Face weights (--init_from)."""
-    from model import GPT, pick_device, pick_dtype
+    from model import load_model, pick_device, pick_dtype
     device = pick_device(cfg.device)
-    try:
-        model = GPT.from_checkpoint(cfg.ckpt, device) if cfg.ckpt else GPT.from_pretrained(cfg.init_from, device)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:  # OSError holds FileNotFound, Connection
-        raise UserError(" ".join(str(e).split())[:300]) from None
-    model = model.to(pick_dtype("auto", device)).eval()
+    model = load_model(cfg.ckpt or cfg.init_from, device, pick_dtype("auto", device),
+                       "--ckpt" if cfg.ckpt else "--init_from")
     yield from completions_of(model, jobs, stop, cfg.batch_size, cfg.max_new_tokens, cfg.temperature,
                               cfg.top_p, cfg.seed)
 

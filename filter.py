@@ -445,8 +445,7 @@ def start_processes(cfg):
 
 def load_embedder(cfg, ckpt: str, device):
     """The embedding model, in eval mode on device."""
-    from model import pick_dtype
-    from sample import load_model
+    from model import load_model, pick_dtype
     return load_model(ckpt, device, pick_dtype(cfg.dtype, device))
 
 

@@ -605,6 +605,16 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def load_model(name: str, device: torch.device, dtype: torch.dtype, setting: str = "--ckpt") -> GPT:
+    """Weights ready for inference (our .pt, a Hugging Face folder or hub id) on device in
+    dtype, or one line, naming the setting that gave them, saying why not."""
+    try:
+        model = GPT.from_pretrained(name)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # OSError holds FileNotFound, Connection
+        raise UserError(f"cannot load {setting}={name}: {' '.join(str(e).split())[:300]}") from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """--dtype: auto (bfloat16 on GPUs that have it, else float16 on a GPU, float32
     on the CPU), float32, bfloat16 or float16."""

@@ -84,7 +84,7 @@ import torch
 
 import tokenizer
 from config import UserError, parse_settings, require, run
-from model import GPT, GREEDY_BELOW, pick_device, pick_dtype
+from model import GPT, GREEDY_BELOW, load_model, pick_device, pick_dtype
 
 DEFAULTS = dict(
     ckpt="out/ckpt.pt",  # our .pt checkpoint, a Hugging Face phi folder, or a hub id (microsoft/phi-1)
@@ -119,16 +119,6 @@ UNSUPPORTED = ("suffix", "logprobs", "top_logprobs", "logit_bias", "tools", "too
 
 
 # ---------------------------------------------------------------- shared by both modes
-
-def load_model(ckpt: str, device: torch.device, dtype: torch.dtype) -> GPT:
-    """The model in ckpt, ready for inference, or one line saying why not."""
-    try:
-        model = GPT.from_pretrained(ckpt)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:  # OSError holds FileNotFound, Connection
-        detail = " ".join(str(e).split())
-        raise UserError(f"cannot load --ckpt={ckpt}: {detail[:300]}") from None
-    return model.to(device=device, dtype=dtype).eval()
-
 
 def parse_stop(text: str) -> list[str]:
     """--stop's comma-separated strings; \\n, \\t, \\\\ and \\, stand for newline, tab, \\ and ','."""

@@ -22,7 +22,6 @@ from weights (`--init_from=microsoft/phi-1`).
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 import re
@@ -41,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
 from config import UserError, parse_settings, require, run
-from data.prepare import check_writable, ensure_prepared
+from data.prepare import check_writable, ensure_prepared, read_meta
 from model import GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, pick_device, pick_dtype
 
 DEFAULTS = dict(
@@ -137,10 +136,8 @@ class Mixture:
         if name == DEFAULT_DATASET and prepare_default and not (folder / "meta.json").exists():
             print(f"preparing the default dataset (Python files on this machine) in {folder}")
             ensure_prepared(name)
-        try:
-            output = json.loads((folder / "meta.json").read_text()).get("output", "bins")
-        except (OSError, ValueError, AttributeError):
-            output = None
+        meta = read_meta(folder)
+        output = None if meta is None else meta.get("output", "bins")
         if output == "jsonl":
             raise UserError(f"{folder} holds JSONL documents (prepare.py --output=jsonl), not token bins")
         for split in splits:
@@ -352,7 +349,21 @@ def train(cfg, make_data=None, score=None) -> GPT:
     anything with Mixture's `names` and `batch()` (default: the Mixture that --data
     names; finetune.py passes its exercises). score: a function of the model returning
     (name, value), higher is better, called with each validation loss; the best
-    model so far is kept in out_dir/best.pt (finetune.py passes HumanEval's pass@1)."""
+    model so far is kept in out_dir/best.pt (finetune.py passes HumanEval's pass@1).
+
+    SIGTERM and Ctrl-C save and stop while it runs; afterwards they do again what
+    they did before (a caller that goes on, and the processes it forks, keep theirs)."""
+    global _stop_signal
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    _stop_signal = None
+    try:
+        return _train(cfg, make_data, score)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def _train(cfg, make_data, score) -> GPT:
     check_settings(cfg)
     rank, world, device = setup_processes(cfg.device)
     master = rank == 0

@@ -345,12 +345,21 @@ def fingerprint(cfg, listing) -> str:
     return digest.hexdigest()
 
 
+def read_meta(folder: Path) -> dict | None:
+    """A prepared folder's meta.json, or None if it has none that reads as a JSON object."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def finished(out: Path, fp: str) -> dict | None:
     """meta.json of a complete earlier run with this fingerprint, else None."""
+    meta = read_meta(out)
     try:
-        meta = json.loads((out / "meta.json").read_text())
         complete = all((out / name).stat().st_size == size for name, size in meta["files"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, KeyError, TypeError, AttributeError):  # TypeError: no meta at all
         return None
     return meta if complete and meta.get("fingerprint") == fp else None
 
@@ -524,10 +533,7 @@ def prepare(cfg, quiet: bool = False) -> dict:
             print(f"already prepared: {out} ({summary(meta)})")
         return meta
 
-    try:
-        earlier = json.loads((out / "meta.json").read_text()).get("output", "bins")
-    except (OSError, ValueError, AttributeError):  # nothing there (or nothing readable)
-        earlier = cfg.output
+    earlier = (read_meta(out) or {"output": cfg.output}).get("output", "bins")
     if earlier != cfg.output and not quiet:  # the user may have meant two outputs: say so before the work
         kinds = {"bins": "token bins", "jsonl": "JSONL documents"}
         print(f"{out} holds {kinds.get(earlier, earlier)} from an earlier run: this run replaces them with "

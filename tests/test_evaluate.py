@@ -25,7 +25,7 @@ import torch
 
 import evaluate
 from config import UserError, parse_args
-from model import GPT, PRESETS
+from model import GPT, PRESETS, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MBPP = ROOT.parent / "shared" / "data" / "mbpp.jsonl"
@@ -492,7 +492,7 @@ def test_api_base_against_sample_serve_equals_the_checkpoint_itself(tmp_path):
     torch.save({"model": model.state_dict(), "config": dataclasses.asdict(config)}, ckpt)
     cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--port=0", "--quiet"])
     server = sample.Server(cfg)
-    server.start(sample.load_model(str(ckpt), torch.device("cpu"), torch.float32), "nano")
+    server.start(load_model(str(ckpt), torch.device("cpu"), torch.float32), "nano")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

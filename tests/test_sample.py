@@ -19,7 +19,7 @@ import torch
 import sample
 import tokenizer
 from config import UserError, parse_args
-from model import GPT, PRESETS, load_checkpoint
+from model import GPT, PRESETS, load_checkpoint, load_model
 
 openai = pytest.importorskip("openai")  # requirements-test.txt
 
@@ -50,7 +50,7 @@ def server(ckpt):
     cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--port=0", "--quiet", "--max_batch=8",
                                                "--batch_wait_ms=50"])
     server = sample.Server(cfg)
-    server.start(sample.load_model(str(ckpt), torch.device("cpu"), torch.float32), NAME)
+    server.start(load_model(str(ckpt), torch.device("cpu"), torch.float32), NAME)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server

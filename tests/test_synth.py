@@ -244,14 +244,14 @@ def test_against_sample_serve(tmp_path):
     torch = pytest.importorskip("torch")
     import sample
     from config import parse_args
-    from model import GPT, PRESETS
+    from model import GPT, PRESETS, load_model
     torch.manual_seed(0)
     config = dataclasses.replace(PRESETS["nano"], block_size=512)  # room for synth's prompts
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model": GPT(config).state_dict(), "config": dataclasses.asdict(config), "step": 0}, ckpt)
     cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--port=0", "--quiet"])
     server = sample.Server(cfg)
-    server.start(sample.load_model(str(ckpt), torch.device("cpu"), torch.float32), "nano")
+    server.start(load_model(str(ckpt), torch.device("cpu"), torch.float32), "nano")
     thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:

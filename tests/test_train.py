@@ -107,7 +107,10 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_and_no_partial_
 def test_a_few_steps_lower_the_loss(tmp_path):
     data = make_dataset(tmp_path / "ds")
     cfg = settings(data=str(data), out_dir=str(tmp_path / "out"), max_iters=30)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     trained = train.train(cfg)
+    # SIGTERM and Ctrl-C are back as they were: a process that goes on (and the pools it forks) can stop
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
     torch.manual_seed(cfg.seed)
     untrained = GPT(PRESETS["nano"])
     mixture = train.Mixture(str(data), 64, 51200, prepare_default=False)
