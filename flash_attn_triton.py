@@ -28,12 +28,15 @@ both slow (memory-bound) and large. FlashAttention never builds it:
 - Backward by recomputation. Storing P (T x T per head) for the backward would
   cost exactly the memory FlashAttention avoids; recomputing it from Q, K and
   lse costs one extra matmul per tile and is cheaper than reading it back.
-  With D_i = rowsum(dO_i * O_i) (a small preprocessing kernel):
+  With D_i = rowsum(dO_i * O_i):
       dV = P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dQ = scale dS K,
       dK = scale dS^T Q.
   dK and dV are sums over queries, dQ a sum over keys. We run one kernel per
-  key block (accumulating dK, dV while streaming queries) and a separate one
-  per query block (accumulating dQ while streaming keys). That recomputes
+  query block (accumulating dQ while streaming keys), then one per key block
+  (accumulating dK, dV while streaming queries). D_i needs only row i's O and
+  dO, which the dQ program holds anyway: it computes D for its rows, uses it,
+  and stores it for the dK/dV kernel (which needs every row's D, hence the
+  order, and saves a separate pass over O and dO). That recomputes
   Q K^T and dO V^T twice, but no two programs ever write the same output, so
   there are no atomics and results are bitwise deterministic (the alternative,
   accumulating dQ with fp32 atomic adds from the key-block programs, saves two
@@ -289,27 +292,6 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
 # Backward
 
 
-@triton.jit(do_not_specialize=["Tq"])
-def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-                    H, Tq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    # D_i = sum_d dO[i, d] * O[i, d] = rowsum(P * dP), the term the softmax
-    # Jacobian subtracts. Cheap, so done once up front instead of per tile.
-    # (With dropout it still holds: O is the dropped-and-rescaled output.)
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = offs_m[:, None].to(tl.int64)
-    o = _load_tile(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :],
-                   offs_m, Tq, offs_d, True, HEAD_DIM, BLOCK_D)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :],
-                    offs_m, Tq, offs_d, True, HEAD_DIM, BLOCK_D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
-
-
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, lo, hi, offs_m, offs_n, offs_d,
                     stride_qm, stride_dom, Tq, Tk, diag, qk_scale, seed, dropout_p, inv_keep, drop_bh,
@@ -467,16 +449,17 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, lo, hi, offs_m, offs_n,
 
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "TQ_KEY", "TK_KEY", "BH_KEY"])
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
+def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, SEED,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                 stride_dqb, stride_dqh, stride_dqm,
+                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                 stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
                  H, Tq, Tk, qk_scale, sm_scale, dropout_p,
                  TQ_KEY, TK_KEY, BH_KEY,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                  UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid: (query blocks, batch * heads), heaviest blocks first as in the
-    # forward. Same key range and phase split as the forward.
+    # forward. Same key range and phase split as the forward. Runs before the
+    # dK/dV kernel, for which it stores D = rowsum(dO * O) of its rows.
     qk_scale = tl.cast(qk_scale, tl.float32)
     sm_scale = tl.cast(sm_scale, tl.float32)
     dropout_p = tl.cast(dropout_p, tl.float32)
@@ -498,7 +481,13 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEED,
                     offs_m, Tq, offs_d, True, HEAD_DIM, BLOCK_D)
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    # D_i = sum_d dO[i, d] * O[i, d] = rowsum(P * dP), the term the softmax
+    # Jacobian subtracts. (With dropout it still holds: O is the dropped and
+    # rescaled output.)
+    o = _load_tile(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :],
+                   offs_m, Tq, offs_d, True, HEAD_DIM, BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
 
     diag = Tk - Tq
     if CAUSAL:
@@ -694,9 +683,7 @@ def _fwd_impl(q, k, v, seed, causal, dropout_p, softmax_scale, traced):
     def grid(meta):
         return (_cdiv(Tq, meta["BLOCK_M"]), B * H)
 
-    args = (q, k, v, out, lse, seed,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+    args = (q, k, v, out, lse, seed, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             H, Tq, Tk, softmax_scale * LOG2E, dropout_p,
             _pow2(Tq), _pow2(Tk), _pow2(B * H))  # the last three: autotuning buckets
     kwargs = dict(HEAD_DIM=D, BLOCK_D=_pow2(D), CAUSAL=causal, DROPOUT=dropout_p > 0.0,
@@ -722,49 +709,37 @@ def _bwd_impl(dout, q, k, v, out, lse, seed, causal, dropout_p, softmax_scale, t
     # plain contiguous (B, H, T, D) tensor: then its own layout, so autograd
     # can hand the buffer over without a copy.
     dq, dk, dv = (torch.empty_like(t) if t.is_contiguous() else _btHd(B, H, t.shape[2], D, t) for t in (q, k, v))
-    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)  # the dQ kernel fills it
     if traced and _faking(q):
         return dq, dk, dv
-    BLOCK_D = _pow2(D)
-    upcast = INTERPRET and q.dtype == torch.bfloat16
-    dropout = dropout_p > 0.0
-    buckets = (_pow2(Tq), _pow2(Tk), _pow2(B * H))
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    tail = (H, Tq, Tk, softmax_scale * LOG2E, softmax_scale, dropout_p,
+            _pow2(Tq), _pow2(Tk), _pow2(B * H))  # the last three: autotuning buckets
+    kwargs = dict(HEAD_DIM=D, BLOCK_D=_pow2(D), CAUSAL=causal, DROPOUT=dropout_p > 0.0,
+                  UPCAST=INTERPRET and q.dtype == torch.bfloat16)
 
-    delta_block = 32 if INTERPRET else 128
-    delta_kernel = wrap_triton(_attn_bwd_delta) if traced else _attn_bwd_delta
-    delta_kernel[(_cdiv(Tq, delta_block), B * H)](
-        out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2), H, Tq,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=delta_block)
-
-    def grid_n(meta):
-        return (_cdiv(Tk, meta["BLOCK_N"]), B * H)
-
-    kwargs = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, DROPOUT=dropout, UPCAST=upcast)
-    args = (q, k, v, dout, dk, dv, lse, delta, seed,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            H, Tq, Tk, softmax_scale * LOG2E, softmax_scale, dropout_p, *buckets)
-    if traced:
-        dkdv_kernel = _kernel(_attn_bwd_dkdv, D)
-        wrap_triton(dkdv_kernel)[grid_n](*args, **kwargs)
-    else:
-        _run(_attn_bwd_dkdv, D, grid_n, args, kwargs)
-
+    # dQ first: it also writes delta, which the dK/dV kernel reads.
     def grid_m(meta):
         return (_cdiv(Tq, meta["BLOCK_M"]), B * H)
 
-    args = (q, k, v, dout, dq, lse, delta, seed,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            H, Tq, Tk, softmax_scale * LOG2E, softmax_scale, dropout_p, *buckets)
+    args = (q, k, v, out, dout, dq, lse, delta, seed, *strides, *out.stride()[:3], *dout.stride()[:3],
+            *dq.stride()[:3], *tail)
     if traced:
         dq_kernel = _kernel(_attn_bwd_dq, D)
         wrap_triton(dq_kernel)[grid_m](*args, **kwargs)
     else:
         _run(_attn_bwd_dq, D, grid_m, args, kwargs)
+
+    def grid_n(meta):
+        return (_cdiv(Tk, meta["BLOCK_N"]), B * H)
+
+    args = (q, k, v, dout, dk, dv, lse, delta, seed, *strides, *dout.stride()[:3],
+            *dk.stride()[:3], *dv.stride()[:3], *tail)
+    if traced:
+        dkdv_kernel = _kernel(_attn_bwd_dkdv, D)
+        wrap_triton(dkdv_kernel)[grid_n](*args, **kwargs)
+    else:
+        _run(_attn_bwd_dkdv, D, grid_n, args, kwargs)
     return dq, dk, dv
 
 
