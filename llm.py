@@ -20,8 +20,9 @@ needs, in one readable place, with nothing to install:
 - retried, up to max_retries times: connection errors (refused, dropped), timeouts,
   429, 5xx, 408, 409, and replies that are not JSON or lack the text. The wait doubles from
   `backoff` seconds (up to max_backoff), jittered down to half; a Retry-After (or
-  retry-after-ms) header sets it instead, and after a 429 holds every thread's next
-  request until then;
+  retry-after-ms) header sets it instead, also up to max_backoff (a server asking for an
+  hour would otherwise stall the run without a word), and after a 429 holds every
+  thread's next request until then;
 - not retried: other 4xx; the request fails with the server's message (a 404 also
   names the URL asked). 401, 403, 404, a 429 for exhausted quota and a malformed URL
   are `fatal`: a wrong key, model or URL fails every request the same way, so callers
@@ -311,7 +312,7 @@ class Client:
                 if not e.retry or attempt == self.max_retries:
                     break
                 if e.retry_after is not None:
-                    pause = e.retry_after * random.uniform(1.0, 1.2)
+                    pause = min(e.retry_after, self.max_backoff) * random.uniform(1.0, 1.2)
                     if failure.kind == "rate_limit":
                         with self._lock:
                             self._resume_at = max(self._resume_at, time.monotonic() + pause)

@@ -71,6 +71,14 @@ def test_retry_after_is_honoured_and_holds_other_requests():
         assert time.monotonic() - started >= 0.4
 
 
+def test_a_retry_after_longer_than_max_backoff_is_cut_to_it():
+    with FakeLLM(faults=["429", "ok"], retry_after="3600") as server, \
+            client_for(server, max_backoff=0.2) as client:
+        started = time.monotonic()
+        assert client.chat(MESSAGES).text
+        assert time.monotonic() - started < 5
+
+
 def test_retry_after_header_forms():
     future = email.utils.formatdate(time.time() + 30, usegmt=True)
     assert llm._retry_after({"retry-after": "2"}) == 2.0
