@@ -457,7 +457,8 @@ def _train(cfg, make_data, score) -> GPT:
         print(f"step {step}: val loss " + ", ".join(f"{v:.4f} ({k})" for k, v in losses.items()), flush=True)
         if score is not None:
             raw_model.eval()
-            name, value = score(raw_model)
+            with autocast:  # bf16 on a GPU, as evaluate.py scores (and float32 is slower)
+                name, value = score(raw_model)
             raw_model.train()
             improved = best is None or value > best
             print(f"step {step}: {name} {value:.4f}" + (" (best so far: saved best.pt)" if improved else ""),

@@ -121,6 +121,21 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert (tmp_path / "out" / "ckpt.pt").exists()
 
 
+def test_the_score_runs_in_the_training_precision(tmp_path):
+    # finetune.py's HumanEval check: bf16 like evaluate.py, not the float32 master weights
+    seen = []
+
+    def score(model):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), model.training))
+        return "probe", float(len(seen))
+
+    cfg = settings(data=str(make_dataset(tmp_path / "ds")), out_dir=str(tmp_path / "out"), max_iters=4,
+                   eval_interval=2, dtype="bfloat16")
+    train.train(cfg, score=score)
+    assert seen and all(s == (True, torch.bfloat16, False) for s in seen), seen
+    assert (tmp_path / "out" / "best.pt").exists()
+
+
 def test_mixture_draws_by_weight(tmp_path):
     a = make_dataset(tmp_path / "a", seed=1)
     b = tmp_path / "b"
