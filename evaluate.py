@@ -257,11 +257,6 @@ def read_samples(path: Path, bench: str) -> tuple[list[dict], int]:
     return samples, malformed
 
 
-def cut_at_stop(text: str, stop: list[str]) -> str:
-    """text up to the first stop string."""
-    return text[:min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))]
-
-
 def model_completions(cfg, jobs: list[tuple], stop: list[str]):
     """Completions of the checkpoint (--ckpt) or Hugging Face weights (--init_from)."""
     from model import load_model, pick_device, pick_dtype
@@ -289,6 +284,7 @@ def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, m
     max_new_tokens in the context is cut from the left. (model.sample makes a temperature
     or top_p too small to sample with greedy.)"""
     import tokenizer
+    from model import cut_at_stop
     room = prompt_room(model.config.block_size, max_new_tokens)
     encoded = {prompt: tokenizer.encode(prompt) for prompt in {p for _, p in jobs}}
     if cut := sum(len(ids) > room for ids in encoded.values()):
@@ -329,6 +325,7 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     sample; the run then ends with an error saying how many, and that a rerun asks
     again unless the server refused them all (a 4xx: it would refuse them again)."""
     from llm import Client, Failure, LLMError
+    from model import cut_at_stop  # the rule our own generate() follows
     try:
         client = Client(cfg.api_base, cfg.model, concurrency=cfg.batch_size)
         client.check()

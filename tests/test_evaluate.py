@@ -25,7 +25,7 @@ import torch
 
 import evaluate
 from config import UserError, parse_args
-from model import GPT, PRESETS, load_model
+from model import GPT, PRESETS, cut_at_stop, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MBPP = ROOT.parent / "shared" / "data" / "mbpp.jsonl"
@@ -108,7 +108,7 @@ def test_benchmark_data_and_prompts_follow_design(humaneval):
     assert mbpp["MBPP/11"]["tests"].count("assert remove_Occ") == 3
     assert "root = Node(1)" in mbpp["MBPP/367"]["tests"]  # test_setup_code runs after the completion
     assert [evaluate.task_key(t, "mbpp") for t in (11, "11", "Mbpp/11", "MBPP/11")] == ["MBPP/11"] * 4
-    assert evaluate.cut_at_stop("    return 1\n\nif x:\ndef g", evaluate.HUMANEVAL_STOP) == "    return 1\n"
+    assert cut_at_stop("    return 1\n\nif x:\ndef g", evaluate.HUMANEVAL_STOP) == "    return 1\n"
 
 
 @NEEDS_MBPP

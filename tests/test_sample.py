@@ -97,6 +97,7 @@ def test_cut_stops_at_the_first_stop_string_and_names_the_reason():
     assert sample.cut(ids, 100, ("\ndef", "\ny")) == ("x = 1", "stop")
     assert sample.cut(ids, len(ids), ()) == ("x = 1\ny = 2\ndef f():", "length")
     assert sample.cut(ids, len(ids) + 1, ()) == ("x = 1\ny = 2\ndef f():", "stop")  # ended at <|endoftext|>
+    assert sample.cut(ids, len(ids), ("",)) == ("x = 1\ny = 2\ndef f():", "length")  # as generate(): stops nothing
 
 
 def test_chat_template():
