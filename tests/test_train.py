@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -210,7 +211,32 @@ def test_stop_iters_ends_early_on_max_iters_schedule_and_goes_on_later(resume_se
         assert torch.equal(final["model"][name], tensor), name
 
 
-def test_torchrun_ddp_keeps_replicas_identical(tmp_path):
+class Remapped:
+    """The batches a 2-process run reads, for one process: its micro-step j of a step
+    reads what process j // 2 reads at its micro-step j % 2."""
+
+    def __init__(self, mixture):
+        self.mixture, self.names = mixture, mixture.names
+
+    def batch(self, split, batch_size, seed, *key, only=None):
+        if split == "train":
+            rank, step, micro = key
+            assert rank == 0
+            key = (micro // 2, step, micro % 2)
+        return self.mixture.batch(split, batch_size, seed, *key, only=only)
+
+
+class SameBatch:
+    """One batch, whatever is asked."""
+
+    def __init__(self, mixture):
+        self.names, self.fixed = mixture.names, mixture.batch("train", 4, 0, 0, 0, 0)
+
+    def batch(self, *args, **kwargs):
+        return self.fixed
+
+
+def test_torchrun_ddp_keeps_replicas_identical_and_matches_one_process(tmp_path):
     data = make_dataset(tmp_path / "ds")
     script = tmp_path / "ddp_run.py"
     script.write_text(f"""
@@ -224,20 +250,42 @@ os.makedirs(cfg.out_dir, exist_ok=True)  # rank 0 may not have written its check
 torch.save(model.state_dict(), os.path.join(cfg.out_dir, f"rank{{os.environ['RANK']}}.pt"))
 """)
     out = tmp_path / "out"
+    args = [f"--data={data}", "--preset=nano", "--batch_size=2", "--total_batch_size=8", "--max_iters=6",
+            "--warmup_iters=1", "--log_interval=3", "--eval_interval=1000", "--eval_iters=1",
+            "--sample_tokens=0", "--seed=3"]
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-         f"--data={data}", "--preset=nano", "--batch_size=2", "--total_batch_size=8", "--max_iters=6",
-         "--warmup_iters=1", "--log_interval=3", "--eval_interval=1000", "--eval_iters=1",
-         "--sample_tokens=0", f"--out_dir={out}", "--dropout=0.1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+         *args, f"--out_dir={out}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and "(2 micro-step(s) of 2 per process)" in result.stdout
     rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    torch.manual_seed(3)
-    initial = GPT(PRESETS["nano"]).state_dict()
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
-    assert not torch.equal(rank0["lm_head.weight"], initial["lm_head.weight"])
+    torch.manual_seed(3)
+    initial = GPT(PRESETS["nano"]).state_dict()
+    assert not torch.equal(rank0["lm_head.weight"], initial["lm_head.weight"])  # it trained
+    # One process taking both processes' batches as 4 micro-steps ends with the same
+    # weights: each process read its own data, and every micro-step's gradient counted.
+    cfg, _ = parse_args(train.DEFAULTS, argv=[*args, f"--out_dir={tmp_path / 'one'}"])
+    alone = train.train(cfg, make_data=lambda c: Remapped(train.Mixture(str(data), c.block_size, c.vocab_size,
+                                                                        prepare_default=False)))
+    for name, tensor in alone.state_dict().items():
+        torch.testing.assert_close(rank0[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_gradient_accumulation_averages_micro_steps(tmp_path, capsys):
+    # The same batch twice in 2 micro-steps is the same gradient and loss as once in 1.
+    data = str(make_dataset(tmp_path / "ds"))
+    models, losses = [], []
+    for total in (4, 8):
+        cfg = settings(data=data, out_dir=str(tmp_path / f"out{total}"), batch_size=4, total_batch_size=total,
+                       max_iters=2, log_interval=1, grad_clip=0.0)
+        models.append(train.train(cfg, make_data=lambda c: SameBatch(
+            train.Mixture(data, c.block_size, c.vocab_size, prepare_default=False))))
+        losses.append(re.findall(r"step \d+ \| loss ([\d.]+)", capsys.readouterr().out))
+    assert len(losses[0]) == 2 and losses[0] == losses[1], losses
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("case", ["preset", "flag", "data", "checkpoint", "token_ids", "diverged"])
