@@ -2,9 +2,13 @@
 
 import itertools
 import json
+import math
 
 import pytest
+import requests
+import safetensors.torch
 import torch
+import transformers
 
 import tokenizer
 from model import GPT, GPTConfig, KVCache, PRESETS, load_checkpoint, read_safetensors, sample, write_safetensors
@@ -23,7 +27,8 @@ def small_model(seed=0, config=SMALL):
 
 
 def hf_phi(config: GPTConfig):
-    transformers = pytest.importorskip("transformers")
+    """transformers' PhiForCausalLM, its biases and LayerNorms moved off their init
+    (zeros and ones would hide a bias or a LayerNorm that import drops)."""
     hf_config = transformers.PhiConfig(
         vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=4 * config.n_embd,
         num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
@@ -31,7 +36,12 @@ def hf_phi(config: GPTConfig):
         rope_theta=config.rope_base, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
         hidden_act="gelu_new", layer_norm_eps=config.layer_norm_eps, tie_word_embeddings=False)
     hf_config._attn_implementation = "eager"
-    return transformers.PhiForCausalLM(hf_config).eval()
+    model = transformers.PhiForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
 
 
 @pytest.mark.parametrize("name, low, high", [("phi-1", 1.3e9, 1.45e9), ("phi-1-small", 3.4e8, 3.6e8)])
@@ -78,7 +88,6 @@ def test_hf_export_round_trip_and_transformers_logits():
 
 
 def test_save_pretrained_loads_in_transformers_and_back(tmp_path):
-    transformers = pytest.importorskip("transformers")
     ours = small_model(seed=1)
     ours.config.dropout = 0.1  # training's dropout travels in config.json (eval mode: logits unchanged)
     ours.save_pretrained(tmp_path)
@@ -152,7 +161,6 @@ def test_a_sharded_folder_loads_the_shards_its_index_names(tmp_path):
 
 
 def test_a_downloaded_model_loads_offline(tmp_path, monkeypatch):
-    requests = pytest.importorskip("requests")
     monkeypatch.setenv("PHI1_CACHE", str(tmp_path))
     ours = small_model(seed=2)
     ours.save_pretrained(tmp_path / "hub" / "someone" / "phi-tiny")  # what a finished download leaves
@@ -165,10 +173,9 @@ def test_a_downloaded_model_loads_offline(tmp_path, monkeypatch):
 
 
 def test_safetensors_reader_matches_the_reference_library(tmp_path):
-    safetensors = pytest.importorskip("safetensors.torch")
     tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64),
                "c": torch.randn(4, 2).to(torch.bfloat16), "d": torch.randn(2).half()}
-    safetensors.save_file(tensors, tmp_path / "x.safetensors")
+    safetensors.torch.save_file(tensors, tmp_path / "x.safetensors")
     got = read_safetensors(tmp_path / "x.safetensors")
     assert got.keys() == tensors.keys()
     assert all(torch.equal(got[k], tensors[k]) and got[k].dtype == tensors[k].dtype for k in tensors)
@@ -181,7 +188,9 @@ def test_cached_decoding_gives_the_logits_of_a_full_forward():
         full, _ = model(idx)
         cache = KVCache(SMALL, 2, 24, "cpu", torch.float32)
         steps = [model.lm_head(model.hidden_states(idx[:, :10], torch.arange(10), cache))]
-        for t in range(10, 24):
+        # a chunk of 5 (fewer queries than keys: the causal mask aligned to the end), then one at a time
+        steps.append(model.lm_head(model.hidden_states(idx[:, 10:15], torch.arange(10, 15), cache)))
+        for t in range(15, 24):
             steps.append(model.lm_head(model.hidden_states(idx[:, t:t + 1], torch.arange(t, t + 1), cache)))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
@@ -293,6 +302,14 @@ def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus():
     assert int(sample(logits, 0.0, 1.0)) == 0
     assert draws(1e-320) == {0}  # 0 in float32: the most likely token still stays
     assert int(sample(logits, 1e-39, 1.0)) == int(sample(logits, float("nan"), 1.0)) == 0  # greedy
+
+
+@pytest.mark.parametrize("temperature, share", [(0.5, 0.9), (1.0, 0.75), (2.0, 3 ** 0.5 / (1 + 3 ** 0.5))])
+def test_temperature_sharpens_and_flattens(temperature, share):
+    # odds of 3 to 1 at temperature 1 become 3**(1/T) to 1
+    logits = torch.tensor([[0.0, math.log(3.0)]]).expand(4000, 2)
+    drawn = sample(logits, temperature, 1.0, torch.Generator().manual_seed(0))
+    assert abs(drawn.float().mean().item() - share) < 0.03  # 6 standard deviations
 
 
 def test_checkpoint_errors_are_clear(tmp_path):
