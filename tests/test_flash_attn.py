@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import flash_attn_triton as fa  # noqa: E402
 
@@ -31,7 +32,8 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="full-size shape, needs a CUDA G
 # Errors are measured as max |ours - reference| / max(max |reference|, 1), per
 # tensor: relative for large values, absolute where the reference is small
 # (with a single key, dq and dk are exactly zero and only rounding remains).
-TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+TOL = {torch.float16: 2e-3, torch.bfloat16: 3e-2}
+TOL_LSE = 1e-5  # the log-sum-exp comes from fp32 scores of exact products: only accumulation order differs
 F16, BF16 = torch.float16, torch.bfloat16
 
 # (B, H, Tq, Tk, D, causal, dtype, layout). Together: every head dim, both
@@ -119,8 +121,13 @@ def run_both(B, H, Tq, Tk, D, causal, dtype, layout, dropout_p=0.0, seed=None):
 def test_matches_reference(B, H, Tq, Tk, D, causal, dtype, layout):
     res = run_both(B, H, Tq, Tk, D, causal, dtype, layout)
     errs = {name: rel_err(x, ref) for name, (x, ref) in res.items()}
+    if not causal or Tq <= Tk:  # every row sees a key: PyTorch's SDPA is a second, independent reference
+        q, k, v, _, _ = make_qkv(B, H, Tq, Tk, D, dtype, layout)
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=DEVICE).tril(Tk - Tq) if causal else None
+        errs["out vs SDPA"] = rel_err(res["out"][0], F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=allowed))
     print(B, H, Tq, Tk, D, causal, dtype, layout, {n: f"{e:.1e}" for n, e in errs.items()})
-    assert all(e <= TOL[dtype] for e in errs.values()), errs
+    assert all(e <= (TOL_LSE if name == "lse" else TOL[dtype]) for name, e in errs.items()), errs
 
 
 def test_dropout_zero_is_no_dropout():
@@ -180,7 +187,7 @@ def test_dropout_matches_masked_reference(B, H, Tq, Tk, D, causal, dtype, layout
     res = run_both(B, H, Tq, Tk, D, causal, dtype, layout, dropout_p=0.25, seed=99)
     errs = {name: rel_err(x, ref) for name, (x, ref) in res.items()}
     print(B, H, Tq, Tk, D, causal, dtype, layout, {n: f"{e:.1e}" for n, e in errs.items()})
-    assert all(e <= TOL[dtype] for e in errs.values()), errs
+    assert all(e <= (TOL_LSE if name == "lse" else TOL[dtype]) for name, e in errs.items()), errs
 
 
 def test_bad_inputs_raise_clear_errors():
