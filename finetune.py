@@ -55,6 +55,7 @@ DEFAULTS.update(
     warmup_iters=50,  # linear warmup steps (paper: 50)
     weight_decay=0.01,  # AdamW decay of weight matrices (paper: 0.01)
     max_iters=6000,  # optimizer steps in all (paper: 6000)
+    stop_iters=0,  # stop after this step, the schedule still max_iters' (0: max_iters)
     checkpoint_interval=1000,  # steps between checkpoints, one at the end too (paper: 1000)
     eval_interval=1000,  # steps between validation losses (and HumanEval), one at the end too
     dropout=None,  # attention and residual dropout (None: the base model's)
