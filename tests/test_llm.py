@@ -67,8 +67,9 @@ def test_retry_after_is_honoured_and_holds_other_requests():
         first.start()
         time.sleep(0.1)
         client.chat(MESSAGES)  # starts only once the 429's pause is over
+        held = time.monotonic() - started  # measured before join: this request itself was held
         first.join()
-        assert time.monotonic() - started >= 0.4
+        assert held >= 0.4
 
 
 def test_a_retry_after_longer_than_max_backoff_is_cut_to_it():
@@ -76,7 +77,7 @@ def test_a_retry_after_longer_than_max_backoff_is_cut_to_it():
             client_for(server, max_backoff=0.2) as client:
         started = time.monotonic()
         assert client.chat(MESSAGES).text
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 2  # the pause: max_backoff 0.2 s times at most 1.2
 
 
 def test_retry_after_header_forms():

@@ -13,6 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import openai  # requirements-test.txt: a broken install fails, not skips
 import pytest
 import torch
 
@@ -20,8 +21,6 @@ import sample
 import tokenizer
 from config import UserError, parse_args
 from model import GPT, PRESETS, load_checkpoint, load_model
-
-openai = pytest.importorskip("openai")  # requirements-test.txt
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "nano-test"

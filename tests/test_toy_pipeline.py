@@ -35,9 +35,23 @@ def test_every_stage_runs_and_leaves_its_output(tmp_path):
     assert 20 < web <= 40 and 0 < kept < web  # the filter kept some, not all
     for name in ("base", "phi1-base", "phi1"):
         assert (toy / name / "ckpt.pt").exists()
-    for bench in ("humaneval", "mbpp"):
+    # the evaluation: of the finetuned model, on the first EVAL_PROBLEMS problems, one greedy sample
+    # each, its results and summary consistent (a toy model's pass@1 itself may be anything)
+    for bench, ids in (("humaneval", ["HumanEval/0", "HumanEval/1"]), ("mbpp", ["MBPP/11", "MBPP/12"])):
+        generation = json.loads((toy / bench / "generation.json").read_text())
+        assert Path(generation["ckpt"]).resolve() == (toy / "phi1" / "ckpt.pt").resolve()
+        assert (generation["bench"], generation["max_new_tokens"], generation["temperature"]) == (bench, 8, 0.0)
+        samples = [json.loads(line) for line in (toy / bench / "samples.jsonl").read_text().splitlines()]
+        results = [json.loads(line) for line in (toy / bench / "results.jsonl").read_text().splitlines()]
+        assert sorted(s["task_id"] for s in samples) == ids and [r["task_id"] for r in results] == ids
+        assert {r["task_id"]: r["completion"] for r in results} == {s["task_id"]: s["completion"] for s in samples}
+        assert all(isinstance(r["passed"], bool) and r["passed"] == (r["result"] == "passed") for r in results)
+        assert all(r["result"].split(":")[0] in ("passed", "failed", "timed out", "crashed") for r in results)
         summary = json.loads((toy / bench / "summary.json").read_text())
-        assert summary["problems"] == 2 and 0.0 <= summary["pass@1"] <= 1.0
+        passed = sum(r["passed"] for r in results)
+        assert (summary["bench"], summary["problems"], summary["samples"]) == (bench, 2, 2)
+        assert summary["pass@1"] == passed / 2 and summary["counts"]["passed"] == passed
+        assert sum(summary["counts"].values()) == 2 and "pass@10" not in summary
     report = json.loads((toy / "decontamination.json").read_text())
     assert report["documents"] == report["parsed"] == 16 and report["problems"] == 664
     assert "=== " in result.stdout and "done:" in result.stdout
