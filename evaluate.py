@@ -258,13 +258,14 @@ def read_samples(path: Path, bench: str) -> tuple[list[dict], int]:
 
 
 def model_completions(cfg, jobs: list[tuple], stop: list[str]):
-    """Completions of the checkpoint (--ckpt) or Hugging Face weights (--init_from)."""
+    """Completions of the checkpoint (--ckpt) or Hugging Face weights (--init_from): the
+    model loads now, and (key, completion) pairs come as the returned iterator is read."""
     from model import load_model, pick_device, pick_dtype
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt or cfg.init_from, device, pick_dtype("auto", device),
                        "--ckpt" if cfg.ckpt else "--init_from")
-    yield from completions_of(model, jobs, stop, cfg.batch_size, cfg.max_new_tokens, cfg.temperature,
-                              cfg.top_p, cfg.seed)
+    return completions_of(model, jobs, stop, cfg.batch_size, cfg.max_new_tokens, cfg.temperature,
+                          cfg.top_p, cfg.seed)
 
 
 def prompt_room(block_size: int, max_new_tokens: int, setting: str = "--max_new_tokens") -> int:
@@ -317,8 +318,9 @@ def pass_at_1(model, bench: str = "humaneval", limit: int = 0, max_new_tokens: i
 
 
 def api_completions(cfg, jobs: list[tuple], stop: list[str]):
-    """Completions from an OpenAI-compatible /completions endpoint (llm.py): yields (key,
-    completion) for each (key, prompt) job as answers come, batch_size requests at a time.
+    """Completions from an OpenAI-compatible /completions endpoint (llm.py): the endpoint
+    is checked now, and (key, completion) pairs for the (key, prompt) jobs come as the
+    returned iterator is read, in the order answers come, batch_size requests at a time.
 
     OpenAI takes at most 4 stop strings: the first 4 go to the server, and every
     completion is cut here at all of them. A request that fails for good writes no
@@ -333,19 +335,22 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
         raise UserError(str(e)) from None
     params = dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop=stop[:4],
                   **({"top_p": cfg.top_p} if cfg.temperature > 0 else {}))
-    failed = []
-    with client:
-        for key, reply in client.map(jobs, **params):
-            if isinstance(reply, Failure):
-                failed.append(reply)
-                if reply.fatal:
-                    break
-                continue
-            yield key, cut_at_stop(reply.text, stop)
-    if failed:
-        transient = any(f.kind != "refused" for f in failed)
-        raise UserError(f"{len(failed)} requests to {cfg.api_base} failed (first: {failed[0]})"
-                        + ("; rerun the same command to ask again" if transient else ""))
+
+    def answers():
+        failed = []
+        with client:
+            for key, reply in client.map(jobs, **params):
+                if isinstance(reply, Failure):
+                    failed.append(reply)
+                    if reply.fatal:
+                        break
+                    continue
+                yield key, cut_at_stop(reply.text, stop)
+        if failed:
+            transient = any(f.kind != "refused" for f in failed)
+            raise UserError(f"{len(failed)} requests to {cfg.api_base} failed (first: {failed[0]})"
+                            + ("; rerun the same command to ask again" if transient else ""))
+    return answers()
 
 
 def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
@@ -361,21 +366,22 @@ def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
     if path.exists() and settings.exists() and recorded_settings(settings) != identity:
         raise UserError(f"{path} holds samples made with other settings (see {settings}); "
                         f"pass another --out or remove it")
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(settings, (json.dumps(identity, indent=2) + "\n").encode())  # never torn
     # a line torn by an interruption is malformed here, and cut off when appending starts
     have = Counter(s["task_id"] for s in read_samples(path, cfg.bench)[0]) if path.exists() else Counter()
     jobs = [((task_id, i), p["prompt"]) for task_id, p in problems.items()
             for i in range(have[task_id], cfg.n_samples)]
+    # the model loads (or the endpoint answers) before anything is written or shown
+    completions = (api_completions if cfg.api_base else model_completions)(cfg, jobs, stop) if jobs else None
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(settings, (json.dumps(identity, indent=2) + "\n").encode())  # never torn
     if not jobs:
         return path
     if have:
         print(f"resuming: {sum(have.values())} samples already in {path}, {len(jobs)} to go")
-    completions = api_completions if cfg.api_base else model_completions
     samples = Appender(path)
     try:
         with tqdm(total=len(jobs), desc="generating") as bar:
-            for (task_id, _), completion in completions(cfg, jobs, stop):
+            for (task_id, _), completion in completions:
                 samples.write(dict(task_id=task_id, completion=completion))
                 bar.update()
     finally:

@@ -550,6 +550,14 @@ def test_bad_input_ends_with_one_line_and_status_2(tmp_path):
         assert message in r.stderr, (args, r.stderr)
 
 
+@pytest.mark.parametrize("source", [["--ckpt=/nonexistent.pt"], ["--api_base=http://127.0.0.1:9/v1", "--model=m"]])
+def test_a_model_that_cannot_load_or_an_endpoint_that_cannot_answer_leaves_no_trace(tmp_path, source):
+    r = cli(*source, f"--out={tmp_path / 'out'}")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
+    assert "generating" not in r.stderr  # no progress bar before the error
+    assert not (tmp_path / "out" / "generation.json").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--batch_size=0"], "--batch_size must be >= 1"),
     (["--max_new_tokens=-1"], "--max_new_tokens must be >= 0"),
