@@ -21,6 +21,7 @@ from weights (`--init_from=microsoft/phi-1`).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
@@ -456,9 +457,11 @@ def _train(cfg, make_data, score) -> GPT:
         losses = val_losses()
         print(f"step {step}: val loss " + ", ".join(f"{v:.4f} ({k})" for k, v in losses.items()), flush=True)
         if score is not None:
-            raw_model.eval()
-            with autocast:  # bf16 on a GPU, as evaluate.py scores (and float32 is slower)
-                name, value = score(raw_model)
+            # scored as evaluate.py scores a checkpoint: weights in the training dtype (a bf16
+            # copy on a GPU), no autocast, so generate() replays its decoding steps as CUDA graphs
+            scored = raw_model if ptdtype == torch.float32 else copy.deepcopy(raw_model).to(ptdtype)
+            name, value = score(scored.eval())
+            del scored
             raw_model.train()
             improved = best is None or value > best
             print(f"step {step}: {name} {value:.4f}" + (" (best so far: saved best.pt)" if improved else ""),

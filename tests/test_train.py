@@ -123,17 +123,18 @@ def test_a_few_steps_lower_the_loss(tmp_path):
 
 
 def test_the_score_runs_in_the_training_precision(tmp_path):
-    # finetune.py's HumanEval check: bf16 like evaluate.py, not the float32 master weights
+    # finetune.py's HumanEval check: bf16 weights like evaluate.py's, not the float32 master weights
     seen = []
 
     def score(model):
-        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), model.training))
+        seen.append((model.lm_head.weight.dtype, torch.is_autocast_enabled("cpu"), model.training))
         return "probe", float(len(seen))
 
     cfg = settings(data=str(make_dataset(tmp_path / "ds")), out_dir=str(tmp_path / "out"), max_iters=4,
                    eval_interval=2, dtype="bfloat16")
-    train.train(cfg, score=score)
-    assert seen and all(s == (True, torch.bfloat16, False) for s in seen), seen
+    trained = train.train(cfg, score=score)
+    assert seen and all(s == (torch.bfloat16, False, False) for s in seen), seen
+    assert trained.lm_head.weight.dtype == torch.float32  # the copy was scored; training went on in float32
     assert (tmp_path / "out" / "best.pt").exists()
 
 
@@ -270,7 +271,7 @@ torch.save(model.state_dict(), os.path.join(cfg.out_dir, f"rank{{os.environ['RAN
     alone = train.train(cfg, make_data=lambda c: Remapped(train.Mixture(str(data), c.block_size, c.vocab_size,
                                                                         prepare_default=False)))
     for name, tensor in alone.state_dict().items():
-        torch.testing.assert_close(rank0[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(rank0[name], tensor, rtol=1e-4, atol=1e-4, msg=name)  # a wrong split: ~7e-3
 
 
 def test_gradient_accumulation_averages_micro_steps(tmp_path, capsys):
