@@ -264,6 +264,7 @@ def model_completions(cfg, jobs: list[tuple], stop: list[str]):
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt or cfg.init_from, device, pick_dtype("auto", device),
                        "--ckpt" if cfg.ckpt else "--init_from")
+    prompt_room(model.config.block_size, cfg.max_new_tokens)  # now too, not at the first completion
     return completions_of(model, jobs, stop, cfg.batch_size, cfg.max_new_tokens, cfg.temperature,
                           cfg.top_p, cfg.seed)
 
@@ -285,7 +286,6 @@ def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, m
     max_new_tokens in the context is cut from the left. (model.sample makes a temperature
     or top_p too small to sample with greedy.)"""
     import tokenizer
-    from model import cut_at_stop
     room = prompt_room(model.config.block_size, max_new_tokens)
     encoded = {prompt: tokenizer.encode(prompt) for prompt in {p for _, p in jobs}}
     if cut := sum(len(ids) > room for ids in encoded.values()):
@@ -298,7 +298,7 @@ def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, m
         new = model.generate([encoded[p][-room:] for _, p in batch], max_new_tokens,
                              temperature=temperature, top_p=top_p, stop=stop, seed=batch_seed)
         for (key, _), ids in zip(batch, new):
-            yield key, cut_at_stop(tokenizer.decode(ids), stop)
+            yield key, tokenizer.cut_at_stop(tokenizer.decode(ids), stop)
 
 
 def pass_at_1(model, bench: str = "humaneval", limit: int = 0, max_new_tokens: int = 256,
@@ -327,10 +327,11 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     sample; the run then ends with an error saying how many, and that a rerun asks
     again unless the server refused them all (a 4xx: it would refuse them again)."""
     from llm import Client, Failure, LLMError
-    from model import cut_at_stop  # the rule our own generate() follows
+    from tokenizer import cut_at_stop  # the rule our own generate() follows
     try:
         client = Client(cfg.api_base, cfg.model, concurrency=cfg.batch_size)
-        client.check()
+        with client:  # the check's connection closes now; the answers open their own
+            client.check()
     except (ValueError, LLMError) as e:
         raise UserError(str(e)) from None
     params = dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop=stop[:4],
@@ -370,12 +371,12 @@ def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
     have = Counter(s["task_id"] for s in read_samples(path, cfg.bench)[0]) if path.exists() else Counter()
     jobs = [((task_id, i), p["prompt"]) for task_id, p in problems.items()
             for i in range(have[task_id], cfg.n_samples)]
-    # the model loads (or the endpoint answers) before anything is written or shown
-    completions = (api_completions if cfg.api_base else model_completions)(cfg, jobs, stop) if jobs else None
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(settings, (json.dumps(identity, indent=2) + "\n").encode())  # never torn
     if not jobs:
         return path
+    # the model loads (or the endpoint answers) before anything is written or shown
+    completions = (api_completions if cfg.api_base else model_completions)(cfg, jobs, stop)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(settings, (json.dumps(identity, indent=2) + "\n").encode())  # never torn
     if have:
         print(f"resuming: {sum(have.values())} samples already in {path}, {len(jobs)} to go")
     samples = Appender(path)

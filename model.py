@@ -544,12 +544,6 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def cut_at_stop(text: str, stops) -> str:
-    """text up to the first of the stop strings (generate() returns the tokens that
-    completed one; its text is cut here). Empty strings stop nothing, as in generate()."""
-    return text[:min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))]
-
-
 def config_from_dict(d: dict) -> GPTConfig:
     known = {f.name for f in fields(GPTConfig)}
     return GPTConfig(**{k: v for k, v in d.items() if k in known})

@@ -84,7 +84,7 @@ import torch
 
 import tokenizer
 from config import UserError, parse_settings, require, run
-from model import GPT, GREEDY_BELOW, cut_at_stop, load_model, pick_device, pick_dtype
+from model import GPT, GREEDY_BELOW, load_model, pick_device, pick_dtype
 
 DEFAULTS = dict(
     ckpt="out/ckpt.pt",  # our .pt checkpoint, a Hugging Face phi folder, or a hub id (microsoft/phi-1)
@@ -152,7 +152,7 @@ def cut(ids: list[int], max_new: int, stops) -> tuple[str, str]:
     generate() drops <|endoftext|>, so fewer than max_new tokens and no stop
     string means the text ended: "stop" as well."""
     text = tokenizer.decode(ids)
-    kept = cut_at_stop(text, stops)
+    kept = tokenizer.cut_at_stop(text, stops)
     if len(kept) < len(text):
         return kept, "stop"
     return text, "length" if len(ids) >= max_new else "stop"

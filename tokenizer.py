@@ -117,3 +117,9 @@ def decode_bytes(ids) -> bytes:
 def decode(ids) -> str:
     """Text of token ids; a cut-off multi-byte character decodes as U+FFFD."""
     return decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def cut_at_stop(text: str, stops) -> str:
+    """text up to the first of the stop strings: model.generate() returns the tokens that
+    completed one, and their decoded text is cut here. Empty strings stop nothing, as there."""
+    return text[:min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))]

@@ -25,8 +25,9 @@ import pytest
 import torch
 
 import evaluate
+import tokenizer
 from config import UserError, parse_args
-from model import GPT, PRESETS, cut_at_stop, load_model
+from model import GPT, PRESETS, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MBPP = ROOT.parent / "shared" / "data" / "mbpp.jsonl"
@@ -109,7 +110,7 @@ def test_benchmark_data_and_prompts_follow_design(humaneval):
     assert mbpp["MBPP/11"]["tests"].count("assert remove_Occ") == 3
     assert "root = Node(1)" in mbpp["MBPP/367"]["tests"]  # test_setup_code runs after the completion
     assert [evaluate.task_key(t, "mbpp") for t in (11, "11", "Mbpp/11", "MBPP/11")] == ["MBPP/11"] * 4
-    assert cut_at_stop("    return 1\n\nif x:\ndef g", evaluate.HUMANEVAL_STOP) == "    return 1\n"
+    assert tokenizer.cut_at_stop("    return 1\n\nif x:\ndef g", evaluate.HUMANEVAL_STOP) == "    return 1\n"
 
 
 @NEEDS_MBPP
@@ -443,7 +444,6 @@ def nano_checkpoint(path: Path) -> Path:
 
 
 def test_generation_streams_samples_and_resumes(tmp_path, monkeypatch, capsys):
-    import tokenizer
     asked = []  # the prompts GPT.generate is given, as token ids: greedy output alone cannot
     real_generate = GPT.generate  # tell a resume from a run that regenerates everything
 
@@ -482,7 +482,6 @@ def test_generation_streams_samples_and_resumes(tmp_path, monkeypatch, capsys):
 
 
 def test_prompts_go_longest_first_in_batches_and_completions_stop(tmp_path, monkeypatch):
-    import tokenizer
     calls = []
 
     def fake_generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, seed=None):
@@ -554,8 +553,11 @@ def test_bad_input_ends_with_one_line_and_status_2(tmp_path):
         assert message in r.stderr, (args, r.stderr)
 
 
-@pytest.mark.parametrize("source", [["--ckpt=/nonexistent.pt"], ["--api_base=http://127.0.0.1:9/v1", "--model=m"]])
-def test_a_model_that_cannot_load_or_an_endpoint_that_cannot_answer_leaves_no_trace(tmp_path, source):
+@pytest.mark.parametrize("case", ["no checkpoint", "no endpoint", "no room for a prompt"])
+def test_a_model_that_cannot_load_or_an_endpoint_that_cannot_answer_leaves_no_trace(tmp_path, case):
+    source = {"no checkpoint": ["--ckpt=/nonexistent.pt"],
+              "no endpoint": ["--api_base=http://127.0.0.1:9/v1", "--model=m"],
+              "no room for a prompt": [f"--ckpt={nano_checkpoint(tmp_path / 'nano.pt')}", "--max_new_tokens=64"]}[case]
     r = cli(*source, f"--out={tmp_path / 'out'}")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
     assert "generating" not in r.stderr  # no progress bar before the error
