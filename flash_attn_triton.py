@@ -33,14 +33,15 @@ both slow (memory-bound) and large. FlashAttention never builds it:
       dK = scale dS^T Q.
   dK and dV are sums over queries, dQ a sum over keys. We run one kernel per
   query block (accumulating dQ while streaming keys), then one per key block
-  (accumulating dK, dV while streaming queries). D_i needs only row i's O and
-  dO, which the dQ program holds anyway: it computes D for its rows, uses it,
-  and stores it for the dK/dV kernel (which needs every row's D, hence the
-  order, and saves a separate pass over O and dO). That recomputes
-  Q K^T and dO V^T twice, but no two programs ever write the same output, so
-  there are no atomics and results are bitwise deterministic (the alternative,
+  (accumulating dK, dV while streaming queries). That recomputes Q K^T and
+  dO V^T twice, but no two programs ever write the same output, so there are
+  no atomics and results are bitwise deterministic (the alternative,
   accumulating dQ with fp32 atomic adds from the key-block programs, saves two
-  matmuls but is nondeterministic and contends on memory).
+  matmuls but is nondeterministic and contends on memory). D_i needs only row
+  i's O and dO: the dQ program, which loads its rows' dO anyway, loads their O
+  too, computes D, uses it, and stores it for the dK/dV kernel (which needs
+  every row's D, hence the order; a separate kernel would cost a launch and a
+  second read of dO).
 
 Conventions (what model.py relies on):
 

@@ -20,9 +20,9 @@ needs, in one readable place, with nothing to install:
 - retried, up to max_retries times: connection errors (refused, dropped), timeouts,
   429, 5xx, 408, 409, and replies that are not JSON or lack the text. The wait doubles from
   `backoff` seconds (up to max_backoff), jittered down to half; a Retry-After (or
-  retry-after-ms) header sets it instead, also up to max_backoff (a server asking for an
-  hour would otherwise stall the run without a word), and after a 429 holds every
-  thread's next request until then;
+  retry-after-ms) header sets it instead, capped at max_backoff and jittered up by a fifth
+  (a server asking for an hour would otherwise stall the run without a word), and after a
+  429 holds every thread's next request until then;
 - not retried: other 4xx; the request fails with the server's message (a 404 also
   names the URL asked). 401, 403, 404, a 429 for exhausted quota and a malformed URL
   are `fatal`: a wrong key, model or URL fails every request the same way, so callers

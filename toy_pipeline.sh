@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole phi-1 pipeline at toy scale on one CPU machine: no GPU, no network, no API key.
 #
-#   bash toy_pipeline.sh                  # about 20 minutes on 2 cores; everything lands in out/toy
+#   bash toy_pipeline.sh                  # about 20 minutes on 2 cores; outputs land in out/toy
 #
 # The sizes below are the defaults; tests/test_toy_pipeline.py runs the same script with
 # tiny ones. A 3-minute model is no teacher: it writes the textbooks (any text will do),
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-OUT=${OUT:-out/toy}                      # everything this run writes
+OUT=${OUT:-out/toy}                      # what this run writes (the local bins of stage 1 are shared)
 LOCAL_INPUTS=${LOCAL_INPUTS:-}           # folders of .py files instead of this interpreter's
 PRESET=${PRESET:-tiny}                   # model size for both pretraining runs
 PRETRAIN_ITERS=${PRETRAIN_ITERS:-200}    # steps of each pretraining run
