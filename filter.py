@@ -530,6 +530,7 @@ def embed(cfg) -> Path:
         except (OSError, ValueError):
             resume = False
         if not resume:
+            out.parent.mkdir(parents=True, exist_ok=True)
             np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
             flags_path.write_bytes(bytes(n_chunks))
             write_atomic(partial_meta, json.dumps(state).encode())
@@ -762,6 +763,7 @@ class RandomForest:
                       value=self.value_, feature_importances=self.feature_importances_)
         tmp = path.with_name(path.name + ".tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
             os.replace(tmp, path)
@@ -1122,6 +1124,7 @@ def score_shard(cfg, files, shard: int, shards: int, forest: RandomForest, model
     """Embed and score every document of the shard, a chunk at a time, into path (SCORES records)."""
     column, chunk, skipped = positive_column(forest), cfg.batch_size * CHUNK_BATCHES, Counter()
     partial = path.with_name(path.name + ".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(partial, "wb") as f, tqdm(desc=f"scoring {path.name}", unit=" docs") as bar:
         for texts in batched((text for _, _, text, _ in documents(files, skipped, shard, shards)), chunk):
             f.write(scored(texts, cfg, forest, column, model, doc_tokens).tobytes())
@@ -1411,7 +1414,7 @@ def decontaminate(cfg) -> dict:
     tasks = list(problems)
     rates = [pass_rates(path, tasks) for path in results]
     model = load_embedder(cfg, cfg.ckpt, start_processes(cfg)[2]) if cfg.ckpt else None
-    check_writable(*outputs.values())  # last: it makes the folders, which nothing after may leave behind
+    check_writable(*outputs.values())
     trees = [code_tree(problems[t]) for t in tasks]
     grams = {}
     for p, task in enumerate(tasks):
@@ -1461,6 +1464,7 @@ def decontaminate(cfg) -> dict:
     if cfg.prune_tau:
         partial = out.with_name(out.name + ".partial")
         kept = 0
+        out.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "w", encoding="utf-8") as f:
             for i, (_, _, _, record) in enumerate(documents(files, Counter())):
                 if not doc_tau[i] >= cfg.prune_tau:  # NaN (no close problem) is kept

@@ -91,7 +91,7 @@ from tqdm import tqdm
 
 import llm
 from config import UserError, parse_args, require, run, subcommand
-from data.prepare import Appender, check_writable, read_jsonl
+from data.prepare import Appender, check_writable, read_jsonl, write_atomic
 
 DEFAULTS = dict(
     n=100,  # records of this kind and seed the output file should hold at the end
@@ -783,7 +783,7 @@ def summarize(kind: str, cfg, out: Path, client: llm.Client, counts: Counter, se
                       "invalid_answers": counts["invalid answers"], "unanswered_items": counts["unanswered"],
                       "tokens_in": s.tokens_in,
                       "tokens_out": s.tokens_out, "cost": round(s.cost, 4)}}
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    write_atomic(path, (json.dumps(report, indent=1) + "\n").encode())
     kinds = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
     rate = counts["written"] / seconds if seconds > 0 else 0.0
     cost = f", ${s.cost:.2f}" if cfg.price_in or cfg.price_out else ""

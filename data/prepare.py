@@ -45,6 +45,7 @@ import shutil
 import site
 import sys
 import sysconfig
+import tempfile
 import time
 from collections import Counter
 from multiprocessing import Pool
@@ -435,6 +436,7 @@ class Appender:
 
     def open(self):
         """The file for appending text, its last line made whole first."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("ab+") as f:
             start = f.seek(0, os.SEEK_END)
             while start > 0:  # back to the start of the last line
@@ -458,20 +460,26 @@ class Appender:
 
 
 def check_writable(*paths: Path) -> None:
+    """Fail now, in one line, on an output that could not be written later. Creates
+    nothing: the folders are made by whatever writes into them, so a run that stops
+    on a later error leaves no empty folder behind."""
     for path in paths:
         if path.is_dir():
             raise UserError(f"cannot write {path}: it is a directory")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        folder = next(p for p in path.parents if p.exists())  # the nearest one there already
+        if not folder.is_dir():
+            raise UserError(f"cannot write {path}: {folder} is a file, not a folder")
+        try:  # a real attempt: as root, os.access says yes to /proc and to read-only mounts
+            if path.exists():
+                open(path, "ab").close()  # appends nothing, changes nothing
+            else:
+                tempfile.TemporaryFile(dir=folder).close()  # gone when closed
         except OSError as e:
-            in_the_way = next((p for p in path.parents if p.is_file()), None)  # mkdir says only "File exists"
-            reason = f"{in_the_way} is a file, not a folder" if in_the_way else e.strerror or e
-            raise UserError(f"cannot write {path}: {reason}") from None
-        if not os.access(path if path.exists() else path.parent, os.W_OK):
-            raise UserError(f"cannot write {path}: permission denied")
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)

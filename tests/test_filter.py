@@ -571,6 +571,16 @@ def test_train_checks_its_output_before_the_fit(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.json", "emb.npy", "labels.jsonl", "taken"]
 
 
+def test_train_makes_the_forest_folder_only_to_write_the_forest(tmp_path):
+    settings = fake_embeddings(tmp_path, [1, 9] * 3)
+    (tmp_path / "labels.jsonl").write_text(lines(dict(id="elsewhere", score=1)))
+    with pytest.raises(UserError, match="none of the 6 documents"):
+        run_filter("train", *settings, f"--forest={tmp_path / 'new' / 'forest.npz'}")
+    assert not (tmp_path / "new").exists()
+    run_filter("train", *fake_embeddings(tmp_path, [1, 9] * 3), f"--forest={tmp_path / 'new' / 'forest.npz'}")
+    assert RandomForest.load(tmp_path / "new" / "forest.npz").n_features_ == 4
+
+
 def test_empty_lists_name_their_setting(tmp_path):
     docs = corpus(tmp_path / "docs.jsonl", 3, seed=7)
     for bench in ("", ","):

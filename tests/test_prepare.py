@@ -226,6 +226,18 @@ def test_user_errors_leave_nothing_that_looks_complete(tmp_path):
             prepare.prepare(settings(tmp_path, **bad), quiet=True)
 
 
+def test_check_writable_tries_for_real_and_creates_nothing(tmp_path):
+    prepare.check_writable(tmp_path / "new" / "deeper" / "out.jsonl")
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("as it was\n")
+    prepare.check_writable(kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.jsonl"] and kept.read_text() == "as it was\n"
+    for path, reason in [(tmp_path, "it is a directory"), (kept / "x" / "y.jsonl", "kept.jsonl is a file"),
+                         (Path("/proc/phi1-out.jsonl"), "cannot write /proc/phi1-out.jsonl: ")]:  # even as root
+        with pytest.raises(UserError, match=reason):
+            prepare.check_writable(path)
+
+
 def test_a_failed_rerun_leaves_the_prepared_dataset_whole(tmp_path, monkeypatch):
     cfg = settings(tmp_path, inputs=str(write_tree(tmp_path / "ok", {"a.py": A, "b.py": B})))
     meta = prepare.prepare(cfg, quiet=True)

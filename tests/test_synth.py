@@ -274,7 +274,7 @@ def closed_port() -> int:
 
 
 @pytest.mark.parametrize("case", ["unreachable", "bad key", "no such model", "unknown subcommand", "unwritable",
-                                  "bad setting", "bad temperature", "bad max_tokens"])
+                                  "unwritable as root", "bad setting", "bad temperature", "bad max_tokens"])
 def test_bad_input_is_one_line_exit_2_and_the_output_intact(case, tmp_path):
     out = tmp_path / "t.jsonl"
     out.write_text('{"id": "textbook-1337-0", "text": "kept as it was"}\n')
@@ -285,21 +285,32 @@ def test_bad_input_is_one_line_exit_2_and_the_output_intact(case, tmp_path):
                 "no such model": ["textbook", f"--api_base={server.url}", "--model=gpt-9"],
                 "unknown subcommand": ["poems", f"--api_base={server.url}"],
                 "unwritable": ["textbook", f"--api_base={server.url}", f"--out={out}/x.jsonl"],
+                "unwritable as root": ["textbook", f"--api_base={server.url}", "--out=/proc/phi1-t.jsonl"],
                 "bad setting": ["textbook", f"--api_base={server.url}", "--n=-1"],
                 "bad temperature": ["textbook", f"--api_base={server.url}", "--n=3", "--temperature=-1"],
                 "bad max_tokens": ["textbook", f"--api_base={server.url}", "--n=3", "--max_tokens=0"]}[case]
-        right_key = case in ("no such model", "unwritable", "bad temperature", "bad max_tokens")
+        right_key = case in ("no such model", "unwritable", "unwritable as root", "bad temperature", "bad max_tokens")
         env = {"OPENAI_API_KEY": "sekrit" if right_key else "wrong"}
         proc = cli(f"--out={out}", "--model=fake", *args, env=env)
         stdout, stderr = proc.communicate(timeout=60)
     expected = {"unreachable": "cannot reach http://127.0.0.1:", "bad key": "refused the API key",
                 "no such model": "has no model 'gpt-9'", "unknown subcommand": "unknown subcommand 'poems'",
-                "unwritable": "cannot write", "bad setting": "--n must be",
+                "unwritable": "cannot write", "unwritable as root": "cannot write /proc/phi1-t.jsonl",
+                "bad setting": "--n must be",
                 "bad temperature": "--temperature must be in [0, 2]", "bad max_tokens": "--max_tokens must be >= 1"}[case]
     assert proc.returncode == 2 and stdout == ""
     assert stderr.startswith("error: ") and expected in stderr and stderr.count("\n") == 1, stderr
     assert out.read_bytes() == before and not Path(f"{out}.skipped").exists()
     assert server.served == []  # no request sent
+
+
+def test_a_run_that_cannot_start_leaves_no_folder(tmp_path):
+    out = tmp_path / "new" / "t.jsonl"
+    proc = cli(f"--out={out}", "--model=fake", "textbook", f"--api_base=http://127.0.0.1:{closed_port()}/v1",
+               env={"OPENAI_API_KEY": "x"})
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "cannot reach" in stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- the parts
