@@ -612,7 +612,13 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, setting: str
         model = GPT.from_pretrained(name)
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # OSError holds FileNotFound, Connection
         raise UserError(f"cannot load {setting}={name}: {' '.join(str(e).split())[:300]}") from None
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    # Weights that went NaN in training, or that overflow float16, would only show as
+    # garbage text and a pass@k of zero: say so here instead.
+    broken = next((n for n, t in model.state_dict().items() if not torch.isfinite(t).all()), None)
+    if broken is not None:
+        raise UserError(f"cannot use {setting}={name}: {broken} holds NaN or infinite values in {dtype}")
+    return model
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

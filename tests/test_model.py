@@ -11,7 +11,9 @@ import torch
 import transformers
 
 import tokenizer
-from model import GPT, GPTConfig, KVCache, PRESETS, load_checkpoint, read_safetensors, sample, write_safetensors
+from config import UserError
+from model import (GPT, GPTConfig, KVCache, PRESETS, load_checkpoint, load_model, read_safetensors, sample,
+                   write_safetensors)
 
 SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=64, vocab_size=512)
 
@@ -332,6 +334,23 @@ def test_checkpoint_errors_are_clear(tmp_path):
         GPT.from_pretrained("")
     with pytest.raises(ValueError, match="missing"):
         GPT.from_hf_state_dict({"foo": torch.zeros(1)})
+
+
+def test_weights_that_are_not_finite_are_refused_at_load(tmp_path):
+    model, path = small_model(), tmp_path / "ckpt.pt"
+    with torch.no_grad():
+        model.layers[1].in_proj.weight[3, 5] = 1e5  # fine in float32 and bfloat16, inf in float16
+    torch.save({"model": model.state_dict(), "config": vars(SMALL)}, path)
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.bfloat16):
+        assert load_model(str(path), cpu, dtype).layers[1].in_proj.weight.dtype == dtype
+    with pytest.raises(UserError, match=r"layers\.1\.in_proj\.weight holds NaN or infinite values in torch.float16"):
+        load_model(str(path), cpu, torch.float16)
+    with torch.no_grad():
+        model.lm_head.bias[0] = float("nan")
+    torch.save({"model": model.state_dict(), "config": vars(SMALL)}, path)
+    with pytest.raises(UserError, match=r"--ckpt=.*ckpt\.pt: lm_head\.bias holds NaN"):
+        load_model(str(path), cpu, torch.float32)
 
 
 def test_a_mistyped_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
