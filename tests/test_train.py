@@ -1,5 +1,6 @@
 """train.py: schedule, optimizer groups, learning, exact resume, DDP, bad input."""
 
+import copy
 import json
 import os
 import re
@@ -136,6 +137,22 @@ def test_the_score_runs_in_the_training_precision(tmp_path):
     assert seen and all(s == (torch.bfloat16, False, False) for s in seen), seen
     assert trained.lm_head.weight.dtype == torch.float32  # the copy was scored; training went on in float32
     assert (tmp_path / "out" / "best.pt").exists()
+
+
+def test_inference_copy_is_the_cast_model_and_shares_nothing():
+    torch.manual_seed(0)
+    model = GPT(PRESETS["nano"]).train()
+    model(torch.randint(0, 100, (1, 8)), torch.randint(0, 100, (1, 8)))[1].backward()
+    cast = copy.deepcopy(model).to(torch.bfloat16)  # what it stands for, at twice the memory
+    scored = train.inference_copy(model, torch.bfloat16)
+    assert scored.state_dict().keys() == cast.state_dict().keys()
+    assert all(torch.equal(scored.state_dict()[k], v) for k, v in cast.state_dict().items())
+    assert torch.equal(scored.rotary, cast.rotary) and scored.rotary.dtype == torch.bfloat16
+    assert all(not p.requires_grad and p.grad is None for p in scored.parameters())
+    with torch.no_grad():
+        scored.lm_head.bias.fill_(7.0)
+    assert model.lm_head.weight.dtype == torch.float32 and model.lm_head.bias.abs().max() < 7.0
+    assert all(p.requires_grad and p.grad is not None for p in model.parameters())
 
 
 def test_mixture_draws_by_weight(tmp_path):
