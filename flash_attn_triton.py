@@ -775,6 +775,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, seed)
     ctx.causal, ctx.dropout_p, ctx.softmax_scale = causal, dropout_p, softmax_scale
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for lse: a launch per backward
 
 
 @torch.autograd.function.once_differentiable  # the backward is a kernel, not differentiable again

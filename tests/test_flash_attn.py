@@ -234,6 +234,19 @@ def test_a_second_derivative_is_an_error_not_a_wrong_number():
             grad.float().square().sum().backward()
 
 
+def test_the_backward_fills_no_gradient_for_the_lse():
+    # lse is not differentiable: autograd must not build a zero gradient for it (a fill
+    # launch per layer and step) on either path. (Leaf inputs: slicing a packed qkv has its own fill.)
+    q, k, v, _, _ = make_qkv(1, 2, 17, 17, 32, F16, "bhtd")
+    seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    for out in (fa.flash_attn_func(q, k, v), torch.ops.phi1.flash_attn_fwd(q, k, v, seed, True, 0.0, 32 ** -0.5)[0]):
+        dout = torch.ones_like(out)
+        with torch.profiler.profile() as prof:
+            out.backward(dout)
+        ops = {e.key for e in prof.key_averages()}
+        assert not ops & {"aten::zeros", "aten::zero_", "aten::fill_"}, sorted(ops)
+
+
 def test_torch_compile_traces_without_graph_break():
     # fullgraph=True turns any graph break into an error. Under the
     # interpreter only the "eager" backend can run the kernels; on CUDA this
