@@ -587,7 +587,7 @@ def load_embeddings(path: Path) -> tuple[list[str], np.ndarray, dict]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: its description {sidecar} is missing or broken ({e})") from None
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = np.lib.format.open_memmap(path, mode="r")  # np.load would read other bytes as a pickle
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is corrupt: {e}") from None
     if array.dtype != np.float16 or array.shape != (count, dim) or len(ids) != count:
@@ -776,11 +776,11 @@ class RandomForest:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no forest at {path}")
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # else np.load reads any other bytes as a refused pickle
+                raise ValueError(f"{path} is not a random forest file (not an .npz archive)")
         try:
-            data = np.load(path, allow_pickle=False)
-            if not hasattr(data, "files"):
-                raise ValueError("a single array, not an .npz archive")
-            with data:
+            with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path} is not a random forest file ({type(e).__name__}: {e})") from None

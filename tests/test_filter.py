@@ -616,6 +616,12 @@ def test_bad_input_gives_one_clear_line(tmp_path, nano):
     emb.with_suffix(".json").write_text(json.dumps(dict(meta, count=13)))
     with pytest.raises(UserError, match="emb.npy is corrupt"):
         run_filter(*train, f"--embeddings={emb}")
+    kept = emb.read_bytes()
+    emb.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UserError, match="emb.npy is corrupt: the magic string is not correct") as error:
+        run_filter(*train, f"--embeddings={emb}")
+    assert "pickle" not in str(error.value)  # np.load's advice to load it unsafely
+    emb.write_bytes(kept)
     emb.with_suffix(".json").unlink()
     with pytest.raises(UserError, match="description .* is missing"):
         run_filter(*train, f"--embeddings={emb}")
@@ -628,6 +634,9 @@ def test_bad_input_gives_one_clear_line(tmp_path, nano):
     result = subprocess.run([sys.executable, str(ROOT / "filter.py"), "apply", f"--corpus={docs}",
                              f"--forest={labels}", f"--out={tmp_path / 'out'}"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not a random forest file" in result.stderr
+    (tmp_path / "noise.npz").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UserError, match=r"noise\.npz is not a random forest file \(not an \.npz archive\)$"):
+        run_filter("apply", f"--corpus={docs}", f"--forest={tmp_path / 'noise.npz'}", f"--out={tmp_path / 'out'}")
     with pytest.raises(UserError, match="unknown subcommand 'filter'"):
         run_filter("filter")
     assert not (tmp_path / "out").exists()
