@@ -76,15 +76,15 @@ def _convert(key: str, text: str, default):
     if isinstance(default, (int, float)):
         try:
             value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, RecursionError):  # RecursionError: "-" * 5000 + "1"
             value = None
         if not _is_number(value) or (isinstance(default, int) and not isinstance(value, int)):
-            raise UserError(f"--{key} takes {type(default).__name__}, not {text!r}")
+            raise UserError(f"--{key} takes {type(default).__name__}, not {text[:40]!r}")
         return type(default)(_finite(key, text, value))
     if default is None:  # a number if it looks like one, else the string
         try:
             value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, RecursionError):
             return text
         return _finite(key, text, value) if _is_number(value) else text
     return text
@@ -155,7 +155,7 @@ def parse_args(defaults: dict, doc: str | None = None,
         key, has_value, text = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key not in defaults:
-            close = [k for k in defaults if key in k or k in key]
+            close = [k for k in defaults if key and (key in k or k in key)]  # "--" alone: no guess
             hint = f" (did you mean --{close[0]}?)" if close else " (see --help)"
             raise UserError(f"unknown setting --{key}{hint}")
         if not has_value:

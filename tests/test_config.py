@@ -1,0 +1,167 @@
+"""Tests for config.py: settings from the command line, --help, and one-line user errors."""
+
+import importlib.util
+import sys
+
+import pytest
+
+from config import UserError, parse_args, parse_settings, require, run, subcommand, usage
+
+DEFAULTS = dict(
+    batch_size=8,
+    learning_rate=1e-3,
+    compile=False,
+    shuffle=True,
+    dropout=None,
+    data="data/x",
+)
+
+
+def status_of(main):
+    """run(main)'s exit status (a KeyboardInterrupt that escaped run() would stop pytest itself)."""
+    try:
+        run(main)
+    except SystemExit as e:
+        return e.code
+    except KeyboardInterrupt:
+        return "KeyboardInterrupt escaped"
+    return None
+
+
+def test_run_ends_a_user_error_or_ctrl_c_with_one_line(capsys):
+    def mistake():
+        raise UserError("--x must be positive")
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    assert status_of(mistake) == 2 and capsys.readouterr().err == "error: --x must be positive\n"
+    assert status_of(ctrl_c) == 130 and capsys.readouterr().err == "interrupted\n"
+    assert status_of(lambda: None) is None
+
+
+def test_require_reports_the_first_check_that_fails():
+    require((True, "fine"), (1 < 2, "also fine"))
+    with pytest.raises(UserError, match="^second$"):
+        require((True, "first"), (False, "second"), (False, "third"))
+
+
+def test_bools_take_common_spellings_in_any_case():
+    for text in ("1", "true", "True", "YES", "on"):
+        assert parse_settings(DEFAULTS, argv=[f"--compile={text}"]).compile is True
+    for text in ("0", "false", "False", "NO", "off"):
+        assert parse_settings(DEFAULTS, argv=[f"--shuffle={text}"]).shuffle is False
+    with pytest.raises(UserError, match="--compile takes true or false, not 'maybe'"):
+        parse_settings(DEFAULTS, argv=["--compile=maybe"])
+
+
+def test_a_bare_bool_flag_sets_it_true():
+    cfg = parse_settings(DEFAULTS, argv=["--compile", "--shuffle"])
+    assert cfg.compile is True and cfg.shuffle is True  # not a toggle of a true default
+
+
+def test_numbers_take_the_type_of_their_default():
+    cfg = parse_settings(DEFAULTS, argv=["--learning_rate=1", "--batch_size=16"])
+    assert (cfg.learning_rate, cfg.batch_size) == (1.0, 16)
+    assert type(cfg.learning_rate) is float and type(cfg.batch_size) is int
+    # True and False are ints to Python, not numbers to a user
+    with pytest.raises(UserError, match="--batch_size takes int, not 'True'"):
+        parse_settings(DEFAULTS, argv=["--batch_size=True"])
+    with pytest.raises(UserError, match="--learning_rate takes float, not 'False'"):
+        parse_settings(DEFAULTS, argv=["--learning_rate=False"])
+
+
+def test_settings_that_default_to_none_take_a_number_or_else_the_text():
+    for text, value in [("5", 5), ("2.5", 2.5), ("abc", "abc"), ("[1, 2]", "[1, 2]"),
+                        ("True", "True"), ("'q'", "'q'")]:
+        dropout = parse_settings(DEFAULTS, argv=[f"--dropout={text}"]).dropout
+        assert dropout == value and type(dropout) is type(value), text
+    with pytest.raises(UserError, match="--dropout takes a finite number"):
+        parse_settings(DEFAULTS, argv=["--dropout=1e999"])
+
+
+def test_values_may_hold_equals_signs():
+    assert parse_settings(DEFAULTS, argv=["--data=a=b.bin"]).data == "a=b.bin"
+    assert parse_settings(DEFAULTS, argv=["--data", "a=b.bin"]).data == "a=b.bin"
+
+
+def test_a_setting_at_the_end_without_its_value_is_a_user_error():
+    with pytest.raises(UserError, match="^--batch_size needs a value$"):
+        parse_settings(DEFAULTS, argv=["--compile", "--batch_size"])
+
+
+def test_unknown_setting_suggests_a_close_one():
+    for typo in ("--batch=3", "--batch-sizes=3"):
+        with pytest.raises(UserError, match=r"did you mean --batch_size\?"):
+            parse_settings(DEFAULTS, argv=[typo])
+    with pytest.raises(UserError, match=r"^unknown setting --epochs \(see --help\)$"):
+        parse_settings(DEFAULTS, argv=["--epochs=3"])
+
+
+def test_a_forgotten_dash_is_an_unexpected_argument():
+    with pytest.raises(UserError, match="^unexpected argument '-batch_size=3' "):
+        parse_settings(DEFAULTS, argv=["-batch_size=3"])
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_prints_the_docstring_and_every_default_then_exits_0(capsys, flag):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(DEFAULTS, "Train a small model.", argv=["--batch_size=3", flag, "--nope"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Train a small model.\n")
+    shown = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  --")}
+    assert list(shown) == [f"--{key}" for key in DEFAULTS]
+    assert shown["--data"] == "'data/x'" and shown["--dropout"] == "None"  # repr: a string shows its quotes
+
+
+def _module(monkeypatch, tmp_path, name, source):
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help_takes_each_comment_from_the_script_or_the_module_it_took_the_default_from(
+        monkeypatch, tmp_path):
+    _module(monkeypatch, tmp_path, "cfgtest_other", (
+        "DEFAULTS = dict(\n"
+        "    zz_steps=99,  # another script's setting of the same name\n"
+        ")\n"))
+    _module(monkeypatch, tmp_path, "cfgtest_base", (
+        "DEFAULTS = dict(\n"
+        "    zz_steps=10,  # steps of the base script\n"
+        "    zz_rate=0.5,  # rate of the base script\n"
+        ")\n"))
+    main = _module(monkeypatch, tmp_path, "cfgtest_main", (
+        "import cfgtest_base\n"
+        "DEFAULTS = dict(cfgtest_base.DEFAULTS)\n"
+        "DEFAULTS.update(\n"
+        "    zz_rate=0.1,  # this script's own rate\n"
+        ")\n"))
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    lines = usage(main.DEFAULTS, None).splitlines()
+    assert [line.split(None, 2)[2] for line in lines if line.startswith("  --")] == [
+        "steps of the base script", "this script's own rate"]
+
+
+def test_subcommand_takes_exactly_one_known_word():
+    choices = ("annotate", "train", "apply")
+    assert subcommand(["train"], choices) == "train"
+    for args, message in [([], "no subcommand"), (["filter"], "unknown subcommand 'filter'"),
+                          (["train", "extra"], "unexpected argument 'extra'")]:
+        with pytest.raises(UserError, match=f"^{message}: say annotate, train or apply \\(see --help\\)$"):
+            subcommand(args, choices)
+
+
+def test_values_no_parser_can_read_are_one_short_line():
+    deep = "-" * 5000 + "1"  # nests past Python's recursion limit in ast.literal_eval
+    with pytest.raises(UserError, match=r"^--batch_size takes int, not '-{40}'$"):
+        parse_settings(DEFAULTS, argv=[f"--batch_size={deep}"])
+    assert parse_settings(DEFAULTS, argv=[f"--dropout={deep}"]).dropout == deep
+    for bare in ("--", "--=3"):  # no key: nothing to suggest
+        with pytest.raises(UserError, match=r"^unknown setting -- \(see --help\)$"):
+            parse_settings(DEFAULTS, argv=[bare])
