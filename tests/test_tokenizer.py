@@ -6,14 +6,18 @@ in for the real microsoft/phi-1 tokenizer.json (we cannot download it).
 """
 
 import keyword
+import os
 
+import numpy as np
 import pytest
 import tiktoken
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 import tokenizer as tok
+from config import UserError
 from tokenizer import EOT, VOCAB_SIZE, decode, decode_bytes, encode, encode_batch
 
 BPE = tiktoken.get_encoding("r50k_base")
@@ -182,6 +186,19 @@ def test_encode_batch_matches_encode(texts, allowed):
         encode(t, allowed_special=allowed) for t in texts]
 
 
+def test_encode_batch_below_two_threads_uses_no_pool(monkeypatch):
+    """num_threads 0 or 1, or a single text, encodes in the calling thread."""
+    def no_pool(*args, **kwargs):
+        raise AssertionError("encode_batch started a thread pool")
+
+    monkeypatch.setattr(tok, "ThreadPoolExecutor", no_pool)
+    texts = ["    x", "<|endoftext|>", "a  b"]
+    expected = [encode(t) for t in texts]
+    assert encode_batch(texts, num_threads=1) == expected
+    assert encode_batch(texts, num_threads=0) == expected
+    assert encode_batch(texts[:1]) == expected[:1]
+
+
 # --- 5. id range ---------------------------------------------------------------------
 
 @PROPERTY
@@ -206,6 +223,24 @@ def test_decode_rejects_out_of_range(bad):
         decode([bad])
     with pytest.raises(ValueError):
         decode([SPACES_2, 64, bad, 65])
+
+
+def test_decode_takes_numpy_and_torch_ids():
+    """Ids from a uint16 token file or a model's output tensor decode like a list,
+    added whitespace tokens included (a 0-d tensor is no dict key for its value)."""
+    text = "def f():\n    return 1"
+    ids = encode(text)
+    assert SPACES_4 in ids
+    assert decode(np.array(ids, dtype=np.uint16)) == text
+    assert decode(torch.tensor(ids)) == text
+
+
+def test_decode_marks_a_cut_off_character():
+    """Tokens that end inside a UTF-8 character decode with one U+FFFD in its place."""
+    ids = encode("x🎉")
+    assert len(ids) > 2 and decode(ids) == "x🎉"  # the emoji's 4 bytes span several tokens
+    assert decode(ids[:-1]) == "x\ufffd"
+    assert decode_bytes(ids[:-1]) == "x🎉".encode()[:-1]
 
 
 # --- 6. equivalence with Hugging Face -------------------------------------------------
@@ -315,3 +350,42 @@ def test_matches_hf_on_code(hf, text):
 def test_matches_hf_on_unicode(hf, text):
     """Same ids as Hugging Face on random unicode (the pre-tokenizer regexes agree)."""
     assert encode(text, allowed_special=True) == hf.encode(text).ids
+
+
+# --- 7. cutting at stop strings ----------------------------------------------------------
+
+def test_cut_at_stop_keeps_the_text_before_the_earliest_stop():
+    assert tok.cut_at_stop("\ndef g():", ["\ndef"]) == ""  # a stop at the very start leaves nothing
+    assert tok.cut_at_stop("x\nclass A\ndef g", ["\ndef", "\nclass"]) == "x"
+    assert tok.cut_at_stop("x = 1", ["\ndef"]) == "x = 1"
+    assert tok.cut_at_stop("x = 1", ["", "\ndef"]) == "x = 1"  # empty stops stop nothing
+
+
+# --- 8. loading the BPE ------------------------------------------------------------------
+
+def test_bpe_cache_dir_is_the_users_else_the_offline_copy(monkeypatch, tmp_path):
+    """$TIKTOKEN_CACHE_DIR wins; unset, the offline copy is used only if it exists."""
+    seen = []
+    monkeypatch.setattr(tiktoken, "get_encoding",
+                        lambda name: seen.append((name, os.environ.get("TIKTOKEN_CACHE_DIR"))) or "bpe")
+    offline = tmp_path / "offline"
+    offline.mkdir()
+    monkeypatch.setattr(tok, "_OFFLINE_CACHE", offline)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "mine"))
+    assert tok._bpe.__wrapped__() == "bpe"  # the function under functools.cache
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")
+    tok._bpe.__wrapped__()
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")
+    offline.rmdir()
+    tok._bpe.__wrapped__()
+    assert seen == [("r50k_base", str(tmp_path / "mine")), ("r50k_base", str(offline)), ("r50k_base", None)]
+
+
+def test_bpe_that_cannot_load_is_a_user_error(monkeypatch):
+    """Offline with no cached copy, the user gets one line on what to set, not a traceback."""
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(UserError, match=r"cannot load tiktoken's r50k_base .*\(ConnectionError\).*TIKTOKEN_CACHE_DIR"):
+        tok._bpe.__wrapped__()
