@@ -19,6 +19,7 @@ a `shared/tiktoken_cache` folder beside this checkout is used if there is one.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -99,7 +100,7 @@ def encode_batch(texts: list[str], allowed_special: bool = False,
 def decode_bytes(ids) -> bytes:
     bpe, out, run = _bpe(), [], []
     for i in ids:
-        i = int(i)
+        i = operator.index(i)  # numpy's and torch's integers too; a float is refused, not truncated
         if i in ADDED_BYTES:
             if run:
                 out.append(bpe.decode_bytes(run))

@@ -233,6 +233,9 @@ def test_decode_takes_numpy_and_torch_ids():
     assert SPACES_4 in ids
     assert decode(np.array(ids, dtype=np.uint16)) == text
     assert decode(torch.tensor(ids)) == text
+    for floats in ([220.9, 64.2], np.array(ids, dtype=np.float32)):
+        with pytest.raises(TypeError):
+            decode(floats)
 
 
 def test_decode_marks_a_cut_off_character():
