@@ -667,7 +667,8 @@ class Handler(BaseHTTPRequestHandler):
                 text, reason = tokenizer.decode(ids[row]), None
                 if any(s in text for s in stop):
                     continue  # the row's text is complete: the rest comes with its end
-                text = text[:len(text) - hold].rstrip("\ufffd")
+                text = text.rstrip("\ufffd")  # an incomplete last character, for now
+                text = text[:max(len(text) - hold, 0)]
             if chat:
                 text = text.removeprefix(" ")  # as the answer without stream
             if len(text) > given[row] or reason:

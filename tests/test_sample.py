@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -106,6 +107,44 @@ def test_chat_template():
     assert sample.chat_prompt(messages) == "system: Be brief.\nuser: Add\ntwo.\nassistant:"
 
 
+def test_every_greedy_request_gets_the_same_sampling_mode():
+    # one batching key for all greedy requests, whatever top_p they name
+    assert sample.sampling_mode(0, 0.5) == sample.sampling_mode(1e-5, 1.0) == (0.0, 1.0)
+    assert sample.sampling_mode(0.7, 0.9) == (0.7, 0.9)
+
+
+def test_requests_default_to_the_server_settings():
+    cfg, _ = parse_args(sample.DEFAULTS, argv=[r"--stop=\ndef,\nclass", "--max_new_tokens=7",
+                                               "--temperature=0.5", "--top_p=0.5"])
+    s = sample.parse_sampling({}, cfg, chat=False)
+    assert (s.stop, s.max_tokens, s.temperature, s.top_p, s.n) == (("\nclass", "\ndef"), 7, 0.5, 0.5, 1)
+    assert sample.parse_sampling({"stop": "x", "max_tokens": 3}, cfg, chat=False).stop == ("x",)
+    both = {"max_tokens": 5, "max_completion_tokens": 3}
+    assert sample.parse_sampling(both, cfg, chat=True).max_tokens == 3  # chat's newer name wins
+    assert sample.parse_sampling(both, cfg, chat=False).max_tokens == 5
+    assert sample.parse_sampling({"stop": ["", "x"]}, cfg, chat=False).stop == ("x",)  # "" stops nothing
+
+
+def test_a_streamed_row_gives_no_more_than_its_max_new_tokens():
+    # its batch may run longer for another row
+    row = sample.Row([1], 2, 0.0, 1.0, (), None, 0, queue.Queue())
+    for token in tokenizer.encode(" a b c d"):
+        row.push(token)
+    assert row.streamed == 2 and row.tokens.qsize() == 2
+
+
+def test_streamed_pieces_never_give_the_start_of_a_stop_string():
+    text = "y = 2\nreturn 1"
+    ids = [t for c in text for t in tokenizer.encode(c)]  # a token per character: every prefix is seen
+    stop = ("\nreturn",)
+    row = sample.Row(ids, len(ids), 0.0, 1.0, stop, None, 0, queue.Queue())
+    for token in ids:
+        row.push(token)
+    row.finish(ids)
+    pieces = [piece for _, piece, _ in sample.Handler.streamed_texts([row], stop, chat=False)]
+    assert "".join(pieces) == "y = 2" and len(pieces) > 1
+
+
 # ---------------------------------------------------------------- the official client
 
 def test_models_list_and_retrieve(client):
@@ -153,6 +192,50 @@ def test_max_tokens_is_clamped_to_the_context(client, reference):
     text, reason, n_new = expect(reference, prompt, 10_000)
     assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (text, reason, n_new)
     assert r.usage.prompt_tokens + r.usage.completion_tokens <= BLOCK
+
+
+def test_max_tokens_zero_echoes_the_prompt_alone(client):
+    r = client.completions.create(model=NAME, prompt="def f(x):", max_tokens=0, echo=True)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == ("def f(x):", "length")
+    assert r.usage.completion_tokens == 0
+
+
+def test_an_empty_prompt_starts_a_new_document(client, reference):
+    r = client.completions.create(model=NAME, prompt="", max_tokens=5, temperature=0)
+    assert r.choices[0].text == expect(reference, "", 5)[0] and r.usage.prompt_tokens == 1
+
+
+def test_token_id_prompts_equal_their_text(client):
+    prompt = "def add(a, b):"
+    ids = tokenizer.encode(prompt)
+    ask = dict(model=NAME, max_tokens=6, temperature=0)
+    text = client.completions.create(prompt=prompt, **ask).choices[0].text
+    assert [c.text for c in client.completions.create(prompt=ids, **ask).choices] == [text]
+    assert [c.text for c in client.completions.create(prompt=[ids, ids], **ask).choices] == [text, text]
+
+
+def test_chat_cuts_at_a_stop_of_the_request_with_or_without_stream(client, reference):
+    messages = [{"role": "user", "content": "Sort a list."}]
+    ids = reference.generate([tokenizer.encode(sample.chat_prompt(messages))], 20, stop=list(sample.CHAT_STOPS))[0]
+    full = sample.cut(ids, 20, sample.CHAT_STOPS)[0]
+    stop = next(p for p in (tokenizer.decode([t]) for t in ids[2:]) if p.strip() and p.isascii() and p in full)
+    ask = dict(model=NAME, messages=messages, max_tokens=20, temperature=0, stop=stop)
+    r = client.chat.completions.create(**ask)
+    assert r.choices[0].message.content == full[:full.index(stop)].removeprefix(" ")
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+
+
+def test_a_seeded_request_split_over_batches_draws_fresh_samples_in_each(client, reference):
+    # the fixture's --max_batch=8: n=10 rows run as 8 with the seed, then 2 with the seed + 1
+    ids = tokenizer.encode("def f(x):")
+    r = client.completions.create(model=NAME, prompt="def f(x):", max_tokens=6, temperature=1.0, top_p=0.9,
+                                  n=10, seed=5)
+    outs = (reference.generate([ids] * 8, 6, temperature=1.0, top_p=0.9, seed=5)
+            + reference.generate([ids] * 2, 6, temperature=1.0, top_p=0.9, seed=6))
+    assert [c.text for c in r.choices] == [sample.cut(new, 6, ())[0] for new in outs]
 
 
 def test_chat_completion_follows_the_template(client, reference):
@@ -219,6 +302,63 @@ def test_concurrent_requests_are_batched_and_equal_lone_answers(client, server):
     assert server.engine.largest_batch > 1
 
 
+def test_rows_with_different_stops_in_one_batch_keep_their_own(server, reference):
+    ids = tokenizer.encode("for i in range(10):")
+    full = reference.generate([ids], 12)[0]
+    stop = next(p for p in (tokenizer.decode([t]) for t in full[1:]) if p.strip() and p.isascii())
+    stopped, unstopped = (sample.Row(ids, 12, 0.0, 1.0, s, None, -1) for s in ((stop,), ()))
+    server.engine.submit([stopped, unstopped])  # one queue item: taken together
+    assert unstopped.future.result(timeout=60) == full
+    assert stopped.future.result(timeout=60) == reference.generate([ids], 12, stop=[stop])[0]
+
+
+def test_a_seed_does_not_fix_the_samples_of_other_requests_in_its_batch(server):
+    ids = tokenizer.encode("def f(x):")
+
+    def unseeded_sample():
+        seeded, unseeded = sample.Row(ids, 8, 1.0, 1.0, (), 5, -1), sample.Row(ids, 8, 1.0, 1.0, (), None, -2)
+        server.engine.submit([seeded, unseeded])  # one queue item: one batch
+        return unseeded.future.result(timeout=60)
+
+    assert unseeded_sample() != unseeded_sample()
+
+
+def test_rows_too_long_for_one_context_together_are_generated_apart(server, reference):
+    long_prompt, short_prompt = tokenizer.encode(" x" * (BLOCK - 4)), tokenizer.encode("x")
+    rows = [sample.Row(long_prompt, 4, 0.0, 1.0, (), None, -1),
+            sample.Row(short_prompt, BLOCK - 1, 0.0, 1.0, (), None, -1)]
+    server.engine.submit(rows)
+    for row in rows:
+        assert row.future.result(timeout=60) == reference.generate([row.prompt], row.max_new)[0]
+
+
+def test_closing_the_engine_fails_the_rows_still_queued():
+    started, release = threading.Event(), threading.Event()
+
+    class Model:  # holds the first batch until released
+        config = PRESETS["nano"]
+
+        def generate(self, prompts, max_new, *args, **kwargs):
+            started.set()
+            release.wait(20)
+            return [[1] * max_new for _ in prompts]
+
+    engine = sample.Engine(Model(), max_batch=8, batch_wait_ms=0)
+    running, queued = sample.Row([1], 2, 0.0, 1.0, (), None, 0), sample.Row([1], 2, 0.0, 1.0, (), None, 1)
+    engine.submit([running])
+    assert started.wait(20)
+    engine.submit([queued])
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    while not engine.closed:
+        time.sleep(0.01)
+    release.set()
+    closer.join(20)
+    assert running.future.result(timeout=20) == [1, 1]
+    assert isinstance(queued.future.exception(timeout=20), sample.ApiError)
+    assert queued.future.exception().status == 503
+
+
 def test_streaming_gives_the_same_answer(client):
     ask = dict(model=NAME, prompt="x = 1", max_tokens=6, temperature=0)
     whole = client.completions.create(**ask).choices[0]
@@ -232,6 +372,19 @@ def test_streaming_gives_the_same_answer(client):
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == whole.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_streamed_completions_of_several_prompts_with_n_echo_and_usage(client):
+    ask = dict(model=NAME, prompt=["x = 1", "def f(x):"], n=2, max_tokens=6, temperature=0, echo=True)
+    whole = client.completions.create(**ask)
+    chunks = list(client.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    texts, reasons = [""] * 4, [None] * 4
+    for chunk in chunks[:-1]:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            reasons[c.index] = c.finish_reason
+    assert texts == [c.text for c in whole.choices] and reasons == [c.finish_reason for c in whole.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
 @pytest.mark.parametrize("stop, chat", [((), False), (("\n\ndef",), False), (("語",), False), ((), True)])
@@ -248,6 +401,21 @@ def test_streamed_pieces_join_into_the_cut_text_and_hold_back_what_may_change(st
     assert "".join(piece for _, piece, _ in pieces) == (expected.removeprefix(" ") if chat else expected)
     assert [r for _, _, r in pieces] == [None] * (len(pieces) - 1) + [reason]
     assert len(pieces) > 3 and not any("\ufffd" in piece for _, piece, _ in pieces)
+
+
+@pytest.mark.parametrize("text, stop, chat", [
+    (" yes\nuser: thanks", tuple(sorted(sample.CHAT_STOPS)), True),  # shorter than the hold-back
+    ("x = 1 \u00ff", (" \u00ff",), False),  # a stop behind a character still cut in two
+])
+def test_a_streamed_piece_never_holds_text_the_answer_lacks(text, stop, chat):
+    ids = tokenizer.encode(text)
+    row = sample.Row(ids, len(ids), 0.0, 1.0, stop, None, 0, queue.Queue())
+    for token in ids:
+        row.push(token)
+    row.finish(ids)
+    streamed = "".join(piece for _, piece, _ in sample.Handler.streamed_texts([row], stop, chat))
+    expected, reason = sample.cut(ids, len(ids), stop)
+    assert reason == "stop" and streamed == (expected.removeprefix(" ") if chat else expected)
 
 
 def test_stream_sends_text_as_it_is_generated(client, server, monkeypatch):
@@ -293,6 +461,28 @@ def test_stream_echoes_the_prompt_and_ends_with_an_error_event_if_generation_fai
     assert texts == [" y"]
 
 
+def test_a_chat_reply_loses_only_the_space_after_the_colon(client, server, monkeypatch):
+    def replying(text):
+        def generate(prompts, *args, on_token, **kwargs):
+            new = tokenizer.encode(text)
+            for token in new:
+                on_token(0, token)
+            return [new]
+        return generate
+
+    ask = dict(model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=20)
+    monkeypatch.setattr(server.engine.model, "generate", replying("  x = [1, 2]\n\n"))
+    assert client.chat.completions.create(**ask).choices[0].message.content == " x = [1, 2]\n\n"
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == " x = [1, 2]\n\n"
+
+    # an empty reply: the last chunk's delta is empty, as OpenAI's is
+    monkeypatch.setattr(server.engine.model, "generate", replying("\nuser: hi"))
+    assert client.chat.completions.create(**ask).choices[0].message.content == ""
+    last = list(client.chat.completions.create(**ask, stream=True))[-1].choices[0]
+    assert last.delta.content is None and last.finish_reason == "stop"
+
+
 def test_client_sees_openai_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
@@ -323,6 +513,19 @@ GOOD = {"model": NAME, "prompt": "x", "max_tokens": 1}
     ("POST", "/v1/completions", {**GOOD, "stop": 7}, 400, "invalid_value"),
     ("POST", "/v1/completions", {**GOOD, "prompt": [[1, 99999]]}, 400, "invalid_value"),
     ("POST", "/v1/completions", {**GOOD, "logprobs": 1}, 400, "unsupported_parameter"),
+    ("POST", "/v1/completions", {**GOOD, "presence_penalty": 0.5}, 400, "unsupported_parameter"),
+    ("POST", "/v1/completions", {**GOOD, "response_format": {"type": "json_object"}}, 400,
+     "unsupported_parameter"),
+    ("POST", "/v1/completions", {**GOOD, "best_of": 2}, 400, "unsupported_parameter"),
+    ("POST", "/v1/completions", {**GOOD, "n": True}, 400, "invalid_value"),
+    ("POST", "/v1/completions", {**GOOD, "stream": "yes"}, 400, "invalid_value"),
+    ("POST", "/v1/completions", {**GOOD, "stream_options": "yes"}, 400, "invalid_value"),
+    ("POST", "/v1/completions", {**GOOD, "stop": [str(i) for i in range(sample.MAX_STOPS + 1)]}, 400,
+     "invalid_value"),
+    ("POST", "/v1/completions", {**GOOD, "prompt": [[-1]]}, 400, "invalid_value"),
+    ("POST", "/v1/completions", {**GOOD, "prompt": ["x"] * (sample.MAX_ROWS // sample.MAX_N + 1),
+                                 "n": sample.MAX_N}, 400, "invalid_value"),
+    ("POST", "/v1/completions", {**GOOD, "prompt": [1] * BLOCK}, 400, "context_length_exceeded"),
     ("POST", "/v1/completions", {**GOOD, "prompt": "word " * BLOCK}, 400, "context_length_exceeded"),
     ("POST", "/v1/chat/completions", {"model": NAME}, 400, "invalid_value"),
     ("POST", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "tool", "content": "x"}]}, 400,
@@ -348,6 +551,25 @@ def test_a_connection_survives_an_error(server):
     conn.close()
 
 
+def test_bodies_without_a_usable_length_are_refused(server):
+    status, payload = raw(server, "POST", "/v1/completions", b"",
+                          headers={"Content-Length": str(sample.MAX_BODY + 1)})
+    assert (status, payload["error"]["code"]) == (413, "bad_content_length")
+    status, payload = raw(server, "POST", "/v1/completions", b"", headers={"Transfer-Encoding": "chunked"})
+    assert (status, payload["error"]["code"]) == (411, "length_required")
+
+
+def test_unsupported_fields_at_their_defaults_are_accepted(server):
+    body = {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "logprobs": False,
+            "tools": [], "logit_bias": {}, "presence_penalty": 0, "response_format": {"type": "text"}}
+    assert raw(server, "POST", "/v1/chat/completions", body)[0] == 200
+
+
+def test_a_trailing_slash_names_the_same_route(server):
+    assert raw(server, "GET", "/v1/models/")[1]["data"][0]["id"] == NAME
+    assert raw(server, "POST", "/v1/completions/", GOOD)[0] == 200
+
+
 def test_health(server):
     assert raw(server, "GET", "/health") == (200, {"status": "ok", "model": NAME, "queued": 0})
 
@@ -364,6 +586,26 @@ def test_cli_prints_the_prompt_and_its_completion(ckpt, reference):
     done = cli(f"--ckpt={ckpt}", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=10")
     assert done.returncode == 0, done.stderr
     assert done.stdout == prompt + expect(reference, prompt, 10)[0] + "\n"
+
+
+def test_cli_samples_are_seeded_clamped_and_num_samples_many(ckpt, reference, capsys):
+    prompt = "def f(x):"
+    cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--num_samples=2", "--max_new_tokens=1000"])
+    cfg.prompt = prompt
+    sample.print_samples(cfg, reference)
+    ids = tokenizer.encode(prompt)
+    max_new = BLOCK - len(ids)  # what the context leaves
+    outs = reference.generate([ids, ids], max_new, cfg.temperature, cfg.top_p, [], sample.COMMAND_LINE_SEED)
+    samples = [prompt + sample.cut(new, max_new, ())[0] + "\n" for new in outs]
+    assert capsys.readouterr().out == ("-" * 40 + "\n").join(samples)
+
+
+def test_cli_refuses_a_prompt_that_fills_the_context(ckpt, reference):
+    cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}"])
+    cfg.prompt = " x" * BLOCK
+    assert len(tokenizer.encode(cfg.prompt)) == BLOCK
+    with pytest.raises(UserError, match="context holds"):
+        sample.print_samples(cfg, reference)
 
 
 @pytest.mark.parametrize("args, message", [
