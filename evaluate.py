@@ -1059,7 +1059,7 @@ def evaluate(cfg) -> dict:
         print(f"warning: no pass@{', pass@'.join(map(str, missing))}: a problem has fewer samples than that "
               f"(--n_samples)", file=sys.stderr)
     summary = dict(bench=cfg.bench, **summary, malformed_lines=malformed, seconds=seconds,
-                   workers=workers, timeout=cfg.timeout, sandbox=described, samples_file=str(samples_path))
+                   workers=workers, timeout=cfg.timeout, sandbox=described, samples_file=str(samples_path.resolve()))
     out.mkdir(parents=True, exist_ok=True)
     # each file whole or not at all, and no summary beside results it does not describe
     (out / "summary.json").unlink(missing_ok=True)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -575,6 +576,10 @@ def test_a_model_that_cannot_load_or_an_endpoint_that_cannot_answer_leaves_no_tr
     (["--device=cuda:99"], "--device=cuda:99, but this machine has"),
     (["--sandbox_uid=0"], "--sandbox_uid must be from 1 to 4294967294"),
     (["--sandbox_uid=4294967295"], "--sandbox_uid must be from 1 to 4294967294"),
+    (["--k=0,1"], "--k needs numbers of at least 1"),
+    (["--n_samples=0"], "--n_samples must be >= 1"),
+    (["--timeout=0"], "--timeout must be > 0"),
+    (["--memory_mb=63"], "--memory_mb must be >= 64"),
 ])
 def test_settings_that_cannot_work_are_refused_up_front(tmp_path, args, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -647,7 +652,7 @@ def test_a_rerun_killed_while_writing_leaves_no_summary_of_other_results(tmp_pat
     assert len((out / "results.jsonl").read_text().splitlines()) == 2  # the old results, whole
 
 
-def test_scoring_other_samples_never_mixes_them_into_a_runs_folder(tmp_path):
+def test_scoring_other_samples_never_mixes_them_into_a_runs_folder(tmp_path, monkeypatch):
     def score(samples, out):
         return evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[f"--samples={samples}", "--limit=1",
                                                                      f"--out={out}"])[0])
@@ -663,3 +668,167 @@ def test_scoring_other_samples_never_mixes_them_into_a_runs_folder(tmp_path):
     with pytest.raises(UserError, match="holds the results of other samples"):
         score(run_samples, tmp_path / "scored")  # the results of --samples=other
     assert score(other, tmp_path / "scored")["samples"] == 1
+    # a relative --samples names one file: run elsewhere, the same name is another one
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    for folder, completion in (("a", ""), ("b", "    return 1\n")):
+        write_jsonl(tmp_path / folder / "s.jsonl", [dict(task_id="HumanEval/0", completion=completion)])
+    monkeypatch.chdir(tmp_path / "a")
+    score("s.jsonl", tmp_path / "relative")
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(UserError, match="holds the results of other samples"):
+        score("s.jsonl", tmp_path / "relative")
+
+
+# ---------------------------------------------------------------- scoring bookkeeping
+
+class InProcessSandbox:
+    """Sandbox.run's contract for trusted test programs: the units run in one namespace,
+    in order; each call is recorded."""
+
+    def __init__(self, verdicts=None):
+        self.calls, self.verdicts = [], verdicts or {}
+
+    def run(self, units):
+        self.calls.append(units)
+        code = "".join(text for _, text in units)
+        if code in self.verdicts:
+            return self.verdicts[code]
+        namespace = {}
+        try:
+            for name, text in units:
+                exec(compile(text, name, "exec"), namespace)
+        except Exception as e:
+            return f"failed: {type(e).__name__}: {e}"
+        return "passed"
+
+
+def test_pass_at_k_is_averaged_over_problems_and_limited_by_the_fewest_samples():
+    results = [dict(task_id="a", passed=True, result="passed")]
+    results += [dict(task_id="b", passed=False, result="failed: x") for _ in range(3)]
+    summary = evaluate.summarize(results, [1, 2, 3])
+    assert summary["pass@1"] == pytest.approx((1.0 + 0.0) / 2)  # not 1 / 4, the samples' mean
+    assert set(k for k in summary if k.startswith("pass@")) == {"pass@1"}  # "a" has one sample
+    assert summary["problems"] == 2 and summary["samples"] == 4
+
+
+def test_only_a_passed_verdict_counts_as_a_pass():
+    problems = {"t": dict(prompt="", tests=TESTS)}
+    verdicts = {"timed out": "timed out", "crashed": "crashed: killed by SIGKILL", "failed": "failed: boom"}
+    box = InProcessSandbox({name + TESTS: verdict for name, verdict in verdicts.items()})
+    samples = [dict(task_id="t", completion=name) for name in verdicts] + [dict(task_id="t", completion=GOOD)]
+    results = evaluate.score(samples, problems, box, workers=2, progress=False)
+    assert [(r["passed"], r["result"]) for r in results] == [
+        (False, "timed out"), (False, "crashed: killed by SIGKILL"), (False, "failed: boom"), (True, "passed")]
+
+
+def test_a_completion_shared_by_two_problems_is_scored_against_each_problems_tests():
+    problems = {"one": dict(prompt="", tests="assert f() == 1\n"), "two": dict(prompt="", tests="assert f() == 2\n")}
+    box = InProcessSandbox()
+    samples = [dict(task_id=t, completion=GOOD) for t in ("one", "two", "one")]
+    results = evaluate.score(samples, problems, box, workers=1, progress=False)
+    assert [r["passed"] for r in results] == [True, False, True]
+    assert len(box.calls) == 2  # the repeated (task, completion) pair ran once
+    # a program is the prompt and the completion, then the tests
+    assert sorted(box.calls) == [[("<completion>", GOOD), ("<tests>", problems[t]["tests"])] for t in ("one", "two")]
+
+
+def test_verdicts_from_the_report_the_exit_status_and_the_clock():
+    box, nonce = types.SimpleNamespace(notes=set()), b"0123abcd"
+
+    def verdict(status, timed_out=False, said=(), output=b""):
+        report = b"".join(nonce + b" " + line.encode() + b"\n" for line in said)
+        return evaluate.Sandbox._verdict(box, nonce, status, timed_out, report, output)
+    assert verdict(0, said=["passed"]) == "passed"
+    # a pass also needs exit status 0: a report line alone is not enough
+    assert verdict(-signal.SIGKILL, said=["passed"]) == "crashed: killed by SIGKILL"
+    assert verdict(1, said=["passed"]) == "crashed: exit status 1"
+    assert verdict(0, said=["passed"], timed_out=True) == "timed out"
+    # CPU time running out is a timeout even when the wall clock had time left (threads, say)
+    assert verdict(-signal.SIGXCPU) == "timed out"
+    assert verdict(1, said=["failed: AssertionError"]) == "failed: AssertionError"
+    assert verdict(0, output=b"passed\n") == "crashed: exited with status 0 before its tests finished (passed)"
+    assert verdict(0, output=b"") == "crashed: exited with status 0 before its tests finished"
+
+
+@NEEDS_MBPP
+def test_resuming_refuses_samples_of_another_benchmark_checkpoint_or_length(tmp_path):
+    out, ckpt = tmp_path / "out", tmp_path / "a.pt"  # never loaded: every sample is there already
+    out.mkdir()
+    write_jsonl(out / "samples.jsonl", [dict(task_id="HumanEval/0", completion="")])
+    (out / "generation.json").write_text(json.dumps(dict(
+        bench="humaneval", ckpt=str(ckpt), init_from="", api_base="", model="", temperature=0.0, top_p=0.95,
+        max_new_tokens=8)))
+    common = ["--limit=1", f"--out={out}", "--workers=1"]
+    assert evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[f"--ckpt={ckpt}", "--max_new_tokens=8",
+                                                                 *common])[0])["samples"] == 1
+    for changed in ([f"--ckpt={tmp_path / 'b.pt'}", "--max_new_tokens=8"], [f"--ckpt={ckpt}", "--max_new_tokens=16"],
+                    [f"--ckpt={ckpt}", "--max_new_tokens=8", "--bench=mbpp", f"--data={MBPP}"]):
+        with pytest.raises(UserError, match="holds samples made with other settings"):
+            evaluate.main([*changed, *common])
+
+
+def test_mbpp_task_ids_name_the_same_problem_however_written():
+    assert {evaluate.task_key(t, "mbpp") for t in (11, "011", "Mbpp/011", "MBPP/11")} == {"MBPP/11"}
+    assert evaluate.task_key("HumanEval/011", "humaneval") == "HumanEval/011"  # only MBPP's are numbers
+
+
+def test_results_follow_the_benchmarks_order_whatever_the_samples_order(tmp_path, capsys):
+    rows = [dict(task_id="HumanEval/1", completion="x = 1\n"), dict(task_id="HumanEval/0", completion=""),
+            dict(task_id="HumanEval/1", completion="")]
+    samples = write_jsonl(tmp_path / "s.jsonl", rows)
+    evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[f"--samples={samples}", "--limit=2", "--workers=1",
+                                                          f"--out={tmp_path / 'out'}"])[0])
+    results = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert [(r["task_id"], r["completion"]) for r in results] == [
+        ("HumanEval/0", ""), ("HumanEval/1", "x = 1\n"), ("HumanEval/1", "")]  # a problem's in file order
+    assert "warning" not in capsys.readouterr().err  # the default --k asks for no pass@10 of one sample
+
+
+def test_pass_at_1_of_a_model_in_memory_scores_its_first_limit_problems(monkeypatch, humaneval):
+    asked = []
+
+    def completions(model, jobs, stop, *args):  # the reference solution for the first problem only
+        asked.extend(key for key, _ in jobs)
+        return [(key, humaneval[key[0]]["reference"] if key[0] == "HumanEval/0" else "") for key, _ in jobs]
+    monkeypatch.setattr(evaluate, "completions_of", completions)
+    assert evaluate.pass_at_1(None, limit=2, workers=1) == 0.5
+    assert asked == [("HumanEval/0", 0), ("HumanEval/1", 0)]
+    asked.clear()
+    assert evaluate.pass_at_1(None, limit=1, workers=1) == 1.0 and asked == [("HumanEval/0", 0)]
+
+
+@NEEDS_MBPP
+def test_mbpp_completions_stop_before_their_own_asserts_and_fences():
+    problems, stop = evaluate.load_problems("mbpp", str(MBPP))
+    assert len(problems) == 500
+    for after in ('\nassert f() == 1\n', '\n"""\nmore', '\n```\n', '\nprint(f())\n', '\nclass A: pass\n',
+                  '\nif __name__ == "__main__":\n'):
+        assert tokenizer.cut_at_stop("def f():\n    return 1" + after, stop) == "def f():\n    return 1", after
+    assert tokenizer.cut_at_stop("def f():\n    return 1\n# note\n", stop) == "def f():\n    return 1\n# note\n"
+
+
+@NEEDS_MBPP
+def test_an_offline_or_cached_mbpp_of_other_content_is_not_used(tmp_path, monkeypatch):
+    import requests
+    monkeypatch.delenv("PHI1_MBPP", raising=False)
+    altered = MBPP.read_text().replace("remove first and last", "remove first and final")
+    (tmp_path / "offline.jsonl").write_text(altered)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "mbpp.jsonl").write_text(altered)
+    monkeypatch.setattr(evaluate, "OFFLINE_MBPP", tmp_path / "offline.jsonl")
+    monkeypatch.setenv("PHI1_CACHE", str(tmp_path / "cache"))
+    downloads = []
+
+    def download(url, **kwargs):
+        downloads.append(url)
+        return types.SimpleNamespace(content=MBPP.read_bytes(), raise_for_status=lambda: None)
+    monkeypatch.setattr(requests, "get", download)
+    assert evaluate.mbpp_file() == tmp_path / "cache" / "mbpp.jsonl" and downloads == [evaluate.MBPP_URL]
+    assert evaluate.sha256(tmp_path / "cache" / "mbpp.jsonl") == evaluate.MBPP_SHA256  # replaced
+
+
+def test_settings_at_their_limits_are_accepted():
+    cfg, _ = parse_args(evaluate.DEFAULTS, argv=["--samples=s.jsonl", "--k=1,5,1", "--temperature=0.8", "--top_p=1",
+                                                 "--n_samples=5", "--memory_mb=64", "--timeout=0.01",
+                                                 "--sandbox_uid=4294967294", "--limit=0", "--max_new_tokens=0"])
+    assert evaluate.check_settings(cfg) == [1, 5]
