@@ -2,6 +2,7 @@
 bins decode back to exactly the kept documents, the stable split, reruns and resumes."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -385,3 +386,198 @@ def test_jsonl_and_bins_outputs_never_mix(tmp_path, capsys):
     assert "holds JSONL documents from an earlier run: this run replaces them with token bins" in said
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     train.Mixture(str(out), 16, 51200, prepare_default=False)
+
+
+def test_a_file_named_in_inputs_is_read_and_max_file_bytes_itself_is_not_too_big(tmp_path):
+    src = write_tree(tmp_path / "src", {"a.py": A, "over.py": A + "#"})
+    write_tree(tmp_path / "bin", {"tool": "z = 1\n"})  # a script without .py, named on its own
+    cfg = settings(tmp_path, inputs=f"{src},{tmp_path / 'bin' / 'tool'}", val_fraction=0.0,
+                   max_file_bytes=len(A.encode()))
+    meta = prepare.prepare(cfg, quiet=True)
+    assert documents(tokens(tmp_path / "out" / "corpus", "train")) == ["z = 1\n", A]
+    assert meta["skipped"] == {"too_big": 1}
+
+
+def test_the_seed_picks_another_val_set_of_about_val_fraction(tmp_path):
+    texts = [f"v{i} = {i}\n" for i in range(400)]
+    (tmp_path / "many.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    vals = []
+    for seed in (0, 1):
+        cfg = settings(tmp_path, source="jsonl", inputs=str(tmp_path / "many.jsonl"), name=f"s{seed}",
+                       val_fraction=0.25, seed=seed)
+        meta = prepare.prepare(cfg, quiet=True)
+        val = documents(tokens(tmp_path / "out" / f"s{seed}", "val"))
+        assert 60 <= len(val) <= 140 and meta["val_documents"] == len(val)  # 100 expected; the hash is fixed
+        vals.append(set(val))
+    assert vals[0] != vals[1]
+
+
+def test_jsonl_output_keeps_every_document_whatever_val_fraction(tmp_path):
+    texts = [f"w{i} = {i}\n" for i in range(10)]
+    src = write_tree(tmp_path / "src", {f"m{i}.py": t for i, t in enumerate(texts)})
+    meta = prepare.prepare(settings(tmp_path, inputs=str(src), output="jsonl", val_fraction=0.9), quiet=True)
+    lines = (tmp_path / "out" / "corpus" / "part-00000.jsonl").read_text().splitlines()
+    assert [json.loads(line)["text"] for line in lines] == texts and meta["documents"] == 10
+
+
+def test_max_bytes_stops_at_the_document_that_reaches_it(tmp_path):
+    docs = [f"x_{i} = {i}\n" for i in range(5)]  # 8 bytes each
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    meta = prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(tmp_path / "d.jsonl"),
+                                    val_fraction=0.0, max_bytes=16), quiet=True)
+    assert documents(tokens(tmp_path / "out" / "corpus", "train")) == docs[:2]
+    assert meta["document_bytes"] == 16
+
+
+@pytest.mark.parametrize("source", ["local", "jsonl"])
+def test_an_edit_that_keeps_the_size_still_redoes_the_run(tmp_path, source):
+    if source == "local":
+        path = write_tree(tmp_path / "src", {"a.py": "x = 1\n"}) / "a.py"
+        cfg = settings(tmp_path, inputs=str(path.parent), val_fraction=0.0)
+    else:
+        path = tmp_path / "d.jsonl"
+        path.write_text(json.dumps({"text": "x = 1\n"}) + "\n")
+        cfg = settings(tmp_path, source="jsonl", inputs=str(path), val_fraction=0.0)
+    prepare.prepare(cfg, quiet=True)
+    before = path.stat()
+    path.write_text(path.read_text().replace("x = 1", "x = 2"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # a coarse clock may not tick
+    prepare.prepare(cfg, quiet=True)
+    assert documents(tokens(tmp_path / "out" / "corpus", "train")) == ["x = 2\n"]
+
+
+def test_the_fingerprint_covers_every_setting_that_matters_and_this_file(tmp_path, monkeypatch):
+    cfg = settings(tmp_path)
+    first = prepare.fingerprint(cfg, [])
+    for key, value in prepare.DEFAULTS.items():
+        other = value + 1 if isinstance(value, (int, float)) else value + "x"
+        changed = prepare.fingerprint(SimpleNamespace(**{**vars(cfg), key: other}), [])
+        assert (changed == first) == (key in ("name", "out_dir", "workers")), key
+    copy = tmp_path / "prepare.py"
+    copy.write_text(Path(prepare.__file__).read_text() + "\n# changed\n")
+    monkeypatch.setattr(prepare, "__file__", str(copy))
+    assert prepare.fingerprint(cfg, []) != first
+
+
+def test_a_truncated_bin_is_not_taken_for_a_prepared_one(tmp_path):
+    cfg = settings(tmp_path, inputs=str(write_tree(tmp_path / "src", {"a.py": A, "b.py": B})), val_fraction=0.0)
+    prepare.prepare(cfg, quiet=True)
+    out = tmp_path / "out" / "corpus"
+    whole = (out / "train.bin").read_bytes()
+    (out / "train.bin").write_bytes(whole[:-2])
+    prepare.prepare(cfg, quiet=True)
+    assert (out / "train.bin").read_bytes() == whole
+
+
+def test_parts_of_an_interrupted_run_on_other_inputs_are_not_reused(tmp_path, monkeypatch):
+    src = write_tree(tmp_path / "src", {f"m{i}.py": f"x{i} = {i}\n" for i in range(3)})
+    monkeypatch.setattr(prepare, "PART_BYTES", 1)  # one document per part
+    real = prepare.encode_docs
+
+    def dies_on_the_third_part(batch):
+        if batch == ["x2 = 2\n"]:
+            raise KeyboardInterrupt
+        return real(batch)
+    monkeypatch.setattr(prepare, "encode_docs", dies_on_the_third_part)
+    cfg = settings(tmp_path, inputs=str(src), val_fraction=0.0)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(cfg, quiet=True)
+    monkeypatch.setattr(prepare, "encode_docs", real)
+    (src / "m0.py").write_text("x0 = 'edited'\n")  # part 0 was done with the old text
+    prepare.prepare(cfg, quiet=True)
+    assert documents(tokens(tmp_path / "out" / "corpus", "train")) == ["x0 = 'edited'\n", "x1 = 1\n", "x2 = 2\n"]
+
+
+def test_read_jsonl_skips_blank_lines_and_a_torn_last_line_only(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n{"b": 2}\n{"c": ')
+    assert list(prepare.read_jsonl(path)) == [{"a": 1}, {"b": 2}]
+    path.write_bytes(b'{"a": 1}\n{"c": \n{"b": 2}\n')
+    with pytest.raises(UserError, match="line 2 is not a JSON object"):
+        list(prepare.read_jsonl(path))
+
+
+def test_appender_cuts_a_torn_last_line_and_ends_a_whole_one(tmp_path):
+    path = tmp_path / "r.jsonl"
+    for before, after in [(b'{"a": 1}\n{"b": ', b'{"a": 1}\n{"c": 3}\n'),
+                          (b'{"a": 1}\n{"b": 2}', b'{"a": 1}\n{"b": 2}\n{"c": 3}\n'),
+                          (b'{"b": ', b'{"c": 3}\n')]:
+        path.write_bytes(before)
+        writer = prepare.Appender(path)
+        writer.write({"c": 3})
+        writer.close()
+        assert path.read_bytes() == after
+
+
+def test_move_last_document_searches_only_its_window(tmp_path):
+    a, b, c = encode("x = 1\n"), encode("y = [1, 2, 3]\n"), encode("z = 3\n")
+    ids = np.array(a + [EOT] + b + [EOT] + c + [EOT], dtype=np.uint16)
+    train, val = tmp_path / "train.bin", tmp_path / "val.bin"
+    train.write_bytes(ids.tobytes())
+    # the window holds the last document and the EOT before it, not the file's start
+    assert prepare.move_last_document(train, val, window=len(c) + 2) == len(c) + 1
+    assert documents(tokens(tmp_path, "train")) == ["x = 1\n", "y = [1, 2, 3]\n"]
+    assert documents(tokens(tmp_path, "val")) == ["z = 3\n"]
+    # a last document longer than the window is left where it is
+    assert prepare.move_last_document(train, tmp_path / "other.bin", window=len(b)) == 0
+    assert documents(tokens(tmp_path, "train")) == ["x = 1\n", "y = [1, 2, 3]\n"]
+    assert not (tmp_path / "other.bin").exists()
+
+
+def test_a_smaller_jsonl_output_removes_the_parts_it_no_longer_has(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "PART_BYTES", 1)  # one document per part
+    src = write_tree(tmp_path / "src", {f"m{i}.py": f"x{i} = {i}\n" for i in range(3)})
+    prepare.prepare(settings(tmp_path, inputs=str(src), output="jsonl"), quiet=True)
+    out = tmp_path / "out" / "corpus"
+    assert len(list(out.glob("part-*.jsonl"))) == 3
+    (src / "m1.py").unlink()
+    (src / "m2.py").unlink()
+    meta = prepare.prepare(settings(tmp_path, inputs=str(src), output="jsonl"), quiet=True)
+    assert [p.name for p in out.glob("part-*.jsonl")] == ["part-00000.jsonl"] == list(meta["files"])
+
+
+def test_settings_out_of_range_and_globs_that_match_nothing_are_user_errors(tmp_path):
+    src = str(write_tree(tmp_path / "src", {"a.py": A}))
+    for bad, message in [(dict(val_fraction=-0.1), "val_fraction"), (dict(max_file_bytes=0), "max_file_bytes"),
+                         (dict(max_docs=-1), "max_docs")]:
+        with pytest.raises(UserError, match=message):
+            prepare.prepare(settings(tmp_path, inputs=src, **bad), quiet=True)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": A}) + "\n")
+    with pytest.raises(UserError, match="no file matches"):
+        prepare.expand(f"{tmp_path / 'a.jsonl'},{tmp_path / 'typo*.jsonl'}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_already_prepared_rerun_keeps_the_parts_of_another_interrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "PART_BYTES", 1)  # one document per part
+    one = settings(tmp_path, inputs=str(write_tree(tmp_path / "one", {"a.py": A})), val_fraction=0.0)
+    prepare.prepare(one, quiet=True)
+    texts = [f"x{i} = {i}\n" for i in range(3)]
+    two = settings(tmp_path, inputs=str(write_tree(tmp_path / "two", {f"m{i}.py": t for i, t in enumerate(texts)})),
+                   val_fraction=0.0)
+    calls = []
+    real = prepare.encode_docs
+
+    def dies_on_the_second_part(batch):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(batch)
+    monkeypatch.setattr(prepare, "encode_docs", dies_on_the_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(two, quiet=True)
+    prepare.prepare(one, quiet=True)  # already prepared: the other run's part stays for its rerun
+    calls.clear()
+    monkeypatch.setattr(prepare, "encode_docs", lambda batch: calls.append(batch) or real(batch))
+    prepare.prepare(two, quiet=True)
+    assert calls == [[texts[1]], [texts[2]]]
+    assert documents(tokens(tmp_path / "out" / "corpus", "train")) == texts
+
+
+def test_many_tasks_on_a_pool_come_back_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "TASK_BYTES", 1)  # one document per task: many tasks in flight at once
+    texts = [f"t{i} = '{'x' * (i % 7 * 300)}'\n" for i in range(120)]  # uneven sizes: uneven finishing times
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(tmp_path / "d.jsonl"), val_fraction=0.0,
+                             workers=2), quiet=True)
+    assert documents(tokens(tmp_path / "out" / "corpus", "train")) == texts
