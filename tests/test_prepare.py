@@ -119,23 +119,30 @@ def test_rerun_is_skipped_and_a_changed_input_redoes(tmp_path, capsys):
     assert third["fingerprint"] != second["fingerprint"]
 
 
+def record_encoding(monkeypatch, die_at: int = 0, error: type = KeyboardInterrupt) -> list:
+    """Patch prepare.encode_docs to record each batch it is given, and to raise error at
+    call number die_at (1 for the first; 0: never). Returns the list of batches."""
+    calls, real = [], prepare.encode_docs
+
+    def encode(batch):
+        calls.append(batch)
+        if len(calls) == die_at:
+            raise error
+        return real(batch)
+
+    monkeypatch.setattr(prepare, "encode_docs", encode)
+    return calls
+
+
 def test_rerun_after_interruption_tokenizes_only_unfinished_parts(tmp_path, monkeypatch):
     texts = [f"x{i} = {i}\n" for i in range(6)]
     src = write_tree(tmp_path / "src", {f"m{i}.py": t for i, t in enumerate(texts)})
     monkeypatch.setattr(prepare, "PART_BYTES", 1)  # one document per part
-    calls = []
-    real = prepare.encode_docs
 
     class Killed(Exception):
         pass
 
-    def dies_on_the_fourth_part(batch):
-        calls.append(batch)
-        if len(calls) == 4:
-            raise Killed
-        return real(batch)
-
-    monkeypatch.setattr(prepare, "encode_docs", dies_on_the_fourth_part)
+    record_encoding(monkeypatch, die_at=4, error=Killed)
     cfg = settings(tmp_path, inputs=str(src), val_fraction=0.0)
     with pytest.raises(Killed):
         prepare.prepare(cfg, quiet=True)
@@ -143,8 +150,7 @@ def test_rerun_after_interruption_tokenizes_only_unfinished_parts(tmp_path, monk
     assert not (out / "meta.json").exists()
     assert len(list((out / "parts").glob("*.done"))) == 3
 
-    calls.clear()
-    monkeypatch.setattr(prepare, "encode_docs", lambda batch: calls.append(batch) or real(batch))
+    calls = record_encoding(monkeypatch)
     meta = prepare.prepare(cfg, quiet=True)
     assert calls == [[texts[3]], [texts[4]], [texts[5]]]
     assert documents(tokens(out, "train")) == texts
@@ -472,17 +478,11 @@ def test_a_truncated_bin_is_not_taken_for_a_prepared_one(tmp_path):
 def test_parts_of_an_interrupted_run_on_other_inputs_are_not_reused(tmp_path, monkeypatch):
     src = write_tree(tmp_path / "src", {f"m{i}.py": f"x{i} = {i}\n" for i in range(3)})
     monkeypatch.setattr(prepare, "PART_BYTES", 1)  # one document per part
-    real = prepare.encode_docs
-
-    def dies_on_the_third_part(batch):
-        if batch == ["x2 = 2\n"]:
-            raise KeyboardInterrupt
-        return real(batch)
-    monkeypatch.setattr(prepare, "encode_docs", dies_on_the_third_part)
+    record_encoding(monkeypatch, die_at=3)
     cfg = settings(tmp_path, inputs=str(src), val_fraction=0.0)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(cfg, quiet=True)
-    monkeypatch.setattr(prepare, "encode_docs", real)
+    record_encoding(monkeypatch)
     (src / "m0.py").write_text("x0 = 'edited'\n")  # part 0 was done with the old text
     prepare.prepare(cfg, quiet=True)
     assert documents(tokens(tmp_path / "out" / "corpus", "train")) == ["x0 = 'edited'\n", "x1 = 1\n", "x2 = 2\n"]
@@ -555,20 +555,11 @@ def test_an_already_prepared_rerun_keeps_the_parts_of_another_interrupted_run(tm
     texts = [f"x{i} = {i}\n" for i in range(3)]
     two = settings(tmp_path, inputs=str(write_tree(tmp_path / "two", {f"m{i}.py": t for i, t in enumerate(texts)})),
                    val_fraction=0.0)
-    calls = []
-    real = prepare.encode_docs
-
-    def dies_on_the_second_part(batch):
-        calls.append(batch)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(batch)
-    monkeypatch.setattr(prepare, "encode_docs", dies_on_the_second_part)
+    record_encoding(monkeypatch, die_at=2)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(two, quiet=True)
     prepare.prepare(one, quiet=True)  # already prepared: the other run's part stays for its rerun
-    calls.clear()
-    monkeypatch.setattr(prepare, "encode_docs", lambda batch: calls.append(batch) or real(batch))
+    calls = record_encoding(monkeypatch)
     prepare.prepare(two, quiet=True)
     assert calls == [[texts[1]], [texts[2]]]
     assert documents(tokens(tmp_path / "out" / "corpus", "train")) == texts
