@@ -81,6 +81,7 @@ def read_exercises(path: Path) -> tuple[list[tuple[str, str]], int]:
             prompt, completion = record["prompt"], record["completion"]
             if not (isinstance(prompt, str) and isinstance(completion, str) and completion.strip()):
                 raise ValueError
+            (prompt + completion).encode()  # a lone surrogate ("\ud800" is valid JSON) is no text
         except (ValueError, KeyError, TypeError):
             malformed += 1
             continue

@@ -70,6 +70,82 @@ def test_exercises_are_packed_with_eot_and_only_completions_count(monkeypatch):
     assert finetune.Exercises(items, 16, "all", 0.0, "ex").splits["train"][1].all()
 
 
+def test_read_exercises_skips_and_counts_each_malformed_line_but_not_blank_ones(tmp_path):
+    path = write_exercises(tmp_path / "ex.jsonl", exercises(2), extra_lines=[
+        "", "   ",  # blank: neither an exercise nor malformed
+        "not json", "[1, 2]", "7", '{"prompt": 1, "completion": "    return 1\\n"}',
+        '{"prompt": "def f():\\n", "completion": " \\n "}', '{"completion": "    pass\\n"}',
+        '{"prompt": "def g():\\n", "completion": "    return \\"\\ud800\\"\\n"}'])  # valid JSON, no UTF-8
+    items, malformed = finetune.read_exercises(path)
+    assert items == exercises(2)
+    assert malformed == 7
+
+
+def test_val_batches_come_from_the_val_exercises_only():
+    items = exercises(12)
+    data = finetune.Exercises(items, block_size=8, loss_on="completion", val_fraction=0.3, name="ex")
+    val_tokens = data.splits["val"][0]
+    windows = {tuple(val_tokens[s:s + 8]) for s in range(len(val_tokens) - 8)}
+    x, _ = data.batch("val", 16, 0, 0, 0, 0)
+    assert all(tuple(row) in windows for row in x)
+    assert len(data.splits["train"][0]) != len(val_tokens)  # two streams to tell apart
+
+
+def test_batches_depend_on_seed_and_every_key_but_repeat_exactly():
+    data = finetune.Exercises(exercises(20), block_size=8, loss_on="completion", val_fraction=0.0, name="ex")
+    first = data.batch("train", 8, 1, 0, 0, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(first, data.batch("train", 8, 1, 0, 0, 0)))
+    for seed, key in [(2, (0, 0, 0)), (1, (1, 0, 0)), (1, (0, 1, 0)), (1, (0, 0, 1))]:
+        assert not np.array_equal(first[0], data.batch("train", 8, seed, *key)[0]), (seed, key)
+
+
+def test_a_stream_shorter_than_a_window_repeats_with_its_mask():
+    items = exercises(2)
+    data = finetune.Exercises(items, block_size=200, loss_on="completion", val_fraction=0.0, name="ex")
+    tokens, mask = data.splits["train"]
+    once = len(tokenizer.encode(items[0][0]) + tokenizer.encode(items[0][1])) + 1  # one exercise in train
+    assert once < 100 and len(tokens) == len(mask) >= 201
+    assert np.array_equal(tokens, np.tile(tokens[:once], len(tokens) // once))
+    assert np.array_equal(mask, np.tile(mask[:once], len(mask) // once))
+    x, y = data.batch("train", 4, 0, 0, 0, 0)
+    assert x.shape == y.shape == (4, 200) and (y != -1).any() and (y == -1).any()
+
+
+def test_a_stream_exactly_one_window_long_gives_that_window():
+    items = exercises(3)
+    length = len(finetune.Exercises(items, 8, "completion", 0.0, "ex").splits["train"][0])
+    data = finetune.Exercises(items, block_size=length - 1, loss_on="completion", val_fraction=0.0, name="ex")
+    tokens, _ = data.splits["train"]
+    x, y = data.batch("train", 2, 0, 0, 0, 0)
+    assert (x == tokens[:-1]).all()  # the last start a window can have is drawn too
+
+
+def test_no_exercise_left_for_train_is_a_user_error():
+    from config import UserError
+    with pytest.raises(UserError, match="no exercises left for train"):
+        finetune.Exercises(exercises(3), block_size=8, loss_on="completion", val_fraction=0.999999, name="ex")
+
+
+def test_finetune_passes_its_settings_to_the_exercises_it_trains_on(tmp_path, monkeypatch):
+    from config import parse_settings
+    path = write_exercises(tmp_path / "ex.jsonl", exercises(30))
+    seen = {}
+
+    def fake_train(cfg, make_data, score):  # train.py's loop, less the model: what finetune hands it
+        seen.update(cfg=cfg, data=make_data(dataclasses.replace(PRESETS["nano"], block_size=512)), score=score)
+    monkeypatch.setattr(finetune.train, "train", fake_train)
+    cfg = parse_settings(finetune.DEFAULTS, argv=[f"--exercises={path}", "--base=some/base.pt", "--loss_on=all",
+                                                  "--val_fraction=0.5", "--humaneval_max_tokens=8",
+                                                  "--humaneval_problems=3", "--eval_interval=5"])
+    finetune.finetune(cfg)
+    data = seen["data"]
+    assert seen["cfg"].init_from == "some/base.pt" and data.block_size == 512
+    assert data.splits["train"][1].all()  # --loss_on=all
+    expected = finetune.Exercises(exercises(30), 512, "all", 0.5, "ex")
+    assert np.array_equal(data.splits["val"][0], expected.splits["val"][0])  # --val_fraction
+    assert seen["score"] is not None
+
+
 def test_targets_follow_the_mask_exactly():
     items = exercises(5)
     data = finetune.Exercises(items, block_size=24, loss_on="completion", val_fraction=0.0, name="ex")
@@ -177,10 +253,12 @@ def test_bad_input_gives_one_clear_line(tmp_path, base):
     ("--humaneval_problems=-3", "--humaneval_problems must be 0 to 164"),
     ("--humaneval_problems=500", "--humaneval_problems must be 0 to 164"),
     ("--humaneval_max_tokens=-5", "--humaneval_max_tokens must be positive"),
+    ("--val_fraction=1", "--val_fraction must be in"),  # every exercise in val: none left to train on
+    ("--humaneval_problems=1 --eval_interval=0", "it needs --eval_interval > 0"),
 ])
 def test_settings_out_of_range_stop_before_anything_is_read(tmp_path, setting, message):
     from config import UserError, parse_settings
-    cfg = parse_settings(finetune.DEFAULTS, argv=[setting, f"--exercises={tmp_path / 'never_read.jsonl'}",
+    cfg = parse_settings(finetune.DEFAULTS, argv=[*setting.split(), f"--exercises={tmp_path / 'never_read.jsonl'}",
                                                   f"--out_dir={tmp_path / 'out'}"])
     with pytest.raises(UserError, match=message):
         finetune.finetune(cfg)
