@@ -264,3 +264,187 @@ def test_client_from_command_line_settings():
         cfg, _ = parse_args(llm.DEFAULTS, argv=argv)
         with pytest.raises(UserError, match=message):
             llm.client_from(cfg, "some-model")
+
+
+class RecordedWaits(threading.Event):
+    """Stands in for llm._NEVER (what chat() waits on): records each pause and returns at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.pauses = []
+
+    def wait(self, timeout=None):
+        self.pauses.append(timeout)
+        return False
+
+
+@pytest.fixture
+def waits(monkeypatch):
+    recorded = RecordedWaits()
+    monkeypatch.setattr(llm, "_NEVER", recorded)
+    return recorded.pauses
+
+
+@pytest.fixture
+def extra_faults(monkeypatch):
+    """FakeLLM faults beyond its own: "409", "quota" (429 for exhausted quota), "no_usage" (an answer without usage),
+    "odd_usage" (usage counts that are not integers)."""
+    import llm_server
+    respond = llm_server.Handler.respond
+
+    def patched(self, fault, body):
+        if fault == "409":
+            return self.error(409, "Conflict.", "conflict")
+        if fault == "quota":
+            return self.error(429, "You exceeded your current quota.", "insufficient_quota")
+        if fault == "no_usage":
+            return self.send(200, {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]})
+        if fault == "odd_usage":
+            return self.send(200, {"choices": [{"message": {"content": "hi"}}],
+                                   "usage": {"prompt_tokens": "12", "completion_tokens": 3.5}})
+        return respond(self, fault, body)
+
+    monkeypatch.setattr(llm_server.Handler, "respond", patched)
+
+
+def test_backoff_doubles_up_to_max_backoff_jittered_down_to_half(waits, monkeypatch):
+    with FakeLLM(faults=["500"] * 4 + ["ok"]) as server, \
+            client_for(server, backoff=1.0, max_backoff=3.0, max_retries=4) as client:
+        monkeypatch.setattr(llm.random, "uniform", lambda low, high: low)
+        client.chat(MESSAGES)
+        monkeypatch.setattr(llm.random, "uniform", lambda low, high: high)
+        client.chat(MESSAGES)
+    assert waits == [0.5, 1.0, 1.5, 1.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def test_a_429_holds_later_requests_until_its_longest_pause(waits, monkeypatch):
+    monkeypatch.setattr(llm.random, "uniform", lambda low, high: high)
+    with FakeLLM(faults=["429", "ok"], retry_after="20") as server, client_for(server, max_backoff=60) as client:
+        client.chat(MESSAGES)  # the pause asked for, jittered up by a fifth; then held until it is over
+        assert waits[0] == pytest.approx(24) and waits[1] == pytest.approx(24, abs=0.5)
+        server.retry_after = "1"
+        client.chat(MESSAGES)  # held by the first 429; a shorter one later does not shorten the hold
+        assert waits[2] == pytest.approx(24, abs=0.5) and waits[3] == pytest.approx(1.2)
+        assert waits[4] == pytest.approx(24, abs=0.5)
+
+
+def test_tokens_per_minute_charges_the_usage_reported_not_the_estimate(waits):
+    with FakeLLM() as server, client_for(server, tpm=600) as client:  # 10 tokens a second, 10 saved up
+        used = sum(client.chat(MESSAGES, max_tokens=900).usage.values())  # far beyond the bucket: no wait
+        client.chat(MESSAGES, max_tokens=900)  # waits for the tokens the first one used, not its 900+
+    assert len(waits) == 1 and waits[0] == pytest.approx(used / 10, abs=0.2)
+
+
+def test_a_reply_without_usage_leaves_the_token_estimate_charged(waits, extra_faults):
+    with FakeLLM(faults=["no_usage"]) as server, client_for(server, tpm=600) as client:
+        estimate = len(llm.json.dumps(MESSAGES)) / 4 + 900
+        client.chat(MESSAGES, max_tokens=900)
+        client.chat(MESSAGES, max_tokens=900)
+    assert len(waits) == 1 and waits[0] == pytest.approx(estimate / 10, abs=0.2)
+
+
+def test_a_409_is_retried(extra_faults):
+    with FakeLLM(faults=["409", "ok"]) as server, client_for(server) as client:
+        assert client.chat(MESSAGES).text
+        assert (client.stats.retries, dict(client.stats.errors)) == (1, {"server": 1})
+
+
+def test_a_429_for_exhausted_quota_is_fatal_and_not_retried(extra_faults):
+    with FakeLLM(faults=["quota"]) as server, client_for(server) as client:
+        with pytest.raises(llm.LLMError) as error:
+            client.chat(MESSAGES)
+        failure = error.value.failure
+        assert (failure.kind, failure.status, failure.fatal, failure.attempts) == ("refused", 429, True, 1)
+        assert client.stats.requests == 1 and "exceeded your current quota" in failure.message
+
+
+def test_concurrency_bounds_requests_from_the_callers_own_threads():
+    with FakeLLM(latency=0.1) as server, client_for(server, concurrency=2) as client:
+        threads = [threading.Thread(target=client.chat, args=(MESSAGES,)) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert server.most_in_flight == 2 and client.stats.requests == 6
+
+
+def test_map_reads_its_requests_lazily():
+    read = []
+
+    def items():
+        for i in range(100):
+            read.append(i)
+            yield i, MESSAGES
+
+    with FakeLLM() as server, client_for(server, concurrency=2) as client:
+        results = client.map(items())
+        next(results)
+        assert len(read) <= 2 * 2 + 1
+        results.close()
+
+
+def test_a_key_with_a_pasted_newline_still_works():
+    with FakeLLM(key="sekrit") as server:
+        assert llm.Client(server.url, "fake", api_key="sekrit\n").chat(MESSAGES).text
+
+
+def test_negative_max_retries_is_refused():
+    with pytest.raises(ValueError, match="max_retries >= 0"):
+        llm.Client("http://127.0.0.1:9/v1", "fake", max_retries=-1)
+
+
+def test_a_retry_after_in_the_past_is_no_wait():
+    past = email.utils.formatdate(time.time() - 30, usegmt=True)
+    assert llm._retry_after({"retry-after": past}) == 0.0 and llm._retry_after({"retry-after": "-5"}) == 0.0
+
+
+def test_server_messages_are_one_line():
+    r = requests.Response()
+    r.status_code, r.reason = 400, "Bad Request"
+    r._content = b'{"error": {"message": "max_tokens\\n   is too   large"}}'
+    assert llm._server_message(r) == "max_tokens is too large"
+
+
+def test_client_from_passes_every_setting():
+    from config import UserError, parse_args
+    cfg, _ = parse_args(llm.DEFAULTS, argv=["--api_base=http://127.0.0.1:9/v1", "--rpm=120", "--tpm=600",
+                                            "--timeout=5", "--max_retries=2", "--backoff=0.5",
+                                            "--price_in=1.5", "--price_out=4"])
+    client = llm.client_from(cfg, "m")
+    assert (client.timeout, client.max_retries, client.backoff, client.price_in, client.price_out) == (5, 2, 0.5,
+                                                                                                      1.5, 4)
+    assert (client._rpm.rate, client._tpm.rate) == (2, 10)
+    for argv, message in [(["--timeout=0"], "--timeout must be > 0"), (["--max_retries=-1"], "--max_retries must be"),
+                          (["--backoff=-1"], "--backoff must be >= 0")]:
+        cfg, _ = parse_args(llm.DEFAULTS, argv=argv)
+        with pytest.raises(UserError, match=message):
+            llm.client_from(cfg, "m")
+
+
+def test_usage_counts_that_are_not_integers_count_as_zero(extra_faults):
+    with FakeLLM(faults=["odd_usage"]) as server, client_for(server) as client:
+        reply = client.chat(MESSAGES)
+        assert (reply.text, reply.usage, reply.finish_reason) == ("hi", {"prompt_tokens": 0, "completion_tokens": 0},
+                                                                  None)
+        assert (client.stats.tokens_in, client.stats.tokens_out) == (0, 0)
+
+
+def test_check_reports_a_forbidden_key(monkeypatch):
+    import llm_server
+    monkeypatch.setattr(llm_server.Handler, "do_GET", lambda self: self.error(403, "No access.", "forbidden"))
+    with FakeLLM() as server:
+        with pytest.raises(llm.LLMError, match="refused the API key") as error:
+            llm.Client(server.url, "fake").check()
+        assert (error.value.failure.status, error.value.failure.fatal) == (403, True)
+
+
+def test_connecting_and_check_wait_at_most_ten_seconds_whatever_the_timeout(monkeypatch):
+    asked = []
+    for method in ("get", "post"):
+        monkeypatch.setattr(requests.Session, method, lambda self, url, **kw: asked.append(kw["timeout"]) or 1 / 0)
+    client = llm.Client("http://127.0.0.1:9/v1", "fake", timeout=60, max_retries=0)
+    with pytest.raises(ZeroDivisionError):  # stands in for the answer: only the timeouts asked for matter
+        client.chat(MESSAGES)
+    with pytest.raises(ZeroDivisionError):
+        client.check()
+    assert asked == [(10.0, 60), 10.0]
