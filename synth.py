@@ -388,11 +388,12 @@ def parse_exercise(text: str, name: str) -> tuple[str, str]:
 
 
 def _placeholder(statement: ast.stmt) -> bool:
-    """pass, ... or raise NotImplementedError: a body that does nothing."""
+    """pass, a bare constant (..., a second docstring) or raise NotImplementedError: a
+    statement that does nothing."""
     if isinstance(statement, ast.Pass):
         return True
     if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
-        return statement.value.value is Ellipsis
+        return True
     if not isinstance(statement, ast.Raise):
         return False
     error = statement.exc.func if isinstance(statement.exc, ast.Call) else statement.exc

@@ -429,3 +429,143 @@ def test_dedup_exact_and_near_duplicates():
     many = synth.Dedup(0.8)
     assert all(many.add(str(i), " ".join(f"w{rng.randrange(10**6)}" for _ in range(50))) is None
                for i in range(3000))  # grows past its first allocation
+
+
+# ---------------------------------------------------------------- behaviours pinned by mutation testing
+
+def distinct_prose(body):
+    """Usable, distinct answers only (no duplicates), some slow: later items often finish first."""
+    h = llm_server.digest(body)
+    time.sleep(0.02 * (h % 4))
+    return llm_server.prose(h, duplicates=False)
+
+
+def test_every_usable_answer_is_written_in_index_order(tmp_path):
+    out = tmp_path / "t.jsonl"
+    with FakeLLM(answer=distinct_prose) as server:
+        synthesize(server, "textbook", out, "--n=12")
+    assert [r["id"] for r in records(out)] == [f"textbook-1337-{i}" for i in range(12)]
+    assert not Path(f"{out}.skipped").exists()
+
+
+def test_a_rerun_does_not_ask_again_for_items_judged_in_the_skipped_file(tmp_path):
+    out = tmp_path / "t.jsonl"
+    Path(f"{out}.skipped").write_text(json.dumps({"id": "textbook-1337-0", "reason": "invalid: empty answer"}) + "\n")
+    with FakeLLM(answer=distinct_prose) as server:
+        synthesize(server, "textbook", out, "--n=2")
+        assert len(server.served) == 2
+    assert [r["id"] for r in records(out)] == ["textbook-1337-1", "textbook-1337-2"]
+
+
+def test_records_of_another_seed_do_not_count_towards_n(tmp_path):
+    out = tmp_path / "t.jsonl"
+    out.write_text("".join(json.dumps({"id": f"textbook-7-{i}", "text": f"other seed {i}"}) + "\n" for i in range(2)))
+    with FakeLLM(answer=distinct_prose) as server:
+        report = synthesize(server, "textbook", out, "--n=2")
+    assert [r["id"] for r in records(out)] == ["textbook-7-0", "textbook-7-1", "textbook-1337-0", "textbook-1337-1"]
+    assert report["run"]["written"] == 2
+
+
+def test_each_answer_of_an_item_is_asked_for_with_a_new_seed():
+    seeds = [synth.request_seed("exercises-1337-0", answers) for answers in range(4)]
+    assert len(set(seeds)) == 4 and seeds[0] == synth.request_seed("exercises-1337-0", 0)
+    assert synth.request_seed("exercises-1337-1", 0) != seeds[0]
+
+
+@pytest.mark.parametrize("text, why", [
+    ("def area(r):\n    '''Doc.'''\n    return r\n\ndef volume(r):\n    '''Doc.'''\n    return r\n",
+     "not one function alone"),
+    ("def helper(r):\n    return r\n\ndef area(r):\n    '''Doc.'''\n    return helper(r)\n", "not one function alone"),
+    ("def area(r):\n    '''Doc.'''\n    pass\n", "no body"),
+    ("def area(r):\n    '''Doc.'''\n", "no body"),  # the docstring alone
+    ("def area(r):\n    '''Doc.'''\n    '''More doc.'''\n    0\n", "no body"),  # constants do nothing
+])
+def test_parse_exercise_rejects_other_functions_and_empty_bodies(text, why):
+    with pytest.raises(synth.Invalid, match=why):
+        synth.parse_exercise(text, "area")
+
+
+def test_examples_without_a_result_run_as_they_are():
+    code = "def f(x):\n    '''Doc.\n\n    >>> y = f(1)\n    >>> y\n    2\n    '''\n    return x + 1\n"
+    assert synth.example_asserts(code).splitlines() == ["y = f(1)", "assert (y) == (2), 'y'"]
+
+
+def test_a_textbook_record_is_the_answer_stripped():
+    assert synth.to_record("textbook", "\n\n  # Loops\n\nText.  \n\n", {}, None) == {"text": "# Loops\n\nText."}
+    with pytest.raises(synth.Invalid, match="empty answer"):
+        synth.to_record("textbook", " \n\t", {}, None)
+
+
+def test_near_dup_threshold_is_inclusive_and_ignores_case():
+    words = " ".join(f"w{i}" for i in range(40))
+    dedup = synth.Dedup(1.0)  # only an estimated similarity of 1 is a near duplicate
+    assert dedup.add("a", words) is None
+    assert dedup.add("b", words.replace(" ", ", ")) == "near duplicate of a (similarity 1.00)"  # not exact: commas
+    assert dedup.add("c", words.upper().replace(" ", "; ")).startswith("near duplicate of a")
+
+
+@pytest.mark.parametrize("near_dup, ok", [(0.0, False), (-0.1, False), (1.0, True), (1.01, False), (0.5, True)])
+def test_near_dup_setting_must_be_in_zero_one(near_dup, ok):
+    cfg, _ = synth.parse_args(synth.DEFAULTS, synth.__doc__, ["textbook", "--model=fake", f"--near_dup={near_dup}"])
+    if ok:
+        synth.check_settings(cfg)
+    else:
+        with pytest.raises(UserError, match="--near_dup must be in"):
+            synth.check_settings(cfg)
+
+
+def test_diversity_counts_only_judged_drops_of_its_own_kind(tmp_path):
+    out, skipped = tmp_path / "t.jsonl", tmp_path / "t.jsonl.skipped"
+    out.write_text("".join(json.dumps({"id": f"textbook-1-{i}", "text": f"text {i}",
+                                       "constraints": synth.draw("textbook", 1, i)}) + "\n" for i in range(5)))
+    reasons = {"textbook-1-5": "duplicate of textbook-1-0", "textbook-1-6": "near duplicate of textbook-1-1 (0.9)",
+               "textbook-1-7": "near duplicate of textbook-1-2 (0.9)", "textbook-1-8": "invalid: empty answer",
+               "textbook-1-9": "request failed: server 500", "exercises-1-0": "near duplicate of exercises-1-1 (1.0)",
+               "exercises-1-2": "duplicate of exercises-1-3"}
+    skipped.write_text("".join(json.dumps({"id": k, "reason": v}) + "\n" for k, v in reasons.items()))
+    report = synth.diversity("textbook", out, skipped)
+    assert report["records"] == 5
+    assert report["dropped"] == {"duplicate": 1, "near duplicate": 2, "given up": 1}
+    assert report["near_duplicate_rate"] == round(2 / 8, 4)  # of records plus duplicates dropped
+
+
+def test_refusals_that_differ_are_each_about_their_own_item(tmp_path, monkeypatch):
+    respond = llm_server.Handler.respond
+
+    def content_filter(handler, fault, body):  # each refusal names what its own request asked
+        if fault == "400":
+            return handler.error(400, f"Flagged by the content filter (request {llm_server.digest(body) % 10**6})",
+                                 "content_filter")
+        return respond(handler, fault, body)
+
+    monkeypatch.setattr(llm_server.Handler, "respond", content_filter)
+    out = tmp_path / "t.jsonl"
+    with FakeLLM(faults=["400"] * 6 + ["ok"] * 100, answer=distinct_prose) as server:
+        report = synthesize(server, "textbook", out, "--n=2", "--concurrency=1")
+    assert [s["id"] for s in records(f"{out}.skipped")] == [f"textbook-1337-{i}" for i in range(6)]
+    assert [r["id"] for r in records(out)] == ["textbook-1337-6", "textbook-1337-7"]
+    assert report["dropped"]["given up"] == 6
+
+
+def test_an_item_asks_again_with_a_new_seed_after_each_unusable_answer():
+    from types import SimpleNamespace
+
+    class Client:  # the first answers are unusable: empty
+        def __init__(self):
+            self.seeds = []
+
+        def chat(self, messages, temperature, max_tokens, seed):
+            self.seeds.append(seed)
+            return SimpleNamespace(text="" if len(self.seeds) < 3 else "A usable section.")
+
+    cfg = SimpleNamespace(seed=1337, attempts=3, temperature=1.0, max_tokens=100, model="fake")
+    client = Client()
+    outcome = synth.make_item("textbook", 4, cfg, client, synth.Dedup(0.8), None)
+    assert outcome.record["id"] == "textbook-1337-4" and outcome.invalid == 2
+    assert client.seeds == [synth.request_seed("textbook-1337-4", answers) for answers in range(3)]
+
+
+def test_coverage_counts_only_the_constraints_an_item_drew():
+    c = {**synth.draw("exercises", 0, 0), "adjective": "", "qualifier": ""}
+    assert synth.used("exercises", c) == {"subtopics": [(c["area"], c["topic"], c["subtopic"])], "verbs": [c["verb"]],
+                                          "nouns": [c["noun"]], "adjectives": [], "qualifiers": []}
