@@ -175,6 +175,79 @@ def test_forest_files_round_trip_and_other_files_are_refused(tmp_path):
         RandomForest.load(tmp_path / "missing.npz")
 
 
+def test_splits_cut_halfway_between_values_and_ties_go_left():
+    X = np.repeat([[0.0], [1.0]], 50, axis=0)
+    y = np.repeat([0, 1], 50)
+    forest = RandomForest(n_trees=5, seed=0).fit(X, y)
+    assert np.allclose(forest.threshold_[forest.feature_ >= 0], 0.5)
+    # "x <= threshold" goes left, as in scikit-learn
+    assert list(forest.predict([[0.4], [0.5], [0.6]])) == [0, 0, 1]
+
+
+def test_a_stump_predicts_its_bootstrap_class_shares_counting_repeats():
+    X, y, _ = noisy(300, seed=9)
+    forest = RandomForest(n_trees=1, max_depth=0, seed=3).fit(X, y)
+    drawn = np.bincount(np.random.default_rng([3, 0]).integers(0, 300, 300), minlength=300)  # tree 0's sample
+    share = np.bincount(y, weights=drawn, minlength=2) / 300
+    assert np.allclose(forest.predict_proba(X[:5]), share)  # a mean of leaf shares, not of votes
+
+
+def test_out_of_bag_uses_only_the_trees_that_did_not_draw_a_row():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((500, 4)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(int)
+    X[:, 0] += np.where(y == 1, 3, -3)
+    forest = RandomForest(n_trees=1, seed=0).fit(X, y)
+    unseen = np.isnan(forest.oob_proba_).all(1)
+    assert 0.25 < (~unseen).mean() < 0.5  # about 1/e of the rows are out of the single bag
+    assert np.allclose(forest.oob_proba_[~unseen].sum(1), 1)
+    assert forest.oob_score_ == 1.0  # rows no tree judged do not count
+
+
+def test_a_dict_of_class_weights_acts_like_balanced_when_it_holds_the_same_weights():
+    X, y, _ = noisy(600, seed=4)
+    y = (X[:, 0] > 1).astype(int)
+    n, counts = len(y), np.bincount(y)
+    weights = {c: n / (2 * counts[c]) for c in (0, 1)}
+    balanced = RandomForest(n_trees=5, seed=0, class_weight="balanced").fit(X, y)
+    as_dict = RandomForest(n_trees=5, seed=0, class_weight=weights).fit(X, y)
+    unweighted = RandomForest(n_trees=5, seed=0).fit(X, y)
+    assert np.allclose(as_dict.predict_proba(X), balanced.predict_proba(X))
+    assert not np.allclose(as_dict.predict_proba(X), unweighted.predict_proba(X))
+
+
+def test_feature_importances_agree_with_scikit_learns_impurity_decrease():
+    from sklearn.ensemble import RandomForestClassifier
+    X, y, _ = noisy(2000, d=6, flip=0.2, seed=8)
+    ours = RandomForest(n_trees=60, seed=0, n_jobs=1).fit(X, y).feature_importances_
+    theirs = RandomForestClassifier(n_estimators=60, random_state=0, n_jobs=1).fit(X, y).feature_importances_
+    assert np.abs(ours - theirs).max() < 0.03
+
+
+def test_max_features_limits_the_features_a_tree_tries():
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((200, 256)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(int)
+    share = {}
+    for features in ("sqrt", "log2", 1, "all"):
+        stumps = RandomForest(n_trees=1500, max_depth=1, max_features=features, seed=0).fit(X, y)
+        share[features] = (stumps.feature_[stumps.roots_] == 0).mean()  # roots that could try x0 take it
+    assert abs(share["sqrt"] - 16 / 256) < 0.012 and abs(share["log2"] - 8 / 256) < 0.012
+    assert share[1] < 0.015 and share["all"] == 1
+    deep = RandomForest(n_trees=4, max_features=1, seed=0).fit(*noisy(500, seed=1)[:2])
+    for root, end in zip(deep.roots_, list(deep.roots_[1:]) + [len(deep.feature_)]):
+        assert len(set(deep.feature_[root:end]) - {-1}) > 1  # not one feature drawn for a whole tree
+
+
+def test_a_loaded_forest_keeps_its_importances_and_parameters(tmp_path):
+    X, y, _ = noisy(300, seed=6)
+    forest = RandomForest(n_trees=4, max_depth=5, min_samples_leaf=3, class_weight="balanced", seed=2).fit(X, y)
+    forest.save(tmp_path / "f.npz")
+    loaded = RandomForest.load(tmp_path / "f.npz")
+    assert np.array_equal(loaded.feature_importances_, forest.feature_importances_)
+    assert loaded._params() == forest._params() and loaded.class_weight == "balanced" and loaded.min_samples_leaf == 3
+
+
 def test_teacher_scores_are_read_robustly():
     cases = {"Clear and short.\nEducational value: 7": 7, "Educational value (0-10): 4": 4,
              "**Educational value:** 8/10": 8, "Educational value:\n9": 9, "I would give it 6/10.": 6,
