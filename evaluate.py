@@ -364,7 +364,7 @@ def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
                     model=cfg.model, temperature=cfg.temperature, top_p=cfg.top_p,
                     max_new_tokens=cfg.max_new_tokens)
     settings = out / "generation.json"
-    if path.exists() and settings.exists() and recorded_settings(settings) != identity:
+    if path.exists() and settings.exists() and deciding(recorded_settings(settings)) != deciding(identity):
         raise UserError(f"{path} holds samples made with other settings (see {settings}); "
                         f"pass another --out or remove it")
     # a line torn by an interruption is malformed here, and cut off when appending starts
@@ -388,6 +388,14 @@ def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
     finally:
         samples.close()
     return path
+
+
+def deciding(settings):
+    """The generation settings that decide the samples: top_p does not when decoding is
+    greedy (temperature 0), so a greedy run resumes whatever --top_p says."""
+    if isinstance(settings, dict) and settings.get("temperature") == 0:
+        return {**settings, "top_p": None}
+    return settings
 
 
 def recorded_settings(path: Path):

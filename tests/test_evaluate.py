@@ -765,6 +765,16 @@ def test_resuming_refuses_samples_of_another_benchmark_checkpoint_or_length(tmp_
                     [f"--ckpt={ckpt}", "--max_new_tokens=8", "--bench=mbpp", f"--data={MBPP}"]):
         with pytest.raises(UserError, match="holds samples made with other settings"):
             evaluate.main([*changed, *common])
+    # greedy samples do not depend on top_p: another --top_p resumes them
+    assert evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[f"--ckpt={ckpt}", "--max_new_tokens=8",
+                                                                 "--top_p=0.5", *common])[0])["samples"] == 1
+    # sampled ones do
+    settings = json.loads((out / "generation.json").read_text())
+    (out / "generation.json").write_text(json.dumps({**settings, "temperature": 0.8, "top_p": 0.95}))
+    sampled = [f"--ckpt={ckpt}", "--max_new_tokens=8", "--temperature=0.8", *common]
+    assert evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[*sampled, "--top_p=0.95"])[0])["samples"] == 1
+    with pytest.raises(UserError, match="holds samples made with other settings"):
+        evaluate.main([*sampled, "--top_p=0.5"])
 
 
 def test_mbpp_task_ids_name_the_same_problem_however_written():
