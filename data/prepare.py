@@ -188,6 +188,8 @@ def jsonl_items(files: list[Path]):
         resolved = path.resolve()
         with f:
             for number, line in enumerate(f, 1):
+                if not line.strip():  # a blank line holds no document, as read_jsonl and filter.py agree
+                    continue
                 where = f"{resolved}:{number}"  # filter.py's name for a document without an id
                 try:
                     doc = json.loads(line)

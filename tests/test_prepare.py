@@ -162,6 +162,8 @@ def test_jsonl_source_skips_bad_lines(tmp_path):
     lines = [
         json.dumps(good).encode(),
         b"{not json",
+        b"",                                      # blank lines hold no document: not counted
+        b" \t\r",
         b"[1, 2]",                                # not an object
         "{\"text\": \"caf\xe9\"}".encode("latin-1"),  # not UTF-8
         json.dumps({"id": 2}).encode(),           # no text
