@@ -179,6 +179,11 @@ class Client:
         self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
         self.price_in, self.price_out = price_in, price_out
         key = (os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key).strip()  # a pasted newline
+        bad = re.search(r"[\x00-\x1f\x7f-\x9f]|[^\x00-\xff]", key)  # control or not Latin-1: no header carries it
+        if bad:
+            source = "$OPENAI_API_KEY" if api_key is None else "the API key"
+            raise ValueError(f"{source} holds {bad.group()!r} at character {bad.start() + 1}, which an HTTP "
+                             f"header cannot carry; check what was pasted")
         self.headers = {"User-Agent": "phi1-llm", **({"Authorization": f"Bearer {key}"} if key else {})}
         self._slots = threading.BoundedSemaphore(concurrency)
         self._lock = threading.Lock()

@@ -388,6 +388,16 @@ def test_a_key_with_a_pasted_newline_still_works():
         assert llm.Client(server.url, "fake", api_key="sekrit\n").chat(MESSAGES).text
 
 
+@pytest.mark.parametrize("key", ["sk-ab\ncd", "sk-\x1b[0mab", "sk-\u200bab", "sk-\U0001f642"])
+def test_a_key_no_header_can_carry_is_named_before_any_request(monkeypatch, key):
+    """Sent, such a key failed as "cannot send to <url>", which blamed the URL."""
+    with pytest.raises(ValueError, match=r"the API key holds .* at character \d+, which an HTTP header cannot carry"):
+        llm.Client("http://127.0.0.1:9/v1", "fake", api_key=key)
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    with pytest.raises(ValueError, match=r"^\$OPENAI_API_KEY holds"):
+        llm.Client("http://127.0.0.1:9/v1", "fake")
+
+
 def test_negative_max_retries_is_refused():
     with pytest.raises(ValueError, match="max_retries >= 0"):
         llm.Client("http://127.0.0.1:9/v1", "fake", max_retries=-1)
