@@ -12,11 +12,13 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -252,6 +254,7 @@ def test_early_exits_and_forged_output_never_pass(sandbox):
     assert not [name for name, r in results.items() if r == "passed"], results
     assert results["os._exit(0)"] == results["exec true"] == "crashed: exited with status 0 before its tests finished"
     assert results["sys.exit(0)"] == "failed: SystemExit: 0"
+    assert results["exit()"] == results["quit()"] == "failed: SystemExit: None"  # as in python, not a NameError
     assert results["fork, parent leaves"].startswith("crashed: exited with status 0")
 
 
@@ -282,7 +285,8 @@ def test_hostile_programs_fail_within_the_timeout_and_change_nothing(sandbox, tm
     hostile = {
         "fork bomb": "import os, time\nfor _ in range(8):  # 256 processes at most\n    try:\n        os.fork()\n"
                      "    except OSError:\n        pass\ntry:\n    os.setsid()\nexcept OSError:\n    pass\ntime.sleep(60)\n",
-        "memory bomb": "blocks = []\nfor _ in range(30):  # 3 GB at most\n    blocks.append(b'x' * (100 << 20))\n",
+        # 3 GB at most, asked for but never written: as quick on a busy machine
+        "memory bomb": "blocks = []\nfor _ in range(30):\n    blocks.append(bytearray(100 << 20))\n",
         "thread bomb": "import threading, time\nfor _ in range(300):\n"
                        "    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n",
         "infinite loop": "while True:\n    pass\n",
@@ -433,6 +437,178 @@ def test_folders_of_runs_killed_outright_go_at_the_next_start(tmp_path, monkeypa
         evaluate._remove_dead_runs_folders()
         assert live.base.exists() and live.run([("t", "pass\n")]) == "passed"
     assert not dead.exists() and lock.exists() and unknown.exists() and not live.base.exists()
+
+
+def test_programs_run_under_limits_they_cannot_raise(sandbox):
+    """Every limit a program sees, soft and hard alike (a soft limit alone it could raise),
+    and the rest of its process: first to go when memory runs out, no setuid gains, a session of its own."""
+    limits = dict(AS=512 << 20, CPU=3, FSIZE=64 << 20, NOFILE=256, CORE=0,  # the fixture's, timeout 2 s
+                  NPROC=64 if os.geteuid() == 0 else None)  # not root: the user's processes plus 64 a worker
+    code = GOOD + ("import os, resource\n"
+                   f"for name, value in {limits!r}.items():\n"
+                   "    soft, hard = resource.getrlimit(getattr(resource, 'RLIMIT_' + name))\n"
+                   "    assert soft == hard != resource.RLIM_INFINITY and value in (None, hard), (name, soft, hard)\n"
+                   "try:\n    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)\n"
+                   "    raise AssertionError('raised')\nexcept ValueError:\n    pass\n"
+                   "assert open('/proc/self/oom_score_adj').read().strip() == '1000'\n"
+                   "assert 'NoNewPrivs:\\t1' in open('/proc/self/status').read()\n"
+                   "assert os.getsid(0) == os.getpgid(0) == os.getpid()\n")
+    assert run_all(sandbox, {"limits": code}) == {"limits": "passed"}
+
+
+@ROOT_ONLY
+def test_as_root_the_private_tmp_is_small_nosuid_nodev_and_supplementary_groups_go():
+    """The tmpfs is the disk quota (128 MB), holds no setuid or device files, and the
+    groups root had (root in a container often has a dozen) are not the program's."""
+    groups = os.getgroups()
+    os.setgroups([0, 4])  # inherited by the supervisors started now
+    try:
+        with evaluate.Sandbox(workers=1, timeout=2.0) as box:
+            code = GOOD + ("import os\nv = os.statvfs('/tmp')\n"
+                           "assert v.f_blocks * v.f_frsize <= 128 << 20 and v.f_files <= 16384, v\n"
+                           "assert v.f_flag & os.ST_NOSUID and v.f_flag & os.ST_NODEV, v\n"
+                           "assert os.getgroups() == [], os.getgroups()\n")
+            assert box.run([("<completion>", code), ("<tests>", TESTS)]) == "passed"
+    finally:
+        os.setgroups(groups)
+
+
+def test_a_crash_shows_the_last_line_the_program_wrote(sandbox):
+    """A crash's detail is the program's own last words, on stdout or stderr, never its report."""
+    results = run_all(sandbox, {
+        "stdout": GOOD + "import os\nprint('first')\nprint('about to crash', flush=True)\nos._exit(3)\n",
+        "stderr": GOOD + "import os, sys\nprint('first', flush=True)\nsys.stderr.write('last words\\n')\n"
+                         "sys.stderr.flush()\nos._exit(3)\n",
+    })
+    assert results == {"stdout": "crashed: exit status 3 (about to crash)",
+                       "stderr": "crashed: exit status 3 (last words)"}
+
+
+def test_a_verdict_is_the_programs_own_and_short(sandbox):
+    """The exit status and the failure are the program's, not those of an orphan or a fork of
+    its that ended first, and a huge exception message is cut to 300 characters."""
+    results = run_all(sandbox, {
+        "orphan ends first": GOOD + "import os, time\nif os.fork() == 0:\n    if os.fork() == 0:\n        os._exit(7)\n"
+                                    "    os._exit(0)\ntime.sleep(0.3)\nos._exit(3)\n",
+        "huge message": GOOD + "raise ValueError('x' * 100_000)\n",
+        "a fork fails first": "def f():\n    return 2\nimport os, time\nif os.fork() == 0:\n"
+                              "    raise ValueError('a fork')\ntime.sleep(0.3)\n",
+    })
+    assert results["a fork fails first"] == "failed: AssertionError"
+    assert results["orphan ends first"] == "crashed: exit status 3"
+    assert results["huge message"] == "failed: ValueError: " + "x" * (300 - len("ValueError: "))
+
+
+def test_output_is_read_to_the_end_keeping_its_last_bytes():
+    """A program's output may be endless: only its last bytes are kept, whatever it wrote."""
+    r, w = os.pipe()
+    sink = bytearray()
+    with ThreadPoolExecutor(1) as pool:
+        writing = pool.submit(lambda: (os.write(w, b"x" * 300_000 + b"\nthe end\n"), os.close(w)))
+        assert evaluate._collect({r: (sink, 100)}, time.monotonic() + 10, lambda: False) is False
+        writing.result()
+    os.close(r)
+    assert len(sink) == 100 and sink.endswith(b"x\nthe end\n")
+
+
+def test_a_supervisor_that_died_between_programs_is_replaced():
+    """A supervisor may die between programs (the OOM killer, say): the next program must not pay for it."""
+    with evaluate.Sandbox(workers=1, timeout=2.0) as box:
+        good = [("<completion>", GOOD), ("<tests>", TESTS)]
+        assert box.run(good) == "passed"
+        supervisor = box.every_slot[0].proc
+        supervisor.kill()
+        supervisor.wait()
+        assert box.run(good) == "passed"
+        assert box.every_slot[0].proc.pid != supervisor.pid
+
+
+def test_a_program_that_kills_its_supervisor_dies_with_it_when_not_root(monkeypatch):
+    """Not root, a program can kill its supervisor: it must die too, not run on out of reach
+    of the clean-up (which looks for the dead supervisor's children). (Benign as root by pretending.)"""
+    monkeypatch.setattr(evaluate.os, "geteuid", lambda: 1000)
+    marker = f"60.{os.getpid()}7"  # sleep at most a minute, should it survive
+    code = GOOD + ("import os, signal, time\nos.kill(os.getppid(), signal.SIGKILL)\ntime.sleep(0.5)\n"
+                   f"os.execv('/bin/sleep', ['sleep', '{marker}'])\n")
+    try:
+        with evaluate.Sandbox(workers=1, timeout=2.0) as box:
+            assert box.run([("<completion>", code), ("<tests>", TESTS)]) == "crashed: the program's supervisor died"
+            assert not processes_with(marker)
+            assert box.run([("<completion>", GOOD), ("<tests>", TESTS)]) == "passed"
+    finally:
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_leftover_processes_are_killed_at_once_and_folders_removed(sandbox, capsys):
+    """What a program leaves (a child, files) goes when it ends: its killed child, a zombie
+    until the supervisor's next program, is not waited for; no working folder stays."""
+    code = GOOD + ("import os, time\nif os.fork() == 0:\n    time.sleep(60)\n    os._exit(0)\n"
+                   "open('left', 'w').write('x')\n")
+    start = time.monotonic()
+    assert run_all(sandbox, {"leaves": code}) == {"leaves": "passed"}
+    assert time.monotonic() - start < 5  # not the 10 s of waiting on a zombie
+    assert "outlived" not in capsys.readouterr().err
+    assert not live_processes(sandbox)
+    assert [p.name for p in sandbox.base.iterdir()] == [evaluate.ALIVE]
+
+
+def test_a_closed_sandbox_refuses_programs_rather_than_waiting():
+    """After an interrupt, threads still holding programs call run() on a closed sandbox: they must not hang."""
+    box = evaluate.Sandbox(workers=1, timeout=2.0)
+    box.close()
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(box.run([("<completion>", GOOD), ("<tests>", TESTS)]))
+        except RuntimeError as e:
+            outcome.append(str(e))
+    thread = threading.Thread(target=run, daemon=True)  # a daemon: should it hang, it does not hold pytest up
+    thread.start()
+    thread.join(timeout=10)
+    assert outcome == ["the sandbox is closed"]
+
+
+def test_folders_a_program_made_unwritable_are_removed_all_the_same(tmp_path, monkeypatch):
+    """Not root, a program's read-only folder would stop rmtree: its handler makes it writable.
+    (Root ignores permissions, so the unlink and rmdir here refuse as they would for a user.)"""
+    def refusing(real):
+        def call(path, *, dir_fd=None):
+            parent = os.stat(dir_fd) if dir_fd is not None else os.stat(os.path.dirname(path))
+            if not parent.st_mode & 0o200:
+                raise PermissionError(13, "Permission denied", path)
+            return real(path, dir_fd=dir_fd)
+        return call
+    monkeypatch.setattr(os, "unlink", refusing(os.unlink))
+    monkeypatch.setattr(os, "rmdir", refusing(os.rmdir))
+    workdir = tmp_path / "work"
+    (workdir / "locked" / "deeper").mkdir(parents=True)
+    (workdir / "locked" / "deeper" / "f").write_text("x")
+    (workdir / "locked" / "g").write_text("x")
+    (workdir / "locked" / "deeper").chmod(0o500)
+    (workdir / "locked").chmod(0o500)
+    shutil.rmtree(workdir, onerror=evaluate._force_remove)
+    assert not workdir.exists()
+
+
+@ROOT_ONLY
+def test_processes_left_under_a_sandbox_uid_are_killed_when_the_uid_is_claimed(tmp_path, monkeypatch):
+    """A run killed outright leaves its programs' processes running under its uids: whoever
+    claims a uid next ends them before its first program, which they could kill (as here)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # lock files here: no other run's uid is taken
+    uid = 2_000_000_000 + os.getpid() % 100_000  # no account has it, no other run uses it
+    # kill -1 as that uid: every other process of that uid, and nothing else
+    left = subprocess.Popen(["sh", "-c", "while :; do kill -9 -1; done"], user=uid, group=uid, cwd="/")
+    try:
+        time.sleep(0.2)  # surely running
+        with evaluate.Sandbox(workers=1, uid=uid) as box:  # its probe would be killed
+            assert box.every_slot[0].uid == uid
+            assert left.wait(timeout=5) == -signal.SIGKILL
+            assert box.run([("<completion>", GOOD), ("<tests>", TESTS)]) == "passed"
+    finally:
+        left.kill()
+        left.wait()
 
 
 # ---------------------------------------------------------------- generation
