@@ -78,6 +78,7 @@ Conventions (what model.py relies on):
   tensors are accepted only then.
 """
 
+import functools
 import math
 import numbers
 import operator
@@ -778,11 +779,19 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for lse: a launch per backward
 
 
+def _gradients(ctx, dout, backward):
+    """dq, dk, dv from backward, and None for the settings; all None when no gradient reaches
+    out (with materialize_grads off, autograd passes None rather than a tensor of zeros)."""
+    if dout is None:
+        return (None,) * 7
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = backward(dout, q, k, v, out, lse, seed, ctx.causal, ctx.dropout_p, ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None
+
+
 @torch.autograd.function.once_differentiable  # the backward is a kernel, not differentiable again
 def _op_backward(ctx, dout, dlse):
-    q, k, v, out, lse, seed = ctx.saved_tensors
-    dq, dk, dv = _flash_attn_bwd_op(dout, q, k, v, out, lse, seed, ctx.causal, ctx.dropout_p, ctx.softmax_scale)
-    return dq, dk, dv, None, None, None, None
+    return _gradients(ctx, dout, _flash_attn_bwd_op)
 
 
 _flash_attn_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -798,10 +807,7 @@ class _FlashAttnFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, seed = ctx.saved_tensors
-        dq, dk, dv = _bwd_impl(dout, q, k, v, out, lse, seed, ctx.causal, ctx.dropout_p, ctx.softmax_scale,
-                               traced=False)
-        return dq, dk, dv, None, None, None, None
+        return _gradients(ctx, dout, functools.partial(_bwd_impl, traced=False))
 
 
 def _attention(q, k, v, seed_t, causal, dropout_p, scale):

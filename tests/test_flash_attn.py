@@ -39,7 +39,9 @@ F16, BF16 = torch.float16, torch.bfloat16
 # (B, H, Tq, Tk, D, causal, dtype, layout). Together: every head dim, both
 # dtypes, causal and not, lengths 1 / odd / past several blocks, Tq < Tk
 # (KV-cache prefill chunk, single-token decode), Tq > Tk (with and without
-# rows that see no key), and the three layouts model.py can hand over.
+# rows that see no key), and the three layouts model.py can hand over. The
+# last case, Tk = Tq + 1, puts a key block's first visible query just below
+# a query-block boundary, where the dK/dV kernel's causal skip starts.
 SMALL = [
     (1, 2, 1, 1, 32, True, F16, "bhtd"),
     (2, 2, 17, 17, 64, True, BF16, "qkv"),
@@ -50,6 +52,7 @@ SMALL = [
     (1, 2, 65, 17, 32, False, BF16, "bhtd"),
     (1, 2, 40, 17, 80, True, F16, "bhtd"),
     (1, 2, 50, 64, 32, True, F16, "bhtd"),
+    (1, 1, 32, 33, 32, True, F16, "bhtd"),
 ]
 FULL = [
     (2, 4, 1, 1, 32, True, F16, "bhtd"),
@@ -61,6 +64,7 @@ FULL = [
     (2, 4, 1531, 300, 32, False, BF16, "bhtd"),
     (2, 4, 777, 301, 80, True, F16, "bhtd"),
     (2, 4, 1000, 1111, 32, True, F16, "bhtd"),
+    (2, 4, 1024, 1025, 64, True, BF16, "bthd"),
 ]
 CASES = [pytest.param(*c, marks=cpu_only) for c in SMALL] + [pytest.param(*c, marks=cuda_only) for c in FULL]
 
@@ -272,3 +276,121 @@ def test_torch_compile_traces_without_graph_break():
     out, _ = torch.ops.phi1.flash_attn_fwd(q, k, v, seed, True, 0.0, D ** -0.5)
     out.float().square().sum().backward()
     assert all(torch.equal(got, want) for got, want in zip(grads(), expected))
+
+
+def test_every_input_is_checked_not_only_the_first():
+    """The checks must look at all of q, k and v and stop exactly at their documented bounds:
+    test_bad_inputs_raise_clear_errors mostly varies q or k, so a check that skips v (or k),
+    a missing Tk = 0 check, or an off-by-one bound would go unnoticed there."""
+    def t(*shape, dtype=F16, device=DEVICE):
+        return torch.randn(*shape, device=device).to(dtype)
+
+    q, k, v = t(1, 2, 8, 64), t(1, 2, 8, 64), t(1, 2, 8, 64)
+    bad = [
+        ((q, k, t(1, 2, 8, 64, dtype=BF16)), {}, "dtypes differ"),
+        ((q, k, t(1, 2, 8, 32)), {}, "head dims differ"),
+        ((q, k, t(2, 2, 8, 64)), {}, "batch/heads"),
+        ((q, k, t(1, 2, 8, 64, device="meta")), {}, "different devices"),
+        ((q, t(1, 2, 64, 8).transpose(-1, -2), v), {}, "k must be contiguous in head_dim"),
+        ((q, k, t(1, 2, 64, 8).transpose(-1, -2)), {}, "v must be contiguous in head_dim"),
+        ((q, t(1, 2, 0, 64), t(1, 2, 0, 64)), {}, "empty"),
+        ((q, k, v), {"softmax_scale": 0.0}, "softmax_scale"),
+        ((q, k, v), {"softmax_scale": float("inf")}, "softmax_scale"),
+    ]
+    for args, kwargs, words in bad:
+        with pytest.raises(ValueError, match=words):
+            fa.flash_attn_func(*args, **kwargs)
+    # Tile offsets are int32: a sequence stride of exactly 2**23 is already refused.
+    big = torch.empty_strided((1, 1, 2, 32), (2 ** 24, 2 ** 24, 2 ** 23, 1), dtype=F16, device=DEVICE)
+    assert "sequence stride" in fa.unsupported_reason(big, big, big)
+    # 0 is a valid seed.
+    assert fa.flash_attn_func(q, k, v, dropout_p=0.5, seed=0).isfinite().all()
+
+
+def test_unseeded_dropout_draws_a_new_mask_each_call():
+    """seed=None must take a fresh seed from torch's generator on every call (two training steps
+    dropping the same entries is a silent bug); the deterministic-seed test only checks that
+    torch.manual_seed reproduces it."""
+    q, k, v, _, _ = make_qkv(1, 1, 16, 16, 32, F16, "bhtd")
+    a = fa.flash_attn_func(q, k, v, dropout_p=0.5)
+    b = fa.flash_attn_func(q, k, v, dropout_p=0.5)
+    assert not torch.equal(a, b)
+
+
+def test_the_lse_is_not_differentiable():
+    """lse is documented as not differentiable, on the eager path and the registered op alike."""
+    q, k, v, _, _ = make_qkv(1, 1, 16, 16, 32, F16, "bhtd")
+    seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    for out, lse in (fa.flash_attn_with_lse(q, k, v), torch.ops.phi1.flash_attn_fwd(q, k, v, seed, True, 0.0, 0.1)):
+        assert out.requires_grad and not lse.requires_grad
+
+
+def test_backward_reads_dout_by_its_strides():
+    """autograd may hand the backward a transposed or expanded (x.sum()) gradient whose head dim
+    is not contiguous; it must give the same gradients as the packed copy of that tensor."""
+    B, H, T, D = 1, 1, 17, 32
+    q, k, v, _, _ = make_qkv(B, H, T, T, D, F16, "bhtd")
+    out = fa.flash_attn_func(q, k, v)
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    for dout in (torch.randn(B, H, D, T, generator=g, device=DEVICE).to(F16).transpose(-1, -2),
+                 torch.ones(1, 1, 1, 1, dtype=F16, device=DEVICE).expand(B, H, T, D)):
+        got = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        want = torch.autograd.grad(out, (q, k, v), dout.contiguous(), retain_graph=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_gradients_come_back_in_the_documented_layout():
+    """A plain contiguous (B, H, T, D) input gets its gradient in that layout (autograd hands the
+    buffer over without a copy); any other input's gradient is (B, T, H, D)-contiguous."""
+    for layout in ("bhtd", "bthd"):
+        q, k, v, _, _ = make_qkv(1, 2, 17, 17, 32, F16, layout)
+        out = fa.flash_attn_func(q, k, v)
+        for grad in torch.autograd.grad(out, (q, k, v), torch.ones_like(out)):
+            assert (grad if layout == "bhtd" else grad.transpose(1, 2)).is_contiguous(), (layout, grad.stride())
+
+
+def test_q_k_v_and_dout_may_each_have_their_own_strides():
+    """model.py passes q and k as rotary writes them and v as a view into the fused projection, so
+    the inputs (and dout, and the output) differ in every stride; the reference tests give all of
+    them one layout, where a kernel reading one tensor with another's strides goes unnoticed."""
+    B, H, Tq, Tk, D = 2, 2, 20, 37, 32
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=DEVICE).to(F16)
+
+    q = randn(B, H, Tq, D).requires_grad_()                       # contiguous (B, H, T, D)
+    k_leaf = randn(B, Tk, H, D).requires_grad_()                  # (B, T, H, D)
+    proj = randn(B, Tk, 4 * H * D).requires_grad_()               # v: a slice of a wider projection
+    k = k_leaf.transpose(1, 2)
+    v = proj[:, :, 2 * H * D:3 * H * D].unflatten(-1, (H, D)).transpose(1, 2)
+    dout = randn(B, Tq, H, D).transpose(1, 2)
+    out, lse = fa.flash_attn_with_lse(q, k, v, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out_ref, lse_ref = fa.attention_reference(qr, kr, vr, causal=True)
+    refs = torch.autograd.grad(out_ref, (qr, kr, vr), dout.float())
+    errs = {name: rel_err(x, r) for name, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (out_ref, *refs))}
+    errs["lse"] = rel_err(lse, lse_ref) / TOL_LSE * TOL[F16]
+    assert all(e <= TOL[F16] for e in errs.values()), errs
+
+
+def test_no_gradient_through_the_output_is_no_gradient_for_q_k_v():
+    """The backward skips autograd's zero fill (materialize_grads off), so it is handed None
+    when nothing flows back through the output; it must answer None, as SDPA does, not crash."""
+    class Blocked(torch.autograd.Function):  # passes no gradient back, as a custom op may
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    q, k, v, _, _ = make_qkv(1, 1, 16, 16, 32, F16, "bhtd")
+    seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    for attend in (lambda: fa.flash_attn_func(q, k, v),
+                   lambda: torch.ops.phi1.flash_attn_fwd(q, k, v, seed, True, 0.0, 32 ** -0.5)[0]):
+        q.grad = k.grad = v.grad = None
+        (Blocked.apply(attend()).float().sum() + q.float().sum()).backward()
+        assert torch.equal(q.grad, torch.ones_like(q)) and k.grad is None and v.grad is None
