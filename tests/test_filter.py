@@ -797,3 +797,242 @@ def test_an_interrupted_apply_leaves_no_summary_and_resumes(tmp_path, nano, monk
     monkeypatch.setattr(filter, "embed_texts", real)
     run_filter(*args)
     assert json.loads((tmp_path / "out" / "summary-00000-of-00001.json").read_text())["documents"] == 20
+
+
+# ---------------------------------------------------------------- the forest's edges, apply's selection
+
+def test_a_cut_across_bins_a_tree_left_empty_is_halfway_between_the_values_it_saw():
+    """Where a tree's bootstrap sample misses the values between the two sides, the cut lies
+    halfway across the gap it saw, as exact CART (and scikit-learn) cuts halfway between the
+    two values, not at either edge of the gap."""
+    X = np.r_[np.zeros(100), [1.0], np.full(100, 2.0)][:, None]
+    y = np.r_[np.zeros(101, int), np.ones(100, int)]
+    forest = RandomForest(n_trees=20, seed=0).fit(X, y)
+    missed = np.array([np.random.default_rng([0, t]).integers(0, 201, 201).tolist().count(100) == 0
+                       for t in range(20)])  # the trees whose sample lacks the one row at x = 1
+    assert 0 < missed.sum() < 20
+    assert list(forest.threshold_[forest.roots_]) == list(np.where(missed, 1.0, 1.5))
+
+
+def test_max_bins_distinct_values_each_keep_a_bin():
+    """A feature with exactly max_bins distinct values still gets a bin for each, so that every
+    pair of neighbouring values can be told apart, cut halfway between them."""
+    X = np.repeat([[0.0], [1.0], [2.0], [3.0]], 20, axis=0)
+    y = (X[:, 0] >= 1).astype(int)
+    forest = RandomForest(n_trees=5, max_bins=4, seed=0).fit(X, y)
+    assert np.allclose(forest.threshold_[forest.roots_], 0.5)
+    assert list(forest.predict([[0.4], [0.6], [3.0]])) == [0, 1, 1]
+
+
+def test_max_features_counts_as_scikit_learn_does():
+    """The number of features tried per split, for every form of max_features, is
+    scikit-learn's: int() of sqrt, log2 or the fraction times the features, at least 1."""
+    from sklearn.tree import DecisionTreeClassifier  # what each tree of RandomForestClassifier is given
+    for d in (1, 3, 10, 40, 99):
+        X, y = np.random.default_rng(d).standard_normal((8, d)), np.arange(8) % 2
+        for features in ("sqrt", "log2", 0.05, 0.29, 0.5, 0.55, 0.999, 1.0, 1, 3):
+            if type(features) is int and features > d:
+                continue
+            theirs = DecisionTreeClassifier(max_features=features, random_state=0).fit(X, y).max_features_
+            assert RandomForest(max_features=features)._candidates(d) == theirs, (d, features)
+
+
+def test_each_node_draws_its_own_features():
+    """Features are drawn afresh at every split: the nodes of one level of one tree try
+    different features, not one draw shared by the whole level."""
+    X, y, _ = noisy(500, seed=1)
+    forest = RandomForest(n_trees=4, max_features=1, seed=0).fit(X, y)
+    tree = np.searchsorted(forest.roots_, np.arange(len(forest.feature_)), side="right")
+    split = forest.feature_ >= 0
+    levels = Counter(zip(tree[split], depths(forest)[split]))  # split nodes per (tree, depth)
+    features = {key: {f for t, d, f in zip(tree[split], depths(forest)[split], forest.feature_[split])
+                      if (t, d) == key} for key in levels}
+    crowded = [f for key, f in features.items() if levels[key] >= 4]  # levels of 4 nodes or more of a tree
+    assert crowded and all(len(f) > 1 for f in crowded)
+
+
+def test_importances_weigh_every_tree_that_splits_alike():
+    """As in scikit-learn, each tree's importances are normalised before the mean, trees that
+    never split are left out, and a forest of such trees has no importances (zeros, not NaN):
+    with max_features=1 and one split a tree, a feature's importance is its share of the roots."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((400, 3)).astype(np.float32)
+    X[:, 2] = 1.0  # constant: a tree that draws it cannot split
+    y = (X[:, 0] + 0.05 * X[:, 1] > 0).astype(int)  # x0 decreases the impurity far more than x1
+    forest = RandomForest(n_trees=200, max_depth=1, max_features=1, seed=0).fit(X, y)
+    roots = forest.feature_[forest.roots_]
+    assert 0 < (roots == -1).sum() < 200 and (roots != 2).all()
+    assert np.allclose(forest.feature_importances_, np.bincount(roots[roots >= 0], minlength=3) / (roots >= 0).sum())
+    stumps = RandomForest(n_trees=3, max_depth=0, seed=0).fit(X, y)
+    assert np.array_equal(stumps.feature_importances_, np.zeros(3))
+
+
+def test_importances_are_each_trees_weighted_gini_decrease_found_again_from_its_sample():
+    """feature_importances_ is the mean over the trees of each tree's normalised sum of
+    w·gini(node) - w_left·gini(left) - w_right·gini(right) over its splits, recomputed here from
+    the trees and their bootstrap samples: every split counts, however many share a feature."""
+    X, y, _ = noisy(300, d=4, seed=7)
+    forest = RandomForest(n_trees=3, seed=5).fit(X, y)
+    ends, per_tree = list(forest.roots_[1:]) + [len(forest.feature_)], []
+    for t, (root, end) in enumerate(zip(forest.roots_, ends)):
+        drawn = np.bincount(np.random.default_rng([5, t]).integers(0, 300, 300), minlength=300)  # the tree's sample
+        leaves = filter.route(X, forest.feature_, forest.threshold_, forest.left_, forest.right_,
+                              np.full(300, root), np.arange(300))
+        totals = np.zeros((len(forest.feature_), 2))
+        np.add.at(totals, (leaves, y), drawn)
+        for node in reversed(range(root, end)):  # children come after their parent
+            if forest.feature_[node] >= 0:
+                totals[node] = totals[forest.left_[node]] + totals[forest.right_[node]]
+        weight = totals.sum(1)
+        impurity = weight - (totals ** 2).sum(1) / np.maximum(weight, 1e-12)  # w·gini
+        importance = np.zeros(4)
+        for node in range(root, end):
+            if forest.feature_[node] >= 0:
+                importance[forest.feature_[node]] += (impurity[node] - impurity[forest.left_[node]]
+                                                      - impurity[forest.right_[node]])
+        per_tree.append(importance / importance.sum())
+    assert np.allclose(forest.feature_importances_, np.mean(per_tree, 0) / np.mean(per_tree, 0).sum())
+
+
+def test_a_class_missing_from_a_class_weight_dict_weighs_one():
+    """class_weight={1: 3} weighs class 0 as 1, as scikit-learn does."""
+    X, y, _ = noisy(400, seed=4)
+    y = (X[:, 0] > 0.8).astype(int)
+    partial = RandomForest(n_trees=4, seed=0, class_weight={1: 3.0}).fit(X, y)
+    full = RandomForest(n_trees=4, seed=0, class_weight={0: 1.0, 1: 3.0}).fit(X, y)
+    assert np.array_equal(partial.predict_proba(X), full.predict_proba(X))
+
+
+def test_a_node_of_twice_min_samples_leaf_rows_splits():
+    """A node may split while it has 2 x min_samples_leaf rows: two rows of different classes
+    make two leaves."""
+    X, y = np.array([[0.0], [1.0]]), np.array([0, 1])
+    forest = RandomForest(n_trees=12, seed=0).fit(X, y)
+    both = np.array([len(set(np.random.default_rng([0, t]).integers(0, 2, 2).tolist())) == 2 for t in range(12)])
+    assert 0 < both.sum() < 12
+    assert list(forest.feature_[forest.roots_] == 0) == list(both)  # the trees that drew both rows split
+
+
+def test_a_leaf_may_hold_exactly_min_samples_leaf_rows():
+    """min_samples_leaf is a least, not a strict bound: a split that leaves exactly that many
+    (distinct) rows on either side is made, whether the node's splits are found by sorting
+    (few rows) or from histograms (many)."""
+    for n in (100, 600):  # sorted, then dense: a root of 256 rows or more uses histograms
+        drawn = set(np.random.default_rng([0, 0]).integers(0, n, n).tolist())  # tree 0's sample
+        for few in (0, 1):  # the rare value on the left of the cut, then on the right
+            x = np.where(np.arange(n) < 10, few, 1 - few).astype(np.float32)[:, None]
+            rare = len(drawn & set(range(10)))
+            forest = RandomForest(n_trees=1, min_samples_leaf=rare, seed=0).fit(x, np.arange(n) < 10)
+            assert forest.feature_[0] == 0 and list(forest.threshold_[:1]) == [0.5], (n, few)
+            assert list(forest.predict([[few], [1 - few]])) == [True, False]
+
+
+def test_out_of_bag_ties_go_to_the_first_class_as_in_predict():
+    """A row whose out-of-bag shares tie is judged the first class, as predict (argmax) judges
+    it, so that oob_score_ estimates the accuracy of predict."""
+    n = 40
+    X, y = np.zeros((n, 1)), np.arange(n) >= n // 2  # no split possible: each tree is one leaf
+    drawn = np.bincount(np.random.default_rng([0, 0]).integers(0, n, n), minlength=n)
+    weights = {False: float(drawn[y].sum()), True: float(drawn[~y].sum())}  # equal class totals in the sample
+    forest = RandomForest(n_trees=1, class_weight=weights, seed=0).fit(X, y)
+    assert np.array_equal(forest.predict_proba(X[:1]), [[0.5, 0.5]]) and not forest.predict(X[:1])[0]
+    unseen = drawn == 0
+    assert forest.oob_score_ == (~y[unseen]).mean() != (y[unseen]).mean()
+
+
+def test_pure_nodes_are_leaves():
+    """A node of one class is not split further, however many values its rows hold."""
+    X = np.arange(100, dtype=np.float32)[:, None]
+    forest = RandomForest(n_trees=6, seed=0).fit(X, X[:, 0] >= 50)
+    assert len(forest.feature_) == 3 * 6  # a root and two leaves a tree
+    assert (forest.predict(X) == (X[:, 0] >= 50)).all()
+
+
+def test_predictions_in_many_chunks_equal_those_row_by_row():
+    """predict_proba routes a bounded number of (tree, row) pairs at a time: with many trees a
+    batch is cut into chunks, the last one short, and must give each row its own probability."""
+    X, y, _ = noisy(300, d=4, seed=2)
+    small = RandomForest(n_trees=10, max_depth=2, seed=0).fit(X, y)
+    copies, nodes = 100, len(small.feature_)  # the same 10 trees 100 times: 2097 rows a chunk
+    many = RandomForest(n_trees=10 * copies)
+    shift = np.repeat(np.arange(copies) * nodes, nodes)
+    many.n_features_, many.classes_ = 4, small.classes_
+    many.roots_ = np.concatenate([small.roots_ + k * nodes for k in range(copies)])
+    many.feature_, many.threshold_, many.value_ = (np.tile(a, (copies,) + (1,) * (a.ndim - 1))
+                                                   for a in (small.feature_, small.threshold_, small.value_))
+    many.left_, many.right_ = (np.where(a >= 0, a + shift, -1) for a in (np.tile(small.left_, copies),
+                                                                         np.tile(small.right_, copies)))
+    rows = np.tile(X, (7, 1))  # 2100 rows: chunks of 2097 and 3
+    assert np.allclose(many.predict_proba(rows), small.predict_proba(rows), atol=1e-5)  # a mean of float32 shares
+
+
+def test_nan_and_infinite_values_are_refused():
+    """NaN > threshold is False: a NaN would go left at every split without a word."""
+    X, y, _ = noisy(100, seed=1)
+    forest = RandomForest(n_trees=2, seed=0).fit(X, y)
+    for bad in (np.nan, np.inf):
+        Z = X.copy()
+        Z[3, 1] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            RandomForest(n_trees=2).fit(Z, y)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            forest.predict_proba(Z)
+
+
+def test_forest_files_with_arrays_out_of_range_are_refused(tmp_path):
+    """A file whose features, classes or roots do not fit the forest it describes is damaged:
+    loading it must fail, not route rows through other rows' values later."""
+    X, y, _ = noisy(200, d=4, seed=6)
+    RandomForest(n_trees=3, seed=0).fit(X, y).save(tmp_path / "f.npz")
+    with np.load(tmp_path / "f.npz") as data:
+        good = dict(data)
+    damage = {"feature": lambda a: np.where(a >= 0, 4, a), "value": lambda a: np.c_[a, a[:, :1]],
+              "roots": lambda a: np.r_[a, len(good["feature"])]}
+    for name, change in damage.items():
+        np.savez(tmp_path / "bad.npz", **dict(good, **{name: change(good[name])}))
+        with pytest.raises(ValueError, match="damaged"):
+            RandomForest.load(tmp_path / "bad.npz")
+
+
+def test_top_threshold_is_the_highest_bin_edge_that_holds_the_fraction():
+    """The documents at or above the threshold hold at least the fraction of the tokens, and
+    the threshold is the highest bin edge for which that is true; a score of 1.0 is in the last bin."""
+    scores = np.zeros(4, filter.SCORES)
+    scores["score"], scores["tokens"] = [0.25, 0.5, 0.75, 1.0], [4, 2, 1, 1]
+    assert filter.top_threshold(scores, 0.25) == 0.75  # exactly 2 of the 8 tokens score 0.75 or more
+    assert filter.top_threshold(scores, 0.3) == 0.5
+    assert filter.top_threshold(scores, 0.125) == 0.9999  # the document scoring 1.0
+    assert filter.top_threshold(scores, 1.0) == 0.25
+    assert filter.top_threshold(np.zeros(0, filter.SCORES), 0.5) == 0.0
+
+
+def test_metrics_count_a_score_at_the_threshold_as_positive():
+    """metrics, like apply, reads score >= threshold as the positive class."""
+    m = filter.metrics([True, False, True, False], [0.5, 0.25, 0.75, 0.5])
+    assert (m["precision"], m["recall"], m["accuracy"]) == (2 / 3, 1.0, 0.75)
+
+
+def test_train_reads_max_features_as_a_number_or_a_fraction(tmp_path):
+    """--max_features=3 is three features and --max_features=.25 a quarter of them."""
+    forest = tmp_path / "forest.npz"
+    for given, meant in (("3", 3), (".25", 0.25), ("0.75", 0.75), ("log2", "log2")):
+        run_filter("train", *fake_embeddings(tmp_path, [1, 9] * 5), f"--max_features={given}", f"--forest={forest}")
+        assert RandomForest.load(forest).max_features == meant
+
+
+def test_apply_keeps_a_score_equal_to_the_threshold_and_selects_again_at_another(tmp_path, nano):
+    """A document scoring exactly --threshold is kept (score >= threshold); a rerun with
+    another --threshold selects again from the scores, at that threshold."""
+    docs = corpus(tmp_path / "docs.jsonl", 6, seed=6)
+    X, y, _ = noisy(100, d=64)
+    forest = RandomForest(n_trees=3).fit(X, y > 0)
+    forest.value_[:] = [0.75, 0.25]  # every document scores 0.25 exactly
+    forest.info = {"embedding": {"ckpt": str(nano), "doc_tokens": 64}}
+    forest.save(tmp_path / "f.npz")
+    out = tmp_path / "out"
+    for threshold, kept in ((0.25, 6), (0.3, 0), (0.2, 6)):
+        run_filter("apply", f"--corpus={docs}", f"--forest={tmp_path / 'f.npz'}", f"--out={out}",
+                   f"--threshold={threshold}")
+        summary = json.loads((out / "summary-00000-of-00001.json").read_text())
+        assert (summary["threshold"], summary["kept_documents"]) == (threshold, kept)
+        assert len((out / "kept-00000-of-00001.jsonl").read_text().splitlines()) == kept
