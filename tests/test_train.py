@@ -15,7 +15,7 @@ import torch
 
 import train
 from config import UserError, parse_args, parse_settings
-from model import GPT, PRESETS
+from model import GPT, PRESETS, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -434,3 +434,289 @@ def test_config_parsing():
             parse_args(train.DEFAULTS, argv=bad)
     with pytest.raises(UserError, match="unexpected argument 'extra'"):  # scripts that take settings only
         parse_settings(train.DEFAULTS, argv=["--batch_size=3", "extra"])
+
+
+# ---------------------------------------------------------------- fast checks on a pico model
+
+@pytest.fixture
+def pico(monkeypatch):
+    """A preset small enough (a 2048-token vocabulary, one layer) that a few steps take a fraction of a second."""
+    monkeypatch.setitem(train.PRESETS, "pico", GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16,
+                                                         vocab_size=2048, rotary_dim=8))
+    return "pico"
+
+
+class Recorded:
+    """A Mixture that remembers every batch asked of it, as (split, key, only); `then`
+    runs after each."""
+
+    def __init__(self, mixture, then=None):
+        self.mixture, self.names, self.calls, self.then = mixture, mixture.names, [], then
+
+    def batch(self, split, batch_size, seed, *key, only=None):
+        self.calls.append((split, key, only))
+        if self.then:
+            self.then(split)
+        return self.mixture.batch(split, batch_size, seed, *key, only=only)
+
+
+def test_optimizer_takes_the_betas_in_order():
+    """beta2 is the paper's 0.95 second-moment decay: swapped with beta1, Adam's step sizes go wrong."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=128, rotary_dim=8))
+    for group in train.make_optimizer(model, settings(beta1=0.8, beta2=0.97), torch.device("cpu")).param_groups:
+        assert group["betas"] == (0.8, 0.97)
+
+
+def test_a_token_id_just_past_the_vocabulary_is_refused_naming_its_dataset(tmp_path):
+    """Id vocab_size itself is out of range too (the embedding has ids 0..vocab_size-1): the error
+    must come before the model's index error, and name the dataset that holds it."""
+    a = make_dataset(tmp_path / "a")
+    b = tmp_path / "b"
+    b.mkdir()
+    for split in ("train", "val"):
+        np.full(100, 2048, dtype=np.uint16).tofile(b / f"{split}.bin")
+    (b / "meta.json").write_text("{}")
+    mixture = train.Mixture(f"{a}:0.5,{b}:0.5", 16, 2048, prepare_default=False)
+    mixture.batch("train", 4, 0, 0, 0, 0, only=0)  # dataset a is fine
+    for step in range(6):  # rows of both datasets, in whatever order: b is the one named
+        with pytest.raises(UserError, match=f"{re.escape(str(b))}/train.bin holds token id 2048, outside"):
+            mixture.batch("train", 8, 0, 0, step, 0)
+    assert train.Mixture(str(b), 16, 2049, prepare_default=False).batch("val", 2, 0, 0)[0].max() == 2048
+
+
+def test_a_one_token_bin_is_refused_and_a_bin_of_one_context_is_read(tmp_path):
+    """One token is no (input, target) pair: nothing to train on. A bin of exactly
+    block_size tokens repeats to a full window like any short bin."""
+    np.arange(5, 21, dtype=np.uint16).tofile(tmp_path / "train.bin")  # 16 tokens: one context
+    np.array([3], dtype=np.uint16).tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.json").write_text("{}")
+    x, y = train.Mixture(str(tmp_path), 16, 2048, prepare_default=False, splits=("train",)).batch("train", 2, 0, 0)
+    assert list(x[0]) == list(range(5, 21)) and list(y[0]) == list(range(6, 21)) + [5]
+    with pytest.raises(UserError, match="val.bin is empty: nothing to validate"):
+        train.Mixture(str(tmp_path), 16, 2048, prepare_default=False)
+
+
+def test_datasets_that_are_not_token_bins_are_refused(tmp_path):
+    """A zero weight, JSONL documents or a folder without meta.json (prepare.py never
+    finished) would train on something else than asked: each is named."""
+    a = make_dataset(tmp_path / "a")
+    with pytest.raises(UserError, match="weights must be positive"):
+        train.Mixture(f"{a}:1,{a}:0", 16, 2048, prepare_default=False)
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "meta.json").write_text(json.dumps({"output": "jsonl"}))
+    with pytest.raises(UserError, match="holds JSONL documents"):
+        train.Mixture(str(tmp_path / "j"), 16, 2048, prepare_default=False)
+    (a / "meta.json").unlink()
+    with pytest.raises(UserError, match="no prepared data at"):
+        train.Mixture(str(a), 16, 2048, prepare_default=False)
+
+
+def test_a_total_batch_that_is_not_a_multiple_is_refused(tmp_path, pico):
+    """--total_batch_size=6 of micro-batches of 4 cannot be met: silently training on 4 is wrong."""
+    data = make_dataset(tmp_path / "ds")
+    with pytest.raises(UserError, match="--total_batch_size=6 is not a multiple of batch_size x processes = 4"):
+        train.train(settings(preset=pico, data=str(data), out_dir=str(tmp_path / "out"), total_batch_size=6))
+
+
+def test_weights_from_scratch_depend_on_the_seed(tmp_path, pico):
+    """--seed fixes the initial weights: runs (and every DDP process) start from the same model."""
+    def weights(seed):
+        return train.build_model(settings(preset=pico, seed=seed), tmp_path / "out", True)[0].state_dict()
+    a, b, c = weights(3), weights(3), weights(4)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
+
+
+def test_a_second_ctrl_c_stops_at_once(monkeypatch, capsys):
+    """The first SIGTERM or Ctrl-C asks for a save; a second Ctrl-C (not a second SIGTERM) gives up waiting."""
+    monkeypatch.setattr(train, "_stop_signal", None)
+    train._on_signal(signal.SIGTERM, None)
+    try:
+        train._on_signal(signal.SIGTERM, None)
+    except KeyboardInterrupt:
+        pytest.fail("a second SIGTERM (a scheduler's reminder) must not abandon the save")
+    assert train._stop_signal == signal.SIGTERM and "SIGTERM: saving a checkpoint" in capsys.readouterr().err
+    monkeypatch.setattr(train, "_stop_signal", None)
+    train._on_signal(signal.SIGINT, None)
+    assert train._stop_signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        train._on_signal(signal.SIGINT, None)
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path, pico):
+    """A gradient clipped to a norm far below Adam's eps moves the weights ~1000x less than
+    an unclipped one; --grad_clip=0 does not clip."""
+    data = str(make_dataset(tmp_path / "ds"))
+    torch.manual_seed(3)
+    initial = GPT(train.PRESETS[pico]).state_dict()
+    moved = {}
+    for clip in (0.0, 1e-11):
+        model = train.train(settings(preset=pico, data=data, out_dir=str(tmp_path / f"out{clip}"), max_iters=1,
+                                     warmup_iters=0, weight_decay=0.0, grad_clip=clip, eval_interval=0))
+        moved[clip] = (model.lm_head.weight - initial["lm_head.weight"]).abs().mean().item()
+    assert moved[0.0] > 1e-4 and moved[1e-11] < moved[0.0] / 100, moved
+
+
+def test_the_loss_that_became_nan_is_named_by_its_step(tmp_path, pico, monkeypatch):
+    """Log lines count steps from 1; the error names the first bad step in that count, even
+    when it is found only at the next log line."""
+    forward, calls = GPT.forward, []
+
+    def nan_at_third_step(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        calls.append(1)
+        return logits, (loss * float("nan") if len(calls) == 3 else loss)
+
+    monkeypatch.setattr(GPT, "forward", nan_at_third_step)
+    cfg = settings(preset=pico, data=str(make_dataset(tmp_path / "ds")), out_dir=str(tmp_path / "out"),
+                   max_iters=6, log_interval=100, eval_interval=0)
+    with pytest.raises(UserError, match=r"the loss became inf or nan at step 3: training diverged"):
+        train.train(cfg)
+    assert len(calls) == 6 and not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_log_line_throughput_and_mfu_count_training_time_only(tmp_path, pico, monkeypatch, capsys, processes):
+    """On a clock where a step takes 1 s and a validation batch 100 s: 1000 ms/step, the
+    tokens of all processes per s, MFU per process from the model's FLOPs per token;
+    validation time is not training time. (2 processes: process 0 of 2 in a one-member group.)"""
+    import torch.distributed as dist
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr(train, "setup_processes", lambda name: (0, processes, torch.device("cpu")))
+
+    def tick(split):
+        clock[0] += 100.0 if split == "val" else 1.0
+
+    data = str(make_dataset(tmp_path / "ds"))
+    cfg = settings(preset=pico, data=data, out_dir=str(tmp_path / "out"), max_iters=4, log_interval=2,
+                   eval_interval=1000, eval_iters=2, peak_tflops=1e-9)
+    if processes > 1:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = train.train(cfg, make_data=lambda c: Recorded(
+            train.Mixture(data, c.block_size, c.vocab_size, prepare_default=False), then=tick))
+    finally:
+        if processes > 1:
+            dist.destroy_process_group()
+    tok_s = 64 * processes  # 4 sequences of 16 tokens per process and step
+    mfu = 100 * model.flops_per_token() * tok_s / processes / 1e3
+    lines = re.findall(r"step \d \| .*", capsys.readouterr().out)
+    assert len(lines) == 2, lines
+    for line in lines:
+        assert f"| 1000 ms/step | {tok_s} tok/s | MFU {mfu:.1f}%" in line, line
+
+
+def test_dropout_noise_is_fresh_each_step_and_a_function_of_the_step(tmp_path, pico, monkeypatch):
+    """The random state each training forward starts from differs from step to step (a
+    repeated dropout mask is no regulariser) and depends on (seed, step) alone, so a resumed run
+    replays it."""
+    forward, states = GPT.forward, []
+
+    def spy(self, *args, **kwargs):
+        if self.training:
+            states.append(torch.random.get_rng_state())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    data = str(make_dataset(tmp_path / "ds"))
+    cfg = dict(preset=pico, data=data, dropout=0.1, max_iters=3, eval_interval=0, checkpoint_interval=0)
+    train.train(settings(**cfg, out_dir=str(tmp_path / "a")))
+    first, states[:] = list(states), []
+    torch.manual_seed(12345)  # whatever the state before the run
+    train.train(settings(**cfg, out_dir=str(tmp_path / "b")))
+    assert len(first) == 3 and all(torch.equal(a, b) for a, b in zip(first, states))
+    assert not any(torch.equal(first[i], first[j]) for i in range(3) for j in range(i + 1, 3))
+
+
+def test_validation_reads_each_dataset_s_val_split_for_eval_iters_batches(tmp_path, pico, capsys):
+    """Each dataset gets its own val loss, the mean of eval_iters batches of its own val
+    split, at step 0, every eval_interval steps and at the end; training reads train only."""
+    a, b = make_dataset(tmp_path / "a", seed=1), make_dataset(tmp_path / "b", seed=2)
+    spec = f"{a}:0.5,{b}:0.5"
+    holder = []
+
+    def make_data(c):
+        holder.append(Recorded(train.Mixture(spec, c.block_size, c.vocab_size, prepare_default=False)))
+        return holder[0]
+
+    model = train.train(settings(preset=pico, data=spec, out_dir=str(tmp_path / "out"), max_iters=4,
+                                 eval_interval=2, eval_iters=3), make_data=make_data)
+    calls = holder[0].calls
+    assert all(only is None for split, _, only in calls if split == "train")
+    val = [(key, only) for split, key, only in calls if split == "val"]
+    assert val == [((k,), i) for _ in range(3) for i in range(2) for k in range(3)]  # steps 0, 2 and 4
+    final = re.findall(r"step 4: val loss ([\d.]+) \(.*\), ([\d.]+) \(", capsys.readouterr().out)
+    mixture = train.Mixture(spec, 16, 2048, prepare_default=False)
+    model.eval()
+    with torch.no_grad():
+        expected = [np.mean([model(*map(torch.from_numpy, mixture.batch("val", 4, 3, k, only=i)))[1].item()
+                             for k in range(3)]) for i in range(2)]
+    assert [float(v) for v in final[0]] == pytest.approx(expected, abs=2e-4)
+
+
+def test_a_stopped_run_resumes_exactly_in_process(tmp_path, pico, capsys):
+    """Stopping at --stop_iters and rerunning continues as one run would have: the same
+    batches, dropout noise, optimizer moments and learning-rate step (fast, without processes)."""
+    data = str(make_dataset(tmp_path / "ds"))
+    cfg = dict(preset=pico, data=data, dropout=0.1, max_iters=6, warmup_iters=2, eval_interval=0)
+    straight = train.train(settings(**cfg, out_dir=str(tmp_path / "straight")))
+    out = str(tmp_path / "out")
+    for _ in range(2):  # the second run finds the work done
+        train.train(settings(**cfg, out_dir=out, stop_iters=3))
+    assert "already finished 3 steps" in capsys.readouterr().out
+    resumed = train.train(settings(**cfg, out_dir=out))
+    assert f"resuming {Path(out) / 'ckpt.pt'} from step 3" in capsys.readouterr().out
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+
+
+def test_a_checkpoint_holds_what_resuming_needs(tmp_path, pico):
+    """Weights, config, step, settings, origin, the best score and the optimizer at the
+    schedule's rate for every group; --checkpoint_interval=0 writes none (but on SIGTERM)."""
+    data = str(make_dataset(tmp_path / "ds"))
+    cfg = settings(preset=pico, data=data, out_dir=str(tmp_path / "out"), max_iters=5, warmup_iters=2,
+                   checkpoint_interval=3, eval_interval=0)
+    train.train(cfg)
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 5 and ckpt["origin"] == "scratch" and ckpt["settings"]["max_iters"] == 5
+    assert {"model", "config", "optimizer", "scaler", "best"} <= ckpt.keys() and ckpt["config"]["n_layer"] == 1
+    groups = ckpt["optimizer"]["param_groups"]
+    assert len(groups) == 2 and all(g["lr"] == pytest.approx(train.learning_rate(4, cfg)) for g in groups)
+    assert len(ckpt["optimizer"]["state"]) == sum(len(g["params"]) for g in groups)
+    train.train(settings(preset=pico, data=data, out_dir=str(tmp_path / "none"), max_iters=2,
+                         checkpoint_interval=0, eval_interval=0))
+    assert not (tmp_path / "none" / "ckpt.pt").exists()
+
+
+def test_a_second_process_reads_its_own_batches_syncs_once_and_stays_silent(tmp_path, pico, monkeypatch, capsys):
+    """Process 1 of 2 (played by one process in a one-member group): its batches are keyed
+    by its rank, gradients are all-reduced on the last micro-step only, and it neither
+    logs nor writes checkpoints: those are process 0's."""
+    import torch.distributed as dist
+    data = str(make_dataset(tmp_path / "ds"))
+    synced = []
+
+    class SpyDDP(train.DDP):
+        def forward(self, *args, **kwargs):
+            synced.append(self.require_backward_grad_sync)
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr(train, "DDP", SpyDDP)
+    monkeypatch.setattr(train, "setup_processes", lambda name: (1, 2, torch.device("cpu")))
+    holder = []
+
+    def make_data(c):
+        holder.append(Recorded(train.Mixture(data, c.block_size, c.vocab_size, prepare_default=False)))
+        return holder[0]
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        train.train(settings(preset=pico, data=data, out_dir=str(tmp_path / "out"), batch_size=2,
+                             total_batch_size=8, max_iters=3, log_interval=1, checkpoint_interval=1,
+                             eval_interval=1, sample_tokens=20), make_data=make_data)
+    finally:
+        dist.destroy_process_group()
+    assert synced == [False, True] * 3
+    train_keys = [key for split, key, _ in holder[0].calls if split == "train"]
+    assert train_keys == [(1, s, m) for s in range(3) for m in range(2)] + [(1, 3, 0)]
+    assert capsys.readouterr().out == "" and not (tmp_path / "out" / "ckpt.pt").exists()
