@@ -1,5 +1,6 @@
 """model.py: presets, Hugging Face interop, KV-cache generation, checkpoints."""
 
+import datetime
 import itertools
 import json
 import math
@@ -12,8 +13,8 @@ import transformers
 
 import tokenizer
 from config import UserError
-from model import (GPT, GPTConfig, KVCache, PRESETS, load_checkpoint, load_model, read_safetensors, sample,
-                   write_safetensors)
+from model import (GPT, GPTConfig, KVCache, PRESETS, config_from_hf, load_checkpoint, load_model, pick_device,
+                   pick_dtype, read_safetensors, sample, write_safetensors)
 
 SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=64, vocab_size=512)
 
@@ -379,3 +380,246 @@ def test_forward_loss_ignores_minus_one_targets():
     torch.testing.assert_close(loss_half, expected)
     assert not torch.isclose(loss_all, loss_half)
     assert model(idx, torch.full_like(targets, -1))[1].item() == 0.0  # nothing to count: 0, not nan
+
+
+# ---------------------------------------------------------------- edges of generation, interop and loading
+
+ONE_LAYER = GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64)  # full vocabulary
+
+
+def scripted(monkeypatch, rows):
+    """Make generate()'s sampler return, at step t, rows[t] (one token per row)."""
+    import model as model_module
+    steps = iter(rows)
+    monkeypatch.setattr(model_module, "sample", lambda logits, *args: torch.tensor(next(steps)))
+
+
+def test_padding_rows_of_the_vocabulary_are_never_generated():
+    """The embedding is padded to 51200 rows; ids past the tokenizer's cannot be decoded."""
+    model = small_model(seed=7, config=ONE_LAYER)
+    with torch.no_grad():
+        model.lm_head.bias[tokenizer.VOCAB_SIZE:] = 100.0  # an untrained padding row that wins
+    for temperature in (0.0, 1.0):
+        out = model.generate([[1, 2, 3]], 4, temperature=temperature, seed=0)[0]
+        assert len(out) == 4 and all(t < tokenizer.VOCAB_SIZE for t in out)
+
+
+def test_on_token_sees_exactly_the_tokens_returned(monkeypatch):
+    """A server streams what on_token sees: it must match what generate() returns
+    (no <|endoftext|>, nothing after a row ended)."""
+    model = small_model(seed=4, config=ONE_LAYER)
+    word = tokenizer.encode("def")[0]
+    scripted(monkeypatch, [[word, word], [tokenizer.EOT, word], [word, tokenizer.EOT], [word, word]])
+    seen = []
+    out = model.generate([[1, 2], [3]], max_new_tokens=4, on_token=lambda row, t: seen.append((row, t)))
+    assert out == [[word], [word, word]]
+    assert seen == [(0, word), (1, word), (1, word)]
+
+
+def test_a_row_that_ends_does_not_end_the_others(monkeypatch):
+    """Batched prompts finish at different times; the others run on to max_new_tokens."""
+    model = small_model(seed=4, config=ONE_LAYER)
+    word = tokenizer.encode("def")[0]
+    scripted(monkeypatch, [[tokenizer.EOT, word]] + [[word, word]] * 5)
+    assert model.generate([[1, 2], [3]], max_new_tokens=6) == [[], [word] * 6]
+
+
+def test_a_stop_string_spelled_one_byte_per_token_stops(monkeypatch):
+    """A 4-byte character can arrive as 4 byte tokens: the stop check must decode
+    enough tokens (bytes, not characters) to see it."""
+    model = small_model(seed=4, config=ONE_LAYER)
+    clef = "\U0001D11E"  # 𝄞, 4 bytes in UTF-8
+    byte_id = {tokenizer.decode_bytes([i]): i for i in range(256)}  # GPT-2's 256 one-byte tokens
+    byte_tokens = [byte_id[bytes([b])] for b in clef.encode()]
+    scripted(monkeypatch, [[t] for t in byte_tokens] * 3)
+    out = model.generate([[1]], max_new_tokens=12, stop=[clef])[0]
+    assert out == byte_tokens
+
+
+def test_an_empty_stop_string_stops_nothing(monkeypatch):
+    """An empty --stop is in every text; like cut_at_stop, generate ignores it."""
+    model = small_model(seed=4, config=ONE_LAYER)
+    assert len(model.generate([[1, 2]], max_new_tokens=5, stop=["", "\x00never"])[0]) == 5
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it_and_maps_back_to_ids():
+    """top_p is met by equality (4 equal tokens, top_p 0.5: two of them), and the
+    nucleus is drawn in vocabulary ids, not in the sorted order used to find it."""
+    def draws(logits, top_p):
+        return {int(sample(logits, 1.0, top_p, torch.Generator().manual_seed(i))) for i in range(200)}
+
+    assert len(draws(torch.zeros(1, 4), 0.5)) == 2
+    assert draws(torch.tensor([[-5.0, 2.9, -6.0, 3.0]]), 0.9) == {1, 3}
+
+
+def test_a_bfloat16_model_generates():
+    """--dtype bfloat16 without autocast: the cache must hold the model's dtype."""
+    model = small_model(seed=3, config=ONE_LAYER).to(torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    prompt = [5, 17, 300]
+    out = model.generate([prompt, [7]], max_new_tokens=4)
+    assert [len(o) for o in out] == [4, 4]
+    with torch.no_grad():
+        assert out[0][0] == int(model(torch.tensor([prompt]))[0][0, -1, :tokenizer.VOCAB_SIZE].argmax())
+
+
+def test_a_minimal_hf_config_gets_transformers_defaults():
+    """Keys a config.json leaves out mean transformers' PhiConfig defaults
+    (partial_rotary_factor 0.5, rope_theta 10000, 2048 positions)."""
+    c = config_from_hf({"hidden_size": 2048, "num_attention_heads": 32, "num_hidden_layers": 24,
+                        "vocab_size": 51200})
+    assert c.rotary_dim == 32
+    assert (c.rope_base, c.block_size) == (10000.0, 2048)
+    with pytest.raises(ValueError, match="MLP width"):
+        config_from_hf({"hidden_size": 64, "num_attention_heads": 1, "num_hidden_layers": 1,
+                        "vocab_size": 512, "intermediate_size": 128})
+
+
+def test_save_pretrained_keeps_a_non_default_rope_base(tmp_path):
+    """A model trained with another rotary base must export it, or transformers
+    silently uses 10000 and gives other logits."""
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64, vocab_size=512, rope_base=500.0)
+    ours = small_model(seed=1, config=config)
+    ours.save_pretrained(tmp_path)
+    hf = transformers.PhiForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    idx = torch.randint(0, config.vocab_size, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_hf_state_dicts_load_without_a_config_and_with_common_extras():
+    """Without a config, heads are phi-1's 64 wide; older transformers saved
+    rotary_emb.inv_freq buffers and DDP prefixes names with "module.": both load."""
+    ours = small_model(seed=8)
+    state = {"module." + k: v for k, v in ours.to_hf_state_dict().items()}
+    state["module.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)
+    loaded = GPT.from_hf_state_dict(state)
+    assert loaded.config.n_head == SMALL.n_head
+    idx = torch.randint(0, SMALL.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx)[0], ours(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_safetensors_lfs_pointer_says_how_to_fix_and_data_is_aligned(tmp_path):
+    """A git-lfs pointer gets the fix (git lfs pull); written data starts 8-byte aligned,
+    as the format asks, for readers that map tensors in place; a file cut short is named."""
+    pointer = tmp_path / "model.safetensors"
+    pointer.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
+    with pytest.raises(ValueError, match="git lfs pull"):
+        read_safetensors(pointer)
+    write_safetensors(tmp_path / "w.safetensors", {"odd_name": torch.ones(3), "x": torch.arange(2)})
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    assert int.from_bytes(raw[:8], "little") % 8 == 0
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-4])  # cut inside the last tensor: not zero-filled
+    with pytest.raises(ValueError, match="cut.safetensors is truncated: x ends past"):
+        read_safetensors(tmp_path / "cut.safetensors")
+
+
+def test_checkpoints_without_config_or_with_foreign_objects_are_refused(tmp_path):
+    """A checkpoint is read as tensors only (an arbitrary pickle could run code),
+    and needs both model and config."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {}}, path)
+    with pytest.raises(ValueError, match="not a phi1 checkpoint"):
+        load_checkpoint(path)
+    torch.save({"model": {}, "config": {}, "saved": datetime.date(2020, 1, 1)}, path)
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_pick_dtype_and_pick_device(monkeypatch):
+    """--dtype auto is float32 on the CPU; bad names and absent GPUs are one-line errors."""
+    cpu = torch.device("cpu")
+    assert pick_dtype("auto", cpu) == torch.float32 and pick_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(UserError, match="--dtype"):
+        pick_dtype("fp16", cpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("auto") == torch.device("cuda") and pick_device("cuda:0") == torch.device("cuda:0")
+    for name in ("cuda:1", "meta", "nonsense"):
+        with pytest.raises(UserError, match="--device"):
+            pick_device(name)
+
+
+def test_a_single_file_hub_repo_downloads_once(tmp_path, monkeypatch):
+    """Most hub repos have one model.safetensors and no index: the index's 404 is
+    not an error, and a second load asks the hub nothing."""
+    monkeypatch.setenv("PHI1_CACHE", str(tmp_path / "cache"))
+    ours = small_model(seed=2)
+    ours.save_pretrained(tmp_path / "hub")
+    asked = []
+
+    class Response:
+        def __init__(self, name):
+            self.file = tmp_path / "hub" / name
+            self.status_code = 200 if self.file.exists() else 404
+            self.headers = {}
+
+        def iter_content(self, size):
+            yield self.file.read_bytes()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def get(url, **kwargs):
+        asked.append(url.rsplit("/", 1)[-1])
+        return Response(asked[-1])
+    monkeypatch.setattr(requests, "get", get)
+    loaded = GPT.from_pretrained("someone/phi-tiny")
+    assert torch.equal(loaded.lm_head.weight, ours.lm_head.weight)
+    assert sorted(asked) == ["config.json", "model.safetensors", "model.safetensors.index.json"]
+    GPT.from_pretrained("someone/phi-tiny")
+    assert len(asked) == 3
+
+
+def test_flops_per_token_of_phi_1():
+    """6 per non-embedding weight plus 12 * layers * width * context (MFU in train.py)."""
+    with torch.device("meta"):
+        model = GPT(PRESETS["phi-1"])
+    non_embedding = 1_418_270_720 - 51200 * 2048
+    assert model.num_params(embedding=False) == non_embedding
+    assert model.flops_per_token() == 6 * non_embedding + 12 * 24 * 2048 * 2048
+
+
+def test_set_context_extends_positions_and_full_context_is_accepted():
+    """Training at a longer context after set_context; positions already seen keep their logits."""
+    model = small_model(seed=9)
+    idx = torch.randint(0, SMALL.vocab_size, (1, 100))
+    with torch.no_grad():
+        before = model(idx[:, :64])[0]  # exactly the context: accepted
+        model.set_context(128)
+        after = model(idx)[0]
+    torch.testing.assert_close(after[:, :64], before, rtol=1e-5, atol=1e-5)
+
+
+def test_every_query_of_a_padded_batch_sees_some_key(monkeypatch):
+    """A query with no allowed key is NaN in some SDPA backends (0 in others): a pad
+    position's NaN would reach real rows through 0 * NaN in the next layer's V."""
+    import model as model_module
+    model = small_model(seed=5, config=ONE_LAYER)
+    masks, attend = [], model_module.attend
+    monkeypatch.setattr(model_module, "attend", lambda q, k, v, *a, mask=None, **kw: masks.append(mask)
+                        or attend(q, k, v, *a, mask=mask, **kw))
+    model.generate([[1, 2, 3, 4], [5]], max_new_tokens=3)
+    assert len(masks) == 3 and all(m is not None and m.any(-1).all() for m in masks)
+
+
+def test_every_generation_step_has_the_logits_of_a_full_forward(monkeypatch):
+    """Greedy tokens hide small errors (a position off by one, a pad key attended):
+    each step's logits, for every row of a left-padded batch, must be those of a
+    plain forward of that row's prompt and tokens so far."""
+    import model as model_module
+    model = small_model(seed=3)  # vocabulary 512: no <|endoftext|> to end a row early
+    seen, sample_ = [], model_module.sample
+    monkeypatch.setattr(model_module, "sample", lambda logits, *a: seen.append(logits.clone()) or sample_(logits, *a))
+    prompts = [[5, 17, 300, 42, 9], [7], [100, 200, 300]]
+    out = model.generate(prompts, max_new_tokens=5)
+    assert len(seen) == 5 and all(len(o) == 5 for o in out)
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):  # one forward gives every step's logits
+            full = model(torch.tensor([prompt + out[row][:-1]]))[0][0, len(prompt) - 1:]
+            torch.testing.assert_close(torch.stack([logits[row] for logits in seen]), full, rtol=1e-4, atol=1e-4)
