@@ -2,6 +2,7 @@
 BPE files offline (../shared/tiktoken_cache) when TIKTOKEN_CACHE_DIR is unset."""
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,3 +19,8 @@ if not torch.cuda.is_available():
 _CACHE = ROOT.parent / "shared" / "tiktoken_cache"
 if _CACHE.is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_CACHE))
+
+# A shell starts a background job (`pytest &`, nohup) with Ctrl-C ignored, and Python then
+# installs no KeyboardInterrupt handler, neither here nor in the scripts the tests start
+# (an ignored signal stays ignored across exec): the tests of what Ctrl-C does need it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
