@@ -11,12 +11,14 @@ import safetensors.torch
 import torch
 import transformers
 
+import model as model_module
 import tokenizer
 from config import UserError
 from model import (GPT, GPTConfig, KVCache, PRESETS, config_from_hf, load_checkpoint, load_model, pick_device,
                    pick_dtype, read_safetensors, sample, write_safetensors)
 
 SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=64, vocab_size=512)
+ONE_LAYER = GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64)  # full vocabulary
 
 
 def small_model(seed=0, config=SMALL):
@@ -242,8 +244,7 @@ def test_batched_generation_with_padding_equals_one_prompt_at_a_time():
 def test_generation_under_autocast_and_with_no_new_tokens(monkeypatch):
     # train.py samples from its float32 model under bf16 autocast: the cache then holds
     # bf16 like q, so attention gets one dtype (the Triton kernel refuses a mix)
-    import model as model_module
-    model = small_model(seed=5, config=GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64))
+    model = small_model(seed=5, config=ONE_LAYER)
     seen, attend = set(), model_module.attend
     monkeypatch.setattr(model_module, "attend", lambda q, k, v, *a, **kw: seen.add((q.dtype, k.dtype, v.dtype))
                         or attend(q, k, v, *a, **kw))
@@ -255,8 +256,7 @@ def test_generation_under_autocast_and_with_no_new_tokens(monkeypatch):
 
 
 def test_generation_stops_at_stop_strings_eot_and_max_tokens(monkeypatch):
-    import model as model_module
-    model = small_model(seed=4, config=GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64))
+    model = small_model(seed=4, config=ONE_LAYER)
     newline, word = tokenizer.encode("\n")[0], tokenizer.encode("def")[0]
 
     def script(tokens):  # every row "says" the next token of the script
@@ -291,7 +291,7 @@ def test_generation_fills_the_context_and_refuses_what_cannot_be(tmp_path):
 
 
 def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus():
-    model = small_model(seed=5, config=GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64))
+    model = small_model(seed=5, config=ONE_LAYER)
     a = model.generate([[1, 2, 3]], 10, temperature=1.0, top_p=0.9, seed=7)
     b = model.generate([[1, 2, 3]], 10, temperature=1.0, top_p=0.9, seed=7)
     assert a == b
@@ -384,12 +384,8 @@ def test_forward_loss_ignores_minus_one_targets():
 
 # ---------------------------------------------------------------- edges of generation, interop and loading
 
-ONE_LAYER = GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64)  # full vocabulary
-
-
 def scripted(monkeypatch, rows):
     """Make generate()'s sampler return, at step t, rows[t] (one token per row)."""
-    import model as model_module
     steps = iter(rows)
     monkeypatch.setattr(model_module, "sample", lambda logits, *args: torch.tensor(next(steps)))
 
@@ -599,7 +595,6 @@ def test_set_context_extends_positions_and_full_context_is_accepted():
 def test_every_query_of_a_padded_batch_sees_some_key(monkeypatch):
     """A query with no allowed key is NaN in some SDPA backends (0 in others): a pad
     position's NaN would reach real rows through 0 * NaN in the next layer's V."""
-    import model as model_module
     model = small_model(seed=5, config=ONE_LAYER)
     masks, attend = [], model_module.attend
     monkeypatch.setattr(model_module, "attend", lambda q, k, v, *a, mask=None, **kw: masks.append(mask)
@@ -612,7 +607,6 @@ def test_every_generation_step_has_the_logits_of_a_full_forward(monkeypatch):
     """Greedy tokens hide small errors (a position off by one, a pad key attended):
     each step's logits, for every row of a left-padded batch, must be those of a
     plain forward of that row's prompt and tokens so far."""
-    import model as model_module
     model = small_model(seed=3)  # vocabulary 512: no <|endoftext|> to end a row early
     seen, sample_ = [], model_module.sample
     monkeypatch.setattr(model_module, "sample", lambda logits, *a: seen.append(logits.clone()) or sample_(logits, *a))
