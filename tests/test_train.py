@@ -460,6 +460,14 @@ class Recorded:
         return self.mixture.batch(split, batch_size, seed, *key, only=only)
 
 
+def recording(spec: str, then=None):
+    """A make_data for train.train whose data, kept in .data, records every batch asked of it."""
+    def make_data(c):
+        make_data.data = Recorded(train.Mixture(spec, c.block_size, c.vocab_size, prepare_default=False), then)
+        return make_data.data
+    return make_data
+
+
 def test_optimizer_takes_the_betas_in_order():
     """beta2 is the paper's 0.95 second-moment decay: swapped with beta1, Adam's step sizes go wrong."""
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=128, rotary_dim=8))
@@ -593,8 +601,7 @@ def test_log_line_throughput_and_mfu_count_training_time_only(tmp_path, pico, mo
     if processes > 1:
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        model = train.train(cfg, make_data=lambda c: Recorded(
-            train.Mixture(data, c.block_size, c.vocab_size, prepare_default=False), then=tick))
+        model = train.train(cfg, make_data=recording(data, then=tick))
     finally:
         if processes > 1:
             dist.destroy_process_group()
@@ -633,15 +640,10 @@ def test_validation_reads_each_dataset_s_val_split_for_eval_iters_batches(tmp_pa
     split, at step 0, every eval_interval steps and at the end; training reads train only."""
     a, b = make_dataset(tmp_path / "a", seed=1), make_dataset(tmp_path / "b", seed=2)
     spec = f"{a}:0.5,{b}:0.5"
-    holder = []
-
-    def make_data(c):
-        holder.append(Recorded(train.Mixture(spec, c.block_size, c.vocab_size, prepare_default=False)))
-        return holder[0]
-
+    make_data = recording(spec)
     model = train.train(settings(preset=pico, data=spec, out_dir=str(tmp_path / "out"), max_iters=4,
                                  eval_interval=2, eval_iters=3), make_data=make_data)
-    calls = holder[0].calls
+    calls = make_data.data.calls
     assert all(only is None for split, _, only in calls if split == "train")
     val = [(key, only) for split, key, only in calls if split == "val"]
     assert val == [((k,), i) for _ in range(3) for i in range(2) for k in range(3)]  # steps 0, 2 and 4
@@ -703,12 +705,7 @@ def test_a_second_process_reads_its_own_batches_syncs_once_and_stays_silent(tmp_
 
     monkeypatch.setattr(train, "DDP", SpyDDP)
     monkeypatch.setattr(train, "setup_processes", lambda name: (1, 2, torch.device("cpu")))
-    holder = []
-
-    def make_data(c):
-        holder.append(Recorded(train.Mixture(data, c.block_size, c.vocab_size, prepare_default=False)))
-        return holder[0]
-
+    make_data = recording(data)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         train.train(settings(preset=pico, data=data, out_dir=str(tmp_path / "out"), batch_size=2,
@@ -717,6 +714,6 @@ def test_a_second_process_reads_its_own_batches_syncs_once_and_stays_silent(tmp_
     finally:
         dist.destroy_process_group()
     assert synced == [False, True] * 3
-    train_keys = [key for split, key, _ in holder[0].calls if split == "train"]
+    train_keys = [key for split, key, _ in make_data.data.calls if split == "train"]
     assert train_keys == [(1, s, m) for s in range(3) for m in range(2)] + [(1, 3, 0)]
     assert capsys.readouterr().out == "" and not (tmp_path / "out" / "ckpt.pt").exists()
