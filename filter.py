@@ -607,13 +607,15 @@ class RandomForest:
     """Breiman's random forest of CART classification trees (gini impurity), in numpy.
 
     Each tree grows on a bootstrap sample (n rows drawn with replacement; a row drawn k
-    times weighs k) and tries max_features features drawn afresh at each split, until a
-    node is pure, has fewer than 2 x min_samples_leaf rows, or is at max_depth. With
-    class_weight "balanced" each class weighs n / (classes x its count) in all (or pass
-    a dict class -> weight). A tree's leaf holds its rows' class shares; predict_proba
-    is their mean over the trees, as in scikit-learn's RandomForestClassifier. Fit also
-    sets oob_score_ (accuracy of each row's prediction by the trees that did not see
-    it), oob_proba_ and feature_importances_ (mean decrease of weighted impurity).
+    times weighs k) and tries max_features features drawn afresh at each split (where
+    all of them are constant in the node, it draws on, one at a time, until one varies,
+    as scikit-learn does), until a node is pure, has fewer than 2 x min_samples_leaf
+    rows, no feature varies in it, or it is at max_depth. With class_weight "balanced"
+    each class weighs n / (classes x its count) in all (or pass a dict class -> weight).
+    A tree's leaf holds its rows' class shares; predict_proba is their mean over the
+    trees, as in scikit-learn's RandomForestClassifier. Fit also sets oob_score_
+    (accuracy of each row's prediction by the trees that did not see it), oob_proba_ and
+    feature_importances_ (mean decrease of weighted impurity).
 
     Why it is fast in numpy:
     - every feature is binned once into at most max_bins bins: edges at midpoints
@@ -747,7 +749,7 @@ class RandomForest:
             rows = len(X[start:start + step])
             leaves = route(X[start:start + step], self.feature_, self.threshold_, self.left_, self.right_,
                            np.repeat(self.roots_, rows), np.tile(np.arange(rows), len(self.roots_)))
-            out[start:start + step] = self.value_[leaves.reshape(len(self.roots_), rows)].mean(0)
+            out[start:start + step] = self.value_[leaves.reshape(len(self.roots_), rows)].mean(0, dtype=np.float64)
         return out
 
     def predict(self, X) -> np.ndarray:
@@ -867,7 +869,11 @@ def grow_trees(trees: range) -> list[dict]:
             tried = np.concatenate([rngs[g].random((k, d)).argpartition(m - 1, axis=1)[:, :m] if m < d
                                     else np.tile(np.arange(d), (k, 1))
                                     for g, k in enumerate(np.bincount(owner[opened], minlength=G))])
-            nodes, f, b, above, decrease = best_splits(bins, rows, w, y, sizes[open_], totals[open_], tried, min_leaf)
+            found = best_splits(bins, rows, w, y, sizes[open_], totals[open_], tried, min_leaf)
+            if m < d:
+                found = past_constants(bins, rows, w, y, sizes[open_], totals[open_], tried, owner[opened], rngs,
+                                       min_leaf, found)
+            nodes, f, b, above, decrease = found
             split = opened[nodes]  # the level's nodes that split, tree by tree
             np.add.at(importance, (owner[split], f), decrease)
             feature[split], low[split], high[split] = f, b, above
@@ -900,6 +906,37 @@ def grow_trees(trees: range) -> list[dict]:
                         importance=importance[g] / total if total > 0 else importance[g],
                         oob=np.flatnonzero(drawn[g] == 0)))
     return out
+
+
+def past_constants(bins, rows, w, y, sizes, totals, tried, trees, rngs, min_leaf, found):
+    """scikit-learn's rule for a node whose tried features are all constant in it: it draws
+    on, one feature at a time, until one varies, and tries that one too. Such a node is a
+    leaf only if no feature varies in it. `found` is what best_splits found with the first
+    draw (arguments alike; trees: each node's tree, rngs: the trees' generators); the
+    result adds the splits of those nodes, all in node order."""
+    unsplit = np.ones(len(sizes), bool)
+    unsplit[found[0]] = False
+    node = np.repeat(np.arange(len(sizes)), sizes)
+    mine = unsplit[node]
+    if not mine.any():
+        return found
+    idx = np.flatnonzero(unsplit)
+    values = bins[rows[mine]]  # every feature of the unsplit nodes' rows, node after node
+    starts = np.cumsum(sizes[idx]) - sizes[idx]
+    varies = np.minimum.reduceat(values, starts) != np.maximum.reduceat(values, starts)  # (unsplit nodes, d)
+    stuck = varies.any(1) & ~np.take_along_axis(varies, tried[idx], 1).any(1)
+    if not stuck.any():
+        return found
+    again = idx[stuck]
+    # a feature drawn at random among those that vary, tree by tree from each tree's generator
+    keys = np.concatenate([rngs[g].random((k, bins.shape[1]))
+                           for g, k in enumerate(np.bincount(trees[again], minlength=len(rngs)))])
+    pick = np.where(varies[stuck], keys, np.inf).argmin(1)
+    keep = np.isin(node, again)
+    extra = best_splits(bins, rows[keep], w[keep], y[keep], sizes[again], totals[again], pick[:, None], min_leaf)
+    merged = [np.concatenate([a, e]) for a, e in zip(found, (again[extra[0]],) + extra[1:])]
+    order = np.argsort(merged[0], kind="stable")
+    return tuple(a[order] for a in merged)
 
 
 def best_splits(bins, rows, w, y, sizes, totals, tried, min_leaf):
