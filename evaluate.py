@@ -223,11 +223,10 @@ def load_problems(bench: str, data: str = "") -> tuple[dict[str, dict], list[str
 
 
 def task_key(task_id, bench: str) -> str:
-    """A sample's task_id as ours: MBPP ids may come as 11, "11", "Mbpp/11" or "MBPP/11"."""
-    if bench == "mbpp":
-        n = str(task_id).rpartition("/")[2]
-        if n.isdigit():
-            return f"MBPP/{int(n)}"
+    """A sample's task_id as ours: MBPP ids may come as 11, "11", "Mbpp/11" or "MBPP/11"
+    (another benchmark's "HumanEval/11" stays itself, an unknown id)."""
+    if bench == "mbpp" and (number := re.fullmatch(r"(?:mbpp/)?(\d+)", str(task_id), re.IGNORECASE)):
+        return f"MBPP/{int(number[1])}"
     return str(task_id)
 
 
@@ -248,7 +247,7 @@ def read_samples(path: Path, bench: str) -> tuple[list[dict], int]:
             try:
                 s = json.loads(line)
                 if not isinstance(s, dict) or not isinstance(s.get("completion"), str) or \
-                        not isinstance(s.get("task_id"), (str, int)):
+                        not isinstance(s.get("task_id"), (str, int)) or isinstance(s["task_id"], bool):
                     raise ValueError
             except ValueError:
                 malformed += 1
@@ -360,18 +359,19 @@ def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
 
     from data.prepare import Appender, write_atomic
     path = out / "samples.jsonl"
-    identity = dict(bench=cfg.bench, ckpt=cfg.ckpt, init_from=cfg.init_from, api_base=cfg.api_base,
-                    model=cfg.model, temperature=cfg.temperature, top_p=cfg.top_p,
-                    max_new_tokens=cfg.max_new_tokens)
+    identity = dict(bench=cfg.bench, ckpt=cfg.ckpt, init_from=cfg.init_from, weights=weights_stamp(cfg.ckpt or
+                    cfg.init_from), api_base=cfg.api_base, model=cfg.model, temperature=cfg.temperature,
+                    top_p=cfg.top_p, seed=None if cfg.api_base else cfg.seed, max_new_tokens=cfg.max_new_tokens)
     settings = out / "generation.json"
-    if path.exists() and settings.exists() and deciding(recorded_settings(settings)) != deciding(identity):
-        raise UserError(f"{path} holds samples made with other settings (see {settings}); "
+    if path.exists() and settings.exists() and (changed := changed_settings(recorded_settings(settings), identity)):
+        raise UserError(f"{path} holds samples made with other settings ({', '.join(changed)}; see {settings}); "
                         f"pass another --out or remove it")
     # a line torn by an interruption is malformed here, and cut off when appending starts
     have = Counter(s["task_id"] for s in read_samples(path, cfg.bench)[0]) if path.exists() else Counter()
     jobs = [((task_id, i), p["prompt"]) for task_id, p in problems.items()
             for i in range(have[task_id], cfg.n_samples)]
     if not jobs:
+        print(f"the samples are already in {path}: scoring them")
         return path
     # the model loads (or the endpoint answers) before anything is written or shown
     completions = (api_completions if cfg.api_base else model_completions)(cfg, jobs, stop)
@@ -390,12 +390,26 @@ def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
     return path
 
 
-def deciding(settings):
-    """The generation settings that decide the samples: top_p does not when decoding is
-    greedy (temperature 0), so a greedy run resumes whatever --top_p says."""
-    if isinstance(settings, dict) and settings.get("temperature") == 0:
-        return {**settings, "top_p": None}
-    return settings
+def weights_stamp(name: str) -> list | None:
+    """Size and modification time of each file of the local weights named (None for a hub
+    name): the samples of a checkpoint trained on since are not resumed as its own."""
+    if not name:
+        return None
+    path = Path(name)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    return [[str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns]
+            for p in files] or None
+
+
+def changed_settings(recorded, current: dict) -> list[str]:
+    """The settings deciding the samples that differ between the recorded ones and these.
+    Greedy decoding (temperature 0) depends on neither top_p nor seed; a setting that a
+    generation.json of an older evaluate.py does not hold is not compared."""
+    if not isinstance(recorded, dict):
+        return ["all"]
+    greedy = dict(top_p=None, seed=None) if current["temperature"] == 0 else {}
+    recorded, current = {**recorded, **greedy}, {**current, **greedy}
+    return [k for k in current if recorded.get(k, current[k]) != current[k]] + sorted(recorded.keys() - current.keys())
 
 
 def recorded_settings(path: Path):
@@ -617,6 +631,9 @@ class Sandbox:
                             PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                             MKL_NUM_THREADS="1")
             probe = self.run([("<probe>", "import decimal, fractions, json, re, socket\n")])
+            if probe == "timed out":
+                raise UserError(f"--timeout={timeout} is too short: a program that only imports a few modules "
+                                f"did not finish in that many seconds")
             if probe != "passed":
                 raise UserError(f"the sandbox cannot run Python here ({probe}); as root, Python must be "
                                 f"readable by other users, or unshare(CLONE_NEWNS) allowed")
@@ -1048,6 +1065,15 @@ def evaluate(cfg) -> dict:
         raise UserError(f"{samples_path} has {len(unknown)} task ids that {cfg.bench} does not: "
                         f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
     samples = [s for s in samples if s["task_id"] in problems]
+    if not cfg.samples and max(Counter(s["task_id"] for s in samples).values(), default=0) > cfg.n_samples:
+        print(f"note: {samples_path} holds more than --n_samples={cfg.n_samples} samples of some problems; "
+              f"scoring the first {cfg.n_samples} of each")
+        kept, seen = [], Counter()
+        for s in samples:
+            seen[s["task_id"]] += 1
+            if seen[s["task_id"]] <= cfg.n_samples:
+                kept.append(s)
+        samples = kept
     order = {t: i for i, t in enumerate(problems)}
     samples.sort(key=lambda s: order[s["task_id"]])
     if not samples:

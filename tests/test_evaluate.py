@@ -422,6 +422,11 @@ def test_a_sandbox_that_fails_to_start_leaves_no_lock_files_or_folders(tmp_path,
     assert not list(tmp_path.iterdir())
 
 
+def test_a_timeout_too_short_to_start_python_names_the_timeout():
+    with pytest.raises(UserError, match=r"--timeout=1e-06 is too short"):
+        evaluate.Sandbox(workers=1, timeout=1e-6)
+
+
 def test_folders_of_runs_killed_outright_go_at_the_next_start(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = tmp_path / "phi1-sandbox-dead"  # its owner was SIGKILLed: nobody holds its lock
@@ -953,9 +958,57 @@ def test_resuming_refuses_samples_of_another_benchmark_checkpoint_or_length(tmp_
         evaluate.main([*sampled, "--top_p=0.5"])
 
 
+def test_resuming_refuses_samples_of_a_checkpoint_trained_on_since_or_of_another_seed(tmp_path, capsys):
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt.pt"  # never loaded: every sample is there already
+    out.mkdir()
+    ckpt.write_bytes(b"step 100")
+    write_jsonl(out / "samples.jsonl", [dict(task_id="HumanEval/0", completion="")] * 2)
+    recorded = dict(bench="humaneval", ckpt=str(ckpt), init_from="", weights=evaluate.weights_stamp(str(ckpt)),
+                    api_base="", model="", temperature=0.8, top_p=0.95, seed=1337, max_new_tokens=8)
+    (out / "generation.json").write_text(json.dumps(recorded))
+    common = [f"--ckpt={ckpt}", "--max_new_tokens=8", "--limit=1", f"--out={out}", "--workers=1", "--top_p=0.95"]
+    assert evaluate.main([*common, "--temperature=0.8", "--n_samples=2"]) is None
+    assert "the samples are already in" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"other settings \(seed;"):
+        evaluate.main([*common, "--temperature=0.8", "--n_samples=2", "--seed=2"])
+    # a greedy run's samples do not depend on the seed
+    (out / "generation.json").write_text(json.dumps({**recorded, "temperature": 0.0}))
+    write_jsonl(out / "samples.jsonl", [dict(task_id="HumanEval/0", completion="")])
+    evaluate.main([*common, "--seed=2"])
+    ckpt.write_bytes(b"step 200!")  # trained on: the same path, other weights
+    with pytest.raises(UserError, match=r"other settings \(weights;"):
+        evaluate.main(common)
+
+
+def test_a_rerun_with_fewer_samples_scores_the_first_of_each_problem(tmp_path, capsys, humaneval):
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt.pt"
+    out.mkdir()
+    write_jsonl(out / "samples.jsonl", [dict(task_id="HumanEval/0", completion=c) for c in (
+        humaneval["HumanEval/0"]["reference"], "    pass\n", humaneval["HumanEval/0"]["reference"])])
+    common = [f"--ckpt={ckpt}", "--max_new_tokens=8", "--limit=1", f"--out={out}", "--workers=1", "--temperature=1"]
+    evaluate.main([*common, "--n_samples=3", "--k=1,2,3"])
+    assert json.loads((out / "summary.json").read_text())["samples"] == 3
+    capsys.readouterr()
+    evaluate.main([*common, "--n_samples=2", "--k=1,2,3"])
+    assert "scoring the first 2 of each" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == 2 and "pass@3" not in summary and summary["pass@1"] == 0.5  # not 2 of 3
+
+
 def test_mbpp_task_ids_name_the_same_problem_however_written():
     assert {evaluate.task_key(t, "mbpp") for t in (11, "011", "Mbpp/011", "MBPP/11")} == {"MBPP/11"}
     assert evaluate.task_key("HumanEval/011", "humaneval") == "HumanEval/011"  # only MBPP's are numbers
+    # another benchmark's ids are not MBPP's problems of the same number
+    others = ["HumanEval/11", "foo/11", "11a"]
+    assert [evaluate.task_key(t, "mbpp") for t in others] == others
+
+
+def test_samples_of_another_benchmark_are_unknown_ids_not_its_problems_of_the_same_number(tmp_path):
+    samples = tmp_path / "he.jsonl"
+    samples.write_text("".join(json.dumps(dict(task_id=f"HumanEval/{i}", completion="    pass\n")) + "\n"
+                               for i in (11, 12)) + json.dumps(dict(task_id=True, completion="")) + "\n")
+    with pytest.raises(UserError, match=r"2 task ids that mbpp does not: HumanEval/11, HumanEval/12$"):
+        evaluate.main([f"--samples={samples}", "--bench=mbpp", f"--data={MBPP}", f"--out={tmp_path / 'out'}"])
 
 
 def test_results_follow_the_benchmarks_order_whatever_the_samples_order(tmp_path, capsys):
