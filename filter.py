@@ -284,7 +284,7 @@ REMINDER = ("I could not find the score. Answer again with just one line of the 
 _AFTER_PHRASE = re.compile(r"educational\s+value", re.I)
 _ASIDE = re.compile(r"[(\[][^()\[\]]*[)\]]")  # "(out of 10)", "[0-10]", "(10 is best)"
 _SCALE = re.compile(r"\b[01]\s*(?:-|–|—|to)\s*10\b|(?:/|\bout\s+of|\bscale\s+of)\s*10\b", re.I)
-_NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?![\w])")
+_NUMBER = re.compile(r"(?<![\w.-])(\d+(?:\.\d+)?)(?![\w])")  # not -3: no score, ask again
 _OUT_OF_TEN = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*10\b", re.I)
 
 
@@ -373,6 +373,7 @@ def annotate(cfg) -> Counter:
         raise UserError("--n, --strata, --attempts and --prompt_chars must be at least 1")
     files = corpus_files(cfg.corpus)
     out = Path(cfg.labels)
+    check_apart({"--labels": out}, {"--corpus": files})
     check_writable(out)
     skipped = Counter()
     picked = draw(files, cfg.n, cfg.strata, cfg.seed, skipped)
@@ -390,6 +391,7 @@ def annotate(cfg) -> Counter:
     print(f"annotating {len(todo)} documents ({len(picked) - len(todo)} of {len(picked)} done before) into {out}")
     writer, client = Appender(out), make_client(cfg)
     conversations = {}  # those of the documents asked again
+    unanswered = []  # the failures of requests that failed for good
 
     def conversation(index: int) -> list[dict]:
         return conversations.get(index) or annotation_messages(todo[index][1], cfg)
@@ -416,6 +418,7 @@ def annotate(cfg) -> Counter:
                     if score is None:
                         record["error"] = (f"request failed: {result}" if answer is None else
                                            f"no score in {attempt} answers")
+                        unanswered += [result] if answer is None else []
                     writer.write(record)
                     counts["failed" if score is None else score] += 1
                     bar.update()
@@ -429,6 +432,9 @@ def annotate(cfg) -> Counter:
           f"positive (score >= {cfg.min_score}): {positive} of {sum(scores.values())}")
     print(f"requests {stats.requests}, retries {stats.retries}, tokens {stats.tokens_in:,} in, "
           f"{stats.tokens_out:,} out" + (f", cost ${stats.cost:.2f}" if stats.cost else ""))
+    if unanswered:
+        raise UserError(f"{len(unanswered)} documents got no answer (first: {unanswered[0]}); "
+                        f"rerun the same command to ask again")
     return counts
 
 
@@ -1090,6 +1096,8 @@ def train(cfg) -> RandomForest:
     """Fit the forest on the annotated documents' embeddings, report, save to cfg.forest."""
     if not 0 <= cfg.holdout < 1 or cfg.class_weight not in ("balanced", "none"):
         raise UserError("--holdout must be in [0, 1) and --class_weight balanced or none")
+    check_apart({"--forest": Path(cfg.forest)}, {"--labels": [Path(cfg.labels)],
+                                                  "--embeddings": [Path(cfg.embeddings)]})
     check_writable(Path(cfg.forest))  # before the fit, not after it
     scores = read_scores(Path(cfg.labels))
     ids, array, meta = load_embeddings(Path(cfg.embeddings))
@@ -1193,6 +1201,9 @@ def apply(cfg) -> dict:
     positive_column(forest)
     source = forest.info.get("embedding", {})
     ckpt, doc_tokens = cfg.ckpt or source.get("ckpt"), source.get("doc_tokens", cfg.doc_tokens)
+    if cfg.doc_tokens not in (doc_tokens, DEFAULTS["doc_tokens"]):
+        print(f"note: --doc_tokens={cfg.doc_tokens} is not used: the forest learned from embeddings of the "
+              f"first {doc_tokens} tokens, so apply embeds those", file=sys.stderr)
     if not ckpt:
         raise UserError("--ckpt is needed: the forest does not say which model made its embeddings")
     rank, world, device = start_processes(cfg)  # every process joins, before any may find its shard done

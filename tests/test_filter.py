@@ -256,7 +256,8 @@ def test_teacher_scores_are_read_robustly():
              "Educational value (out of 10): 7": 7, "Educational value (on a scale of 0 to 10): 6": 6,
              "Educational value on a scale from 1 to 10: 8": 8, "Educational value [0–10]: 5": 5,
              "Educational value (0 to 10, where 10 is excellent): 3": 3, "Educational value: 2 out of 10": 2,
-             "Educational value: 10/10": 10, "Educational value on a scale of 10: 4": 4}
+             "Educational value: 10/10": 10, "Educational value on a scale of 10: 4": 4,
+             "Educational value: -3": None, "Educational value: 6-7": 6}
     for answer, score in cases.items():
         assert filter.parse_score(answer) == score, answer
 
@@ -426,7 +427,7 @@ def run_filter(*args):
     filter.main([str(a) for a in args])
 
 
-def test_annotate_embed_train_apply_keep_what_the_teacher_favours(tmp_path, nano):
+def test_annotate_embed_train_apply_keep_what_the_teacher_favours(tmp_path, nano, capsys):
     extra = [dict(id="shy", kind="dump", text="shy = 1"), dict(id="mute", kind="dump", text="mute = 1")]
     train_corpus = corpus(tmp_path / "annotate.jsonl", 90, seed=1, extra=extra)
     labels, emb, forest = tmp_path / "labels.jsonl", tmp_path / "emb.npy", tmp_path / "forest.npz"
@@ -465,8 +466,12 @@ def test_annotate_embed_train_apply_keep_what_the_teacher_favours(tmp_path, nano
     assert summary["documents"] == 150 and summary["kept_documents"] == len(kept)
     assert sum(b["documents"] for b in summary["histogram"].values()) == 150
 
-    # a fraction of the tokens instead, from the scores already there; then two shards
-    run_filter("apply", f"--corpus={web}", f"--forest={forest}", f"--out={out}", "--top_fraction=0.2")
+    # a fraction of the tokens instead, from the scores already there (embedded as the forest's were,
+    # whatever --doc_tokens says); then two shards
+    capsys.readouterr()
+    run_filter("apply", f"--corpus={web}", f"--forest={forest}", f"--out={out}", "--top_fraction=0.2",
+               "--doc_tokens=16")
+    assert "--doc_tokens=16 is not used: the forest learned from embeddings of the first 64" in capsys.readouterr().err
     summary = json.loads((out / "summary-00000-of-00001.json").read_text())
     scores = np.fromfile(out / "scores-00000-of-00001.bin", dtype=filter.SCORES)["score"]
     assert summary["kept_tokens"] >= 0.2 * summary["tokens"] and summary["kept_documents"] < len(kept)
@@ -572,6 +577,32 @@ def test_annotate_counts_documents_not_lines(tmp_path, capsys):
         docs.write_text(lines("not JSON", dict(id="no text"), '{"text": "\\udc00"}'))
         with pytest.raises(UserError, match="no documents in"):
             run_filter("annotate", *teach)
+
+
+def test_annotate_fails_when_requests_fail_and_a_rerun_asks_again(tmp_path, capsys):
+    """A document whose request failed for good is written without a score (a rerun asks
+    again), and the run ends in one line and a non-zero exit, so a pipeline stops there."""
+    docs, labels = corpus(tmp_path / "docs.jsonl", 4, seed=3), tmp_path / "labels.jsonl"
+    teach = [f"--corpus={docs}", f"--labels={labels}", "--model=fake", "--n=4", "--max_retries=0"]
+    with FakeLLM(faults=["ok", "500"], answer=teacher) as server:
+        with pytest.raises(UserError, match=r"^2 documents got no answer \(first: .*500.*rerun the same command"):
+            run_filter("annotate", f"--api_base={server.url}", "--concurrency=1", *teach)
+    assert sum(r["score"] is None for r in annotated(labels)) == 2
+    with FakeLLM(answer=teacher) as server:
+        run_filter("annotate", f"--api_base={server.url}", *teach)
+        assert len(server.served) == 2
+    assert len(filter.read_scores(labels)) == 4
+
+
+def test_an_output_naming_an_input_is_refused(tmp_path):
+    docs, labels = corpus(tmp_path / "docs.jsonl", 4, seed=3), tmp_path / "labels.jsonl"
+    before = docs.read_bytes()
+    with pytest.raises(UserError, match="--labels=.* is the file --corpus names"):
+        run_filter("annotate", f"--corpus={docs}", f"--labels={docs}", "--api_base=http://127.0.0.1:9/v1", "--model=m")
+    labels.write_text(lines(*(dict(id=f"docs-{i}", score=i) for i in range(4))))
+    with pytest.raises(UserError, match="--forest=.* is the file --labels names"):
+        run_filter("train", f"--labels={labels}", f"--embeddings={tmp_path / 'e.npy'}", f"--forest={labels}")
+    assert docs.read_bytes() == before and len(annotated(labels)) == 4
 
 
 def test_documents_without_ids_in_files_of_one_name_are_told_apart(tmp_path, capsys):
