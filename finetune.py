@@ -46,7 +46,7 @@ DEFAULTS.update(
     exercises="out/exercises.jsonl",  # JSONL of {"prompt", "completion"} (synth.py exercises)
     out_dir="out/finetune",  # checkpoints go to out_dir/ckpt.pt, the best one to out_dir/best.pt
     loss_on="completion",  # completion (the body and its <|endoftext|>) or all (every token)
-    val_fraction=0.02,  # share of exercises (by a hash of their text) kept for the validation loss
+    val_fraction=0.02,  # share of exercises (by a hash of their text) kept for the validation loss (one at least; none without validation)
     humaneval_problems=0,  # HumanEval problems scored with each validation loss (0: none, 164: all)
     humaneval_max_tokens=256,  # tokens per HumanEval completion at most
     batch_size=8,  # sequences per micro-step and process
@@ -97,11 +97,11 @@ class Exercises:
     drawn like train.Mixture's (a pure function of seed, rank, step, micro-step)."""
 
     def __init__(self, exercises: list[tuple[str, str]], block_size: int, loss_on: str,
-                 val_fraction: float, name: str):
+                 val_fraction: float, name: str, validate: bool = True):
         self.block_size, self.names = block_size, [name]
         digests = [hashlib.sha256((p + c).encode()).digest() for p, c in exercises]
-        in_val = [int.from_bytes(d[:8], "big") < val_fraction * 2**64 for d in digests]
-        if not any(in_val):  # a tiny set: its most val-like exercise goes to val
+        in_val = [validate and int.from_bytes(d[:8], "big") < val_fraction * 2**64 for d in digests]
+        if validate and not any(in_val):  # a tiny set: its most val-like exercise goes to val
             in_val[min(range(len(digests)), key=digests.__getitem__)] = True
         parts = {False: ([], []), True: ([], [])}  # in val? -> (token arrays, mask arrays)
         for start in range(0, len(exercises), ENCODE_CHUNK):  # a chunk at a time: no Python int per token
@@ -113,11 +113,12 @@ class Exercises:
                 tokens.append(np.array(prompt + body + [tokenizer.EOT], dtype=np.int32))
                 mask.append(np.arange(len(tokens[-1])) >= (0 if loss_on == "all" else len(prompt)))
         self.splits = {}
-        for split, val in (("train", False), ("val", True)):
+        for split, val in (("train", False), ("val", True))[:2 if validate else 1]:
             tokens, mask = parts[val]
             if not tokens:
-                raise UserError(f"no exercises left for {split} (have {len(exercises)}; "
-                                f"adjust --val_fraction={val_fraction})")
+                raise UserError(f"no exercises left for {split} (have {len(exercises)}; " + (
+                    "validation holds one out: give at least 2)" if len(exercises) == 1 else
+                    f"adjust --val_fraction={val_fraction})"))
             tokens, mask = np.concatenate(tokens), np.concatenate(mask)
             reps = -(-(block_size + 1) // len(tokens))  # a stream shorter than a window repeats
             self.splits[split] = (np.tile(tokens, reps), np.tile(mask, reps))
@@ -165,7 +166,8 @@ def finetune(cfg):
         if cfg.humaneval_problems > 0:  # now, not at the first validation
             import evaluate
             evaluate.prompt_room(config.block_size, cfg.humaneval_max_tokens, "--humaneval_max_tokens")
-        return Exercises(exercises, config.block_size, cfg.loss_on, cfg.val_fraction, path.stem)
+        return Exercises(exercises, config.block_size, cfg.loss_on, cfg.val_fraction, path.stem,
+                         validate=cfg.eval_interval > 0)
 
     score = humaneval_score(cfg) if cfg.humaneval_problems > 0 else None
     return train.train(cfg, make_data, score)

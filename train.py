@@ -76,6 +76,9 @@ DEFAULTS = dict(
     seed=1337,  # batches, dropout noise and (from scratch) initial weights; the train/val split is prepare.py's
 )
 
+# the settings besides the model's that decide what a run computes (a resume that changes one says so)
+TRAJECTORY = ("data", "batch_size", "total_batch_size", "warmup_iters", "learning_rate", "min_lr", "weight_decay",
+              "beta1", "beta2", "grad_clip", "dtype", "seed")
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_DATASET = "local_python"
 SAMPLE_PROMPT = 'def is_prime(n):\n    """Return True if n is a prime number."""\n'
@@ -220,10 +223,11 @@ def save_checkpoint(path: Path, raw_model: GPT, step: int, cfg, **state) -> None
     try:
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
+    except BaseException as e:  # Ctrl-C too
         tmp.unlink(missing_ok=True)  # the space a half-written file holds goes back
         # a full disk: torch's writer reports it as a RuntimeError; any other (a CUDA error) is a bug to show
-        if not isinstance(e, OSError) and not re.search("inline_container|PytorchStreamWriter", str(e)):
+        if not isinstance(e, OSError) and not (isinstance(e, RuntimeError) and
+                                               re.search("inline_container|PytorchStreamWriter", str(e))):
             raise
         reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e).strip().splitlines()[0][:120]
         free = shutil.disk_usage(path.parent).free / 2**30
@@ -314,11 +318,27 @@ def build_model(cfg, out_dir: Path, master: bool):
         if saved != wanted:
             asked = f"--preset={cfg.preset}" if origin == "scratch" else "--block_size or --dropout"
             raise UserError(f"{ckpt_path} holds another model than {asked} asks for; use another --out_dir")
+        if not {"step", "optimizer", "scaler"} <= ckpt.keys():
+            raise UserError(f"{ckpt_path} holds weights without the state to resume their training (a best.pt "
+                            f"copied there?): start from them with --init_from={ckpt_path} and another --out_dir")
         model = GPT(saved)
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # missing, unexpected or misshapen tensors
+            raise UserError(f"cannot resume: {ckpt_path}'s weights do not fit the model its config describes "
+                            f"({str(e).strip().splitlines()[-1].strip()[:200]})") from None
         if master:
             print(f"resuming {ckpt_path} from step {ckpt['step']}")
+            changed = [k for k in TRAJECTORY if k in ckpt.get("settings", {}) and
+                       ckpt["settings"][k] != getattr(cfg, k, ckpt["settings"][k])]
+            if changed:
+                print("warning: resuming with other settings than the run had: " +
+                      ", ".join(f"--{k}={getattr(cfg, k)} (was {ckpt['settings'][k]})" for k in changed),
+                      file=sys.stderr)
         return model, ckpt, origin
+    if mode == "scratch" and ckpt_path.exists() and master:
+        print(f"warning: --init_from=scratch: training anew; the first checkpoint replaces the run in {ckpt_path}",
+              file=sys.stderr)
     if mode == "scratch":
         if not cfg.preset:
             raise UserError("training from scratch needs a --preset")
@@ -557,6 +577,11 @@ def _train(cfg, make_data, score) -> GPT:
                         print(f"stopped by {signal.Signals(stop).name}; rerun the same command to resume")
                     sys.exit(128 + stop)
 
+    # training is over: a signal from now on stops the final evaluation and sample at once
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.default_int_handler)
+    if _stop_signal:  # came after the last step's check
+        raise KeyboardInterrupt
     if profiler:
         profiler.stop()
         time_column = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"

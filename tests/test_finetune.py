@@ -126,6 +126,20 @@ def test_no_exercise_left_for_train_is_a_user_error():
         finetune.Exercises(exercises(3), block_size=8, loss_on="completion", val_fraction=0.999999, name="ex")
 
 
+def test_without_validation_every_exercise_trains():
+    """--eval_interval=0 holds no exercise out (with it, even one exercise of two goes to val)."""
+    from config import UserError
+    items = exercises(2)
+    data = finetune.Exercises(items, block_size=8, loss_on="completion", val_fraction=0.0, name="ex", validate=False)
+    assert list(data.splits) == ["train"]
+    both = sum(len(tokenizer.encode(p) + tokenizer.encode(c)) + 1 for p, c in items)
+    assert len(data.splits["train"][0]) == both
+    assert len(finetune.Exercises(items, 8, "completion", 0.0, "ex").splits["train"][0]) < both
+    with pytest.raises(UserError, match=r"have 1; validation holds one out: give at least 2"):
+        finetune.Exercises(items[:1], block_size=8, loss_on="completion", val_fraction=0.0, name="ex")
+    assert finetune.Exercises(items[:1], 8, "completion", 0.0, "ex", validate=False).splits["train"][0].size
+
+
 def test_finetune_passes_its_settings_to_the_exercises_it_trains_on(tmp_path, monkeypatch):
     from config import parse_settings
     path = write_exercises(tmp_path / "ex.jsonl", exercises(30))
@@ -144,6 +158,9 @@ def test_finetune_passes_its_settings_to_the_exercises_it_trains_on(tmp_path, mo
     expected = finetune.Exercises(exercises(30), 512, "all", 0.5, "ex")
     assert np.array_equal(data.splits["val"][0], expected.splits["val"][0])  # --val_fraction
     assert seen["score"] is not None
+    cfg = parse_settings(finetune.DEFAULTS, argv=[f"--exercises={path}", "--val_fraction=0.5", "--eval_interval=0"])
+    finetune.finetune(cfg)
+    assert list(seen["data"].splits) == ["train"]  # no validation: nothing held out
 
 
 def test_targets_follow_the_mask_exactly():

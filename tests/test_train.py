@@ -717,3 +717,54 @@ def test_a_second_process_reads_its_own_batches_syncs_once_and_stays_silent(tmp_
     train_keys = [key for split, key, _ in make_data.data.calls if split == "train"]
     assert train_keys == [(1, s, m) for s in range(3) for m in range(2)] + [(1, 3, 0)]
     assert capsys.readouterr().out == "" and not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_resuming_weights_without_training_state_or_that_do_not_fit_is_one_line(tmp_path, pico):
+    """best.pt (weights, no optimizer) copied over ckpt.pt, and a checkpoint whose tensors
+    do not fit its config, are named; nothing trains."""
+    data = str(make_dataset(tmp_path / "ds"))
+    cfg = settings(preset=pico, data=data, out_dir=str(tmp_path / "out"), max_iters=4, eval_interval=0)
+    train.train(cfg)
+    ckpt_path = tmp_path / "out" / "ckpt.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    torch.save({k: v for k, v in ckpt.items() if k not in ("optimizer", "scaler")}, ckpt_path)
+    more = settings(preset=pico, data=data, out_dir=str(tmp_path / "out"), max_iters=8, eval_interval=0)
+    with pytest.raises(UserError, match="without the state to resume.*--init_from=.*ckpt.pt and another --out_dir"):
+        train.train(more)
+    ckpt["model"]["lm_head.weight"] = ckpt["model"]["lm_head.weight"][:, :-1]
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(UserError, match="^cannot resume: .*weights do not fit .*lm_head.weight"):
+        train.train(more)
+
+
+def test_resuming_with_other_settings_or_training_anew_over_a_run_says_so(tmp_path, pico, capsys):
+    data = str(make_dataset(tmp_path / "ds"))
+    common = dict(preset=pico, data=data, out_dir=str(tmp_path / "out"), eval_interval=0)
+    train.train(settings(**common, max_iters=2))
+    capsys.readouterr()
+    train.train(settings(**common, max_iters=4, learning_rate=0.5, log_interval=1))  # not logging: not noted
+    err = capsys.readouterr().err
+    assert "warning: resuming with other settings than the run had: --learning_rate=0.5 (was 0.003)" in err
+    assert "log_interval" not in err and "max_iters" not in err
+    train.train(settings(**common, max_iters=6, learning_rate=0.5))
+    assert "warning" not in capsys.readouterr().err  # what the last run had
+    train.train(settings(**common, max_iters=2, init_from="scratch"))
+    assert "training anew; the first checkpoint replaces the run in" in capsys.readouterr().err
+
+
+def test_a_signal_after_the_last_step_skips_the_final_evaluation(tmp_path, pico, monkeypatch):
+    """SIGTERM while the final validation runs stops it (the last checkpoint is written),
+    instead of being announced and ignored until the evaluation ends."""
+    data = str(make_dataset(tmp_path / "ds"))
+
+    def then(split):  # SIGTERM at the first batch of the second validation: the one after the last step
+        if [c[0] for c in make_data.data.calls].count("val") == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train, "_stop_signal", None)
+    make_data = recording(data, then)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(settings(preset=pico, data=data, out_dir=str(tmp_path / "out"), max_iters=3, eval_interval=10,
+                             eval_iters=5, checkpoint_interval=3), make_data=make_data)
+    assert [c[0] for c in make_data.data.calls].count("val") == 6
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 3
