@@ -479,6 +479,8 @@ class GPT(nn.Module):
             return cls.from_checkpoint(path, device)
         if not path.is_dir() and not looks_like_hub_id(name_or_path):
             raise FileNotFoundError(f"no such checkpoint or folder: {name_or_path}")
+        if path.is_dir() and not (path / "config.json").exists() and (path / "ckpt.pt").exists():
+            raise FileNotFoundError(f"a training folder (ckpt.pt, no config.json): pass {path / 'ckpt.pt'}")
         folder = path if path.is_dir() else download_hf(name_or_path)
         try:
             hf_config = json.loads((folder / "config.json").read_text())

@@ -55,6 +55,9 @@ depend on theirs. Without a seed, sampling is random: the server draws the seeds
 such batches from --seed if given, else from the OS, so a restarted server does not
 repeat the samples of the one before.
 
+Ctrl-C or SIGTERM stops the server: it takes no more requests, the running
+batch finishes and its answers are sent, and queued requests get a 503.
+
 There is no authentication: the server listens on 127.0.0.1 (this machine) by
 default; --host=0.0.0.0 opens it to the network.
 """
@@ -493,16 +496,22 @@ class Server(ThreadingHTTPServer):
         self.block_size = 0
         self.created = int(time.time())
         self.request_ids = itertools.count()
+        self.busy = 0  # requests being answered
+        self.idle = threading.Condition()  # notified as each ends
 
     def start(self, model: GPT, model_name: str) -> None:
         """Serve model under model_name (call serve_forever next)."""
         self.model_name, self.block_size = model_name, model.config.block_size
         self.engine = Engine(model, self.cfg.max_batch, self.cfg.batch_wait_ms, self.cfg.seed)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Take no more connections, close the engine, then wait until the handlers have sent
+        its answers and 503s: the process exits next, and their (daemon) threads with it."""
         self.server_close()
         if self.engine is not None:
-            self.engine.close()
+            self.engine.close(timeout)
+        with self.idle:
+            self.idle.wait_for(lambda: self.busy == 0, timeout)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -517,6 +526,19 @@ class Handler(BaseHTTPRequestHandler):
               "/v1/chat/completions": ("POST", "chat"), "/health": ("GET", "health")}
 
     def dispatch(self) -> None:
+        """Answer one request, counted busy meanwhile so that Server.close waits for it."""
+        with self.server.idle:
+            self.server.busy += 1
+        try:
+            self.answer()
+        finally:
+            with self.server.idle:
+                self.server.busy -= 1
+                self.server.idle.notify_all()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = dispatch
+
+    def answer(self) -> None:
         try:
             raw = self.read_body()  # always, so the next request on this connection starts clean
             path = unquote(urlsplit(self.path).path).rstrip("/")
@@ -544,8 +566,6 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.send_json(500, ApiError(f"internal error ({type(e).__name__}: {e})", 500, "internal_error",
                                          type="server_error").body)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = dispatch
 
     def read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():

@@ -367,6 +367,14 @@ def test_a_mistyped_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
+def test_a_training_folder_is_refused_naming_its_checkpoint(tmp_path):
+    torch.save({"model": small_model().state_dict(), "config": vars(SMALL)}, tmp_path / "ckpt.pt")
+    with pytest.raises(UserError) as error:
+        load_model(str(tmp_path), torch.device("cpu"), torch.float32)
+    assert str(error.value) == (f"cannot load --ckpt={tmp_path}: a training folder (ckpt.pt, no config.json): "
+                                f"pass {tmp_path / 'ckpt.pt'}")
+
+
 def test_forward_loss_ignores_minus_one_targets():
     model = small_model(seed=6)
     idx = torch.randint(0, SMALL.vocab_size, (2, 16))

@@ -359,6 +359,56 @@ def test_closing_the_engine_fails_the_rows_still_queued():
     assert queued.future.exception().status == 503
 
 
+def test_closing_the_server_waits_until_the_answers_are_sent(monkeypatch):
+    """serve() exits when close returns, ending the handler threads: the running request's
+    answer and the queued one's 503 must be sent by then."""
+    started, release, send = threading.Event(), threading.Event(), threading.Event()
+
+    class Model:  # holds the first batch until released
+        config = PRESETS["nano"]
+
+        def generate(self, prompts, max_new, *args, **kwargs):
+            started.set()
+            release.wait(20)
+            return [[1] * max_new for _ in prompts]
+
+    send_json = sample.Handler.send_json
+
+    def slow_send_json(self, *args):  # handlers that are slow to write, once the engine is done
+        send.wait(20)
+        send_json(self, *args)
+
+    monkeypatch.setattr(sample.Handler, "send_json", slow_send_json)
+    cfg, _ = parse_args(sample.DEFAULTS, argv=["--port=0", "--quiet", "--batch_wait_ms=0"])
+    server = sample.Server(cfg)
+    server.start(Model(), NAME)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ask = dict(model=NAME, prompt="x", max_tokens=2)
+    closer = threading.Thread(target=server.close)
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            running = pool.submit(raw, server, "POST", "/v1/completions", ask)
+            assert started.wait(20)
+            queued = pool.submit(raw, server, "POST", "/v1/completions", ask)
+            while server.engine.queue.qsize() == 0:
+                time.sleep(0.01)
+            server.shutdown()  # as Ctrl-C ends serve_forever
+            closer.start()
+            while not server.engine.closed:
+                time.sleep(0.01)
+            release.set()
+            closer.join(1)
+            assert closer.is_alive()  # the answers are not sent yet
+        finally:
+            release.set()
+            send.set()
+    closer.join(20)
+    assert not closer.is_alive()
+    status, body = running.result()
+    assert status == 200 and body["choices"][0]["text"] == tokenizer.decode([1, 1])
+    assert queued.result()[0] == 503
+
+
 def test_streaming_gives_the_same_answer(client):
     ask = dict(model=NAME, prompt="x = 1", max_tokens=6, temperature=0)
     whole = client.completions.create(**ask).choices[0]
