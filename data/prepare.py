@@ -3,7 +3,8 @@ With --output=jsonl, into the same documents as JSONL instead, for filter.py to 
 
 Sources (--source):
   local  the Python files already on this machine: the interpreter's standard library
-         and installed packages (or the folders and files in --inputs). No network.
+         and installed packages (or the folders and files in --inputs, and then the
+         default name is local_<first input>, not local_python). No network.
   jsonl  JSONL files of {"text": ...} documents, as filter.py and synth.py write them
          (--inputs: comma-separated paths or globs).
   hf     a Hugging Face dataset, streamed; needs `pip install datasets` and network.
@@ -29,6 +30,7 @@ parts of about 64 MB of text, each with a done marker, so a rerun after a kill r
 the source again but tokenizes only the parts not yet done.
 
     python data/prepare.py                                    # -> data/local_python/
+    python data/prepare.py --inputs=../myproject              # -> data/local_myproject/
     python data/prepare.py --source=jsonl --inputs='synth/*.jsonl' --name=textbooks
     python data/prepare.py --source=hf --max_docs=1000000 --name=stack_python
     python data/prepare.py --source=hf --output=jsonl --name=web_stack   # for filter.py
@@ -37,11 +39,13 @@ the source again but tokenizes only the parts not yet done.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
 import shutil
+import signal
 import site
 import sys
 import sysconfig
@@ -64,7 +68,7 @@ from tokenizer import EOT, VOCAB_SIZE, encode  # noqa: E402
 DEFAULTS = dict(
     source="local",            # local | jsonl | hf (see above)
     output="bins",             # bins (train.bin, val.bin: what train.py reads) or jsonl (documents, for filter.py)
-    name="",                   # output folder data/<name>/ or an absolute path ("" = local_python, hf dataset, 1st jsonl file)
+    name="",                   # output folder data/<name>/ or an absolute path ("" = local_python or, with --inputs, local_<1st input>; hf dataset; 1st jsonl file)
     out_dir="",                # folder that holds <name> ("" = this script's folder, data/)
     inputs="",                 # jsonl: files or globs, comma-separated; local: folders to read instead of the interpreter's
     val_fraction=0.01,         # share of documents (by content hash) that go to val.bin
@@ -230,7 +234,10 @@ def open_source(cfg) -> SimpleNamespace:
                 raise UserError(f"no such file or folder: {entry}")
         roots = distinct_roots(entries) if entries else interpreter_roots()
         listing = list_python_files(roots)
-        return SimpleNamespace(name="local_python", inputs=[str(r) for r in roots], listing=listing,
+        # a few chosen files must not take the place of the corpus a bare train.py trains on
+        first = Path(entries[0]).resolve() if entries else None
+        name = f"local_{first.stem if first.is_file() else first.name}" if first else "local_python"
+        return SimpleNamespace(name=name, inputs=[str(r) for r in roots], listing=listing,
                                total=sum(max(size, 0) for _, size, _ in listing),
                                items=lambda: local_items(listing, cfg.max_file_bytes))
     if cfg.source == "jsonl":
@@ -480,20 +487,43 @@ def check_writable(*paths: Path) -> None:
             raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def cannot_write(path: Path, e: OSError) -> UserError:
+    """The one line for a write that failed; a full disk also says how much space is free."""
+    reason = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        with contextlib.suppress(OSError):  # after the caller freed what it half wrote
+            folder = next(p for p in path.parents if p.exists())
+            reason += f" ({shutil.disk_usage(folder).free / 2**30:.1f} GiB free there)"
+    return UserError(f"cannot write {path}: {reason}")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """path holds data whole or not at all. A failed write (a full disk) removes its .tmp,
+    which would hold the space, and is a UserError."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise cannot_write(path, e) from None
 
 
 def concatenate(sources: list[Path], path: Path) -> None:
+    """path made of the sources end to end, whole or not at all, as write_atomic."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for src in sources:
-            with open(src, "rb") as part:
-                shutil.copyfileobj(part, f, 1 << 24)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for src in sources:
+                with open(src, "rb") as part:
+                    shutil.copyfileobj(part, f, 1 << 24)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise cannot_write(path, e) from None
 
 
 def move_last_document(train: Path, val: Path, window: int = 1 << 22) -> int:
@@ -521,6 +551,14 @@ def give_up(out: Path, part_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- pipeline
+
+def worker_signals() -> None:
+    """A tokenizer process leaves Ctrl-C to prepare, which stops it, so none prints a
+    traceback; the SIGTERM that stops it kills it, not the KeyboardInterrupt of the
+    handler it inherits from prepare's __main__."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
 
 def prepare(cfg, quiet: bool = False) -> dict:
     """Prepare the corpus cfg describes (settings as in DEFAULTS); returns its meta.json."""
@@ -556,10 +594,11 @@ def prepare(cfg, quiet: bool = False) -> dict:
     counts, skipped = Counter(), Counter()
     workers = cfg.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                               else os.cpu_count() or 1)
-    bar = tqdm(total=source.total, unit="B", unit_scale=True, desc=f"prepare {out.name}",
-               disable=quiet, smoothing=0.05)
     n_parts = 0
-    with Pool(workers) if bins and workers > 1 else contextlib.nullcontext() as pool:
+    # the bar is closed however the loop ends, so an error or "interrupted" gets a line of its own
+    with (tqdm(total=source.total, unit="B", unit_scale=True, desc=f"prepare {out.name}",
+               disable=quiet, smoothing=0.05) as bar,
+          Pool(workers, worker_signals) if bins and workers > 1 else contextlib.nullcontext() as pool):
         for i, (docs, read) in enumerate(parts(items, cfg, counts, skipped)):
             done = part_dir / f"{i:05d}.done"
             if not done.exists():
@@ -574,7 +613,6 @@ def prepare(cfg, quiet: bool = False) -> dict:
                 write_atomic(done, b"")
             bar.update(read)
             n_parts = i + 1
-    bar.close()
     if not counts["train"]:
         give_up(out, part_dir)
         raise UserError(f"no usable documents {'for train.bin ' if bins else ''}in {', '.join(source.inputs)} "
@@ -659,4 +697,5 @@ def main():
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill stops the workers too, as Ctrl-C does
     run(main)

@@ -1,10 +1,15 @@
 """data/prepare.py on small corpora built here: what is skipped and counted, that the
 bins decode back to exactly the kept documents, the stable split, reruns and resumes."""
 
+import errno
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -155,6 +160,61 @@ def test_rerun_after_interruption_tokenizes_only_unfinished_parts(tmp_path, monk
     assert calls == [[texts[3]], [texts[4]], [texts[5]]]
     assert documents(tokens(out, "train")) == texts
     assert meta["train_documents"] == 6 and not (out / "parts").exists()
+
+
+def full_disk(monkeypatch, name: str) -> None:
+    """Writing a file called name, by write_atomic or concatenate, stops halfway with
+    ENOSPC, as on a full disk."""
+    real_write, real_copy = Path.write_bytes, shutil.copyfileobj
+
+    def write_bytes(path, data):
+        if path.name != name:
+            return real_write(path, data)
+        real_write(path, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def copyfileobj(src, dst, length=0):
+        if Path(dst.name).name != name:
+            return real_copy(src, dst, length)
+        dst.write(src.read(2))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    monkeypatch.setattr(shutil, "copyfileobj", copyfileobj)
+
+
+def test_a_full_disk_is_one_line_leaves_no_tmp_and_a_rerun_resumes(tmp_path, monkeypatch):
+    texts = [f"x{i} = {i}\n" for i in range(3)]
+    src = write_tree(tmp_path / "src", {f"m{i}.py": t for i, t in enumerate(texts)})
+    monkeypatch.setattr(prepare, "PART_BYTES", 1)  # one document per part
+    calls = record_encoding(monkeypatch)
+    cfg = settings(tmp_path, inputs=str(src), val_fraction=0.0)
+    out = tmp_path / "out" / "corpus"
+    for full in (out / "parts" / "00001.train.bin", out / "train.bin"):  # tokenizing, then joining the parts
+        with monkeypatch.context() as m, pytest.raises(UserError) as e:
+            full_disk(m, full.name + ".tmp")
+            prepare.prepare(cfg, quiet=True)
+        assert re.fullmatch(rf"cannot write {re.escape(str(full))}: No space left on device "
+                            rf"\(\d+\.\d GiB free there\)", str(e.value))
+        assert not list(out.rglob("*.tmp"))  # its space is free again
+    prepare.prepare(cfg, quiet=True)
+    assert calls == [[texts[0]], [texts[1]], [texts[1]], [texts[2]]]  # the finished parts were kept
+    assert documents(tokens(out, "train")) == texts
+
+
+def test_cli_full_disk_is_one_line_after_the_progress_bar_and_exit_2(tmp_path):
+    src = write_tree(tmp_path / "src", {"a.py": A, "b.py": B})
+    full = ("import errno, os, pathlib, runpy, sys\n"
+            "def write_bytes(path, data):\n"
+            "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+            "pathlib.Path.write_bytes = write_bytes\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", full, "data/prepare.py", f"--inputs={src}",
+                             f"--out_dir={tmp_path / 'out'}", "--workers=1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.search(r"\nerror: cannot write \S+00000.train.bin: No space left on device \(.*\)\n$", result.stderr)
 
 
 def test_jsonl_source_skips_bad_lines(tmp_path):
@@ -574,3 +634,34 @@ def test_many_tasks_on_a_pool_come_back_in_order(tmp_path, monkeypatch):
     prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(tmp_path / "d.jsonl"), val_fraction=0.0,
                              workers=2), quiet=True)
     assert documents(tokens(tmp_path / "out" / "corpus", "train")) == texts
+
+
+def test_a_local_source_with_inputs_gets_a_name_of_its_own(tmp_path, monkeypatch):
+    """Not local_python, the corpus a bare train.py trains on, which it would replace."""
+    src = write_tree(tmp_path / "src", {"a.py": A, "b.py": B})
+    prepare.prepare(settings(tmp_path, inputs=str(src), name=""), quiet=True)
+    assert (tmp_path / "out" / "local_src" / "meta.json").exists()
+    assert prepare.open_source(settings(tmp_path, inputs=f"{src / 'a.py'},{src}", name="")).name == "local_a"
+    monkeypatch.setattr(prepare, "interpreter_roots", lambda: [src])
+    assert prepare.open_source(settings(tmp_path, name="")).name == "local_python"  # bare: as before
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_ctrl_c_or_a_kill_stops_the_workers_without_tracebacks(tmp_path, how):
+    line = "x = [" + ", ".join(map(str, range(400))) + "]\n"
+    src = write_tree(tmp_path / "src", {f"m{i}.py": line * 10 + f"# {i}\n" for i in range(800)})  # 16 MB: seconds
+    proc = subprocess.Popen([sys.executable, "data/prepare.py", f"--inputs={src}", f"--out_dir={tmp_path / 'out'}",
+                             "--workers=2"], cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.time() + 60
+    while proc.poll() is None and len(children.read_text().split()) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    workers = children.read_text().split()
+    time.sleep(0.3)  # past their start: what is tested is a stop while they work
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: to the parent and its workers
+    else:
+        proc.terminate()  # SIGTERM to the parent only, as kill and timeout do
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and stderr.endswith("\ninterrupted\n") and "Traceback" not in stderr
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
