@@ -55,6 +55,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import requests
+import urllib3
 
 DEFAULT_API_BASE = "https://api.openai.com/v1"
 
@@ -353,15 +354,16 @@ class Client:
         with self._slots:
             with self._lock:
                 self._stats.requests += 1
+            deadline = time.monotonic() + self.timeout
             try:
-                r = self._session().post(url, json=payload, headers=self.headers,
-                                         timeout=(min(self.timeout, 10.0), self.timeout))
-                body = r.content
-            except requests.Timeout:
+                with self._session().post(url, json=payload, headers=self.headers, stream=True,
+                                          timeout=(min(self.timeout, 10.0), self.timeout)) as r:
+                    body = r._content = _read_by(r, deadline)  # r._content: where r.json() and r.text look
+            except (requests.Timeout, urllib3.exceptions.TimeoutError):
                 raise _Failed(Failure("timeout", f"no answer within {self.timeout:g} s"), True) from None
             except ValueError as e:  # requests' InvalidURL, urllib3's LocationParseError: a malformed URL
                 raise _Failed(Failure("refused", f"cannot send to {url}: {e}", fatal=True), False) from None
-            except requests.RequestException as e:
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as e:  # the latter: reading the body
                 raise _Failed(Failure("connection", _why(e)), True) from None
         if not 200 <= r.status_code < 300:
             message = _server_message(r)
@@ -400,6 +402,18 @@ class Client:
 
 
 # ---------------------------------------------------------------- reading replies
+
+def _read_by(r: requests.Response, deadline: float) -> bytes:
+    """The body of a streamed response, all of it in by deadline (time.monotonic()), else
+    requests.Timeout. requests' read timeout only bounds the wait for each next byte, so a
+    server (or a proxy) that trickles bytes would never time out."""
+    chunks = []
+    while chunk := r.raw.read1(1 << 16, decode_content=True):  # what has come, not a full 64 KiB
+        if time.monotonic() > deadline:
+            raise requests.Timeout()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
 
 def _usage(body: dict) -> dict:
     usage = body.get("usage") or {}

@@ -55,8 +55,9 @@ row without a record (the endpoint or model is not up to the task), refusals ali
 and items whose requests failed (a rerun retries them); the items before them are written.
 Settings an OpenAI-compatible API rejects (--temperature outside [0, 2], --max_tokens
 below 1) are refused before any request. Ctrl-C (or SIGTERM) starts no new
-items, lets those in flight finish and be written, and exits with status 130; a second
-Ctrl-C exits at once.
+items or requests, lets the requests in flight end, writes the items finished before the
+first one left unfinished (a rerun asks for that one and those after it again), and exits
+with status 130; a second Ctrl-C exits at once.
 
 The progress bar shows records/s, tokens, cost (with --price_in/--price_out) and
 failures. At the end a summary and a diversity report (distinct n-gram ratios, the
@@ -543,17 +544,23 @@ class Outcome:
     reason: str = ""  # why the answers could not become a record
     invalid: int = 0  # answers that could not become a record
     failure: llm.Failure | None = None  # the last request that failed for good
+    stopped: bool = False  # a stop came before it was done: neither a record nor a verdict
 
 
-def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sandbox) -> Outcome:
-    """Ask for item index until an answer makes a record, --attempts times at most; a request
-    refused with a 4xx is not sent again (the same request would be refused the same way).
-    A fatal LLMError (wrong key, model or URL) propagates."""
+def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sandbox,
+              stop: threading.Event) -> Outcome:
+    """Ask for item index until an answer makes a record, --attempts times at most, or until
+    stop is set (a request in flight still ends); a request refused with a 4xx is not sent
+    again (the same request would be refused the same way). A fatal LLMError (wrong key,
+    model or URL) propagates."""
     rid = item_id(kind, cfg.seed, index)
     constraints = draw(kind, cfg.seed, index)
     ask = messages(kind, constraints)
     out, answers = Outcome(index), 0
     for _ in range(cfg.attempts):
+        if stop.is_set():
+            out.stopped = True
+            return out
         try:
             reply = client.chat(ask, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                                 seed=request_seed(rid, answers))
@@ -578,9 +585,9 @@ def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sand
 
 
 class Interrupts:
-    """While active, the first Ctrl-C or SIGTERM sets .stop (no new items; those in flight
-    finish, and the sandbox is cleaned up); a second one exits at once (every written line
-    is already flushed)."""
+    """While active, the first Ctrl-C or SIGTERM sets .stop (no new items or requests; those
+    in flight end, and the sandbox is cleaned up); a second one exits at once (every written
+    line is already flushed)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -600,7 +607,7 @@ class Interrupts:
             print("\ninterrupted", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.stop.set()
-        print(f"\nstopping on {signal.Signals(signum).name}: finishing the items in flight "
+        print(f"\nstopping on {signal.Signals(signum).name}: waiting for the requests in flight "
               f"(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
 
 
@@ -636,7 +643,7 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
             while not stop.is_set() and error is None and len(queue) < 4 * cfg.concurrency and \
                     have + counts["unanswered"] + len(queue) < cfg.n:
                 index = next(indexes)
-                queue.append((index, pool.submit(make_item, kind, index, cfg, client, dedup, sandbox)))
+                queue.append((index, pool.submit(make_item, kind, index, cfg, client, dedup, sandbox, stop)))
             if stop.is_set() or error is not None:
                 while queue and queue[-1][1].cancel():  # not started yet: forget them
                     queue.pop()
@@ -656,6 +663,8 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
             queue.popleft()
             if error is not None:
                 continue
+            if outcome.stopped:  # nothing after it may be written (gaps break resume)
+                break
             counts["invalid answers"] += outcome.invalid
             failure = outcome.failure if outcome.record is None else None
             refused = failure is not None and failure.kind == "refused"

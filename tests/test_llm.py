@@ -288,11 +288,23 @@ def waits(monkeypatch):
 @pytest.fixture
 def extra_faults(monkeypatch):
     """FakeLLM faults beyond its own: "409", "quota" (429 for exhausted quota), "no_usage" (an answer without usage),
-    "odd_usage" (usage counts that are not integers)."""
+    "odd_usage" (usage counts that are not integers), "trickle" (a 200 whose body comes a byte every 0.1 s, for 5 s)."""
     import llm_server
     respond = llm_server.Handler.respond
 
     def patched(self, fault, body):
+        if fault == "trickle":
+            self.close_connection = True
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(50):
+                    self.wfile.write(b" ")
+                    time.sleep(0.1)
+            except OSError:  # the client gave up
+                pass
+            return
         if fault == "409":
             return self.error(409, "Conflict.", "conflict")
         if fault == "quota":
@@ -347,6 +359,15 @@ def test_a_409_is_retried(extra_faults):
     with FakeLLM(faults=["409", "ok"]) as server, client_for(server) as client:
         assert client.chat(MESSAGES).text
         assert (client.stats.retries, dict(client.stats.errors)) == (1, {"server": 1})
+
+
+def test_an_answer_that_trickles_in_times_out_and_is_retried(extra_faults):
+    """requests' read timeout bounds only the wait for each next byte: the whole answer must come within timeout."""
+    with FakeLLM(faults=["trickle", "ok"]) as server, client_for(server, timeout=1) as client:
+        started = time.monotonic()
+        assert client.complete("def f():").text
+        assert time.monotonic() - started < 2
+        assert (client.stats.retries, dict(client.stats.errors)) == (1, {"timeout": 1})
 
 
 def test_a_429_for_exhausted_quota_is_fatal_and_not_retried(extra_faults):

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+import llm
 import llm_server
 import synth
 from config import UserError
+from data.prepare import Appender
 from llm_server import FakeLLM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -560,9 +562,32 @@ def test_an_item_asks_again_with_a_new_seed_after_each_unusable_answer():
 
     cfg = SimpleNamespace(seed=1337, attempts=3, temperature=1.0, max_tokens=100, model="fake")
     client = Client()
-    outcome = synth.make_item("textbook", 4, cfg, client, synth.Dedup(0.8), None)
+    outcome = synth.make_item("textbook", 4, cfg, client, synth.Dedup(0.8), None, threading.Event())
     assert outcome.record["id"] == "textbook-1337-4" and outcome.invalid == 2
     assert client.seeds == [synth.request_seed("textbook-1337-4", answers) for answers in range(3)]
+
+
+def test_a_stop_between_attempts_asks_no_more_and_writes_nothing_after_the_item(tmp_path):
+    """Item 0's answer is unusable and comes after a stop: it is not asked for again (its --attempts
+    ran on, minutes against a trickling endpoint), and neither it nor item 1 after it is written or
+    judged, so a rerun asks for both in order."""
+    stop, item_1 = threading.Event(), synth.request_seed("textbook-1337-1", 0)
+
+    def answer(body):  # item 1 gets a record and meanwhile a stop comes; then item 0 an unusable answer
+        if body["seed"] == item_1:
+            stop.set()
+            return distinct_prose(body)
+        stop.wait(5)
+        return "  "
+
+    out = tmp_path / "t.jsonl"
+    cfg, _ = synth.parse_args(synth.DEFAULTS, argv=["--model=fake", "--n=2", "--concurrency=2", "--attempts=3"])
+    with FakeLLM(answer=answer) as server, llm.Client(server.url, "fake") as client:
+        counts, error = synth.synthesize("textbook", cfg, client, synth.Dedup(0.8), None, Appender(out),
+                                         Appender(Path(f"{out}.skipped")), 0, set(), stop)
+        assert server.served == ["ok", "ok"]
+    assert (counts["written"], error) == (0, None)
+    assert not out.exists() and not Path(f"{out}.skipped").exists()
 
 
 def test_coverage_counts_only_the_constraints_an_item_drew():
