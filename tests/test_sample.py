@@ -332,18 +332,23 @@ def test_rows_too_long_for_one_context_together_are_generated_apart(server, refe
         assert row.future.result(timeout=60) == reference.generate([row.prompt], row.max_new)[0]
 
 
+class HeldModel:
+    """A model whose generate sets started, then holds its batch until release is set."""
+    config = PRESETS["nano"]
+
+    def __init__(self, started: threading.Event, release: threading.Event):
+        self.started, self.release = started, release
+
+    def generate(self, prompts, max_new, *args, **kwargs):
+        self.started.set()
+        self.release.wait(20)
+        return [[1] * max_new for _ in prompts]
+
+
 def test_closing_the_engine_fails_the_rows_still_queued():
     started, release = threading.Event(), threading.Event()
 
-    class Model:  # holds the first batch until released
-        config = PRESETS["nano"]
-
-        def generate(self, prompts, max_new, *args, **kwargs):
-            started.set()
-            release.wait(20)
-            return [[1] * max_new for _ in prompts]
-
-    engine = sample.Engine(Model(), max_batch=8, batch_wait_ms=0)
+    engine = sample.Engine(HeldModel(started, release), max_batch=8, batch_wait_ms=0)
     running, queued = sample.Row([1], 2, 0.0, 1.0, (), None, 0), sample.Row([1], 2, 0.0, 1.0, (), None, 1)
     engine.submit([running])
     assert started.wait(20)
@@ -364,14 +369,6 @@ def test_closing_the_server_waits_until_the_answers_are_sent(monkeypatch):
     answer and the queued one's 503 must be sent by then."""
     started, release, send = threading.Event(), threading.Event(), threading.Event()
 
-    class Model:  # holds the first batch until released
-        config = PRESETS["nano"]
-
-        def generate(self, prompts, max_new, *args, **kwargs):
-            started.set()
-            release.wait(20)
-            return [[1] * max_new for _ in prompts]
-
     send_json = sample.Handler.send_json
 
     def slow_send_json(self, *args):  # handlers that are slow to write, once the engine is done
@@ -381,7 +378,7 @@ def test_closing_the_server_waits_until_the_answers_are_sent(monkeypatch):
     monkeypatch.setattr(sample.Handler, "send_json", slow_send_json)
     cfg, _ = parse_args(sample.DEFAULTS, argv=["--port=0", "--quiet", "--batch_wait_ms=0"])
     server = sample.Server(cfg)
-    server.start(Model(), NAME)
+    server.start(HeldModel(started, release), NAME)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     ask = dict(model=NAME, prompt="x", max_tokens=2)
     closer = threading.Thread(target=server.close)
