@@ -117,6 +117,8 @@ DEFAULTS = dict(
     init_from="",  # or with Hugging Face phi weights: a hub id (microsoft/phi-1) or a folder
     api_base="",  # or through an OpenAI-compatible /completions endpoint (llm.py), e.g. sample.py --serve
     model="",  # the model's name at api_base
+    api_timeout=300.0,  # seconds the endpoint may take to answer one request (a completion)
+    api_retries=6,  # retries of a request that timed out or failed on the way
     out="",  # output folder (default out/<bench>)
     data="",  # mbpp.jsonl to use (default $PHI1_MBPP, ../shared/data/mbpp.jsonl, or downloaded once)
     n_samples=1,  # samples per problem
@@ -328,7 +330,8 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     from llm import Client, Failure, LLMError
     from tokenizer import cut_at_stop  # the rule our own generate() follows
     try:
-        client = Client(cfg.api_base, cfg.model, concurrency=cfg.batch_size)
+        client = Client(cfg.api_base, cfg.model, concurrency=cfg.batch_size, timeout=cfg.api_timeout,
+                        max_retries=cfg.api_retries)
         with client:  # the check's connection closes now; the answers open their own
             client.check()
     except (ValueError, LLMError) as e:
@@ -1018,6 +1021,7 @@ def check_settings(cfg) -> list[int]:
             (cfg.limit >= 0, "--limit must be >= 0 (0: every problem)"),
             (cfg.batch_size >= 1, "--batch_size must be >= 1"),
             (cfg.timeout > 0, "--timeout must be > 0"),
+            (cfg.api_timeout > 0 and cfg.api_retries >= 0, "--api_timeout must be > 0 and --api_retries >= 0"),
             (cfg.memory_mb >= 64, "--memory_mb must be >= 64"),
             (1 <= cfg.sandbox_uid <= MAX_UID, f"--sandbox_uid must be from 1 to {MAX_UID}"),
             (cfg.n_samples == 1 or cfg.temperature > 0 or cfg.samples,

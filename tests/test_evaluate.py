@@ -798,6 +798,16 @@ def test_requests_the_server_refused_do_not_ask_for_a_rerun(tmp_path):
     assert "refused 400" in str(refused.value) and "rerun" not in str(refused.value)
 
 
+def test_the_endpoint_gets_api_timeout_seconds_and_api_retries_retries(tmp_path):
+    from llm_server import FakeLLM
+    common = ["--model=fake", "--max_new_tokens=4", "--limit=1", "--workers=1", "--api_timeout=0.5"]
+    with FakeLLM(faults=["slow", "ok"], slow=3.0) as server:  # the first answer comes too late
+        with pytest.raises(UserError, match=r"1 requests .* failed \(first: timeout: no answer within 0.5 s\)"):
+            evaluate.main([f"--api_base={server.url}", *common, "--api_retries=0", f"--out={tmp_path / 'a'}"])
+        evaluate.main([f"--api_base={server.url}", *common, "--api_retries=1", f"--out={tmp_path / 'b'}"])
+    assert len(read_jsonl(tmp_path / "b" / "samples.jsonl")) == 1
+
+
 def test_malformed_sample_lines_are_skipped_and_counted(tmp_path, capsys):
     path = tmp_path / "s.jsonl"
     path.write_text('{"task_id": "HumanEval/0", "completion": ""}\nnot json\n[1, 2]\n'
