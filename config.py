@@ -81,12 +81,12 @@ def _convert(key: str, text: str, default):
         if not _is_number(value) or (isinstance(default, int) and not isinstance(value, int)):
             raise UserError(f"--{key} takes {type(default).__name__}, not {text[:40]!r}")
         return type(default)(_finite(key, text, value))
-    if default is None:  # a number if it looks like one, else the string
+    if default is None:  # a number if it looks like one, None as --help shows it, else the string
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError, RecursionError):
             return text
-        return _finite(key, text, value) if _is_number(value) else text
+        return _finite(key, text, value) if _is_number(value) else None if value is None else text
     return text
 
 

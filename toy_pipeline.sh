@@ -39,6 +39,12 @@ sys.exit(f"no server at {sys.argv[1]}")
 EOF
 }
 
+for port in "$SERVE_PORT" "$TEACHER_PORT"; do  # a server left from an earlier run would answer in place of ours (stage 3)
+  python -c "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', int(sys.argv[1])))" "$port" 2>/dev/null ||
+    { echo "port $port is in use (a server left from an earlier run?): stop it, or set SERVE_PORT / TEACHER_PORT" >&2; exit 1; }
+done
+
 stage "1. web code: the Python files on this machine, as token bins and as a JSONL corpus"
 if [ -n "$LOCAL_INPUTS" ]; then
   python data/prepare.py --inputs="$LOCAL_INPUTS" --out_dir="$OUT/data" --name=local

@@ -421,8 +421,8 @@ def _train(cfg, make_data, score) -> GPT:
                   f"or use another --out_dir to train anew")
         return raw_model
     if cfg.profile and end - start_step < cfg.log_interval + 5:
-        raise UserError(f"--profile traces the {cfg.log_interval + 3}rd to {cfg.log_interval + 5}th steps of "
-                        f"this run: it needs {cfg.log_interval + 5} steps to go, not {end - start_step}")
+        raise UserError(f"--profile traces steps {cfg.log_interval + 3} to {cfg.log_interval + 5} of this run: "
+                        f"it needs {cfg.log_interval + 5} steps to go, not {end - start_step}")
     config = raw_model.config
     total = cfg.total_batch_size or cfg.batch_size * world
     if total % (cfg.batch_size * world):

@@ -72,8 +72,9 @@ def test_numbers_take_the_type_of_their_default():
 
 
 def test_settings_that_default_to_none_take_a_number_or_else_the_text():
+    """And None, as --help shows the default."""
     for text, value in [("5", 5), ("2.5", 2.5), ("abc", "abc"), ("[1, 2]", "[1, 2]"),
-                        ("True", "True"), ("'q'", "'q'")]:
+                        ("True", "True"), ("'q'", "'q'"), ("None", None)]:
         dropout = parse_settings(DEFAULTS, argv=[f"--dropout={text}"]).dropout
         assert dropout == value and type(dropout) is type(value), text
     with pytest.raises(UserError, match="--dropout takes a finite number"):

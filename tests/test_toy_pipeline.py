@@ -55,3 +55,18 @@ def test_every_stage_runs_and_leaves_its_output(tmp_path):
     report = json.loads((toy / "decontamination.json").read_text())
     assert report["documents"] == report["parsed"] == 16 and report["problems"] == 664
     assert "=== " in result.stdout and "done:" in result.stdout
+
+
+def test_a_port_in_use_stops_the_run_before_any_work(tmp_path):
+    """A server left from an earlier run on SERVE_PORT would answer stage 3's requests in
+    place of the new model (old textbooks from an old model, without a word)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**os.environ, "OUT": str(tmp_path / "toy"), "SERVE_PORT": str(port), "TEACHER_PORT": str(free_port()),
+               "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        result = subprocess.run(["bash", str(ROOT / "toy_pipeline.sh")], env=env, capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode == 1 and f"port {port} is in use" in result.stderr, result.stderr
+    assert "=== " not in result.stdout and not any((tmp_path / "toy").iterdir())  # no stage started
