@@ -772,7 +772,7 @@ def serve(cfg, device: torch.device, dtype: torch.dtype) -> None:
         host, port = server.server_address[:2]
         dtype_name = str(dtype).removeprefix("torch.")
         print(f"serving {name} ({model.num_params():,} parameters, {device}, {dtype_name}) "
-              f"at http://{host}:{port}/v1; Ctrl-C stops", flush=True)
+              f"at http://{f'[{host}]' if ':' in host else host}:{port}/v1; Ctrl-C stops", flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
