@@ -472,12 +472,14 @@ def _train(cfg, make_data, score) -> GPT:
         model.eval()
         losses = {}
         for i, name in enumerate(data.names):
-            total_loss = 0.0
+            total_loss, counted = 0.0, 0  # a mean over the targets that count (finetuning masks prompts)
             for k in range(cfg.eval_iters):
                 x, y = to_device(data.batch("val", cfg.batch_size, cfg.seed, k, only=i), device)
+                n = int((y != -1).sum())
                 with autocast:
-                    total_loss += model(x, y)[1].item()
-            losses[name] = total_loss / cfg.eval_iters
+                    total_loss += model(x, y)[1].item() * n
+                counted += n
+            losses[name] = total_loss / counted if counted else float("nan")
         model.train()
         return losses
 

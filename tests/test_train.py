@@ -351,7 +351,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
     (dict(dropout="abc"), "--dropout must be a number in"),
     (dict(device="foo"), "unknown --device=foo"),
     (dict(device="cuda:99"), "--device=cuda:99, but this machine has"),
-    (dict(profile=True, max_iters=8), "--profile traces the"),
+    (dict(profile=True, max_iters=8), "--profile traces steps 8 to 10 of this run: it needs 10 steps to go, not 8"),
     (dict(seed=2**64), "--seed must be below 2\\*\\*63"),
     (dict(stop_iters=30), "--stop_iters \\(30\\) must not be above --max_iters \\(20\\)"),
     (dict(data="DATA:nan"), "weights must be positive numbers"),
@@ -768,3 +768,29 @@ def test_a_signal_after_the_last_step_skips_the_final_evaluation(tmp_path, pico,
                              eval_iters=5, checkpoint_interval=3), make_data=make_data)
     assert [c[0] for c in make_data.data.calls].count("val") == 6
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_the_validation_loss_is_a_mean_over_the_targets_that_count(tmp_path, pico, capsys):
+    """A finetuning window can hold no completion token (a long prompt): its batch adds
+    nothing to the validation loss, instead of a loss of 0 that pulls the mean down."""
+    mixture = train.Mixture(str(make_dataset(tmp_path / "ds")), 16, 2048, prepare_default=False)
+
+    class Masked:  # every odd validation batch, or (copies) the even batch before it
+        names = mixture.names
+
+        def __init__(self, copies: bool):
+            self.copies = copies
+
+        def batch(self, split, batch_size, seed, *key, only=None):
+            if split == "train":
+                return mixture.batch(split, batch_size, seed, *key, only=only)
+            k = key[0]
+            x, y = mixture.batch(split, batch_size, seed, k - k % 2, only=only)
+            return (x, y) if k % 2 == 0 or self.copies else (x, np.full_like(y, -1))
+
+    losses = []
+    for copies in (False, True):
+        train.train(settings(preset=pico, out_dir=str(tmp_path / str(copies)), max_iters=1, eval_interval=5,
+                             eval_iters=4), make_data=lambda config: Masked(copies))
+        losses.append(float(capsys.readouterr().out.split("step 0: val loss ")[1].split()[0]))
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4) and losses[0] > 5
