@@ -21,7 +21,9 @@ from weights (`--init_from=microsoft/phi-1`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import inspect
 import math
 import os
@@ -30,7 +32,6 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -387,13 +388,27 @@ def train(cfg, make_data=None, score=None) -> GPT:
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     _stop_signal = None
     try:
-        return _train(cfg, make_data, score)
+        with contextlib.ExitStack() as held:  # out_dir's lock, which _train takes, goes however it ends
+            return _train(cfg, make_data, score, held)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
 
 
-def _train(cfg, make_data, score) -> GPT:
+def lock_out_dir(out_dir: Path, held: contextlib.ExitStack) -> None:
+    """One run at a time in out_dir: a second would overwrite the first's checkpoints
+    with its own. The lock is on the folder itself (flock), gone when the process is."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = os.open(out_dir, os.O_RDONLY)
+    held.callback(os.close, folder)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"another run is training in {out_dir}: wait for it, stop it, or use another "
+                        f"--out_dir") from None
+
+
+def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     check_settings(cfg)
     rank, world, device = setup_processes(cfg.device)
     master = rank == 0
@@ -442,6 +457,7 @@ def _train(cfg, make_data, score) -> GPT:
 
     if master:  # now, not at the first checkpoint hours later
         check_writable(ckpt_path)
+        lock_out_dir(out_dir, held)
     raw_model.to(device)
     optimizer = make_optimizer(raw_model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
@@ -457,7 +473,7 @@ def _train(cfg, make_data, score) -> GPT:
         no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
                    else "broadcast_buffers")
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
-    autocast = (torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext())
+    autocast = (torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else contextlib.nullcontext())
 
     tokens_per_step = total * config.block_size
     peak = peak_flops(cfg, device)
@@ -558,7 +574,7 @@ def _train(cfg, make_data, score) -> GPT:
             if bad <= cfg.max_iters:
                 raise UserError(f"the loss became inf or nan at step {bad + 1}: training diverged "
                                 f"(lower --learning_rate, or resume from the last checkpoint)")
-            if master and step % cfg.log_interval == 0:
+            if master and (step % cfg.log_interval == 0 or last):  # a run shorter than log_interval logs too
                 dt = time.time() - t_last
                 tok_s = tokens_per_step * (step - step_last) / dt
                 mfu = (f" | MFU {100 * raw_model.flops_per_token() * tok_s / world / peak:.1f}%" if peak else "")

@@ -794,3 +794,29 @@ def test_the_validation_loss_is_a_mean_over_the_targets_that_count(tmp_path, pic
                              eval_iters=4), make_data=lambda config: Masked(copies))
         losses.append(float(capsys.readouterr().out.split("step 0: val loss ")[1].split()[0]))
     assert losses[0] == pytest.approx(losses[1], abs=1e-4) and losses[0] > 5
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused_while_the_first_trains(tmp_path, pico):
+    """It would overwrite the first run's checkpoints with its own; once the first ends,
+    the folder is free again."""
+    data = str(make_dataset(tmp_path / "ds"))
+    cfg = dict(preset=pico, data=data, out_dir=str(tmp_path / "out"), eval_interval=0)
+    seen = []
+
+    def then(split):  # the second run starts while the first is at its first step
+        if not seen:
+            seen.append(True)
+            with pytest.raises(UserError, match=f"another run is training in {re.escape(str(tmp_path / 'out'))}"):
+                train.train(settings(**cfg, max_iters=4, init_from="scratch"))
+
+    train.train(settings(**cfg, max_iters=2), make_data=recording(data, then))
+    assert seen and torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 2
+    train.train(settings(**cfg, max_iters=3))  # resumes: the lock went with the first run
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_a_run_shorter_than_the_log_interval_logs_its_last_step(tmp_path, pico, capsys):
+    data = str(make_dataset(tmp_path / "ds"))
+    train.train(settings(preset=pico, data=data, out_dir=str(tmp_path / "out"), max_iters=3, log_interval=10,
+                         eval_interval=0))
+    assert re.search(r"^step 3 \| loss \d+\.\d{4} \| lr .* tok/s$", capsys.readouterr().out, re.MULTILINE)
