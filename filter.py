@@ -418,7 +418,8 @@ def annotate(cfg) -> Counter:
                     if score is None:
                         record["error"] = (f"request failed: {result}" if answer is None else
                                            f"no score in {attempt} answers")
-                        unanswered += [result] if answer is None else []
+                        if answer is None:
+                            unanswered.append(result)
                     writer.write(record)
                     counts["failed" if score is None else score] += 1
                     bar.update()

@@ -113,7 +113,7 @@ class Exercises:
                 tokens.append(np.array(prompt + body + [tokenizer.EOT], dtype=np.int32))
                 mask.append(np.arange(len(tokens[-1])) >= (0 if loss_on == "all" else len(prompt)))
         self.splits = {}
-        for split, val in (("train", False), ("val", True))[:2 if validate else 1]:
+        for split, val in (("train", False), ("val", True)) if validate else (("train", False),):
             tokens, mask = parts[val]
             if not tokens:
                 raise UserError(f"no exercises left for {split} (have {len(exercises)}; " + (

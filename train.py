@@ -337,12 +337,12 @@ def build_model(cfg, out_dir: Path, master: bool):
                       ", ".join(f"--{k}={getattr(cfg, k)} (was {ckpt['settings'][k]})" for k in changed),
                       file=sys.stderr)
         return model, ckpt, origin
-    if mode == "scratch" and ckpt_path.exists() and master:
-        print(f"warning: --init_from=scratch: training anew; the first checkpoint replaces the run in {ckpt_path}",
-              file=sys.stderr)
     if mode == "scratch":
         if not cfg.preset:
             raise UserError("training from scratch needs a --preset")
+        if ckpt_path.exists() and master:
+            print(f"warning: --init_from=scratch: training anew; the first checkpoint replaces the run in "
+                  f"{ckpt_path}", file=sys.stderr)
         torch.manual_seed(cfg.seed)
         return GPT(requested_config(cfg)), None, "scratch"
     try:  # weights to start from: our checkpoint, a Hugging Face folder or hub id
