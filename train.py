@@ -28,7 +28,6 @@ import inspect
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -42,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
 from config import UserError, parse_settings, require, run
-from data.prepare import check_writable, ensure_prepared, read_meta
+from data.prepare import cannot_write, check_writable, ensure_prepared, read_meta
 from model import GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, pick_device, pick_dtype
 
 DEFAULTS = dict(
@@ -230,10 +229,7 @@ def save_checkpoint(path: Path, raw_model: GPT, step: int, cfg, **state) -> None
         if not isinstance(e, OSError) and not (isinstance(e, RuntimeError) and
                                                re.search("inline_container|PytorchStreamWriter", str(e))):
             raise
-        reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e).strip().splitlines()[0][:120]
-        free = shutil.disk_usage(path.parent).free / 2**30
-        raise UserError(f"cannot write the checkpoint {path}: {reason} ({free:.1f} GiB free there; "
-                        f"the last checkpoint, if any, is intact)") from None
+        raise UserError(f"{cannot_write(path, e)}; the last checkpoint, if any, is intact") from None
 
 
 def inference_copy(model: GPT, dtype: torch.dtype) -> GPT:
@@ -258,8 +254,8 @@ def _on_signal(signum, frame):
 
 def check_settings(cfg) -> None:
     """Stop at once, with one line, on settings that would crash later or train nothing."""
-    positive = ["batch_size", "log_interval"] + (["eval_iters"] if cfg.eval_interval > 0 else [])
-    not_negative = ["total_batch_size", "max_iters", "stop_iters", "warmup_iters", "eval_interval",
+    positive = ["batch_size", "log_interval", "max_iters"] + (["eval_iters"] if cfg.eval_interval > 0 else [])
+    not_negative = ["total_batch_size", "stop_iters", "warmup_iters", "eval_interval",
                     "checkpoint_interval", "sample_tokens", "seed", "learning_rate", "min_lr", "weight_decay",
                     "grad_clip", "peak_tflops"]
     require(*[(getattr(cfg, key) > 0, f"--{key} must be positive, not {getattr(cfg, key)}") for key in positive],
@@ -390,6 +386,11 @@ def train(cfg, make_data=None, score=None) -> GPT:
     try:
         with contextlib.ExitStack() as held:  # out_dir's lock, which _train takes, goes however it ends
             return _train(cfg, make_data, score, held)
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)):
+            raise
+        raise UserError(f"out of memory: lower --batch_size (--total_batch_size keeps the batch per step, by "
+                        f"gradient accumulation) or --block_size ({str(e).strip().splitlines()[0][:300]})") from None
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
@@ -482,6 +483,10 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
               f"width {config.n_embd}, context {config.block_size}; {world} process(es) on {device}, {ptdtype}")
         print(f"batch: {total} sequences x {config.block_size} tokens = {tokens_per_step:,} tokens per step "
               f"({accum} micro-step(s) of {cfg.batch_size} per process); data: {', '.join(data.names)}")
+        if cfg.warmup_iters > cfg.max_iters:
+            print(f"warning: --warmup_iters={cfg.warmup_iters} is longer than the run (--max_iters="
+                  f"{cfg.max_iters}): the learning rate climbs to {learning_rate(cfg.max_iters - 1, cfg):.2e} "
+                  f"at most, not --learning_rate={cfg.learning_rate:g}", file=sys.stderr)
 
     @torch.no_grad()
     def val_losses() -> dict[str, float]:

@@ -487,10 +487,12 @@ def check_writable(*paths: Path) -> None:
             raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def cannot_write(path: Path, e: OSError) -> UserError:
-    """The one line for a write that failed; a full disk also says how much space is free."""
-    reason = e.strerror or str(e)
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+def cannot_write(path: Path, e: Exception) -> UserError:
+    """The one line for a write that failed; a full disk also says how much space is free.
+    e is an OSError, or torch.save's RuntimeError, which hides the disk's errno: the
+    free space is then shown too, the likeliest cause."""
+    reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:120]
+    if not isinstance(e, OSError) or e.errno in (errno.ENOSPC, errno.EDQUOT):
         with contextlib.suppress(OSError):  # after the caller freed what it half wrote
             folder = next(p for p in path.parents if p.exists())
             reason += f" ({shutil.disk_usage(folder).free / 2**30:.1f} GiB free there)"

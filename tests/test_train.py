@@ -93,7 +93,8 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_and_no_partial_
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8128 vs 8022")
 
     monkeypatch.setattr(train.torch, "save", disk_full)
-    with pytest.raises(UserError, match="cannot write the checkpoint .*unexpected pos.*GiB free there"):
+    with pytest.raises(UserError, match=r"cannot write .*ckpt.pt: .*unexpected pos.* \(\d+\.\d GiB free there\); "
+                                        r"the last checkpoint, if any, is intact"):
         train.save_checkpoint(path, GPT(PRESETS["nano"]), 2, settings())
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
@@ -311,7 +312,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
     data = make_dataset(tmp_path / "ds")
     out = tmp_path / "out"
     args = [f"--data={data}", "--preset=nano", f"--out_dir={out}", "--max_iters=10", "--eval_interval=1000",
-            "--sample_tokens=0", "--log_interval=1"]
+            "--sample_tokens=0", "--log_interval=1", "--warmup_iters=1"]
     expected = {"preset": "unknown preset", "flag": "unknown setting --bogus", "data": "no prepared data",
                 "checkpoint": "cannot resume", "token_ids": "outside the model's vocabulary",
                 "diverged": "training diverged"}[case]
@@ -328,7 +329,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
     elif case == "token_ids":
         np.full(5000, 60000, dtype=np.uint16).tofile(data / "train.bin")
     elif case == "diverged":
-        args += ["--learning_rate=1e9", "--warmup_iters=1"]
+        args.append("--learning_rate=1e9")
     result = cli(*args)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -342,6 +343,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
 @pytest.mark.parametrize("bad, message", [
     (dict(batch_size=0), "--batch_size must be positive"),
     (dict(log_interval=0), "--log_interval must be positive"),
+    (dict(max_iters=0), "--max_iters must be positive"),
     (dict(eval_interval=5, eval_iters=0), "--eval_iters must be positive"),
     (dict(total_batch_size=-2), "--total_batch_size must not be negative"),
     (dict(seed=-1), "--seed must not be negative"),
@@ -411,6 +413,32 @@ def test_block_size_and_dropout_apply_to_loaded_weights(tmp_path):
     with pytest.raises(UserError, match="another model than --block_size"):  # resuming at another size
         train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), init_from=str(base),
                              block_size=48, max_iters=4))
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                                                "can't allocate memory: you tried to allocate 9000000000 bytes")])
+def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, monkeypatch, error):
+    data = make_dataset(tmp_path / "ds")
+
+    def forward_raising(e):
+        def forward(*args, **kwargs):
+            raise e
+        return forward
+
+    monkeypatch.setattr(train.GPT, "forward", forward_raising(error))
+    with pytest.raises(UserError, match=r"out of memory: lower --batch_size .* or --block_size \(.*allocate 9"):
+        train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), max_iters=2))
+    monkeypatch.setattr(train.GPT, "forward", forward_raising(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error stays a traceback to see
+        train.train(settings(data=str(data), out_dir=str(tmp_path / "out2"), max_iters=2))
+
+
+def test_a_warmup_longer_than_the_run_is_named(tmp_path, capsys):
+    data = make_dataset(tmp_path / "ds")
+    train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), max_iters=2, warmup_iters=8))
+    assert ("warning: --warmup_iters=8 is longer than the run (--max_iters=2): the learning rate climbs to "
+            "7.50e-04 at most, not --learning_rate=0.003") in capsys.readouterr().err
 
 
 def test_no_validation_needs_no_val_data_and_a_small_context_still_samples(tmp_path, capsys):
