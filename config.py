@@ -22,7 +22,9 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+import os
 import re
+import signal
 import sys
 from types import SimpleNamespace
 
@@ -41,6 +43,9 @@ def run(main) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout went away (`--help | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
+        sys.exit(128 + signal.SIGPIPE)
 
 
 def require(*checks: tuple[object, str]) -> None:

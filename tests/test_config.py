@@ -1,12 +1,15 @@
 """Tests for config.py: settings from the command line, --help, and one-line user errors."""
 
 import importlib.util
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from config import UserError, parse_args, parse_settings, require, run, subcommand, usage
 
+ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = dict(
     batch_size=8,
     learning_rate=1e-3,
@@ -38,6 +41,15 @@ def test_run_ends_a_user_error_or_ctrl_c_with_one_line(capsys):
     assert status_of(mistake) == 2 and capsys.readouterr().err == "error: --x must be positive\n"
     assert status_of(ctrl_c) == 130 and capsys.readouterr().err == "interrupted\n"
     assert status_of(lambda: None) is None
+
+
+def test_a_reader_that_stops_early_ends_the_output_quietly():
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from config import run; "
+              "run(lambda: print('usage line\\n' * 100_000))")  # more than a pipe holds
+    process = subprocess.Popen([sys.executable, "-c", script, str(ROOT)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # as `| head` does once it has its lines
+    assert process.wait(timeout=60) == 141 and process.stderr.read() == b""
 
 
 def test_require_reports_the_first_check_that_fails():
