@@ -19,7 +19,9 @@ window, as in pretraining; the <|endoftext|> between them says where one ends, a
 no window is padded. The loss counts the completion tokens and the <|endoftext|>
 ending them (--loss_on=all: every token), so the model learns to write bodies, not
 docstrings, and to stop. Exercises go to val by a hash of their text. Malformed
-lines are skipped and counted.
+lines are skipped and counted. Exercises whose own docstring examples failed in
+synth.py's sandbox check are kept, as the paper checks nothing (--drop_failing
+leaves them out).
 
 With --humaneval_problems=N, each validation loss comes with the greedy pass@1 on
 the first N HumanEval problems (evaluate.py's sandbox), and the best model so far is
@@ -46,6 +48,7 @@ DEFAULTS.update(
     exercises="out/exercises.jsonl",  # JSONL of {"prompt", "completion"} (synth.py exercises)
     out_dir="out/finetune",  # checkpoints go to out_dir/ckpt.pt, the best one to out_dir/best.pt
     loss_on="completion",  # completion (the body and its <|endoftext|>) or all (every token)
+    drop_failing=False,  # leave out exercises whose own docstring examples failed (synth.py's "examples" verdict)
     val_fraction=0.02,  # share of exercises (by a hash of their text) kept for the validation loss (one at least; none without validation)
     humaneval_problems=0,  # HumanEval problems scored with each validation loss (0: none, 164: all)
     humaneval_max_tokens=256,  # tokens per HumanEval completion at most
@@ -66,13 +69,17 @@ DEFAULTS.update(
 HUMANEVAL_PROBLEMS = 164
 
 
-def read_exercises(path: Path) -> tuple[list[tuple[str, str]], int]:
-    """(prompt, completion) of each well-formed line, and the number of malformed ones."""
+FAILING = ("failed", "timed out", "crashed")  # synth.py's verdicts on examples that did not pass
+
+
+def read_exercises(path: Path, drop_failing: bool = False) -> tuple[list[tuple[str, str]], int, int]:
+    """(prompt, completion) of each well-formed line, the number of malformed lines, and
+    the number of exercises left out because their examples failed (with drop_failing)."""
     try:
         lines = path.read_bytes().splitlines()
     except OSError as e:
         raise UserError(f"cannot read --exercises={path}: {e.strerror or e}") from None
-    exercises, malformed = [], 0
+    exercises, malformed, failing = [], 0, 0
     for line in lines:
         if not line.strip():
             continue
@@ -85,8 +92,11 @@ def read_exercises(path: Path) -> tuple[list[tuple[str, str]], int]:
         except (ValueError, KeyError, TypeError):
             malformed += 1
             continue
+        if drop_failing and str(record.get("examples", "")).startswith(FAILING):
+            failing += 1
+            continue
         exercises.append((prompt, completion))
-    return exercises, malformed
+    return exercises, malformed, failing
 
 
 ENCODE_CHUNK = 10_000  # exercises tokenized at a time
@@ -153,9 +163,11 @@ def finetune(cfg):
             (cfg.humaneval_problems == 0 or cfg.eval_interval > 0,
              "--humaneval_problems scores at each validation: it needs --eval_interval > 0"))
     path = Path(cfg.exercises)
-    exercises, malformed = read_exercises(path)
+    exercises, malformed, failing = read_exercises(path, cfg.drop_failing)
     if malformed:
         print(f"skipped {malformed} malformed lines of {path} (each needs a string prompt and completion)")
+    if failing:
+        print(f"left out {failing} exercises whose docstring examples failed (--drop_failing)")
     if not exercises:
         raise UserError(f"no exercises in {path}")
     # the model is --base's (rerunning resumes out_dir's checkpoint: train.build_model)

@@ -76,9 +76,19 @@ def test_read_exercises_skips_and_counts_each_malformed_line_but_not_blank_ones(
         "not json", "[1, 2]", "7", '{"prompt": 1, "completion": "    return 1\\n"}',
         '{"prompt": "def f():\\n", "completion": " \\n "}', '{"completion": "    pass\\n"}',
         '{"prompt": "def g():\\n", "completion": "    return \\"\\ud800\\"\\n"}'])  # valid JSON, no UTF-8
-    items, malformed = finetune.read_exercises(path)
+    items, malformed, failing = finetune.read_exercises(path)
     assert items == exercises(2)
-    assert malformed == 7
+    assert (malformed, failing) == (7, 0)
+
+
+def test_drop_failing_leaves_out_the_exercises_whose_examples_did_not_pass(tmp_path):
+    verdicts = ["passed", "failed: AssertionError", "timed out", "crashed: killed by SIGKILL", "none", "unchecked"]
+    path = tmp_path / "ex.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c, "examples": v}) + "\n"
+                            for (p, c), v in zip(exercises(6), verdicts)))
+    assert finetune.read_exercises(path) == (exercises(6), 0, 0)  # the paper's way: all of them
+    kept = [e for e, v in zip(exercises(6), verdicts) if v in ("passed", "none", "unchecked")]
+    assert finetune.read_exercises(path, drop_failing=True) == (kept, 0, 3)
 
 
 def test_val_batches_come_from_the_val_exercises_only():
