@@ -40,10 +40,11 @@ The sandbox (class Sandbox; Linux). Each worker has a supervisor process, a warm
 `python -S` that forks one fresh child per program (a millisecond, where starting an
 interpreter takes ten). The child runs in its own session, stdin /dev/null, stdout
 and stderr captured (the last 2 KiB kept, the rest read and dropped), in a fresh
-temporary directory removed afterwards, with limits on address space (--memory_mb),
-CPU time (timeout + 1 s), file size (64 MiB), open files (256) and processes, no core
-files, no_new_privs (setuid programs grant nothing), and first in line for the OOM
-killer. At --timeout, or when the program ends, every process it started is killed.
+temporary directory removed afterwards, with limits on address space per process
+(--memory_mb: a program of several processes may use that much in each), CPU time
+(timeout + 1 s), file size (64 MiB), open files (256) and processes, no core files,
+no_new_privs (setuid programs grant nothing), and first in line for the OOM killer.
+At --timeout, or when the program ends, every process it started is killed.
 
   passed         the tests ran to their end and the process exited with status 0
   failed: ...    the program raised: the exception's last line (AssertionError, ...)
@@ -65,20 +66,23 @@ benchmarks' tests in the program's process, this one measures code that tries to
 solve the problem, it does not referee code that attacks the harness.
 
 As root (tests and CI run as root), worker i's programs also run as uid
---sandbox_uid + i (locked for the run, skipped if an account has it), so the process
-limit binds and they cannot touch other users' files or processes; after each program
-every process of that uid is killed, also those that left the session. Each program
-gets new network, IPC and mount namespaces: only an unconfigured loopback, SysV shared
-memory, semaphores and message queues of its own that end with it, and a private
-128 MiB tmpfs as its working directory and as /tmp, /var/tmp, /dev/shm and /run/lock,
-so it changes nothing on disk; a directory others cannot enter that holds Python
+--sandbox_uid + i (locked for the run in /run/lock, else /tmp, whatever TMPDIR says,
+so that concurrent runs never share one; skipped if an account has it or a process
+runs under it), so the process limit (64) binds and they cannot touch other users'
+files or processes; after each program every process of that uid is killed, also
+those that left the session. Each program gets new network, IPC and mount
+namespaces: only an unconfigured loopback, SysV shared memory, semaphores and
+message queues of its own that end with it, and a private 128 MiB tmpfs as its
+working directory and as /tmp, /var/tmp, /dev/shm and /run/lock, so it changes
+nothing on disk; a directory others cannot enter that holds Python
 (pyenv under /root) is replaced by an empty tmpfs with only Python bound back in.
 Where unshare is refused (a container without CAP_SYS_ADMIN) the run warns, and the
 network stays reachable, SysV IPC shared and world-writable directories writable.
 Not as root, programs run as you, with your files and network (run untrusted models
-as root in a VM or container), the process limit counts all your processes, and
+as root, or in a VM or container), the process limit counts all your processes, and
 processes that leave the session are still killed (the supervisor is their
-subreaper) unless the program kills its supervisor, which is then replaced.
+subreaper) unless the program kills its supervisor, which is then replaced. They can
+signal any process of yours: os.kill(-1, SIGKILL) ends evaluate.py itself.
 """
 
 from __future__ import annotations
@@ -132,7 +136,7 @@ DEFAULTS = dict(
     limit=0,  # only the first N problems (0: all)
     workers=0,  # programs run at once (0: one per core)
     timeout=3.0,  # seconds of wall time per program (CPU time: one more)
-    memory_mb=1024,  # address space per process of a program, MiB
+    memory_mb=1024,  # address space of each of a program's processes (up to 64 as root), MiB
     sandbox_uid=61000,  # as root, worker i runs programs as uid sandbox_uid + i
 )
 
@@ -143,6 +147,11 @@ HUMANEVAL_STOP = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]
 MBPP_STOP = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```"]
 OUTCOMES = ("passed", "failed", "timed out", "crashed")
 MAX_UID = 2**32 - 2  # the largest uid Linux has; 2**32 - 1 means "none"
+# The sandbox uids' lock files: in one folder for the whole machine, not TMPDIR (two runs
+# with different TMPDIRs would take the same uid and kill each other's programs).
+# /run/lock is meant for lock files and stays shared where a service gets a private
+# /tmp (systemd's PrivateTmp); /tmp where /run/lock is missing or read-only.
+UID_LOCKS = Path("/run/lock" if os.access("/run/lock", os.W_OK) else "/tmp")
 
 
 # ---------------------------------------------------------------- benchmarks
@@ -601,7 +610,7 @@ class Sandbox:
         os.fchmod(self.alive.fileno(), 0o600)
         fcntl.flock(self.alive, fcntl.LOCK_EX)
         self.notes: set[str] = set()
-        self.locks = []  # lock files of the uids we hold, as root
+        self.locks: list[tuple[Path, int]] = []  # lock files of the uids we hold, as root
         self.every_slot: list[Slot] = []
         self.slots: queue.Queue = queue.Queue()  # those not running a program now
         self.closed = False
@@ -652,8 +661,8 @@ class Sandbox:
                           "world-writable directories shared" if "files" in self.notes else "private tmpfs"])
 
     def _claim_uids(self, first: int, n: int) -> list[int]:
-        """n uids from `first` on that no account has and no other run holds (a lock file
-        each); processes left under them by a run that died are killed."""
+        """n uids from `first` on that no account has, no other run holds (a lock file each)
+        and no process runs under."""
         uids, uid = [], first - 1
         while len(uids) < n:
             uid += 1
@@ -664,18 +673,25 @@ class Sandbox:
                 continue  # a real account's
             except KeyError:
                 pass
-            path = Path(tempfile.gettempdir()) / f"phi1-sandbox-uid-{uid}.lock"
-            f = open(path, "w")
+            # Processes under it: a run that locks elsewhere (another version, or in
+            # another mount namespace) uses it, or a run killed outright left them; we
+            # cannot tell which, and killing the first one's programs is the worse harm.
+            if any(p[2] == uid and p[3] != "Z" for p in _processes()):
+                continue
+            path = UID_LOCKS / f"phi1-sandbox-uid-{uid}.lock"
+            try:  # the folder is everyone's: follow no link, truncate nothing
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError:  # a link, or another user's file that fs.protected_regular keeps from us
+                continue
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                held = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino  # not a file close() removed
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = os.stat(path).st_ino == os.fstat(fd).st_ino  # not a file close() removed
             except OSError:
                 held = False
             if not held:
-                f.close()
+                os.close(fd)
                 continue
-            self.locks.append(f)
-            self._clear(uid, None)
+            self.locks.append((path, fd))
             uids.append(uid)
         return uids
 
@@ -819,9 +835,9 @@ class Sandbox:
             self._stop(slot)
             self.slots.put(slot)  # so that a later run() raises rather than waits
         self.spawns.put(None)
-        for f in self.locks:
-            Path(f.name).unlink(missing_ok=True)  # while we hold its lock: _claim_uids checks for this
-            f.close()
+        for path, fd in self.locks:
+            path.unlink(missing_ok=True)  # while we hold its lock: _claim_uids checks for this
+            os.close(fd)
         self.locks.clear()
         shutil.rmtree(self.base, onerror=_force_remove)
         self.alive.close()

@@ -412,7 +412,8 @@ def test_an_interrupt_ends_the_programs_and_leaves_nothing(tmp_path, stop):
 
 @ROOT_ONLY
 def test_a_sandbox_that_fails_to_start_leaves_no_lock_files_or_folders(tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the lock files and folders go
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the folders go
+    monkeypatch.setattr(evaluate, "UID_LOCKS", tmp_path)  # and the lock files
     with pytest.raises(UserError, match="no free sandbox uids"):
         evaluate.Sandbox(workers=2, uid=evaluate.MAX_UID)
     assert not list(tmp_path.iterdir())
@@ -598,22 +599,56 @@ def test_folders_a_program_made_unwritable_are_removed_all_the_same(tmp_path, mo
 
 
 @ROOT_ONLY
-def test_processes_left_under_a_sandbox_uid_are_killed_when_the_uid_is_claimed(tmp_path, monkeypatch):
-    """A run killed outright leaves its programs' processes running under its uids: whoever
-    claims a uid next ends them before its first program, which they could kill (as here)."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # lock files here: no other run's uid is taken
+def test_a_uid_that_processes_run_under_is_skipped_not_cleared():
+    """Processes under a sandbox uid may be another run's programs (a run that locks its
+    uids elsewhere): the uid is left to them, and they cannot kill this run's programs."""
     uid = 2_000_000_000 + os.getpid() % 100_000  # no account has it, no other run uses it
     # kill -1 as that uid: every other process of that uid, and nothing else
     left = subprocess.Popen(["sh", "-c", "while :; do kill -9 -1; done"], user=uid, group=uid, cwd="/")
     try:
         time.sleep(0.2)  # surely running
-        with evaluate.Sandbox(workers=1, uid=uid) as box:  # its probe would be killed
-            assert box.every_slot[0].uid == uid
-            assert left.wait(timeout=5) == -signal.SIGKILL
+        with evaluate.Sandbox(workers=1, uid=uid) as box:  # its probe would be killed under uid
+            assert box.every_slot[0].uid == uid + 1
             assert box.run([("<completion>", GOOD), ("<tests>", TESTS)]) == "passed"
+        assert left.poll() is None and not list(evaluate.UID_LOCKS.glob(f"phi1-sandbox-uid-{uid}*"))
     finally:
         left.kill()
         left.wait()
+
+
+@ROOT_ONLY
+def test_runs_with_different_tmpdirs_take_different_uids(tmp_path, monkeypatch):
+    """Two runs at once (two jobs on one node, say) whose TMPDIRs differ: each kills every
+    process of its uids after each program, so sharing one would kill the other's programs."""
+    boxes = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / name))
+            boxes.append(evaluate.Sandbox(workers=1, timeout=5.0))
+        assert boxes[0].every_slot[0].uid != boxes[1].every_slot[0].uid
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(boxes[0].run, [("<completion>", GOOD + "import time\ntime.sleep(0.5)\n"),
+                                              ("<tests>", TESTS)])
+            quick = [boxes[1].run([("<completion>", GOOD), ("<tests>", TESTS)]) for _ in range(3)]
+            assert slow.result() == "passed" and quick == ["passed"] * 3
+    finally:
+        for box in boxes:
+            box.close()
+
+
+@ROOT_ONLY
+def test_a_link_where_a_uid_lock_file_goes_is_not_followed(tmp_path, monkeypatch):
+    """The lock files' folder is everyone's (/run/lock or /tmp): a link put there must not
+    make root create or truncate a file elsewhere."""
+    monkeypatch.setattr(evaluate, "UID_LOCKS", tmp_path)
+    uid = 2_000_000_000 + os.getpid() % 100_000
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / f"phi1-sandbox-uid-{uid}.lock").symlink_to(victim)
+    with evaluate.Sandbox(workers=1, uid=uid) as box:
+        assert box.every_slot[0].uid == uid + 1
+    assert victim.read_text() == "precious"
 
 
 # ---------------------------------------------------------------- generation
