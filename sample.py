@@ -55,6 +55,11 @@ depend on theirs. Without a seed, sampling is random: the server draws the seeds
 such batches from --seed if given, else from the OS, so a restarted server does not
 repeat the samples of the one before.
 
+A client that hangs up (a dropped stream, a timed-out request that llm.py would
+send again) cancels its rows: those still queued are dropped, and a running batch
+stops at its next token once all its rows are cancelled; one that still has rows
+of other requests runs on for them, with the same answers as without.
+
 Ctrl-C or SIGTERM stops the server: it takes no more requests, the running
 batch finishes and its answers are sent, and queued requests get a 503.
 
@@ -65,6 +70,7 @@ default; --host=0.0.0.0 opens it to the network.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import json
 import queue
@@ -76,7 +82,7 @@ import threading
 import time
 import traceback
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -117,6 +123,7 @@ MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; HumanEval's convent
 MAX_N = 128  # completions per prompt
 MAX_ROWS = 2048  # prompts x n per request
 MAX_BODY = 32 << 20  # bytes of one request body
+POLL_S = 0.1  # how often a handler waiting for its rows looks whether its client has hung up
 UNSUPPORTED = ("suffix", "logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice",
                "functions", "function_call")
 
@@ -292,8 +299,29 @@ def parse_sampling(body: dict, cfg, chat: bool) -> Sampling:
                     flag(body, "stream"), flag(options, "include_usage"))
 
 
-def parse_prompts(body: dict) -> list[tuple[list[int], str]]:
-    """(token ids, text) of each prompt of a completions request."""
+@functools.cache
+def longest_token() -> int:
+    """Bytes of the longest token (128): a text of B bytes is at least B / longest_token() tokens."""
+    return max(len(tokenizer.decode_bytes([i])) for i in range(tokenizer.VOCAB_SIZE))
+
+
+def too_long(block: int, tokens, param: str) -> ApiError:
+    return ApiError(f"This model's maximum context length is {block} tokens, and the prompt has {tokens}: "
+                    f"no room for a completion (prompts are not truncated)", param=param,
+                    code="context_length_exceeded")
+
+
+def check_text_fits(text: str, block: int, param: str) -> None:
+    """Refuse a text too long for the context before tokenizing it: megabytes take
+    seconds, holding the GIL. (A lone surrogate is 3 bytes here and in the tokens.)"""
+    tokens = -(-len(text.encode(errors="surrogatepass")) // longest_token())
+    if tokens >= block:
+        raise too_long(block, f"at least {tokens}", param)
+
+
+def parse_prompts(body: dict, n: int, block: int) -> list[tuple[list[int], str]]:
+    """(token ids, text) of each prompt of a completions request, refused before the
+    slow part, tokenizing, if there are too many or one cannot fit the context."""
     prompt = body.get("prompt")
 
     def is_ids(x):
@@ -310,10 +338,15 @@ def parse_prompts(body: dict) -> list[tuple[list[int], str]]:
     else:
         raise ApiError("'prompt' must be a string, a list of strings, a list of token ids, or a list of "
                        "lists of token ids", param="prompt")
+    if len(prompts) * n > MAX_ROWS:
+        raise ApiError(f"at most {MAX_ROWS} completions (prompts x n) per request", param="n")
     out = []
     for p in prompts:
         if isinstance(p, str):
+            check_text_fits(p, block, "prompt")
             ids = tokenizer.encode(p)  # "<|endoftext|>" in a prompt is plain text
+        elif len(p) >= block:
+            raise too_long(block, len(p), "prompt")
         elif all(0 <= t < tokenizer.VOCAB_SIZE for t in p):
             ids, p = p, tokenizer.decode(p)
         else:
@@ -363,6 +396,7 @@ class Row:
     request: int  # which request it belongs to
     tokens: queue.Queue | None = None  # the request's stream, shared by its rows
     streamed: int = 0  # tokens put on it so far
+    cancelled: bool = False  # its client hung up: the engine drops it, or stops once its batch is all such
     future: Future = field(default_factory=Future)
 
     def push(self, token: int) -> None:
@@ -377,6 +411,10 @@ class Row:
             self.future.set_exception(error)
         if self.tokens is not None:
             self.tokens.put((self, None))
+
+
+class Cancelled(Exception):
+    """The client of a request hung up: raised to stop the work for it."""
 
 
 _CLOSE = object()  # queued by Engine.close
@@ -440,7 +478,9 @@ class Engine:
                 groups.setdefault((row.temperature, row.top_p, row.stop), []).append(row)
             for group in groups.values():
                 for i, batch in enumerate(self._split(group)):
-                    self._generate(batch, i)
+                    batch = [row for row in batch if not row.cancelled]  # hung up on while queued
+                    if batch:
+                        self._generate(batch, i)
 
     def _split(self, rows: list[Row]) -> list[list[Row]]:
         """Batches of at most max_batch rows whose longest prompt and longest max_new fit the context."""
@@ -462,13 +502,26 @@ class Engine:
             seed = self.rng.randrange(2**63)
         self.largest_batch = max(self.largest_batch, len(batch))
         max_new = max(row.max_new for row in batch)
+        live = 0  # the rows before it are cancelled
+
+        def on_token(i: int, token: int) -> None:
+            """Push the token; stop generate() once every row is cancelled. (One with live
+            rows runs on: generate() cannot drop a row, and a step costs as much without it.)"""
+            nonlocal live
+            batch[i].push(token)
+            while batch[live].cancelled:  # a row once cancelled stays so: scanned once per batch
+                live += 1
+                if live == len(batch):
+                    raise Cancelled
+
         try:
             if max_new == 0:
                 out = [[] for _ in batch]
             else:
                 out = self.model.generate([row.prompt for row in batch], max_new, first.temperature,
-                                          first.top_p, list(first.stop), seed,
-                                          on_token=lambda i, token: batch[i].push(token))
+                                          first.top_p, list(first.stop), seed, on_token=on_token)
+        except Cancelled:  # nobody is waiting for these rows
+            return
         except Exception as e:  # e.g. out of memory: fail this batch, keep serving
             traceback.print_exc()
             error = ApiError(f"generation failed ({type(e).__name__}: {e})", 500, "generation_failed",
@@ -502,6 +555,7 @@ class Server(ThreadingHTTPServer):
     def start(self, model: GPT, model_name: str) -> None:
         """Serve model under model_name (call serve_forever next)."""
         self.model_name, self.block_size = model_name, model.config.block_size
+        longest_token()  # a fraction of a second: now, not in the first request
         self.engine = Engine(model, self.cfg.max_batch, self.cfg.batch_wait_ms, self.cfg.seed)
 
     def close(self, timeout: float = 30.0) -> None:
@@ -559,6 +613,9 @@ class Handler(BaseHTTPRequestHandler):
                 answer = getattr(self, name)()
             if answer is not None:  # None: already sent as a stream
                 self.send_json(200, answer)
+        except Cancelled:
+            self.close_connection = True
+            self.log_message('"%s" cancelled: the client hung up', self.requestline)
         except ApiError as e:
             self.send_json(e.status, e.body, e.headers)
         except Exception as e:
@@ -597,10 +654,11 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:  # the client went away
             self.close_connection = True
 
-    def send_events(self, events: Iterator[dict]) -> None:
+    def send_events(self, events: Iterator[dict], rows: list[Row]) -> None:
         """Server-sent events as OpenAI streams them, each as soon as it is made, then
         [DONE]; the connection closes after. A generation that fails after the first
-        event ends the stream with an error event, as OpenAI's do."""
+        event ends the stream with an error event, as OpenAI's do. A write that fails
+        (the client hung up) cancels the rows."""
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -613,9 +671,36 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"data: [DONE]\n\n")
             except ApiError as e:
                 self.wfile.write(f"data: {json.dumps(e.body)}\n\n".encode())
-        except OSError:  # the client went away; its rows still finish in the engine, unread
-            pass
+        except OSError:
+            for row in rows:
+                row.cancelled = True
         self.close_connection = True
+
+    def results(self, rows: list[Row]) -> list[list[int]]:
+        """The rows' new tokens, once all are generated. A client that hangs up meanwhile
+        cancels them: nobody would read them, and llm.py would ask again on its timeout."""
+        futures = [row.future for row in rows]
+        while wait(futures, timeout=POLL_S).not_done:
+            if self.hung_up():
+                for row in rows:
+                    row.cancelled = True
+                raise Cancelled
+        return [future.result() for future in futures]
+
+    def hung_up(self) -> bool:
+        """Whether the client has closed its end of the connection (HTTP clients do not
+        half-close while they wait for an answer). It is peeked at, not read: bytes there
+        begin the next request of a keep-alive client; none yet, it is still waiting."""
+        sock, timeout = self.connection, self.connection.gettimeout()
+        sock.settimeout(0)  # not select(): it fails on descriptors past 1023
+        try:
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:  # e.g. reset
+            return True
+        finally:
+            sock.settimeout(timeout)
 
     def log_message(self, format, *args) -> None:
         if not self.server.cfg.quiet:
@@ -647,16 +732,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def submit(self, prompts: list[list[int]], s: Sampling, stop: tuple[str, ...], param: str) -> list[Row]:
         """n rows per prompt, prompt-major, handed to the engine; streamed, they share one queue."""
-        if len(prompts) * s.n > MAX_ROWS:
-            raise ApiError(f"at most {MAX_ROWS} completions (prompts x n) per request", param="n")
         block, request = self.server.block_size, next(self.server.request_ids)
         tokens = queue.Queue() if s.stream else None
         rows = []
         for ids in prompts:
             if len(ids) >= block:
-                raise ApiError(f"This model's maximum context length is {block} tokens, and the prompt has "
-                               f"{len(ids)}: no room for a completion (prompts are not truncated)",
-                               param=param, code="context_length_exceeded")
+                raise too_long(block, len(ids), param)
             max_new = min(s.max_tokens, block - len(ids))
             rows += [Row(ids, max_new, s.temperature, s.top_p, stop, s.seed, request, tokens)
                      for _ in range(s.n)]
@@ -699,7 +780,7 @@ class Handler(BaseHTTPRequestHandler):
         self.check_model(body.get("model"))
         s = parse_sampling(body, self.server.cfg, chat=False)
         echo = flag(body, "echo")
-        prompts = parse_prompts(body)
+        prompts = parse_prompts(body, s.n, self.server.block_size)
         rows = self.submit([ids for ids, _ in prompts], s, s.stop, "prompt")
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.server.model_name}
@@ -718,18 +799,21 @@ class Handler(BaseHTTPRequestHandler):
                 yield {**head, "choices": [], "usage": usage(prompt_tokens, sum(r.streamed for r in rows))}
 
         if s.stream:
-            return self.send_events(chunks())
+            return self.send_events(chunks(), rows)
+        outs = self.results(rows)
         choices = []
-        for i, row in enumerate(rows):
-            text, reason = cut(row.future.result(), row.max_new, s.stop)
+        for i, (row, new) in enumerate(zip(rows, outs)):
+            text, reason = cut(new, row.max_new, s.stop)
             choices.append(choice(i, prompts[i // s.n][1] + text if echo else text, reason))
-        used = usage(prompt_tokens, sum(len(row.future.result()) for row in rows))
+        used = usage(prompt_tokens, sum(map(len, outs)))
         return {**head, "choices": choices, "usage": used}
 
     def chat(self, body: dict) -> dict | None:
         self.check_model(body.get("model"))
         s = parse_sampling(body, self.server.cfg, chat=True)
-        prompt = tokenizer.encode(chat_prompt(body.get("messages")))
+        flat = chat_prompt(body.get("messages"))
+        check_text_fits(flat, self.server.block_size, "messages")
+        prompt = tokenizer.encode(flat)
         stop = tuple(sorted(set(s.stop) | set(CHAT_STOPS)))
         rows = self.submit([prompt], s, stop, "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -747,13 +831,14 @@ class Handler(BaseHTTPRequestHandler):
                 yield {**head, "choices": [], "usage": usage(len(prompt), sum(r.streamed for r in rows))}
 
         if s.stream:
-            return self.send_events(chunks())
+            return self.send_events(chunks(), rows)
+        outs = self.results(rows)
         choices = []
-        for i, row in enumerate(rows):
-            text, reason = cut(row.future.result(), row.max_new, stop)
+        for i, (row, new) in enumerate(zip(rows, outs)):
+            text, reason = cut(new, row.max_new, stop)
             choices.append({"index": i, "message": {"role": "assistant", "content": text.removeprefix(" ")},
                             "logprobs": None, "finish_reason": reason})
-        used = usage(len(prompt), sum(len(row.future.result()) for row in rows))
+        used = usage(len(prompt), sum(map(len, outs)))
         return {**head, "object": "chat.completion", "choices": choices, "usage": used}
 
 

@@ -406,6 +406,88 @@ def test_closing_the_server_waits_until_the_answers_are_sent(monkeypatch):
     assert queued.result()[0] == 503
 
 
+class SteppingModel:
+    """A model whose generate gives every row token 1 each step, after calling hook(step),
+    and counts the steps of each call in `steps`."""
+    config = PRESETS["nano"]
+
+    def __init__(self, hook):
+        self.hook, self.steps = hook, []
+
+    def generate(self, prompts, max_new, *args, on_token, **kwargs):
+        self.steps.append(0)
+        for step in range(max_new):
+            self.steps[-1] += 1
+            self.hook(step)
+            for i in range(len(prompts)):
+                on_token(i, 1)
+        return [[1] * max_new for _ in prompts]
+
+
+def test_a_batch_runs_on_for_live_rows_and_stops_at_the_next_token_once_all_are_cancelled():
+    cancel_at_step_2 = []
+
+    def hook(step):
+        if step == 2:
+            for row in cancel_at_step_2:
+                row.cancelled = True
+
+    model = SteppingModel(hook)
+    engine = sample.Engine(model, max_batch=8, batch_wait_ms=0)
+    try:
+        gone, live = sample.Row([1], 6, 0.0, 1.0, (), None, 0), sample.Row([1], 6, 0.0, 1.0, (), None, 1)
+        cancel_at_step_2[:] = [gone]
+        engine.submit([gone, live])
+        assert live.future.result(timeout=20) == [1] * 6 and model.steps == [6]
+
+        cancel_at_step_2[:] = [sample.Row([1], 6, 0.0, 1.0, (), None, r) for r in (2, 3)]
+        engine.submit(cancel_at_step_2)
+        after = sample.Row([1], 1, 1.0, 1.0, (), None, 4)  # another sampling mode: a batch of its own, next
+        engine.submit([after])
+        assert after.future.result(timeout=20) == [1]
+        assert model.steps == [6, 3, 1]
+    finally:
+        engine.close()
+
+
+def send_request(sock, body: dict) -> None:
+    data = json.dumps(body)
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n{data}".encode())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_hangs_up_cancels_its_rows(server, monkeypatch, stream):
+    """Its running batch stops and its queued one never starts: nobody would read them,
+    and llm.py, timing out, asks again."""
+    model = SteppingModel(lambda step: time.sleep(0.05))
+    monkeypatch.setattr(server.engine.model, "generate", model.generate)
+    with socket.create_connection(server.server_address[:2]) as sock:
+        send_request(sock, {**GOOD, "max_tokens": BLOCK - 2, "n": 16, "stream": stream})  # 2 batches of 8
+        while not model.steps:
+            time.sleep(0.01)
+    assert raw(server, "POST", "/v1/completions", GOOD)[0] == 200  # after what is left of the first
+    assert len(model.steps) == 2 and model.steps[0] < BLOCK - 2 and model.steps[1] == 1
+
+
+def test_a_request_sent_while_another_waits_is_not_taken_for_a_hang_up(server, monkeypatch):
+    """The handler peeks at the connection while it waits: a keep-alive client's next
+    request is there, unread, for the handler to answer next."""
+    model = SteppingModel(lambda step: time.sleep(0.05))
+    monkeypatch.setattr(server.engine.model, "generate", model.generate)
+    ask = {**GOOD, "max_tokens": 8}  # 0.4 s: several looks at the connection
+    with socket.create_connection(server.server_address[:2]) as sock:
+        send_request(sock, ask)
+        while not model.steps:
+            time.sleep(0.01)
+        send_request(sock, ask)
+        responses = sock.makefile("rb")
+        for _ in range(2):
+            assert responses.readline().split()[1] == b"200"
+            headers = dict(line.decode().split(": ", 1) for line in iter(responses.readline, b"\r\n"))
+            assert json.loads(responses.read(int(headers["Content-Length"])))["usage"]["completion_tokens"] == 8
+    assert model.steps == [8, 8]
+
+
 def test_streaming_gives_the_same_answer(client):
     ask = dict(model=NAME, prompt="x = 1", max_tokens=6, temperature=0)
     whole = client.completions.create(**ask).choices[0]
@@ -536,6 +618,28 @@ def test_client_sees_openai_errors(client):
     with pytest.raises(openai.BadRequestError) as error:
         client.completions.create(model=NAME, prompt="word " * BLOCK, max_tokens=1)
     assert error.value.code == "context_length_exceeded"
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(server, monkeypatch):
+    """Megabytes would take seconds to tokenize, holding the GIL. A token is at most
+    longest_token() bytes: the tokens of the longest, BLOCK - 1 times, fit; a byte more cannot."""
+    longest = max(range(tokenizer.VOCAB_SIZE), key=lambda i: len(tokenizer.decode_bytes([i])))
+    text = tokenizer.decode([longest]) * (BLOCK - 1)
+    assert len(tokenizer.encode(text)) == BLOCK - 1  # what makes the bound tight
+    status, payload = raw(server, "POST", "/v1/completions", {**GOOD, "prompt": text})
+    assert status == 200 and payload["usage"]["prompt_tokens"] == BLOCK - 1
+
+    encode, decode, sizes = tokenizer.encode, tokenizer.decode, []
+    monkeypatch.setattr(tokenizer, "encode", lambda text, *args: sizes.append(len(text)) or encode(text, *args))
+    monkeypatch.setattr(tokenizer, "decode", lambda ids: sizes.append(len(ids)) or decode(ids))
+    for path, body in [("/v1/completions", {**GOOD, "prompt": text + "x"}),
+                       ("/v1/completions", {**GOOD, "prompt": ["x", text + "x"]}),
+                       ("/v1/completions", {**GOOD, "prompt": [1] * BLOCK}),
+                       ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": text}]})]:
+        status, payload = raw(server, "POST", path, body)
+        assert (status, payload["error"]["code"], payload["error"]["param"]) == (
+            400, "context_length_exceeded", "messages" if "chat" in path else "prompt")
+    assert max(sizes) < BLOCK  # only the "x" was tokenized
 
 
 # ---------------------------------------------------------------- raw HTTP errors
