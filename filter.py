@@ -53,23 +53,35 @@ apply      streams --corpus through the embedding model (the forest's, unless --
            The score is the forest's probability of the positive class; a document is kept
            at --threshold or above, or with --top_fraction, if it is among the best-scoring
            documents that hold that fraction of the shard's tokens (the threshold read from
-           a 10,000-bin histogram; ties at it are kept). Shard I of N holds lines I, I + N,
-           I + 2N, ... of the corpus; under torchrun each process is a shard of its own (N =
-           --num_shards x processes). A shard with a summary is done: a rerun skips it, or
-           with another --threshold or --top_fraction only selects again from its scores.
+           a 10,000-bin histogram; ties at it are kept, with a note where they keep notably
+           more). Shard I of N holds lines I, I + N, I + 2N, ... of the corpus; under
+           torchrun each process is a shard of its own (N = --num_shards x processes). A
+           shard whose summary names its kept file is done: a rerun skips it, or with
+           another --threshold or --top_fraction only selects again from its scores (a
+           changed corpus file, by size or modification time, is scored again). A --corpus
+           holding files apply writes in --out is refused (each run would read the last
+           one's output back in), and kept files of another --num_shards in --out are warned
+           of: a glob of kept-*.jsonl would take them too.
 decontaminate  --corpus (e.g. exercises) against HumanEval and MBPP (--bench): 13-gram
            overlap (lowercased words of the problem's prompt and solution), the L2 distance
            of unit-normalised embeddings (with --ckpt) and the AST match rate tau. Writes
            --report: per problem its closest training document by each measure, and per
-           tau how many documents and problems reach it. With --prune_tau, --out gets the
-           documents whose tau is below it against every problem; with --results
-           (evaluate.py's results.jsonl, comma-separated for several runs) it prints the
-           paper's Table 3: per tau, the problems with a training document at least that
-           close (similar) and the others, with their pass rates.
+           tau (the paper's, from --min_tau, and --min_tau) how many documents and problems
+           reach it. With --prune_tau, --out gets the documents whose tau is below it
+           against every problem; with --results (evaluate.py's results.jsonl,
+           comma-separated for several runs, each named by the end of its path that tells
+           it from the others) it prints the paper's Table 3, also kept in the report: per
+           tau, the problems with a training document at least that close (similar) and the
+           others, with their pass rates.
 
 The AST match rate: tau = 1 - d / max(n1, n2), d being the tree edit distance between
 two programs' ASTs of n1 and n2 nodes (Zhang and Shasha's algorithm; inserting, deleting
 or relabelling a node costs 1), so 1.0 is the same structure and 0 nothing in common.
+A problem is its prompt and solution as one module; a document is compared by its code
+units, and its tau is the best of theirs: the document if it parses, else each fenced
+code block (a textbook's ```python), else each top-level definition's lines that parse
+(one Python 2 line costs only its part); and of each, every top-level function and
+class with the imports it uses, so a copy inside a larger file is not diluted by the rest.
 Names go before comparing (identifiers, attributes, arguments, imports, keywords: a node
 keeps its type only), and so do docstrings (comments never reach the AST); constants keep
 their type, not their value (3 matches 4, not "3"); operators and load/store contexts
@@ -92,6 +104,7 @@ import multiprocessing
 import os
 import re
 import sys
+import textwrap
 import time
 import zipfile
 from collections import Counter
@@ -155,6 +168,7 @@ TAUS = (0.95, 0.9, 0.85, 0.8)  # the paper's Table 3
 NGRAM = 13
 EMBEDDINGS_FORMAT = "phi1-embeddings"
 SCORES = np.dtype([("score", "<f4"), ("tokens", "<u4")])  # apply's scores-I-of-N.bin
+APPLY_OUTPUT = re.compile(r"(?:kept|scores|summary)-\d+-of-\d+\.(?:jsonl|bin|json)")  # the files apply writes in --out
 
 
 # ---------------------------------------------------------------- corpora
@@ -240,7 +254,10 @@ def fingerprint(*parts) -> str:
 
 
 def files_identity(files: list[Path]) -> list:
-    return [[str(p), p.stat().st_size] for p in files]
+    """Each file's path, size and modification time: a file rewritten in place, shuffled
+    or edited to the same size, is not taken for what was read before (as evaluate.py's
+    weights_stamp)."""
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
 def content_identity(name: str) -> list:
@@ -1176,6 +1193,10 @@ def score_shard(cfg, files, shard: int, shards: int, forest: RandomForest, model
             f.write(scored(texts, cfg, forest, column, model, doc_tokens).tobytes())
             bar.update(len(texts))
     warn_skipped(skipped, files)
+    if not bar.n and skipped:  # lines, none of them a document: a wrong corpus, not a shard past a small one's end
+        partial.unlink()
+        raise UserError(f"no documents in {', '.join(map(str, files))}"
+                        + (f" (shard {shard} of {shards})" if shards > 1 else ""))
     os.replace(partial, path)
 
 
@@ -1195,6 +1216,8 @@ def apply(cfg) -> dict:
         raise UserError(f"--shard must be in [0, --num_shards={cfg.num_shards})")
     if not 0 <= cfg.threshold <= 1 or not 0 <= cfg.top_fraction <= 1:
         raise UserError("--threshold and --top_fraction must be in [0, 1]")
+    if cfg.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
     try:
         forest = RandomForest.load(cfg.forest)
     except (FileNotFoundError, ValueError) as e:
@@ -1213,7 +1236,19 @@ def apply(cfg) -> dict:
     name = f"{shard:05d}-of-{shards:05d}"
     kept_path, scores_path, summary_path = (out / f"{kind}-{name}{ext}" for kind, ext in
                                             (("kept", ".jsonl"), ("scores", ".bin"), ("summary", ".json")))
+    for path in (kept_path, scores_path, summary_path):
+        check_apart({"--out": path}, {"--corpus": files, "--forest": [Path(cfg.forest)]})
+    # another shard's output read as corpus: each run would filter the last one's kept documents again
+    ours = [p for p in files if APPLY_OUTPUT.fullmatch(p.name) and same_file(p.parent, out)]
+    if ours:
+        raise UserError(f"--corpus takes {ours[0]}, which apply writes in --out={out}: each run would read the "
+                        f"last one's output as corpus; give --out a folder outside the corpus")
     check_writable(kept_path)
+    stale = sorted(p.name for p in out.glob("kept-*-of-*.jsonl") if not p.name.endswith(f"-of-{shards:05d}.jsonl"))
+    if stale and rank == 0:
+        print(f"warning: {out} holds kept files of another --num_shards ({', '.join(stale[:3])}"
+              f"{f' and {len(stale) - 3} more' if len(stale) > 3 else ''}): a glob of its kept-*.jsonl, as "
+              f"prepare.py --inputs takes, would take them too; remove them", file=sys.stderr)
     scoring = fingerprint(files_identity(files), content_identity(cfg.forest), content_identity(ckpt), doc_tokens,
                           shard, shards)
     selection = dict(threshold=cfg.threshold, top_fraction=cfg.top_fraction)
@@ -1221,13 +1256,15 @@ def apply(cfg) -> dict:
         previous = json.loads(summary_path.read_text())
     except (OSError, ValueError):
         previous = {}
-    if previous.get("scoring") == scoring and previous.get("selection") == selection and kept_path.is_file():
+    # the summary names the kept file it goes with: one replaced by a run killed before its summary is not done
+    if (previous.get("scoring") == scoring and previous.get("selection") == selection and kept_path.is_file()
+            and previous.get("kept") == files_identity([kept_path])):
         print(f"shard {name} is done: {summary_path}")
         return previous
-    summary_path.unlink(missing_ok=True)  # nothing half-done may look complete
     started = time.time()
     if previous.get("scoring") != scoring or not scores_path.is_file() or \
             scores_path.stat().st_size != SCORES.itemsize * previous.get("documents", -1):
+        summary_path.unlink(missing_ok=True)  # it describes the scores about to be replaced
         model = load_embedder(cfg, ckpt, device)
         if model.config.n_embd != forest.n_features_:
             raise UserError(f"{ckpt} embeds in {model.config.n_embd} dimensions, the forest takes {forest.n_features_}")
@@ -1235,14 +1272,22 @@ def apply(cfg) -> dict:
     scores = np.memmap(scores_path, dtype=SCORES, mode="r") if scores_path.stat().st_size else np.zeros(0, SCORES)
     threshold = top_threshold(scores, cfg.top_fraction) if cfg.top_fraction else cfg.threshold
 
+    # until the summary is rewritten, the old one keeps the scores usable: a selection killed
+    # at any point selects again from them, and never re-embeds the shard
     partial = kept_path.with_name(kept_path.name + ".partial")
     kept = kept_tokens = seen = 0
+    lowest, tied, tied_tokens = math.inf, 0, 0  # the lowest score kept, and the documents and tokens at it
     with open(partial, "w", encoding="utf-8") as f:
         for i, (_, _, _, record) in enumerate(documents(files, Counter(), shard, shards)):
             seen += 1
             if i < len(scores) and scores[i]["score"] >= threshold:
-                f.write(json.dumps({**record, "score": round(float(scores[i]["score"]), 6)}, ensure_ascii=False) + "\n")
-                kept, kept_tokens = kept + 1, kept_tokens + int(scores[i]["tokens"])
+                score, tokens = float(scores[i]["score"]), int(scores[i]["tokens"])
+                f.write(json.dumps({**record, "score": round(score, 6)}, ensure_ascii=False) + "\n")
+                kept, kept_tokens = kept + 1, kept_tokens + tokens
+                if score < lowest:
+                    lowest, tied, tied_tokens = score, 0, 0
+                if score == lowest:
+                    tied, tied_tokens = tied + 1, tied_tokens + tokens
     if seen != len(scores):
         partial.unlink()
         raise UserError(f"{cfg.corpus} changed while shard {name} was filtered: rerun")
@@ -1253,10 +1298,16 @@ def apply(cfg) -> dict:
                    histogram={f"{b / 10:.1f}-{(b + 1) / 10:.1f}": dict(documents=int(counts[b]), tokens=int(tokens[b]))
                               for b in range(10)},
                    forest=cfg.forest, ckpt=ckpt, doc_tokens=doc_tokens, scoring=scoring,
+                   kept=files_identity([kept_path]),
                    seconds=round(time.time() - started, 1))
     write_atomic(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
     print(f"shard {name}: kept {kept} of {len(scores)} documents, {kept_tokens:,} of {summary['tokens']:,} tokens "
           f"({kept_tokens / max(1, summary['tokens']):.1%}) at score >= {threshold:.4f}; {kept_path}")
+    asked = cfg.top_fraction * summary["tokens"]
+    if cfg.top_fraction and tied > 1 and kept_tokens - tied_tokens < asked and kept_tokens > 1.1 * asked:
+        print(f"note: --top_fraction={cfg.top_fraction:g} kept {kept_tokens / summary['tokens']:.1%} of the tokens: "
+              f"{tied} documents ({tied_tokens:,} tokens) score {lowest:.6f} exactly, at the cut, and ties at it "
+              f"are kept", file=sys.stderr)
     return summary
 
 
@@ -1287,14 +1338,23 @@ def _children(node: ast.AST) -> list[ast.AST]:
     return kids
 
 
-def code_tree(source: str):
-    """The AST of source for the tree edit distance, or None if it does not parse: node
-    labels in postorder (type only, see the module doc), the leftmost leaf of each node,
-    and Zhang and Shasha's keyroots."""
+def parse(source: str) -> ast.Module | None:
+    """source's AST, or None where it is not Python (of this version) or nests too deep to parse."""
     try:
-        root = ast.parse(source)
+        return ast.parse(source)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
+
+
+def code_tree(source: str):
+    """The tree_of source's AST, or None if it does not parse."""
+    root = parse(source)
+    return None if root is None else tree_of(root)
+
+
+def tree_of(root: ast.AST):
+    """The AST under root for the tree edit distance: node labels in postorder (type only,
+    see the module doc), the leftmost leaf of each node, and Zhang and Shasha's keyroots."""
     labels, leftmost = [], []
     stack = [[root, iter(_children(root)), None]]  # node, children to visit, its leftmost leaf
     while stack:
@@ -1352,6 +1412,54 @@ def ast_match_rate_bound(a, b) -> float:
     return shared / max(len(a[0]), len(b[0]))
 
 
+_FENCE = re.compile(r"^[ \t]*```[^\n`]*\n(.*?)^[ \t]*```", re.M | re.S)  # a markdown code block
+_TOP_LEVEL = re.compile(r"^(?:@[^\n]*\n)*(?:def|async[ \t]+def|class)\b", re.M)  # a top-level def, decorators too
+
+
+def code_units(text: str) -> list:
+    """The code_trees a document is compared by (none where no Python in it parses): the
+    document if it parses as a whole, else each fenced code block (a textbook's), else each
+    top-level definition's lines (from one def, class or decorator at the line's start to the
+    next) that parse, so one Python 2 line costs a file only the part that holds it; and of
+    each, every top-level function and class with the imports it uses, as a benchmark
+    problem is one: a copy inside a larger file is compared as itself, where the whole
+    file's tau would be diluted by the rest (it divides by the larger tree)."""
+    whole = parse(text)
+    if whole is not None:
+        modules = [whole]
+    elif _FENCE.search(text):
+        modules = []
+        for block in map(textwrap.dedent, _FENCE.findall(text)):
+            module = parse(block)
+            modules += [module] if module is not None else parts_that_parse(block)
+    else:
+        modules = parts_that_parse(text)
+    imports = [s for m in modules for s in m.body if isinstance(s, (ast.Import, ast.ImportFrom))]
+    units = {}
+    for module in modules:
+        for root in [module] + [ast.Module(body=uses(d, imports) + [d], type_ignores=[]) for d in module.body
+                                if isinstance(d, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]:
+            tree = tree_of(root)
+            units.setdefault((tuple(tree[0]), tuple(tree[1])), tree)  # a module of one function is that function
+    return list(units.values())
+
+
+def parts_that_parse(source: str) -> list[ast.Module]:
+    """The top-level definitions of source that parse, each with what precedes it up to the
+    one before (a decorator stays with its def)."""
+    starts = [m.start() for m in _TOP_LEVEL.finditer(source)]
+    if not starts:  # nothing to split: the whole did not parse
+        return []
+    cuts = [0, *starts, len(source)]
+    return [m for m in (parse(source[a:b]) for a, b in zip(cuts, cuts[1:]) if a < b) if m is not None]
+
+
+def uses(definition: ast.AST, imports: list) -> list:
+    """The import statements that bind a name used in definition."""
+    names = {n.id for n in ast.walk(definition) if isinstance(n, ast.Name)}
+    return [s for s in imports if any((a.asname or a.name).split(".")[0] in names for a in s.names)]
+
+
 def ngrams(text: str) -> set[int]:
     words = re.findall(r"\w+", text.lower())
     return {hash(tuple(words[i:i + NGRAM])) for i in range(len(words) - NGRAM + 1)}
@@ -1359,23 +1467,21 @@ def ngrams(text: str) -> set[int]:
 
 def compare_document(document: tuple[str, str]):
     """A training document (id, text) against the benchmark problems in _WORK: (its id,
-    whether it parsed, the problems it shares a 13-gram with, [(problem, tau)] for those
-    with tau >= min_tau)."""
+    whether any Python in it parsed, the problems it shares a 13-gram with, [(problem, tau)]
+    for those with tau >= min_tau, tau the best over its code_units)."""
     grams, trees, counts, min_tau = _WORK["grams"], _WORK["trees"], _WORK["counts"], _WORK["min_tau"]
     doc_id, text = document
     shared = sorted({p for g in ngrams(text) if g in grams for p in grams[g]})
-    tree = code_tree(text)
-    if tree is None:
-        return doc_id, False, shared, []
-    mine = np.bincount(tree[0], minlength=counts.shape[1])[:counts.shape[1]]  # labels new to the problems count 0
-    sizes = np.maximum(counts.sum(1), len(tree[0]))
-    bound = np.minimum(counts, mine).sum(1) / sizes  # ast_match_rate_bound against every problem at once
-    close = []
-    for p in np.flatnonzero(bound >= min_tau - 1e-9):
-        tau = ast_match_rate(tree, trees[p])
-        if tau >= min_tau - 1e-9:
-            close.append((int(p), tau))
-    return doc_id, True, shared, close
+    units, problem_sizes, close = code_units(text), counts.sum(1), {}
+    for tree in units:
+        mine = np.bincount(tree[0], minlength=counts.shape[1])[:counts.shape[1]]  # labels new to the problems count 0
+        bound = np.minimum(counts, mine).sum(1) / np.maximum(problem_sizes, len(tree[0]))  # against every problem
+        for p in np.flatnonzero(bound >= min_tau - 1e-9):
+            if bound[p] > close.get(p, 0.0):  # else this unit cannot beat one found already
+                tau = ast_match_rate(tree, trees[p])
+                if tau >= min_tau - 1e-9 and tau > close.get(p, 0.0):
+                    close[p] = tau
+    return doc_id, bool(units), shared, sorted((int(p), tau) for p, tau in close.items())
 
 
 def pass_rates(path: Path, tasks: list[str]) -> dict[str, float]:
@@ -1396,19 +1502,43 @@ def pass_rates(path: Path, tasks: list[str]) -> dict[str, float]:
     return {t: passed[t] / count[t] for t in count}
 
 
-def similarity_table(best_tau: dict[str, float], results: list[Path], rates: list[dict[str, float]], taus) -> str:
+def result_names(results: list[Path]) -> list[str]:
+    """A name for each results file: the fewest trailing parts of its path that tell it from
+    the others (evaluate.py writes out/BENCH/results.jsonl, so two models' files differ in a
+    folder above), without the file name that they all share."""
+    parts = [Path(os.path.abspath(p)).parts for p in results]
+    if len({p[-1] for p in parts}) == 1:
+        parts = [p[:-1] or p for p in parts]
+    for k in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            break
+    return names
+
+
+def similarity_table(best_tau: dict[str, float], names: list[str], rates: list[dict[str, float]], taus) -> list[dict]:
     """The paper's Table 3: per tau, the problems with a training document at least that
-    close (similar) and the others, with the pass rate of each group per results file."""
+    close (similar) and the others, with the pass rate of each group per results file (by
+    its name; None where no problem of the group has a result)."""
     tasks = sorted(set().union(*rates), key=lambda t: (t.split("/")[0], int(t.rpartition("/")[2] or 0)))
-    names = [p.parent.name or str(p) for p in results]
-    lines = [["tau", "problems", "count", *names]]
+    rows = []
     for tau in taus:
         similar = [t for t in tasks if best_tau[t] >= tau]
         other = [t for t in tasks if best_tau[t] < tau]
         for group, members in (("similar", similar), ("non-similar", other), ("total", tasks)):
-            cells = [f"{100 * np.mean([r[t] for t in members if t in r]):.1f}%"
-                     if any(t in r for t in members) else "-" for r in rates]
-            lines.append([f"{tau:g}" if group == "similar" else "", group, str(len(members)), *cells])
+            rows.append(dict(tau=tau, problems=group, count=len(members), pass_rate={
+                name: float(np.mean([r[t] for t in members if t in r])) if any(t in r for t in members) else None
+                for name, r in zip(names, rates)}))
+    return rows
+
+
+def table_text(rows: list[dict], names: list[str]) -> str:
+    """similarity_table's rows as the paper prints them: aligned columns, a tau on its group's first line."""
+    lines = [["tau", "problems", "count", *names]]
+    for row in rows:
+        cells = ["-" if row["pass_rate"][n] is None else f"{100 * row['pass_rate'][n]:.1f}%" for n in names]
+        lines.append([f"{row['tau']:g}" if row["problems"] == "similar" else "", row["problems"], str(row["count"]),
+                      *cells])
     widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
                                enumerate(zip(row, widths))) for row in lines)
@@ -1441,6 +1571,8 @@ def decontaminate(cfg) -> dict:
     import evaluate
     if cfg.prune_tau and not cfg.out:
         raise UserError("--prune_tau needs --out: where to write the pruned documents")
+    if cfg.out and not cfg.prune_tau:
+        raise UserError("--out needs --prune_tau: the tau at which a document is left out of it")
     if not 0 < cfg.min_tau <= 1 or (cfg.prune_tau and not cfg.min_tau <= cfg.prune_tau <= 1):
         raise UserError("--min_tau must be in (0, 1], and --prune_tau (if given) in [--min_tau, 1]")
     if cfg.ckpt and (cfg.doc_tokens < 1 or cfg.batch_size < 1):
@@ -1500,7 +1632,7 @@ def decontaminate(cfg) -> dict:
     if not ids:
         raise UserError(f"no documents in {', '.join(map(str, files))}")
     doc_tau = np.array(doc_tau)
-    taus = [t for t in TAUS if t >= cfg.min_tau]
+    taus = sorted({t for t in TAUS if t >= cfg.min_tau} | {cfg.min_tau}, reverse=True)  # min_tau: computed, so shown
     rows = [dict(task_id=t, ngram_documents=ngram_docs[p], ngram_example=ngram_example.get(p),
                  tau=best[p][0] or None, tau_document=best[p][1]) for p, t in enumerate(tasks)]
     if model is not None:
@@ -1510,6 +1642,9 @@ def decontaminate(cfg) -> dict:
                   documents_by_tau={f"{t:g}": int((doc_tau >= t).sum()) for t in taus},
                   problems_by_tau={f"{t:g}": sum((r["tau"] or 0) >= t for r in rows) for t in taus},
                   embedding=cfg.ckpt or None, by_problem=rows)
+    if results:
+        names = result_names(results)
+        report["similarity"] = similarity_table({r["task_id"]: r["tau"] or 0.0 for r in rows}, names, rates, taus)
     if cfg.prune_tau:
         partial = out.with_name(out.name + ".partial")
         kept = 0
@@ -1524,12 +1659,12 @@ def decontaminate(cfg) -> dict:
         print(f"pruned: {len(ids) - kept} of {len(ids)} documents have tau >= {cfg.prune_tau} with some problem; "
               f"the other {kept} are in {out}")
     write_atomic(report_path, (json.dumps(report, indent=2) + "\n").encode())
-    print(f"{len(ids)} documents ({parsed} parse as Python) against {len(tasks)} problems of {cfg.bench}: "
+    print(f"{len(ids)} documents ({parsed} hold Python that parses) against {len(tasks)} problems of {cfg.bench}: "
           f"{overlapping} share a 13-gram with one; by AST match rate, documents / problems at tau >= "
           + ", ".join(f"{t:g}: {report['documents_by_tau'][f'{t:g}']} / {report['problems_by_tau'][f'{t:g}']}"
                       for t in taus) + f"; report: {report_path}")
     if results:
-        print(similarity_table({r["task_id"]: r["tau"] or 0.0 for r in rows}, results, rates, taus))
+        print(table_text(report["similarity"], names))
     return report
 
 

@@ -6,6 +6,7 @@ embed (resumed after a crash, and under torchrun), train, apply, decontaminate; 
 import ast
 import dataclasses
 import json
+import os
 import random
 import re
 import subprocess
@@ -534,13 +535,14 @@ def test_decontaminate_finds_renamed_benchmark_code_and_prunes_it(tmp_path, nano
     own = [verbatim, dict(id="own", text=LESSON.format(name="scale")), dict(id="prose", text="Loops repeat things.")]
     docs = tmp_path / "exercises.jsonl"
     docs.write_text("".join(json.dumps(r) + "\n" for r in copies + own))
-    results = tmp_path / "humaneval" / "results.jsonl"
-    results.parent.mkdir()
-    results.write_text("".join(json.dumps(dict(task_id=t, completion="", passed=t in ("HumanEval/2", "HumanEval/5"),
-                                               result="x")) + "\n" for t in problems))
+    results = [tmp_path / model / "humaneval" / "results.jsonl" for model in ("a", "b")]  # as evaluate.py writes them
+    for path, passing in zip(results, (("HumanEval/2", "HumanEval/5"), ())):
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(dict(task_id=t, completion="", passed=t in passing, result="x")) + "\n"
+                                for t in problems))
     report_path, pruned = tmp_path / "report.json", tmp_path / "pruned.jsonl"
     run_filter("decontaminate", f"--corpus={docs}", "--bench=humaneval", f"--ckpt={nano}", "--prune_tau=0.95",
-               f"--out={pruned}", f"--report={report_path}", f"--results={results}", "--workers=2")
+               f"--out={pruned}", f"--report={report_path}", f"--results={results[0]},{results[1]}", "--workers=2")
     report = json.loads(report_path.read_text())
     by_task = {r["task_id"]: r for r in report["by_problem"]}
     assert by_task["HumanEval/2"]["tau"] == 1.0 and by_task["HumanEval/2"]["tau_document"] == "copy-2"
@@ -549,7 +551,10 @@ def test_decontaminate_finds_renamed_benchmark_code_and_prunes_it(tmp_path, nano
     assert report["parsed"] == 4 and report["problems_by_tau"]["0.95"] == 3
     assert [json.loads(line)["id"] for line in pruned.read_text().splitlines()] == ["own", "prose"]
     table = capsys.readouterr().out
-    assert re.search(r"0\.95\s+similar\s+3\s+66\.7%", table) and re.search(r"non-similar\s+161\s+0\.0%", table)
+    assert re.search(r"count\s+a/humaneval\s+b/humaneval\n0\.95\s+similar\s+3\s+66\.7%\s+0\.0%", table)
+    assert re.search(r"non-similar\s+161\s+0\.0%", table)
+    assert report["similarity"][0] == dict(tau=0.95, problems="similar", count=3,
+                                           pass_rate={"a/humaneval": 2 / 3, "b/humaneval": 0.0})
 
 
 def annotated(labels: Path) -> list[dict]:
@@ -761,6 +766,8 @@ def test_decontaminate_checks_its_outputs_before_comparing(tmp_path, monkeypatch
         run_filter(*args, f"--report={tmp_path / 'taken'}")
     with pytest.raises(UserError, match="taken: it is a directory"):
         run_filter(*args, "--prune_tau=0.95", f"--out={tmp_path / 'taken'}", f"--report={tmp_path / 'r.json'}")
+    with pytest.raises(UserError, match="^--out needs --prune_tau"):  # else nothing would be written there
+        run_filter(*args, f"--out={tmp_path / 'pruned.jsonl'}", f"--report={tmp_path / 'r.json'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "taken"]
     assert not any((tmp_path / "taken").iterdir())
 
@@ -808,13 +815,21 @@ def test_decontaminate_never_writes_over_its_corpus(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "link.jsonl", "sub"]
 
 
-def test_an_interrupted_apply_leaves_no_summary_and_resumes(tmp_path, nano, monkeypatch):
-    docs = corpus(tmp_path / "docs.jsonl", 20, seed=6)
+def nano_forest(tmp_path: Path, nano: Path, score=None) -> Path:
+    """A forest on the nano model's embeddings, fitted to noise so that documents score
+    apart, or scoring every document score exactly."""
     X, y, _ = noisy(100, d=64)
     forest = RandomForest(n_trees=5).fit(X, y > 0)
+    if score is not None:
+        forest.value_[:] = [1 - score, score]
     forest.info = {"embedding": {"ckpt": str(nano), "doc_tokens": 64}}
     forest.save(tmp_path / "f.npz")
-    args = ["apply", f"--corpus={docs}", f"--forest={tmp_path / 'f.npz'}", f"--out={tmp_path / 'out'}",
+    return tmp_path / "f.npz"
+
+
+def test_an_interrupted_apply_leaves_no_summary_and_resumes(tmp_path, nano, monkeypatch):
+    docs = corpus(tmp_path / "docs.jsonl", 20, seed=6)
+    args = ["apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={tmp_path / 'out'}",
             "--batch_size=1"]
     real = filter.embed_texts
 
@@ -1081,19 +1096,142 @@ def test_train_reads_max_features_as_a_number_or_a_fraction(tmp_path):
         assert RandomForest.load(forest).max_features == meant
 
 
-def test_apply_keeps_a_score_equal_to_the_threshold_and_selects_again_at_another(tmp_path, nano):
+def test_apply_keeps_a_score_equal_to_the_threshold_and_selects_again_at_another(tmp_path, nano, capsys):
     """A document scoring exactly --threshold is kept (score >= threshold); a rerun with
-    another --threshold selects again from the scores, at that threshold."""
+    another --threshold selects again from the scores, at that threshold. A --top_fraction
+    that ties keep far beyond says so."""
     docs = corpus(tmp_path / "docs.jsonl", 6, seed=6)
-    X, y, _ = noisy(100, d=64)
-    forest = RandomForest(n_trees=3).fit(X, y > 0)
-    forest.value_[:] = [0.75, 0.25]  # every document scores 0.25 exactly
-    forest.info = {"embedding": {"ckpt": str(nano), "doc_tokens": 64}}
-    forest.save(tmp_path / "f.npz")
+    forest = nano_forest(tmp_path, nano, score=0.25)
     out = tmp_path / "out"
     for threshold, kept in ((0.25, 6), (0.3, 0), (0.2, 6)):
-        run_filter("apply", f"--corpus={docs}", f"--forest={tmp_path / 'f.npz'}", f"--out={out}",
-                   f"--threshold={threshold}")
+        run_filter("apply", f"--corpus={docs}", f"--forest={forest}", f"--out={out}", f"--threshold={threshold}")
         summary = json.loads((out / "summary-00000-of-00001.json").read_text())
         assert (summary["threshold"], summary["kept_documents"]) == (threshold, kept)
         assert len((out / "kept-00000-of-00001.jsonl").read_text().splitlines()) == kept
+    capsys.readouterr()
+    run_filter("apply", f"--corpus={docs}", f"--forest={forest}", f"--out={out}", "--top_fraction=0.2")
+    assert json.loads((out / "summary-00000-of-00001.json").read_text())["kept_documents"] == 6
+    assert "note: --top_fraction=0.2 kept 100.0% of the tokens: 6 documents" in capsys.readouterr().err
+
+
+def test_apply_never_reads_its_own_output_and_names_stale_shards(tmp_path, nano, capsys):
+    """An --out among the --corpus files would overwrite the corpus, or feed each run the last
+    one's kept documents (kept 30 of 60, then 60 of 90, ...): refused. Kept files of another
+    --num_shards are named, since a glob of kept-*.jsonl takes them too. A corpus without a
+    single document, or --batch_size below 1, is one line, not an empty shard marked done."""
+    (tmp_path / "data").mkdir()
+    docs, out = corpus(tmp_path / "data" / "docs.jsonl", 12, seed=3), tmp_path / "data" / "filtered"
+    forest = f"--forest={nano_forest(tmp_path, nano)}"
+    for size in (0, -2):
+        with pytest.raises(UserError, match="^--batch_size must be at least 1"):
+            run_filter("apply", f"--corpus={docs}", forest, f"--out={out}", f"--batch_size={size}")
+    everything = f"--corpus={tmp_path / 'data' / '**' / '*.jsonl'}"
+    run_filter("apply", everything, forest, f"--out={out}")
+    kept = out / "kept-00000-of-00001.jsonl"
+    before = kept.read_bytes()
+    with pytest.raises(UserError, match=r"^--out=.*kept-00000-of-00001.jsonl is the file --corpus names"):
+        run_filter("apply", everything, forest, f"--out={out}")
+    with pytest.raises(UserError, match=r"^--out=.*kept-00000-of-00001.jsonl is the file --corpus names"):
+        run_filter("apply", f"--corpus={kept}", forest, f"--out={out}", "--threshold=0.9")
+    with pytest.raises(UserError, match=r"^--corpus takes .*kept-00000-of-00001.jsonl, which apply writes in --out"):
+        run_filter("apply", everything, forest, f"--out={out}", "--num_shards=2")
+    assert kept.read_bytes() == before
+
+    capsys.readouterr()
+    run_filter("apply", f"--corpus={docs}", forest, f"--out={out}", "--num_shards=2")
+    assert re.search(r"^warning: .*filtered holds kept files of another --num_shards \(kept-00000-of-00001.jsonl\)",
+                     capsys.readouterr().err, re.M)
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(lines(*(dict(id=i, content="def f():\n    pass\n") for i in range(3))))
+    with pytest.raises(UserError, match=r"^no documents in .*other.jsonl$"):
+        run_filter("apply", f"--corpus={other}", forest, f"--out={tmp_path / 'out'}")
+    assert not list((tmp_path / "out").glob("summary-*"))
+
+
+def test_apply_scores_again_a_corpus_rewritten_to_the_same_size(tmp_path, nano):
+    """Scores are kept by line: a corpus shuffled in place (its size unchanged) must be scored
+    again, not have its old scores paired with other documents."""
+    docs = corpus(tmp_path / "docs.jsonl", 20, seed=6)
+    args = ["apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={tmp_path / 'out'}",
+            "--batch_size=1"]  # a document embedded alone scores the same wherever it is
+    kept = tmp_path / "out" / "kept-00000-of-00001.jsonl"
+    run_filter(*args, "--threshold=0")
+    before = {r["id"]: r["score"] for r in map(json.loads, kept.read_text().splitlines())}
+    assert len(before) == 20 and len(set(before.values())) > 1
+    written = docs.stat().st_mtime_ns
+    docs.write_text("".join(reversed(docs.read_text().splitlines(keepends=True))))
+    os.utime(docs, ns=(written + 10**9, written + 10**9))  # a later write, however coarse the file system's clock
+    run_filter(*args, "--top_fraction=1")
+    assert {r["id"]: r["score"] for r in map(json.loads, kept.read_text().splitlines())} == pytest.approx(before)
+
+
+def test_a_selection_killed_at_any_point_selects_again_from_the_scores(tmp_path, nano, monkeypatch):
+    """Selecting again (another --threshold) keeps the shard's scores usable whenever it is
+    killed: the next run never embeds the shard again, and never takes a kept file that its
+    summary does not describe for done."""
+    docs, out = corpus(tmp_path / "docs.jsonl", 20, seed=6), tmp_path / "out"
+    args = ["apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={out}"]
+    run_filter(*args, "--threshold=0.5")
+    expected = (out / "kept-00000-of-00001.jsonl").read_text()
+    assert 0 < len(expected.splitlines()) < 20
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(filter, "embed_texts", lambda *a, **k: pytest.fail("embedded the shard again"))
+    for point in ("documents", "write_atomic"):  # before the kept file is replaced, and after, before the summary
+        with monkeypatch.context() as m:
+            m.setattr(filter, point, killed)
+            with pytest.raises(KeyboardInterrupt):
+                run_filter(*args, "--threshold=0")
+        run_filter(*args, "--threshold=0.5")
+        assert (out / "kept-00000-of-00001.jsonl").read_text() == expected, point
+
+
+def test_decontaminate_compares_each_code_unit_of_a_document(tmp_path):
+    """A markdown textbook's fenced code, a file with one Python 2 line elsewhere, and a copy
+    inside a larger file are compared by their code: each is a copy of a problem (tau 1)."""
+    problems, _ = evaluate.load_problems("humaneval")
+    solution = {i: problems[f"HumanEval/{i}"]["prompt"] + problems[f"HumanEval/{i}"]["reference"] for i in (3, 4, 6)}
+    renamed = ast.unparse(Rename().visit(ast.parse(solution[3])))
+    textbook = f"# Balances\n\nA running total tells when it drops:\n\n```python\n{renamed}\n```\n\nThat is all.\n"
+    helpers = "".join(f"\n\ndef helper_{k}(path):\n    with open(path) as f:\n        return [line.split()[{k}] "
+                      f"for line in f if os.path.exists(path)]\n" for k in range(6))
+    larger = "import os\n" + solution[4] + helpers  # its `from typing import List` comes with it
+    python2 = solution[6] + "\n\ndef main():\n    print 'nested parens'\n"
+    docs = [dict(id="textbook", text=textbook), dict(id="larger", text=larger), dict(id="python2", text=python2),
+            dict(id="prose", text="Loops repeat things. ```python\nnot python\n```")]
+    assert filter.code_tree(textbook) is None and filter.code_tree(python2) is None
+    assert filter.ast_match_rate(filter.code_tree(larger), filter.code_tree(solution[4])) < 0.5
+    (tmp_path / "docs.jsonl").write_text(lines(*docs))
+    report = tmp_path / "report.json"
+    run_filter("decontaminate", f"--corpus={tmp_path / 'docs.jsonl'}", "--bench=humaneval", "--workers=1",
+               "--prune_tau=0.95", f"--out={tmp_path / 'pruned.jsonl'}", f"--report={report}")
+    by_task = {r["task_id"]: r for r in json.loads(report.read_text())["by_problem"]}
+    assert [(by_task[f"HumanEval/{i}"]["tau"], by_task[f"HumanEval/{i}"]["tau_document"]) for i in (3, 4, 6)] == \
+        [(1.0, "textbook"), (1.0, "larger"), (1.0, "python2")]
+    assert json.loads(report.read_text())["parsed"] == 3
+    assert [json.loads(line)["id"] for line in (tmp_path / "pruned.jsonl").read_text().splitlines()] == ["prose"]
+
+
+def test_decontaminate_counts_at_a_min_tau_above_the_papers(tmp_path):
+    """A --min_tau above the paper's taus is a row of its own, not an empty report."""
+    problems, _ = evaluate.load_problems("humaneval")
+    docs = tmp_path / "docs.jsonl"
+    copy = problems["HumanEval/0"]["prompt"] + problems["HumanEval/0"]["reference"]
+    docs.write_text(lines(dict(id="copy", text=copy), dict(id="own", text=LESSON.format(name="scale"))))
+    report = tmp_path / "report.json"
+    run_filter("decontaminate", f"--corpus={docs}", "--bench=humaneval", "--workers=1", "--min_tau=0.97",
+               f"--report={report}")
+    found = json.loads(report.read_text())
+    assert found["documents_by_tau"] == {"0.97": 1} and found["problems_by_tau"] == {"0.97": 1}
+
+
+def test_results_are_named_by_the_end_of_their_paths_that_tells_them_apart():
+    names = filter.result_names
+    assert names([Path("out/humaneval/results.jsonl")]) == ["humaneval"]
+    assert names([Path("runs/a/humaneval/results.jsonl"), Path("runs/b/humaneval/results.jsonl")]) == \
+        ["a/humaneval", "b/humaneval"]
+    assert names([Path("out/humaneval/first.jsonl"), Path("out/humaneval/second.jsonl")]) == \
+        ["first.jsonl", "second.jsonl"]
