@@ -23,17 +23,22 @@ needs, in one readable place, with nothing to install:
   retry-after-ms) header sets it instead, capped at max_backoff and jittered up by a fifth
   (a server asking for an hour would otherwise stall the run without a word), and after a
   429 holds every thread's next request until then;
-- not retried: other 4xx; the request fails with the server's message (a 404 also
-  names the URL asked). 401, 403, 404, a 429 for exhausted quota and a malformed URL
-  are `fatal`: a wrong key, model or URL fails every request the same way, so callers
-  should stop;
+- not retried: other 4xx, and a reply whose text is null (a refusal, a content filter),
+  which fails as "refused" too, a verdict on what was asked; the request fails with the
+  server's message (a 404 also names the URL asked). 401, 403, 404, a 429 for exhausted
+  quota and a malformed URL are `fatal`: a wrong key, model or URL fails every request
+  the same way, so callers should stop;
 - map() that ends early (the caller breaks off or raises, Ctrl-C) returns at once: its
   requests start and retry no more, and those in flight are left to end in daemon
   threads, which do not hold up the program's exit;
+- `stop`, an Event: once set (a caller's Ctrl-C), requests outside map() start and retry
+  no more, leaving their waits at once, and fail as "stopped";
 - a request that fails for good raises LLMError from chat() and complete(), and is a
   Failure in map();
 - `stats`: requests, retries, failed attempts and final failures by kind, tokens in
-  and out, and the cost at price_in / price_out USD per million tokens.
+  and out, and the cost at price_in / price_out USD per million tokens. Replies without
+  token counts (some servers send none) are counted apart, and warned about once: the
+  tokens and cost shown leave them out.
 
 check() sends one GET /models, without retries, so that an unreachable endpoint, a
 refused key or a model the server does not list fail at once with one clear line
@@ -49,6 +54,7 @@ import os
 import queue
 import random
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -74,19 +80,18 @@ DEFAULTS = dict(
 )
 FATAL_STATUS = (401, 403, 404)  # wrong key, no access, wrong model or URL: every request would fail
 TRANSIENT_4XX = (408, 409)  # the server timed out reading the request; a conflict (OpenAI's SDK retries both)
-_NEVER = threading.Event()  # what stops a request outside map(): nothing
 
 
 @dataclass
 class Reply:
     text: str
-    usage: dict  # prompt_tokens, completion_tokens (0 where the server reports none)
+    usage: dict | None  # prompt_tokens, completion_tokens; None where the server reports no counts
     finish_reason: str | None  # "stop", "length", ...
 
 
 @dataclass
 class Failure:
-    kind: str  # connection, timeout, rate_limit, server, bad_response, refused, or stopped (map() ended)
+    kind: str  # connection, timeout, rate_limit, server, bad_response, refused, or stopped (map() ended, or stop)
     message: str
     status: int | None = None  # the HTTP status, if one came
     attempts: int = 1
@@ -114,6 +119,7 @@ class Stats:
     tokens_in: int = 0
     tokens_out: int = 0
     cost: float = 0.0  # USD, at price_in / price_out per million tokens
+    no_usage: int = 0  # replies without token counts: left out of the tokens and the cost
 
 
 class _Failed(Exception):
@@ -193,6 +199,7 @@ class Client:
         self._resume_at = 0.0  # after a 429 with Retry-After, no request starts before this
         self._stats = Stats()
         self._local = threading.local()  # per thread: its requests.Session; in map()'s, map's stop event
+        self.stop = threading.Event()  # set: requests outside map() start and retry no more (module doc)
         self._sessions: list[requests.Session] = []  # those of the caller's threads, closed by close()
 
     # ------------------------------------------------------------ the API
@@ -301,14 +308,14 @@ class Client:
     # ------------------------------------------------------------ one request, with retries
 
     def _request(self, path: str, payload: dict, parse) -> Reply:
-        stop = getattr(self._local, "stop", _NEVER)
+        stop = getattr(self._local, "stop", self.stop)
         payload = {k: v for k, v in payload.items() if v is not None}
         estimate = len(json.dumps(payload.get("messages", payload.get("prompt")))) / 4 + (
             payload.get("max_tokens") or 0)
         for attempt in range(self.max_retries + 1):
             self._wait_turn(estimate, stop)
             if stop.is_set():
-                raise LLMError(Failure("stopped", "map() ended before an answer came", attempts=attempt))
+                raise LLMError(Failure("stopped", "stopped before an answer came", attempts=attempt))
             try:
                 reply = self._attempt(path, payload, parse)
             except _Failed as e:
@@ -383,13 +390,21 @@ class Client:
                                   f"{body[:100]!r}", r.status_code), True) from None
 
     def _count(self, reply: Reply, estimate: float) -> None:
+        if reply.usage is None:  # the estimate stays charged to the tokens-a-minute bucket
+            with self._lock:
+                self._stats.no_usage += 1
+                first = self._stats.no_usage == 1
+            if first:  # else the cost would read $0.00 as if it were known
+                print(f"warning: {self.api_base} reports no token usage: the tokens and cost shown leave out "
+                      f"its replies", file=sys.stderr, flush=True)
+            return
         tokens_in, tokens_out = reply.usage["prompt_tokens"], reply.usage["completion_tokens"]
         with self._lock:
             s = self._stats
             s.tokens_in += tokens_in
             s.tokens_out += tokens_out
             s.cost += (tokens_in * self.price_in + tokens_out * self.price_out) / 1e6
-            if self._tpm and (tokens_in or tokens_out):
+            if self._tpm:
                 self._tpm.give(estimate - tokens_in - tokens_out)
 
     def _session(self) -> requests.Session:
@@ -415,15 +430,20 @@ def _read_by(r: requests.Response, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
-def _usage(body: dict) -> dict:
-    usage = body.get("usage") or {}
-    count = lambda key: usage.get(key) if isinstance(usage.get(key), int) else 0  # noqa: E731
-    return {"prompt_tokens": count("prompt_tokens"), "completion_tokens": count("completion_tokens")}
+def _usage(body: dict) -> dict | None:
+    """The reply's token counts, or None where the server reports none (or not as integers)."""
+    usage = body.get("usage")
+    counts = {key: usage.get(key) for key in ("prompt_tokens", "completion_tokens")} if isinstance(usage, dict) else {}
+    return counts if counts and all(isinstance(v, int) for v in counts.values()) else None
 
 
 def _chat_reply(body: dict) -> Reply:
     choice = body["choices"][0]
-    text = choice["message"]["content"]
+    message = choice["message"]
+    text = message["content"]
+    if text is None:  # a refusal or a content filter: asking again would get the same
+        why = message.get("refusal") or f"finish_reason {choice.get('finish_reason')}"
+        raise _Failed(Failure("refused", f"an answer without text ({str(why)[:300]})", 200), False)
     if not isinstance(text, str):
         raise TypeError("message.content is not a string")
     return Reply(text, _usage(body), choice.get("finish_reason"))

@@ -30,45 +30,58 @@ item judged to yield no record gets a line in FILE.skipped ({"id", "reason"}). S
 killed at any moment, started again with the same command, skips every id in either
 file and ends with the same records as a run never stopped (given an endpoint that
 answers the same request the same way), none twice. A line torn by the kill is cut off.
+One run at a time writes an output (a lock on it); a second one stops at once.
 
 An item yields no record when --attempts answers were judged unusable (an invalid
-exercise, an empty answer), when the endpoint refused its request (a 4xx, not sent
-again: a content filter, say), or when it duplicates a record already written: the same
-text up to case and whitespace, or a near-duplicate whose word 5-grams have an
-estimated Jaccard similarity of at least --near_dup (MinHash with numpy). Its slot goes
-to the next index, until the file holds --n records of this kind and seed.
+exercise, an empty answer, an answer cut off: finish_reason "length" or "content_filter"),
+when the endpoint refused its request (a 4xx, or an answer without text: not sent again,
+a content filter, say), or when it duplicates a record already written: the same text up
+to case and whitespace, or a near-duplicate whose word 5-grams have an estimated Jaccard
+similarity of at least --near_dup (MinHash with numpy). Its slot goes to the next index,
+until the file holds --n records of this kind and seed. An item whose answers were cut off
+at --max_tokens is skipped as "cut off at --max_tokens=N": a run with a larger --max_tokens
+asks for it again (first, if it needs more records), and the summary says how many were;
+with --keep_cut_off, such answers are taken as they are.
 
 Two kinds of failure are not verdicts on an item, and leave no line anywhere, so the
 same command run again asks for those items anew (their records then come after the
 others): a request that failed for good after llm.py's retries (an outage, a timeout),
 which keeps its item's slot, the run ending short of --n and saying so; and
-REFUSED_ALIKE (5) items in a row refused the same way, which says the request is at
-fault (a setting the endpoint rejects), not the items, and ends the run quoting the
-endpoint. (Older versions wrote failed requests to FILE.skipped as "request failed:
-..."; those lines are not taken as done.)
+FAILED_ALIKE (5) items in a row whose requests failed the same way, which says the
+request or the endpoint is at fault, not the items, and ends the run quoting the failure:
+refused alike (the same status and message but for its numbers) is likely a setting the
+endpoint rejects; failed alike otherwise, an endpoint down or not OpenAI-compatible (a
+proxy's page in place of answers). An item that got an answer is judged by its answers,
+whatever became of its other requests. (Older versions wrote failed requests to
+FILE.skipped as "request failed: ..."; those lines are not taken as done.)
 
 Errors end the run with one line and exit status 2, the output as it was: a bad setting
-or subcommand, an output that cannot be written, and an endpoint that is unreachable,
-refuses the key or lacks the model (checked with one GET /models before anything else).
-A 401, 403 or 404 later in the run ends it the same way, and so do --give_up items in a
-row without a record (the endpoint or model is not up to the task), refusals alike (above)
-and items whose requests failed (a rerun retries them); the items before them are written.
+or subcommand, an output that cannot be written, another run writing it, and an endpoint
+that is unreachable, refuses the key or lacks the model (checked with one GET /models
+before anything else). A 401, 403 or 404 later in the run ends it the same way, and so do
+a write that fails (a full disk), --give_up items in a row without a record (the endpoint
+or model is not up to the task), failures alike (above) and items whose requests failed (a
+rerun retries them); the items before them are written.
 Settings an OpenAI-compatible API rejects (--temperature outside [0, 2], --max_tokens
 below 1) are refused before any request. Ctrl-C (or SIGTERM) starts no new
-items or requests, lets the requests in flight end, writes the items finished before the
-first one left unfinished (a rerun asks for that one and those after it again), and exits
-with status 130; a second Ctrl-C exits at once.
+items or requests, cuts short the waits before retries, lets the requests in flight end,
+writes the items finished before the first one left unfinished (a rerun asks for that one
+and those after it again), and exits with status 130; a second Ctrl-C exits at once.
 
-The progress bar shows records/s, tokens, cost (with --price_in/--price_out) and
-failures. At the end a summary and a diversity report (distinct n-gram ratios, the
-near-duplicate rate, coverage of the constraint lists) are printed and written to
-FILE.report.json.
+The progress bar shows records/s, tokens, cost (with --price_in/--price_out; unknown
+where the endpoint reports no token usage) and failures. At the end a summary and a
+diversity report (distinct n-gram ratios, the duplicate rate: exact and near duplicates
+dropped, of them and the records, coverage of the constraint lists) are printed and
+written to FILE.report.json, with this run's numbers ("run") and those of every run
+that reported on the file, added up ("all_runs": a rerun loses no cost).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import doctest
+import fcntl
 import hashlib
 import itertools
 import json
@@ -92,7 +105,7 @@ from tqdm import tqdm
 
 import llm
 from config import UserError, parse_args, require, run, subcommand
-from data.prepare import Appender, check_writable, read_jsonl, write_atomic
+from data.prepare import Appender, cannot_write, check_writable, read_jsonl, write_atomic
 
 DEFAULTS = dict(
     n=100,  # records of this kind and seed the output file should hold at the end
@@ -102,6 +115,7 @@ DEFAULTS = dict(
     **llm.DEFAULTS,  # the client: --api_base, --concurrency, --rpm, --tpm, --timeout, ... (llm.py)
     temperature=1.0,  # sampling temperature of the teacher
     max_tokens=1024,  # tokens per answer at most
+    keep_cut_off=False,  # take answers cut off at --max_tokens as they are (a teacher that never stops, as the toy's)
     attempts=3,  # answers (or failed requests) per item before giving up on it (leaving it to a rerun)
     near_dup=0.8,  # estimated Jaccard similarity of word 5-grams that makes a near-duplicate
     give_up=100,  # items in a row without a record that end the run
@@ -109,7 +123,8 @@ DEFAULTS = dict(
 )
 
 KINDS = ("textbook", "exercises")
-REFUSED_ALIKE = 5  # items in a row refused the same way: the request is at fault (a setting), not the items
+FAILED_ALIKE = 5  # items in a row whose requests failed the same way: the request or endpoint is at fault
+CUT = "cut off at --max_tokens={}"  # an item's reason, once an answer was: a run with more asks again
 
 # ---------------------------------------------------------------- what to write about
 
@@ -353,17 +368,21 @@ class Invalid(Exception):
     """An answer that cannot become a record; the message says why."""
 
 
-FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.S)
+FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.S | re.I)  # ```Python too
 PARSE_ERRORS = (SyntaxError, ValueError, RecursionError, MemoryError)  # ast.parse's, for bad or too deep code
 
 
 def parse_exercise(text: str, name: str) -> tuple[str, str]:
     """(prompt, completion) of an answer holding one function `name` with a docstring and a body:
-    prompt = imports, signature, docstring; completion = the body after the docstring. Lines
-    end in "\n" alone: Python also ends them at "\r\n" and "\r", and at nothing else."""
+    prompt = imports, signature, docstring; completion = the body after the docstring. The code
+    is the fenced block that defines `name` (a usage example may come before it), else the
+    first block, else the whole answer. Lines end in "\n" alone: Python also ends them at
+    "\r\n" and "\r", and at nothing else."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    fenced = FENCE.search(text)
-    code = textwrap.dedent(fenced.group(1) if fenced else text).strip("\n") + "\n"
+    blocks = [m.group(1) for m in FENCE.finditer(text)]
+    defines = re.compile(rf"^[ \t]*def[ \t]+{re.escape(name)}[ \t]*\(", re.M)
+    code = next((b for b in blocks if defines.search(b)), blocks[0] if blocks else text)
+    code = textwrap.dedent(code).strip("\n") + "\n"
     try:
         tree = ast.parse(code)
     except SyntaxError as e:  # newer Pythons raise it for a null byte too, with no line
@@ -526,10 +545,50 @@ def sidecars(out: Path) -> tuple[Path, Path]:
     return out.with_name(out.name + ".skipped"), out.with_name(out.name + ".report.json")
 
 
-def judged(skipped: dict) -> bool:
-    """Whether a line of FILE.skipped gives a verdict on its item, and not a failed request, as
-    older versions wrote there too: such an item was never judged, and is asked for again."""
-    return not str(skipped.get("reason", "")).startswith("request failed")
+def judged(skipped: dict, max_tokens: int = 0) -> bool:
+    """Whether a line of FILE.skipped gives a verdict on its item that still holds: not a failed
+    request, as older versions wrote there too (such an item was never judged, and is asked for
+    again), nor answers cut off at fewer tokens than max_tokens (more room may make a record)."""
+    reason = str(skipped.get("reason", ""))
+    cut = re.search(CUT.format(r"(\d+)"), reason)
+    return not reason.startswith("request failed") and not (cut and int(cut.group(1)) < max_tokens)
+
+
+def progress(kind: str, cfg, out: Path, skipped: Path) -> tuple[int, set[str]]:
+    """The records of this kind and seed that out holds, and the ids done: in out, or judged in
+    FILE.skipped. Records count by id: two runs at once, before the lock, wrote each twice."""
+    ids = {str(r.get("id", "")) for r in read_jsonl(out)}
+    done = ids | {str(r.get("id", "")) for r in read_jsonl(skipped) if judged(r, cfg.max_tokens)}
+    prefix = item_id(kind, cfg.seed, "")
+    return sum(rid.startswith(prefix) for rid in ids), done
+
+
+@contextlib.contextmanager
+def lock_output(out: Path):
+    """One run at a time on an output: two would ask for the same items and write each twice.
+    The lock (flock) is on the output itself, made now if new, and gone with the process."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise cannot_write(out, e) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another run is writing {out}: wait for it, stop it, or use another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def append(writer: Appender, line: dict) -> None:
+    """writer.write, a failure (a full disk) one line for the user: the lines before it are
+    whole, and a torn one is cut off by the next run."""
+    try:
+        writer.write(line)
+    except OSError as e:
+        raise cannot_write(writer.path, e) from None
 
 
 # ---------------------------------------------------------------- the run
@@ -543,16 +602,19 @@ class Outcome:
     signature: np.ndarray | None = None  # the record's MinHash, computed in the worker
     reason: str = ""  # why the answers could not become a record
     invalid: int = 0  # answers that could not become a record
-    failure: llm.Failure | None = None  # the last request that failed for good
+    cut: int = 0  # of them, answers cut off at --max_tokens
+    failure: llm.Failure | None = None  # the last request that failed for good, if no answer came
     stopped: bool = False  # a stop came before it was done: neither a record nor a verdict
 
 
 def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sandbox,
               stop: threading.Event) -> Outcome:
     """Ask for item index until an answer makes a record, --attempts times at most, or until
-    stop is set (a request in flight still ends); a request refused with a 4xx is not sent
-    again (the same request would be refused the same way). A fatal LLMError (wrong key,
-    model or URL) propagates."""
+    stop is set (a request in flight still ends); a refused request (a 4xx, or an answer
+    without text) is not sent again (the same request would be refused the same way). An
+    answer cut off (finish_reason "length" or "content_filter") is unusable; once one was
+    cut at --max_tokens, the item's reason says so, since more tokens may make a record. A
+    fatal LLMError (wrong key, model or URL) propagates."""
     rid = item_id(kind, cfg.seed, index)
     constraints = draw(kind, cfg.seed, index)
     ask = messages(kind, constraints)
@@ -567,32 +629,42 @@ def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sand
         except llm.LLMError as e:
             if e.failure.fatal:
                 raise
+            if e.failure.kind == "stopped":  # the stop came during a backoff
+                out.stopped = True
+                return out
             out.failure = e.failure
             if e.failure.kind == "refused":
                 break
             continue
         answers += 1
         try:
+            if reply.finish_reason == "length" and not cfg.keep_cut_off:
+                raise Invalid(CUT.format(cfg.max_tokens))
+            if reply.finish_reason == "content_filter":
+                raise Invalid("cut off by the content filter")
             record = to_record(kind, reply.text, constraints, sandbox)
         except Invalid as e:
             out.invalid += 1
-            out.reason = f"invalid: {e}"
+            out.cut += reply.finish_reason == "length"
+            out.reason = f"invalid: {CUT.format(cfg.max_tokens) if out.cut else e}"
             continue
         out.record = {"id": rid, **record, "constraints": constraints, "model": cfg.model}
         out.signature = dedup.signature(record["text"])
-        return out
+        break
+    if answers:  # the verdict is the answers', whatever became of the other requests
+        out.failure = None
     return out
 
 
 class Interrupts:
-    """While active, the first Ctrl-C or SIGTERM sets .stop (no new items or requests; those
-    in flight end, and the sandbox is cleaned up); a second one exits at once (every written
-    line is already flushed)."""
+    """While active, the first Ctrl-C or SIGTERM sets .stop, the client's (no new items or
+    requests, no waits before retries; those in flight end, and the sandbox is cleaned up);
+    a second one exits at once (every written line is already flushed)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.stop = threading.Event()
+    def __init__(self, stop: threading.Event):
+        self.stop = stop  # the client's: its requests leave their backoffs at once
 
     def __enter__(self):
         self.previous = [signal.signal(s, self.handle) for s in self.SIGNALS]
@@ -615,26 +687,30 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
                have: int, done: set[str], stop: threading.Event) -> tuple[Counter, str | None]:
     """Make items until the output holds cfg.n records (have so far), but for the items whose
     requests failed (they keep their slots for a rerun), or stop is set. Returns the counts of
-    this run (written, invalid answers, items dropped by reason, unanswered) and the error that
-    ended it, if one did: a fatal failure, --give_up items in a row without a record,
-    REFUSED_ALIKE items in a row refused the same way, or unanswered items.
+    this run (written, invalid answers, cut off, items dropped by reason, unanswered) and the
+    error that ended it, if one did: a fatal failure, a write that failed, --give_up items in a
+    row without a record, FAILED_ALIKE items in a row whose requests failed the same way, or
+    unanswered items.
 
-    A refused request (a 4xx) is a verdict on its item (a content filter, say) unless the next
-    items are refused the same way, which points at the request itself (a setting): so the
-    refusals of a run of them are written to FILE.skipped only once another outcome follows,
-    or the run ends, with fewer than REFUSED_ALIKE of them."""
+    A refused request (a 4xx, an answer without text) is a verdict on its item (a content
+    filter, say) unless the next items are refused the same way, which points at the request
+    itself (a setting): so the refusals of a run of them are written to FILE.skipped only once
+    another outcome follows, or the run ends, with fewer than FAILED_ALIKE of them. Requests
+    that failed alike for other reasons (an outage, a proxy's page in place of answers) end the
+    run the same way, rather than each item retrying for minutes."""
     counts = Counter()
     indexes = (i for i in itertools.count() if item_id(kind, cfg.seed, i) not in done)
     queue: deque = deque()  # (index, future) of items not yet written, in index order
     streak, error = 0, None  # items in a row without a record; why the run must end
-    refusals: list[tuple[int, llm.Failure]] = []  # the last items, refused alike, not yet written
+    alike: list[tuple[int, llm.Failure]] = []  # the last items without an answer, failed alike
     last_failure = None  # that of the last item without an answer
 
     def judge_refusals():  # each was about its own item: skipped for good, like an unusable answer
-        for index, failure in refusals:
-            skipped.write({"id": item_id(kind, cfg.seed, index), "reason": f"refused: {failure}"})
-            counts["given up"] += 1
-        refusals.clear()
+        for index, failure in alike:
+            if failure.kind == "refused":
+                append(skipped, {"id": item_id(kind, cfg.seed, index), "reason": f"refused: {failure}"})
+                counts["given up"] += 1
+        alike.clear()
 
     bar = tqdm(total=cfg.n, initial=have, unit="rec", desc=kind, dynamic_ncols=True, disable=None)
     pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="item")
@@ -666,66 +742,88 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
             if outcome.stopped:  # nothing after it may be written (gaps break resume)
                 break
             counts["invalid answers"] += outcome.invalid
-            failure = outcome.failure if outcome.record is None else None
-            refused = failure is not None and failure.kind == "refused"
-            if refusals and not (refused and str(failure) == str(refusals[-1][1])):
+            counts["cut off"] += outcome.cut
+            failure = outcome.failure
+            if alike and not (failure is not None and same_failure(failure, alike[-1][1])):
                 judge_refusals()  # another outcome came after them
             if failure is not None:  # no verdict on the item (yet): written nowhere for now
                 reason, last_failure = f"request failed: {failure}", failure
-                if refused:
-                    refusals.append((outcome.index, failure))
-                else:  # it keeps its slot, and a rerun asks again
+                alike.append((outcome.index, failure))
+                if failure.kind != "refused":  # it keeps its slot, and a rerun asks again
                     counts["unanswered"] += 1
             elif outcome.record is None:
                 reason = outcome.reason
             else:
                 reason = dedup.add(outcome.record["id"], outcome.record["text"], outcome.signature)
             if reason is None:
-                out.write(outcome.record)
+                append(out, outcome.record)
                 have, streak = have + 1, 0
                 counts["written"] += 1
                 bar.update(1)
             else:
                 if failure is None:
-                    skipped.write({"id": item_id(kind, cfg.seed, outcome.index), "reason": reason})
+                    append(skipped, {"id": item_id(kind, cfg.seed, outcome.index), "reason": reason})
                     counts[drop_kind(reason)] += 1
                 streak += 1
-                if len(refusals) >= min(cfg.give_up, REFUSED_ALIKE):
-                    error = refused_alike(client, len(refusals), failure)
+                if len(alike) >= min(cfg.give_up, FAILED_ALIKE):
+                    error = failed_alike(client, len(alike), failure)
                 elif streak >= cfg.give_up:
-                    error = (f"{streak} items in a row gave no record (the last: {reason[:200]}); "
-                             + (f"is --model={cfg.model} up to the task?" if failure is None else
-                                f"is {client.api_base} working?"))
+                    hint = (f"is {client.api_base} working?" if failure is not None else
+                            "raise --max_tokens?" if outcome.cut else f"is --model={cfg.model} up to the task?")
+                    error = f"{streak} items in a row gave no record (the last: {reason[:200]}); {hint}"
             bar.set_postfix_str(postfix(client, counts), refresh=False)
+        if error is None and not stop.is_set():
+            judge_refusals()  # fewer than FAILED_ALIKE at the end
+    except UserError as e:  # a write failed: the lines before it are whole
+        error = str(e)
+        stop.set()  # the items in flight would be thrown away: no more requests, no backoffs
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-    if error is None and not stop.is_set():
-        judge_refusals()  # fewer than REFUSED_ALIKE at the end
-        if counts["unanswered"]:
-            error = (f"{counts['unanswered']} items got no answer (the last: {last_failure}); run the same "
-                     f"command again to ask for them again")
+    if error is None and not stop.is_set() and counts["unanswered"]:
+        error = (f"{counts['unanswered']} items got no answer (the last: {last_failure}); run the same "
+                 f"command again to ask for them again")
     return counts, error
 
 
-def refused_alike(client: llm.Client, count: int, failure: llm.Failure) -> str:
-    """Why the run ended when the endpoint refused the requests of the last items the same way:
-    a client error (a 400), so likely a setting or model it does not take, not the items."""
-    return (f"{client.api_base} refused the last {count} requests alike ({failure.status}: "
-            f"{failure.message[:200]}): does it take the settings sent (--model, --temperature, "
-            f"--max_tokens)? A rerun asks for those items again")
+def same_failure(a: llm.Failure, b: llm.Failure) -> bool:
+    """Whether two items' requests failed the same way: the same kind and status, and for a
+    refusal the same message but for its numbers (vLLM's names each request's token counts),
+    since a refusal in other words is about its own item (a content filter, say)."""
+    masked = lambda f: re.sub(r"\d+", "#", f.message) if f.kind == "refused" else ""  # noqa: E731
+    return (a.kind, a.status, masked(a)) == (b.kind, b.status, masked(b))
+
+
+def failed_alike(client: llm.Client, count: int, failure: llm.Failure) -> str:
+    """Why the run ended when the requests of the last items failed the same way: refused (a
+    400, say), so likely a setting or model the endpoint does not take; otherwise an endpoint
+    that does not answer as one should. Not the items, which a rerun asks for again."""
+    if failure.kind == "refused":
+        return (f"{client.api_base} refused the last {count} requests alike ({failure.status}: "
+                f"{failure.message[:200]}): does it take the settings sent (--model, --temperature, "
+                f"--max_tokens)? A rerun asks for those items again")
+    return (f"the requests of the last {count} items failed alike ({str(failure)[:200]}): is {client.api_base} "
+            f"working, and an OpenAI-compatible endpoint? A rerun asks for those items again")
 
 
 def drop_kind(reason: str) -> str:
     return reason.split(" of ")[0] if "duplicate of" in reason else "given up"
 
 
+def cost(client: llm.Client, amount: float | None) -> str:
+    """A cost to show, with --price_in/--price_out; None (the endpoint left out the usage of a
+    reply) is unknown, not a made-up $0.00."""
+    if not (client.price_in or client.price_out):
+        return ""
+    return ", cost unknown" if amount is None else f", ${amount:.2f}"
+
+
 def postfix(client: llm.Client, counts: Counter) -> str:
     s = client.stats
-    cost = f", ${s.cost:.2f}" if client.price_in or client.price_out else ""
     failures = sum(s.failures.values()) + counts["invalid answers"]
     dropped = counts["duplicate"] + counts["near duplicate"] + counts["given up"]
-    return f"{(s.tokens_in + s.tokens_out) / 1000:.1f}k tok{cost}, {failures} failed, {s.retries} retries, " \
+    spent = cost(client, None if s.no_usage else s.cost)
+    return f"{(s.tokens_in + s.tokens_out) / 1000:.1f}k tok{spent}, {failures} failed, {s.retries} retries, " \
            f"{dropped} dropped"
 
 
@@ -750,16 +848,19 @@ def used(kind: str, c: dict) -> dict[str, list]:
 
 def diversity(kind: str, out: Path, skipped: Path) -> dict:
     """Records, distinct n-gram ratios (on a sample), duplicates dropped and list coverage of the
-    output's records of this kind, all seeds and runs together."""
-    rng, sample, records = random.Random(0), [], 0
+    output's records of this kind, all seeds and runs together. An item dropped is counted
+    once, by its last reason, and not at all once it made a record (a rerun with a larger
+    --max_tokens asks again for those cut off)."""
+    rng, sample, ids = random.Random(0), [], set()
     seen = {name: set() for name in COVERED[kind]}
     for record in read_jsonl(out):
-        if not str(record.get("id", "")).startswith(f"{kind}-"):
+        rid = str(record.get("id", ""))
+        if not rid.startswith(f"{kind}-") or rid in ids:  # another kind's, or written twice (before the lock)
             continue
-        records += 1
+        ids.add(rid)
         if len(sample) < SAMPLE:  # a reservoir sample
             sample.append(record.get("text", ""))
-        elif (j := rng.randrange(records)) < SAMPLE:
+        elif (j := rng.randrange(len(ids))) < SAMPLE:
             sample[j] = record.get("text", "")
         try:
             for name, values in used(kind, record["constraints"]).items():
@@ -771,45 +872,66 @@ def diversity(kind: str, out: Path, skipped: Path) -> dict:
     for n in (1, 2, 3, 4):
         grams = [tuple(t[i:i + n]) for t in tokens for i in range(len(t) - n + 1)]
         distinct[str(n)] = round(len(set(grams)) / len(grams), 4) if grams else 0.0
-    dropped = Counter(drop_kind(s.get("reason", "")) for s in read_jsonl(skipped)
-                      if str(s.get("id", "")).startswith(f"{kind}-") and judged(s))
-    total = records + dropped["duplicate"] + dropped["near duplicate"]
+    reasons = {str(s.get("id", "")): str(s.get("reason", "")) for s in read_jsonl(skipped)
+               if str(s.get("id", "")).startswith(f"{kind}-") and judged(s)}
+    dropped = Counter(drop_kind(reason) for rid, reason in reasons.items() if rid not in ids)
+    duplicates = dropped["duplicate"] + dropped["near duplicate"]
     coverage = {name: {"used": len(seen[name]), "of": len(LISTS[name]),
                        "fraction": round(len(seen[name]) / len(LISTS[name]), 4)}
                 for name in COVERED[kind]}
-    return {"records": records, "distinct_ngrams": distinct, "sampled_records": len(sample),
+    return {"records": len(ids), "distinct_ngrams": distinct, "sampled_records": len(sample),
             "dropped": {k: dropped[k] for k in ("duplicate", "near duplicate", "given up")},
-            "near_duplicate_rate": round(dropped["near duplicate"] / total, 4) if total else 0.0,
+            "duplicate_rate": round(duplicates / (len(ids) + duplicates), 4) if ids or duplicates else 0.0,
             "coverage": coverage}
 
 
+TOTALLED = ("written", "seconds", "requests", "retries", "tokens_in", "tokens_out", "cost", "replies_without_usage")
+
+
+def all_runs(path: Path, run: dict) -> dict:
+    """This run's numbers added to those of the report the runs before it wrote (an older
+    version's holds its one run), so that no rerun, finished or resumed, loses their cost."""
+    add = lambda a, b: None if a is None or b is None else round(a + b, 4)  # noqa: E731  None: cost unknown
+    try:
+        old = json.loads(path.read_text())
+        before = old.get("all_runs") or {**old["run"], "runs": 1}
+        return {"runs": before["runs"] + 1, **{k: add(before.get(k, 0), run[k]) for k in TOTALLED}}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no report yet, or not one of ours
+        return {"runs": 1, **{k: run[k] for k in TOTALLED}}
+
+
 def summarize(kind: str, cfg, out: Path, client: llm.Client, counts: Counter, seconds: float, have: int) -> dict:
-    """Print the run's summary and the diversity report; write the report beside the output."""
+    """Print the run's summary and the diversity report; write the report beside the output,
+    with this run's numbers and those of all runs on the output so far."""
     s, (skipped, path) = client.stats, sidecars(out)
+    run = {"written": counts["written"], "seconds": round(seconds, 2), "requests": s.requests,
+           "retries": s.retries, "failed_attempts": dict(s.errors), "failed_requests": dict(s.failures),
+           "invalid_answers": counts["invalid answers"], "cut_off_answers": counts["cut off"],
+           "unanswered_items": counts["unanswered"], "tokens_in": s.tokens_in, "tokens_out": s.tokens_out,
+           "cost": None if s.no_usage else round(s.cost, 4), "replies_without_usage": s.no_usage}
     report = {"file": str(out), "kind": kind, "seed": cfg.seed, "model": cfg.model,
-              **diversity(kind, out, skipped),
-              "run": {"written": counts["written"], "seconds": round(seconds, 2), "requests": s.requests,
-                      "retries": s.retries, "failed_attempts": dict(s.errors), "failed_requests": dict(s.failures),
-                      "invalid_answers": counts["invalid answers"], "unanswered_items": counts["unanswered"],
-                      "tokens_in": s.tokens_in,
-                      "tokens_out": s.tokens_out, "cost": round(s.cost, 4)}}
-    write_atomic(path, (json.dumps(report, indent=1) + "\n").encode())
+              **diversity(kind, out, skipped), "run": run, "all_runs": all_runs(path, run)}
     kinds = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
     rate = counts["written"] / seconds if seconds > 0 else 0.0
-    cost = f", ${s.cost:.2f}" if cfg.price_in or cfg.price_out else ""
-    dropped, distinct = report["dropped"], report["distinct_ngrams"]
+    dropped, distinct, total = report["dropped"], report["distinct_ngrams"], report["all_runs"]
     coverage = ", ".join(f"{k} {v['fraction']:.0%}" for k, v in report["coverage"].items())
+    cut = (f" ({counts['cut off']} cut off at --max_tokens={cfg.max_tokens}: raise it to keep such items)"
+           if counts["cut off"] else "")
+    unmetered = f", not counting {s.no_usage} replies without usage" if s.no_usage else ""
     print(f"{kind}: {counts['written']} records written in {seconds:.1f} s ({rate:.2f}/s); {out} holds "
           f"{have}/{cfg.n} of seed {cfg.seed}\n"
           f"requests {s.requests}, retries {s.retries}; failed attempts: {kinds(s.errors)}; failed requests: "
-          f"{kinds(s.failures)}; invalid answers {counts['invalid answers']}; items without an answer "
+          f"{kinds(s.failures)}; invalid answers {counts['invalid answers']}{cut}; items without an answer "
           f"{counts['unanswered']} (a rerun asks for them again)\n"
-          f"tokens {s.tokens_in:,} in, {s.tokens_out:,} out{cost}\n"
+          f"tokens {s.tokens_in:,} in, {s.tokens_out:,} out{cost(client, run['cost'])}{unmetered}; "
+          f"all runs on this file ({total['runs']}): {total['tokens_in']:,} in, {total['tokens_out']:,} out"
+          f"{cost(client, total['cost'])}\n"
           f"dropped (all runs): {dropped['duplicate']} duplicate, {dropped['near duplicate']} near duplicate "
-          f"(rate {report['near_duplicate_rate']:.1%}), {dropped['given up']} given up\n"
+          f"(together {report['duplicate_rate']:.1%} of records and duplicates), {dropped['given up']} given up\n"
           f"distinct 1/2/3/4-grams {' / '.join(f'{v:.3f}' for v in distinct.values())} "
           f"(on {report['sampled_records']} records); coverage: {coverage}\n"
           f"report: {path}", flush=True)
+    write_atomic(path, (json.dumps(report, indent=1) + "\n").encode())
     return report
 
 
@@ -830,17 +952,16 @@ def main(argv=None):
     out = Path(cfg.out or f"out/{kind}.jsonl")
     skipped_path, report_path = sidecars(out)
     check_writable(out, skipped_path, report_path)
-    prefix = item_id(kind, cfg.seed, "")
-    ids = [str(r.get("id", "")) for r in read_jsonl(out)]
-    done = set(ids) | {str(r.get("id", "")) for r in read_jsonl(skipped_path) if judged(r)}
-    have = sum(rid.startswith(prefix) for rid in ids)
+    have, done = progress(kind, cfg, out, skipped_path)
     counts, error, started, sandbox = Counter(), None, time.monotonic(), None
-    with client:
+    with client, contextlib.ExitStack() as held:
         if have < cfg.n:
             try:
                 client.check()
             except llm.LLMError as e:
                 raise UserError(e.failure.message) from None
+            held.enter_context(lock_output(out))  # held until the report is written
+            have, done = progress(kind, cfg, out, skipped_path)  # again: a run before ours may have ended since
             dedup = Dedup(cfg.near_dup)
             for record in read_jsonl(out):
                 dedup.add(str(record.get("id", "")), str(record.get("text", "")))
@@ -848,15 +969,22 @@ def main(argv=None):
                 sandbox = open_sandbox(min(cfg.concurrency, os.cpu_count() or 1))
             writers = Appender(out), Appender(skipped_path)
             try:
-                with Interrupts() as interrupts:
+                with Interrupts(client.stop) as interrupts:
                     counts, error = synthesize(kind, cfg, client, dedup, sandbox, *writers, have, done,
                                                interrupts.stop)
             finally:
                 for writer in writers:
-                    writer.close()
+                    try:
+                        writer.close()
+                    except OSError as e:  # the rest of a line that failed to write (said already)
+                        error = error or str(cannot_write(writer.path, e))
                 if sandbox is not None:
                     sandbox.close()
-        summarize(kind, cfg, out, client, counts, time.monotonic() - started, have + counts["written"])
+        try:
+            summarize(kind, cfg, out, client, counts, time.monotonic() - started, have + counts["written"])
+        except UserError:  # the report cannot be written either (a full disk): the first error says why
+            if error is None:
+                raise
     if error:
         raise UserError(error)
     if have + counts["written"] < cfg.n:  # stopped by Ctrl-C

@@ -72,7 +72,7 @@ wait_for "http://127.0.0.1:$TEACHER_PORT/v1"
 
 stage "4. synthesize textbooks (our model) and exercises (the teacher)"
 python synth.py textbook --n="$N_SYNTH" --api_base="http://127.0.0.1:$SERVE_PORT/v1" --model=base \
-  --out="$OUT/textbooks.jsonl" --max_tokens=128 --concurrency=16 --near_dup=1.0
+  --out="$OUT/textbooks.jsonl" --max_tokens=128 --keep_cut_off --concurrency=16 --near_dup=1.0
 python synth.py exercises --n="$N_SYNTH" --api_base="http://127.0.0.1:$TEACHER_PORT/v1" --model=teacher \
   --out="$OUT/exercises.jsonl" --concurrency=16
 

@@ -6,8 +6,13 @@ only on the request (a hash of it), faults injected on a schedule, a fixed laten
 
 The i-th POST gets faults[i % len(faults)]: "ok" (answer), "429" (Retry-After:
 server.retry_after), "500", "503" and "408" (retry-after-ms: 10), "slow" (answers after
-server.slow seconds), "malformed" (200, not JSON), "empty" (200, no choices), "drop"
-(closes the connection without answering) or "cut" (closes it half-way through the body).
+server.slow seconds), "malformed" (200, not JSON), "html" (200, a proxy's HTML page),
+"empty" (200, no choices), "drop" (closes the connection without answering), "cut"
+(closes it half-way through the body), "length" (half the answer, finish_reason
+"length": cut off at max_tokens), "null" (content null, finish_reason "content_filter"),
+"no_usage" (an answer without usage), "filtered" (a 400 from a content filter, its
+message naming the request in words) or "context" (vLLM's 400 for a request longer than
+its context, the message naming the request's token counts).
 Only paths under /v1/ exist: any other is a 404, as on vLLM.
 """
 
@@ -104,11 +109,11 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def send(self, status: int, payload, headers=()) -> None:
+    def send(self, status: int, payload, headers=(), content_type="application/json") -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             for key, value in headers:
                 self.send_header(key, value)
@@ -165,6 +170,9 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(408, "Request timed out.", "timeout", [("retry-after-ms", "10")])
         if fault == "malformed":
             return self.send(200, b'{"choices": [{"message": {"content": "half')
+        if fault == "html":
+            return self.send(200, b"<html><head><title>Sign in</title></head><body>Proxy login</body></html>",
+                             content_type="text/html")
         if fault == "empty":
             return self.send(200, {"object": "chat.completion", "choices": []})
         if fault in ("drop", "cut"):
@@ -179,15 +187,28 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(404, f"The model `{body.get('model')}` does not exist", "model_not_found")
         if body.get("max_tokens") == 0:
             return self.error(400, "max_tokens must be at least 1", "invalid_value")
-        text = self.server.answer(body)
-        usage = {"prompt_tokens": len(json.dumps(body.get("messages", body.get("prompt")))) // 4,
-                 "completion_tokens": len(text) // 4}
+        prompt_tokens = len(json.dumps(body.get("messages", body.get("prompt")))) // 4
+        if fault == "filtered":
+            rng = random.Random(digest(body))
+            return self.error(400, f"Flagged by the content filter: {rng.choice(SYLLABLES) + rng.choice(SYLLABLES)}.",
+                              "content_filter")
+        if fault == "context":
+            asked = prompt_tokens + (body.get("max_tokens") or 0)
+            return self.error(400, f"This model's maximum context length is 1024 tokens. However, you requested "
+                                   f"{asked} tokens ({prompt_tokens} in the messages, {body.get('max_tokens')} in "
+                                   f"the completion). Please reduce the length of the messages or completion.", 400)
+        text, finish = self.server.answer(body), "stop"
+        if fault == "length":
+            text, finish = text[:len(text) // 2], "length"
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(text) // 4}
+        if fault == "null":
+            text, finish = None, "content_filter"
         if self.path.endswith("/chat/completions"):
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": "stop"}
-        self.send(200, {"id": "x", "object": "chat.completion", "model": self.server.model, "choices": [choice],
-                        "usage": usage})
+            choice = {"index": 0, "text": text, "finish_reason": finish}
+        reply = {"id": "x", "object": "chat.completion", "model": self.server.model, "choices": [choice]}
+        self.send(200, reply if fault == "no_usage" else {**reply, "usage": usage})
 
 
 # ---------------------------------------------------------------- the toy pipeline's stand-in teacher

@@ -51,7 +51,7 @@ def test_endpoint_and_key_from_the_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("fault, kind", [("429", "rate_limit"), ("500", "server"), ("503", "server"), ("408", "server"),
-                                         ("slow", "timeout"), ("malformed", "bad_response"),
+                                         ("slow", "timeout"), ("malformed", "bad_response"), ("html", "bad_response"),
                                          ("empty", "bad_response"), ("drop", "connection"), ("cut", "connection")])
 def test_a_failed_attempt_is_retried(fault, kind):
     with FakeLLM(faults=[fault, "ok"], slow=1.0) as server, client_for(server, timeout=0.3) as client:
@@ -96,6 +96,27 @@ def test_gives_up_after_max_retries():
         assert (failure.kind, failure.attempts, failure.fatal) == ("server", 3, False)
         s = client.stats
         assert (s.requests, s.retries, dict(s.failures)) == (3, 2, {"server": 1})
+
+
+def test_an_answer_without_text_is_refused_not_retried():
+    """content null (a refusal, a content filter) was retried as a malformed reply, and every rerun asked again."""
+    with FakeLLM(faults=["null"]) as server, client_for(server) as client:
+        with pytest.raises(llm.LLMError) as error:
+            client.chat(MESSAGES)
+        failure = error.value.failure
+        assert (failure.kind, failure.status, failure.fatal, failure.attempts) == ("refused", 200, False, 1)
+        assert "content_filter" in failure.message and client.stats.requests == 1
+
+
+def test_setting_stop_cuts_a_backoff_short():
+    """A Retry-After: 20 held a thread outside map() for 20 s or more after its caller's Ctrl-C."""
+    with FakeLLM(faults=["429"], retry_after="20") as server, client_for(server, max_backoff=60) as client:
+        threading.Timer(0.3, client.stop.set).start()
+        started = time.monotonic()
+        with pytest.raises(llm.LLMError) as error:
+            client.chat(MESSAGES)
+        assert error.value.failure.kind == "stopped" and time.monotonic() - started < 2
+        assert server.served == ["429"]
 
 
 @pytest.mark.parametrize("model, params, status, fatal", [("fake", {"max_tokens": 0}, 400, False),
@@ -267,7 +288,7 @@ def test_client_from_command_line_settings():
 
 
 class RecordedWaits(threading.Event):
-    """Stands in for llm._NEVER (what chat() waits on): records each pause and returns at once."""
+    """Stands in for a client's stop (what chat() waits on): records each pause and returns at once."""
 
     def __init__(self):
         super().__init__()
@@ -280,15 +301,21 @@ class RecordedWaits(threading.Event):
 
 @pytest.fixture
 def waits(monkeypatch):
-    recorded = RecordedWaits()
-    monkeypatch.setattr(llm, "_NEVER", recorded)
+    """The pauses of the clients made in the test, which do not wait."""
+    recorded, init = RecordedWaits(), llm.Client.__init__
+
+    def patched(self, *args, **kw):
+        init(self, *args, **kw)
+        self.stop = recorded
+
+    monkeypatch.setattr(llm.Client, "__init__", patched)
     return recorded.pauses
 
 
 @pytest.fixture
 def extra_faults(monkeypatch):
-    """FakeLLM faults beyond its own: "409", "quota" (429 for exhausted quota), "no_usage" (an answer without usage),
-    "odd_usage" (usage counts that are not integers), "trickle" (a 200 whose body comes a byte every 0.1 s, for 5 s)."""
+    """FakeLLM faults beyond its own: "409", "quota" (429 for exhausted quota), "odd_usage" (usage counts that
+    are not integers), "trickle" (a 200 whose body comes a byte every 0.1 s, for 5 s)."""
     import llm_server
     respond = llm_server.Handler.respond
 
@@ -309,8 +336,6 @@ def extra_faults(monkeypatch):
             return self.error(409, "Conflict.", "conflict")
         if fault == "quota":
             return self.error(429, "You exceeded your current quota.", "insufficient_quota")
-        if fault == "no_usage":
-            return self.send(200, {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]})
         if fault == "odd_usage":
             return self.send(200, {"choices": [{"message": {"content": "hi"}}],
                                    "usage": {"prompt_tokens": "12", "completion_tokens": 3.5}})
@@ -452,12 +477,15 @@ def test_client_from_passes_every_setting():
             llm.client_from(cfg, "m")
 
 
-def test_usage_counts_that_are_not_integers_count_as_zero(extra_faults):
-    with FakeLLM(faults=["odd_usage"]) as server, client_for(server) as client:
+def test_usage_missing_or_not_integers_is_counted_apart_and_warned_about_once(extra_faults, capsys):
+    """Counted as 0 tokens, such replies made the cost read $0.00 as if it were known."""
+    with FakeLLM(faults=["odd_usage", "no_usage", "ok"]) as server, client_for(server, price_in=1.0) as client:
         reply = client.chat(MESSAGES)
-        assert (reply.text, reply.usage, reply.finish_reason) == ("hi", {"prompt_tokens": 0, "completion_tokens": 0},
-                                                                  None)
-        assert (client.stats.tokens_in, client.stats.tokens_out) == (0, 0)
+        assert (reply.text, reply.usage, reply.finish_reason) == ("hi", None, None)
+        assert client.chat(MESSAGES).usage is None and client.chat(MESSAGES).usage
+        s = client.stats
+        assert s.no_usage == 2 and s.tokens_in > 0 and s.cost > 0
+    assert capsys.readouterr().err.count("reports no token usage") == 1
 
 
 def test_check_reports_a_forbidden_key(monkeypatch):

@@ -88,7 +88,7 @@ def test_textbook_run_through_faults(server, reference):
     assert set(report["run"]["failed_attempts"]) == {"rate_limit", "server", "timeout", "bad_response", "connection"}
     skipped = records(f"{path}.skipped")
     assert report["dropped"]["near duplicate"] + report["dropped"]["duplicate"] == len(skipped) > 0
-    assert 0 < report["near_duplicate_rate"] < 1 and 0 < report["distinct_ngrams"]["1"] < 1
+    assert 0 < report["duplicate_rate"] < 1 and 0 < report["distinct_ngrams"]["1"] < 1
     assert report["coverage"]["audiences"]["of"] == len(synth.AUDIENCES)
 
 
@@ -109,11 +109,19 @@ def test_exercises_run_through_faults(reference):
         lines(f"{path}.skipped"))
 
 
-def test_a_rerun_of_a_finished_file_does_nothing(server, reference, tmp_path):
+def test_a_rerun_of_a_finished_file_does_nothing_and_keeps_the_totals(server, reference, tmp_path):
+    """A rerun's report kept only its own run, all zeros: the cost of the runs before was lost."""
     path, n = reference["textbook"]
-    before = path.read_bytes()
+    for name in (path.name, f"{path.name}.skipped", f"{path.name}.report.json"):
+        (tmp_path / name).write_bytes((path.parent / name).read_bytes())
+    path = tmp_path / path.name
+    before, first = path.read_bytes(), json.loads(Path(f"{path}.report.json").read_text())
     report = synthesize(server, "textbook", path, f"--n={n}", "--api_base=http://127.0.0.1:1/v1")  # no requests
     assert path.read_bytes() == before and report["run"]["requests"] == 0
+    totals = report["all_runs"]
+    assert totals["runs"] == 2 and first["all_runs"]["runs"] == 1
+    assert (totals["requests"], totals["tokens_out"], totals["written"]) == (
+        first["run"]["requests"], first["run"]["tokens_out"], n) and totals["tokens_out"] > 0
 
 
 def test_killed_and_restarted_run_equals_an_uninterrupted_one(server, reference, tmp_path):
@@ -157,7 +165,7 @@ def test_items_without_records_end_the_run(tmp_path):
     with FakeLLM(answer=lambda body: "  ") as empty:
         with pytest.raises(UserError, match="3 items in a row gave no record .*invalid: empty answer"):
             synthesize(empty, "textbook", tmp_path / "t.jsonl", "--n=5", "--give_up=3", "--attempts=2")
-    assert not (tmp_path / "t.jsonl").exists() and len(lines(tmp_path / "t.jsonl.skipped")) == 3
+    assert lines(tmp_path / "t.jsonl") == [] and len(lines(tmp_path / "t.jsonl.skipped")) == 3
 
 
 def test_fatal_failure_mid_run_stops_after_what_came_before(tmp_path):
@@ -196,38 +204,160 @@ def test_items_whose_requests_failed_are_asked_for_again_by_a_rerun(server, tmp_
     assert all(dedup.add(r["id"], r["text"]) is None for r in records(out))
 
 
-def test_a_setting_the_endpoint_refuses_is_named_and_its_items_are_retried(tmp_path, monkeypatch):
+@pytest.mark.parametrize("setting, faults, message", [
+    ("--max_tokens=0", ["ok"], r"400: max_tokens must be at least 1"),
+    # vLLM's message names each request's token counts: refusals alike all the same
+    ("--max_tokens=1000", ["context"], r"400: This model's maximum context length is 1024 tokens\. "
+                                                     r"However, you requested \d+ tokens")])
+def test_a_setting_the_endpoint_refuses_is_named_and_its_items_are_retried(tmp_path, monkeypatch, setting, faults,
+                                                                            message):
     monkeypatch.setattr(synth, "check_settings", lambda cfg: None)  # a setting synth.py does not know is bad
     out = tmp_path / "t.jsonl"
-    with FakeLLM() as server:
-        with pytest.raises(UserError, match=r"refused the last 5 requests alike \(400: max_tokens must be at least "
-                                            r"1\): does it take the settings sent"):
-            synthesize(server, "textbook", out, "--n=5", "--max_tokens=0")
+    with FakeLLM(faults=faults) as server:
+        with pytest.raises(UserError, match=rf"refused the last 5 requests alike \({message}.*\): does it take the "
+                                            r"settings sent"):
+            synthesize(server, "textbook", out, "--n=5", setting)
         assert len(server.served) <= 5 + 4  # one request an item (a refused one is not sent again), 4 in flight
-        assert not out.exists() and not Path(f"{out}.skipped").exists()
+        assert lines(out) == [] and not Path(f"{out}.skipped").exists()
+        server.faults = ["ok"]
         synthesize(server, "textbook", out, "--n=5")
     assert [r["id"] for r in records(out)][:4] == [f"textbook-1337-{i}" for i in range(4)]
     assert len(records(out)) == 5
 
 
-def test_a_request_refused_for_its_item_alone_skips_that_item(tmp_path, monkeypatch):
-    respond = llm_server.Handler.respond
-
-    def content_filter(handler, fault, body):  # "400": a refusal about what this request asked
-        if fault == "400":
-            return handler.error(400, "The request was flagged by the content filter.", "content_filter")
-        return respond(handler, fault, body)
-
-    monkeypatch.setattr(llm_server.Handler, "respond", content_filter)
+@pytest.mark.parametrize("fault, why", [("filtered", "refused 400: Flagged by the content filter"),
+                                        # content null: was retried as malformed, and asked again by each rerun
+                                        ("null", "refused 200: an answer without text (finish_reason content_filter)")])
+def test_a_request_refused_for_its_item_alone_skips_that_item(tmp_path, fault, why):
     out = tmp_path / "t.jsonl"
-    with FakeLLM(faults=["ok", "ok", "400"]) as server:  # never two refusals in a row, one item at a time
+    with FakeLLM(faults=["ok", "ok", fault]) as server:  # never two refusals in a row, one item at a time
         report = synthesize(server, "textbook", out, "--n=8", "--concurrency=1")
         refused = [s for s in records(f"{out}.skipped") if s["reason"].startswith("refused:")]
-        assert len(records(out)) == 8 and len(refused) >= 3 and "content filter" in refused[0]["reason"]
+        assert len(records(out)) == 8 and len(refused) >= 3 and refused[0]["reason"].startswith(f"refused: {why}")
+        assert server.served.count(fault) == len(refused)  # not asked again
         assert report["dropped"]["given up"] == len(refused) and report["run"]["unanswered_items"] == 0
         asked = len(server.served)
         synthesize(server, "textbook", out, "--n=8")  # judged: nothing is asked again
         assert len(server.served) == asked
+
+
+def test_answers_cut_off_at_max_tokens_are_no_records_until_a_run_with_more(tmp_path):
+    """finish_reason "length" was never read: textbooks cut mid-sentence became records."""
+    out = tmp_path / "t.jsonl"
+    with FakeLLM(faults=["length"] * 3 + ["ok"] * 100, answer=distinct_prose) as server:
+        report = synthesize(server, "textbook", out, "--n=3", "--concurrency=1", "--attempts=1", "--max_tokens=50")
+        assert [r["id"] for r in records(out)] == [f"textbook-1337-{i}" for i in range(3, 6)]
+        assert [s["reason"] for s in records(f"{out}.skipped")] == ["invalid: cut off at --max_tokens=50"] * 3
+        assert (report["run"]["cut_off_answers"], report["dropped"]["given up"]) == (3, 3)
+        synthesize(server, "textbook", out, "--n=4", "--max_tokens=50")  # the same budget: judged, not asked again
+        assert records(out)[-1]["id"] == "textbook-1337-6"
+        report = synthesize(server, "textbook", out, "--n=6", "--max_tokens=100")  # more room: asked again, first
+    assert [r["id"] for r in records(out)][4:] == ["textbook-1337-0", "textbook-1337-1"]
+    assert report["dropped"]["given up"] == 1 and report["records"] == 6
+
+
+def test_keep_cut_off_takes_answers_cut_off_as_they_are(tmp_path):
+    out = tmp_path / "t.jsonl"
+    with FakeLLM(faults=["length"] * 3 + ["ok"] * 100, answer=distinct_prose) as server:
+        report = synthesize(server, "textbook", out, "--n=3", "--concurrency=1", "--keep_cut_off")
+    assert [r["id"] for r in records(out)] == [f"textbook-1337-{i}" for i in range(3)]
+    assert report["run"]["cut_off_answers"] == 0 and not Path(f"{out}.skipped").exists()
+
+
+def test_answers_cut_off_in_a_row_end_the_run_asking_for_more_tokens(tmp_path):
+    with FakeLLM(faults=["length"]) as server:
+        with pytest.raises(UserError, match=r"3 items in a row gave no record \(the last: invalid: cut off at "
+                                            r"--max_tokens=1024\); raise --max_tokens\?"):
+            synthesize(server, "textbook", tmp_path / "t.jsonl", "--n=5", "--give_up=3", "--attempts=1")
+
+
+def test_an_endpoint_answering_with_a_proxy_page_ends_the_run(tmp_path):
+    """A 200 that is no JSON (a proxy's login page) is retried, but it went on for every item of the run."""
+    out = tmp_path / "t.jsonl"
+    with FakeLLM(faults=["html"]) as server:
+        with pytest.raises(UserError, match=r"the requests of the last 5 items failed alike \(bad_response 200: .*"
+                                            r"<html>.*\): is http://.* working"):
+            synthesize(server, "textbook", out, "--n=50", "--max_retries=1", "--attempts=1", "--concurrency=2")
+        assert len(server.served) <= 2 * 10  # 2 requests an item: the 5, those in flight, not the 50
+    assert lines(out) == [] and not Path(f"{out}.skipped").exists()  # a rerun asks again
+
+
+def test_an_item_that_got_an_answer_is_judged_by_it_after_a_failed_request():
+    """It was reported as without an answer, keeping its slot and ending the run in an error."""
+    from types import SimpleNamespace
+
+    class Client:  # the first request fails for good, the second answers with nothing usable
+        asked = 0
+
+        def chat(self, messages, temperature, max_tokens, seed):
+            self.asked += 1
+            if self.asked == 1:
+                raise llm.LLMError(llm.Failure("server", "The server had an error.", 500))
+            return SimpleNamespace(text=" ", finish_reason="stop")
+
+    cfg = SimpleNamespace(seed=1337, attempts=2, temperature=1.0, max_tokens=100, model="fake")
+    outcome = synth.make_item("textbook", 0, cfg, Client(), synth.Dedup(0.8), None, threading.Event())
+    assert (outcome.failure, outcome.record, outcome.reason) == (None, None, "invalid: empty answer")
+
+
+def test_a_second_run_on_the_same_output_stops_at_once_and_records_count_by_id(tmp_path):
+    """Two runs at once wrote every record twice, and the second copies counted towards --n."""
+    import fcntl
+    out = tmp_path / "t.jsonl"
+    out.write_text("".join(json.dumps({"id": f"textbook-1337-{i}", "text": f"text {i}"}) + "\n" for i in (0, 1) * 2))
+    with FakeLLM(answer=distinct_prose) as server:
+        with open(out) as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # another run's lock
+            with pytest.raises(UserError, match=f"another run is writing {out}: wait for it"):
+                synthesize(server, "textbook", out, "--n=3")
+            assert server.served == []
+        synthesize(server, "textbook", out, "--n=3")
+    assert [r["id"] for r in records(out)][4:] == ["textbook-1337-2"]
+
+
+def test_a_write_that_fails_is_one_line_and_a_rerun_completes(server, reference, tmp_path):
+    """A full disk (here a file size limit) ended in chained tracebacks, exit 1, and no report."""
+    import resource
+    path, n = reference["textbook"]
+    out = tmp_path / "textbook.jsonl"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))  # noqa: E731
+    proc = subprocess.Popen([sys.executable, str(ROOT / "synth.py"), "textbook", f"--n={n}", f"--out={out}",
+                             f"--api_base={server.url}", *FAST], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and stderr.startswith(f"error: cannot write {out}: File too large")
+    assert stderr.count("\n") == 1 and "records written" in stdout, stderr
+    assert Path(f"{out}.report.json").exists() and 0 < len(lines(out)) < n
+    synthesize(server, "textbook", out, f"--n={n}")
+    assert lines(out) == lines(path)
+
+
+def test_ctrl_c_cuts_short_a_long_retry_after(tmp_path):
+    """Against a server asking for 20 s between retries, Ctrl-C took minutes to exit."""
+    with FakeLLM(faults=["429"], retry_after="20") as slow_server:
+        proc = cli("textbook", "--n=3", f"--out={tmp_path / 't.jsonl'}", f"--api_base={slow_server.url}",
+                   "--model=fake", "--concurrency=2")
+        deadline = time.monotonic() + 30
+        while len(slow_server.served) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # in the backoffs
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, stderr = proc.communicate(timeout=10)
+        finally:
+            proc.kill()
+    assert proc.returncode == 130 and time.monotonic() - started < 5 and "stopping" in stderr
+
+
+def test_replies_without_usage_make_the_cost_unknown_not_zero(tmp_path, capsys):
+    with FakeLLM(faults=["no_usage"], answer=distinct_prose) as server:
+        report = synthesize(server, "textbook", tmp_path / "t.jsonl", "--n=2", "--price_in=1", "--price_out=2")
+    assert (report["run"]["cost"], report["run"]["replies_without_usage"], report["all_runs"]["cost"]) == (None, 2,
+                                                                                                            None)
+    captured = capsys.readouterr()
+    assert "cost unknown" in captured.out and "$0.00" not in captured.out
+    assert captured.err.count("reports no token usage") == 1
 
 
 def test_failed_requests_an_older_version_skipped_are_retried(server, tmp_path):
@@ -251,7 +381,8 @@ def test_against_sample_serve(tmp_path):
     config = dataclasses.replace(PRESETS["nano"], block_size=512)  # room for synth's prompts
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model": GPT(config).state_dict(), "config": dataclasses.asdict(config), "step": 0}, ckpt)
-    cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--port=0", "--quiet"])
+    # a random model's answers end at a stop string, else all would be cut off at --max_tokens
+    cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--port=0", "--quiet", "--stop=e"])
     server = sample.Server(cfg)
     server.start(load_model(str(ckpt), torch.device("cpu"), torch.float32), "nano")
     thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
@@ -259,7 +390,7 @@ def test_against_sample_serve(tmp_path):
     try:
         out = tmp_path / "textbook.jsonl"
         synth.main(["textbook", "--n=3", f"--out={out}", f"--api_base=http://127.0.0.1:{server.server_address[1]}/v1",
-                    "--model=nano", "--max_tokens=8"])
+                    "--model=nano", "--max_tokens=64"])
     finally:
         server.shutdown()
         server.close()
@@ -365,6 +496,8 @@ Hope it helps.'''
     ("def area(r):\n    '''Doc.'''\n    raise NotImplementedError\n", "no body"),
     ("def area(r):\n    '''Doc.'''\n    raise NotImplementedError('later')\n", "no body"),
     ("def area(r):\n    '''Doc.'''; return r\n", "docstring's line"),
+    (GOOD.replace("```python", "```Python"), None),  # the language named as people write it
+    ("Usage:\n```python\nprint(area(2.0))\n```\n" + GOOD, None),  # the block defining the function, not the first
 ])
 def test_parse_exercise(text, why):
     if why is None:
@@ -528,21 +661,12 @@ def test_diversity_counts_only_judged_drops_of_its_own_kind(tmp_path):
     report = synth.diversity("textbook", out, skipped)
     assert report["records"] == 5
     assert report["dropped"] == {"duplicate": 1, "near duplicate": 2, "given up": 1}
-    assert report["near_duplicate_rate"] == round(2 / 8, 4)  # of records plus duplicates dropped
+    assert report["duplicate_rate"] == round(3 / 8, 4)  # exact and near duplicates, of them and the records
 
 
-def test_refusals_that_differ_are_each_about_their_own_item(tmp_path, monkeypatch):
-    respond = llm_server.Handler.respond
-
-    def content_filter(handler, fault, body):  # each refusal names what its own request asked
-        if fault == "400":
-            return handler.error(400, f"Flagged by the content filter (request {llm_server.digest(body) % 10**6})",
-                                 "content_filter")
-        return respond(handler, fault, body)
-
-    monkeypatch.setattr(llm_server.Handler, "respond", content_filter)
-    out = tmp_path / "t.jsonl"
-    with FakeLLM(faults=["400"] * 6 + ["ok"] * 100, answer=distinct_prose) as server:
+def test_refusals_that_differ_are_each_about_their_own_item(tmp_path):
+    out = tmp_path / "t.jsonl"  # "filtered": each refusal names, in words, what its own request asked
+    with FakeLLM(faults=["filtered"] * 6 + ["ok"] * 100, answer=distinct_prose) as server:
         report = synthesize(server, "textbook", out, "--n=2", "--concurrency=1")
     assert [s["id"] for s in records(f"{out}.skipped")] == [f"textbook-1337-{i}" for i in range(6)]
     assert [r["id"] for r in records(out)] == ["textbook-1337-6", "textbook-1337-7"]
@@ -558,7 +682,7 @@ def test_an_item_asks_again_with_a_new_seed_after_each_unusable_answer():
 
         def chat(self, messages, temperature, max_tokens, seed):
             self.seeds.append(seed)
-            return SimpleNamespace(text="" if len(self.seeds) < 3 else "A usable section.")
+            return SimpleNamespace(text="" if len(self.seeds) < 3 else "A usable section.", finish_reason="stop")
 
     cfg = SimpleNamespace(seed=1337, attempts=3, temperature=1.0, max_tokens=100, model="fake")
     client = Client()
