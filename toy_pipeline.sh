@@ -4,12 +4,18 @@
 #   bash toy_pipeline.sh                  # about 20 minutes on 2 cores; outputs land in out/toy
 #
 # The sizes below are the defaults; tests/test_toy_pipeline.py runs the same script with
-# tiny ones. A 3-minute model is no teacher: it writes the textbooks (any text will do),
+# tiny ones. A model trained for minutes is no teacher: it writes the textbooks (any text will do),
 # but exercises must parse and annotations must end in a score, so those come from a
 # stand-in teacher (tests/llm_server.py: valid made-up exercises, and educational value
 # by a rule: docstrings and comments per line). At paper scale both
 # roles are GPT-4 / GPT-3.5 behind the same --api_base.
 set -euo pipefail
+case "${1:-}" in  # the settings are the environment variables below
+  "") ;;
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; grep -E '^[A-Z_]+=\$\{' "$0"; exit 0 ;;
+  *) echo "error: toy_pipeline.sh takes no arguments: its settings are environment variables (see --help)" >&2
+     exit 2 ;;
+esac
 cd "$(dirname "$0")"
 
 OUT=${OUT:-out/toy}                      # what this run writes (the local bins of stage 1 are shared)

@@ -70,3 +70,17 @@ def test_a_port_in_use_stops_the_run_before_any_work(tmp_path):
                                 timeout=60)
     assert result.returncode == 1 and f"port {port} is in use" in result.stderr, result.stderr
     assert "=== " not in result.stdout and not any((tmp_path / "toy").iterdir())  # no stage started
+
+
+def test_help_lists_the_settings_and_an_argument_is_refused_before_any_work(tmp_path):
+    """Its settings are environment variables: `--help` (or a flag given as to the other
+    scripts) must not start a 20-minute run."""
+    env = {**os.environ, "OUT": str(tmp_path / "toy")}
+    shown = subprocess.run(["bash", str(ROOT / "toy_pipeline.sh"), "--help"], env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0 and "toy scale" in shown.stdout
+    assert "PRETRAIN_ITERS=${PRETRAIN_ITERS:-200}" in shown.stdout and "set -euo" not in shown.stdout
+    wrong = subprocess.run(["bash", str(ROOT / "toy_pipeline.sh"), "--max_iters=5"], env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert wrong.returncode == 2 and "takes no arguments" in wrong.stderr
+    assert "=== " not in shown.stdout + wrong.stdout and not (tmp_path / "toy").exists()
