@@ -45,7 +45,7 @@ train      fits the forest (RandomForest) on the annotated documents' embeddings
            accuracy and saved in the forest (--forest) with the embedding's source.
 apply      streams --corpus through the embedding model (the forest's, unless --ckpt)
            and the forest a chunk at a time, in constant memory, and writes per shard in
-           --out (default out/filtered):
+           --out (default out/filtered), I and N five digits (kept-00000-of-00001.jsonl):
              kept-I-of-N.jsonl    the kept documents, each with its "score"
              scores-I-of-N.bin    score (float32) and tokens (uint32) of every document
              summary-I-of-N.json  documents and tokens in all and kept, the threshold, a

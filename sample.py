@@ -590,7 +590,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.busy -= 1
                 self.server.idle.notify_all()
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = dispatch
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = dispatch  # JSON errors, not HTML
 
     def answer(self) -> None:
         try:
@@ -602,7 +602,7 @@ class Handler(BaseHTTPRequestHandler):
                 method, name = self.ROUTES[path]
             else:
                 raise ApiError(f"Invalid URL ({self.command} {path or '/'})", 404, "unknown_url")
-            if self.command != method:
+            if self.command != method and not (self.command == "HEAD" and method == "GET"):  # HEAD: GET's headers
                 raise ApiError(f"{path} takes {method}, not {self.command}", 405, "method_not_allowed",
                                headers=[("Allow", method)])
             if name == "one_model":
@@ -650,7 +650,8 @@ class Handler(BaseHTTPRequestHandler):
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
         except OSError:  # the client went away
             self.close_connection = True
 

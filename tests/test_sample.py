@@ -644,6 +644,20 @@ def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(server, monk
 
 # ---------------------------------------------------------------- raw HTTP errors
 
+def test_head_gets_the_headers_of_get_and_the_connection_stays_usable(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    conn.request("HEAD", "/health")
+    response = conn.getresponse()
+    assert response.status == 200 and int(response.headers["Content-Length"]) > 0 and response.read() == b""
+    conn.request("HEAD", "/v1/completions")  # a POST route: its 405, headers only
+    response = conn.getresponse()
+    assert (response.status, response.headers["Allow"], response.read()) == (405, "POST", b"")
+    conn.request("GET", "/health")  # the same connection: nothing of a body was left on it
+    response = conn.getresponse()
+    assert response.status == 200 and "queued" in json.loads(response.read())
+    conn.close()
+
+
 GOOD = {"model": NAME, "prompt": "x", "max_tokens": 1}
 
 
@@ -655,6 +669,7 @@ GOOD = {"model": NAME, "prompt": "x", "max_tokens": 1}
     ("POST", "/v1/completions", b"", 400, "invalid_json"),
     ("GET", "/v1/nothing", None, 404, "unknown_url"),
     ("GET", "/v1/completions", None, 405, "method_not_allowed"),
+    ("OPTIONS", "/v1/completions", None, 405, "method_not_allowed"),
     ("POST", "/v1/completions", {**GOOD, "model": "gpt-4"}, 404, "model_not_found"),
     ("POST", "/v1/completions", {"prompt": "x"}, 400, "missing_required_parameter"),
     ("POST", "/v1/completions", {**GOOD, "max_tokens": "ten"}, 400, "invalid_value"),
