@@ -271,10 +271,11 @@ class Client:
         the key, or lists models without ours."""
         url, timeout = self.api_base + "/models", min(self.timeout, 10.0)
         try:
-            r = self._session().get(url, headers=self.headers, timeout=timeout)
-        except requests.Timeout:
+            with self._session().get(url, headers=self.headers, timeout=timeout, stream=True) as r:
+                r._content = _read_by(r, time.monotonic() + timeout)  # the whole list, as for answers
+        except (requests.Timeout, urllib3.exceptions.TimeoutError):
             raise LLMError(Failure("timeout", f"{self.api_base} did not answer within {timeout:g} s")) from None
-        except (requests.RequestException, ValueError) as e:  # ValueError: a malformed URL
+        except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as e:  # ValueError: a bad URL
             raise LLMError(Failure("connection", f"cannot reach {self.api_base}: {_why(e)}")) from None
         if r.status_code in (401, 403):
             raise LLMError(Failure("refused", f"{self.api_base} refused the API key ($OPENAI_API_KEY): "

@@ -1,5 +1,6 @@
 """llm.py against a local fake OpenAI-compatible server: replies, retries, limits, failures."""
 
+import contextlib
 import email.utils
 import signal
 import socket
@@ -393,6 +394,27 @@ def test_an_answer_that_trickles_in_times_out_and_is_retried(extra_faults):
         assert client.complete("def f():").text
         assert time.monotonic() - started < 2
         assert (client.stats.retries, dict(client.stats.errors)) == (1, {"timeout": 1})
+
+
+def test_check_times_out_on_a_models_list_that_trickles_in(monkeypatch):
+    import llm_server
+
+    def trickle(self):
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the client gave up
+            for _ in range(50):
+                self.wfile.write(b" ")
+                time.sleep(0.1)
+
+    monkeypatch.setattr(llm_server.Handler, "do_GET", trickle)
+    with FakeLLM() as server, client_for(server, timeout=1) as client:
+        started = time.monotonic()
+        with pytest.raises(llm.LLMError, match="did not answer within 1 s"):
+            client.check()
+        assert time.monotonic() - started < 2.5
 
 
 def test_a_429_for_exhausted_quota_is_fatal_and_not_retried(extra_faults):
