@@ -5,6 +5,8 @@
     python sample.py --ckpt=out/ckpt.pt --serve --port=8000    # http://127.0.0.1:8000/v1
 
 On the command line it prints the prompt and its completion, --num_samples times.
+The prompt is taken as written, where --stop reads escapes: for a newline in it, use
+bash's --prompt=$'def f():\\n' or --prompt_file.
 With --serve, a standard-library HTTP server speaks OpenAI's wire format, so any
 OpenAI client (the official one, llm.py, evaluate.py --api-base) can use the model:
 
