@@ -167,8 +167,9 @@ def parse_args(defaults: dict, doc: str | None = None,
             if isinstance(defaults[key], bool):
                 cfg[key] = True
                 continue
-            if i >= len(argv):
-                raise UserError(f"--{key} needs a value")
+            if i >= len(argv) or argv[i].startswith("--"):  # `--out_dir --compile`: a forgotten value
+                raise UserError(f"--{key} needs a value" + (f", not the setting {argv[i]}" if i < len(argv) else "")
+                                + f" (--{key}=VALUE)")
             text = argv[i]
             i += 1
         cfg[key] = _convert(key, text, defaults[key])

@@ -59,7 +59,7 @@ DEFAULTS.update(
     weight_decay=0.01,  # AdamW decay of weight matrices (paper: 0.01)
     max_iters=6000,  # optimizer steps in all (paper: 6000)
     stop_iters=0,  # stop after this step, the schedule still max_iters' (0: max_iters)
-    checkpoint_interval=1000,  # steps between checkpoints, one at the end too (paper: 1000)
+    checkpoint_interval=1000,  # steps between checkpoints, one at the end too (paper: 1000; 0: none but on SIGTERM)
     eval_interval=1000,  # steps between validation losses (and HumanEval), one at the end too
     dropout=None,  # attention and residual dropout (None: the base model's)
     seed=train.DEFAULTS["seed"],  # batches and dropout noise; exercises go to val by a hash of their text

@@ -309,8 +309,10 @@ class GPT(nn.Module):
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, each of at least one token")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+            raise ValueError(f"max_new_tokens must be an integer >= 0, not {max_new_tokens!r}")
+        if not (0 <= temperature < math.inf and 0 <= top_p <= 1):  # nan fails both
+            raise ValueError(f"temperature must be finite and >= 0, top_p in [0, 1]; not {temperature}, {top_p}")
         if not all(0 <= t < self.config.vocab_size for p in prompts for t in p):
             raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
         B, device = len(prompts), self.lm_head.weight.device

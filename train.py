@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -77,12 +78,16 @@ DEFAULTS = dict(
 )
 
 # the settings besides the model's that decide what a run computes (a resume that changes one says so)
+# (finetune.py's own too: what its data and best score are; max_iters is raised to go on, see build_model)
 TRAJECTORY = ("data", "batch_size", "total_batch_size", "warmup_iters", "learning_rate", "min_lr", "weight_decay",
-              "beta1", "beta2", "grad_clip", "dtype", "seed")
+              "beta1", "beta2", "grad_clip", "dtype", "seed", "loss_on", "val_fraction", "drop_failing",
+              "humaneval_problems", "humaneval_max_tokens")
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_DATASET = "local_python"
 SAMPLE_PROMPT = 'def is_prime(n):\n    """Return True if n is a prime number."""\n'
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0}
+# dense bf16 peaks, the first name found in the device's wins (the PCIe and NVL H100s are slower than SXM)
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0,
+               "A100": 312.0, "A800": 312.0}
 
 _stop_signal: int | None = None  # set by SIGTERM / SIGINT: save and exit (see train's loop)
 
@@ -121,6 +126,8 @@ class Mixture:
         if any(weighted) and not all(weighted):
             raise UserError(f"give every dataset a weight, or none (each then weighs its size): --data={spec}")
         self.names = [part.rpartition(":")[0] if ":" in part else part for part in parts]
+        if not all(self.names):
+            raise UserError(f"a dataset without a name in --data={spec}")
         weights = None
         if all(weighted):
             try:
@@ -144,10 +151,18 @@ class Mixture:
         output = None if meta is None else meta.get("output", "bins")
         if output == "jsonl":
             raise UserError(f"{folder} holds JSONL documents (prepare.py --output=jsonl), not token bins")
+        if output is None:
+            raise UserError(f"no prepared data at {folder} (run: python data/prepare.py ...)")
+        if meta.get("dtype", "uint16") != "uint16":
+            raise UserError(f"{folder} holds {meta['dtype']} tokens; train.py reads uint16, as prepare.py writes")
+        if meta.get("vocab_size", tokenizer.VOCAB_SIZE) != tokenizer.VOCAB_SIZE:
+            raise UserError(f"{folder} was prepared with another tokenizer ({meta['vocab_size']} ids, "
+                            f"phi-1's has {tokenizer.VOCAB_SIZE}): prepare it with data/prepare.py")
         for split in splits:
             path = folder / f"{split}.bin"
-            if output is None or not path.exists():
-                raise UserError(f"no prepared data at {folder} (run: python data/prepare.py ...)")
+            if not path.exists():
+                raise UserError(f"no {split}.bin in {folder}" + (" (without one: --eval_interval=0)"
+                                                                  if split == "val" else ""))
             if path.stat().st_size < 4:
                 raise UserError(f"{path} is empty: nothing to {'train' if split == 'train' else 'validate'} on")
             if path.stat().st_size % 2:  # uint16 tokens: cut short by a full disk or a copy
@@ -258,7 +273,8 @@ def check_settings(cfg) -> None:
     not_negative = ["total_batch_size", "stop_iters", "warmup_iters", "eval_interval",
                     "checkpoint_interval", "sample_tokens", "seed", "learning_rate", "min_lr", "weight_decay",
                     "grad_clip", "peak_tflops"]
-    require(*[(getattr(cfg, key) > 0, f"--{key} must be positive, not {getattr(cfg, key)}") for key in positive],
+    require((cfg.out_dir != "", "--out_dir must name a folder"),
+            *[(getattr(cfg, key) > 0, f"--{key} must be positive, not {getattr(cfg, key)}") for key in positive],
             *[(getattr(cfg, key) >= 0, f"--{key} must not be negative, not {getattr(cfg, key)}") for key in not_negative],
             (cfg.seed < 2**63, f"--seed must be below 2**63, not {cfg.seed}"),
             (cfg.stop_iters <= cfg.max_iters, f"--stop_iters ({cfg.stop_iters}) must not be above "
@@ -332,6 +348,13 @@ def build_model(cfg, out_dir: Path, master: bool):
                 print("warning: resuming with other settings than the run had: " +
                       ", ".join(f"--{k}={getattr(cfg, k)} (was {ckpt['settings'][k]})" for k in changed),
                       file=sys.stderr)
+            # raising max_iters is how a finished run goes on, but its linear decay then starts higher up
+            before = SimpleNamespace(**{**vars(cfg), "max_iters": ckpt.get("settings", {}).get("max_iters")})
+            if before.max_iters not in (None, cfg.max_iters):
+                was, now = learning_rate(ckpt["step"], before), learning_rate(ckpt["step"], cfg)
+                if not math.isclose(was, now, rel_tol=0.01, abs_tol=1e-12):
+                    print(f"warning: with --max_iters={cfg.max_iters} (was {before.max_iters}) the learning rate "
+                          f"goes from {was:.2e} to {now:.2e} at step {ckpt['step']}", file=sys.stderr)
         return model, ckpt, origin
     if mode == "scratch":
         if not cfg.preset:
@@ -465,7 +488,11 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     best = ckpt.get("best") if ckpt else None  # the best score so far, kept in out_dir/best.pt
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] and scaler.is_enabled():  # else a run in bf16 or float32 before: a fresh scale
+            scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("total_batch", total) != total and master:  # 0 means batch_size x processes, which changed
+            print(f"warning: this run's steps are {total} sequences, the checkpoint's were {ckpt['total_batch']}: "
+                  f"give --total_batch_size={ckpt['total_batch']} to keep them", file=sys.stderr)
         del ckpt
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world > 1:
@@ -483,6 +510,9 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
               f"width {config.n_embd}, context {config.block_size}; {world} process(es) on {device}, {ptdtype}")
         print(f"batch: {total} sequences x {config.block_size} tokens = {tokens_per_step:,} tokens per step "
               f"({accum} micro-step(s) of {cfg.batch_size} per process); data: {', '.join(data.names)}")
+        if cfg.checkpoint_interval == 0:
+            print("warning: --checkpoint_interval=0: this run saves no checkpoint (but on SIGTERM or Ctrl-C); "
+                  "its weights are gone when it ends", file=sys.stderr)
         if cfg.warmup_iters > cfg.max_iters:
             print(f"warning: --warmup_iters={cfg.warmup_iters} is longer than the run (--max_iters="
                   f"{cfg.max_iters}): the learning rate climbs to {learning_rate(cfg.max_iters - 1, cfg):.2e} "
@@ -591,7 +621,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             if stop or checkpoint:
                 if master:
                     save_checkpoint(ckpt_path, raw_model, step, cfg, optimizer=optimizer.state_dict(),
-                                    scaler=scaler.state_dict(), best=best, origin=origin)
+                                    scaler=scaler.state_dict(), best=best, origin=origin, total_batch=total)
                     print(f"saved {ckpt_path} at step {step}", flush=True)
                 if stop:
                     if world > 1:  # torchrun stops every process once one exits: not before the save

@@ -98,9 +98,13 @@ def test_values_may_hold_equals_signs():
     assert parse_settings(DEFAULTS, argv=["--data", "a=b.bin"]).data == "a=b.bin"
 
 
-def test_a_setting_at_the_end_without_its_value_is_a_user_error():
-    with pytest.raises(UserError, match="^--batch_size needs a value$"):
+def test_a_setting_without_its_value_is_a_user_error():
+    with pytest.raises(UserError, match=r"^--batch_size needs a value \(--batch_size=VALUE\)$"):
         parse_settings(DEFAULTS, argv=["--compile", "--batch_size"])
+    # the next setting is no value: it made a folder named --compile, and compile stayed off
+    with pytest.raises(UserError, match=r"^--data needs a value, not the setting --compile \(--data=VALUE\)$"):
+        parse_settings(DEFAULTS, argv=["--data", "--compile"])
+    assert parse_settings(DEFAULTS, argv=["--learning_rate", "-1e-3"]).learning_rate == -1e-3  # one dash: a value
 
 
 def test_unknown_setting_suggests_a_close_one():

@@ -281,9 +281,12 @@ def test_generation_fills_the_context_and_refuses_what_cannot_be(tmp_path):
         for i, token in enumerate(full):
             assert int(model(torch.tensor([prompt + full[:i]]))[0][0, -1].argmax()) == token
     for prompts, n, message in [([prompt], 6, "exceeds the context of 64 by 1"), ([[1]], -1, ">= 0"),
-                                ([[1, 512]], 1, "token ids must be in")]:
+                                ([[1]], 2.5, "an integer"), ([[1, 512]], 1, "token ids must be in")]:
         with pytest.raises(ValueError, match=message):
             model.generate(prompts, n)
+    for temperature, top_p in [(-1.0, 1.0), (math.inf, 1.0), (math.nan, 1.0), (1.0, 2.0), (1.0, math.nan)]:
+        with pytest.raises(ValueError, match="temperature must be finite and >= 0, top_p in"):
+            model.generate([[1]], 2, temperature, top_p)  # -1 was greedy without a word, inf a torch error
     assert len(model.generate([[1]], 3, stop=["\ud800"])[0]) == 3  # can never match; no crash
     path = tmp_path / "dropout.pt"
     torch.save({"model": GPT(PRESETS["nano"]).state_dict(), "config": {**vars(PRESETS["nano"]), "dropout": 0.5}}, path)

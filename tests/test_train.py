@@ -344,6 +344,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
     (dict(batch_size=0), "--batch_size must be positive"),
     (dict(log_interval=0), "--log_interval must be positive"),
     (dict(max_iters=0), "--max_iters must be positive"),
+    (dict(out_dir=""), "--out_dir must name a folder"),
     (dict(eval_interval=5, eval_iters=0), "--eval_iters must be positive"),
     (dict(total_batch_size=-2), "--total_batch_size must not be negative"),
     (dict(seed=-1), "--seed must not be negative"),
@@ -432,6 +433,42 @@ def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, monkeypatch, err
     monkeypatch.setattr(train.GPT, "forward", forward_raising(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # any other error stays a traceback to see
         train.train(settings(data=str(data), out_dir=str(tmp_path / "out2"), max_iters=2))
+
+
+def test_a_float16_run_resumes_a_bfloat16_one_and_the_batch_and_schedule_changes_are_named(tmp_path, capsys):
+    """The bf16 run saved a disabled gradient scaler, whose empty state a float16 one refused (a traceback:
+    a run begun on an H100 and resumed on a V100). 0 as --total_batch_size follows the processes."""
+    data = make_dataset(tmp_path / "ds")
+    common = dict(data=str(data), out_dir=str(tmp_path / "out"), eval_interval=0, warmup_iters=1)
+    train.train(settings(**common, max_iters=2, dtype="bfloat16", total_batch_size=8))
+    capsys.readouterr()
+    train.train(settings(**common, max_iters=4, dtype="float16"))
+    err = capsys.readouterr().err
+    assert "--dtype=float16 (was bfloat16)" in err
+    assert "this run's steps are 4 sequences, the checkpoint's were 8: give --total_batch_size=8" in err
+    assert "warning: with --max_iters=4 (was 2) the learning rate goes from 0.00e+00 to 2.00e-03 at step 2" in err
+
+
+def test_datasets_of_another_tokenizer_or_dtype_and_a_missing_val_bin_are_named(tmp_path):
+    data = make_dataset(tmp_path / "ds")
+    cfg = settings(data=str(data), out_dir=str(tmp_path / "out"), eval_interval=5, max_iters=2)
+    (data / "val.bin").unlink()
+    with pytest.raises(UserError, match=r"^no val.bin in .*ds \(without one: --eval_interval=0\)$"):
+        train.train(cfg)
+    for meta, message in [({"dtype": "uint32"}, "holds uint32 tokens; train.py reads uint16"),
+                          ({"vocab_size": 50257}, "prepared with another tokenizer \\(50257 ids, phi-1's has 50295")]:
+        (data / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(UserError, match=message):
+            train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), eval_interval=0, max_iters=2))
+    with pytest.raises(UserError, match="a dataset without a name in --data="):
+        train.train(settings(data=f"{data},", out_dir=str(tmp_path / "out"), eval_interval=0, max_iters=2))
+
+
+def test_no_checkpoints_is_warned_of(tmp_path, capsys):
+    data = make_dataset(tmp_path / "ds")
+    train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), max_iters=2, checkpoint_interval=0))
+    assert "warning: --checkpoint_interval=0: this run saves no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
 def test_a_warmup_longer_than_the_run_is_named(tmp_path, capsys):
@@ -775,7 +812,10 @@ def test_resuming_with_other_settings_or_training_anew_over_a_run_says_so(tmp_pa
     assert "warning: resuming with other settings than the run had: --learning_rate=0.5 (was 0.003)" in err
     assert "log_interval" not in err and "max_iters" not in err
     train.train(settings(**common, max_iters=6, learning_rate=0.5))
-    assert "warning" not in capsys.readouterr().err  # what the last run had
+    err = capsys.readouterr().err
+    assert "resuming with other settings" not in err  # what the last run had
+    # a finished run goes on with a larger --max_iters: its linear decay had ended at 0
+    assert "warning: with --max_iters=6 (was 4) the learning rate goes from 0.00e+00 to 2.50e-01 at step 4" in err
     train.train(settings(**common, max_iters=2, init_from="scratch"))
     assert "training anew; the first checkpoint replaces the run in" in capsys.readouterr().err
 
