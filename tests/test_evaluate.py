@@ -669,7 +669,7 @@ def test_generation_streams_samples_and_resumes(tmp_path, monkeypatch, capsys):
         return real_generate(self, prompts, *args, **kwargs)
     monkeypatch.setattr(GPT, "generate", counting_generate)
     problems = evaluate.humaneval_problems()
-    room = PRESETS["nano"].block_size - 8  # what completions_of leaves a prompt beside --max_new_tokens=8
+    room = PRESETS["nano"].block_size - 7  # beside --max_new_tokens=8: the last new token is never fed back
 
     def prompt_of(task_id):
         return tokenizer.encode(problems[task_id]["prompt"])[-room:]
@@ -751,6 +751,87 @@ def test_api_base_against_sample_serve_equals_the_checkpoint_itself(tmp_path):
     assert len(read_jsonl(tmp_path / "api" / "results.jsonl")) == 4
 
 
+def test_one_run_at_a_time_generates_into_an_out(tmp_path, monkeypatch):
+    """A second run would generate the samples the first is generating and append them too."""
+    started, finish, calls = threading.Event(), threading.Event(), []
+    real_generate = GPT.generate
+
+    def first_waits(self, *args, **kwargs):
+        calls.append(None)
+        if len(calls) == 1:
+            started.set()
+            finish.wait(60)
+        return real_generate(self, *args, **kwargs)
+    monkeypatch.setattr(GPT, "generate", first_waits)
+    out = tmp_path / "out"
+    args = [f"--ckpt={nano_checkpoint(tmp_path / 'ckpt.pt')}", "--limit=1", "--max_new_tokens=4", f"--out={out}",
+            "--workers=1"]
+    first = threading.Thread(target=evaluate.main, args=(args,))
+    first.start()
+    try:
+        assert started.wait(60)
+        with pytest.raises(UserError, match=f"another run is using {re.escape(str(out))}"):
+            evaluate.main(args)
+    finally:
+        finish.set()
+        first.join()
+    assert len(read_jsonl(out / "samples.jsonl")) == 1 and len(calls) == 1
+    evaluate.main(args)  # the lock went with the first run
+
+
+def test_a_prompt_keeps_every_token_the_context_holds_beside_the_new_ones(monkeypatch):
+    """GPT.generate never feeds back the last new token: it takes no room from the prompt, and
+    --max_new_tokens may be the whole context (beside a one-token prompt)."""
+    block = PRESETS["nano"].block_size
+    assert [evaluate.prompt_room(block, n) for n in (0, 1, 8, block)] == [block, block, block - 7, 1]
+    with pytest.raises(UserError, match=f"--max_new_tokens={block + 1} leaves no room"):
+        evaluate.prompt_room(block, block + 1)
+    lengths, real_generate = [], GPT.generate
+
+    def measured(self, prompts, *args, **kwargs):
+        lengths.extend(len(p) for p in prompts)
+        return real_generate(self, prompts, *args, **kwargs)
+    monkeypatch.setattr(GPT, "generate", measured)
+    torch.manual_seed(0)
+    model = GPT(PRESETS["nano"]).eval()
+    for max_new_tokens in (8, block):  # a prompt longer than the context: cut to the room, no further
+        assert len(list(evaluate.completions_of(model, [("a", "x = 1\n" * 100)], [], 1, max_new_tokens))) == 1
+    assert lengths == [block - 7, 1]
+
+
+@NEEDS_MBPP
+def test_samples_of_another_benchmark_in_out_are_refused_before_generating(tmp_path):
+    out = tmp_path / "out"  # HumanEval's samples, from a run of another tool: no generation.json
+    out.mkdir()
+    foreign = write_jsonl(out / "samples.jsonl", [dict(task_id=f"HumanEval/{i}", completion="") for i in (0, 1)])
+    before = foreign.read_text()
+    with pytest.raises(UserError, match="2 task ids that mbpp does not: HumanEval/0, HumanEval/1; pass another --out"):
+        evaluate.main([f"--ckpt={tmp_path / 'never_loaded.pt'}", "--bench=mbpp", f"--data={MBPP}", "--limit=1",
+                       f"--out={out}"])
+    assert foreign.read_text() == before and [p.name for p in out.iterdir()] == ["samples.jsonl"]
+
+
+def test_api_samples_ask_with_seed_plus_their_index_and_resume_only_with_that_seed(tmp_path):
+    from llm_server import FakeLLM
+    asked = []
+
+    def recording(body):
+        asked.append((body["prompt"], body.get("seed")))
+        return f"    return {body.get('seed')}\n"  # as a server that honours seeds: the seed decides
+    common = ["--model=fake", "--max_new_tokens=4", "--limit=2", "--workers=1", "--temperature=0.8", "--n_samples=3",
+              "--k=1", f"--out={tmp_path / 'out'}"]
+    with FakeLLM(answer=recording) as server:
+        evaluate.main([f"--api_base={server.url}", *common])
+        with pytest.raises(UserError, match=r"other settings \(seed;"):
+            evaluate.main([f"--api_base={server.url}", *common, "--seed=7"])
+    prompts = {prompt for prompt, _ in asked}
+    assert len(prompts) == 2 and sorted(asked) == sorted((p, 1337 + i) for p in prompts for i in range(3))
+    assert json.loads((tmp_path / "out" / "generation.json").read_text())["seed"] == 1337
+    samples = read_jsonl(tmp_path / "out" / "samples.jsonl")
+    assert sorted((s["task_id"], s["completion"]) for s in samples) == [  # a problem's samples differ
+        (t, f"    return {1337 + i}\n") for t in ("HumanEval/0", "HumanEval/1") for i in range(3)]
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_bad_input_ends_with_one_line_and_status_2(tmp_path):
@@ -774,11 +855,23 @@ def test_bad_input_ends_with_one_line_and_status_2(tmp_path):
 def test_a_model_that_cannot_load_or_an_endpoint_that_cannot_answer_leaves_no_trace(tmp_path, case):
     source = {"no checkpoint": ["--ckpt=/nonexistent.pt"],
               "no endpoint": ["--api_base=http://127.0.0.1:9/v1", "--model=m"],
-              "no room for a prompt": [f"--ckpt={nano_checkpoint(tmp_path / 'nano.pt')}", "--max_new_tokens=64"]}[case]
+              "no room for a prompt": [f"--ckpt={nano_checkpoint(tmp_path / 'nano.pt')}", "--max_new_tokens=65"]}[case]
     r = cli(*source, f"--out={tmp_path / 'out'}")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
     assert "generating" not in r.stderr  # no progress bar before the error
-    assert not (tmp_path / "out" / "generation.json").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_wrong_api_base_fails_leaving_no_out_folder(tmp_path):
+    from llm_server import FakeLLM  # a 404 for any path outside /v1/, as vLLM
+    out = tmp_path / "out"
+    common = ["--model=fake", "--max_new_tokens=4", "--limit=1", f"--out={out}"]
+    with FakeLLM() as server:
+        with pytest.raises(UserError, match="--api_base is the API's base URL .*not a route"):
+            evaluate.main([f"--api_base={server.url}/completions", *common])
+        with pytest.raises(UserError, match=r"failed \(first: refused 404.*does --api_base end in /v1\?"):
+            evaluate.main([f"--api_base={server.url.removesuffix('/v1')}", *common])  # /models passes: a 404
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -795,6 +888,8 @@ def test_a_model_that_cannot_load_or_an_endpoint_that_cannot_answer_leaves_no_tr
     (["--k=0,1"], "--k needs numbers of at least 1"),
     (["--n_samples=0"], "--n_samples must be >= 1"),
     (["--timeout=0"], "--timeout must be > 0"),
+    (["--timeout=2.2e6"], "--timeout must be > 0 and at most 86400 s"),  # the OS's waits would overflow
+    (["--api_timeout=1e10"], "--api_timeout must be > 0 and at most 86400 s"),
     (["--memory_mb=63"], "--memory_mb must be >= 64"),
 ])
 def test_settings_that_cannot_work_are_refused_up_front(tmp_path, args, message):
@@ -855,6 +950,26 @@ def test_malformed_sample_lines_are_skipped_and_counted(tmp_path, capsys):
                                                                     f"--out={tmp_path / 'out'}"])[0])
     assert "pass@2" in summary and "pass@5" not in summary
     assert "warning: no pass@5: a problem has fewer samples" in capsys.readouterr().err
+
+
+def test_a_named_k_larger_than_the_samples_warns_in_any_order_the_default_does_not(tmp_path, capsys):
+    samples = write_jsonl(tmp_path / "s.jsonl", [dict(task_id="HumanEval/0", completion="")])
+    for named in (["--k=1,10,100"], ["--k=100,10,1"], []):  # [] the default: as many as the samples allow
+        evaluate.main([f"--samples={samples}", "--limit=1", "--workers=1", f"--out={tmp_path / 'out'}", *named])
+        warned = "warning: no pass@10, pass@100: a problem has fewer samples" in capsys.readouterr().err
+        assert warned == bool(named), named
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_line(tmp_path):
+    rows = [dict(task_id="HumanEval/0", completion=""), dict(task_id="HumanEval/1", completion="x = 1\n")]
+    samples = tmp_path / "s.jsonl"  # as Windows tools write UTF-8
+    samples.write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert evaluate.read_samples(samples, "humaneval") == (rows, 0)
+    mbpp = tmp_path / "mbpp.jsonl"
+    mbpp.write_text("\ufeff" + json.dumps(dict(task_id=11, text="One.", code="def f():\n    return 1\n",
+                                                test_list=["assert f() == 1"], test_setup_code="")) + "\n",
+                    encoding="utf-8")
+    assert list(evaluate.mbpp_problems(str(mbpp))) == ["MBPP/11"]
 
 
 def test_a_rerun_killed_while_writing_leaves_no_summary_of_other_results(tmp_path, monkeypatch):
