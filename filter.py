@@ -204,8 +204,9 @@ def documents(files: list[Path], skipped: Counter, shard: int = 0, num_shards: i
                 if index % num_shards != shard or (wanted is not None and index not in wanted):
                     continue
                 record = corpus_record(line, skipped)
-                if record is not None:
-                    yield index, str(record.get("id", f"{where}:{number}")), record["text"], record
+                if record is not None:  # "id": null is no id, as for prepare.py
+                    doc_id = record.get("id")
+                    yield index, f"{where}:{number}" if doc_id is None else str(doc_id), record["text"], record
 
 
 def corpus_record(line: bytes, skipped: Counter) -> dict | None:

@@ -4,19 +4,23 @@ With --output=jsonl, into the same documents as JSONL instead, for filter.py to 
 Sources (--source):
   local  the Python files already on this machine: the interpreter's standard library
          and installed packages (or the folders and files in --inputs, and then the
-         default name is local_<first input>, not local_python). No network.
+         default name is local_<first input>, not local_python). No network. Symlinked
+         files are read; symlinked folders are not walked into.
   jsonl  JSONL files of {"text": ...} documents, as filter.py and synth.py write them
-         (--inputs: comma-separated paths or globs).
+         (--inputs: comma-separated paths or globs; a ** goes into no symlinked folder).
   hf     a Hugging Face dataset, streamed; needs `pip install datasets` and network.
          Default: The Stack dedup, Python (gated: accept its terms, `huggingface-cli login`).
          StackOverflow: --hf_dataset=bigcode/stackoverflow-clean --hf_data_dir= --name=stackoverflow
 
-Each document is checked (skipped and counted when unreadable, larger than
---max_file_bytes, binary (has NUL bytes), not UTF-8 or empty), deduplicated exactly by
-the sha256 of its bytes, and put in val when a hash of its content falls under
---val_fraction: the split never depends on paths or order, so it is the same on every
-run and machine. Documents are tokenized on all cores with the phi-1 tokenizer, each
-followed by <|endoftext|>; np.memmap(path, dtype=np.uint16) reads the bins.
+Each document is checked (skipped and counted when unreadable, not a regular file (a
+FIFO, a device), larger than --max_file_bytes, binary (has NUL bytes), not UTF-8 or
+empty; a folder that cannot be listed is counted too), deduplicated exactly by the sha256
+of its bytes, and put in val when a hash of its content falls under --val_fraction: the
+split never depends on paths or order, so it is the same on every run and machine. A
+small corpus that the hash leaves without train (or val) documents gets one moved over;
+a corpus of one document has it in train. Documents are tokenized on all cores with the
+phi-1 tokenizer, each followed by <|endoftext|>; np.memmap(path, dtype=np.uint16) reads
+the bins.
 
 --output=jsonl writes the kept documents (checked and deduplicated the same way, no
 val split) as data/<name>/part-00000.jsonl, ... (default name: the bins' + "_jsonl")
@@ -47,6 +51,7 @@ import os
 import shutil
 import signal
 import site
+import stat
 import sys
 import sysconfig
 import tempfile
@@ -112,14 +117,17 @@ def interpreter_roots() -> list[Path]:
                           + site.getsitepackages())
 
 
-def list_python_files(roots: list[Path]) -> list[tuple[str, int, int]]:
+def list_python_files(roots: list[Path]) -> tuple[list[tuple[str, int, int]], list[str]]:
     """(path, size, mtime_ns) of every .py file under the roots (a root may be a file of
-    any name), sorted; size -1 where stat fails, so the file counts as unreadable."""
-    paths = []
+    any name), sorted, size -1 where stat fails, so the file counts as unreadable; and the
+    folders that could not be listed, counted too. Symlinked files are read, symlinked
+    folders are not walked into: a link to a parent would loop, one to a sibling read twice."""
+    paths, unlisted = [], []
     for root in roots:
-        if root.is_file():
+        if not root.is_dir():  # named in --inputs: even a FIFO or a device, which is then skipped
             paths.append(root)
-        for folder, subfolders, files in os.walk(root):
+            continue
+        for folder, subfolders, files in os.walk(root, onerror=lambda e: unlisted.append(e.filename)):
             subfolders[:] = [d for d in subfolders if d != "__pycache__"]
             paths += [Path(folder, f) for f in files if f.endswith(".py")]
     listing = []
@@ -129,37 +137,78 @@ def list_python_files(roots: list[Path]) -> list[tuple[str, int, int]]:
             listing.append((str(path), st.st_size, st.st_mtime_ns))
         except OSError:
             listing.append((str(path), -1, 0))
-    return listing
+    return listing, sorted(unlisted)
+
+
+def read_regular(path: str, limit: int) -> bytes | None:
+    """At most limit bytes of path, or None if it is not a regular file: the open of a FIFO
+    waits for a writer, a device such as /dev/zero never ends (its size says 0), and
+    opening some devices acts (a tape rewinds)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        return None
+    # non-blocking: a FIFO put there since the stat cannot hold the open
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        return f.read(limit)
 
 
 # A source yields one item per document: (utf-8 bytes or None, why it is skipped or None,
 # bytes read from the source, the document's id).
 
-def local_items(listing, max_file_bytes: int):
+def local_items(listing, unlisted: list[str], max_file_bytes: int):
+    for folder in unlisted:
+        yield None, "unreadable_folder", 0, folder
     for path, size, _ in listing:
         if size < 0:
             yield None, "unreadable", 0, path
         elif size > max_file_bytes:  # not even read
             yield None, "too_big", size, path
         else:
-            try:
-                yield Path(path).read_bytes(), None, size, path
+            try:  # one byte over the limit: check() then skips a file that grew since it was listed
+                data = read_regular(path, max_file_bytes + 1)
             except OSError:
                 yield None, "unreadable", size, path
+                continue
+            if data is None:
+                yield None, "special_file", 0, path
+            else:
+                yield data, None, size, path
+
+
+def glob_files(pattern: str) -> list[str]:
+    """What glob.glob(pattern, recursive=True) finds (but no folder for a last **), except
+    that a ** goes into no symlinked folder: glob's would, and two links to "." make its
+    search explode (every path through them is another folder). A link that the pattern
+    spells out, or matches with * or ?, is followed."""
+    parts = Path(pattern).parts
+    if "**" not in parts:
+        return glob.glob(pattern)
+    i = parts.index("**")
+    found = []
+    for top in glob.glob(os.path.join(*parts[:i])) if i else [""]:
+        for folder, subfolders, files in os.walk(top or os.curdir):  # lists symlinked folders, goes into none
+            folder = folder if top else folder[2:]  # "./in" as glob spells it: "in"
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # nor hidden ones, as glob's **
+            if i + 1 < len(parts):
+                found += glob_files(os.path.join(glob.escape(folder), *parts[i + 1:]))
+            else:
+                found += [os.path.join(folder, f) for f in files if not f.startswith(".")]
+    return found
 
 
 def expand(inputs: str, setting: str = "--inputs") -> list[Path]:
-    """The files named by comma-separated paths and globs, in order, each once however
-    it is spelled; setting names the flag in the error for an empty list."""
+    """The regular files named by comma-separated paths and globs (see glob_files), in order,
+    each once however it is spelled; setting names the flag in the error for an empty list."""
     files: list[Path] = []
     seen: set[Path] = set()
     for entry in filter(None, (s.strip() for s in inputs.split(","))):
         if any(c in entry for c in "*?["):
-            matches = [Path(p) for p in sorted(glob.glob(entry, recursive=True)) if Path(p).is_file()]
+            matches = [Path(p) for p in sorted(glob_files(entry)) if Path(p).is_file()]
             if not matches:
                 raise UserError(f"no file matches {entry}")
         elif Path(entry).is_file():
             matches = [Path(entry)]
+        elif Path(entry).exists():  # a FIFO or a device: its lines might never end
+            raise UserError(f"not a regular file: {entry}")
         else:
             raise UserError(f"no such file: {entry}")
         for path in matches:
@@ -203,7 +252,8 @@ def jsonl_items(files: list[Path]):
                 if not isinstance(doc, dict):
                     yield None, "bad_json", len(line), where
                     continue
-                yield text_item(doc.get("text"), len(line), str(doc["id"]) if "id" in doc else where)
+                doc_id = doc.get("id")  # "id": null is no id, not the id "None"
+                yield text_item(doc.get("text"), len(line), where if doc_id is None else str(doc_id))
 
 
 def hf_items(cfg):
@@ -233,13 +283,13 @@ def open_source(cfg) -> SimpleNamespace:
             if not Path(entry).exists():
                 raise UserError(f"no such file or folder: {entry}")
         roots = distinct_roots(entries) if entries else interpreter_roots()
-        listing = list_python_files(roots)
+        listing, unlisted = list_python_files(roots)
         # a few chosen files must not take the place of the corpus a bare train.py trains on
         first = Path(entries[0]).resolve() if entries else None
         name = f"local_{first.stem if first.is_file() else first.name}" if first else "local_python"
         return SimpleNamespace(name=name, inputs=[str(r) for r in roots], listing=listing,
                                total=sum(max(size, 0) for _, size, _ in listing),
-                               items=lambda: local_items(listing, cfg.max_file_bytes))
+                               items=lambda: local_items(listing, unlisted, cfg.max_file_bytes))
     if cfg.source == "jsonl":
         files = expand(cfg.inputs)
         listing = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
@@ -528,21 +578,30 @@ def concatenate(sources: list[Path], path: Path) -> None:
         raise cannot_write(path, e) from None
 
 
-def move_last_document(train: Path, val: Path, window: int = 1 << 22) -> int:
-    """Move train's last document to val, for a small corpus whose hash split gave val
-    none: every corpus of two documents or more can be validated on. Tokens moved
-    (0 when the last document is longer than the window searched for its start)."""
-    data = np.memmap(train, dtype=np.uint16, mode="r")
+def move_document(src: Path, dst: Path, window: int = 1 << 22) -> int:
+    """Move a document of src to dst, which is empty: for a small corpus whose hash split gave
+    train or val none. The last one that leaves src at least as many tokens as it takes (the
+    last outright could leave train 32 tokens beside a 200 KB file in val), else the last.
+    Only the window at src's end is searched; tokens moved (0 if no document starts there)."""
+    data = np.memmap(src, dtype=np.uint16, mode="r")
     start = max(0, len(data) - window)
-    ends = np.flatnonzero(data[start:] == EOT) + start  # every document ends with EOT
-    if len(ends) < 2:
+    bounds = np.flatnonzero(data[start:] == EOT) + start + 1  # every document ends with EOT
+    if start == 0:
+        bounds = np.concatenate([[0], bounds])  # the first document starts there too
+    if len(bounds) < 2:
         return 0
-    cut = int(ends[-2]) + 1
-    write_atomic(val, data[cut:].tobytes())
-    moved = len(data) - cut
+    sizes = np.diff(bounds)
+    fits = np.flatnonzero(2 * sizes <= len(data))
+    i = fits[-1] if len(fits) else len(sizes) - 1
+    cut, end = int(bounds[i]), int(bounds[i + 1])
+    write_atomic(dst, data[cut:end].tobytes())
+    after = np.array(data[end:])  # the documents after it move up: within the window, so in memory
     del data
-    os.truncate(train, cut * 2)
-    return moved
+    with open(src, "r+b") as f:  # not atomic: a run killed before meta.json joins the parts again
+        f.seek(cut * 2)
+        f.write(after.tobytes())
+        f.truncate()
+    return end - cut
 
 
 def give_up(out: Path, part_dir: Path) -> None:
@@ -615,10 +674,9 @@ def prepare(cfg, quiet: bool = False) -> dict:
                 write_atomic(done, b"")
             bar.update(read)
             n_parts = i + 1
-    if not counts["train"]:
+    if not counts["train"] + counts["val"]:
         give_up(out, part_dir)
-        raise UserError(f"no usable documents {'for train.bin ' if bins else ''}in {', '.join(source.inputs)} "
-                        f"(skipped: {dict(skipped) or 'none'}; val: {counts['val']})")
+        raise UserError(f"no usable documents in {', '.join(source.inputs)} (skipped: {dict(skipped) or 'none'})")
 
     (out / "meta.json").unlink(missing_ok=True)  # the old output goes now: nothing looks complete until the end
     meta = dict(source=cfg.source, inputs=source.inputs, output=cfg.output,
@@ -633,7 +691,10 @@ def prepare(cfg, quiet: bool = False) -> dict:
     if not quiet:
         print(f"{out}: {summary(meta)}, {counts['duplicates']:,} duplicates, "
               f"skipped {dict(skipped) or 'none'}, {time.time() - t0:.0f}s")
-        if bins and not counts["val"]:
+        if bins and not counts["val"] and counts["train"] == 1:
+            print("warning: val.bin is empty: the corpus's one document is in train.bin "
+                  "(train.py needs --eval_interval=0 to train on it alone)")
+        elif bins and not counts["val"]:
             print(f"warning: val.bin is empty; raise --val_fraction (now {cfg.val_fraction})")
     return meta
 
@@ -647,12 +708,15 @@ def join_bins(out: Path, part_dir: Path, n_parts: int, counts: Counter, val_frac
         files = [part_dir / f"{i:05d}.{split}.bin" for i in range(n_parts)]
         concatenate(files, out / f"{split}.bin")
         tokens[split] = sum(f.stat().st_size for f in files) // 2
-    if not tokens["val"] and val_fraction > 0 and counts["train"] >= 2:
-        moved = move_last_document(out / "train.bin", out / "val.bin")
-        tokens["train"] -= moved
-        tokens["val"] += moved
-        counts["train"] -= bool(moved)
-        counts["val"] += bool(moved)
+    # a small corpus whose hash split left a side empty: train gets one of val's documents, or
+    # val one of train's if it has two (one document cannot be both trained and validated on)
+    if not tokens["train"] or not tokens["val"] and val_fraction > 0 and counts["train"] >= 2:
+        src, dst = ("val", "train") if not tokens["train"] else ("train", "val")
+        moved = move_document(out / f"{src}.bin", out / f"{dst}.bin")
+        tokens[src] -= moved
+        tokens[dst] += moved
+        counts[src] -= bool(moved)
+        counts[dst] += bool(moved)
     return dict(tokenizer="phi-1 (CodeGen): GPT-2 BPE (tiktoken r50k_base) + 38 whitespace tokens",
                 vocab_size=VOCAB_SIZE, eot=EOT, dtype="uint16",
                 train_tokens=tokens["train"], val_tokens=tokens["val"],

@@ -614,8 +614,8 @@ def test_documents_without_ids_in_files_of_one_name_are_told_apart(tmp_path, cap
     first, second = tmp_path / "a" / "docs.jsonl", tmp_path / "b" / "docs.jsonl"
     for path, kind in ((first, "lesson"), (second, "dump")):
         path.parent.mkdir()
-        path.write_text(lines(*(dict(text=f"{kind}_{i} = {i}") for i in range(3))))
-    ids = [doc_id for _, doc_id, _, _ in filter.documents([first, second], Counter())]
+        path.write_text(lines(*(dict(text=f"{kind}_{i} = {i}", **({"id": None} if i else {})) for i in range(3))))
+    ids = [doc_id for _, doc_id, _, _ in filter.documents([first, second], Counter())]  # "id": null is none
     assert ids == [f"{path.resolve()}:{n}" for path in (first, second) for n in (1, 2, 3)]
 
     labels = tmp_path / "labels.jsonl"  # from before ids held the path: NAME:LINE

@@ -2,6 +2,7 @@
 bins decode back to exactly the kept documents, the stable split, reruns and resumes."""
 
 import errno
+import glob
 import json
 import os
 import re
@@ -571,19 +572,126 @@ def test_appender_cuts_a_torn_last_line_and_ends_a_whole_one(tmp_path):
         assert path.read_bytes() == after
 
 
-def test_move_last_document_searches_only_its_window(tmp_path):
+def test_move_document_searches_only_its_window_and_starves_neither_side(tmp_path):
     a, b, c = encode("x = 1\n"), encode("y = [1, 2, 3]\n"), encode("z = 3\n")
     ids = np.array(a + [EOT] + b + [EOT] + c + [EOT], dtype=np.uint16)
     train, val = tmp_path / "train.bin", tmp_path / "val.bin"
     train.write_bytes(ids.tobytes())
     # the window holds the last document and the EOT before it, not the file's start
-    assert prepare.move_last_document(train, val, window=len(c) + 2) == len(c) + 1
+    assert prepare.move_document(train, val, window=len(c) + 2) == len(c) + 1
     assert documents(tokens(tmp_path, "train")) == ["x = 1\n", "y = [1, 2, 3]\n"]
     assert documents(tokens(tmp_path, "val")) == ["z = 3\n"]
     # a last document longer than the window is left where it is
-    assert prepare.move_last_document(train, tmp_path / "other.bin", window=len(b)) == 0
+    assert prepare.move_document(train, tmp_path / "other.bin", window=len(b)) == 0
     assert documents(tokens(tmp_path, "train")) == ["x = 1\n", "y = [1, 2, 3]\n"]
     assert not (tmp_path / "other.bin").exists()
+
+    # a last document bigger than the rest stays: the one before it goes, and the last moves up
+    big = "data = " + repr(list(range(300))) + "\n"
+    train.write_bytes(np.array(a + [EOT] + b + [EOT] + encode(big) + [EOT], dtype=np.uint16).tobytes())
+    assert prepare.move_document(train, val) == len(b) + 1
+    assert documents(tokens(tmp_path, "train")) == ["x = 1\n", big]
+    assert documents(tokens(tmp_path, "val")) == ["y = [1, 2, 3]\n"]
+    # the only document moves whole (to an empty train.bin)
+    assert prepare.move_document(val, train) == len(b) + 1
+    assert documents(tokens(tmp_path, "train")) == ["y = [1, 2, 3]\n"] and val.stat().st_size == 0
+
+
+def test_a_corpus_the_hash_puts_all_in_val_still_trains(tmp_path, capsys):
+    """As an all-train corpus gets a val document, an all-val one gets a train document;
+    one document goes to train, and the warning says why val.bin is empty."""
+    docs = [f"x_{i} = {i}\n" for i in range(3)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    meta = prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(tmp_path / "d.jsonl"),
+                                    val_fraction=0.999999), quiet=True)
+    out = tmp_path / "out" / "corpus"
+    assert documents(tokens(out, "train")) == [docs[-1]] and documents(tokens(out, "val")) == docs[:-1]
+    assert (meta["train_documents"], meta["val_documents"]) == (1, 2)
+
+    for val_fraction in (0.999999, 0.01):  # the hash puts it in val, then in train
+        (tmp_path / "one.jsonl").write_text(json.dumps({"text": docs[0]}) + "\n")
+        meta = prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(tmp_path / "one.jsonl"),
+                                        val_fraction=val_fraction, name="one"))
+        assert documents(tokens(tmp_path / "out" / "one", "train")) == [docs[0]]
+        assert (meta["train_documents"], meta["val_documents"], meta["val_tokens"]) == (1, 0, 0)
+        said = capsys.readouterr().out
+        assert "val.bin is empty: the corpus's one document is in train.bin" in said
+        assert "raise --val_fraction" not in said
+
+
+def run_isolated(code: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Python code in a process of its own, ended after timeout seconds and allowed 2 GiB
+    (about 0.3 used): where the code under test could hang or fill the memory, the test
+    fails instead. One BLAS thread: on many cores, their buffers alone could pass the limit."""
+    import resource
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=limit_memory,
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+
+
+def test_fifos_and_devices_are_skipped_not_waited_on_or_read_forever(tmp_path):
+    src = write_tree(tmp_path / "src", {"a.py": A})
+    (src / "b_zero.py").symlink_to("/dev/zero")  # its size says 0; reading it never ends
+    os.mkfifo(src / "c_pipe.py")  # its open waits for a writer
+    os.mkfifo(tmp_path / "named")  # a FIFO named in --inputs
+    result = run_isolated("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+                          "data/prepare.py", f"--inputs={src},{tmp_path / 'named'}", f"--out_dir={tmp_path / 'out'}",
+                          "--name=corpus", "--workers=1", "--val_fraction=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    meta = json.loads((tmp_path / "out" / "corpus" / "meta.json").read_text())
+    assert meta["skipped"] == {"special_file": 3} and meta["train_documents"] == 1
+    # a JSONL input is named: one that is not a regular file is the user's to fix
+    with pytest.raises(UserError, match="not a regular file: .*named"):
+        prepare.expand(str(tmp_path / "named"))
+
+
+def test_unlistable_folders_are_counted_and_folder_links_not_followed(tmp_path, monkeypatch):
+    src = write_tree(tmp_path / "src", {"a.py": A, "locked/b.py": B})
+    outside = write_tree(tmp_path / "outside", {"c.py": "c = 3\n", "d.py": "d = 4\n"})
+    (src / "linked").symlink_to(outside)  # a folder link: not walked into
+    (src / "d.py").symlink_to(outside / "d.py")  # a file link: read
+    real = os.scandir
+
+    def scandir(path="."):  # as for a user without the permission (the tests may run as root)
+        if str(path) == str(src / "locked"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    meta = prepare.prepare(settings(tmp_path, inputs=str(src), val_fraction=0.0), quiet=True)
+    assert meta["skipped"] == {"unreadable_folder": 1}
+    assert documents(tokens(tmp_path / "out" / "corpus", "train")) == [A, "d = 4\n"]
+
+
+def test_a_double_star_glob_goes_into_no_symlinked_folder(tmp_path, monkeypatch):
+    loop = write_tree(tmp_path / "loop", {"a.jsonl": "", "sub/b.jsonl": ""})
+    (loop / "l1").symlink_to(".")
+    (loop / "l2").symlink_to(".")  # glob's ** would go round these two forever
+    (loop / "ext").symlink_to(write_tree(tmp_path / "outside", {"o.jsonl": ""}))
+    result = run_isolated("import json, sys; from data import prepare; "
+                          "print(json.dumps([[str(p) for p in prepare.expand(a)] for a in sys.argv[1:]]))",
+                          f"{loop}/**/*.jsonl", f"{loop}/ext/**/*.jsonl", timeout=20)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # a link that the pattern spells out is followed
+    assert json.loads(result.stdout) == [[str(loop / "a.jsonl"), str(loop / "sub" / "b.jsonl")],
+                                         [str(loop / "ext" / "o.jsonl")]]
+
+    # without links: the files glob.glob(recursive=True) finds, however the pattern is spelled
+    write_tree(tmp_path / "plain" / "in", {"a.jsonl": "", "sub/b.jsonl": "", "sub/deep/c.jsonl": "", ".hid/h.jsonl": "",
+                                           "sub/.h.jsonl": "", "x[1]/e.jsonl": "", "sub/deep/f.txt": ""})
+    monkeypatch.chdir(tmp_path / "plain")
+    for pattern in ["in/**/*.jsonl", "**/*.jsonl", "in/**", "in/**/deep/*", "i*/**/*/**/*.jsonl", "in/sub/**/c.*"]:
+        files = sorted(filter(os.path.isfile, glob.glob(pattern, recursive=True)))
+        assert sorted(filter(os.path.isfile, prepare.glob_files(pattern))) == files, pattern
+
+
+def test_a_jsonl_id_of_null_is_no_id(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": None, "text": A}) + "\n" + json.dumps({"id": 0, "text": B}) + "\n")
+    prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(tmp_path / "d.jsonl"), output="jsonl"), quiet=True)
+    lines = (tmp_path / "out" / "corpus" / "part-00000.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [f"{(tmp_path / 'd.jsonl').resolve()}:1", "0"]
 
 
 def test_a_smaller_jsonl_output_removes_the_parts_it_no_longer_has(tmp_path, monkeypatch):
