@@ -1082,22 +1082,18 @@ def lock_out(out: Path):
     """One run at a time in out: two would each generate the missing samples and append
     them, scoring duplicates. The lock (flock) is on the folder, gone with the process;
     folders made for it go again if the run leaves them empty (it failed early)."""
+    from data.prepare import run_lock
     made = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
     out.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
-    folder = os.open(out, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another run is using {out}: wait for it, stop it, or pass another --out") from None
-        yield
+        with run_lock(out, f"another run is using {out}: wait for it, stop it, or pass another --out"):
+            yield
     finally:
         for path in made:
             try:
                 path.rmdir()
             except OSError:  # not empty: it holds what the run wrote
                 break
-        os.close(folder)
 
 
 def evaluate(cfg) -> dict:

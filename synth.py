@@ -81,7 +81,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import doctest
-import fcntl
 import hashlib
 import itertools
 import json
@@ -105,7 +104,7 @@ from tqdm import tqdm
 
 import llm
 from config import UserError, parse_args, require, run, subcommand
-from data.prepare import Appender, cannot_write, check_writable, read_jsonl, write_atomic
+from data.prepare import Appender, cannot_write, check_writable, read_jsonl, run_lock, write_atomic
 
 DEFAULTS = dict(
     n=100,  # records of this kind and seed the output file should hold at the end
@@ -563,25 +562,6 @@ def progress(kind: str, cfg, out: Path, skipped: Path) -> tuple[int, set[str]]:
     return sum(rid.startswith(prefix) for rid in ids), done
 
 
-@contextlib.contextmanager
-def lock_output(out: Path):
-    """One run at a time on an output: two would ask for the same items and write each twice.
-    The lock (flock) is on the output itself, made now if new, and gone with the process."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out, os.O_RDONLY | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise cannot_write(out, e) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another run is writing {out}: wait for it, stop it, or use another --out") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def append(writer: Appender, line: dict) -> None:
     """writer.write, a failure (a full disk) one line for the user: the lines before it are
     whole, and a torn one is cut off by the next run."""
@@ -960,7 +940,11 @@ def main(argv=None):
                 client.check()
             except llm.LLMError as e:
                 raise UserError(e.failure.message) from None
-            held.enter_context(lock_output(out))  # held until the report is written
+            # one run at a time on an output, held until the report is written: two would ask for
+            # the same items and write each twice
+            out.parent.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
+            held.enter_context(run_lock(out, f"another run is writing {out}: wait for it, stop it, or use "
+                                             f"another --out"))
             have, done = progress(kind, cfg, out, skipped_path)  # again: a run before ours may have ended since
             dedup = Dedup(cfg.near_dup)
             for record in read_jsonl(out):

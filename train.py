@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import inspect
 import math
 import os
@@ -42,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
 from config import UserError, parse_settings, require, run
-from data.prepare import cannot_write, check_writable, ensure_prepared, read_meta
+from data.prepare import cannot_write, check_writable, ensure_prepared, read_meta, run_lock
 from model import GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, pick_device, pick_dtype
 
 DEFAULTS = dict(
@@ -419,19 +418,6 @@ def train(cfg, make_data=None, score=None) -> GPT:
             signal.signal(s, handler)
 
 
-def lock_out_dir(out_dir: Path, held: contextlib.ExitStack) -> None:
-    """One run at a time in out_dir: a second would overwrite the first's checkpoints
-    with its own. The lock is on the folder itself (flock), gone when the process is."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    folder = os.open(out_dir, os.O_RDONLY)
-    held.callback(os.close, folder)
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UserError(f"another run is training in {out_dir}: wait for it, stop it, or use another "
-                        f"--out_dir") from None
-
-
 def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     check_settings(cfg)
     rank, world, device = setup_processes(cfg.device)
@@ -481,7 +467,9 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
 
     if master:  # now, not at the first checkpoint hours later
         check_writable(ckpt_path)
-        lock_out_dir(out_dir, held)
+        out_dir.mkdir(parents=True, exist_ok=True)  # a second run would overwrite the first's checkpoints
+        held.enter_context(run_lock(out_dir, f"another run is training in {out_dir}: wait for it, stop it, or "
+                                             f"use another --out_dir"))
     raw_model.to(device)
     optimizer = make_optimizer(raw_model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)

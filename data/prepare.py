@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import glob
 import hashlib
 import json
@@ -535,6 +536,24 @@ def check_writable(*paths: Path) -> None:
                 tempfile.TemporaryFile(dir=folder).close()  # gone when closed
         except OSError as e:
             raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def run_lock(path: Path, busy: str):
+    """Held while one run uses path (a folder that exists, or a file, made if new): another
+    run stops at once with UserError(busy). An flock, gone with the process however it ends."""
+    try:
+        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(busy) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def cannot_write(path: Path, e: Exception) -> UserError:
