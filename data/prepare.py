@@ -729,7 +729,7 @@ def join_bins(out: Path, part_dir: Path, n_parts: int, counts: Counter, val_frac
         tokens[split] = sum(f.stat().st_size for f in files) // 2
     # a small corpus whose hash split left a side empty: train gets one of val's documents, or
     # val one of train's if it has two (one document cannot be both trained and validated on)
-    if not tokens["train"] or not tokens["val"] and val_fraction > 0 and counts["train"] >= 2:
+    if not tokens["train"] or (not tokens["val"] and val_fraction > 0 and counts["train"] >= 2):
         src, dst = ("val", "train") if not tokens["train"] else ("train", "val")
         moved = move_document(out / f"{src}.bin", out / f"{dst}.bin")
         tokens[src] -= moved
