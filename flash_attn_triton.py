@@ -85,6 +85,7 @@ import operator
 import os
 import sys
 
+import numpy as np
 import torch
 
 if __name__ == "__main__" and not torch.cuda.is_available():
@@ -93,15 +94,21 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+try:
+    # Triton's own reading (true/on/yes count too), so that this module and the
+    # @triton.jit decorators below agree on whether kernels are interpreted.
+    INTERPRET = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # older triton, without knobs, tested the variable for "1"
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (32, 64, 80, 128)
 LOG2E = 1.4426950408889634
 
 if INTERPRET:
-    # triton 3.6's interpreter turns its size-1 scalar arrays into Python ints
-    # with int(array), which numpy >= 2.4 refuses; runtime loop bounds then
-    # fail ("only 0-dimensional arrays can be converted"). Fixed upstream after
-    # 3.6 (triton-lang/triton#9171); until then read the element explicitly.
+    # Interpreters without triton-lang/triton#9171 (triton 3.6 among them)
+    # turn their size-1 scalar arrays into Python ints with int(array), which
+    # numpy >= 2.4 refuses; runtime loop bounds then fail ("only 0-dimensional
+    # arrays can be converted"). Reading the element explicitly works on every
+    # version, fixed or not.
     from triton.runtime import interpreter as _interp
 
     if not getattr(_interp._patch_lang_tensor, "_phi1_compat", False):
@@ -705,7 +712,9 @@ def _bwd_impl(dout, q, k, v, out, lse, seed, causal, dropout_p, softmax_scale, t
     Tk = k.shape[2]
     # autograd may hand back any layout (expanded, transposed): the kernels
     # only need the head dim contiguous.
-    if dout.dtype != q.dtype or dout.stride(-1) != 1:
+    # A sequence stride of 2**23 or more would overflow the kernels' int32 tile
+    # offsets (unsupported_reason refuses such q, k, v).
+    if dout.dtype != q.dtype or dout.stride(-1) != 1 or dout.stride(2) >= 2**23:
         dout = dout.to(q.dtype).contiguous()
     # Gradients in (B, T, H, D) order, like the output, unless an input is a
     # plain contiguous (B, H, T, D) tensor: then its own layout, so autograd
@@ -789,7 +798,21 @@ def _gradients(ctx, dout, backward):
     return dq, dk, dv, None, None, None, None
 
 
-@torch.autograd.function.once_differentiable  # the backward is a kernel, not differentiable again
+def _first_order_only(backward):
+    """backward, refused under create_graph=True: the kernels record no graph, so
+    a gradient of the gradient would silently lack this op's terms.
+    (once_differentiable is not enough: it refuses only when the incoming
+    gradient requires grad, and a linear loss hands in one that does not.)"""
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():  # autograd runs a backward in grad mode iff create_graph=True
+            raise RuntimeError("flash_attn_func has no double backward (create_graph=True): "
+                               "use attention_reference or SDPA for higher-order gradients")
+        return backward(ctx, *grads)
+    return checked
+
+
+@_first_order_only
 def _op_backward(ctx, dout, dlse):
     return _gradients(ctx, dout, _flash_attn_bwd_op)
 
@@ -805,7 +828,7 @@ class _FlashAttnFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order_only
     def backward(ctx, dout, dlse):
         return _gradients(ctx, dout, functools.partial(_bwd_impl, traced=False))
 
@@ -853,14 +876,33 @@ def unsupported_reason(q, k, v, dropout_p=0.0):
         if t.stride(3) != 1:
             return f"{name} must be contiguous in head_dim (stride 1), got strides {tuple(t.stride())}"
         if t.stride(2) >= 2**23:  # tile offsets (stride * block rows) are int32
-            return f"{name}'s sequence stride {t.stride(2)} is too large"
+            return f"{name}'s sequence stride {t.stride(2)} is too large (must be below 2**23)"
+    return _dropout_p_reason(dropout_p)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)  # numpy's floats too
+
+
+def _dropout_p_reason(dropout_p):
     if not _is_real(dropout_p) or not 0.0 <= float(dropout_p) < 1.0:
         return f"dropout_p must be a number in [0, 1), got {dropout_p!r}"
     return None
 
 
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)  # numpy's floats too
+def _seed_value(seed, caller: str) -> int:
+    """seed as an int in [0, 2**63) (numpy's ints and one-element integer
+    tensors too), else a ValueError naming the caller."""
+    if isinstance(seed, bool) or (isinstance(seed, torch.Tensor) and seed.dtype == torch.bool):
+        value = -1  # operator.index would take them as 0 and 1
+    else:
+        try:
+            value = operator.index(seed)
+        except TypeError:
+            value = -1
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{caller}: seed must be an int in [0, 2**63), got {seed!r}")
+    return value
 
 
 _UNUSED_SEED = {}  # device -> a seed tensor the kernels never read (dropout_p = 0)
@@ -874,19 +916,17 @@ def _check_and_prepare(q, k, v, causal, dropout_p, softmax_scale, seed):
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     elif not (_is_real(softmax_scale) and math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"flash_attn_func: softmax_scale must be a positive number, got {softmax_scale!r}")
+    if not isinstance(causal, (bool, np.bool_)):  # bool("no") would be True
+        raise ValueError(f"flash_attn_func: causal must be True or False, got {causal!r}")
+    # A given seed is checked even when dropout_p = 0 leaves it unused.
+    seed_value = None if seed is None else _seed_value(seed, "flash_attn_func")
     dropout_p = float(dropout_p)
     if dropout_p > 0.0 and seed is None:
         # Drawn on the device from torch's generator: no host sync, and
         # torch.manual_seed makes the whole run reproducible.
         seed_t = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
     elif dropout_p > 0.0:
-        try:
-            value = operator.index(seed) if not isinstance(seed, bool) else -1  # numpy's ints too
-        except TypeError:
-            value = -1
-        if not 0 <= value < 2**63:
-            raise ValueError(f"flash_attn_func: seed must be an int in [0, 2**63), got {seed!r}")
-        seed_t = torch.full((1,), value, dtype=torch.int64, device=q.device)
+        seed_t = torch.full((1,), seed_value, dtype=torch.int64, device=q.device)
     elif torch.compiler.is_compiling():
         seed_t = torch.zeros((1,), dtype=torch.int64, device=q.device)  # never read
     else:
@@ -906,7 +946,10 @@ def flash_attn_func(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, see
     torch's generator when seed is None). softmax_scale defaults to
     1/sqrt(D). Returns (B, H, Tq, D) stored as (B, Tq, H, D)-contiguous.
     Raises ValueError for inputs the kernel cannot take (see
-    unsupported_reason).
+    unsupported_reason), for a causal that is not a bool, and for a bad
+    softmax_scale or seed (a given seed is checked even when dropout_p = 0).
+    Differentiable once: a backward with create_graph=True raises
+    RuntimeError.
     """
     seed_t, causal, dropout_p, scale = _check_and_prepare(q, k, v, causal, dropout_p, softmax_scale, seed)
     return _attention(q, k, v, seed_t, causal, dropout_p, scale)[0]
@@ -922,10 +965,16 @@ def flash_attn_with_lse(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None,
 
 def dropout_mask(seed, batch, heads, q_len, k_len, dropout_p, device="cuda"):
     """The bool keep-mask (batch, heads, q_len, k_len) that flash_attn_func
-    draws for this seed and shape (True = kept). For tests and debugging."""
+    draws for this seed and shape (True = kept). For tests and debugging.
+    seed and dropout_p must be what flash_attn_func accepts (ValueError
+    otherwise). Under TRITON_INTERPRET=1 `device` is ignored: the mask is
+    drawn on the CPU."""
+    reason = _dropout_p_reason(dropout_p)
+    if reason is not None:
+        raise ValueError(f"dropout_mask: {reason}")
     if INTERPRET:
         device = "cpu"
-    seed_t = torch.full((1,), int(seed), dtype=torch.int64, device=device)
+    seed_t = torch.full((1,), _seed_value(seed, "dropout_mask"), dtype=torch.int64, device=device)
     mask = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=device)
     grid = (_cdiv(q_len, 32), _cdiv(k_len, 32), batch * heads)
     _dropout_mask_kernel[grid](seed_t, mask, q_len, k_len, float(dropout_p), BLOCK_M=32, BLOCK_N=32)
@@ -1054,6 +1103,9 @@ def main():
     from config import UserError, parse_args
     if parse_args({}, __doc__)[1]:
         raise UserError("flash_attn_triton.py takes no arguments (see --help)")
+    if not torch.cuda.is_available() and not INTERPRET:  # TRITON_INTERPRET is set, but not to on
+        raise UserError(f"no CUDA GPU: run with TRITON_INTERPRET=1 for the CPU check "
+                        f"(TRITON_INTERPRET is {os.environ.get('TRITON_INTERPRET')!r})")
     if torch.cuda.is_available():
         print(f"correctness vs float32 reference on {torch.cuda.get_device_name()} "
               f"(autotune {'on' if AUTOTUNE else 'off'}):", flush=True)

@@ -7,7 +7,11 @@ skipped, since they exist only to keep the interpreter fast).
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -229,13 +233,20 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_a_second_derivative_is_an_error_not_a_wrong_number():
+    """The kernels record no graph, so create_graph=True must fail at once, also for a linear
+    loss: its gradient reaches the backward detached, and a penalty on the result would
+    silently lose this op's share. A first-order backward still runs, and twice with
+    retain_graph."""
     q, k, v, leaves, _ = make_qkv(1, 2, 17, 17, 32, F16, "qkv")
     seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     for out in (fa.flash_attn_func(q, k, v),  # eager, and the registered op that compiled graphs call
                 torch.ops.phi1.flash_attn_fwd(q, k, v, seed, True, 0.0, 32 ** -0.5)[0]):
-        (grad,) = torch.autograd.grad(out.float().square().sum(), leaves[0], create_graph=True)
-        with pytest.raises(RuntimeError, match="twice"):
-            grad.float().square().sum().backward()
+        for loss in (out.float().sum(), out.float().square().sum()):
+            with pytest.raises(RuntimeError, match="no double backward"):
+                torch.autograd.grad(loss, leaves[0], create_graph=True)
+        (a,) = torch.autograd.grad(loss, leaves[0], retain_graph=True)
+        (b,) = torch.autograd.grad(loss, leaves[0])
+        assert torch.equal(a, b)
 
 
 def test_the_backward_fills_no_gradient_for_the_lse():
@@ -302,7 +313,7 @@ def test_every_input_is_checked_not_only_the_first():
             fa.flash_attn_func(*args, **kwargs)
     # Tile offsets are int32: a sequence stride of exactly 2**23 is already refused.
     big = torch.empty_strided((1, 1, 2, 32), (2 ** 24, 2 ** 24, 2 ** 23, 1), dtype=F16, device=DEVICE)
-    assert "sequence stride" in fa.unsupported_reason(big, big, big)
+    assert "sequence stride 8388608 is too large (must be below 2**23)" in fa.unsupported_reason(big, big, big)
     # 0 is a valid seed.
     assert fa.flash_attn_func(q, k, v, dropout_p=0.5, seed=0).isfinite().all()
 
@@ -394,3 +405,64 @@ def test_no_gradient_through_the_output_is_no_gradient_for_q_k_v():
         q.grad = k.grad = v.grad = None
         (Blocked.apply(attend()).float().sum() + q.float().sum()).backward()
         assert torch.equal(q.grad, torch.ones_like(q)) and k.grad is None and v.grad is None
+
+
+def test_backward_copies_a_dout_whose_sequence_stride_overflows_int32_offsets(monkeypatch):
+    """The int32 tile-offset limit that unsupported_reason puts on q, k and v holds for dout
+    too: the kernels get a packed copy. (A dout that overflows for real takes gigabytes, so
+    this watches the launch arguments.)"""
+    q, k, v, _, _ = make_qkv(1, 1, 2, 2, 32, F16, "bhtd")
+    out = fa.flash_attn_func(q, k, v)
+    dout = torch.empty(2**23 + 32, dtype=F16, device=DEVICE).as_strided((1, 1, 2, 32), (2**24, 2**24, 2**23, 1))
+    dout.copy_(torch.randn(1, 1, 2, 32, generator=torch.Generator(DEVICE).manual_seed(3), device=DEVICE))
+    want = torch.autograd.grad(out, (q, k, v), dout.contiguous(), retain_graph=True)
+    strides, run = [], fa._run
+
+    def spy(jit_fn, head_dim, grid, args, kwargs):
+        strides.extend(a.stride(2) for a in args if isinstance(a, torch.Tensor) and a.dim() == 4)
+        run(jit_fn, head_dim, grid, args, kwargs)
+
+    monkeypatch.setattr(fa, "_run", spy)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    assert strides and max(strides) < 2**23
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_causal_must_be_a_bool_and_a_given_seed_is_always_checked():
+    """causal went through bool(), so causal="no" ran causal; a bad seed was ignored when
+    dropout_p = 0 left it unused; a bool tensor passed as the seed 1 where True is refused."""
+    q, k, v, _, _ = make_qkv(1, 1, 8, 8, 32, F16, "bhtd")
+    for kwargs in ({"causal": "no"}, {"causal": 0}, {"causal": torch.tensor(False)}, {"seed": -1},
+                   {"seed": 1.7}, {"dropout_p": 0.1, "seed": torch.tensor(True)}):
+        with pytest.raises(ValueError, match="causal must be True or False" if "causal" in kwargs else "seed"):
+            fa.flash_attn_func(q, k, v, **kwargs)
+    assert torch.equal(fa.flash_attn_func(q, k, v, causal=np.bool_(False), seed=torch.tensor(5)),
+                       fa.flash_attn_func(q, k, v, causal=False))
+
+
+def test_dropout_mask_checks_seed_and_p_as_flash_attn_func_does():
+    """dropout_mask used to turn 1.7 and True into seed 1, wrap -1, overflow on 2**63 and
+    drop everything for p = 1.5: flash_attn_func refuses all of these, so must the helper
+    that claims to draw its mask."""
+    for seed, p in ((-1, 0.5), (True, 0.5), (1.7, 0.5), (2**63, 0.5), (None, 0.5), (1, 1.5), (1, -0.1)):
+        with pytest.raises(ValueError, match="dropout_mask: " + ("seed" if p == 0.5 else "dropout_p")):
+            fa.dropout_mask(seed, 1, 1, 4, 4, p, device=DEVICE)
+
+
+def test_the_script_agrees_with_triton_on_TRITON_INTERPRET():
+    """Triton reads TRITON_INTERPRET=true (or on, yes) as on, and this module must agree; set to
+    something off on a machine without CUDA, the script's CPU check must end in one clear line,
+    not a traceback."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+
+    def python(value, *args):
+        return subprocess.run([sys.executable, *args], cwd=root, env=dict(env, TRITON_INTERPRET=value),
+                              capture_output=True, text=True, timeout=120)
+
+    result = python("true", "-c", "import flash_attn_triton as fa; print(fa.INTERPRET)")
+    assert result.stdout.strip() == "True", result.stderr
+    result = python("0", "flash_attn_triton.py")
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr, result
+    assert result.stderr.endswith("error: no CUDA GPU: run with TRITON_INTERPRET=1 for the CPU check "
+                                  "(TRITON_INTERPRET is '0')\n"), result.stderr
