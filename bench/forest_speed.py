@@ -68,18 +68,23 @@ def main():
     require(*[(getattr(cfg, key) > 0, f"--{key} must be positive, not {getattr(cfg, key)}")
               for key in ("n_trees", "min_samples_leaf", "splits", "dims")],
             *[(getattr(cfg, key) >= 0, f"--{key} must not be negative, not {getattr(cfg, key)}")
-              for key in ("max_depth", "jobs", "rows", "seed")])
+              for key in ("max_depth", "jobs", "rows", "seed")],
+            # a quarter of them is the test set, which a few rows would leave empty or of one class
+            (cfg.rows == 0 or cfg.rows >= 100, f"--rows must be 0 (no embeddings) or at least 100, not {cfg.rows}"))
+    try:
+        max_features = cfg.max_features if cfg.max_features in ("sqrt", "log2") else (
+            float(cfg.max_features) if "." in cfg.max_features else int(cfg.max_features))
+    except ValueError:
+        max_features = None
+    require((max_features in ("sqrt", "log2") or (type(max_features) is int and max_features > 0)
+             or (type(max_features) is float and 0 < max_features <= 1),
+             f"--max_features takes sqrt, log2, a positive count or a fraction up to 1.0, not {cfg.max_features!r}"))
     try:
         from sklearn import datasets
         from sklearn.ensemble import RandomForestClassifier
     except ImportError:
         raise UserError("this benchmark compares with scikit-learn: pip install scikit-learn") from None
     jobs = cfg.jobs or len(os.sched_getaffinity(0))
-    try:
-        max_features = cfg.max_features if cfg.max_features in ("sqrt", "log2") else (
-            float(cfg.max_features) if "." in cfg.max_features else int(cfg.max_features))
-    except ValueError:
-        raise UserError(f"--max_features takes sqrt, log2, a count or a fraction, not {cfg.max_features!r}") from None
     depth = cfg.max_depth or None
 
     def ours(seed):
@@ -96,7 +101,8 @@ def main():
                                         flip_y=0.05, random_state=cfg.seed)
     data.append(("make_classification", X, y, 1))
     if cfg.rows:
-        data.append((f"embeddings {cfg.rows // 1000}K", *embeddings(cfg.rows, cfg.dims, cfg.seed), 1))
+        size = f"{cfg.rows // 1000}K" if cfg.rows % 1000 == 0 else f"{cfg.rows:,}"
+        data.append((f"embeddings {size}", *embeddings(cfg.rows, cfg.dims, cfg.seed), 1))
 
     print(f"{cfg.n_trees} trees, max_features={cfg.max_features}, max_depth={depth}, "
           f"min_samples_leaf={cfg.min_samples_leaf}, {jobs} processes / threads")

@@ -20,11 +20,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from config import UserError, parse_settings, run  # noqa: E402
+from config import UserError, parse_settings, require, run  # noqa: E402
 
 DEFAULTS = dict(
     presets="phi-1-small,phi-1",  # presets to measure
-    attention="sdpa",  # sdpa (as the reference) or auto (the Triton kernel)
+    attention="sdpa",  # as train.py: sdpa (as the reference), triton (our kernel) or auto (triton on CUDA)
     steps=20,  # optimizer steps per preset; the first log interval holds the compilation
     log_interval=5,  # steps per measurement
     compile=True,  # torch.compile, as the reference
@@ -42,6 +42,13 @@ def main():
     unknown = [p for p in cfg.presets.split(",") if p not in REFERENCE]
     if unknown:
         raise UserError(f"no reference figures for --presets={unknown[0]}; choose from {', '.join(REFERENCE)}")
+    # the first interval holds the compilation; with profile, the second the traced steps
+    first = cfg.log_interval * (2 if cfg.profile else 1)
+    require((cfg.attention in ("auto", "sdpa", "triton"),
+             f"--attention must be auto, sdpa or triton (as train.py takes), not {cfg.attention!r}"),
+            (cfg.log_interval > 0, f"--log_interval must be positive, not {cfg.log_interval}"),
+            (cfg.steps > first, f"--steps={cfg.steps} leaves nothing to measure: the first {first} steps "
+                                f"(--log_interval{' x 2 with --profile' if cfg.profile else ''}) are left out"))
     import torch
     if not torch.cuda.is_available():
         raise UserError("this benchmark needs a CUDA GPU")
@@ -65,8 +72,6 @@ def main():
             result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             print(result.stdout if cfg.profile else result.stdout[-1500:],
                   result.stderr[-1500:] if result.returncode else "", flush=True)
-            # the first interval holds the compilation; with profile, the second the traced steps
-            first = cfg.log_interval * (2 if cfg.profile else 1)
             measured = [m for m in LOG.finditer(result.stdout) if int(m.group(1)) > first]
             if result.returncode or not measured:
                 rows.append((preset, batch, "failed", "", "", ref_tok_s, ref_mfu))
@@ -82,6 +87,9 @@ def main():
     for preset, batch, tok_s, mfu, mem, ref_tok_s, ref_mfu in rows:
         ratio = f"{float(mfu) / ref_mfu:.2f}x" if mfu else ""
         print(f"{preset:<12} {batch:>5} {tok_s:>10} {mfu:>6} {mem:>8} | {ref_tok_s:>10,} {ref_mfu:>9.1f} | {ratio:>7}")
+    failed = [row[0] for row in rows if row[2] == "failed"]
+    if failed:  # a table with holes is no result: say so to the shell too
+        sys.exit(f"error: {', '.join(failed)} failed (train.py's output above says why)")
 
 
 if __name__ == "__main__":

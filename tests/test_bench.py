@@ -20,12 +20,32 @@ ROOT = Path(__file__).resolve().parent.parent
     ("train_speed.py", ["--presets=tiny"], "no reference figures for --presets=tiny"),
     ("evaluate_speed.py", ["--parts=cpu"], "unknown part 'cpu'"),
     ("train_speed.py", ["phi-1"], "unexpected argument 'phi-1'"),
+    # before the CUDA check: on a GPU each preset's row read "failed", and the exit status 0
+    ("train_speed.py", ["--attention=bogus"], "--attention must be auto, sdpa or triton"),
+    ("train_speed.py", ["--log_interval=0"], "--log_interval must be positive"),
+    ("train_speed.py", ["--steps=0"], "--steps=0 leaves nothing to measure"),
+    ("train_speed.py", ["--steps=10", "--profile"], "the first 10 steps (--log_interval x 2 with --profile)"),
+    ("evaluate_speed.py", ["--parts=generate", "--batch_sizes=1,x"], "--batch_sizes takes positive whole numbers"),
+    ("evaluate_speed.py", ["--parts=generate", "--batch_sizes=0"], "--batch_sizes takes positive whole numbers"),
+    ("evaluate_speed.py", ["--parts=generate", "--new_tokens=0"], "--new_tokens must be positive"),
+    ("evaluate_speed.py", ["--parts=generate", "--prompt_tokens=0"], "--prompt_tokens must be positive"),
+    ("evaluate_speed.py", ["--parts=score", "--repeats=0"], "--repeats must be positive"),
+    ("forest_speed.py", ["--max_features=0"], "--max_features takes sqrt, log2, a positive count or a fraction"),
+    ("forest_speed.py", ["--max_features=-3"], "--max_features takes sqrt, log2, a positive count or a fraction"),
+    ("forest_speed.py", ["--max_features=2.0"], "--max_features takes sqrt, log2, a positive count or a fraction"),
+    ("forest_speed.py", ["--rows=2"], "--rows must be 0 (no embeddings) or at least 100"),
 ])
 def test_settings_that_cannot_work_are_one_line(script, args, message):
     result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
                             timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_forest_embeddings_are_named_by_their_row_count():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "forest_speed.py"), "--rows=500", "--dims=8",
+                             "--n_trees=1", "--splits=1", "--jobs=1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "\nembeddings 500 | 500 x 8 |" in result.stdout, result.stdout + result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU says")

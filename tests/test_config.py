@@ -115,6 +115,33 @@ def test_unknown_setting_suggests_a_close_one():
         parse_settings(DEFAULTS, argv=["--epochs=3"])
 
 
+@pytest.mark.parametrize("typo, defaults, guess", [
+    ("--concurency=8", dict(n=10, concurrency=8, out=""), "--concurrency"),  # not --n, a letter of it
+    ("--lr=1e-3", dict(min_lr=0.0, learning_rate=1e-3), "--learning_rate"),
+    ("--learnign_rate=1e-3", dict(min_lr=0.0, learning_rate=1e-3), "--learning_rate"),
+    ("--temprature=0", dict(temperature=0.8, top_p=0.95), "--temperature"),
+    ("--corpse=a.jsonl", dict(corpus="", compile=False), "--corpus"),
+    ("--sorce=hf", dict(source="local", out_dir=""), "--source"),
+    ("--out=x", dict(dropout=0.0, timeout=1.0), None),  # in those names, but no word of them
+    ("--x=1", dict(n=10, x_max=1), None),  # a letter is in too many names to guess from
+])
+def test_a_guess_is_the_setting_meant_or_none(typo, defaults, guess):
+    with pytest.raises(UserError) as error:
+        parse_settings(defaults, argv=[typo])
+    hint = f"(did you mean {guess}?)" if guess else "(see --help)"
+    assert str(error.value) == f"unknown setting {typo.partition('=')[0]} {hint}"
+
+
+def test_a_bool_is_turned_off_with_false_not_no_or_a_separate_word():
+    with pytest.raises(UserError, match=r"^unknown setting --no_compile \(did you mean --compile=false\?\)$"):
+        parse_settings(DEFAULTS, argv=["--no-compile"])
+    for word in ("false", "True", "0", "off"):
+        with pytest.raises(UserError, match=f"^--compile takes its value after '=': --compile={word}$"):
+            parse_args(DEFAULTS, argv=["--compile", word, "train"])
+    # a subcommand after a bare bool is no value of it
+    assert parse_args(DEFAULTS, argv=["--compile", "train"])[1] == ["train"]
+
+
 def test_a_forgotten_dash_is_an_unexpected_argument():
     with pytest.raises(UserError, match="^unexpected argument '-batch_size=3' "):
         parse_settings(DEFAULTS, argv=["-batch_size=3"])

@@ -763,7 +763,10 @@ def test_cli_samples_are_seeded_clamped_and_num_samples_many(ckpt, reference, ca
     max_new = BLOCK - len(ids)  # what the context leaves
     outs = reference.generate([ids, ids], max_new, cfg.temperature, cfg.top_p, [], sample.COMMAND_LINE_SEED)
     samples = [prompt + sample.cut(new, max_new, ())[0] + "\n" for new in outs]
-    assert capsys.readouterr().out == ("-" * 40 + "\n").join(samples)
+    out, err = capsys.readouterr()
+    assert out == ("-" * 40 + "\n").join(samples)
+    assert err == (f"note: --max_new_tokens=1000 cut to {max_new}, the room the {len(ids)}-token prompt leaves "
+                   f"in the model's context of {BLOCK}\n")
 
 
 def test_cli_refuses_a_prompt_that_fills_the_context(ckpt, reference):
