@@ -18,7 +18,8 @@ drawn from it like train.py's: attention crosses exercise boundaries inside a
 window, as in pretraining; the <|endoftext|> between them says where one ends, and
 no window is padded. The loss counts the completion tokens and the <|endoftext|>
 ending them (--loss_on=all: every token), so the model learns to write bodies, not
-docstrings, and to stop. Exercises go to val by a hash of their text. Malformed
+docstrings, and to stop; every counted token of a step weighs the same, however the
+step is split into micro-batches and processes. Exercises go to val by a hash of their text. Malformed
 lines are skipped and counted. Exercises whose own docstring examples failed in
 synth.py's sandbox check are kept, as the paper checks nothing (--drop_failing
 leaves them out).
@@ -32,6 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +112,7 @@ class Exercises:
     def __init__(self, exercises: list[tuple[str, str]], block_size: int, loss_on: str,
                  val_fraction: float, name: str, validate: bool = True):
         self.block_size, self.names = block_size, [name]
+        self.too_long = 0  # exercises longer than a window: cut, and their prompts fill whole windows
         digests = [hashlib.sha256((p + c).encode()).digest() for p, c in exercises]
         in_val = [validate and int.from_bytes(d[:8], "big") < val_fraction * 2**64 for d in digests]
         if validate and not any(in_val):  # a tiny set: its most val-like exercise goes to val
@@ -121,6 +125,7 @@ class Exercises:
             for prompt, body, val in zip(prompts, bodies, in_val[start:]):
                 tokens, mask = parts[val]
                 tokens.append(np.array(prompt + body + [tokenizer.EOT], dtype=np.int32))
+                self.too_long += len(tokens[-1]) > block_size
                 mask.append(np.arange(len(tokens[-1])) >= (0 if loss_on == "all" else len(prompt)))
         self.splits = {}
         for split, val in (("train", False), ("val", True)) if validate else (("train", False),):
@@ -132,15 +137,25 @@ class Exercises:
             tokens, mask = np.concatenate(tokens), np.concatenate(mask)
             reps = -(-(block_size + 1) // len(tokens))  # a stream shorter than a window repeats
             self.splits[split] = (np.tile(tokens, reps), np.tile(mask, reps))
+        mask = self.splits["train"][1]
+        self.counted_before = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])  # [i]: counted in mask[:i]
+
+    def _starts(self, split: str, batch_size: int, seed: int, *key: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, *key, split == "val"])
+        return rng.integers(0, len(self.splits[split][0]) - self.block_size, size=batch_size)
 
     def batch(self, split: str, batch_size: int, seed: int, *key: int, only: int | None = None):
         """(inputs, targets) of shape (batch_size, block_size); targets the loss skips are -1."""
         tokens, mask = self.splits[split]
-        rng = np.random.default_rng([seed, *key, split == "val"])
-        starts = rng.integers(0, len(tokens) - self.block_size, size=batch_size)
-        window = starts[:, None] + np.arange(self.block_size + 1)
+        window = self._starts(split, batch_size, seed, *key)[:, None] + np.arange(self.block_size + 1)
         targets = np.where(mask[window[:, 1:]], tokens[window[:, 1:]], -1).astype(np.int64)
         return tokens[window[:, :-1]].astype(np.int64), targets
+
+    def counted(self, batch_size: int, seed: int, *key: int) -> int:
+        """How many targets of batch("train", batch_size, seed, *key) the loss counts,
+        from a running sum of the mask, without building the batch."""
+        starts = self._starts("train", batch_size, seed, *key)
+        return int((self.counted_before[starts + self.block_size + 1] - self.counted_before[starts + 1]).sum())
 
 
 def humaneval_score(cfg):
@@ -164,22 +179,38 @@ def finetune(cfg):
              "--humaneval_problems scores at each validation: it needs --eval_interval > 0"))
     path = Path(cfg.exercises)
     exercises, malformed, failing = read_exercises(path, cfg.drop_failing)
-    if malformed:
-        print(f"skipped {malformed} malformed lines of {path} (each needs a string prompt and completion)")
-    if failing:
+    master = int(os.environ.get("RANK", "0")) == 0  # under torchrun, the first process speaks
+    if malformed and master:
+        print(f"skipped {malformed} malformed lines of {path} (each needs a string prompt and a completion "
+              f"that is not blank)")
+    if failing and master:
         print(f"left out {failing} exercises whose docstring examples failed (--drop_failing)")
     if not exercises:
         raise UserError(f"no exercises in {path}")
-    # the model is --base's (rerunning resumes out_dir's checkpoint: train.build_model)
-    cfg.preset, cfg.block_size, cfg.data, cfg.init_from = "", None, str(path), cfg.base
-    print(f"{len(exercises):,} exercises from {path}")
+    # the model is --base's (rerunning resumes out_dir's checkpoint: train.build_model); a resume
+    # warns when the exercises changed (the file rewritten, not only renamed)
+    cfg.preset, cfg.block_size, cfg.init_from = "", None, cfg.base
+    content = hashlib.sha256()
+    for prompt, completion in exercises:  # lengths first: the boundary between texts counts
+        content.update(f"{len(prompt)},{len(completion)}:{prompt}{completion}".encode())
+    cfg.exercises_content = f"{len(exercises):,} exercises, sha256 {content.hexdigest()[:16]}"
+    if master:
+        print(f"{len(exercises):,} exercises from {path}")
 
     def make_data(config):  # windows of the model's context length
         if cfg.humaneval_problems > 0:  # now, not at the first validation
             import evaluate
             evaluate.prompt_room(config.block_size, cfg.humaneval_max_tokens, "--humaneval_max_tokens")
-        return Exercises(exercises, config.block_size, cfg.loss_on, cfg.val_fraction, path.stem,
+        data = Exercises(exercises, config.block_size, cfg.loss_on, cfg.val_fraction, path.stem,
                          validate=cfg.eval_interval > 0)
+        tokens, mask = data.splits["train"]
+        if master:
+            print(f"train: {len(tokens):,} tokens, {mask.mean():.0%} of them counted by the loss "
+                  f"(--loss_on={cfg.loss_on})")
+        if data.too_long and master:
+            print(f"warning: {data.too_long:,} exercises are longer than the context ({config.block_size} tokens): "
+                  f"windows cut them, and a window inside a long prompt counts no target", file=sys.stderr)
+        return data
 
     score = humaneval_score(cfg) if cfg.humaneval_problems > 0 else None
     return train.train(cfg, make_data, score)

@@ -79,8 +79,8 @@ DEFAULTS = dict(
 # the settings besides the model's that decide what a run computes (a resume that changes one says so)
 # (finetune.py's own too: what its data and best score are; max_iters is raised to go on, see build_model)
 TRAJECTORY = ("data", "batch_size", "total_batch_size", "warmup_iters", "learning_rate", "min_lr", "weight_decay",
-              "beta1", "beta2", "grad_clip", "dtype", "seed", "loss_on", "val_fraction", "drop_failing",
-              "humaneval_problems", "humaneval_max_tokens")
+              "beta1", "beta2", "grad_clip", "dtype", "seed", "exercises", "exercises_content", "loss_on",
+              "val_fraction", "drop_failing", "humaneval_problems", "humaneval_max_tokens")
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_DATASET = "local_python"
 SAMPLE_PROMPT = 'def is_prime(n):\n    """Return True if n is a prime number."""\n'
@@ -188,6 +188,10 @@ class Mixture:
             raise UserError(f"{bad}/{split}.bin holds token id {rows.max()}, outside the model's "
                             f"vocabulary of {self.vocab_size}: prepared with another tokenizer?")
         return rows[:, :-1], rows[:, 1:]
+
+    def counted(self, batch_size: int, seed: int, *key: int) -> int:
+        """How many targets of batch("train", batch_size, seed, *key) the loss counts: all."""
+        return batch_size * self.block_size
 
 
 def to_device(arrays, device: torch.device):
@@ -344,9 +348,9 @@ def build_model(cfg, out_dir: Path, master: bool):
             changed = [k for k in TRAJECTORY if k in ckpt.get("settings", {}) and
                        ckpt["settings"][k] != getattr(cfg, k, ckpt["settings"][k])]
             if changed:
-                print("warning: resuming with other settings than the run had: " +
-                      ", ".join(f"--{k}={getattr(cfg, k)} (was {ckpt['settings'][k]})" for k in changed),
-                      file=sys.stderr)
+                print("warning: resuming with other settings than the run had: " + ", ".join(
+                      (f"{k.replace('_', ' ')}: " if k.endswith("_content") else f"--{k}=")  # not a setting
+                      + f"{getattr(cfg, k)} (was {ckpt['settings'][k]})" for k in changed), file=sys.stderr)
             # raising max_iters is how a finished run goes on, but its linear decay then starts higher up
             before = SimpleNamespace(**{**vars(cfg), "max_iters": ckpt.get("settings", {}).get("max_iters")})
             if before.max_iters not in (None, cfg.max_iters):
@@ -395,10 +399,11 @@ def train(cfg, make_data=None, score=None) -> GPT:
     """Run the training that cfg describes; returns the trained (unwrapped) model.
 
     make_data: a function of the model's config returning the batches to train on,
-    anything with Mixture's `names` and `batch()` (default: the Mixture that --data
-    names; finetune.py passes its exercises). score: a function of the model returning
-    (name, value), higher is better, called with each validation loss; the best
-    model so far is kept in out_dir/best.pt (finetune.py passes HumanEval's pass@1).
+    anything with Mixture's `names`, `batch()` and `counted()` (default: the Mixture
+    that --data names; finetune.py passes its exercises). score: a function of the
+    model returning (name, value), higher is better, called with each validation
+    loss; the best model so far is kept in out_dir/best.pt (finetune.py passes
+    HumanEval's pass@1).
 
     SIGTERM and Ctrl-C save and stop while it runs; afterwards they do again what
     they did before (a caller that goes on, and the processes it forks, keep theirs)."""
@@ -519,6 +524,9 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                     total_loss += model(x, y)[1].item() * n
                 counted += n
             losses[name] = total_loss / counted if counted else float("nan")
+            if not counted:
+                print(f"warning: no val loss for {name}: its {cfg.eval_iters} batches count no target (finetuning: "
+                      f"every window fell inside a prompt); raise --eval_iters", file=sys.stderr)
         model.train()
         return losses
 
@@ -562,13 +570,21 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(hash((cfg.seed, rank, step)) % 2**63)  # dropout noise, reproducible on resume
+        # Each micro-step's loss is a mean over the targets it counts (finetuning masks
+        # prompts). Weighted by that count over the step's average, every counted target of
+        # the step, on any process, weighs the same. The counts are a pure function of the
+        # batch keys: every process knows them all, without talking. In pretraining every
+        # weight is exactly 1.
+        counts = [[data.counted(cfg.batch_size, cfg.seed, r, step, m) for m in range(accum)] for r in range(world)]
+        step_count = sum(map(sum, counts))
         step_loss = torch.zeros((), device=device)
         for micro in range(accum):
             if world > 1:  # gradients are averaged over processes on the last micro-step only
                 model.require_backward_grad_sync = micro == accum - 1
+            weight = counts[rank][micro] * world * accum / step_count if step_count else 0.0
             with autocast:
                 _, loss = model(x, y)
-                loss = loss / accum
+                loss = loss * weight / accum
             nxt = (step, micro + 1) if micro + 1 < accum else (step + 1, 0)
             x, y = to_device(data.batch("train", cfg.batch_size, cfg.seed, rank, *nxt), device)
             scaler.scale(loss).backward()
@@ -576,11 +592,12 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         # remembered on the device, read at the next log line: no host sync in the step
         first_bad = torch.where(torch.isfinite(step_loss) | (first_bad <= step), first_bad,
                                 first_bad.new_full((), step))
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        if step_count:  # a step of prompts only (finetuning) has nothing to learn: no update, no decay
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if profiler:
@@ -603,7 +620,8 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                 mfu = (f" | MFU {100 * raw_model.flops_per_token() * tok_s / world / peak:.1f}%" if peak else "")
                 mem = (f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
                        if device.type == "cuda" else "")
-                print(f"step {step} | loss {step_loss.item():.4f} | lr {lr:.2e} | "
+                shown = f"{step_loss.item():.4f}" if step_count else "- (no target counted)"
+                print(f"step {step} | loss {shown} | lr {lr:.2e} | "
                       f"{1000 * dt / (step - step_last):.0f} ms/step | {tok_s:,.0f} tok/s{mfu}{mem}", flush=True)
                 t_last, step_last = time.time(), step
             if stop or checkpoint:

@@ -184,6 +184,28 @@ def test_targets_follow_the_mask_exactly():
         assert np.array_equal(row_y, np.where(mask[start + 1:start + 25], nxt, -1))
 
 
+def test_counted_is_how_many_targets_the_batch_counts():
+    data = finetune.Exercises(exercises(9), block_size=24, loss_on="completion", val_fraction=0.0, name="ex")
+    counts = []
+    for key in [(0, 0, 0), (1, 5, 2), (0, 7, 3)]:
+        _, y = data.batch("train", 6, 11, *key)
+        counts.append(data.counted(6, 11, *key))
+        assert counts[-1] == (y != -1).sum()
+    assert 0 < min(counts) < 6 * 24  # prompts masked, completions counted
+
+
+def test_exercises_longer_than_the_context_are_named_with_what_is_counted(tmp_path, monkeypatch, capsys):
+    from config import parse_settings
+    long_one = ("def long(x):\n    \"\"\"" + "word " * 200 + "\"\"\"\n", "    return x\n")
+    path = write_exercises(tmp_path / "ex.jsonl", exercises(20) + [long_one])
+    monkeypatch.setattr(finetune.train, "train", lambda cfg, make_data, score: make_data(
+        dataclasses.replace(PRESETS["nano"], block_size=64)))
+    finetune.finetune(parse_settings(finetune.DEFAULTS, argv=[f"--exercises={path}", "--eval_interval=0"]))
+    out, err = capsys.readouterr()
+    assert "warning: 1 exercises are longer than the context (64 tokens)" in err
+    assert "of them counted by the loss (--loss_on=completion)" in out
+
+
 def test_completion_only_loss_sends_no_gradient_through_prompt_positions(base):
     model = GPT.from_checkpoint(base)
     data = finetune.Exercises(exercises(8), block_size=64, loss_on="completion", val_fraction=0.0, name="ex")
@@ -227,6 +249,18 @@ def test_finetune_trains_keeps_the_best_and_resumes_exactly(tmp_path, base):
     assert final["step"] == 16
     for name, tensor in expected["model"].items():
         assert torch.equal(final["model"][name], tensor), name
+
+
+def test_a_resume_on_rewritten_exercises_warns_naming_finetunes_own_settings(tmp_path, base):
+    data = write_exercises(tmp_path / "ex.jsonl", exercises(20))
+    args = [f"--base={base}", f"--exercises={data}", "--batch_size=2", "--max_iters=2", "--warmup_iters=0",
+            "--checkpoint_interval=1", "--eval_interval=0", "--sample_tokens=0", f"--out_dir={tmp_path / 'out'}"]
+    assert cli(*args, "--stop_iters=1").returncode == 0
+    write_exercises(data, exercises(30))  # the same file, other exercises
+    resumed = cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "exercises content: 30 exercises, sha256 " in resumed.stderr and "(was 20 exercises" in resumed.stderr
+    assert "--data=" not in resumed.stderr  # not a finetune.py setting
 
 
 def test_torchrun_ddp_finetuning_keeps_replicas_identical(tmp_path, base):

@@ -41,6 +41,25 @@ def settings(**overrides):
     return cfg
 
 
+class FixedRows:
+    """The same two rows every step, the first counting 2 targets and the second all of
+    its: a step of one batch of 2 and a step of two batches of 1 read the same rows."""
+    names = ["fixed"]
+
+    def __init__(self, block_size: int, counted_in_first: int = 2, counted_in_second: int | None = None):
+        rng = np.random.default_rng(0)
+        self.x, self.y = rng.integers(0, 2000, size=(2, 2, block_size))
+        self.y[0, counted_in_first:] = -1
+        self.y[1, block_size if counted_in_second is None else counted_in_second:] = -1
+
+    def batch(self, split, batch_size, seed, rank, step, micro, only=None):
+        rows = slice(micro * batch_size, (micro + 1) * batch_size)
+        return self.x[rows], self.y[rows]
+
+    def counted(self, batch_size, seed, rank, step, micro):
+        return int((self.batch("train", batch_size, seed, rank, step, micro)[1] != -1).sum())
+
+
 def cli(*args, timeout=300):
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
@@ -244,6 +263,9 @@ class Remapped:
             key = (micro // 2, step, micro % 2)
         return self.mixture.batch(split, batch_size, seed, *key, only=only)
 
+    def counted(self, batch_size, seed, *key):
+        return self.mixture.counted(batch_size, seed, *key)
+
 
 class SameBatch:
     """One batch, whatever is asked."""
@@ -253,6 +275,9 @@ class SameBatch:
 
     def batch(self, *args, **kwargs):
         return self.fixed
+
+    def counted(self, *args):
+        return int((self.fixed[1] != -1).sum())
 
 
 def test_torchrun_ddp_keeps_replicas_identical_and_matches_one_process(tmp_path):
@@ -396,6 +421,8 @@ def test_one_process_saves_and_stops_at_the_step_after_a_signal(tmp_path, monkey
                 os.kill(os.getpid(), signal.SIGTERM)
             return data.batch(split, batch_size, seed, *key, only=only)
 
+        counted = data.counted
+
     monkeypatch.setattr(train, "_stop_signal", None)
     with pytest.raises(SystemExit) as stopped:
         train.train(settings(out_dir=str(tmp_path / "out"), log_interval=100, checkpoint_interval=100,
@@ -523,6 +550,9 @@ class Recorded:
         if self.then:
             self.then(split)
         return self.mixture.batch(split, batch_size, seed, *key, only=only)
+
+    def counted(self, batch_size, seed, *key):
+        return self.mixture.counted(batch_size, seed, *key)
 
 
 def recording(spec: str, then=None):
@@ -856,6 +886,8 @@ def test_the_validation_loss_is_a_mean_over_the_targets_that_count(tmp_path, pic
             x, y = mixture.batch(split, batch_size, seed, k - k % 2, only=only)
             return (x, y) if k % 2 == 0 or self.copies else (x, np.full_like(y, -1))
 
+        counted = mixture.counted  # training batches are the mixture's
+
     losses = []
     for copies in (False, True):
         train.train(settings(preset=pico, out_dir=str(tmp_path / str(copies)), max_iters=1, eval_interval=5,
@@ -888,3 +920,25 @@ def test_a_run_shorter_than_the_log_interval_logs_its_last_step(tmp_path, pico, 
     train.train(settings(preset=pico, data=data, out_dir=str(tmp_path / "out"), max_iters=3, log_interval=10,
                          eval_interval=0))
     assert re.search(r"^step 3 \| loss \d+\.\d{4} \| lr .* tok/s$", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_every_counted_target_weighs_the_same_however_the_step_is_split(tmp_path):
+    trained = []
+    for batch_size in (2, 1):  # one micro-step of both rows, or one micro-step per row
+        cfg = settings(out_dir=str(tmp_path / str(batch_size)), batch_size=batch_size, total_batch_size=2,
+                       max_iters=1, warmup_iters=0, eval_interval=0, dropout=0, grad_clip=0, learning_rate=1e-3)
+        model = train.train(cfg, make_data=lambda config: FixedRows(config.block_size))
+        trained.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    # AdamW's first step moves each weight by about lr * sign(gradient): a row weighed
+    # otherwise flips signs, and weights, by 2e-3
+    assert (trained[0] - trained[1]).abs().max() < 1e-5
+
+
+def test_a_step_that_counts_no_target_changes_no_weight(tmp_path, capsys):
+    cfg = settings(out_dir=str(tmp_path / "out"), batch_size=2, max_iters=1, warmup_iters=0, eval_interval=0,
+                   log_interval=1, weight_decay=0.1)
+    model = train.train(cfg, make_data=lambda config: FixedRows(config.block_size, 0, 0))
+    torch.manual_seed(cfg.seed)
+    initial = GPT(train.requested_config(cfg))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), initial.state_dict().values()))
+    assert "step 1 | loss - (no target counted)" in capsys.readouterr().out
