@@ -121,8 +121,12 @@ def attend(q, k, v, causal: bool, dropout_p: float = 0.0, mask=None, impl: str =
             if reason is None:
                 return kernel.flash_attn_func(q, k, v, causal=causal, dropout_p=dropout_p)
             _warn_once(f"FlashAttention kernel rejected this call ({reason}); using PyTorch SDPA")
-    elif impl == "triton" and not q.is_cuda:
-        _warn_once("the Triton FlashAttention kernel runs on CUDA only; using PyTorch SDPA")
+    elif impl == "triton" and not q.is_cuda:  # the interpreter is for the kernel's own tests
+        _warn_once("the model runs the Triton FlashAttention kernel on CUDA only (not under TRITON_INTERPRET); "
+                   "using PyTorch SDPA")
+    elif impl == "triton":
+        _warn_once("the Triton FlashAttention kernel takes no padding mask (prompts of different lengths); "
+                   "using PyTorch SDPA for those calls")
     Tq, Tk = q.shape[-2], k.shape[-2]
     if causal and Tq != Tk and mask is None:
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
@@ -293,7 +297,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+                 top_p: float = 1.0, stop: str | list[str] | None = None, seed: int | None = None,
                  on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
         """Continue each prompt; returns the new tokens of each.
 
@@ -301,9 +305,10 @@ class GPT(nn.Module):
         positions counted from each prompt's first real token and the padding
         masked out of attention. Each layer's keys and values are cached, so
         every step feeds one token per row. A row ends at <|endoftext|> (not
-        returned), when its new text contains a stop string (the tokens that
-        completed it are returned: cut the text at the stop), or after
-        max_new_tokens. temperature 0 is greedy; otherwise nucleus sampling.
+        returned), when its new text contains a stop string (`stop`: one string
+        or a list; the tokens that completed it are returned: cut the text with
+        tokenizer.cut_at_stop), or after max_new_tokens. temperature 0 is
+        greedy; otherwise nucleus sampling.
         on_token(row, token), if given, sees each new token as it is kept (a
         server streams them).
         """
@@ -366,7 +371,7 @@ class GPT(nn.Module):
             except RuntimeError as e:  # an op this torch or GPU cannot capture: still correct, slower
                 _warn_once(f"CUDA graph capture failed ({str(e)[:200]}); decoding step by step")
 
-        stop = [s for s in (stop or []) if s]
+        stop = tokenizer.stop_strings(stop)
         window = max((len(s.encode(errors="surrogatepass")) for s in stop), default=0) + 1  # tokens to decode for a check
         new_tokens: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
@@ -401,8 +406,7 @@ class GPT(nn.Module):
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:  # the weights of another architecture
-            first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-            raise ValueError(f"{path} does not hold a phi-1 model of this code ({first[:200]})") from None
+            raise ValueError(f"{path} does not hold a phi-1 model of this code ({_first_problem(e)})") from None
         return model.to(device).eval()
 
     # ------------------------------------------------------------ Hugging Face
@@ -465,7 +469,10 @@ class GPT(nn.Module):
         with torch.device("meta"):  # no time spent on a random init that is overwritten
             model = cls(config)
         dtype = sd["lm_head.weight"].dtype
-        model.load_state_dict({k: v.to(dtype) for k, v in ours.items()}, assign=True)
+        try:
+            model.load_state_dict({k: v.to(dtype) for k, v in ours.items()}, assign=True)
+        except RuntimeError as e:  # tensors of other sizes than the config's (config.json's)
+            raise ValueError(f"the tensors do not fit the model their config describes ({_first_problem(e)})") from None
         model.rotary = rotary_table(config).to(sd["lm_head.weight"].device)  # not a weight: still on meta
         return model
 
@@ -477,6 +484,8 @@ class GPT(nn.Module):
         if not str(name_or_path).strip():  # Path("") would be the current folder
             raise FileNotFoundError("no model named (an empty path)")
         path = Path(name_or_path)
+        if path.is_file() and path.suffix in (".safetensors", ".json"):
+            raise ValueError(f"{path} is one file of a Hugging Face model: pass its folder, {path.parent}")
         if path.suffix == ".pt" or path.is_file():
             return cls.from_checkpoint(path, device)
         if not path.is_dir() and not looks_like_hub_id(name_or_path):
@@ -484,14 +493,12 @@ class GPT(nn.Module):
         if path.is_dir() and not (path / "config.json").exists() and (path / "ckpt.pt").exists():
             raise FileNotFoundError(f"a training folder (ckpt.pt, no config.json): pass {path / 'ckpt.pt'}")
         folder = path if path.is_dir() else download_hf(name_or_path)
-        try:
-            hf_config = json.loads((folder / "config.json").read_text())
-        except ValueError as e:
-            raise ValueError(f"{folder / 'config.json'} is not JSON ({e})") from None
-        config = config_from_hf(hf_config, folder / "config.json")
-        index = folder / "model.safetensors.index.json"  # a sharded model names its shards
-        files = (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-                 if index.exists() else sorted(folder.glob("*.safetensors")))
+        config = config_from_hf(_read_json(folder / "config.json"), folder / "config.json")
+        # transformers' order: model.safetensors, else the shards an index names (a sharded
+        # checkpoint overwritten by one file may have left its index), else any weights
+        single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+        files = ([single] if single.exists() else _shard_files(index) if index.exists()
+                 else sorted(folder.glob("*.safetensors")))
         if not files:
             raise FileNotFoundError(f"no .safetensors weights in {folder}")
         state_dict = {}
@@ -500,15 +507,47 @@ class GPT(nn.Module):
         return cls.from_hf_state_dict(state_dict, config).to(device).eval()
 
     def save_pretrained(self, folder) -> None:
-        """Write config.json and model.safetensors that transformers' PhiForCausalLM loads."""
+        """Write config.json and model.safetensors that transformers' PhiForCausalLM loads.
+        A sharded checkpoint saved there before (its index and the shards it names) is
+        removed, so that no loader can take its weights for these."""
         folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        # read first: a damaged index stops the export before anything is written
+        stale = [f for f in _shard_files(index) if f.name != "model.safetensors"] if index.exists() else []
         folder.mkdir(parents=True, exist_ok=True)
         write_safetensors(folder / "model.safetensors", self.to_hf_state_dict())
         dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
         (folder / "config.json").write_text(json.dumps({**hf_config_from(self.config), "torch_dtype": dtype}, indent=2))
+        for f in stale:
+            f.unlink(missing_ok=True)
+        index.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- helpers
+
+def _first_problem(e: RuntimeError) -> str:
+    """The first problem load_state_dict's many-line error lists."""
+    lines = str(e).strip().splitlines()
+    return (lines[1] if len(lines) > 1 else lines[0]).strip().rstrip(".")[:200]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # UnicodeDecodeError too
+        raise ValueError(f"{path} is not JSON ({e})") from None
+
+
+def _shard_files(index: Path) -> list[Path]:
+    """The shard files a model.safetensors.index.json names, each a file of its folder."""
+    content = _read_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not (isinstance(weight_map, dict) and all(isinstance(f, str) and f.endswith(".safetensors")
+                                                 and f == Path(f).name for f in weight_map.values())):
+        raise ValueError(f"{index} has no weight_map naming .safetensors files beside it: "
+                         f"not a safetensors index, or a damaged one")
+    return sorted({index.parent / f for f in weight_map.values()})
+
 
 def _cuda_graph(fn):
     """fn captured in a CUDA graph: the returned function replays it and returns
@@ -556,17 +595,23 @@ def config_from_dict(d: dict) -> GPTConfig:
 def config_from_hf(c: dict, source="config.json") -> GPTConfig:
     """Our config from a Hugging Face phi config.json, or a ValueError naming what in
     it this model is not (another activation, q/k LayerNorms, scaled rotary, GQA, ...)."""
+    if not isinstance(c, dict):
+        raise ValueError(f"{source} holds a JSON {type(c).__name__}, not the object of a Hugging Face config")
     try:
         n_embd, n_head = c["hidden_size"], c["num_attention_heads"]
         n_layer, vocab_size = c["num_hidden_layers"], c["vocab_size"]
     except KeyError as e:
         hint = " (phi-msft checkpoints need converting to PhiForCausalLM's)" if c.get("model_type") != "phi" else ""
         raise ValueError(f"{source} has no {e.args[0]}: not a Hugging Face phi config{hint}") from None
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
+        if not (type(c[key]) is int and c[key] > 0):  # "64" would fail later, as something else
+            raise ValueError(f"{source}: {key} is {c[key]!r}, not a positive integer")
     rope = {**c, **(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}  # transformers 5 nests it
     refused = [(c.get("model_type", "phi") != "phi", f"model_type {c.get('model_type')!r}"),
                (c.get("hidden_act", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
                 f"hidden_act {c.get('hidden_act')!r}"),
                (bool(c.get("qk_layernorm")), "qk_layernorm"),
+               (bool(c.get("tie_word_embeddings")), "tie_word_embeddings (lm_head sharing the embedding)"),
                (rope.get("rope_type", rope.get("type", "default")) != "default", "scaled rotary (rope_scaling)"),
                (c.get("num_key_value_heads") not in (None, n_head), "grouped-query attention"),
                (c.get("intermediate_size") not in (None, 4 * n_embd), "an MLP width other than 4x")]
@@ -609,14 +654,26 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def load_model(name: str, device: torch.device, dtype: torch.dtype, setting: str = "--ckpt") -> GPT:
-    """Weights ready for inference (our .pt, a Hugging Face folder or hub id) on device in
-    dtype, or one line, naming the setting that gave them, saying why not."""
+def load_for_tokens(name: str, what: str | None = None) -> GPT:
+    """GPT.from_pretrained(name) for a script that feeds it the tokenizer's ids (sample,
+    evaluate, filter through load_model; train and finetune), or one line naming `what`
+    (default: name) and why not: unreadable or damaged weights, or a vocabulary without
+    all of the tokenizer's ids."""
+    what = what or name
     try:
         model = GPT.from_pretrained(name)
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # OSError holds FileNotFound, Connection
-        raise UserError(f"cannot load {setting}={name}: {' '.join(str(e).split())[:300]}") from None
-    model = model.to(device=device, dtype=dtype).eval()
+        raise UserError(f"cannot load {what}: {' '.join(str(e).split())[:300]}") from None
+    if model.config.vocab_size < tokenizer.VOCAB_SIZE:
+        raise UserError(f"cannot use {what}: its vocabulary of {model.config.vocab_size} ids is smaller than "
+                        f"the tokenizer's {tokenizer.VOCAB_SIZE} (phi-1's; a model of another tokenizer?)")
+    return model
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype, setting: str = "--ckpt") -> GPT:
+    """Weights ready for inference (our .pt, a Hugging Face folder or hub id) on device in
+    dtype, or one line, naming the setting that gave them, saying why not."""
+    model = load_for_tokens(name, f"{setting}={name}").to(device=device, dtype=dtype).eval()
     # Weights that went NaN in training, or that overflow float16, would only show as
     # garbage text and a pass@k of zero: say so here instead.
     broken = next((n for n, t in model.state_dict().items() if not torch.isfinite(t).all()), None)
@@ -684,22 +741,41 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
         if 8 + n > size:
             raise ValueError(f"{path} is not a safetensors file, or is truncated")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            header = None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object")
         out = {}
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            # a damaged header would otherwise fail below as a bare KeyError, TypeError or reshape error
+            info = info if isinstance(info, dict) else {}
+            lacking = next((k for k in ("dtype", "shape", "data_offsets") if k not in info), None)
+            if lacking:
+                raise ValueError(f"{path}: the header entry of {name} has no {lacking} (a damaged file?)")
             if info["dtype"] not in _ST_DTYPES:
                 raise ValueError(f"{path}: {name} has dtype {info['dtype']}, which this reader does not take")
-            start, end = info["data_offsets"]
+            dtype, shape, offsets = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                    and isinstance(offsets, list) and len(offsets) == 2
+                    and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+                raise ValueError(f"{path}: the header entry of {name} has a malformed shape {shape} "
+                                 f"or data_offsets {offsets} (a damaged file?)")
+            start, end = offsets
             if 8 + n + end > size:
                 raise ValueError(f"{path} is truncated: {name} ends past the end of the file")
+            nbytes = math.prod(shape) * dtype.itemsize
+            if end - start != nbytes:
+                raise ValueError(f"{path}: {name} has shape {shape} in {info['dtype']}, {nbytes} bytes, "
+                                 f"but {end - start} bytes of data (a damaged file?)")
             data = bytearray(end - start)
             f.seek(8 + n + start)
             f.readinto(data)
-            dtype = _ST_DTYPES[info["dtype"]]
             t = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-            out[name] = t.reshape(info["shape"])
+            out[name] = t.reshape(shape)
     return out
 
 
@@ -771,6 +847,6 @@ def download_hf(repo: str) -> Path:
     if index is None:
         fetch("model.safetensors")
     else:
-        for name in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            fetch(name)
+        for shard in _shard_files(index):
+            fetch(shard.name)
     return cache

@@ -120,7 +120,13 @@ def decode(ids) -> str:
     return decode_bytes(ids).decode("utf-8", errors="replace")
 
 
+def stop_strings(stops) -> list[str]:
+    """The stop strings of a `stop` setting: a str is one stop string (iterated, it would
+    be one stop per character), a list or tuple several; empty strings stop nothing."""
+    return [s for s in ([stops] if isinstance(stops, str) else stops or []) if s]
+
+
 def cut_at_stop(text: str, stops) -> str:
     """text up to the first of the stop strings: model.generate() returns the tokens that
-    completed one, and their decoded text is cut here. Empty strings stop nothing, as there."""
-    return text[:min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))]
+    completed one, and their decoded text is cut here."""
+    return text[:min((i for i in (text.find(s) for s in stop_strings(stops)) if i >= 0), default=len(text))]

@@ -42,7 +42,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import tokenizer
 from config import UserError, parse_settings, require, run
 from data.prepare import cannot_write, check_writable, ensure_prepared, read_meta, run_lock
-from model import GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, pick_device, pick_dtype
+from model import (GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, load_for_tokens, pick_device,
+                   pick_dtype)
 
 DEFAULTS = dict(
     out_dir="out",  # checkpoints go to out_dir/ckpt.pt
@@ -367,10 +368,7 @@ def build_model(cfg, out_dir: Path, master: bool):
                   f"{ckpt_path}", file=sys.stderr)
         torch.manual_seed(cfg.seed)
         return GPT(requested_config(cfg)), None, "scratch"
-    try:  # weights to start from: our checkpoint, a Hugging Face folder or hub id
-        model = GPT.from_pretrained(mode)
-    except (FileNotFoundError, ValueError, ConnectionError) as e:
-        raise UserError(f"cannot load {mode}: {e}") from None
+    model = load_for_tokens(mode)  # weights to start from: our checkpoint, a Hugging Face folder or hub id
     overrides = model_overrides(cfg)
     model.set_context(overrides.pop("block_size", model.config.block_size))
     for key, value in overrides.items():  # the blocks share this config

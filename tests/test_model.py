@@ -3,7 +3,9 @@
 import datetime
 import itertools
 import json
+import logging
 import math
+import re
 
 import pytest
 import requests
@@ -149,20 +151,45 @@ def test_safetensors_files_that_are_not_weights_are_named(tmp_path):
             read_safetensors(tmp_path / name)
 
 
+def shard(folder, tensors):
+    """Save tensors as a two-shard checkpoint in folder: its index and shards."""
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for name, part in shards.items():
+        write_safetensors(folder / name, {n: tensors[n] for n in part})
+    index = {"weight_map": {n: name for name, part in shards.items() for n in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
 def test_a_sharded_folder_loads_the_shards_its_index_names(tmp_path):
     ours = small_model(seed=4)
     ours.save_pretrained(tmp_path)
     tensors = read_safetensors(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()
-    names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    for shard, part in shards.items():
-        write_safetensors(tmp_path / shard, {n: tensors[n] for n in part})
-    index = {"weight_map": {n: shard for shard, part in shards.items() for n in part}}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    shard(tmp_path, tensors)
     write_safetensors(tmp_path / "stale.safetensors", {"lm_head.bias": torch.zeros(SMALL.vocab_size)})
     loaded = GPT.from_pretrained(str(tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ours.state_dict().values()))
+
+
+def test_an_export_over_a_sharded_checkpoint_replaces_it(tmp_path):
+    """save_pretrained into a folder that held a sharded checkpoint: the stale index and the
+    shards it names go (nothing else), and the folder loads the new weights here and in transformers."""
+    old, new = small_model(seed=1), small_model(seed=2)
+    old.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    shard(tmp_path, old.to_hf_state_dict())
+    (tmp_path / "notes.safetensors").write_bytes(b"not named by the index")
+    new.save_pretrained(tmp_path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["config.json", "model.safetensors", "notes.safetensors"]
+    idx = torch.randint(0, SMALL.vocab_size, (1, 20))
+    hf = transformers.PhiForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(GPT.from_pretrained(str(tmp_path))(idx)[0], new(idx)[0])
+        torch.testing.assert_close(hf(idx).logits, new(idx)[0], rtol=1e-5, atol=1e-5)
+    # a folder holding both (written by another tool): model.safetensors wins, as in transformers
+    shard(tmp_path, old.to_hf_state_dict())
+    assert torch.equal(GPT.from_pretrained(str(tmp_path)).lm_head.weight, new.lm_head.weight)
 
 
 def test_a_downloaded_model_loads_offline(tmp_path, monkeypatch):
@@ -341,10 +368,11 @@ def test_checkpoint_errors_are_clear(tmp_path):
 
 
 def test_weights_that_are_not_finite_are_refused_at_load(tmp_path):
-    model, path = small_model(), tmp_path / "ckpt.pt"
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=64)  # full vocabulary: load_model needs it
+    model, path = small_model(config=config), tmp_path / "ckpt.pt"
     with torch.no_grad():
         model.layers[1].in_proj.weight[3, 5] = 1e5  # fine in float32 and bfloat16, inf in float16
-    torch.save({"model": model.state_dict(), "config": vars(SMALL)}, path)
+    torch.save({"model": model.state_dict(), "config": vars(config)}, path)
     cpu = torch.device("cpu")
     for dtype in (torch.float32, torch.bfloat16):
         assert load_model(str(path), cpu, dtype).layers[1].in_proj.weight.dtype == dtype
@@ -352,7 +380,7 @@ def test_weights_that_are_not_finite_are_refused_at_load(tmp_path):
         load_model(str(path), cpu, torch.float16)
     with torch.no_grad():
         model.lm_head.bias[0] = float("nan")
-    torch.save({"model": model.state_dict(), "config": vars(SMALL)}, path)
+    torch.save({"model": model.state_dict(), "config": vars(config)}, path)
     with pytest.raises(UserError, match=r"--ckpt=.*ckpt\.pt: lm_head\.bias holds NaN"):
         load_model(str(path), cpu, torch.float32)
 
@@ -376,6 +404,85 @@ def test_a_training_folder_is_refused_naming_its_checkpoint(tmp_path):
         load_model(str(tmp_path), torch.device("cpu"), torch.float32)
     assert str(error.value) == (f"cannot load --ckpt={tmp_path}: a training folder (ckpt.pt, no config.json): "
                                 f"pass {tmp_path / 'ckpt.pt'}")
+
+
+def rewrite_header(path, name, **entry):
+    """Change the header entry of tensor `name` in a .safetensors file (None drops a key)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header[name] = {k: v for k, v in {**header[name], **entry}.items() if v is not None}
+    head = json.dumps(header).encode()
+    path.write_bytes(len(head).to_bytes(8, "little") + head + raw[8 + n:])
+
+
+def break_folder(folder, damage):
+    """A Hugging Face folder of a small model, damaged in one way; returns what the message must say."""
+    small_model().save_pretrained(folder)
+    weights, config, index = (folder / name for name in ("model.safetensors", "config.json",
+                                                         "model.safetensors.index.json"))
+    w, c, i = (re.escape(str(path)) for path in (weights, config, index))
+    messages = {
+        "index without weight_map": rf"{i} has no weight_map",
+        "index not JSON": rf"{i} is not JSON",
+        "entry without dtype": rf"{w}: the header entry of lm_head.bias has no dtype",
+        "shape of other size than the data": rf"{w}: lm_head.bias has shape \[7, 7\] in F32, 196 bytes, but 2048 bytes",
+        "tensors of other sizes than config.json":
+            r"the tensors do not fit the model their config describes \(size mismatch for embed_tokens.weight",
+        "config.json a list": rf"{c} holds a JSON list, not the object of a Hugging Face config",
+        "config.json with a string size": rf"{c}: num_hidden_layers is '2', not a positive integer",
+        "tied embeddings": rf"{c}: tie_word_embeddings .* is not phi-1's architecture"}
+    config_changes = {"tensors of other sizes than config.json": {"hidden_size": 256, "intermediate_size": 1024},
+                      "config.json with a string size": {"num_hidden_layers": "2"},
+                      "tied embeddings": {"tie_word_embeddings": True}}
+    if damage.startswith("index"):  # a sharded checkpoint with a damaged index
+        tensors = read_safetensors(weights)
+        weights.unlink()
+        shard(folder, tensors)
+        index.write_text('{"metadata": {}}' if damage == "index without weight_map" else "nope")
+    elif damage == "entry without dtype":
+        rewrite_header(weights, "lm_head.bias", dtype=None)
+    elif damage == "shape of other size than the data":
+        rewrite_header(weights, "lm_head.bias", shape=[7, 7])
+    elif damage == "config.json a list":
+        config.write_text("[1, 2]")
+    else:
+        config.write_text(json.dumps({**json.loads(config.read_text()), **config_changes[damage]}))
+    return messages[damage]
+
+
+DAMAGES = ["index without weight_map", "index not JSON", "entry without dtype", "shape of other size than the data",
+           "tensors of other sizes than config.json", "config.json a list", "config.json with a string size",
+           "tied embeddings"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_hf_folder_is_one_line_naming_the_file_and_what_is_wrong(tmp_path, damage):
+    message = break_folder(tmp_path, damage)
+    with pytest.raises(ValueError, match=message):
+        GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(UserError, match=rf"^cannot load --ckpt={re.escape(str(tmp_path))}: {message}"):
+        load_model(str(tmp_path), torch.device("cpu"), torch.float32)
+
+
+def test_a_weights_file_of_a_hf_folder_is_refused_naming_the_folder(tmp_path):
+    small_model().save_pretrained(tmp_path)
+    for name in ("model.safetensors", "config.json"):
+        with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / name))} is one file of a Hugging Face "
+                                             rf"model: pass its folder, {re.escape(str(tmp_path))}$"):
+            GPT.from_pretrained(str(tmp_path / name))
+
+
+def test_a_model_without_the_tokenizers_ids_is_refused_at_load(tmp_path):
+    """sample.py and the others feed load_model's model the tokenizer's 50295 ids: fewer rows
+    would fail at the first prompt (a HF folder or a checkpoint of ours alike)."""
+    small_model().save_pretrained(tmp_path / "hf")  # a 512-token vocabulary
+    torch.save({"model": small_model().state_dict(), "config": vars(SMALL)}, tmp_path / "ckpt.pt")
+    for name in (tmp_path / "hf", tmp_path / "ckpt.pt"):
+        with pytest.raises(UserError, match=f"^cannot use --ckpt={re.escape(str(name))}: its vocabulary of 512 "
+                                            f"ids is smaller than the tokenizer's {tokenizer.VOCAB_SIZE}"):
+            load_model(str(name), torch.device("cpu"), torch.float32)
+    assert tokenizer.VOCAB_SIZE == 50295
 
 
 def test_forward_loss_ignores_minus_one_targets():
@@ -441,6 +548,14 @@ def test_a_stop_string_spelled_one_byte_per_token_stops(monkeypatch):
     scripted(monkeypatch, [[t] for t in byte_tokens] * 3)
     out = model.generate([[1]], max_new_tokens=12, stop=[clef])[0]
     assert out == byte_tokens
+
+
+def test_one_stop_string_may_be_given_as_a_str(monkeypatch):
+    r"""stop="\ndef" is one stop string, not the stops "\n", "d", "e", "f"."""
+    model = small_model(seed=4, config=ONE_LAYER)
+    word, newline = tokenizer.encode("def")[0], tokenizer.encode("\n")[0]
+    scripted(monkeypatch, [[word], [newline], [word], [word]])
+    assert model.generate([[1]], max_new_tokens=4, stop="\ndef")[0] == [word, newline, word]
 
 
 def test_an_empty_stop_string_stops_nothing(monkeypatch):
@@ -628,3 +743,16 @@ def test_every_generation_step_has_the_logits_of_a_full_forward(monkeypatch):
         for row, prompt in enumerate(prompts):  # one forward gives every step's logits
             full = model(torch.tensor([prompt + out[row][:-1]]))[0][0, len(prompt) - 1:]
             torch.testing.assert_close(torch.stack([logits[row] for logits in seen]), full, rtol=1e-4, atol=1e-4)
+
+
+def test_asked_for_the_triton_kernel_on_the_cpu_it_falls_back_once_and_says_why(caplog, monkeypatch):
+    """The interpreter runs the kernel for its own tests only: the model says so, once."""
+    monkeypatch.setattr(model_module, "_warned", set())
+    q, k, v = (torch.randn(1, 2, 5, 32) for _ in range(3))
+    with caplog.at_level(logging.WARNING):
+        out = [model_module.attend(q, k, v, causal=True, impl="triton") for _ in range(2)]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert all(torch.allclose(o, expected) for o in out)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["the model runs the Triton FlashAttention kernel on CUDA only (not under "
+                        "TRITON_INTERPRET); using PyTorch SDPA"]

@@ -364,6 +364,13 @@ def test_cut_at_stop_keeps_the_text_before_the_earliest_stop():
     assert tok.cut_at_stop("x = 1", ["", "\ndef"]) == "x = 1"  # empty stops stop nothing
 
 
+def test_one_stop_string_may_be_given_as_a_str():
+    r"""cut_at_stop(text, "\ndef") cuts at "\ndef", not at the first "\n", "d", "e" or "f"."""
+    assert tok.cut_at_stop("def f():\n    x\ndef g", "\ndef") == "def f():\n    x"
+    assert tok.cut_at_stop("x\nclass A\ndef g", ("\ndef", "\nclass")) == "x"
+    assert tok.cut_at_stop("x = 1", "") == "x = 1"
+
+
 # --- 8. loading the BPE ------------------------------------------------------------------
 
 def test_bpe_cache_dir_is_the_users_else_the_offline_copy(monkeypatch, tmp_path):

@@ -443,6 +443,29 @@ def test_block_size_and_dropout_apply_to_loaded_weights(tmp_path):
                              block_size=48, max_iters=4))
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("an index without weight_map", "model.safetensors.index.json has no weight_map"),
+    ("tensors of other sizes than config.json", "the tensors do not fit the model their config describes"),
+    ("a vocabulary smaller than the tokenizer's", "its vocabulary of 512 ids is smaller than the tokenizer's 50295"),
+])
+def test_weights_to_start_from_that_cannot_be_used_are_one_line(tmp_path, damage, message):
+    """--init_from (and finetune.py's --base) give the line that sample.py's --ckpt gives, not a traceback."""
+    folder = tmp_path / "hf"
+    vocab = 512 if "vocabulary" in damage else 51200
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=vocab, rotary_dim=8)
+    GPT(config).save_pretrained(folder)
+    if "index" in damage:
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+        (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    elif "config.json" in damage:
+        hf_config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**hf_config, "hidden_size": 64, "intermediate_size": 256}))
+    cfg = settings(data=str(make_dataset(tmp_path / "ds")), out_dir=str(tmp_path / "out"), init_from=str(folder),
+                   max_iters=2)
+    with pytest.raises(UserError, match=f"^cannot (load|use) {re.escape(str(folder))}: .*{message}"):
+        train.train(cfg)
+
+
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB"),
                                    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
                                                 "can't allocate memory: you tried to allocate 9000000000 bytes")])
