@@ -153,10 +153,10 @@ class Handler(BaseHTTPRequestHandler):
             s.most_in_flight = max(s.most_in_flight, s.in_flight)
         try:
             time.sleep(s.latency + (s.slow if fault == "slow" else 0))
-            self.respond(fault, json.loads(raw))
         finally:
-            with s.lock:
+            with s.lock:  # before answering: the client's next request may follow the answer at once
                 s.in_flight -= 1
+        self.respond(fault, json.loads(raw))
 
     def respond(self, fault: str, body: dict) -> None:
         if fault == "429":
