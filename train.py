@@ -3,8 +3,8 @@
     python train.py                                  # CPU: the tiny preset on local Python files
     python train.py --preset=phi-1-small --compile   # one GPU
     torchrun --standalone --nproc_per_node=8 train.py --preset=phi-1 --compile ...
-    # several nodes: on each, with its own --node_rank
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
+    # several nodes: the same command on each (out_dir and data on a disk they share)
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=phi1 \\
         --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 
 The recipe is the paper's: AdamW with weight decay on matrices only, linear
@@ -13,7 +13,8 @@ effective batch (phi-1: 1024 sequences of 2048 tokens). Batches are drawn at
 random offsets from one prepared dataset or a weighted mixture of several
 (`--data=code:0.7,textbooks:0.3`); which tokens a micro-step reads depends only
 on (seed, rank, step, micro-step), and so does the dropout noise, so a run
-resumed from a checkpoint continues exactly as if it had never stopped.
+resumed from a checkpoint on as many processes continues exactly as if it had
+never stopped.
 Checkpoints are written atomically; SIGTERM or Ctrl-C saves one and exits;
 rerunning the same command resumes, whether the run started from scratch or
 from weights (`--init_from=microsoft/phi-1`).
@@ -79,7 +80,8 @@ DEFAULTS = dict(
 
 # the settings besides the model's that decide what a run computes (a resume that changes one says so)
 # (finetune.py's own too: what its data and best score are; max_iters is raised to go on, see build_model)
-TRAJECTORY = ("data", "batch_size", "total_batch_size", "warmup_iters", "learning_rate", "min_lr", "weight_decay",
+# (the batch per step is checked as the number of sequences, total_batch_size=0 meaning batch_size x processes)
+TRAJECTORY = ("data", "batch_size", "warmup_iters", "learning_rate", "min_lr", "weight_decay",
               "beta1", "beta2", "grad_clip", "dtype", "seed", "exercises", "exercises_content", "loss_on",
               "val_fraction", "drop_failing", "humaneval_problems", "humaneval_max_tokens")
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -265,8 +267,9 @@ def _on_signal(signum, frame):
     if _stop_signal is not None and signum == signal.SIGINT:
         raise KeyboardInterrupt  # a second Ctrl-C stops at once
     _stop_signal = signum
-    print(f"{signal.Signals(signum).name}: saving a checkpoint, then stopping (Ctrl-C again: stop now)",
-          file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets it: one says so
+        print(f"{signal.Signals(signum).name}: saving a checkpoint, then stopping (Ctrl-C again: stop now)",
+              file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- the run
@@ -473,6 +476,8 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         out_dir.mkdir(parents=True, exist_ok=True)  # a second run would overwrite the first's checkpoints
         held.enter_context(run_lock(out_dir, f"another run is training in {out_dir}: wait for it, stop it, or "
                                              f"use another --out_dir"))
+        for done in (ckpt_path, out_dir / "best.pt"):  # a run killed while saving leaves its temporary file
+            done.with_name(done.name + ".tmp").unlink(missing_ok=True)
     raw_model.to(device)
     optimizer = make_optimizer(raw_model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
@@ -481,9 +486,16 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"] and scaler.is_enabled():  # else a run in bf16 or float32 before: a fresh scale
             scaler.load_state_dict(ckpt["scaler"])
-        if ckpt.get("total_batch", total) != total and master:  # 0 means batch_size x processes, which changed
-            print(f"warning: this run's steps are {total} sequences, the checkpoint's were {ckpt['total_batch']}: "
-                  f"give --total_batch_size={ckpt['total_batch']} to keep them", file=sys.stderr)
+        was = ckpt.get("total_batch", total)
+        if was != total and master:  # 0 means batch_size x processes, which changed
+            print(f"warning: this run's steps are {total} sequences, the checkpoint's were {was}: give "
+                  f"--total_batch_size={was} to keep them" + (" (and a --batch_size that, times the processes, "
+                                                              "divides it)" if was % (cfg.batch_size * world) else ""),
+                  file=sys.stderr)
+        if ckpt.get("processes", world) != world and master:
+            print(f"warning: resuming on {world} processes a run that had {ckpt['processes']}: each process draws "
+                  f"its own batches, so from here on they differ from an uninterrupted run's (resume on "
+                  f"{ckpt['processes']} to continue exactly)", file=sys.stderr)
         del ckpt
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world > 1:
@@ -549,6 +561,14 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     first_bad = torch.tensor(cfg.max_iters + 1, device=device)  # first step with a non-finite loss
+    # Under DDP a signal may reach one process, or each at another step, and all must stop
+    # at the same step. Every step the processes reduce their flags on the device, and each
+    # reads the reduction of the step before from pinned memory behind an event: all read
+    # the same value at the same step, and the wait is for work the GPU has finished (the
+    # host runs a step ahead), so it stalls nothing. (Log and checkpoint steps agree on the
+    # step itself.)
+    lagged = [torch.zeros(2, dtype=torch.int64, pin_memory=device.type == "cuda") for _ in range(2)]
+    events = [torch.cuda.Event() for _ in range(2)] if device.type == "cuda" else None
     x, y = to_device(data.batch("train", cfg.batch_size, cfg.seed, rank, start_step, 0), device)
     t_last, step_last = time.time(), start_step
     model.train()
@@ -603,8 +623,20 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
 
         last = step == end
         checkpoint = cfg.checkpoint_interval > 0 and (last or step % cfg.checkpoint_interval == 0)
-        # one process stops right after a signal; processes under DDP agree at log and checkpoint steps
-        if step % cfg.log_interval == 0 or last or checkpoint or (world == 1 and _stop_signal):
+        agreed = False  # under DDP: did the step before end with a signal or a bad loss somewhere?
+        if world > 1:
+            flags = torch.stack([first_bad, first_bad.new_full((), -(_stop_signal or 0))])
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+            lagged[step % 2].copy_(flags, non_blocking=True)
+            if events:
+                events[step % 2].record()
+            if step >= start_step + 2:
+                if events:
+                    events[(step - 1) % 2].synchronize()
+                bad, stop = lagged[(step - 1) % 2].tolist()
+                agreed = bad <= cfg.max_iters or stop != 0
+        # one process stops right after a signal, processes under DDP one step later
+        if step % cfg.log_interval == 0 or last or checkpoint or (world == 1 and _stop_signal) or agreed:
             flags = torch.stack([first_bad, torch.tensor(-(_stop_signal or 0), device=device)])
             if world > 1:  # every process stops together, at the same step
                 dist.all_reduce(flags, op=dist.ReduceOp.MIN)
@@ -612,6 +644,10 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             if bad <= cfg.max_iters:
                 raise UserError(f"the loss became inf or nan at step {bad + 1}: training diverged "
                                 f"(lower --learning_rate, or resume from the last checkpoint)")
+            if world > 1 and (step % cfg.log_interval == 0 or last):
+                # the step's loss over every process (each holds its share of the mean times world)
+                dist.all_reduce(step_loss)
+                step_loss /= world
             if master and (step % cfg.log_interval == 0 or last):  # a run shorter than log_interval logs too
                 dt = time.time() - t_last
                 tok_s = tokens_per_step * (step - step_last) / dt
@@ -625,7 +661,8 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             if stop or checkpoint:
                 if master:
                     save_checkpoint(ckpt_path, raw_model, step, cfg, optimizer=optimizer.state_dict(),
-                                    scaler=scaler.state_dict(), best=best, origin=origin, total_batch=total)
+                                    scaler=scaler.state_dict(), best=best, origin=origin, total_batch=total,
+                                    processes=world)
                     print(f"saved {ckpt_path} at step {step}", flush=True)
                 if stop:
                     if world > 1:  # torchrun stops every process once one exits: not before the save

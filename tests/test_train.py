@@ -293,7 +293,7 @@ class SameBatch:
         return int((self.fixed[1] != -1).sum())
 
 
-def test_torchrun_ddp_keeps_replicas_identical_and_matches_one_process(tmp_path):
+def test_torchrun_ddp_keeps_replicas_identical_and_matches_one_process(tmp_path, capsys):
     data = make_dataset(tmp_path / "ds")
     script = tmp_path / "ddp_run.py"
     script.write_text(f"""
@@ -328,6 +328,9 @@ torch.save(model.state_dict(), os.path.join(cfg.out_dir, f"rank{{os.environ['RAN
     cfg, _ = parse_args(train.DEFAULTS, argv=[*args, "--batch_size=8", f"--out_dir={tmp_path / 'one'}"])
     alone = train.train(cfg, make_data=lambda c: AllInOne(ThirdsMasked(str(data), c.block_size, c.vocab_size,
                                                                        prepare_default=False)))
+    # and logs the same losses: the mean over every counted target of the step, on both processes
+    losses = [re.findall(r"step \d+ \| loss ([\d.]+)", text) for text in (result.stdout, capsys.readouterr().out)]
+    assert len(losses[0]) == 2 and losses[0] == losses[1], losses
     for name, tensor in alone.state_dict().items():
         torch.testing.assert_close(rank0[name], tensor, rtol=1e-4, atol=1e-4, msg=name)  # micro-steps weighed alike: fails
 
@@ -980,3 +983,54 @@ def test_a_step_that_counts_no_target_changes_no_weight(tmp_path, capsys):
     initial = GPT(train.requested_config(cfg))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), initial.state_dict().values()))
     assert "step 1 | loss - (no target counted)" in capsys.readouterr().out
+
+
+def test_a_signal_to_one_process_under_ddp_stops_both_a_step_later(tmp_path):
+    """Processes under DDP agree to stop every step, one step late (no stall): a signal
+    between log steps no longer waits for the next one, which may be minutes away (and
+    torchrun kills its processes 30 s after passing a SIGTERM on)."""
+    data = make_dataset(tmp_path / "ds")
+    script = tmp_path / "ddp_signal.py"
+    script.write_text(f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import train
+from config import parse_args, run
+
+class SignalledOnRank1(train.Mixture):  # SIGTERM reaches process 1 alone, while step 2 runs
+    def batch(self, split, batch_size, seed, *key, only=None):
+        if split == "train" and key == (1, 3, 0):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().batch(split, batch_size, seed, *key, only=only)
+
+cfg, _ = parse_args(train.DEFAULTS, argv=sys.argv[1:])
+run(lambda: train.train(cfg, make_data=lambda c: SignalledOnRank1(cfg.data, c.block_size, c.vocab_size,
+                                                                    prepare_default=False)))
+""")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         f"--data={data}", "--preset=nano", "--batch_size=2", "--max_iters=12", "--warmup_iters=1",
+         "--log_interval=1000", "--checkpoint_interval=1000", "--eval_interval=0", "--sample_tokens=0",
+         f"--out_dir={out}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "stopped by SIGTERM" in result.stdout, result.stderr[-3000:]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4  # signalled during step 3: all stop after step 4
+
+
+def test_a_resume_says_when_the_processes_changed_and_clears_a_half_written_save(tmp_path, capsys):
+    data = str(make_dataset(tmp_path / "ds"))
+    cfg = settings(data=data, out_dir=str(tmp_path / "out"), max_iters=2, checkpoint_interval=1, batch_size=2)
+    train.train(cfg)
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["processes"] == 1 and ckpt["total_batch"] == 2
+    ckpt["processes"], ckpt["total_batch"] = 2, 4  # as a run of 2 processes with --total_batch_size=0 saves it
+    ckpt["settings"]["total_batch_size"] = 0
+    torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
+    (tmp_path / "out" / "ckpt.pt.tmp").write_bytes(b"half a checkpoint, left by a kill")
+    capsys.readouterr()
+    train.train(settings(data=data, out_dir=str(tmp_path / "out"), max_iters=3, checkpoint_interval=1,
+                         batch_size=2, total_batch_size=4))
+    err = capsys.readouterr().err
+    assert "warning: resuming on 1 processes a run that had 2: each process draws its own batches" in err
+    assert "other settings" not in err  # --total_batch_size=4 is the 4 sequences the run had
+    assert not (tmp_path / "out" / "ckpt.pt.tmp").exists()
