@@ -19,10 +19,10 @@ window, as in pretraining; the <|endoftext|> between them says where one ends, a
 no window is padded. The loss counts the completion tokens and the <|endoftext|>
 ending them (--loss_on=all: every token), so the model learns to write bodies, not
 docstrings, and to stop; every counted token of a step weighs the same, however the
-step is split into micro-batches and processes. Exercises go to val by a hash of their text. Malformed
-lines are skipped and counted. Exercises whose own docstring examples failed in
-synth.py's sandbox check are kept, as the paper checks nothing (--drop_failing
-leaves them out).
+step is split into micro-batches and processes. Exercises go to val by a hash of
+their text. Malformed lines are skipped and counted. Exercises whose own docstring
+examples failed in synth.py's sandbox check are kept, as the paper checks nothing
+(--drop_failing leaves them out).
 
 With --humaneval_problems=N, each validation loss comes with the greedy pass@1 on
 the first N HumanEval problems (evaluate.py's sandbox), and the best model so far is
