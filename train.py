@@ -565,8 +565,8 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     # at the same step. Every step the processes reduce their flags on the device, and each
     # reads the reduction of the step before from pinned memory behind an event: all read
     # the same value at the same step, and the wait is for work the GPU has finished (the
-    # host runs a step ahead), so it stalls nothing. (Log and checkpoint steps agree on the
-    # step itself.)
+    # host runs a step ahead), so it stalls nothing. (Log and checkpoint steps wait for the
+    # step's own reduction.)
     lagged = [torch.zeros(2, dtype=torch.int64, pin_memory=device.type == "cuda") for _ in range(2)]
     events = [torch.cuda.Event() for _ in range(2)] if device.type == "cuda" else None
     x, y = to_device(data.batch("train", cfg.batch_size, cfg.seed, rank, start_step, 0), device)
@@ -637,10 +637,13 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                 agreed = bad <= cfg.max_iters or stop != 0
         # one process stops right after a signal, processes under DDP one step later
         if step % cfg.log_interval == 0 or last or checkpoint or (world == 1 and _stop_signal) or agreed:
-            flags = torch.stack([first_bad, torch.tensor(-(_stop_signal or 0), device=device)])
-            if world > 1:  # every process stops together, at the same step
-                dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-            bad, stop = int(flags[0]), -int(flags[1])
+            if world > 1:  # this step's reduction, on its way already: every process stops together
+                if events:
+                    events[step % 2].synchronize()
+                bad, stop = lagged[step % 2].tolist()
+                stop = -stop  # reduced as minus the signal: MIN finds any
+            else:
+                bad, stop = int(first_bad), _stop_signal or 0
             if bad <= cfg.max_iters:
                 raise UserError(f"the loss became inf or nan at step {bad + 1}: training diverged "
                                 f"(lower --learning_rate, or resume from the last checkpoint)")
