@@ -107,7 +107,7 @@ ENCODE_CHUNK = 10_000  # exercises tokenized at a time
 
 class Exercises:
     """Exercises packed into one token stream per split, with a loss mask; batches are
-    drawn like train.Mixture's (a pure function of seed, rank, step, micro-step)."""
+    drawn like train.Mixture's (each row a pure function of seed, step and row)."""
 
     def __init__(self, exercises: list[tuple[str, str]], block_size: int, loss_on: str,
                  val_fraction: float, name: str, validate: bool = True):
@@ -140,21 +140,21 @@ class Exercises:
         mask = self.splits["train"][1]
         self.counted_before = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])  # [i]: counted in mask[:i]
 
-    def _starts(self, split: str, batch_size: int, seed: int, *key: int) -> np.ndarray:
-        rng = np.random.default_rng([seed, *key, split == "val"])
-        return rng.integers(0, len(self.splits[split][0]) - self.block_size, size=batch_size)
+    def _starts(self, split: str, seed: int, step: int, rows: range) -> np.ndarray:
+        end = len(self.splits[split][0]) - self.block_size
+        return np.array([train.row_rng(seed, split, step, row).integers(0, end) for row in rows])
 
-    def batch(self, split: str, batch_size: int, seed: int, *key: int, only: int | None = None):
-        """(inputs, targets) of shape (batch_size, block_size); targets the loss skips are -1."""
+    def batch(self, split: str, seed: int, step: int, rows: range, only: int | None = None):
+        """(inputs, targets) of shape (len(rows), block_size); targets the loss skips are -1."""
         tokens, mask = self.splits[split]
-        window = self._starts(split, batch_size, seed, *key)[:, None] + np.arange(self.block_size + 1)
+        window = self._starts(split, seed, step, rows)[:, None] + np.arange(self.block_size + 1)
         targets = np.where(mask[window[:, 1:]], tokens[window[:, 1:]], -1).astype(np.int64)
         return tokens[window[:, :-1]].astype(np.int64), targets
 
-    def counted(self, batch_size: int, seed: int, *key: int) -> int:
-        """How many targets of batch("train", batch_size, seed, *key) the loss counts,
+    def counted(self, seed: int, step: int, rows: range) -> int:
+        """How many targets of batch("train", seed, step, rows) the loss counts,
         from a running sum of the mask, without building the batch."""
-        starts = self._starts("train", batch_size, seed, *key)
+        starts = self._starts("train", seed, step, rows)
         return int((self.counted_before[starts + self.block_size + 1] - self.counted_before[starts + 1]).sum())
 
 

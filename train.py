@@ -11,10 +11,11 @@ The recipe is the paper's: AdamW with weight decay on matrices only, linear
 warmup then linear decay, gradient clipping, gradient accumulation up to the
 effective batch (phi-1: 1024 sequences of 2048 tokens). Batches are drawn at
 random offsets from one prepared dataset or a weighted mixture of several
-(`--data=code:0.7,textbooks:0.3`); which tokens a micro-step reads depends only
-on (seed, rank, step, micro-step), and so does the dropout noise, so a run
-resumed from a checkpoint on as many processes continues exactly as if it had
-never stopped.
+(`--data=code:0.7,textbooks:0.3`). Which tokens a step reads depends only on
+(seed, step), however processes and micro-steps split it, and the dropout
+noise on (seed, step, micro-batch), so a run resumed from a checkpoint goes on
+exactly as if it had never stopped; resumed on another number of processes,
+too, but for the order of float sums (with dropout: with the same --batch_size).
 Checkpoints are written atomically; SIGTERM or Ctrl-C saves one and exits;
 rerunning the same command resumes, whether the run started from scratch or
 from weights (`--init_from=microsoft/phi-1`).
@@ -114,10 +115,12 @@ def setup_processes(name: str):
 class Mixture:
     """Prepared datasets (flat uint16 token bins) sampled by weight.
 
-    Every row of a batch picks a dataset by weight and a random window in it;
-    the random draws come from (seed, rank, step, micro-step) alone. Without
-    weights, each dataset weighs its train tokens: the datasets read as one
-    corpus, each seen as often as the others (the paper's CodeTextbook).
+    Row i of step s (the step's rows numbered over every micro-step of every
+    process) picks a dataset by weight and a random window in it, drawn from
+    (seed, s, i) alone: a step reads the same rows however the processes and
+    micro-steps split it. Without weights, each dataset weighs its train
+    tokens: the datasets read as one corpus, each seen as often as the others
+    (the paper's CodeTextbook).
     """
 
     def __init__(self, spec: str, block_size: int, vocab_size: int, prepare_default: bool,
@@ -142,6 +145,7 @@ class Mixture:
         if weights is None:
             weights = [(folder / "train.bin").stat().st_size for folder in self.folders]
         self.weights = np.array(weights, dtype=np.float64) / sum(weights)
+        self.bounds = np.cumsum(self.weights)  # a row picks dataset i for a draw in [bounds[i-1], bounds[i])
 
     def _folder(self, name: str, prepare_default: bool, splits: tuple[str, ...]) -> Path:
         """The dataset's folder, checked to hold the splits that will be read."""
@@ -171,30 +175,38 @@ class Mixture:
                 raise UserError(f"{path} is cut short (an odd number of bytes): prepare the data again")
         return folder
 
-    def batch(self, split: str, batch_size: int, seed: int, *key: int, only: int | None = None):
-        """(inputs, targets) int64 arrays of shape (batch_size, block_size); with
-        `only`, every row comes from that dataset."""
-        rng = np.random.default_rng([seed, *key, split == "val"])
-        choice = (rng.choice(len(self.folders), size=batch_size, p=self.weights) if only is None
-                  else np.full(batch_size, only))
-        rows = []
-        for i in choice:
-            # a fresh memmap per batch: a long-lived one grows the process's resident memory
+    def batch(self, split: str, seed: int, step: int, rows: range, only: int | None = None):
+        """(inputs, targets) int64 arrays of shape (len(rows), block_size): the given rows
+        of a step (of val batch number `step` for split "val"); with `only`, every row
+        comes from that dataset."""
+        picked, windows = [], []
+        for row in rows:
+            rng = row_rng(seed, split, step, row)
+            i = int(np.searchsorted(self.bounds, rng.random() * self.bounds[-1], side="right"))
+            i = i if only is None else only
+            # a fresh memmap per row: a long-lived one grows the process's resident memory
             data = np.memmap(self.folders[i] / f"{split}.bin", dtype=np.uint16, mode="r")
             if len(data) < self.block_size + 1:  # shorter than a window (toy data): it repeats
                 data = np.resize(np.asarray(data), self.block_size + 1)
             start = int(rng.integers(0, len(data) - self.block_size))  # the last window ends on the last token
-            rows.append(data[start:start + self.block_size + 1].astype(np.int64))
-        rows = np.stack(rows)
-        if rows.max() >= self.vocab_size:
-            bad = [self.folders[i] for i, r in zip(choice, rows) if r.max() >= self.vocab_size][0]
-            raise UserError(f"{bad}/{split}.bin holds token id {rows.max()}, outside the model's "
+            picked.append(i)
+            windows.append(data[start:start + self.block_size + 1].astype(np.int64))
+        windows = np.stack(windows)
+        if windows.max() >= self.vocab_size:
+            bad = [self.folders[i] for i, w in zip(picked, windows) if w.max() >= self.vocab_size][0]
+            raise UserError(f"{bad}/{split}.bin holds token id {windows.max()}, outside the model's "
                             f"vocabulary of {self.vocab_size}: prepared with another tokenizer?")
-        return rows[:, :-1], rows[:, 1:]
+        return windows[:, :-1], windows[:, 1:]
 
-    def counted(self, batch_size: int, seed: int, *key: int) -> int:
-        """How many targets of batch("train", batch_size, seed, *key) the loss counts: all."""
-        return batch_size * self.block_size
+    def counted(self, seed: int, step: int, rows: range) -> int:
+        """How many targets of batch("train", seed, step, rows) the loss counts: all."""
+        return len(rows) * self.block_size
+
+
+def row_rng(seed: int, split: str, step: int, row: int) -> np.random.Generator:
+    """The random draws of one row of a batch: a pure function of where it stands.
+    (Keys of one length: numpy's seeding reads [a, b] and [a, b, 0] alike.)"""
+    return np.random.default_rng([seed, split == "val", step, row])
 
 
 def to_device(arrays, device: torch.device):
@@ -349,7 +361,9 @@ def build_model(cfg, out_dir: Path, master: bool):
                             f"({str(e).strip().splitlines()[-1].strip()[:200]})") from None
         if master:
             print(f"resuming {ckpt_path} from step {ckpt['step']}")
-            changed = [k for k in TRAJECTORY if k in ckpt.get("settings", {}) and
+            # a step's rows do not depend on --batch_size, which only splits them; dropout noise does
+            trajectory = [k for k in TRAJECTORY if k != "batch_size" or saved.dropout]
+            changed = [k for k in trajectory if k in ckpt.get("settings", {}) and
                        ckpt["settings"][k] != getattr(cfg, k, ckpt["settings"][k])]
             if changed:
                 print("warning: resuming with other settings than the run had: " + ", ".join(
@@ -492,10 +506,6 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                   f"--total_batch_size={was} to keep them" + (" (and a --batch_size that, times the processes, "
                                                               "divides it)" if was % (cfg.batch_size * world) else ""),
                   file=sys.stderr)
-        if ckpt.get("processes", world) != world and master:
-            print(f"warning: resuming on {world} processes a run that had {ckpt['processes']}: each process draws "
-                  f"its own batches, so from here on they differ from an uninterrupted run's (resume on "
-                  f"{ckpt['processes']} to continue exactly)", file=sys.stderr)
         del ckpt
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world > 1:
@@ -528,7 +538,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         for i, name in enumerate(data.names):
             total_loss, counted = 0.0, 0  # a mean over the targets that count (finetuning masks prompts)
             for k in range(cfg.eval_iters):
-                x, y = to_device(data.batch("val", cfg.batch_size, cfg.seed, k, only=i), device)
+                x, y = to_device(data.batch("val", cfg.seed, k, range(cfg.batch_size), only=i), device)
                 n = int((y != -1).sum())
                 with autocast:
                     total_loss += model(x, y)[1].item() * n
@@ -569,7 +579,13 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     # step's own reduction.)
     lagged = [torch.zeros(2, dtype=torch.int64, pin_memory=device.type == "cuda") for _ in range(2)]
     events = [torch.cuda.Event() for _ in range(2)] if device.type == "cuda" else None
-    x, y = to_device(data.batch("train", cfg.batch_size, cfg.seed, rank, start_step, 0), device)
+
+    def micro_batch(j: int) -> range:
+        """The rows of a step that its j-th micro-batch holds. Process r's micro-step m reads
+        micro-batch m * world + r: on any number of processes a step reads rows 0 to total - 1."""
+        return range(j * cfg.batch_size, (j + 1) * cfg.batch_size)
+
+    x, y = to_device(data.batch("train", cfg.seed, start_step, micro_batch(rank)), device)
     t_last, step_last = time.time(), start_step
     model.train()
     step = start_step
@@ -587,24 +603,25 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed(hash((cfg.seed, rank, step)) % 2**63)  # dropout noise, reproducible on resume
         # Each micro-step's loss is a mean over the targets it counts (finetuning masks
         # prompts). Weighted by that count over the step's average, every counted target of
         # the step, on any process, weighs the same. The counts are a pure function of the
-        # batch keys: every process knows them all, without talking. In pretraining every
-        # weight is exactly 1.
-        counts = [[data.counted(cfg.batch_size, cfg.seed, r, step, m) for m in range(accum)] for r in range(world)]
-        step_count = sum(map(sum, counts))
+        # rows: every process knows them all, without talking. In pretraining every weight
+        # is exactly 1.
+        counts = [data.counted(cfg.seed, step, micro_batch(j)) for j in range(world * accum)]
+        step_count = sum(counts)
         step_loss = torch.zeros((), device=device)
         for micro in range(accum):
             if world > 1:  # gradients are averaged over processes on the last micro-step only
                 model.require_backward_grad_sync = micro == accum - 1
-            weight = counts[rank][micro] * world * accum / step_count if step_count else 0.0
+            j = micro * world + rank
+            torch.manual_seed(hash((cfg.seed, step, j)) % 2**63)  # dropout noise, reproducible on resume
+            weight = counts[j] * world * accum / step_count if step_count else 0.0
             with autocast:
                 _, loss = model(x, y)
                 loss = loss * weight / accum
-            nxt = (step, micro + 1) if micro + 1 < accum else (step + 1, 0)
-            x, y = to_device(data.batch("train", cfg.batch_size, cfg.seed, rank, *nxt), device)
+            nxt = (step, j + world) if micro + 1 < accum else (step + 1, rank)
+            x, y = to_device(data.batch("train", cfg.seed, nxt[0], micro_batch(nxt[1])), device)
             scaler.scale(loss).backward()
             step_loss += loss.detach()
         # remembered on the device, read at the next log line: no host sync in the step
@@ -664,8 +681,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             if stop or checkpoint:
                 if master:
                     save_checkpoint(ckpt_path, raw_model, step, cfg, optimizer=optimizer.state_dict(),
-                                    scaler=scaler.state_dict(), best=best, origin=origin, total_batch=total,
-                                    processes=world)
+                                    scaler=scaler.state_dict(), best=best, origin=origin, total_batch=total)
                     print(f"saved {ckpt_path} at step {step}", flush=True)
                 if stop:
                     if world > 1:  # torchrun stops every process once one exits: not before the save

@@ -52,12 +52,11 @@ class FixedRows:
         self.y[0, counted_in_first:] = -1
         self.y[1, block_size if counted_in_second is None else counted_in_second:] = -1
 
-    def batch(self, split, batch_size, seed, rank, step, micro, only=None):
-        rows = slice(micro * batch_size, (micro + 1) * batch_size)
-        return self.x[rows], self.y[rows]
+    def batch(self, split, seed, step, rows, only=None):
+        return self.x[rows.start:rows.stop], self.y[rows.start:rows.stop]
 
-    def counted(self, batch_size, seed, rank, step, micro):
-        return int((self.batch("train", batch_size, seed, rank, step, micro)[1] != -1).sum())
+    def counted(self, seed, step, rows):
+        return int((self.batch("train", seed, step, rows)[1] != -1).sum())
 
 
 def cli(*args, timeout=300):
@@ -87,10 +86,10 @@ def test_windows_reach_every_token_and_a_short_bin_repeats(tmp_path):
         np.arange(1, n + 1, dtype=np.uint16).tofile(tmp_path / f"{split}.bin")
     (tmp_path / "meta.json").write_text("{}")
     mixture = train.Mixture(str(tmp_path), 16, 51200, prepare_default=False)
-    x, y = mixture.batch("train", 64, 0, 0)
+    x, y = mixture.batch("train", 0, 0, range(64))
     assert {int(row[0]) for row in x} == {1, 2} and y.max() == 18  # the last token is a target too
     assert np.array_equal(y[:, :-1], x[:, 1:])
-    x, y = mixture.batch("val", 4, 0, 0)
+    x, y = mixture.batch("val", 0, 0, range(4))
     assert x.shape == y.shape == (4, 16) and list(x[0, :7]) == [1, 2, 3, 4, 5, 1, 2]
 
 
@@ -136,7 +135,7 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     torch.manual_seed(cfg.seed)
     untrained = GPT(PRESETS["nano"])
     mixture = train.Mixture(str(data), 64, 51200, prepare_default=False)
-    x, y = map(torch.from_numpy, mixture.batch("val", 8, 0, 0))
+    x, y = map(torch.from_numpy, mixture.batch("val", 0, 0, range(8)))
     with torch.no_grad():
         before, after = untrained(x, y)[1].item(), trained.eval()(x, y)[1].item()
     assert after < before - 2.0, (before, after)
@@ -183,11 +182,15 @@ def test_mixture_draws_by_weight(tmp_path):
         np.full(5000, 7, dtype=np.uint16).tofile(b / f"{split}.bin")
     (b / "meta.json").write_text("{}")
     mixture = train.Mixture(f"{a}:0.75,{b}:0.25", 16, 51200, prepare_default=False)
-    rows = np.concatenate([mixture.batch("train", 64, 0, 0, step, 0)[0] for step in range(20)])
+    rows = np.concatenate([mixture.batch("train", 0, step, range(64))[0] for step in range(20)])
     from_b = (rows == 7).all(axis=1).mean()
     assert 0.18 < from_b < 0.32
-    again = mixture.batch("train", 64, 0, 0, 3, 0)[0]
-    assert np.array_equal(again, mixture.batch("train", 64, 0, 0, 3, 0)[0])  # a pure function of the key
+    # row i of a step is the same in whatever batch holds it: processes and micro-steps split a step as they like
+    again = mixture.batch("train", 0, 3, range(64))[0]
+    assert np.array_equal(again, np.concatenate([mixture.batch("train", 0, 3, range(i, i + 8))[0]
+                                                 for i in range(0, 64, 8)]))
+    for seed, step in ((0, 4), (1, 3)):
+        assert not np.array_equal(again, mixture.batch("train", seed, step, range(64))[0])
     by_size = train.Mixture(f"{a},{b}", 16, 51200, prepare_default=False)  # no weights: train tokens
     a_tokens = (a / "train.bin").stat().st_size // 2
     assert np.allclose(by_size.weights, [a_tokens / (a_tokens + 5000), 5000 / (a_tokens + 5000)])
@@ -249,25 +252,6 @@ def test_stop_iters_ends_early_on_max_iters_schedule_and_goes_on_later(resume_se
         assert torch.equal(final["model"][name], tensor), name
 
 
-class AllInOne:
-    """The batches a 2-process run with 2 micro-steps of 2 sequences reads in a step,
-    as one process's one batch of 8."""
-
-    def __init__(self, mixture):
-        self.mixture, self.names = mixture, mixture.names
-
-    def batch(self, split, batch_size, seed, *key, only=None):
-        if split != "train":
-            return self.mixture.batch(split, batch_size, seed, *key, only=only)
-        rank, step, micro = key
-        assert batch_size == 8 and rank == micro == 0
-        parts = [self.mixture.batch(split, 2, seed, r, step, m) for r in (0, 1) for m in (0, 1)]
-        return tuple(np.concatenate(arrays) for arrays in zip(*parts))
-
-    def counted(self, batch_size, seed, *key):
-        return int((self.batch("train", batch_size, seed, *key)[1] != -1).sum())
-
-
 class ThirdsMasked(train.Mixture):
     """A Mixture whose loss skips the targets divisible by 3, as finetuning skips prompts:
     micro-steps, and processes, count different numbers of targets."""
@@ -276,15 +260,15 @@ class ThirdsMasked(train.Mixture):
         x, y = super().batch(*args, **kwargs)
         return x, np.where(y % 3 == 0, -1, y)
 
-    def counted(self, batch_size, seed, *key):
-        return int((self.batch("train", batch_size, seed, *key)[1] != -1).sum())
+    def counted(self, seed, step, rows):
+        return int((self.batch("train", seed, step, rows)[1] != -1).sum())
 
 
 class SameBatch:
     """One batch, whatever is asked."""
 
     def __init__(self, mixture):
-        self.names, self.fixed = mixture.names, mixture.batch("train", 4, 0, 0, 0, 0)
+        self.names, self.fixed = mixture.names, mixture.batch("train", 0, 0, range(4))
 
     def batch(self, *args, **kwargs):
         return self.fixed
@@ -293,7 +277,11 @@ class SameBatch:
         return int((self.fixed[1] != -1).sum())
 
 
-def test_torchrun_ddp_keeps_replicas_identical_and_matches_one_process(tmp_path, capsys):
+def test_torchrun_ddp_keeps_replicas_identical_and_goes_on_from_one_process_as_one_process_would(tmp_path, capsys):
+    """Steps 1-3 on one process in 4 micro-steps, steps 4-6 resumed on 2 processes in 2
+    each: the same weights and losses as one process taking each step as one batch of 8.
+    A step reads the same rows however it is split, and every counted target of a step,
+    in any micro-step on either process, weighs the same."""
     data = make_dataset(tmp_path / "ds")
     script = tmp_path / "ddp_run.py"
     script.write_text(f"""
@@ -311,25 +299,31 @@ torch.save(model.state_dict(), os.path.join(cfg.out_dir, f"rank{{os.environ['RAN
     args = [f"--data={data}", "--preset=nano", "--batch_size=2", "--total_batch_size=8", "--max_iters=6",
             "--warmup_iters=1", "--log_interval=3", "--eval_interval=1000", "--eval_iters=1",
             "--sample_tokens=0", "--seed=3"]
+
+    def one_process(*more):
+        cfg, _ = parse_args(train.DEFAULTS, argv=[*args, *more])
+        return train.train(cfg, make_data=lambda c: ThirdsMasked(str(data), c.block_size, c.vocab_size,
+                                                                 prepare_default=False))
+
+    one_process("--stop_iters=3", f"--out_dir={out}")
+    first_half = capsys.readouterr().out
+    assert "(4 micro-step(s) of 2 per process)" in first_half
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
          *args, f"--out_dir={out}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and "(2 micro-step(s) of 2 per process)" in result.stdout
+    assert "resuming" in result.stdout and "warning" not in result.stderr, result.stderr[-3000:]
     rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     torch.manual_seed(3)
     initial = GPT(PRESETS["nano"]).state_dict()
     assert not torch.equal(rank0["lm_head.weight"], initial["lm_head.weight"])  # it trained
-    # One process taking both processes' batches as one batch of 8 ends with the same
-    # weights: each process read its own data, and every counted target of a step, in
-    # any micro-step on either process, weighed the same.
-    cfg, _ = parse_args(train.DEFAULTS, argv=[*args, "--batch_size=8", f"--out_dir={tmp_path / 'one'}"])
-    alone = train.train(cfg, make_data=lambda c: AllInOne(ThirdsMasked(str(data), c.block_size, c.vocab_size,
-                                                                       prepare_default=False)))
+    alone = one_process("--batch_size=8", f"--out_dir={tmp_path / 'one'}")
     # and logs the same losses: the mean over every counted target of the step, on both processes
-    losses = [re.findall(r"step \d+ \| loss ([\d.]+)", text) for text in (result.stdout, capsys.readouterr().out)]
+    losses = [re.findall(r"step \d+ \| loss ([\d.]+)", text)
+              for text in (first_half + result.stdout, capsys.readouterr().out)]
     assert len(losses[0]) == 2 and losses[0] == losses[1], losses
     for name, tensor in alone.state_dict().items():
         torch.testing.assert_close(rank0[name], tensor, rtol=1e-4, atol=1e-4, msg=name)  # micro-steps weighed alike: fails
@@ -434,10 +428,10 @@ def test_one_process_saves_and_stops_at_the_step_after_a_signal(tmp_path, monkey
     class SignalledData:  # SIGTERM arrives while step 3 runs
         names = data.names
 
-        def batch(self, split, batch_size, seed, *key, only=None):
-            if split == "train" and key[1:] == (3, 0):
+        def batch(self, split, seed, step, rows, only=None):
+            if split == "train" and step == 3:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return data.batch(split, batch_size, seed, *key, only=only)
+            return data.batch(split, seed, step, rows, only=only)
 
         counted = data.counted
 
@@ -580,20 +574,20 @@ def pico(monkeypatch):
 
 
 class Recorded:
-    """A Mixture that remembers every batch asked of it, as (split, key, only); `then`
-    runs after each."""
+    """A Mixture that remembers every batch asked of it, as (split, step, rows, only);
+    `then` runs after each."""
 
     def __init__(self, mixture, then=None):
         self.mixture, self.names, self.calls, self.then = mixture, mixture.names, [], then
 
-    def batch(self, split, batch_size, seed, *key, only=None):
-        self.calls.append((split, key, only))
+    def batch(self, split, seed, step, rows, only=None):
+        self.calls.append((split, step, rows, only))
         if self.then:
             self.then(split)
-        return self.mixture.batch(split, batch_size, seed, *key, only=only)
+        return self.mixture.batch(split, seed, step, rows, only=only)
 
-    def counted(self, batch_size, seed, *key):
-        return self.mixture.counted(batch_size, seed, *key)
+    def counted(self, seed, step, rows):
+        return self.mixture.counted(seed, step, rows)
 
 
 def recording(spec: str, then=None):
@@ -621,11 +615,11 @@ def test_a_token_id_just_past_the_vocabulary_is_refused_naming_its_dataset(tmp_p
         np.full(100, 2048, dtype=np.uint16).tofile(b / f"{split}.bin")
     (b / "meta.json").write_text("{}")
     mixture = train.Mixture(f"{a}:0.5,{b}:0.5", 16, 2048, prepare_default=False)
-    mixture.batch("train", 4, 0, 0, 0, 0, only=0)  # dataset a is fine
+    mixture.batch("train", 0, 0, range(4), only=0)  # dataset a is fine
     for step in range(6):  # rows of both datasets, in whatever order: b is the one named
         with pytest.raises(UserError, match=f"{re.escape(str(b))}/train.bin holds token id 2048, outside"):
-            mixture.batch("train", 8, 0, 0, step, 0)
-    assert train.Mixture(str(b), 16, 2049, prepare_default=False).batch("val", 2, 0, 0)[0].max() == 2048
+            mixture.batch("train", 0, step, range(8))
+    assert train.Mixture(str(b), 16, 2049, prepare_default=False).batch("val", 0, 0, range(2))[0].max() == 2048
 
 
 def test_a_one_token_bin_is_refused_and_a_bin_of_one_context_is_read(tmp_path):
@@ -634,7 +628,8 @@ def test_a_one_token_bin_is_refused_and_a_bin_of_one_context_is_read(tmp_path):
     np.arange(5, 21, dtype=np.uint16).tofile(tmp_path / "train.bin")  # 16 tokens: one context
     np.array([3], dtype=np.uint16).tofile(tmp_path / "val.bin")
     (tmp_path / "meta.json").write_text("{}")
-    x, y = train.Mixture(str(tmp_path), 16, 2048, prepare_default=False, splits=("train",)).batch("train", 2, 0, 0)
+    mixture = train.Mixture(str(tmp_path), 16, 2048, prepare_default=False, splits=("train",))
+    x, y = mixture.batch("train", 0, 0, range(2))
     assert list(x[0]) == list(range(5, 21)) and list(y[0]) == list(range(6, 21)) + [5]
     with pytest.raises(UserError, match="val.bin is empty: nothing to validate"):
         train.Mixture(str(tmp_path), 16, 2048, prepare_default=False)
@@ -771,6 +766,34 @@ def test_dropout_noise_is_fresh_each_step_and_a_function_of_the_step(tmp_path, p
     assert not any(torch.equal(first[i], first[j]) for i in range(3) for j in range(i + 1, 3))
 
 
+def test_dropout_noise_follows_the_micro_batch_not_the_process(tmp_path, pico, monkeypatch):
+    """Process 1 of 2 (in a one-member group) starts its micro-steps from the random states
+    one process has at the same micro-batches, the step's second and fourth: a run with
+    dropout resumed on another number of processes goes on as it would have."""
+    import torch.distributed as dist
+    forward, states = GPT.forward, []
+
+    def spy(self, *args, **kwargs):
+        if self.training:
+            states.append(torch.random.get_rng_state())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    data = str(make_dataset(tmp_path / "ds"))
+    cfg = dict(preset=pico, data=data, dropout=0.1, batch_size=2, total_batch_size=8, max_iters=2,
+               eval_interval=0, checkpoint_interval=0)
+    train.train(settings(**cfg, out_dir=str(tmp_path / "one")))
+    alone, states[:] = list(states), []
+    monkeypatch.setattr(train, "setup_processes", lambda name: (1, 2, torch.device("cpu")))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        train.train(settings(**cfg, out_dir=str(tmp_path / "two")))
+    finally:
+        dist.destroy_process_group()
+    assert len(alone) == 8 and len(states) == 4
+    assert all(torch.equal(a, b) for a, b in zip(states, [alone[i] for i in (1, 3, 5, 7)]))
+
+
 def test_validation_reads_each_dataset_s_val_split_for_eval_iters_batches(tmp_path, pico, capsys):
     """Each dataset gets its own val loss, the mean of eval_iters batches of its own val
     split, at step 0, every eval_interval steps and at the end; training reads train only."""
@@ -780,14 +803,14 @@ def test_validation_reads_each_dataset_s_val_split_for_eval_iters_batches(tmp_pa
     model = train.train(settings(preset=pico, data=spec, out_dir=str(tmp_path / "out"), max_iters=4,
                                  eval_interval=2, eval_iters=3), make_data=make_data)
     calls = make_data.data.calls
-    assert all(only is None for split, _, only in calls if split == "train")
-    val = [(key, only) for split, key, only in calls if split == "val"]
-    assert val == [((k,), i) for _ in range(3) for i in range(2) for k in range(3)]  # steps 0, 2 and 4
+    assert all(only is None for split, _, _, only in calls if split == "train")
+    val = [(k, rows, only) for split, k, rows, only in calls if split == "val"]
+    assert val == [(k, range(4), i) for _ in range(3) for i in range(2) for k in range(3)]  # steps 0, 2 and 4
     final = re.findall(r"step 4: val loss ([\d.]+) \(.*\), ([\d.]+) \(", capsys.readouterr().out)
     mixture = train.Mixture(spec, 16, 2048, prepare_default=False)
     model.eval()
     with torch.no_grad():
-        expected = [np.mean([model(*map(torch.from_numpy, mixture.batch("val", 4, 3, k, only=i)))[1].item()
+        expected = [np.mean([model(*map(torch.from_numpy, mixture.batch("val", 3, k, range(4), only=i)))[1].item()
                              for k in range(3)]) for i in range(2)]
     assert [float(v) for v in final[0]] == pytest.approx(expected, abs=2e-4)
 
@@ -827,9 +850,9 @@ def test_a_checkpoint_holds_what_resuming_needs(tmp_path, pico):
 
 
 def test_a_second_process_reads_its_own_batches_syncs_once_and_stays_silent(tmp_path, pico, monkeypatch, capsys):
-    """Process 1 of 2 (played by one process in a one-member group): its batches are keyed
-    by its rank, gradients are all-reduced on the last micro-step only, and it neither
-    logs nor writes checkpoints: those are process 0's."""
+    """Process 1 of 2 (played by one process in a one-member group): its micro-steps read
+    the step's second and fourth micro-batches, gradients are all-reduced on the last
+    micro-step only, and it neither logs nor writes checkpoints: those are process 0's."""
     import torch.distributed as dist
     data = str(make_dataset(tmp_path / "ds"))
     synced = []
@@ -850,8 +873,8 @@ def test_a_second_process_reads_its_own_batches_syncs_once_and_stays_silent(tmp_
     finally:
         dist.destroy_process_group()
     assert synced == [False, True] * 3
-    train_keys = [key for split, key, _ in make_data.data.calls if split == "train"]
-    assert train_keys == [(1, s, m) for s in range(3) for m in range(2)] + [(1, 3, 0)]
+    train_rows = [(step, rows) for split, step, rows, _ in make_data.data.calls if split == "train"]
+    assert train_rows == [(s, rows) for s in range(3) for rows in (range(2, 4), range(6, 8))] + [(3, range(2, 4))]
     assert capsys.readouterr().out == "" and not (tmp_path / "out" / "ckpt.pt").exists()
 
 
@@ -920,11 +943,10 @@ def test_the_validation_loss_is_a_mean_over_the_targets_that_count(tmp_path, pic
         def __init__(self, copies: bool):
             self.copies = copies
 
-        def batch(self, split, batch_size, seed, *key, only=None):
+        def batch(self, split, seed, k, rows, only=None):
             if split == "train":
-                return mixture.batch(split, batch_size, seed, *key, only=only)
-            k = key[0]
-            x, y = mixture.batch(split, batch_size, seed, k - k % 2, only=only)
+                return mixture.batch(split, seed, k, rows, only=only)
+            x, y = mixture.batch(split, seed, k - k % 2, rows, only=only)
             return (x, y) if k % 2 == 0 or self.copies else (x, np.full_like(y, -1))
 
         counted = mixture.counted  # training batches are the mixture's
@@ -998,10 +1020,10 @@ import train
 from config import parse_args, run
 
 class SignalledOnRank1(train.Mixture):  # SIGTERM reaches process 1 alone, while step 2 runs
-    def batch(self, split, batch_size, seed, *key, only=None):
-        if split == "train" and key == (1, 3, 0):
+    def batch(self, split, seed, step, rows, only=None):
+        if split == "train" and os.environ["RANK"] == "1" and step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return super().batch(split, batch_size, seed, *key, only=only)
+        return super().batch(split, seed, step, rows, only=only)
 
 cfg, _ = parse_args(train.DEFAULTS, argv=sys.argv[1:])
 run(lambda: train.train(cfg, make_data=lambda c: SignalledOnRank1(cfg.data, c.block_size, c.vocab_size,
@@ -1017,20 +1039,25 @@ run(lambda: train.train(cfg, make_data=lambda c: SignalledOnRank1(cfg.data, c.bl
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4  # signalled during step 3: all stop after step 4
 
 
-def test_a_resume_says_when_the_processes_changed_and_clears_a_half_written_save(tmp_path, capsys):
+def test_a_resume_warns_of_another_batch_size_with_dropout_only_and_clears_a_half_written_save(tmp_path, capsys):
+    """A step's rows do not depend on the processes or --batch_size, which only split
+    them; dropout noise is drawn per micro-batch."""
     data = str(make_dataset(tmp_path / "ds"))
-    cfg = settings(data=data, out_dir=str(tmp_path / "out"), max_iters=2, checkpoint_interval=1, batch_size=2)
-    train.train(cfg)
-    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
-    assert ckpt["processes"] == 1 and ckpt["total_batch"] == 2
-    ckpt["processes"], ckpt["total_batch"] = 2, 4  # as a run of 2 processes with --total_batch_size=0 saves it
-    ckpt["settings"]["total_batch_size"] = 0
-    torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
-    (tmp_path / "out" / "ckpt.pt.tmp").write_bytes(b"half a checkpoint, left by a kill")
-    capsys.readouterr()
-    train.train(settings(data=data, out_dir=str(tmp_path / "out"), max_iters=3, checkpoint_interval=1,
-                         batch_size=2, total_batch_size=4))
-    err = capsys.readouterr().err
-    assert "warning: resuming on 1 processes a run that had 2: each process draws its own batches" in err
-    assert "other settings" not in err  # --total_batch_size=4 is the 4 sequences the run had
-    assert not (tmp_path / "out" / "ckpt.pt.tmp").exists()
+    for dropout in (0.0, 0.1):
+        out = tmp_path / f"out{dropout}"
+        train.train(settings(data=data, out_dir=str(out), max_iters=2, checkpoint_interval=1, batch_size=2,
+                             dropout=dropout))
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+        assert ckpt["total_batch"] == 2
+        ckpt["total_batch"] = 4  # as a run of 2 processes with --total_batch_size=0 saves it
+        ckpt["settings"]["total_batch_size"] = 0
+        torch.save(ckpt, out / "ckpt.pt")
+        (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint, left by a kill")
+        capsys.readouterr()
+        train.train(settings(data=data, out_dir=str(out), max_iters=3, checkpoint_interval=1,
+                             batch_size=4, total_batch_size=4, dropout=dropout))
+        err = capsys.readouterr().err
+        # --total_batch_size=4 is the 4 sequences the run had
+        assert err == ("warning: resuming with other settings than the run had: --batch_size=4 (was 2)\n"
+                       if dropout else ""), err
+        assert not (out / "ckpt.pt.tmp").exists()
