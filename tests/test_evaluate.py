@@ -832,6 +832,45 @@ def test_api_samples_ask_with_seed_plus_their_index_and_resume_only_with_that_se
         (t, f"    return {1337 + i}\n") for t in ("HumanEval/0", "HumanEval/1") for i in range(3)]
 
 
+def test_a_rerun_after_a_failed_request_asks_for_the_missing_sample_not_one_there(tmp_path):
+    """Sample 0 failed, sample 1 came: the rerun asks for sample 0 (seed + 0), not sample 1 again (a
+    seed-honouring server would answer it the same, a duplicate scored as another sample)."""
+    from llm_server import FakeLLM
+    asked = []
+
+    def recording(body):
+        asked.append(body.get("seed"))
+        return f"    return {body.get('seed')}\n"
+    out = tmp_path / "out"
+    common = ["--model=fake", "--max_new_tokens=4", "--limit=1", "--workers=1", "--temperature=0.8", "--k=1",
+              "--api_retries=0", "--batch_size=1", f"--out={out}"]
+    with FakeLLM(faults=["500"] + ["ok"] * 1000, answer=recording) as server:
+        with pytest.raises(UserError, match="1 requests .* failed"):
+            evaluate.main([f"--api_base={server.url}", *common, "--n_samples=2"])
+        evaluate.main([f"--api_base={server.url}", *common, "--n_samples=2"])
+        assert asked == [1338, 1337]
+        assert sorted(s["completion"] for s in read_jsonl(out / "samples.jsonl")) == \
+            ["    return 1337\n", "    return 1338\n"]
+        # a file of an older evaluate.py, without sample_index: its lines are samples 0, 1, ... in order
+        write_jsonl(out / "samples.jsonl", [{k: s[k] for k in ("task_id", "completion")}
+                                            for s in read_jsonl(out / "samples.jsonl")])
+        asked.clear()
+        evaluate.main([f"--api_base={server.url}", *common, "--n_samples=3"])
+    assert asked == [1339]
+
+
+def test_requests_failing_alike_end_the_run_keeping_the_samples_so_far(tmp_path):
+    from llm_server import FakeLLM
+    out = tmp_path / "out"
+    with FakeLLM(faults=["ok", "ok"] + ["drop"] * 1000) as server:  # the server goes down after two answers
+        with pytest.raises(UserError, match=r"5 requests .* failed \(the last 5 alike, so the run stopped: "
+                                            r"connection: .*\); rerun the same command"):
+            evaluate.main([f"--api_base={server.url}", "--model=fake", "--max_new_tokens=4", "--limit=30",
+                           "--api_retries=0", "--batch_size=1", f"--out={out}"])
+    assert len(server.served) <= 2 + 6  # not 30: the sixth may have been sent as the fifth failed
+    assert len(read_jsonl(out / "samples.jsonl")) == 2
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_bad_input_ends_with_one_line_and_status_2(tmp_path):
@@ -891,6 +930,9 @@ def test_a_wrong_api_base_fails_leaving_no_out_folder(tmp_path):
     (["--timeout=2.2e6"], "--timeout must be > 0 and at most 86400 s"),  # the OS's waits would overflow
     (["--api_timeout=1e10"], "--api_timeout must be > 0 and at most 86400 s"),
     (["--memory_mb=63"], "--memory_mb must be >= 64"),
+    (["--workers=-3"], "--workers must be >= 0"),
+    (["--n_samples=2", "--temperature=1e-5"], "set --temperature > 0 (a --temperature or --top_p below 0.0001"),
+    (["--n_samples=2", "--temperature=0.8", "--top_p=1e-5"], "set --temperature > 0"),  # model.sample: greedy
 ])
 def test_settings_that_cannot_work_are_refused_up_front(tmp_path, args, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -964,7 +1006,7 @@ def test_a_byte_order_mark_does_not_cost_the_first_line(tmp_path):
     rows = [dict(task_id="HumanEval/0", completion=""), dict(task_id="HumanEval/1", completion="x = 1\n")]
     samples = tmp_path / "s.jsonl"  # as Windows tools write UTF-8
     samples.write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    assert evaluate.read_samples(samples, "humaneval") == (rows, 0)
+    assert evaluate.read_samples(samples, "humaneval") == ([{**r, "sample_index": 0} for r in rows], 0)
     mbpp = tmp_path / "mbpp.jsonl"
     mbpp.write_text("\ufeff" + json.dumps(dict(task_id=11, text="One.", code="def f():\n    return 1\n",
                                                 test_list=["assert f() == 1"], test_setup_code="")) + "\n",
@@ -1138,6 +1180,41 @@ def test_resuming_refuses_samples_of_a_checkpoint_trained_on_since_or_of_another
     ckpt.write_bytes(b"step 200!")  # trained on: the same path, other weights
     with pytest.raises(UserError, match=r"other settings \(weights;"):
         evaluate.main(common)
+
+
+def test_the_same_checkpoint_by_another_path_resumes_another_file_does_not(tmp_path, monkeypatch, capsys):
+    out, ckpt = tmp_path / "out", tmp_path / "ck" / "ckpt.pt"  # never loaded: every sample is there already
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"step 100")
+    out.mkdir()
+    write_jsonl(out / "samples.jsonl", [dict(task_id="HumanEval/0", completion="")])
+    (out / "generation.json").write_text(json.dumps(dict(
+        bench="humaneval", ckpt=str(ckpt), init_from="", weights=evaluate.weights_stamp(str(ckpt)), api_base="",
+        model="", temperature=0.0, top_p=0.95, seed=1337, max_new_tokens=8)))
+    monkeypatch.chdir(tmp_path)
+    common = ["--max_new_tokens=8", "--limit=1", f"--out={out}", "--workers=1"]
+    for name in ("ck/ckpt.pt", "./ck/ckpt.pt", "ck/../ck/ckpt.pt"):
+        evaluate.main([f"--ckpt={name}", *common])
+        assert "the samples are already in" in capsys.readouterr().out
+    other = tmp_path / "other" / "ckpt.pt"
+    other.parent.mkdir()
+    other.write_bytes(b"step 200!")
+    with pytest.raises(UserError, match=r"other settings \(ckpt, weights;"):
+        evaluate.main([f"--ckpt={other}", *common])
+
+
+@NEEDS_MBPP
+def test_samples_of_another_mbpp_file_are_refused(tmp_path):
+    from llm_server import FakeLLM
+    out, other = tmp_path / "out", tmp_path / "mbpp.jsonl"
+    lines = MBPP.read_text().splitlines(keepends=True)
+    other.write_text("".join(lines[:10] + [lines[10].replace("Write a", "Write, please, a")] + lines[11:]))
+    common = ["--bench=mbpp", "--model=fake", "--max_new_tokens=4", "--limit=1", "--workers=1", f"--out={out}"]
+    with FakeLLM() as server:
+        evaluate.main([f"--api_base={server.url}", f"--data={MBPP}", *common])
+        assert json.loads((out / "generation.json").read_text())["data"] == evaluate.MBPP_SHA256
+        with pytest.raises(UserError, match=r"other settings \(data;"):
+            evaluate.main([f"--api_base={server.url}", f"--data={other}", *common])
 
 
 def test_a_rerun_with_fewer_samples_scores_the_first_of_each_problem(tmp_path, capsys, humaneval):
