@@ -24,8 +24,11 @@ annotate   draws --n documents spread over --strata length quantiles in proporti
            an answer without one is asked again with a reminder, up to --attempts answers,
            then written as a failure (score null, "error"). Records {"id", "score",
            "answer", "text", "stratum", "model"} are appended to --labels as they come; a
-           rerun asks only for the documents without a score, and a document's last line
-           counts. A document is a positive (the label) when its score >= --min_score.
+           rerun asks only for the documents without a score (warning of scores by another
+           --model), and a document's last line counts. One run at a time writes --labels (a
+           lock). A document with the id of an earlier one is not drawn (counted): embed and
+           train know a document by its id and take the first, as every stage does. A
+           document is a positive (the label) when its score >= --min_score.
 embed      embeds --corpus (default: --labels) with --ckpt (our .pt, a Hugging Face phi
            folder or hub id): the mean of the final hidden states (after the last
            LayerNorm) over the document's first --doc_tokens tokens, capped at the model's
@@ -37,8 +40,8 @@ embed      embeds --corpus (default: --labels) with --ckpt (our .pt, a Hugging F
            order, and NAME.json beside it (format, ids, count, dim, the source and its
            fingerprint: corpus, model contents, settings). The work goes chunk by chunk
            into NAME.npy.partial; a rerun continues at the first unfinished chunk, and the
-           .npy and .json appear only once all are done. Under torchrun each process
-           embeds every world-th chunk on its own GPU.
+           .npy and .json appear only once all are done (one run at a time: a lock on the
+           .partial). Under torchrun each process embeds every world-th chunk on its own GPU.
 train      fits the forest (RandomForest) on the annotated documents' embeddings, keeping
            --holdout of each class aside for accuracy, precision, recall, F1 and AUC (none,
            where that would leave a side with one class), printed with the out-of-bag
@@ -58,7 +61,8 @@ apply      streams --corpus through the embedding model (the forest's, unless --
            torchrun each process is a shard of its own (N = --num_shards x processes). A
            shard whose summary names its kept file is done: a rerun skips it, or with
            another --threshold or --top_fraction only selects again from its scores (a
-           changed corpus file, by size or modification time, is scored again). A --corpus
+           changed corpus file, by size or modification time, is scored again). One run at a
+           time filters a shard (a lock on its kept-I-of-N.jsonl.partial). A --corpus
            holding files apply writes in --out is refused (each run would read the last
            one's output back in), and kept files of another --num_shards in --out are warned
            of: a glob of kept-*.jsonl would take them too.
@@ -97,6 +101,7 @@ hours of CPU; an embedding pre-filter would cut it further.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import math
@@ -115,7 +120,7 @@ from tqdm import tqdm
 
 import llm
 from config import UserError, parse_args, run, subcommand
-from data.prepare import Appender, check_writable, expand, read_jsonl, write_atomic
+from data.prepare import Appender, check_writable, expand, read_jsonl, run_lock, write_atomic
 
 DEFAULTS = dict(
     corpus="",  # input JSONL(s): annotate draws from it, embed embeds it (default --labels), apply filters it, ...
@@ -204,9 +209,14 @@ def documents(files: list[Path], skipped: Counter, shard: int = 0, num_shards: i
                 if index % num_shards != shard or (wanted is not None and index not in wanted):
                     continue
                 record = corpus_record(line, skipped)
-                if record is not None:  # "id": null is no id, as for prepare.py
-                    doc_id = record.get("id")
-                    yield index, f"{where}:{number}" if doc_id is None else str(doc_id), record["text"], record
+                if record is not None:
+                    yield index, document_id(record, where, number), record["text"], record
+
+
+def document_id(record: dict, where: Path, number: int) -> str:
+    """A document's id: its own, or WHERE:LINE without one ("id": null is none, as for prepare.py)."""
+    doc_id = record.get("id")
+    return f"{where}:{number}" if doc_id is None else str(doc_id)
 
 
 def corpus_record(line: bytes, skipped: Counter) -> dict | None:
@@ -331,14 +341,28 @@ def draw(files: list[Path], n: int, strata: int, seed: int, skipped: Counter) ->
     """index -> stratum of n documents (fewer if the corpus holds fewer), spread over length
     quantiles in proportion to their sizes. Every line gets a random priority and each
     stratum gives its highest-priority documents, so a larger n extends the draw. Lengths
-    are line lengths in bytes; lines that hold no document are counted in skipped."""
-    def document_lengths():
+    are line lengths in bytes; lines that hold no document are counted in skipped, and so
+    are documents with the id of an earlier one (two synth.py runs of one --seed): embed
+    and train know a document by its id and take the first, so only the first is drawn.
+    Ids are compared by their 64-bit hash, held in an array, as the lengths: a set of the
+    ids of a corpus of millions of documents would take gigabytes."""
+    def lengths_and_ids():
         for path in files:
+            where = path.resolve()
             with path.open("rb") as f:
-                yield from (len(line.strip()) if corpus_record(line, skipped) else 0 for line in f)
+                for number, line in enumerate(f, 1):
+                    record = corpus_record(line, skipped)
+                    yield (len(line.strip()), hash(document_id(record, where, number))) if record else (0, 0)
 
-    lengths = np.fromiter(document_lengths(), dtype=np.int64)
-    lines = np.flatnonzero(lengths)
+    found = np.fromiter(lengths_and_ids(), dtype=[("length", np.int64), ("id", np.int64)])
+    lengths, lines = found["length"], np.flatnonzero(found["length"])
+    ids = found["id"][lines]
+    order = np.argsort(ids, kind="stable")  # the lines of an id in order, the first first
+    repeated = np.zeros(len(lines), bool)
+    repeated[order[1:]] = ids[order[1:]] == ids[order[:-1]]
+    if repeated.any():
+        skipped["repeated id"] += int(repeated.sum())
+        lines = lines[~repeated]
     if not len(lines):
         return {}
     cuts = np.quantile(lengths[lines], np.linspace(0, 1, strata + 1)[1:-1])
@@ -398,16 +422,38 @@ def annotate(cfg) -> Counter:
     warn_skipped(skipped, files)
     if not picked:
         raise UserError(f"no documents in {', '.join(map(str, files))}")
-    scored = {r.get("id") for r in read_jsonl(out) if r.get("score") is not None}
-    scored |= renamed_ids(scored, files)
+    others = Counter(r["model"] for r in read_jsonl(out) if r.get("score") is not None
+                     and r.get("model") not in (None, cfg.model))
+    if others:
+        print(f"warning: resuming with another teacher than {out} had: {sum(others.values())} scores by "
+              f"{', '.join(map(str, others))} are kept, and only the documents without one go to --model={cfg.model}; "
+              f"another --labels starts afresh", file=sys.stderr)
+    scored = scored_ids(out, files)
     todo = {index: (doc_id, text, picked[index]) for index, doc_id, text, _ in
             documents(files, Counter(), wanted=picked) if doc_id not in scored}
-    counts = Counter()
-    if not todo:
-        print(f"{out}: all {len(picked)} documents drawn are annotated")
-        return counts
-    print(f"annotating {len(todo)} documents ({len(picked) - len(todo)} of {len(picked)} done before) into {out}")
-    writer, client = Appender(out), make_client(cfg)
+    if todo:
+        with make_client(cfg) as client:
+            out.parent.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
+            # one run at a time on the labels: two would each ask (and pay) for every document
+            with run_lock(out, f"another run is annotating into {out}: wait for it, stop it, or use another --labels"):
+                scored = scored_ids(out, files)  # again: a run before ours may have ended since
+                todo = {index: doc for index, doc in todo.items() if doc[0] not in scored}
+                if todo:
+                    return ask_teacher(cfg, client, out, todo, len(picked))
+    print(f"{out}: all {len(picked)} documents drawn are annotated")
+    return Counter()
+
+
+def scored_ids(out: Path, files: list[Path]) -> set:
+    """The ids of the documents with a score in out, and today's ids of those an older filter.py named."""
+    scored = {r.get("id") for r in read_jsonl(out) if r.get("score") is not None}
+    return scored | renamed_ids(scored, files)
+
+
+def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int) -> Counter:
+    """Annotate the documents of todo into out; returns the counts of scores and failures."""
+    print(f"annotating {len(todo)} documents ({drawn - len(todo)} of {drawn} done before) into {out}")
+    writer, counts = Appender(out), Counter()
     conversations = {}  # those of the documents asked again
     unanswered = []  # the failures of requests that failed for good
 
@@ -415,7 +461,7 @@ def annotate(cfg) -> Counter:
         return conversations.get(index) or annotation_messages(todo[index][1], cfg)
 
     try:
-        with client, tqdm(total=len(todo), desc="annotating") as bar:
+        with tqdm(total=len(todo), desc="annotating") as bar:
             pending = list(todo)
             for attempt in range(1, cfg.attempts + 1):
                 again = []
@@ -546,54 +592,58 @@ def embed(cfg) -> Path:
     n, dim, chunk = len(ids), model.config.n_embd, cfg.batch_size * CHUNK_BATCHES
     n_chunks = -(-n // chunk)
     state = dict(format=EMBEDDINGS_FORMAT, fingerprint=fp, count=n, dim=dim, chunk=chunk)
-    if rank == 0:
-        for stale in (out, sidecar):  # nothing of an older run may look complete
-            stale.unlink(missing_ok=True)
-        try:
-            resume = (json.loads(partial_meta.read_text()) == state and flags_path.stat().st_size == n_chunks
-                      and np.load(partial, mmap_mode="r").shape == (n, dim))
-        except (OSError, ValueError):
-            resume = False
-        if not resume:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
-            flags_path.write_bytes(bytes(n_chunks))
-            write_atomic(partial_meta, json.dumps(state).encode())
-    if world > 1:
-        dist.barrier()
-    array = np.load(partial, mmap_mode="r+")
-    flags = np.memmap(flags_path, dtype=np.uint8, mode="r+")
-    mine = [c for c in range(rank, n_chunks, world) if not flags[c]]
-    if rank == 0 and flags.any() and mine:
-        print(f"resuming: {int(flags.sum())} of {n_chunks} chunks done before")
-    wanted = {indices[p]: p for c in mine for p in range(c * chunk, min(n, (c + 1) * chunk))}
-    texts = []
-    with tqdm(total=len(wanted), desc=f"embedding{f' (rank {rank})' if world > 1 else ''}",
-              disable=not wanted) as bar:
-        for index, _, text, _ in documents(files, Counter(), wanted=wanted):
-            texts.append(text)
-            p = wanted[index]
-            c = p // chunk
-            if p == min(n, (c + 1) * chunk) - 1:  # the chunk's last document
-                array[c * chunk:p + 1] = embed_texts(model, texts, cfg.doc_tokens, cfg.batch_size)[0]
-                array.flush()
-                flags[c] = 1
-                flags.flush()
-                bar.update(len(texts))
-                texts = []
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        if not flags.all():
-            raise UserError(f"{partial}: {int((flags == 0).sum())} chunks were not embedded (did {flags_path} change?)")
-        del array
-        os.replace(partial, out)
-        meta = dict(format=EMBEDDINGS_FORMAT, version=1, count=n, dim=dim, dtype="float16", fingerprint=fp,
-                    source=dict(source, doc_tokens=min(cfg.doc_tokens, model.config.block_size)), ids=ids)
-        write_atomic(sidecar, json.dumps(meta).encode())
-        partial_meta.unlink()
-        flags_path.unlink()
-        print(f"{out}: {n} embeddings of width {dim} (float16); ids and source in {sidecar}")
+    out.parent.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
+    # one run at a time: two would write one array, and one would reset the chunks the other did
+    with run_lock(partial, f"another run is embedding into {out}: wait for it, stop it, or use another "
+                           f"--embeddings") if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            for stale in (out, sidecar):  # nothing of an older run may look complete
+                stale.unlink(missing_ok=True)
+            try:
+                resume = (json.loads(partial_meta.read_text()) == state and flags_path.stat().st_size == n_chunks
+                          and np.load(partial, mmap_mode="r").shape == (n, dim))
+            except (OSError, ValueError, EOFError):  # EOFError: the empty file of the lock
+                resume = False
+            if not resume:
+                np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
+                flags_path.write_bytes(bytes(n_chunks))
+                write_atomic(partial_meta, json.dumps(state).encode())
+        if world > 1:
+            dist.barrier()
+        array = np.load(partial, mmap_mode="r+")
+        flags = np.memmap(flags_path, dtype=np.uint8, mode="r+")
+        mine = [c for c in range(rank, n_chunks, world) if not flags[c]]
+        if rank == 0 and flags.any() and mine:
+            print(f"resuming: {int(flags.sum())} of {n_chunks} chunks done before")
+        wanted = {indices[p]: p for c in mine for p in range(c * chunk, min(n, (c + 1) * chunk))}
+        texts = []
+        with tqdm(total=len(wanted), desc=f"embedding{f' (rank {rank})' if world > 1 else ''}",
+                  disable=not wanted) as bar:
+            for index, _, text, _ in documents(files, Counter(), wanted=wanted):
+                texts.append(text)
+                p = wanted[index]
+                c = p // chunk
+                if p == min(n, (c + 1) * chunk) - 1:  # the chunk's last document
+                    array[c * chunk:p + 1] = embed_texts(model, texts, cfg.doc_tokens, cfg.batch_size)[0]
+                    array.flush()
+                    flags[c] = 1
+                    flags.flush()
+                    bar.update(len(texts))
+                    texts = []
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            if not flags.all():
+                raise UserError(f"{partial}: {int((flags == 0).sum())} chunks were not embedded "
+                                f"(did {flags_path} change?)")
+            del array
+            os.replace(partial, out)
+            meta = dict(format=EMBEDDINGS_FORMAT, version=1, count=n, dim=dim, dtype="float16", fingerprint=fp,
+                        source=dict(source, doc_tokens=min(cfg.doc_tokens, model.config.block_size)), ids=ids)
+            write_atomic(sidecar, json.dumps(meta).encode())
+            partial_meta.unlink()
+            flags_path.unlink()
+            print(f"{out}: {n} embeddings of width {dim} (float16); ids and source in {sidecar}")
     return out
 
 
@@ -1089,11 +1139,22 @@ def metrics(positive, score, threshold: float = 0.5) -> dict:
 
 
 def read_scores(path: Path) -> dict[str, int]:
-    """id -> score from annotate's output: each document's last line with a score."""
+    """id -> score from annotate's output: each document's last line with a score. An id
+    whose lines hold two texts (an older annotate asked for each document of a repeated id)
+    is left out, with a warning: embed takes one of the texts, the score may be the other's."""
     if not path.is_file():
         raise UserError(f"no annotations at {path} (filter.py annotate writes them)")
-    return {str(r.get("id")): r["score"] for r in read_jsonl(path)
-            if isinstance(r.get("score"), (int, float)) and not isinstance(r.get("score"), bool)}
+    scores, texts, mixed = {}, {}, set()
+    for r in read_jsonl(path):
+        doc_id, text = str(r.get("id")), hash(str(r.get("text")))
+        if texts.setdefault(doc_id, text) != text:
+            mixed.add(doc_id)
+        if isinstance(r.get("score"), (int, float)) and not isinstance(r.get("score"), bool):
+            scores[doc_id] = r["score"]
+    if mixed:
+        print(f"warning: {len(mixed)} ids of {path} name two documents (first: {min(mixed)}): their scores are "
+              f"left out; annotate into another --labels to score them", file=sys.stderr)
+    return {doc_id: score for doc_id, score in scores.items() if doc_id not in mixed}
 
 
 def holdout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1123,6 +1184,9 @@ def train(cfg) -> RandomForest:
     rows = [i for i, doc_id in enumerate(ids) if doc_id in scores]
     if not rows:
         raise UserError(f"none of the {len(ids)} documents of {cfg.embeddings} has a score in {cfg.labels}")
+    if len(rows) < len(scores):
+        print(f"note: {len(scores) - len(rows)} of the {len(scores)} documents scored in {cfg.labels} have no "
+              f"embedding in {cfg.embeddings}: rerun filter.py embed to train on them too", file=sys.stderr)
     X = np.asarray(array[rows], dtype=np.float32)
     if not np.isfinite(X).all():
         raise UserError(f"{cfg.embeddings} holds NaN or infinite values: embed again (with --dtype=float32?)")
@@ -1262,54 +1326,59 @@ def apply(cfg) -> dict:
             and previous.get("kept") == files_identity([kept_path])):
         print(f"shard {name} is done: {summary_path}")
         return previous
-    started = time.time()
-    if previous.get("scoring") != scoring or not scores_path.is_file() or \
-            scores_path.stat().st_size != SCORES.itemsize * previous.get("documents", -1):
-        summary_path.unlink(missing_ok=True)  # it describes the scores about to be replaced
-        model = load_embedder(cfg, ckpt, device)
-        if model.config.n_embd != forest.n_features_:
-            raise UserError(f"{ckpt} embeds in {model.config.n_embd} dimensions, the forest takes {forest.n_features_}")
-        score_shard(cfg, files, shard, shards, forest, model, doc_tokens, scores_path)
-    scores = np.memmap(scores_path, dtype=SCORES, mode="r") if scores_path.stat().st_size else np.zeros(0, SCORES)
-    threshold = top_threshold(scores, cfg.top_fraction) if cfg.top_fraction else cfg.threshold
-
-    # until the summary is rewritten, the old one keeps the scores usable: a selection killed
-    # at any point selects again from them, and never re-embeds the shard
+    out.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
+    # one run at a time on a shard: two would score it into one file at once
     partial = kept_path.with_name(kept_path.name + ".partial")
-    kept = kept_tokens = seen = 0
-    lowest, tied, tied_tokens = math.inf, 0, 0  # the lowest score kept, and the documents and tokens at it
-    with open(partial, "w", encoding="utf-8") as f:
-        for i, (_, _, _, record) in enumerate(documents(files, Counter(), shard, shards)):
-            seen += 1
-            if i < len(scores) and scores[i]["score"] >= threshold:
-                score, tokens = float(scores[i]["score"]), int(scores[i]["tokens"])
-                f.write(json.dumps({**record, "score": round(score, 6)}, ensure_ascii=False) + "\n")
-                kept, kept_tokens = kept + 1, kept_tokens + tokens
-                if score < lowest:
-                    lowest, tied, tied_tokens = score, 0, 0
-                if score == lowest:
-                    tied, tied_tokens = tied + 1, tied_tokens + tokens
-    if seen != len(scores):
-        partial.unlink()
-        raise UserError(f"{cfg.corpus} changed while shard {name} was filtered: rerun")
-    os.replace(partial, kept_path)
-    counts, tokens = histogram(scores, 10)
-    summary = dict(shard=shard, num_shards=shards, documents=len(scores), tokens=int(tokens.sum()), kept_documents=kept,
-                   kept_tokens=kept_tokens, threshold=threshold, selection=selection,
-                   histogram={f"{b / 10:.1f}-{(b + 1) / 10:.1f}": dict(documents=int(counts[b]), tokens=int(tokens[b]))
-                              for b in range(10)},
-                   forest=cfg.forest, ckpt=ckpt, doc_tokens=doc_tokens, scoring=scoring,
-                   kept=files_identity([kept_path]),
-                   seconds=round(time.time() - started, 1))
-    write_atomic(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
-    print(f"shard {name}: kept {kept} of {len(scores)} documents, {kept_tokens:,} of {summary['tokens']:,} tokens "
-          f"({kept_tokens / max(1, summary['tokens']):.1%}) at score >= {threshold:.4f}; {kept_path}")
-    asked = cfg.top_fraction * summary["tokens"]
-    if cfg.top_fraction and tied > 1 and kept_tokens - tied_tokens < asked and kept_tokens > 1.1 * asked:
-        print(f"note: --top_fraction={cfg.top_fraction:g} kept {kept_tokens / summary['tokens']:.1%} of the tokens: "
-              f"{tied} documents ({tied_tokens:,} tokens) score {lowest:.6f} exactly, at the cut, and ties at it "
-              f"are kept", file=sys.stderr)
-    return summary
+    with run_lock(partial, f"another run is filtering shard {name} in {out}: wait for it, stop it, or use another "
+                           f"--out"):
+        started = time.time()
+        if previous.get("scoring") != scoring or not scores_path.is_file() or \
+                scores_path.stat().st_size != SCORES.itemsize * previous.get("documents", -1):
+            summary_path.unlink(missing_ok=True)  # it describes the scores about to be replaced
+            model = load_embedder(cfg, ckpt, device)
+            if model.config.n_embd != forest.n_features_:
+                raise UserError(f"{ckpt} embeds in {model.config.n_embd} dimensions, "
+                                f"the forest takes {forest.n_features_}")
+            score_shard(cfg, files, shard, shards, forest, model, doc_tokens, scores_path)
+        scores = np.memmap(scores_path, dtype=SCORES, mode="r") if scores_path.stat().st_size else np.zeros(0, SCORES)
+        threshold = top_threshold(scores, cfg.top_fraction) if cfg.top_fraction else cfg.threshold
+
+        # until the summary is rewritten, the old one keeps the scores usable: a selection killed
+        # at any point selects again from them, and never re-embeds the shard
+        kept = kept_tokens = seen = 0
+        lowest, tied, tied_tokens = math.inf, 0, 0  # the lowest score kept, and the documents and tokens at it
+        with open(partial, "w", encoding="utf-8") as f:
+            for i, (_, _, _, record) in enumerate(documents(files, Counter(), shard, shards)):
+                seen += 1
+                if i < len(scores) and scores[i]["score"] >= threshold:
+                    score, tokens = float(scores[i]["score"]), int(scores[i]["tokens"])
+                    f.write(json.dumps({**record, "score": round(score, 6)}, ensure_ascii=False) + "\n")
+                    kept, kept_tokens = kept + 1, kept_tokens + tokens
+                    if score < lowest:
+                        lowest, tied, tied_tokens = score, 0, 0
+                    if score == lowest:
+                        tied, tied_tokens = tied + 1, tied_tokens + tokens
+        if seen != len(scores):
+            partial.unlink()
+            raise UserError(f"{cfg.corpus} changed while shard {name} was filtered: rerun")
+        os.replace(partial, kept_path)
+        counts, tokens = histogram(scores, 10)
+        summary = dict(shard=shard, num_shards=shards, documents=len(scores), tokens=int(tokens.sum()),
+                       kept_documents=kept, kept_tokens=kept_tokens, threshold=threshold, selection=selection,
+                       histogram={f"{b / 10:.1f}-{(b + 1) / 10:.1f}":
+                                  dict(documents=int(counts[b]), tokens=int(tokens[b])) for b in range(10)},
+                       forest=cfg.forest, ckpt=ckpt, doc_tokens=doc_tokens, scoring=scoring,
+                       kept=files_identity([kept_path]),
+                       seconds=round(time.time() - started, 1))
+        write_atomic(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
+        print(f"shard {name}: kept {kept} of {len(scores)} documents, {kept_tokens:,} of {summary['tokens']:,} tokens "
+              f"({kept_tokens / max(1, summary['tokens']):.1%}) at score >= {threshold:.4f}; {kept_path}")
+        asked = cfg.top_fraction * summary["tokens"]
+        if cfg.top_fraction and tied > 1 and kept_tokens - tied_tokens < asked and kept_tokens > 1.1 * asked:
+            print(f"note: --top_fraction={cfg.top_fraction:g} kept {kept_tokens / summary['tokens']:.1%} of the "
+                  f"tokens: {tied} documents ({tied_tokens:,} tokens) score {lowest:.6f} exactly, at the cut, and "
+                  f"ties at it are kept", file=sys.stderr)
+        return summary
 
 
 # ---------------------------------------------------------------- decontaminate

@@ -30,7 +30,8 @@ item judged to yield no record gets a line in FILE.skipped ({"id", "reason"}). S
 killed at any moment, started again with the same command, skips every id in either
 file and ends with the same records as a run never stopped (given an endpoint that
 answers the same request the same way), none twice. A line torn by the kill is cut off.
-One run at a time writes an output (a lock on it); a second one stops at once.
+One run at a time writes an output (a lock on it); a second one stops at once. An output
+holds one kind: a run on another kind's output stops before any request.
 
 An item yields no record when --attempts answers were judged unusable (an invalid
 exercise, an empty answer, an answer cut off: finish_reason "length" or "content_filter"),
@@ -554,8 +555,12 @@ def judged(skipped: dict, max_tokens: int = 0) -> bool:
 
 def progress(kind: str, cfg, out: Path, skipped: Path) -> tuple[int, set[str]]:
     """The records of this kind and seed that out holds, and the ids done: in out, or judged in
-    FILE.skipped. Records count by id: two runs at once, before the lock, wrote each twice."""
+    FILE.skipped. Records count by id: two runs at once, before the lock, wrote each twice.
+    An output with records of another kind is refused: its report would add up both kinds' runs."""
     ids = {str(r.get("id", "")) for r in read_jsonl(out)}
+    other = next((rid for rid in ids if rid.split("-")[0] in KINDS and not rid.startswith(f"{kind}-")), None)
+    if other:
+        raise UserError(f"{out} holds {other.split('-')[0]} records ({other}), not {kind}: give --out another file")
     done = ids | {str(r.get("id", "")) for r in read_jsonl(skipped) if judged(r, cfg.max_tokens)}
     prefix = item_id(kind, cfg.seed, "")
     return sum(rid.startswith(prefix) for rid in ids), done

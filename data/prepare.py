@@ -26,7 +26,9 @@ the bins.
 val split) as data/<name>/part-00000.jsonl, ... (default name: the bins' + "_jsonl")
 of {"id", "text"} records, what
 filter.py annotates, embeds and filters. The id says where a document came from:
-its path (local), the record's own "id" or path:line (jsonl), dataset:row (hf).
+its path (local; a byte of a name that is not UTF-8 as \\xNN), the record's own "id" or
+path:line (jsonl), dataset:row (hf). An input that the run would delete or overwrite (a
+part-*.jsonl, bin or meta.json in its own folder) is refused.
 
 Idempotent: meta.json (written last) holds a fingerprint of the inputs, the settings
 and the code, and a rerun with the same fingerprint does nothing. The work is done in
@@ -95,6 +97,7 @@ PART_BYTES = 64 << 20  # text per part: the unit of resuming, and what is held i
 TASK_BYTES = 1 << 20   # text per task handed to a tokenizer process
 HERE = Path(__file__).resolve().parent
 UNFINGERPRINTED = ("name", "out_dir", "workers")  # settings that don't change the bins
+REPLACED = ("part-*.jsonl", "train.bin", "val.bin", "meta.json")  # what a run removes or rewrites in its folder
 
 
 # ---------------------------------------------------------------- sources
@@ -172,7 +175,14 @@ def local_items(listing, unlisted: list[str], max_file_bytes: int):
             if data is None:
                 yield None, "special_file", 0, path
             else:
-                yield data, None, size, path
+                yield data, None, size, path_id(path)
+
+
+def path_id(path: str) -> str:
+    """A local document's id: its path, with each byte of a name that is not UTF-8 as a
+    backslash escape (caf\\xe9.py): Python reads such a byte as a lone surrogate, which no
+    UTF-8 output can hold, and filter.py would drop the document for it."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def glob_files(pattern: str) -> list[str]:
@@ -404,6 +414,18 @@ def fingerprint(cfg, listing) -> str:
     for code in (Path(__file__), ROOT / "tokenizer.py"):
         digest.update(code.read_bytes())
     return digest.hexdigest()
+
+
+def check_inputs_kept(out: Path, listing) -> None:
+    """Refuse an input that this run would delete or overwrite: a file in its folder of the
+    kinds it replaces (part-*.jsonl, the bins, meta.json) or in its parts folder."""
+    folder = str(out.resolve()) + os.sep
+    for path, _, _ in listing:  # absolute paths (resolved, for a jsonl source)
+        rest = path[len(folder):] if path.startswith(folder) else None
+        if rest and (rest.startswith("parts" + os.sep) or os.sep not in rest and any(
+                Path(rest).match(pattern) for pattern in REPLACED)):
+            raise UserError(f"--inputs takes {path}, which this run would delete or overwrite in {out}: "
+                            f"give another --name or --out_dir")
 
 
 def read_meta(folder: Path) -> dict | None:
@@ -651,6 +673,7 @@ def prepare(cfg, quiet: bool = False) -> dict:
     t0 = time.time()
     source = open_source(cfg)
     out = output_dir(cfg, source.name)
+    check_inputs_kept(out, source.listing)
     fp = fingerprint(cfg, source.listing)
     meta = finished(out, fp)
     if meta:

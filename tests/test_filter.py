@@ -839,7 +839,8 @@ def test_an_interrupted_apply_leaves_no_summary_and_resumes(tmp_path, nano, monk
     monkeypatch.setattr(filter, "embed_texts", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_filter(*args)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["scores-00000-of-00001.bin.partial"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # the kept one: its lock, empty
+        "kept-00000-of-00001.jsonl.partial", "scores-00000-of-00001.bin.partial"]
     monkeypatch.setattr(filter, "embed_texts", real)
     run_filter(*args)
     assert json.loads((tmp_path / "out" / "summary-00000-of-00001.json").read_text())["documents"] == 20
@@ -1235,3 +1236,69 @@ def test_results_are_named_by_the_end_of_their_paths_that_tells_them_apart():
         ["a/humaneval", "b/humaneval"]
     assert names([Path("out/humaneval/first.jsonl"), Path("out/humaneval/second.jsonl")]) == \
         ["first.jsonl", "second.jsonl"]
+
+
+def test_documents_of_one_id_in_two_files_never_pair_one_score_with_the_other_text(tmp_path, nano, capsys):
+    """Two synth.py outputs of one --seed share their ids: annotate scored both documents of an id,
+    embed kept the first's text and train the last's score."""
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    kinds = [("lesson", "dump") if i % 2 else ("dump", "lesson") for i in range(12)]
+    for path, k in ((first, 0), (second, 1)):
+        path.write_text(lines(*(dict(id=f"textbook-1337-{i}", text=LESSON.format(name=f"scale_{i}")
+                                     if kinds[i][k] == "lesson" else f"LIMIT_{i} = {i}") for i in range(12))))
+    labels, emb, alone = tmp_path / "labels.jsonl", tmp_path / "emb.npy", tmp_path / "alone.npy"
+    with FakeLLM(answer=teacher) as server:
+        run_filter("annotate", f"--corpus={first},{second}", "--n=24", f"--labels={labels}",
+                   f"--api_base={server.url}", "--model=fake")
+        assert len(server.served) == 12
+    assert "12 repeated id" in capsys.readouterr().err
+    assert sorted(r["text"] for r in annotated(labels)) == sorted(r["text"] for r in annotated(first))
+    run_filter("embed", f"--corpus={first},{second}", f"--ckpt={nano}", f"--embeddings={emb}")
+    run_filter("embed", f"--corpus={first}", f"--ckpt={nano}", f"--embeddings={alone}")
+    ids, array, _ = filter.load_embeddings(emb)
+    assert np.array_equal(array, filter.load_embeddings(alone)[1])  # the first file's texts
+    scores = filter.read_scores(labels)
+    assert [scores[doc_id] for doc_id in ids] == [9 if kinds[i][0] == "lesson" else 1 for i in range(12)]
+
+
+def test_scores_of_an_id_with_two_texts_are_left_out(tmp_path, capsys):
+    """Labels an older annotate wrote for a repeated id: which text embed takes is not the score's."""
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(lines(dict(id="a", score=None, text="x = 1"), dict(id="a", score=9, text="def f(): ..."),
+                            dict(id="b", score=None, text="y"), dict(id="b", score=1, text="y")))
+    assert filter.read_scores(labels) == {"b": 1}
+    assert "1 ids of" in capsys.readouterr().err
+
+
+def test_one_run_at_a_time_annotates_embeds_or_filters_a_shard(tmp_path, nano, capsys):
+    """Two annotate runs on one --labels each asked for every document (and paid twice)."""
+    import fcntl
+    docs, labels = corpus(tmp_path / "docs.jsonl", 6, seed=3), tmp_path / "labels.jsonl"
+    emb, out = tmp_path / "emb.npy", tmp_path / "out"
+    forest = nano_forest(tmp_path, nano)
+    labels.write_text(lines(dict(id="docs-0", score=9, model="gpt-4")))
+    with FakeLLM(answer=teacher) as server:
+        teach = ["annotate", f"--corpus={docs}", f"--labels={labels}", f"--api_base={server.url}", "--model=fake"]
+        for held, message, command in (
+                (labels, f"another run is annotating into {labels}", teach),
+                (Path(f"{emb}.partial"), f"another run is embedding into {emb}",
+                 ["embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}"]),
+                (out / "kept-00000-of-00001.jsonl.partial", f"another run is filtering shard 00000-of-00001 in {out}",
+                 ["apply", f"--corpus={docs}", f"--forest={forest}", f"--out={out}"])):
+            held.parent.mkdir(exist_ok=True)
+            with open(held, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # another run's lock
+                with pytest.raises(UserError, match=f"^{re.escape(message)}: wait for it"):
+                    run_filter(*command)
+        assert server.served == []
+        run_filter(*teach)
+        assert len(server.served) == 5  # docs-0 was scored before, by another teacher
+    assert "resuming with another teacher than" in capsys.readouterr().err
+
+
+def test_train_says_how_many_scored_documents_lack_an_embedding(tmp_path, capsys):
+    settings = fake_embeddings(tmp_path, [1, 9] * 3)
+    with (tmp_path / "labels.jsonl").open("a") as f:
+        f.write(lines(*(dict(id=f"later-{i}", score=9) for i in range(4))))
+    run_filter("train", *settings, f"--forest={tmp_path / 'forest.npz'}")
+    assert "4 of the 10 documents scored in" in capsys.readouterr().err

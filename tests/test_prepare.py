@@ -773,3 +773,33 @@ def test_ctrl_c_or_a_kill_stops_the_workers_without_tracebacks(tmp_path, how):
     stderr = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130 and stderr.endswith("\ninterrupted\n") and "Traceback" not in stderr
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+
+
+def test_a_run_refuses_inputs_it_would_delete_or_overwrite(tmp_path):
+    """Bins into the folder of their own JSONL input would delete it (and then find nothing
+    on a rerun); files the run does not replace may lie there."""
+    src = write_tree(tmp_path / "src", {"a.py": A, "b.py": B})
+    prepare.prepare(settings(tmp_path, inputs=str(src), output="jsonl", name="web"), quiet=True)
+    copy = tmp_path / "out" / "copy"
+    shutil.copytree(tmp_path / "out" / "web", copy)
+    for output in ("bins", "jsonl"):
+        with pytest.raises(UserError, match="which this run would delete or overwrite"):
+            prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(copy / "part-*.jsonl"), output=output,
+                                     name="copy"), quiet=True)
+    assert (copy / "part-00000.jsonl").is_file() and not (copy / "train.bin").exists()
+    os.replace(copy / "part-00000.jsonl", copy / "notes.jsonl")  # not a name the run replaces
+    meta = prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(copy / "notes.jsonl"), name="copy"),
+                           quiet=True)
+    assert meta["train_documents"] + meta["val_documents"] == 2 and (copy / "notes.jsonl").is_file()
+
+
+def test_a_file_name_that_is_not_utf8_gives_an_id_filter_keeps(tmp_path):
+    import filter
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / os.fsdecode(b"caf\xe9.py")).write_text(A)  # Python spells the name with a lone surrogate
+    prepare.prepare(settings(tmp_path, inputs=str(src), output="jsonl"), quiet=True)
+    part = tmp_path / "out" / "corpus" / "part-00000.jsonl"
+    skipped = filter.Counter()
+    assert [doc_id for _, doc_id, _, _ in filter.documents([part], skipped)] == [f"{src}/caf\\xe9.py"]
+    assert not skipped

@@ -718,3 +718,15 @@ def test_coverage_counts_only_the_constraints_an_item_drew():
     c = {**synth.draw("exercises", 0, 0), "adjective": "", "qualifier": ""}
     assert synth.used("exercises", c) == {"subtopics": [(c["area"], c["topic"], c["subtopic"])], "verbs": [c["verb"]],
                                           "nouns": [c["noun"]], "adjectives": [], "qualifiers": []}
+
+
+def test_an_output_of_another_kind_is_refused_before_any_request(tmp_path):
+    """Textbooks appended to exercises, and the report adding up both kinds' costs."""
+    out = tmp_path / "ex.jsonl"
+    out.write_text(json.dumps({"id": "exercises-1337-0", "text": "def f():\n    pass\n"}) + "\n")
+    before = out.read_bytes()
+    with FakeLLM(answer=distinct_prose) as server:
+        with pytest.raises(UserError, match=f"^{out} holds exercises records \\(exercises-1337-0\\), not textbook"):
+            synthesize(server, "textbook", out, "--n=5")
+        assert server.served == []
+    assert out.read_bytes() == before and not Path(f"{out}.report.json").exists()
