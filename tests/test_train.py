@@ -744,10 +744,8 @@ def test_log_line_throughput_and_mfu_count_training_time_only(tmp_path, pico, mo
         assert f"| 1000 ms/step | {tok_s} tok/s | MFU {mfu:.1f}%" in line, line
 
 
-def test_dropout_noise_is_fresh_each_step_and_a_function_of_the_step(tmp_path, pico, monkeypatch):
-    """The random state each training forward starts from differs from step to step (a
-    repeated dropout mask is no regulariser) and depends on (seed, step) alone, so a resumed run
-    replays it."""
+def record_training_rng_states(monkeypatch) -> list:
+    """The list to which every training forward from now on adds torch's random state at its start."""
     forward, states = GPT.forward, []
 
     def spy(self, *args, **kwargs):
@@ -756,6 +754,14 @@ def test_dropout_noise_is_fresh_each_step_and_a_function_of_the_step(tmp_path, p
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(GPT, "forward", spy)
+    return states
+
+
+def test_dropout_noise_is_fresh_each_step_and_a_function_of_the_step(tmp_path, pico, monkeypatch):
+    """The random state each training forward starts from differs from step to step (a
+    repeated dropout mask is no regulariser) and depends on (seed, step) alone, so a resumed run
+    replays it."""
+    states = record_training_rng_states(monkeypatch)
     data = str(make_dataset(tmp_path / "ds"))
     cfg = dict(preset=pico, data=data, dropout=0.1, max_iters=3, eval_interval=0, checkpoint_interval=0)
     train.train(settings(**cfg, out_dir=str(tmp_path / "a")))
@@ -771,14 +777,8 @@ def test_dropout_noise_follows_the_micro_batch_not_the_process(tmp_path, pico, m
     one process has at the same micro-batches, the step's second and fourth: a run with
     dropout resumed on another number of processes goes on as it would have."""
     import torch.distributed as dist
-    forward, states = GPT.forward, []
 
-    def spy(self, *args, **kwargs):
-        if self.training:
-            states.append(torch.random.get_rng_state())
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(GPT, "forward", spy)
+    states = record_training_rng_states(monkeypatch)
     data = str(make_dataset(tmp_path / "ds"))
     cfg = dict(preset=pico, data=data, dropout=0.1, batch_size=2, total_batch_size=8, max_iters=2,
                eval_interval=0, checkpoint_interval=0)
