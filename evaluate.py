@@ -182,14 +182,15 @@ def humaneval_problems() -> dict[str, dict]:
     return problems
 
 
-def mbpp_file(path: str = "") -> Path:
+def mbpp_file(path: str = "", warn: bool = True) -> Path:
     """mbpp.jsonl: the given path, $PHI1_MBPP, the offline copy beside the checkout, or the
-    cached download. A file of ours must have MBPP_SHA256; one named by the user only warns."""
+    cached download. A file of ours must have MBPP_SHA256; one named by the user only warns
+    (once a run: warn=False where the file is found a second time)."""
     named = path or os.environ.get("PHI1_MBPP", "")
     if named:
         if not Path(named).is_file():
             raise UserError(f"no MBPP file at {named}")
-        if sha256(Path(named)) != MBPP_SHA256:
+        if warn and sha256(Path(named)) != MBPP_SHA256:
             print(f"warning: {named} is not the canonical mbpp.jsonl (sha256 differs); "
                   f"scores may not compare with others'", file=sys.stderr)
         return Path(named)
@@ -410,7 +411,7 @@ def generate(cfg, problems: dict, known, stop: list[str], out: Path) -> Path:
 
     from data.prepare import Appender, write_atomic
     path = out / "samples.jsonl"
-    data = sha256(mbpp_file(cfg.data)) if cfg.bench == "mbpp" else None  # another --data: other problems
+    data = sha256(mbpp_file(cfg.data, warn=False)) if cfg.bench == "mbpp" else None  # another --data: other problems
     identity = dict(bench=cfg.bench, data=data, ckpt=cfg.ckpt, init_from=cfg.init_from,
                     weights=weights_stamp(cfg.ckpt or cfg.init_from), api_base=cfg.api_base, model=cfg.model,
                     temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)

@@ -1204,7 +1204,7 @@ def test_the_same_checkpoint_by_another_path_resumes_another_file_does_not(tmp_p
 
 
 @NEEDS_MBPP
-def test_samples_of_another_mbpp_file_are_refused(tmp_path):
+def test_samples_of_another_mbpp_file_are_refused(tmp_path, capsys):
     from llm_server import FakeLLM
     out, other = tmp_path / "out", tmp_path / "mbpp.jsonl"
     lines = MBPP.read_text().splitlines(keepends=True)
@@ -1213,8 +1213,10 @@ def test_samples_of_another_mbpp_file_are_refused(tmp_path):
     with FakeLLM() as server:
         evaluate.main([f"--api_base={server.url}", f"--data={MBPP}", *common])
         assert json.loads((out / "generation.json").read_text())["data"] == evaluate.MBPP_SHA256
+        capsys.readouterr()
         with pytest.raises(UserError, match=r"other settings \(data;"):
             evaluate.main([f"--api_base={server.url}", f"--data={other}", *common])
+    assert capsys.readouterr().err.count("is not the canonical mbpp.jsonl") == 1  # found twice, said once
 
 
 def test_a_rerun_with_fewer_samples_scores_the_first_of_each_problem(tmp_path, capsys, humaneval):
