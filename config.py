@@ -40,7 +40,7 @@ def run(main) -> None:
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -48,6 +48,11 @@ def run(main) -> None:
     except BrokenPipeError:  # the reader of stdout went away (`--help | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
         sys.exit(128 + signal.SIGPIPE)
+
+
+def report(e: UserError) -> None:
+    """The one line a user mistake prints."""
+    print(f"error: {e}", file=sys.stderr, flush=True)
 
 
 def require(*checks: tuple[object, str]) -> None:

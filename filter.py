@@ -588,28 +588,30 @@ def embed(cfg) -> Path:
         pass
 
     rank, world, device = start_processes(cfg)
-    model = load_embedder(cfg, cfg.ckpt, device)
+    from train import together
+    with together(world, device):  # a mistake stops every process, and is said once
+        model = load_embedder(cfg, cfg.ckpt, device)
     n, dim, chunk = len(ids), model.config.n_embd, cfg.batch_size * CHUNK_BATCHES
     n_chunks = -(-n // chunk)
     state = dict(format=EMBEDDINGS_FORMAT, fingerprint=fp, count=n, dim=dim, chunk=chunk)
     out.parent.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
-    # one run at a time: two would write one array, and one would reset the chunks the other did
-    with run_lock(partial, f"another run is embedding into {out}: wait for it, stop it, or use another "
-                           f"--embeddings") if rank == 0 else contextlib.nullcontext():
-        if rank == 0:
-            for stale in (out, sidecar):  # nothing of an older run may look complete
-                stale.unlink(missing_ok=True)
-            try:
-                resume = (json.loads(partial_meta.read_text()) == state and flags_path.stat().st_size == n_chunks
-                          and np.load(partial, mmap_mode="r").shape == (n, dim))
-            except (OSError, ValueError, EOFError):  # EOFError: the empty file of the lock
-                resume = False
-            if not resume:
-                np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
-                flags_path.write_bytes(bytes(n_chunks))
-                write_atomic(partial_meta, json.dumps(state).encode())
-        if world > 1:
-            dist.barrier()
+    with contextlib.ExitStack() as held:  # rank 0's lock, held to the end
+        with together(world, device):  # (and a barrier: the array is there for all)
+            if rank == 0:
+                # one run at a time: two would write one array, and one would reset the chunks the other did
+                held.enter_context(run_lock(partial, f"another run is embedding into {out}: wait for it, stop it, "
+                                                     f"or use another --embeddings"))
+                for stale in (out, sidecar):  # nothing of an older run may look complete
+                    stale.unlink(missing_ok=True)
+                try:
+                    resume = (json.loads(partial_meta.read_text()) == state and flags_path.stat().st_size == n_chunks
+                              and np.load(partial, mmap_mode="r").shape == (n, dim))
+                except (OSError, ValueError, EOFError):  # EOFError: the empty file of the lock
+                    resume = False
+                if not resume:
+                    np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
+                    flags_path.write_bytes(bytes(n_chunks))
+                    write_atomic(partial_meta, json.dumps(state).encode())
         array = np.load(partial, mmap_mode="r+")
         flags = np.memmap(flags_path, dtype=np.uint8, mode="r+")
         mine = [c for c in range(rank, n_chunks, world) if not flags[c]]

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
-from config import UserError, parse_settings, require, run
+from config import UserError, parse_settings, report, require, run
 from data.prepare import cannot_write, check_writable, ensure_prepared, read_meta, run_lock
 from model import (GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, load_for_tokens, pick_device,
                    pick_dtype)
@@ -108,6 +108,31 @@ def setup_processes(name: str):
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+@contextlib.contextmanager
+def together(world: int, device: torch.device):
+    """Wraps work that every process reaches (holding no collective inside): if a UserError
+    stops it on any process, every process stops at the end of the block, with status 2,
+    the lowest rank that failed printing why. So a mistake gives one line, not one per
+    process, nor the tracebacks of processes left waiting in a collective when a peer
+    exits. With world > 1 the block's end is also a barrier."""
+    error = None
+    try:
+        yield
+    except UserError as e:
+        if world == 1:
+            raise
+        error = e
+    if world > 1:
+        rank = dist.get_rank()
+        first_failed = torch.tensor([rank if error else world], device=device)
+        dist.all_reduce(first_failed, op=dist.ReduceOp.MIN)
+        if int(first_failed) < world:
+            if int(first_failed) == rank:
+                report(error)
+            dist.barrier()  # torchrun stops every process once one exits: not before the line is out
+            raise SystemExit(2)
 
 
 # ---------------------------------------------------------------- data
@@ -439,23 +464,24 @@ def train(cfg, make_data=None, score=None) -> GPT:
 
 
 def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
-    check_settings(cfg)
     rank, world, device = setup_processes(cfg.device)
     master = rank == 0
+    with together(world, device):
+        check_settings(cfg)
+        ptdtype = pick_dtype(cfg.dtype, device)
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
-    ptdtype = pick_dtype(cfg.dtype, device)
 
     first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if world > 1 and not first_on_node:  # a node's first process fetches hub weights once, then the rest
-        dist.barrier()
-    raw_model, ckpt, origin = build_model(cfg, out_dir, master)
-    if world > 1 and first_on_node:
-        dist.barrier()
+    for turn in (True, False):  # a node's first process fetches hub weights once, then the rest
+        with together(world, device):
+            if first_on_node == turn:
+                raw_model, ckpt, origin = build_model(cfg, out_dir, master)
     start_step = ckpt["step"] if ckpt else 0
+    steps = torch.tensor([start_step, -start_step], device=device)
     if world > 1:  # several nodes: every one must see the same checkpoint (out_dir on a shared disk)
-        steps = torch.tensor([start_step, -start_step], device=device)
         dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+    with together(world, device):
         if -int(steps[1]) != int(steps[0]):
             raise UserError(f"processes resume from different steps ({int(steps[0])} to {-int(steps[1])}): "
                             f"--out_dir must be one folder that every node shares")
@@ -465,33 +491,32 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             print(f"{ckpt_path} already finished {start_step} steps; raise --max_iters (or --stop_iters) to go on, "
                   f"or use another --out_dir to train anew")
         return raw_model
-    if cfg.profile and end - start_step < cfg.log_interval + 5:
-        raise UserError(f"--profile traces steps {cfg.log_interval + 3} to {cfg.log_interval + 5} of this run: "
-                        f"it needs {cfg.log_interval + 5} steps to go, not {end - start_step}")
     config = raw_model.config
     total = cfg.total_batch_size or cfg.batch_size * world
-    if total % (cfg.batch_size * world):
-        raise UserError(f"--total_batch_size={total} is not a multiple of batch_size x processes "
-                        f"= {cfg.batch_size * world}")
     accum = total // (cfg.batch_size * world)
+    with together(world, device):
+        if cfg.profile and end - start_step < cfg.log_interval + 5:
+            raise UserError(f"--profile traces steps {cfg.log_interval + 3} to {cfg.log_interval + 5} of this "
+                            f"run: it needs {cfg.log_interval + 5} steps to go, not {end - start_step}")
+        if total % (cfg.batch_size * world):
+            raise UserError(f"--total_batch_size={total} is not a multiple of batch_size x processes "
+                            f"= {cfg.batch_size * world}")
 
-    if make_data is not None:
-        data = make_data(config)
-    else:
-        splits = ("train", "val") if cfg.eval_interval > 0 else ("train",)
-        if master:  # the default dataset is prepared once, by the first process
+    splits = ("train", "val") if cfg.eval_interval > 0 else ("train",)
+    with together(world, device):  # the default dataset is prepared once, by the first process
+        if make_data is None and master:
             Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=True, splits=splits)
-        if world > 1:
-            dist.barrier()
-        data = Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=False, splits=splits)
-
-    if master:  # now, not at the first checkpoint hours later
-        check_writable(ckpt_path)
-        out_dir.mkdir(parents=True, exist_ok=True)  # a second run would overwrite the first's checkpoints
-        held.enter_context(run_lock(out_dir, f"another run is training in {out_dir}: wait for it, stop it, or "
-                                             f"use another --out_dir"))
-        for done in (ckpt_path, out_dir / "best.pt"):  # a run killed while saving leaves its temporary file
-            done.with_name(done.name + ".tmp").unlink(missing_ok=True)
+    with together(world, device):
+        data = (make_data(config) if make_data is not None else
+                Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=False, splits=splits))
+    with together(world, device):
+        if master:  # now, not at the first checkpoint hours later
+            check_writable(ckpt_path)
+            out_dir.mkdir(parents=True, exist_ok=True)  # a second run would overwrite the first's checkpoints
+            held.enter_context(run_lock(out_dir, f"another run is training in {out_dir}: wait for it, stop it, "
+                                                 f"or use another --out_dir"))
+            for done in (ckpt_path, out_dir / "best.pt"):  # a run killed while saving leaves its temporary file
+                done.with_name(done.name + ".tmp").unlink(missing_ok=True)
     raw_model.to(device)
     optimizer = make_optimizer(raw_model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)

@@ -526,6 +526,21 @@ def test_embed_under_torchrun_matches_one_process(tmp_path, nano):
     assert one[0] == two[0] and np.allclose(one[1], two[1], atol=1e-3)  # other thread counts: other roundings
 
 
+def test_embed_under_torchrun_says_a_held_lock_once(tmp_path, nano):
+    """Process 0 takes the lock while process 1 waits: it printed a traceback as process 0 exited."""
+    import fcntl
+    docs, emb = corpus(tmp_path / "docs.jsonl", 4, seed=4), tmp_path / "emb.npy"
+    with open(f"{emb}.partial", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another run's lock
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(ROOT / "filter.py"), "embed", f"--corpus={docs}", f"--ckpt={nano}",
+                                 f"--embeddings={emb}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
+    assert ours == [f"error: another run is embedding into {emb}: wait for it, stop it, or use another "
+                    f"--embeddings"], result.stderr[-3000:]
+
+
 def test_decontaminate_finds_renamed_benchmark_code_and_prunes_it(tmp_path, nano, capsys):
     problems, _ = evaluate.load_problems("humaneval")
     copies = [dict(id=f"copy-{i}", text=ast.unparse(Rename().visit(ast.parse(problems[f"HumanEval/{i}"]["prompt"] +

@@ -329,6 +329,22 @@ torch.save(model.state_dict(), os.path.join(cfg.out_dir, f"rank{{os.environ['RAN
         torch.testing.assert_close(rank0[name], tensor, rtol=1e-4, atol=1e-4, msg=name)  # micro-steps weighed alike: fails
 
 
+def test_a_mistake_under_torchrun_is_one_line_from_one_process(tmp_path):
+    """Process 0 reads the checkpoint first while process 1 waits in a collective: process 1
+    printed a traceback of the broken connection when process 0 exited with its error."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "train.py"), "--preset=nano", f"--out_dir={out}", f"--data={tmp_path / 'absent'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
+    assert ours == [f"error: cannot resume: {out / 'ckpt.pt'} is not a readable checkpoint (not a file of tensors "
+                    f"that torch.save wrote)"], result.stderr[-3000:]
+
+
 def test_gradient_accumulation_averages_micro_steps(tmp_path, capsys):
     # The same batch twice in 2 micro-steps is the same gradient and loss as once in 1.
     data = str(make_dataset(tmp_path / "ds"))
