@@ -296,9 +296,9 @@ class GPT(nn.Module):
     # ------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+    def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], temperature: float = 0.0,
                  top_p: float = 1.0, stop: str | list[str] | None = None, seed: int | None = None,
-                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+                 on_token: Callable[[int, int | None], None] | None = None) -> list[list[int]]:
         """Continue each prompt; returns the new tokens of each.
 
         Prompts of different lengths are left-padded into one batch, with
@@ -307,26 +307,42 @@ class GPT(nn.Module):
         every step feeds one token per row. A row ends at <|endoftext|> (not
         returned), when its new text contains a stop string (`stop`: one string
         or a list; the tokens that completed it are returned: cut the text with
-        tokenizer.cut_at_stop), or after max_new_tokens. temperature 0 is
-        greedy; otherwise nucleus sampling.
-        on_token(row, token), if given, sees each new token as it is kept (a
-        server streams them).
+        tokenizer.cut_at_stop), or after max_new_tokens (one number for every
+        row, or a list of one per row); the batch ends when all rows have.
+        temperature 0 is greedy; otherwise nucleus sampling.
+        on_token(row, token), if given, sees each new token as it is kept, then
+        on_token(row, None) as the row ends (a server streams the tokens and
+        answers each row as soon as it is complete).
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, each of at least one token")
-        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
-            raise ValueError(f"max_new_tokens must be an integer >= 0, not {max_new_tokens!r}")
+        budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+        if not (isinstance(budgets, list) and len(budgets) == len(prompts)
+                and all(isinstance(n, int) and n >= 0 for n in budgets)):
+            raise ValueError(f"max_new_tokens must be an integer >= 0 or a list of one per prompt, "
+                             f"not {max_new_tokens!r}")
         if not (0 <= temperature < math.inf and 0 <= top_p <= 1):  # nan fails both
             raise ValueError(f"temperature must be finite and >= 0, top_p in [0, 1]; not {temperature}, {top_p}")
         if not all(0 <= t < self.config.vocab_size for p in prompts for t in p):
             raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
         B, device = len(prompts), self.lm_head.weight.device
         lengths = torch.tensor([len(p) for p in prompts], device=device)
-        T0 = int(lengths.max())
-        total = T0 + max(max_new_tokens - 1, 0)  # positions fed to the model: the last new token never is
+        T0, most = int(lengths.max()), max(budgets)
+        total = T0 + max(most - 1, 0)  # positions fed to the model: the last new token never is
         if total > self.config.block_size:
-            raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({most}) exceeds "
                              f"the context of {self.config.block_size} by {total - self.config.block_size}")
+        new_tokens: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+
+        def end(row: int) -> None:
+            done[row] = True
+            if on_token is not None:
+                on_token(row, None)
+
+        for row in range(B):  # a row with no budget ends before any work
+            if budgets[row] == 0:
+                end(row)
         idx = torch.zeros(B, T0, dtype=torch.long, device=device)
         for row, p in enumerate(prompts):
             idx[row, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
@@ -365,7 +381,7 @@ class GPT(nn.Module):
             x = self.hidden_states(ids, positions.index_select(1, cache.slot), cache, mask)
             return self.lm_head(x[:, -1])
 
-        if device.type == "cuda" and max_new_tokens > 2 and not torch.is_autocast_enabled("cuda"):
+        if device.type == "cuda" and most > 2 and not torch.is_autocast_enabled("cuda"):
             try:
                 decode_step = _cuda_graph(decode_step)
             except RuntimeError as e:  # an op this torch or GPU cannot capture: still correct, slower
@@ -373,23 +389,22 @@ class GPT(nn.Module):
 
         stop = tokenizer.stop_strings(stop)
         window = max((len(s.encode(errors="surrogatepass")) for s in stop), default=0) + 1  # tokens to decode for a check
-        new_tokens: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        for t in range(max_new_tokens):
+        for t in range(most):
             logits[:, tokenizer.VOCAB_SIZE:] = -float("inf")  # padding rows of the vocabulary
             next_ids = sample(logits.float(), temperature, top_p, generator)
             for row, token in enumerate(next_ids.tolist()):
                 if done[row]:
                     continue
                 if token == tokenizer.EOT:
-                    done[row] = True
+                    end(row)
                     continue
                 new_tokens[row].append(token)
                 if on_token is not None:
                     on_token(row, token)
-                if stop and any(s in tokenizer.decode(new_tokens[row][-window:]) for s in stop):
-                    done[row] = True
-            if all(done) or t == max_new_tokens - 1:
+                if (len(new_tokens[row]) == budgets[row]
+                        or stop and any(s in tokenizer.decode(new_tokens[row][-window:]) for s in stop)):
+                    end(row)
+            if all(done):  # at the latest once the longest budget is spent
                 break
             ids.copy_(next_ids[:, None])
             cache.slot.fill_(T0 + t)

@@ -47,8 +47,10 @@ Batching: one thread owns the model. Request threads put their rows (each prompt
 n times) on a queue; the generation thread takes whatever arrives within
 --batch_wait_ms of the first, up to --max_batch rows, groups the rows that share
 temperature, top_p and stop strings (generate() takes one of each per batch), and
-runs one generate() per group, up to the longest max_tokens in it, cutting each
-row to its own. Greedy output does not depend on batching (up to rounding in
+runs one generate() per group, each row to its own max_tokens. A row is answered
+as soon as it ends, not when its batch does (streamed, its finish event goes out
+at once; else its request is answered once its other rows are), and a batch ends
+with its last row. Greedy output does not depend on batching (up to rounding in
 near-ties, more likely in bfloat16). Sampled rows in one batch draw from one
 random stream, so a request with a seed is reproducible when its rows make a
 batch of their own (it came alone, or nothing queued with it shares its
@@ -59,8 +61,9 @@ repeat the samples of the one before.
 
 A client that hangs up (a dropped stream, a timed-out request that llm.py would
 send again) cancels its rows: those still queued are dropped, and a running batch
-stops at its next token once all its rows are cancelled; one that still has rows
-of other requests runs on for them, with the same answers as without.
+stops at its next token once every row in it is cancelled or answered; one that
+still has unfinished rows of other requests runs on for them, with the same
+answers as without.
 
 Ctrl-C or SIGTERM stops the server: it takes no more requests, the running
 batch finishes and its answers are sent, and queued requests get a 503.
@@ -390,8 +393,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 @dataclass(eq=False)
 class Row:
-    """One completion to generate; its future receives the new token ids. A
-    streamed row also puts (row, token) on `tokens` as each comes, then (row, None)."""
+    """One completion to generate; its future receives the new token ids as soon as the
+    row ends. A streamed row also puts (row, token) on `tokens` as each comes, then (row, None)."""
     prompt: list[int]
     max_new: int
     temperature: float
@@ -401,11 +404,11 @@ class Row:
     request: int  # which request it belongs to
     tokens: queue.Queue | None = None  # the request's stream, shared by its rows
     streamed: int = 0  # tokens put on it so far
-    cancelled: bool = False  # its client hung up: the engine drops it, or stops once its batch is all such
+    cancelled: bool = False  # its client hung up: the engine drops it, or stops once the rest are answered
     future: Future = field(default_factory=Future)
 
     def push(self, token: int) -> None:
-        if self.tokens is not None and self.streamed < self.max_new:  # the batch may run longer
+        if self.tokens is not None:
             self.streamed += 1
             self.tokens.put((self, token))
 
@@ -419,7 +422,7 @@ class Row:
 
 
 class Cancelled(Exception):
-    """The client of a request hung up: raised to stop the work for it."""
+    """Nobody waits for the rest of the work (a client hung up): raised to stop it."""
 
 
 _CLOSE = object()  # queued by Engine.close
@@ -506,36 +509,36 @@ class Engine:
         else:
             seed = self.rng.randrange(2**63)
         self.largest_batch = max(self.largest_batch, len(batch))
-        max_new = max(row.max_new for row in batch)
-        live = 0  # the rows before it are cancelled
+        out: list[list[int]] = [[] for _ in batch]
+        live = 0  # the rows before it are answered or cancelled
 
-        def on_token(i: int, token: int) -> None:
-            """Push the token; stop generate() once every row is cancelled. (One with live
-            rows runs on: generate() cannot drop a row, and a step costs as much without it.)"""
+        def on_token(i: int, token: int | None) -> None:
+            """Push the token, or answer the row at its end; stop generate() once every row
+            is answered or cancelled. (One with rows left runs on: generate() cannot drop a
+            row, and a step costs as much without it.)"""
             nonlocal live
-            batch[i].push(token)
-            while batch[live].cancelled:  # a row once cancelled stays so: scanned once per batch
+            if token is None:
+                batch[i].finish(out[i])
+            else:
+                out[i].append(token)
+                batch[i].push(token)
+            while batch[live].cancelled or batch[live].future.done():  # for good: scanned once per batch
                 live += 1
                 if live == len(batch):
                     raise Cancelled
 
         try:
-            if max_new == 0:
-                out = [[] for _ in batch]
-            else:
-                out = self.model.generate([row.prompt for row in batch], max_new, first.temperature,
-                                          first.top_p, list(first.stop), seed, on_token=on_token)
-        except Cancelled:  # nobody is waiting for these rows
+            self.model.generate([row.prompt for row in batch], [row.max_new for row in batch], first.temperature,
+                                first.top_p, list(first.stop), seed, on_token=on_token)
+        except Cancelled:  # nobody waits for the rest
             return
-        except Exception as e:  # e.g. out of memory: fail this batch, keep serving
+        except Exception as e:  # e.g. out of memory: fail this batch's unanswered rows, keep serving
             traceback.print_exc()
             error = ApiError(f"generation failed ({type(e).__name__}: {e})", 500, "generation_failed",
                              type="server_error")
             for row in batch:
-                row.finish(error=error)
-            return
-        for row, ids in zip(batch, out):
-            row.finish(ids[:row.max_new])
+                if not row.future.done():
+                    row.finish(error=error)
 
 
 # ---------------------------------------------------------------- the HTTP server

@@ -520,14 +520,28 @@ def test_padding_rows_of_the_vocabulary_are_never_generated():
 
 def test_on_token_sees_exactly_the_tokens_returned(monkeypatch):
     """A server streams what on_token sees: it must match what generate() returns
-    (no <|endoftext|>, nothing after a row ended)."""
+    (no <|endoftext|>, nothing after a row ended), then None as the row ends."""
     model = small_model(seed=4, config=ONE_LAYER)
     word = tokenizer.encode("def")[0]
     scripted(monkeypatch, [[word, word], [tokenizer.EOT, word], [word, tokenizer.EOT], [word, word]])
     seen = []
     out = model.generate([[1, 2], [3]], max_new_tokens=4, on_token=lambda row, t: seen.append((row, t)))
     assert out == [[word], [word, word]]
-    assert seen == [(0, word), (1, word), (1, word)]
+    assert seen == [(0, word), (1, word), (0, None), (1, word), (1, None)]
+
+
+def test_each_row_ends_at_its_own_budget_and_the_batch_with_the_last_row(monkeypatch):
+    """A server batches requests of different max_tokens: each row ends at its own,
+    reported as it does, and decoding stops once every row has (not at the largest budget)."""
+    model = small_model(seed=4, config=ONE_LAYER)
+    word = tokenizer.encode("def")[0]
+    scripted(monkeypatch, [[word, word, word], [word, word, tokenizer.EOT]])  # a third step would raise
+    seen = []
+    out = model.generate([[1], [2, 3], [4]], [0, 2, 9], on_token=lambda row, t: seen.append((row, t)))
+    assert out == [[], [word, word], [word]]
+    assert seen == [(0, None), (1, word), (2, word), (1, word), (1, None), (2, None)]
+    with pytest.raises(ValueError, match="a list of one per prompt"):
+        model.generate([[1], [2]], [1])
 
 
 def test_a_row_that_ends_does_not_end_the_others(monkeypatch):

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import sample
+import model as model_module
 import tokenizer
 from config import UserError, parse_args
 from model import GPT, PRESETS, load_checkpoint, load_model
@@ -123,14 +124,6 @@ def test_requests_default_to_the_server_settings():
     assert sample.parse_sampling(both, cfg, chat=True).max_tokens == 3  # chat's newer name wins
     assert sample.parse_sampling(both, cfg, chat=False).max_tokens == 5
     assert sample.parse_sampling({"stop": ["", "x"]}, cfg, chat=False).stop == ("x",)  # "" stops nothing
-
-
-def test_a_streamed_row_gives_no_more_than_its_max_new_tokens():
-    # its batch may run longer for another row
-    row = sample.Row([1], 2, 0.0, 1.0, (), None, 0, queue.Queue())
-    for token in tokenizer.encode(" a b c d"):
-        row.push(token)
-    assert row.streamed == 2 and row.tokens.qsize() == 2
 
 
 def test_streamed_pieces_never_give_the_start_of_a_stop_string():
@@ -339,10 +332,14 @@ class HeldModel:
     def __init__(self, started: threading.Event, release: threading.Event):
         self.started, self.release = started, release
 
-    def generate(self, prompts, max_new, *args, **kwargs):
+    def generate(self, prompts, max_new, *args, on_token, **kwargs):
         self.started.set()
         self.release.wait(20)
-        return [[1] * max_new for _ in prompts]
+        for i, budget in enumerate(max_new):
+            for _ in range(budget):
+                on_token(i, 1)
+            on_token(i, None)
+        return [[1] * budget for budget in max_new]
 
 
 def test_closing_the_engine_fails_the_rows_still_queued():
@@ -407,8 +404,8 @@ def test_closing_the_server_waits_until_the_answers_are_sent(monkeypatch):
 
 
 class SteppingModel:
-    """A model whose generate gives every row token 1 each step, after calling hook(step),
-    and counts the steps of each call in `steps`."""
+    """A model whose generate gives every row token 1 each step until its budget, after
+    calling hook(step), and counts the steps of each call in `steps`."""
     config = PRESETS["nano"]
 
     def __init__(self, hook):
@@ -416,12 +413,15 @@ class SteppingModel:
 
     def generate(self, prompts, max_new, *args, on_token, **kwargs):
         self.steps.append(0)
-        for step in range(max_new):
+        for step in range(max(max_new)):
             self.steps[-1] += 1
             self.hook(step)
-            for i in range(len(prompts)):
-                on_token(i, 1)
-        return [[1] * max_new for _ in prompts]
+            for i, budget in enumerate(max_new):
+                if step < budget:
+                    on_token(i, 1)
+                if step == budget - 1:
+                    on_token(i, None)
+        return [[1] * budget for budget in max_new]
 
 
 def test_a_batch_runs_on_for_live_rows_and_stops_at_the_next_token_once_all_are_cancelled():
@@ -448,6 +448,71 @@ def test_a_batch_runs_on_for_live_rows_and_stops_at_the_next_token_once_all_are_
         assert model.steps == [6, 3, 1]
     finally:
         engine.close()
+
+
+def test_a_row_is_answered_as_it_ends_and_its_batch_stops_once_the_rest_are_cancelled(reference, monkeypatch):
+    """A short request batched with a long one does not wait for it (streamed, its finish
+    event goes out at once), and no token is generated once every row left is cancelled."""
+    ids = tokenizer.encode("def f(x):")
+    lone = reference.generate([ids], 2)[0]
+    short = sample.Row(ids, 2, 0.0, 1.0, (), None, 0, queue.Queue())
+    long = sample.Row(ids, 30, 0.0, 1.0, (), None, 1)
+    answered, sample_tokens = [], model_module.sample
+
+    def spy(*args):  # at each decoding step: has short been answered?
+        answered.append(short.future.done() and short.tokens.queue[-1] == (short, None))
+        if len(answered) == 4:
+            long.cancelled = True  # its client hangs up
+        return sample_tokens(*args)
+
+    monkeypatch.setattr(model_module, "sample", spy)
+    engine = sample.Engine(reference, max_batch=8, batch_wait_ms=0)
+    engine.submit([short, long])  # one queue item: one batch
+    assert short.future.result(timeout=60) == lone
+    engine.close()  # returns once the batch is done
+    assert answered == [False, False, True, True]  # the 4th step's tokens are for nobody: the last
+    assert list(short.tokens.queue) == [(short, t) for t in lone] + [(short, None)]
+    assert not long.future.done()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_short_request_batched_with_a_long_one_is_answered_first(reference, monkeypatch, stream):
+    """max_tokens=1 sent just after max_tokens=40: the same answers as alone, the short
+    one's while the long one still generates."""
+    expected = [expect(reference, "#", max_tokens) for max_tokens in (40, 1)]
+    cfg, _ = parse_args(sample.DEFAULTS, argv=["--port=0", "--quiet", "--max_batch=2", "--batch_wait_ms=10000"])
+    server = sample.Server(cfg)  # the second request fills the batch: it starts at once
+    server.start(reference, NAME)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    short_answered, steps, sample_tokens = threading.Event(), [], model_module.sample
+
+    def spy(*args):  # before the long row's 4th token, wait until the short one is answered
+        steps.append(short_answered.wait(timeout=20) if len(steps) == 3 else None)
+        return sample_tokens(*args)
+
+    def ask(max_tokens):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x",
+                               max_retries=0, timeout=60)
+        request = dict(model=NAME, prompt="#", max_tokens=max_tokens, temperature=0)
+        if not stream:
+            r = client.completions.create(**request)
+            return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
+        chunks = list(client.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+        return ("".join(c.choices[0].text for c in chunks if c.choices), chunks[-2].choices[0].finish_reason,
+                chunks[-1].usage.completion_tokens)
+
+    monkeypatch.setattr(model_module, "sample", spy)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            long = pool.submit(ask, 40)
+            assert ask(1) == expected[1]
+            short_answered.set()
+            assert long.result() == expected[0]
+    finally:
+        short_answered.set()
+        server.shutdown()
+        server.close()
+    assert steps[3] is True and len(steps) == 40  # the batch ran on for the long row
 
 
 def send_request(sock, body: dict) -> None:
@@ -556,6 +621,8 @@ def test_stream_sends_text_as_it_is_generated(client, server, monkeypatch):
     def generate(*args, on_token, **kwargs):
         def hook(row, token):
             on_token(row, token)
+            if token is None:
+                return
             kept.append(token)
             if not waited and tokenizer.decode(kept).rstrip("\ufffd"):
                 waited.append(seen.wait(timeout=20))
@@ -594,7 +661,7 @@ def test_a_chat_reply_loses_only_the_space_after_the_colon(client, server, monke
     def replying(text):
         def generate(prompts, *args, on_token, **kwargs):
             new = tokenizer.encode(text)
-            for token in new:
+            for token in new + [None]:
                 on_token(0, token)
             return [new]
         return generate
