@@ -328,8 +328,9 @@ def check_text_fits(text: str, block: int, param: str) -> None:
 
 
 def parse_prompts(body: dict, n: int, block: int) -> list[tuple[list[int], str]]:
-    """(token ids, text) of each prompt of a completions request, refused before the
-    slow part, tokenizing, if there are too many or one cannot fit the context."""
+    """(token ids, text) of each prompt of a completions request. Tokenizing is the slow
+    part: too many prompts are refused before any is tokenized, and one that cannot fit
+    the context before it is (if its bytes tell) or right after, before the next one."""
     prompt = body.get("prompt")
 
     def is_ids(x):
@@ -353,6 +354,8 @@ def parse_prompts(body: dict, n: int, block: int) -> list[tuple[list[int], str]]
         if isinstance(p, str):
             check_text_fits(p, block, "prompt")
             ids = tokenizer.encode(p)  # "<|endoftext|>" in a prompt is plain text
+            if len(ids) >= block:
+                raise too_long(block, len(ids), "prompt")
         elif len(p) >= block:
             raise too_long(block, len(p), "prompt")
         elif all(0 <= t < tokenizer.VOCAB_SIZE for t in p):
@@ -739,14 +742,13 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(f"The model `{name}` does not exist; this server has `{self.server.model_name}`",
                            404, "model_not_found", param="model")
 
-    def submit(self, prompts: list[list[int]], s: Sampling, stop: tuple[str, ...], param: str) -> list[Row]:
-        """n rows per prompt, prompt-major, handed to the engine; streamed, they share one queue."""
+    def submit(self, prompts: list[list[int]], s: Sampling, stop: tuple[str, ...]) -> list[Row]:
+        """n rows per prompt (each known to fit the context), prompt-major, handed to the
+        engine; streamed, they share one queue."""
         block, request = self.server.block_size, next(self.server.request_ids)
         tokens = queue.Queue() if s.stream else None
         rows = []
         for ids in prompts:
-            if len(ids) >= block:
-                raise too_long(block, len(ids), param)
             max_new = min(s.max_tokens, block - len(ids))
             rows += [Row(ids, max_new, s.temperature, s.top_p, stop, s.seed, request, tokens)
                      for _ in range(s.n)]
@@ -790,7 +792,7 @@ class Handler(BaseHTTPRequestHandler):
         s = parse_sampling(body, self.server.cfg, chat=False)
         echo = flag(body, "echo")
         prompts = parse_prompts(body, s.n, self.server.block_size)
-        rows = self.submit([ids for ids, _ in prompts], s, s.stop, "prompt")
+        rows = self.submit([ids for ids, _ in prompts], s, s.stop)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.server.model_name}
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
@@ -823,8 +825,10 @@ class Handler(BaseHTTPRequestHandler):
         flat = chat_prompt(body.get("messages"))
         check_text_fits(flat, self.server.block_size, "messages")
         prompt = tokenizer.encode(flat)
+        if len(prompt) >= self.server.block_size:
+            raise too_long(self.server.block_size, len(prompt), "messages")
         stop = tuple(sorted(set(s.stop) | set(CHAT_STOPS)))
-        rows = self.submit([prompt], s, stop, "messages")
+        rows = self.submit([prompt], s, stop)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.server.model_name}
 

@@ -709,6 +709,17 @@ def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(server, monk
     assert max(sizes) < BLOCK  # only the "x" was tokenized
 
 
+def test_a_list_of_prompts_is_refused_at_the_first_that_cannot_fit(server, monkeypatch):
+    """Not after tokenizing them all: 900 such prompts of 32 KB took 27 s."""
+    too_long = "word " * BLOCK  # its bytes do not tell: only its tokens do
+    assert len(too_long.encode()) // sample.longest_token() < BLOCK <= len(tokenizer.encode(too_long))
+    encode, encoded = tokenizer.encode, []
+    monkeypatch.setattr(tokenizer, "encode", lambda text, *args: encoded.append(text) or encode(text, *args))
+    status, payload = raw(server, "POST", "/v1/completions", {**GOOD, "prompt": ["x", too_long, "y", too_long]})
+    assert (status, payload["error"]["code"], payload["error"]["param"]) == (400, "context_length_exceeded", "prompt")
+    assert encoded == ["x", too_long]
+
+
 # ---------------------------------------------------------------- raw HTTP errors
 
 def test_head_gets_the_headers_of_get_and_the_connection_stays_usable(server):
