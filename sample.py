@@ -886,6 +886,8 @@ def check_settings(cfg) -> None:
             (cfg.num_samples >= 1, "--num_samples must be >= 1"),
             (cfg.max_batch >= 1, "--max_batch must be >= 1"),
             (cfg.batch_wait_ms >= 0, "--batch_wait_ms must be >= 0"),
+            (cfg.host.strip() != "", "--host must name an address (an empty one would listen on every interface; "
+                                     "127.0.0.1 is this machine only)"),
             (0 <= cfg.port <= 65535, "--port must be from 0 to 65535"),
             (cfg.seed is None or isinstance(cfg.seed, int) and -2**63 <= cfg.seed < 2**64,
              "--seed must be an integer from -2**63 to 2**64 - 1"))

@@ -866,6 +866,14 @@ def test_bad_settings_are_one_line(ckpt, monkeypatch, args, message):
         sample.main()
 
 
+def test_serve_refuses_an_empty_host():
+    """An empty --host would listen on every interface, for a server without authentication."""
+    for host in ("", " "):
+        cfg, _ = parse_args(sample.DEFAULTS, argv=["--serve", f"--host={host}"])
+        with pytest.raises(UserError, match="--host must name an address"):
+            sample.check_settings(cfg)
+
+
 @pytest.mark.parametrize("content", [None, b"not a checkpoint"])
 def test_cli_bad_checkpoint_is_one_line_and_exit_2(tmp_path, content):
     path = tmp_path / "ckpt.pt"
