@@ -24,11 +24,11 @@ counts and a finish_reason per choice: "stop" (end of text, or a stop string,
 which is cut from the text) or "length" (max_tokens reached). max_tokens is
 clamped to the room the prompt leaves in the context; a prompt that leaves no
 room is refused (400, code context_length_exceeded), never silently truncated.
-logprobs, suffix, logit_bias, tools and non-zero penalties are refused with a
-400 naming the field. stream=true answers in OpenAI's server-sent events as the
-tokens come; text that may still turn out to begin a stop string (its last
-len(stop) - 1 characters) or an incomplete UTF-8 character waits for the next
-token, so the streamed pieces join into exactly the answer without stream.
+logprobs, suffix, logit_bias, tools, non-zero penalties and a chat's echo are
+refused with a 400 naming the field. stream=true answers in OpenAI's server-sent
+events as the tokens come; text that may still turn out to begin a stop string
+(its last len(stop) - 1 characters) or an incomplete UTF-8 character waits for
+the next token, so the streamed pieces join into exactly the answer without stream.
 Errors look like OpenAI's: {"error": {"message", "type", "param", "code"}}.
 
 Chat template: each message becomes one "role: content" line (roles system,
@@ -268,7 +268,7 @@ class Sampling:
 
 def parse_sampling(body: dict, cfg, chat: bool) -> Sampling:
     """The sampling fields of a request; the server's settings fill in what it leaves out."""
-    for key in UNSUPPORTED:
+    for key in UNSUPPORTED + (("echo",) if chat else ()):  # chat has no prompt to echo
         value = body.get(key)
         if not (value is None or value is False or value == "" or value == [] or value == {}):
             raise ApiError(f"'{key}' is not supported by this server", param=key,

@@ -776,6 +776,8 @@ GOOD = {"model": NAME, "prompt": "x", "max_tokens": 1}
      "invalid_value"),
     ("POST", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}],
                                       "tools": [{"type": "function"}]}, 400, "unsupported_parameter"),
+    ("POST", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "echo": True},
+     400, "unsupported_parameter"),
 ])
 def test_bad_requests_get_openai_error_bodies(server, method, path, body, status, code):
     got, payload = raw(server, method, path, body)
@@ -805,7 +807,7 @@ def test_bodies_without_a_usable_length_are_refused(server):
 
 def test_unsupported_fields_at_their_defaults_are_accepted(server):
     body = {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "logprobs": False,
-            "tools": [], "logit_bias": {}, "presence_penalty": 0, "response_format": {"type": "text"}}
+            "tools": [], "logit_bias": {}, "presence_penalty": 0, "response_format": {"type": "text"}, "echo": False}
     assert raw(server, "POST", "/v1/chat/completions", body)[0] == 200
 
 
