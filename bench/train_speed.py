@@ -30,6 +30,7 @@ DEFAULTS = dict(
     compile=True,  # torch.compile, as the reference
     dropout=0.0,  # the presets' 0.1 is the paper's training; the reference ran without
     profile=False,  # also print train.py's profile of 3 steps (those steps are left out of the figures)
+    peak_tflops=0.0,  # the GPU's dense bf16 TFLOP/s, for MFU (0: train.py's table of known GPUs)
 )
 
 # preset -> (micro-batch, reference tokens/s, reference MFU %) on one H200
@@ -47,12 +48,16 @@ def main():
     require((cfg.attention in ("auto", "sdpa", "triton"),
              f"--attention must be auto, sdpa or triton (as train.py takes), not {cfg.attention!r}"),
             (cfg.log_interval > 0, f"--log_interval must be positive, not {cfg.log_interval}"),
+            (cfg.peak_tflops >= 0, f"--peak_tflops must not be negative, not {cfg.peak_tflops}"),
             (cfg.steps > first, f"--steps={cfg.steps} leaves nothing to measure: the first {first} steps "
                                 f"(--log_interval{' x 2 with --profile' if cfg.profile else ''}) are left out"))
     import torch
     if not torch.cuda.is_available():
         raise UserError("this benchmark needs a CUDA GPU")
     device = torch.cuda.get_device_name()
+    from train import PEAK_TFLOPS
+    if not cfg.peak_tflops and not any(chip in device for chip in PEAK_TFLOPS):  # train.py would log no MFU
+        raise UserError(f"train.py knows no bf16 peak for the {device}: give --peak_tflops (its dense bf16 TFLOP/s)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "random"
@@ -67,7 +72,7 @@ def main():
                    f"--batch_size={batch}", f"--max_iters={cfg.steps}", f"--log_interval={cfg.log_interval}",
                    "--warmup_iters=5", "--eval_interval=0", "--checkpoint_interval=0",
                    "--sample_tokens=0", f"--attention={cfg.attention}", f"--compile={cfg.compile}", f"--dropout={cfg.dropout}",
-                   f"--out_dir={Path(tmp) / 'out'}", f"--profile={cfg.profile}"]
+                   f"--out_dir={Path(tmp) / 'out'}", f"--profile={cfg.profile}", f"--peak_tflops={cfg.peak_tflops}"]
             print(" ".join(cmd[1:]), flush=True)
             result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             print(result.stdout if cfg.profile else result.stdout[-1500:],

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
     # before the CUDA check: on a GPU each preset's row read "failed", and the exit status 0
     ("train_speed.py", ["--attention=bogus"], "--attention must be auto, sdpa or triton"),
     ("train_speed.py", ["--log_interval=0"], "--log_interval must be positive"),
+    ("train_speed.py", ["--peak_tflops=-1"], "--peak_tflops must not be negative"),
     ("train_speed.py", ["--steps=0"], "--steps=0 leaves nothing to measure"),
     ("train_speed.py", ["--steps=10", "--profile"], "the first 10 steps (--log_interval x 2 with --profile)"),
     ("evaluate_speed.py", ["--parts=generate", "--batch_sizes=1,x"], "--batch_sizes takes positive whole numbers"),
