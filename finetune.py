@@ -26,7 +26,8 @@ examples failed in synth.py's sandbox check are kept, as the paper checks nothin
 
 With --humaneval_problems=N, each validation loss comes with the greedy pass@1 on
 the first N HumanEval problems (evaluate.py's sandbox), and the best model so far is
-kept in out_dir/best.pt, as the paper keeps the best of its checkpoints.
+kept in out_dir/best.pt, as the paper keeps the best of its checkpoints (of a tie, the
+later one: the base model, scored at step 0, is kept only if no finetuned one does as well).
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def humaneval_score(cfg):
 
     def score(model):
         value = evaluate.pass_at_1(model, "humaneval", cfg.humaneval_problems, cfg.humaneval_max_tokens)
-        return f"HumanEval pass@1 ({cfg.humaneval_problems} problems)", value
+        return (f"HumanEval pass@1 ({cfg.humaneval_problems} problems, {cfg.humaneval_max_tokens} tokens at most)",
+                value)
     return score
 
 

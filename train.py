@@ -67,7 +67,7 @@ DEFAULTS = dict(
     beta2=0.95,  # the second moment's decay (paper: 0.95)
     grad_clip=1.0,  # clip the gradient norm (0: off)
     eval_interval=50,  # steps between validation losses, and one at the end (0: none)
-    eval_iters=10,  # batches per validation loss
+    eval_iters=10,  # batches per validation loss (of batch_size: the same rows for the same product)
     log_interval=10,  # steps between log lines
     checkpoint_interval=50,  # steps between checkpoints, one at the end too (0: none but on SIGTERM)
     sample_tokens=100,  # tokens of code sampled at the end (0: none)
@@ -169,7 +169,8 @@ class Mixture:
         self.folders = [self._folder(n, prepare_default, splits) for n in self.names]
         if weights is None:
             weights = [(folder / "train.bin").stat().st_size for folder in self.folders]
-        self.weights = np.array(weights, dtype=np.float64) / sum(weights)
+        weights = np.array(weights, dtype=np.float64) / max(weights)  # first: 1e308 twice sums to inf
+        self.weights = weights / weights.sum()
         self.bounds = np.cumsum(self.weights)  # a row picks dataset i for a draw in [bounds[i-1], bounds[i])
 
     def _folder(self, name: str, prepare_default: bool, splits: tuple[str, ...]) -> Path:
@@ -394,6 +395,13 @@ def build_model(cfg, out_dir: Path, master: bool):
                 print("warning: resuming with other settings than the run had: " + ", ".join(
                       (f"{k.replace('_', ' ')}: " if k.endswith("_content") else f"--{k}=")  # not a setting
                       + f"{getattr(cfg, k)} (was {ckpt['settings'][k]})" for k in changed), file=sys.stderr)
+            had = ckpt.get("settings", {})
+            rows, had_rows = cfg.eval_iters * cfg.batch_size, had.get("eval_iters", 0) * had.get("batch_size", 0)
+            if cfg.eval_interval > 0 and had.get("eval_interval", 0) > 0 and rows != had_rows:
+                keep = (f": give --eval_iters={had_rows // cfg.batch_size} to keep them"
+                        if had_rows % cfg.batch_size == 0 else "")
+                print(f"note: the validation loss is measured on {rows} rows (--eval_iters x --batch_size), "
+                      f"the run's was on {had_rows}, so its curve may step{keep}", file=sys.stderr)
             # raising max_iters is how a finished run goes on, but its linear decay then starts higher up
             before = SimpleNamespace(**{**vars(cfg), "max_iters": ckpt.get("settings", {}).get("max_iters")})
             if before.max_iters not in (None, cfg.max_iters):
@@ -520,9 +528,15 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     raw_model.to(device)
     optimizer = make_optimizer(raw_model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
-    best = ckpt.get("best") if ckpt else None  # the best score so far, kept in out_dir/best.pt
+    # the best score so far, kept in out_dir/best.pt, and what gave it (finetune.py: which problems)
+    best, best_by = (ckpt.get("best"), ckpt.get("best_by")) if ckpt else (None, None)
     if ckpt:
+        # the moments from the checkpoint; the settings (weight decay, betas, fused) this run's
+        # own: load_state_dict would bring back the old ones, which a resume's warning says changed
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own)
         if ckpt["scaler"] and scaler.is_enabled():  # else a run in bf16 or float32 before: a fresh scale
             scaler.load_state_dict(ckpt["scaler"])
         was = ckpt.get("total_batch", total)
@@ -562,8 +576,9 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         losses = {}
         for i, name in enumerate(data.names):
             total_loss, counted = 0.0, 0  # a mean over the targets that count (finetuning masks prompts)
-            for k in range(cfg.eval_iters):
-                x, y = to_device(data.batch("val", cfg.seed, k, range(cfg.batch_size), only=i), device)
+            for k in range(cfg.eval_iters):  # rows numbered on: --eval_iters x --batch_size rows, however split
+                rows = range(k * cfg.batch_size, (k + 1) * cfg.batch_size)
+                x, y = to_device(data.batch("val", cfg.seed, 0, rows, only=i), device)
                 n = int((y != -1).sum())
                 with autocast:
                     total_loss += model(x, y)[1].item() * n
@@ -576,7 +591,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         return losses
 
     def print_val_loss(step: int) -> None:
-        nonlocal best
+        nonlocal best, best_by
         losses = val_losses()
         print(f"step {step}: val loss " + ", ".join(f"{v:.4f} ({k})" for k, v in losses.items()), flush=True)
         if score is not None:
@@ -586,12 +601,16 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             name, value = score(scored.eval())
             del scored
             raw_model.train()
-            improved = best is None or value > best
+            if best is not None and name != best_by:  # a score of other problems does not compare
+                print(f"note: {out_dir / 'best.pt'} scored {best:.4f} by {best_by or 'another score'}; the next "
+                      f"score, by {name}, replaces it", file=sys.stderr)
+                best = None
+            improved = best is None or value >= best  # a tie goes to the later model, trained on more
             print(f"step {step}: {name} {value:.4f}" + (" (best so far: saved best.pt)" if improved else ""),
                   flush=True)
             if improved:
-                best = value
-                save_checkpoint(out_dir / "best.pt", raw_model, step, cfg, best=best, origin=origin)
+                best, best_by = value, name
+                save_checkpoint(out_dir / "best.pt", raw_model, step, cfg, best=best, best_by=best_by, origin=origin)
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -705,9 +724,12 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                 t_last, step_last = time.time(), step
             if stop or checkpoint:
                 if master:
+                    t_save = time.time()
                     save_checkpoint(ckpt_path, raw_model, step, cfg, optimizer=optimizer.state_dict(),
-                                    scaler=scaler.state_dict(), best=best, origin=origin, total_batch=total)
+                                    scaler=scaler.state_dict(), best=best, best_by=best_by, origin=origin,
+                                    total_batch=total)
                     print(f"saved {ckpt_path} at step {step}", flush=True)
+                    t_last += time.time() - t_save  # as for evaluation: tokens/s counts training time only
                 if stop:
                     if world > 1:  # torchrun stops every process once one exits: not before the save
                         dist.barrier()

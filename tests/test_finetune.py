@@ -231,7 +231,7 @@ def test_finetune_trains_keeps_the_best_and_resumes_exactly(tmp_path, base):
     straight = cli(*args, f"--out_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
     assert "skipped 2 malformed lines" in straight.stdout
-    assert "HumanEval pass@1 (2 problems)" in straight.stdout and (tmp_path / "straight" / "best.pt").exists()
+    assert "HumanEval pass@1 (2 problems, 8 tokens at most)" in straight.stdout and (tmp_path / "straight" / "best.pt").exists()
     losses = [float(line.split("val loss ")[1].split()[0]) for line in straight.stdout.splitlines()
               if "val loss" in line]
     assert losses[-1] < losses[0] - 1.0, losses

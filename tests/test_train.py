@@ -821,12 +821,14 @@ def test_validation_reads_each_dataset_s_val_split_for_eval_iters_batches(tmp_pa
     calls = make_data.data.calls
     assert all(only is None for split, _, _, only in calls if split == "train")
     val = [(k, rows, only) for split, k, rows, only in calls if split == "val"]
-    assert val == [(k, range(4), i) for _ in range(3) for i in range(2) for k in range(3)]  # steps 0, 2 and 4
+    # steps 0, 2 and 4: rows 0 to 11 of val "step" 0, in batches of 4
+    assert val == [(0, range(4 * k, 4 * k + 4), i) for _ in range(3) for i in range(2) for k in range(3)]
     final = re.findall(r"step 4: val loss ([\d.]+) \(.*\), ([\d.]+) \(", capsys.readouterr().out)
     mixture = train.Mixture(spec, 16, 2048, prepare_default=False)
     model.eval()
     with torch.no_grad():
-        expected = [np.mean([model(*map(torch.from_numpy, mixture.batch("val", 3, k, range(4), only=i)))[1].item()
+        expected = [np.mean([model(*map(torch.from_numpy, mixture.batch("val", 3, 0, range(4 * k, 4 * k + 4),
+                                                                       only=i)))[1].item()
                              for k in range(3)]) for i in range(2)]
     assert [float(v) for v in final[0]] == pytest.approx(expected, abs=2e-4)
 
@@ -1071,9 +1073,76 @@ def test_a_resume_warns_of_another_batch_size_with_dropout_only_and_clears_a_hal
         (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint, left by a kill")
         capsys.readouterr()
         train.train(settings(data=data, out_dir=str(out), max_iters=3, checkpoint_interval=1,
-                             batch_size=4, total_batch_size=4, dropout=dropout))
+                             batch_size=4, total_batch_size=4, dropout=dropout, eval_iters=1))  # the same val rows
         err = capsys.readouterr().err
         # --total_batch_size=4 is the 4 sequences the run had
         assert err == ("warning: resuming with other settings than the run had: --batch_size=4 (was 2)\n"
                        if dropout else ""), err
         assert not (out / "ckpt.pt.tmp").exists()
+
+
+def test_a_resume_trains_with_its_own_weight_decay_and_betas(tmp_path, capsys):
+    """load_state_dict brought back the checkpoint's, while the resume warned of the new ones."""
+    data, out = str(make_dataset(tmp_path / "ds")), tmp_path / "out"
+    train.train(settings(data=data, out_dir=str(out), max_iters=2, checkpoint_interval=1))
+    train.train(settings(data=data, out_dir=str(out), max_iters=3, checkpoint_interval=1, weight_decay=0.5,
+                         beta1=0.8, beta2=0.99))
+    assert "--weight_decay=0.5 (was 0.1)" in capsys.readouterr().err
+    groups = torch.load(out / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.5, (0.8, 0.99)), (0.0, (0.8, 0.99))]
+
+
+def test_the_time_a_save_takes_is_not_counted_as_training(tmp_path, monkeypatch, capsys):
+    clock, save = [0.0], train.save_checkpoint
+
+    def slow_save(*args, **kwargs):  # a phi-1 checkpoint takes a while to write
+        clock[0] += 1000.0
+        save(*args, **kwargs)
+
+    def tick():  # 1 ms a call: every measured interval is short, but for a save in it
+        clock[0] += 0.001
+        return clock[0]
+
+    monkeypatch.setattr(train, "save_checkpoint", slow_save)
+    monkeypatch.setattr(train.time, "time", tick)
+    train.train(settings(data=str(make_dataset(tmp_path / "ds")), out_dir=str(tmp_path / "out"), max_iters=4,
+                         log_interval=1, checkpoint_interval=2))
+    ms = [int(m) for m in re.findall(r"\| (\d+) ms/step", capsys.readouterr().out)]
+    assert len(ms) == 4 and max(ms) < 1000, ms  # the step after a save took 1000 s more
+
+
+def test_the_validation_rows_do_not_depend_on_how_batches_split_them(tmp_path, capsys):
+    """--eval_iters x --batch_size rows, numbered on: 2 x 4 and 4 x 2 are the same rows, and a
+    resume that measures on other rows says so."""
+    data = str(make_dataset(tmp_path / "ds"))
+    for eval_iters, batch_size in ((2, 4), (4, 2)):
+        train.train(settings(data=data, out_dir=str(tmp_path / f"out{batch_size}"), max_iters=2, eval_interval=2,
+                             eval_iters=eval_iters, batch_size=batch_size, total_batch_size=4))
+    losses = re.findall(r"step 0: val loss ([\d.]+)", capsys.readouterr().out)
+    assert len(losses) == 2 and losses[0] == losses[1], losses
+    train.train(settings(data=data, out_dir=str(tmp_path / "out4"), max_iters=3, eval_interval=2, eval_iters=2,
+                         batch_size=2, total_batch_size=4))
+    assert ("note: the validation loss is measured on 4 rows (--eval_iters x --batch_size), the run's was on 8, so "
+            "its curve may step: give --eval_iters=4 to keep them") in capsys.readouterr().err
+
+
+def test_weights_that_sum_past_the_largest_float_still_mix(tmp_path):
+    a, b = make_dataset(tmp_path / "a"), make_dataset(tmp_path / "b", seed=1)
+    mixture = train.Mixture(f"{a}:1e308,{b}:1e308", 16, 51200, prepare_default=False)
+    assert mixture.weights.tolist() == [0.5, 0.5]
+    assert mixture.batch("train", 0, 0, range(4))[0].shape == (4, 16)
+
+
+def test_the_best_score_keeps_the_later_of_a_tie_and_is_forgotten_when_another_score_gives_it(tmp_path, capsys):
+    """A plateau kept the earliest model (finetuning: the base model, scored at step 0), and a
+    resume scoring other problems compared its scores with the old ones."""
+    data, out = str(make_dataset(tmp_path / "ds")), tmp_path / "out"
+    common = dict(data=data, out_dir=str(out), eval_interval=2, checkpoint_interval=2)
+    train.train(settings(max_iters=4, **common), score=lambda model: ("probe", 0.0))
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert (best["step"], best["best"], best["best_by"]) == (4, 0.0, "probe")
+    capsys.readouterr()
+    train.train(settings(max_iters=6, **common), score=lambda model: ("other probe", -1.0))
+    assert "best.pt scored 0.0000 by probe; the next score, by other probe, replaces it" in capsys.readouterr().err
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert (best["step"], best["best"], best["best_by"]) == (6, -1.0, "other probe")
