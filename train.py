@@ -374,8 +374,10 @@ def build_model(cfg, out_dir: Path, master: bool):
         wanted = (requested_config(cfg) if origin == "scratch" and cfg.preset
                   else replace(saved, **model_overrides(cfg)))
         if saved != wanted:
-            asked = f"--preset={cfg.preset}" if origin == "scratch" else "--block_size or --dropout"
-            raise UserError(f"{ckpt_path} holds another model than {asked} asks for; use another --out_dir")
+            differs = ", ".join(f"{k} {v} (asked: {getattr(wanted, k)})" for k, v in asdict(saved).items()
+                                if v != getattr(wanted, k))
+            raise UserError(f"{ckpt_path} holds another model than this run asks for: {differs}; use another "
+                            f"--out_dir")
         if not {"step", "optimizer", "scaler"} <= ckpt.keys():
             raise UserError(f"{ckpt_path} holds weights without the state to resume their training (a best.pt "
                             f"copied there?): start from them with --init_from={ckpt_path} and another --out_dir")
@@ -390,7 +392,7 @@ def build_model(cfg, out_dir: Path, master: bool):
             # a step's rows do not depend on --batch_size, which only splits them; dropout noise does
             trajectory = [k for k in TRAJECTORY if k != "batch_size" or saved.dropout]
             changed = [k for k in trajectory if k in ckpt.get("settings", {}) and
-                       ckpt["settings"][k] != getattr(cfg, k, ckpt["settings"][k])]
+                       same_form(k, ckpt["settings"][k]) != same_form(k, getattr(cfg, k, ckpt["settings"][k]))]
             if changed:
                 print("warning: resuming with other settings than the run had: " + ", ".join(
                       (f"{k.replace('_', ' ')}: " if k.endswith("_content") else f"--{k}=")  # not a setting
@@ -428,6 +430,11 @@ def build_model(cfg, out_dir: Path, master: bool):
                    if cfg.preset and cfg.preset != DEFAULTS["preset"] else "")
         print(f"starting from {mode}{ignored}")
     return model.float(), None, origin_of(mode)
+
+
+def same_form(key: str, value):
+    """A setting as a resume compares it: --data's folders with or without a trailing slash."""
+    return re.sub(r"/+(?=:|,|$)", "", value) if key == "data" and isinstance(value, str) else value
 
 
 def origin_of(init_from: str) -> str:

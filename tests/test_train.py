@@ -466,7 +466,7 @@ def test_block_size_and_dropout_apply_to_loaded_weights(tmp_path):
     model = train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), init_from=str(base),
                                  block_size=32, dropout=0.1, max_iters=2))
     assert (model.config.block_size, model.config.dropout, model.rotary.shape[0]) == (32, 0.1, 32)
-    with pytest.raises(UserError, match="another model than --block_size"):  # resuming at another size
+    with pytest.raises(UserError, match=r"another model than this run asks for: block_size 32 \(asked: 48\);"):
         train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), init_from=str(base),
                              block_size=48, max_iters=4))
 
@@ -1146,3 +1146,13 @@ def test_the_best_score_keeps_the_later_of_a_tie_and_is_forgotten_when_another_s
     assert "best.pt scored 0.0000 by probe; the next score, by other probe, replaces it" in capsys.readouterr().err
     best = torch.load(out / "best.pt", weights_only=True)
     assert (best["step"], best["best"], best["best_by"]) == (6, -1.0, "other probe")
+
+
+def test_a_resume_names_a_folder_with_or_without_its_trailing_slash_the_same(tmp_path, capsys):
+    data, out = make_dataset(tmp_path / "ds"), tmp_path / "out"
+    train.train(settings(data=str(data), out_dir=str(out), max_iters=2, checkpoint_interval=1))
+    capsys.readouterr()
+    train.train(settings(data=f"{data}/", out_dir=str(out), max_iters=3, checkpoint_interval=1))
+    assert "warning" not in capsys.readouterr().err
+    train.train(settings(data=f"{make_dataset(tmp_path / 'other')}/", out_dir=str(out), max_iters=4))
+    assert "--data=" in capsys.readouterr().err  # another folder still warns
