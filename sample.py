@@ -319,12 +319,17 @@ def too_long(block: int, tokens, param: str) -> ApiError:
                     code="context_length_exceeded")
 
 
-def check_text_fits(text: str, block: int, param: str) -> None:
-    """Refuse a text too long for the context before tokenizing it: megabytes take
-    seconds, holding the GIL. (A lone surrogate is 3 bytes here and in the tokens.)"""
+def encode_to_fit(text: str, block: int, param: str) -> list[int]:
+    """text's tokens, refused if they cannot fit the context: first by its bytes, before
+    tokenizing it (megabytes take seconds, holding the GIL), then by its tokens. (A lone
+    surrogate is 3 bytes here and in the tokens.)"""
     tokens = -(-len(text.encode(errors="surrogatepass")) // longest_token())
     if tokens >= block:
         raise too_long(block, f"at least {tokens}", param)
+    ids = tokenizer.encode(text)  # "<|endoftext|>" in a prompt is plain text
+    if len(ids) >= block:
+        raise too_long(block, len(ids), param)
+    return ids
 
 
 def parse_prompts(body: dict, n: int, block: int) -> list[tuple[list[int], str]]:
@@ -352,10 +357,7 @@ def parse_prompts(body: dict, n: int, block: int) -> list[tuple[list[int], str]]
     out = []
     for p in prompts:
         if isinstance(p, str):
-            check_text_fits(p, block, "prompt")
-            ids = tokenizer.encode(p)  # "<|endoftext|>" in a prompt is plain text
-            if len(ids) >= block:
-                raise too_long(block, len(ids), "prompt")
+            ids = encode_to_fit(p, block, "prompt")  # before the next prompt is tokenized
         elif len(p) >= block:
             raise too_long(block, len(p), "prompt")
         elif all(0 <= t < tokenizer.VOCAB_SIZE for t in p):
@@ -823,10 +825,7 @@ class Handler(BaseHTTPRequestHandler):
         self.check_model(body.get("model"))
         s = parse_sampling(body, self.server.cfg, chat=True)
         flat = chat_prompt(body.get("messages"))
-        check_text_fits(flat, self.server.block_size, "messages")
-        prompt = tokenizer.encode(flat)
-        if len(prompt) >= self.server.block_size:
-            raise too_long(self.server.block_size, len(prompt), "messages")
+        prompt = encode_to_fit(flat, self.server.block_size, "messages")
         stop = tuple(sorted(set(s.stop) | set(CHAT_STOPS)))
         rows = self.submit([prompt], s, stop)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),

@@ -390,14 +390,14 @@ def build_model(cfg, out_dir: Path, master: bool):
         if master:
             print(f"resuming {ckpt_path} from step {ckpt['step']}")
             # a step's rows do not depend on --batch_size, which only splits them; dropout noise does
+            had = ckpt.get("settings", {})
             trajectory = [k for k in TRAJECTORY if k != "batch_size" or saved.dropout]
-            changed = [k for k in trajectory if k in ckpt.get("settings", {}) and
-                       same_form(k, ckpt["settings"][k]) != same_form(k, getattr(cfg, k, ckpt["settings"][k]))]
+            changed = [k for k in trajectory if k in had and
+                       same_form(k, had[k]) != same_form(k, getattr(cfg, k, had[k]))]
             if changed:
                 print("warning: resuming with other settings than the run had: " + ", ".join(
                       (f"{k.replace('_', ' ')}: " if k.endswith("_content") else f"--{k}=")  # not a setting
-                      + f"{getattr(cfg, k)} (was {ckpt['settings'][k]})" for k in changed), file=sys.stderr)
-            had = ckpt.get("settings", {})
+                      + f"{getattr(cfg, k)} (was {had[k]})" for k in changed), file=sys.stderr)
             rows, had_rows = cfg.eval_iters * cfg.batch_size, had.get("eval_iters", 0) * had.get("batch_size", 0)
             if cfg.eval_interval > 0 and had.get("eval_interval", 0) > 0 and rows != had_rows:
                 keep = (f": give --eval_iters={had_rows // cfg.batch_size} to keep them"
@@ -405,7 +405,7 @@ def build_model(cfg, out_dir: Path, master: bool):
                 print(f"note: the validation loss is measured on {rows} rows (--eval_iters x --batch_size), "
                       f"the run's was on {had_rows}, so its curve may step{keep}", file=sys.stderr)
             # raising max_iters is how a finished run goes on, but its linear decay then starts higher up
-            before = SimpleNamespace(**{**vars(cfg), "max_iters": ckpt.get("settings", {}).get("max_iters")})
+            before = SimpleNamespace(**{**vars(cfg), "max_iters": had.get("max_iters")})
             if before.max_iters not in (None, cfg.max_iters):
                 was, now = learning_rate(ckpt["step"], before), learning_rate(ckpt["step"], cfg)
                 if not math.isclose(was, now, rel_tol=0.01, abs_tol=1e-12):
