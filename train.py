@@ -272,8 +272,27 @@ def peak_flops(cfg, device: torch.device) -> float | None:
     return None
 
 
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename tmp to path once tmp's bytes are on the disk, and sync the rename too. A file
+    system may write a rename back before the data it names: after a power loss, path
+    would be empty and the checkpoint before it gone."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot sync a folder: the rename is as safe as it can be
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(path: Path, raw_model: GPT, step: int, cfg, **state) -> None:
-    """Write to a temporary file, then rename: a kill never leaves half a checkpoint.
+    """Write to a temporary file, then rename: a kill or a power loss never leaves half a checkpoint.
     `state` adds what resuming needs (optimizer, scaler, best score)."""
     ckpt = {"model": raw_model.state_dict(), "config": asdict(raw_model.config), "step": step,
             "settings": vars(cfg), **state}
@@ -281,7 +300,7 @@ def save_checkpoint(path: Path, raw_model: GPT, step: int, cfg, **state) -> None
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException as e:  # Ctrl-C too
         tmp.unlink(missing_ok=True)  # the space a half-written file holds goes back
         # a full disk: torch's writer reports it as a RuntimeError; any other (a CUDA error) is a bug to show
@@ -493,6 +512,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             if first_on_node == turn:
                 raw_model, ckpt, origin = build_model(cfg, out_dir, master)
     start_step = ckpt["step"] if ckpt else 0
+    saved_step = start_step if ckpt else None  # the step ckpt.pt holds (save() moves it)
     steps = torch.tensor([start_step, -start_step], device=device)
     if world > 1:  # several nodes: every one must see the same checkpoint (out_dir on a shared disk)
         dist.all_reduce(steps, op=dist.ReduceOp.MIN)
@@ -502,15 +522,20 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                             f"--out_dir must be one folder that every node shares")
     end = cfg.stop_iters or cfg.max_iters  # the last step of this run
     if ckpt and start_step >= end:
+        # a run stopped while it scored its last model: score it now (the loop below runs no step)
+        if not (score is not None and cfg.eval_interval > 0 and ckpt.get("score_due")):
+            if master:
+                print(f"{ckpt_path} already finished {start_step} steps; raise --max_iters (or --stop_iters) to go "
+                      f"on, or use another --out_dir to train anew")
+            return raw_model
         if master:
-            print(f"{ckpt_path} already finished {start_step} steps; raise --max_iters (or --stop_iters) to go on, "
-                  f"or use another --out_dir to train anew")
-        return raw_model
+            print(f"{ckpt_path} finished {start_step} steps, but its run stopped before it scored step {start_step}: "
+                  f"scoring it now")
     config = raw_model.config
     total = cfg.total_batch_size or cfg.batch_size * world
     accum = total // (cfg.batch_size * world)
     with together(world, device):
-        if cfg.profile and end - start_step < cfg.log_interval + 5:
+        if cfg.profile and start_step < end and end - start_step < cfg.log_interval + 5:
             raise UserError(f"--profile traces steps {cfg.log_interval + 3} to {cfg.log_interval + 5} of this "
                             f"run: it needs {cfg.log_interval + 5} steps to go, not {end - start_step}")
         if total % (cfg.batch_size * world):
@@ -636,6 +661,13 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         micro-batch m * world + r: on any number of processes a step reads rows 0 to total - 1."""
         return range(j * cfg.batch_size, (j + 1) * cfg.batch_size)
 
+    def save(step: int, score_due: bool = False) -> None:
+        """The run's checkpoint (process 0's); score_due: the last step's, saved before its score."""
+        nonlocal saved_step
+        saved_step = step
+        save_checkpoint(ckpt_path, raw_model, step, cfg, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                        best=best, best_by=best_by, score_due=score_due, origin=origin, total_batch=total)
+
     x, y = to_device(data.batch("train", cfg.seed, start_step, micro_batch(rank)), device)
     t_last, step_last = time.time(), start_step
     model.train()
@@ -732,9 +764,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             if stop or checkpoint:
                 if master:
                     t_save = time.time()
-                    save_checkpoint(ckpt_path, raw_model, step, cfg, optimizer=optimizer.state_dict(),
-                                    scaler=scaler.state_dict(), best=best, best_by=best_by, origin=origin,
-                                    total_batch=total)
+                    save(step, score_due=last and score is not None and cfg.eval_interval > 0)
                     print(f"saved {ckpt_path} at step {step}", flush=True)
                     t_last += time.time() - t_save  # as for evaluation: tokens/s counts training time only
                 if stop:
@@ -756,6 +786,9 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     if master:
         if cfg.eval_interval > 0:
             print_val_loss(step)
+            if score is not None and saved_step == step:  # the checkpoint of this step: its score is taken
+                save(step)
+                print(f"saved {ckpt_path} at step {step} with its score", flush=True)
         prompt = tokenizer.encode(SAMPLE_PROMPT) if cfg.sample_tokens > 0 else []
         n_sample = min(cfg.sample_tokens, config.block_size - len(prompt))  # a small context holds fewer
         if n_sample > 0:

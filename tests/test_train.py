@@ -1148,6 +1148,57 @@ def test_the_best_score_keeps_the_later_of_a_tie_and_is_forgotten_when_another_s
     assert (best["step"], best["best"], best["best_by"]) == (6, -1.0, "other probe")
 
 
+def test_a_run_stopped_while_scoring_its_last_step_scores_it_when_rerun(tmp_path, capsys):
+    """The last checkpoint is written before the last score: a kill during that score left a
+    finished run whose rerun said "already finished" and never scored it, and whose
+    checkpoint kept the best score from before it."""
+    data, out = str(make_dataset(tmp_path / "ds")), tmp_path / "out"
+    cfg = settings(data=data, out_dir=str(out), max_iters=4, eval_interval=2, checkpoint_interval=2)
+    scored = []
+
+    def score(model):
+        scored.append(model.lm_head.weight.sum().item())
+        if len(scored) == 3:  # steps 0, 2, then the last: killed while scoring it
+            raise KeyboardInterrupt
+        return "probe", float(len(scored))
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, score=score)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["best"], ckpt["score_due"]) == (4, 2.0, True)
+    assert torch.load(out / "best.pt", weights_only=True)["step"] == 2
+    capsys.readouterr()
+    train.train(cfg, score=score)
+    assert "stopped before it scored step 4: scoring it now" in capsys.readouterr().out
+    assert len(scored) == 4 and scored[3] == scored[2]  # the same model as the interrupted score's
+    best = torch.load(out / "best.pt", weights_only=True)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert (best["step"], best["best"]) == (4, 4.0) and (ckpt["best"], ckpt["score_due"]) == (4.0, False)
+    train.train(cfg, score=score)
+    assert len(scored) == 4 and "already finished 4 steps" in capsys.readouterr().out
+
+
+def test_a_checkpoint_reaches_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """A rename written back before the data it names leaves, after a power loss, an empty
+    checkpoint where the last good one was."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(train.os, "fsync", fsync)
+    monkeypatch.setattr(train.os, "replace", replace)
+    folder = tmp_path.resolve()
+    train.save_checkpoint(folder / "ckpt.pt", GPT(PRESETS["nano"]), 1, settings())
+    assert events == [("fsync", str(folder / "ckpt.pt.tmp")), ("replace", str(folder / "ckpt.pt.tmp"),
+                                                                str(folder / "ckpt.pt")), ("fsync", str(folder))]
+
+
 def test_a_resume_names_a_folder_with_or_without_its_trailing_slash_the_same(tmp_path, capsys):
     data, out = make_dataset(tmp_path / "ds"), tmp_path / "out"
     train.train(settings(data=str(data), out_dir=str(out), max_iters=2, checkpoint_interval=1))
