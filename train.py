@@ -167,6 +167,8 @@ class Mixture:
             if not all(math.isfinite(w) and w > 0 for w in weights):
                 raise UserError(f"dataset weights must be positive numbers: --data={spec}")
         self.folders = [self._folder(n, prepare_default, splits) for n in self.names]
+        # what the folders hold now, for a resume to notice data prepared again under the same name
+        self.content = ", ".join(map(self._content, self.folders))
         if weights is None:
             weights = [(folder / "train.bin").stat().st_size for folder in self.folders]
         weights = np.array(weights, dtype=np.float64) / max(weights)  # first: 1e308 twice sums to inf
@@ -200,6 +202,13 @@ class Mixture:
             if path.stat().st_size % 2:  # uint16 tokens: cut short by a full disk or a copy
                 raise UserError(f"{path} is cut short (an odd number of bytes): prepare the data again")
         return folder
+
+    @staticmethod
+    def _content(folder: Path) -> str:
+        """What a prepared folder holds: its train tokens and prepare.py's fingerprint."""
+        fingerprint = (read_meta(folder) or {}).get("fingerprint")
+        return (f"{(folder / 'train.bin').stat().st_size // 2:,} train tokens in {folder.name}"
+                + (f" (prepared {fingerprint[:12]})" if fingerprint else ""))
 
     def batch(self, split: str, seed: int, step: int, rows: range, only: int | None = None):
         """(inputs, targets) int64 arrays of shape (len(rows), block_size): the given rows
@@ -549,6 +558,8 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     with together(world, device):
         data = (make_data(config) if make_data is not None else
                 Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=False, splits=splits))
+    if make_data is None:
+        cfg.data_content = data.content  # recorded in the checkpoints' settings
     with together(world, device):
         if master:  # now, not at the first checkpoint hours later
             check_writable(ckpt_path)
@@ -571,6 +582,11 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             group.update(own)
         if ckpt["scaler"] and scaler.is_enabled():  # else a run in bf16 or float32 before: a fresh scale
             scaler.load_state_dict(ckpt["scaler"])
+        had = ckpt.get("settings", {})
+        if (make_data is None and master and same_form("data", had.get("data")) == same_form("data", cfg.data)
+                and had.get("data_content", data.content) != data.content):  # another --data warned already
+            print(f"warning: --data={cfg.data} holds other data than the run had (prepared again?): "
+                  f"{data.content} (was {had['data_content']})", file=sys.stderr)
         was = ckpt.get("total_batch", total)
         if was != total and master:  # 0 means batch_size x processes, which changed
             print(f"warning: this run's steps are {total} sequences, the checkpoint's were {was}: give "

@@ -1199,6 +1199,19 @@ def test_a_checkpoint_reaches_the_disk_before_its_rename_and_the_rename_after(tm
                                                                 str(folder / "ckpt.pt")), ("fsync", str(folder))]
 
 
+def test_a_resume_notices_data_prepared_again_under_the_same_name(tmp_path, capsys):
+    data, out = make_dataset(tmp_path / "ds"), tmp_path / "out"
+    train.train(settings(data=str(data), out_dir=str(out), max_iters=2, checkpoint_interval=1))
+    capsys.readouterr()
+    train.train(settings(data=str(data), out_dir=str(out), max_iters=3, checkpoint_interval=1))
+    assert "warning" not in capsys.readouterr().err
+    make_dataset(data, n_tokens=30_000, seed=1)  # the same folder, other tokens
+    train.train(settings(data=str(data), out_dir=str(out), max_iters=4, checkpoint_interval=1))
+    err = capsys.readouterr().err
+    assert re.search(rf"warning: --data={re.escape(str(data))} holds other data than the run had \(prepared "
+                     r"again\?\): [\d,]+ train tokens in ds \(was [\d,]+ train tokens in ds\)", err), err
+
+
 def test_a_resume_names_a_folder_with_or_without_its_trailing_slash_the_same(tmp_path, capsys):
     data, out = make_dataset(tmp_path / "ds"), tmp_path / "out"
     train.train(settings(data=str(data), out_dir=str(out), max_iters=2, checkpoint_interval=1))
