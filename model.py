@@ -500,13 +500,19 @@ class GPT(nn.Module):
             raise FileNotFoundError("no model named (an empty path)")
         path = Path(name_or_path)
         if path.is_file() and path.suffix in (".safetensors", ".json"):
-            raise ValueError(f"{path} is one file of a Hugging Face model: pass its folder, {path.parent}")
+            if (path.parent / "config.json").exists():
+                raise ValueError(f"{path} is one file of a Hugging Face model: pass its folder, {path.parent}")
+            raise ValueError(f"{path} is not a model: give a checkpoint (.pt), or a Hugging Face model's folder "
+                             f"(config.json and *.safetensors) or hub id")
         if path.suffix == ".pt" or path.is_file():
             return cls.from_checkpoint(path, device)
         if not path.is_dir() and not looks_like_hub_id(name_or_path):
             raise FileNotFoundError(f"no such checkpoint or folder: {name_or_path}")
         if path.is_dir() and not (path / "config.json").exists() and (path / "ckpt.pt").exists():
             raise FileNotFoundError(f"a training folder (ckpt.pt, no config.json): pass {path / 'ckpt.pt'}")
+        if path.is_dir() and not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model's folder (nor a "
+                                    f"checkpoint, a .pt file)")
         folder = path if path.is_dir() else download_hf(name_or_path)
         config = config_from_hf(_read_json(folder / "config.json"), folder / "config.json")
         # transformers' order: model.safetensors, else the shards an index names (a sharded

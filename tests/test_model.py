@@ -473,6 +473,18 @@ def test_a_weights_file_of_a_hf_folder_is_refused_naming_the_folder(tmp_path):
             GPT.from_pretrained(str(tmp_path / name))
 
 
+def test_a_file_or_folder_that_is_no_model_is_named_as_such(tmp_path):
+    """A prepared dataset's meta.json was called one file of a Hugging Face model, and a
+    folder without config.json a missing file."""
+    (tmp_path / "meta.json").write_text("{}")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'meta.json'))} is not a model: give a "
+                                         r"checkpoint \(\.pt\), or a Hugging Face model's folder"):
+        GPT.from_pretrained(str(tmp_path / "meta.json"))
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(tmp_path))} holds no config.json: not a "
+                                                r"Hugging Face model's folder"):
+        GPT.from_pretrained(str(tmp_path))
+
+
 def test_a_model_without_the_tokenizers_ids_is_refused_at_load(tmp_path):
     """sample.py and the others feed load_model's model the tokenizer's 50295 ids: fewer rows
     would fail at the first prompt (a HF folder or a checkpoint of ours alike)."""
