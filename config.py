@@ -63,6 +63,15 @@ def require(*checks: tuple[object, str]) -> None:
             raise UserError(message)
 
 
+def counted_lines(numbers: list[int], kind: str, shown: int = 5) -> str:
+    """"1 malformed line (line 3)", "7 malformed lines (lines 3, 8, 9, 12, 20, ...)":
+    a count of a file's lines that says where to look."""
+    where = (f"line {numbers[0]}" if len(numbers) == 1 else
+             f"lines {', '.join(map(str, numbers[:-1]))} and {numbers[-1]}" if len(numbers) <= shown else
+             f"lines {', '.join(map(str, numbers[:shown]))}, ...")
+    return f"{len(numbers)} {kind} line{'s' * (len(numbers) > 1)} ({where})"
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

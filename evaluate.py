@@ -120,7 +120,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from config import UserError, parse_settings, require, run
+from config import UserError, counted_lines, parse_settings, require, run
 
 DEFAULTS = dict(
     bench="humaneval",  # humaneval or mbpp
@@ -259,13 +259,13 @@ def program(problem: dict, completion: str) -> list[tuple[str, str]]:
 
 # ---------------------------------------------------------------- samples
 
-def read_samples(path: Path, bench: str) -> tuple[list[dict], int]:
-    """The well-formed samples of a jsonl file, and how many lines were not. Each has its
-    sample_index: as written (generate), else its place among its problem's lines (the
-    files of other tools, and ours from before sample_index was written)."""
-    samples, malformed, seen = [], 0, Counter()
+def read_samples(path: Path, bench: str) -> tuple[list[dict], list[int]]:
+    """The well-formed samples of a jsonl file, and the numbers of the lines that were not.
+    Each has its sample_index: as written (generate), else its place among its problem's
+    lines (the files of other tools, and ours from before sample_index was written)."""
+    samples, malformed, seen = [], [], Counter()
     with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM would spoil the first line
-        for line in f:
+        for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
@@ -274,7 +274,7 @@ def read_samples(path: Path, bench: str) -> tuple[list[dict], int]:
                         not isinstance(s.get("task_id"), (str, int)) or isinstance(s["task_id"], bool):
                     raise ValueError
             except ValueError:
-                malformed += 1
+                malformed.append(number)
                 continue
             task_id, index = task_key(s["task_id"], bench), s.get("sample_index")
             if not isinstance(index, int) or isinstance(index, bool) or index < 0:
@@ -1160,7 +1160,7 @@ def generate_and_score(cfg, ks: list[int], out: Path, every: dict, problems: dic
         seconds["generation"] = time.time() - t0
     samples, malformed = read_samples(samples_path, cfg.bench)
     if malformed:
-        print(f"warning: skipped {malformed} malformed lines of {samples_path}", file=sys.stderr)
+        print(f"warning: skipped {counted_lines(malformed, 'malformed')} of {samples_path}", file=sys.stderr)
     check_task_ids((s["task_id"] for s in samples), every, samples_path, cfg.bench)
     samples = [s for s in samples if s["task_id"] in problems]
     if not cfg.samples and any(s["sample_index"] >= cfg.n_samples for s in samples):
@@ -1185,7 +1185,7 @@ def generate_and_score(cfg, ks: list[int], out: Path, every: dict, problems: dic
     if (missing := [k for k in ks if f"pass@{k}" not in summary]) and cfg.k:  # named (DEFAULT_KS: as allowed)
         print(f"warning: no pass@{', pass@'.join(map(str, missing))}: a problem has fewer samples than that "
               f"(--n_samples)", file=sys.stderr)
-    summary = dict(bench=cfg.bench, **summary, malformed_lines=malformed, seconds=seconds,
+    summary = dict(bench=cfg.bench, **summary, malformed_lines=len(malformed), seconds=seconds,
                    workers=workers, timeout=cfg.timeout, sandbox=described, samples_file=str(samples_path.resolve()))
     # each file whole or not at all, and no summary beside results it does not describe
     (out / "summary.json").unlink(missing_ok=True)

@@ -42,7 +42,7 @@ import numpy as np
 
 import tokenizer
 import train
-from config import UserError, parse_settings, require, run
+from config import UserError, counted_lines, parse_settings, require, run
 
 # train.py's settings, less those that choose the model and data, with the paper's finetuning recipe
 DEFAULTS = {key: value for key, value in train.DEFAULTS.items()
@@ -76,15 +76,15 @@ HUMANEVAL_PROBLEMS = 164
 FAILING = ("failed", "timed out", "crashed")  # synth.py's verdicts on examples that did not pass
 
 
-def read_exercises(path: Path, drop_failing: bool = False) -> tuple[list[tuple[str, str]], int, int]:
-    """(prompt, completion) of each well-formed line, the number of malformed lines, and
-    the number of exercises left out because their examples failed (with drop_failing)."""
+def read_exercises(path: Path, drop_failing: bool = False) -> tuple[list[tuple[str, str]], list[int], int]:
+    """(prompt, completion) of each well-formed line, the numbers of the malformed lines,
+    and the number of exercises left out because their examples failed (with drop_failing)."""
     try:
         lines = path.read_bytes().splitlines()
     except OSError as e:
         raise UserError(f"cannot read --exercises={path}: {e.strerror or e}") from None
-    exercises, malformed, failing = [], 0, 0
-    for line in lines:
+    exercises, malformed, failing = [], [], 0
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -94,7 +94,7 @@ def read_exercises(path: Path, drop_failing: bool = False) -> tuple[list[tuple[s
                 raise ValueError
             (prompt + completion).encode()  # a lone surrogate ("\ud800" is valid JSON) is no text
         except (ValueError, KeyError, TypeError):
-            malformed += 1
+            malformed.append(number)
             continue
         if drop_failing and str(record.get("examples", "")).startswith(FAILING):
             failing += 1
@@ -183,8 +183,8 @@ def finetune(cfg):
     exercises, malformed, failing = read_exercises(path, cfg.drop_failing)
     master = int(os.environ.get("RANK", "0")) == 0  # under torchrun, the first process speaks
     if malformed and master:
-        print(f"skipped {malformed} malformed lines of {path} (each needs a string prompt and a completion "
-              f"that is not blank)")
+        print(f"skipped {counted_lines(malformed, 'malformed')} of {path}: each needs a string prompt and a "
+              f"completion that is not blank")
     if failing and master:
         print(f"left out {failing} exercises whose docstring examples failed (--drop_failing)")
     if not exercises:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from config import UserError, parse_args, parse_settings, require, run, subcommand, usage
+from config import UserError, counted_lines, parse_args, parse_settings, require, run, subcommand, usage
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = dict(
@@ -209,3 +209,9 @@ def test_values_no_parser_can_read_are_one_short_line():
     for bare in ("--", "--=3"):  # no key: nothing to suggest
         with pytest.raises(UserError, match=r"^unknown setting -- \(see --help\)$"):
             parse_settings(DEFAULTS, argv=[bare])
+
+
+def test_counted_lines_say_where_to_look():
+    assert counted_lines([3], "malformed") == "1 malformed line (line 3)"
+    assert counted_lines([3, 8, 12], "malformed") == "3 malformed lines (lines 3, 8 and 12)"
+    assert counted_lines(list(range(1, 9)), "bad", shown=3) == "8 bad lines (lines 1, 2, 3, ...)"

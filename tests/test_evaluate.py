@@ -987,7 +987,7 @@ def test_malformed_sample_lines_are_skipped_and_counted(tmp_path, capsys):
     summary = evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[f"--samples={path}", "--limit=1",
                                                                     f"--out={tmp_path / 'out'}"])[0])
     assert summary["malformed_lines"] == 3 and summary["samples"] == 2 and summary["counts"]["failed"] == 2
-    assert "skipped 3 malformed lines" in capsys.readouterr().err
+    assert "skipped 3 malformed lines (lines 2, 3 and 4) of" in capsys.readouterr().err
     summary = evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[f"--samples={path}", "--limit=1", "--k=1,2,5",
                                                                     f"--out={tmp_path / 'out'}"])[0])
     assert "pass@2" in summary and "pass@5" not in summary
@@ -1006,7 +1006,7 @@ def test_a_byte_order_mark_does_not_cost_the_first_line(tmp_path):
     rows = [dict(task_id="HumanEval/0", completion=""), dict(task_id="HumanEval/1", completion="x = 1\n")]
     samples = tmp_path / "s.jsonl"  # as Windows tools write UTF-8
     samples.write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    assert evaluate.read_samples(samples, "humaneval") == ([{**r, "sample_index": 0} for r in rows], 0)
+    assert evaluate.read_samples(samples, "humaneval") == ([{**r, "sample_index": 0} for r in rows], [])
     mbpp = tmp_path / "mbpp.jsonl"
     mbpp.write_text("\ufeff" + json.dumps(dict(task_id=11, text="One.", code="def f():\n    return 1\n",
                                                 test_list=["assert f() == 1"], test_setup_code="")) + "\n",

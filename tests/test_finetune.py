@@ -78,7 +78,7 @@ def test_read_exercises_skips_and_counts_each_malformed_line_but_not_blank_ones(
         '{"prompt": "def g():\\n", "completion": "    return \\"\\ud800\\"\\n"}'])  # valid JSON, no UTF-8
     items, malformed, failing = finetune.read_exercises(path)
     assert items == exercises(2)
-    assert (malformed, failing) == (7, 0)
+    assert (malformed, failing) == (list(range(5, 12)), 0)  # numbered from 1, blank lines too
 
 
 def test_drop_failing_leaves_out_the_exercises_whose_examples_did_not_pass(tmp_path):
@@ -86,9 +86,9 @@ def test_drop_failing_leaves_out_the_exercises_whose_examples_did_not_pass(tmp_p
     path = tmp_path / "ex.jsonl"
     path.write_text("".join(json.dumps({"prompt": p, "completion": c, "examples": v}) + "\n"
                             for (p, c), v in zip(exercises(6), verdicts)))
-    assert finetune.read_exercises(path) == (exercises(6), 0, 0)  # the paper's way: all of them
+    assert finetune.read_exercises(path) == (exercises(6), [], 0)  # the paper's way: all of them
     kept = [e for e, v in zip(exercises(6), verdicts) if v in ("passed", "none", "unchecked")]
-    assert finetune.read_exercises(path, drop_failing=True) == (kept, 0, 3)
+    assert finetune.read_exercises(path, drop_failing=True) == (kept, [], 3)
 
 
 def test_val_batches_come_from_the_val_exercises_only():
@@ -230,7 +230,7 @@ def test_finetune_trains_keeps_the_best_and_resumes_exactly(tmp_path, base):
             "--humaneval_problems=2", "--humaneval_max_tokens=8", "--val_fraction=0.1"]
     straight = cli(*args, f"--out_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
-    assert "skipped 2 malformed lines" in straight.stdout
+    assert "skipped 2 malformed lines (lines 61 and 62) of" in straight.stdout
     assert "HumanEval pass@1 (2 problems, 8 tokens at most)" in straight.stdout and (tmp_path / "straight" / "best.pt").exists()
     losses = [float(line.split("val loss ")[1].split()[0]) for line in straight.stdout.splitlines()
               if "val loss" in line]
