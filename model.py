@@ -508,9 +508,9 @@ class GPT(nn.Module):
             return cls.from_checkpoint(path, device)
         if not path.is_dir() and not looks_like_hub_id(name_or_path):
             raise FileNotFoundError(f"no such checkpoint or folder: {name_or_path}")
-        if path.is_dir() and not (path / "config.json").exists() and (path / "ckpt.pt").exists():
-            raise FileNotFoundError(f"a training folder (ckpt.pt, no config.json): pass {path / 'ckpt.pt'}")
         if path.is_dir() and not (path / "config.json").exists():
+            if (path / "ckpt.pt").exists():
+                raise FileNotFoundError(f"a training folder (ckpt.pt, no config.json): pass {path / 'ckpt.pt'}")
             raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model's folder (nor a "
                                     f"checkpoint, a .pt file)")
         folder = path if path.is_dir() else download_hf(name_or_path)

@@ -293,9 +293,8 @@ def replace_durably(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    except OSError:  # a file system that cannot sync a folder: the rename is as safe as it can be
-        pass
+        with contextlib.suppress(OSError):  # a file system that cannot sync a folder: as safe as it gets
+            os.fsync(fd)
     finally:
         os.close(fd)
 
