@@ -82,8 +82,9 @@ DEFAULTS = dict(
 # the settings besides the model's that decide what a run computes (a resume that changes one says so)
 # (finetune.py's own too: what its data and best score are; max_iters is raised to go on, see build_model)
 # (the batch per step is checked as the number of sequences, total_batch_size=0 meaning batch_size x processes)
+# (--dtype as it resolved: auto is float32 on a CPU and bfloat16 or float16 on a GPU)
 TRAJECTORY = ("data", "batch_size", "warmup_iters", "learning_rate", "min_lr", "weight_decay",
-              "beta1", "beta2", "grad_clip", "dtype", "seed", "exercises", "exercises_content", "loss_on",
+              "beta1", "beta2", "grad_clip", "dtype_used", "seed", "exercises", "exercises_content", "loss_on",
               "val_fraction", "drop_failing", "humaneval_problems", "humaneval_max_tokens")
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_DATASET = "local_python"
@@ -421,9 +422,9 @@ def build_model(cfg, out_dir: Path, master: bool):
             trajectory = [k for k in TRAJECTORY if k != "batch_size" or saved.dropout]
             changed = [k for k in trajectory if k in had and
                        same_form(k, had[k]) != same_form(k, getattr(cfg, k, had[k]))]
-            if changed:
+            if changed:  # (a *_content or *_used is what settings gave, not a setting)
                 print("warning: resuming with other settings than the run had: " + ", ".join(
-                      (f"{k.replace('_', ' ')}: " if k.endswith("_content") else f"--{k}=")  # not a setting
+                      (f"{k.replace('_', ' ')}: " if k.endswith(("_content", "_used")) else f"--{k}=")
                       + f"{getattr(cfg, k)} (was {had[k]})" for k in changed), file=sys.stderr)
             rows, had_rows = cfg.eval_iters * cfg.batch_size, had.get("eval_iters", 0) * had.get("batch_size", 0)
             if cfg.eval_interval > 0 and had.get("eval_interval", 0) > 0 and rows != had_rows:
@@ -511,6 +512,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     with together(world, device):
         check_settings(cfg)
         ptdtype = pick_dtype(cfg.dtype, device)
+    cfg.dtype_used = str(ptdtype).removeprefix("torch.")  # recorded in the checkpoints' settings
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
 

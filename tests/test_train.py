@@ -522,9 +522,27 @@ def test_a_float16_run_resumes_a_bfloat16_one_and_the_batch_and_schedule_changes
     capsys.readouterr()
     train.train(settings(**common, max_iters=4, dtype="float16"))
     err = capsys.readouterr().err
-    assert "--dtype=float16 (was bfloat16)" in err
+    assert "dtype used: float16 (was bfloat16)" in err
     assert "this run's steps are 4 sequences, the checkpoint's were 8: give --total_batch_size=8" in err
     assert "warning: with --max_iters=4 (was 2) the learning rate goes from 0.00e+00 to 2.00e-03 at step 2" in err
+
+
+def test_a_resume_compares_the_dtype_that_dtype_auto_resolved_to(tmp_path, capsys):
+    """--dtype=auto is float32 on a CPU: naming it resumes the same run (a warning said it changed),
+    while a run of auto resumed on another device, where auto is another dtype, is warned of."""
+    data = make_dataset(tmp_path / "ds")
+    common = dict(data=str(data), out_dir=str(tmp_path / "out"), eval_interval=0, warmup_iters=1)
+    train.train(settings(**common, max_iters=2, dtype="auto"))
+    capsys.readouterr()
+    train.train(settings(**common, max_iters=3, dtype="float32"))
+    assert "resuming with other settings" not in capsys.readouterr().err
+    train.train(settings(**common, max_iters=4, dtype="bfloat16"))
+    assert "other settings than the run had: dtype used: bfloat16 (was float32)" in capsys.readouterr().err
+    checkpoint = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+    checkpoint["settings"]["dtype_used"] = "bfloat16"  # as an H100 records auto
+    torch.save(checkpoint, tmp_path / "out" / "ckpt.pt")
+    train.train(settings(**common, max_iters=5, dtype="auto"))
+    assert "dtype used: float32 (was bfloat16)" in capsys.readouterr().err
 
 
 def test_datasets_of_another_tokenizer_or_dtype_and_a_missing_val_bin_are_named(tmp_path):
