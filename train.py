@@ -531,16 +531,16 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             raise UserError(f"processes resume from different steps ({int(steps[0])} to {-int(steps[1])}): "
                             f"--out_dir must be one folder that every node shares")
     end = cfg.stop_iters or cfg.max_iters  # the last step of this run
-    if ckpt and start_step >= end:
-        # a run stopped while it scored its last model: score it now (the loop below runs no step)
-        if not (score is not None and cfg.eval_interval > 0 and ckpt.get("score_due")):
-            if master:
-                print(f"{ckpt_path} already finished {start_step} steps; raise --max_iters (or --stop_iters) to go "
-                      f"on, or use another --out_dir to train anew")
-            return raw_model
+    # a run stopped while it scored its last model: score it now (a run that goes on from a
+    # --stop_iters off the --eval_interval would never score that step)
+    score_due = bool(ckpt and ckpt.get("score_due")) and score is not None and cfg.eval_interval > 0
+    if ckpt and start_step >= end and not score_due:
         if master:
-            print(f"{ckpt_path} finished {start_step} steps, but its run stopped before it scored step {start_step}: "
-                  f"scoring it now")
+            print(f"{ckpt_path} already finished {start_step} steps; raise --max_iters (or --stop_iters) to go "
+                  f"on, or use another --out_dir to train anew")
+        return raw_model
+    if score_due and master:
+        print(f"{ckpt_path} holds step {start_step}, but its run stopped before it scored that step: scoring it now")
     config = raw_model.config
     total = cfg.total_batch_size or cfg.batch_size * world
     accum = total // (cfg.batch_size * world)
@@ -696,7 +696,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         profiler = torch.profiler.profile(schedule=schedule)
         profiler.start()
     while step < end:
-        if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and master:
+        if cfg.eval_interval > 0 and (step % cfg.eval_interval == 0 or score_due and step == start_step) and master:
             t_eval = time.time()
             print_val_loss(step)
             t_last += time.time() - t_eval  # the throughput counts training time only

@@ -1187,13 +1187,35 @@ def test_a_run_stopped_while_scoring_its_last_step_scores_it_when_rerun(tmp_path
     assert torch.load(out / "best.pt", weights_only=True)["step"] == 2
     capsys.readouterr()
     train.train(cfg, score=score)
-    assert "stopped before it scored step 4: scoring it now" in capsys.readouterr().out
+    assert "holds step 4, but its run stopped before it scored that step: scoring it now" in capsys.readouterr().out
     assert len(scored) == 4 and scored[3] == scored[2]  # the same model as the interrupted score's
     best = torch.load(out / "best.pt", weights_only=True)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert (best["step"], best["best"]) == (4, 4.0) and (ckpt["best"], ckpt["score_due"]) == (4.0, False)
     train.train(cfg, score=score)
     assert len(scored) == 4 and "already finished 4 steps" in capsys.readouterr().out
+
+
+def test_a_phase_stopped_while_scoring_its_last_step_scores_it_when_the_run_goes_on(tmp_path, capsys):
+    """--stop_iters=3 with --eval_interval=2: the next phase starts at step 3, which is no
+    validation step, so a score interrupted there was never taken."""
+    data, out = str(make_dataset(tmp_path / "ds")), tmp_path / "out"
+    common = dict(data=data, out_dir=str(out), max_iters=6, eval_interval=2, checkpoint_interval=2)
+    scored = []
+
+    def score(model):
+        scored.append(model.lm_head.weight.sum().item())
+        if len(scored) == 3:  # steps 0, 2, then the phase's last, 3: killed while scoring it
+            raise KeyboardInterrupt
+        return "probe", float(len(scored))
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train(settings(**common, stop_iters=3), score=score)
+    capsys.readouterr()
+    train.train(settings(**common), score=score)
+    assert "holds step 3, but its run stopped before it scored that step: scoring it now" in capsys.readouterr().out
+    assert len(scored) == 6 and scored[3] == scored[2]  # step 3 (the same model), then 4 and 6
+    assert torch.load(out / "best.pt", weights_only=True)["step"] == 6
 
 
 def test_a_checkpoint_reaches_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
