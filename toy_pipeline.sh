@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole phi-1 pipeline at toy scale on one CPU machine: no GPU, no network, no API key.
 #
-#   bash toy_pipeline.sh                  # about 20 minutes on 2 cores; outputs land in out/toy
+#   bash toy_pipeline.sh                  # about 12 minutes on 2 cores; outputs land in out/toy
 #
 # The sizes below are the defaults; tests/test_toy_pipeline.py runs the same script with
 # tiny ones. A model trained for minutes is no teacher: it writes the textbooks (any text will do),
