@@ -567,6 +567,13 @@ def embed(cfg) -> Path:
         raise UserError("--doc_tokens and --batch_size must be at least 1")
     check_writable(out)
     sidecar, partial, partial_meta, flags_path = embedding_paths(out)
+    corpus_option = "--corpus" if cfg.corpus else "--labels"
+    check_apart({"--embeddings": out}, {corpus_option: files, "--ckpt": [Path(cfg.ckpt)]})
+    for beside in (sidecar, partial, partial_meta, flags_path):  # written (or removed) beside the array
+        for path in files:
+            if same_file(beside, path):
+                raise UserError(f"--embeddings={out} keeps {beside} beside it, the file {corpus_option} names: "
+                                f"writing that would overwrite it; give --embeddings another name")
     skipped, indices, ids, seen = Counter(), [], [], set()
     for index, doc_id, _, _ in documents(files, skipped):
         if doc_id in seen:  # e.g. an annotation retried: the same document again
@@ -1721,11 +1728,15 @@ def decontaminate(cfg) -> dict:
         partial = out.with_name(out.name + ".partial")
         kept = 0
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(partial, "w", encoding="utf-8") as f:
-            for i, (_, _, _, record) in enumerate(documents(files, Counter())):
-                if not doc_tau[i] >= cfg.prune_tau:  # NaN (no close problem) is kept
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    kept += 1
+        try:
+            with open(partial, "w", encoding="utf-8") as f:
+                for i, (_, record) in enumerate(read_again(files, ids)):
+                    if not doc_tau[i] >= cfg.prune_tau:  # NaN (no close problem) is kept
+                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        kept += 1
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         os.replace(partial, out)
         report["pruned"] = dict(tau=cfg.prune_tau, kept=kept, removed=len(ids) - kept, file=str(out))
         print(f"pruned: {len(ids) - kept} of {len(ids)} documents have tau >= {cfg.prune_tau} with some problem; "
@@ -1740,6 +1751,20 @@ def decontaminate(cfg) -> dict:
     return report
 
 
+def read_again(files: list[Path], ids: list[str]):
+    """(text, record) of each document of a second read of the corpus, which must find the
+    documents of the first (ids): if it changed in between, one document's result would be
+    paired with another document."""
+    changed, count = UserError(f"{', '.join(map(str, files))} changed while it was compared: rerun"), 0
+    for _, doc_id, text, record in documents(files, Counter()):
+        if count == len(ids) or doc_id != ids[count]:
+            raise changed
+        yield text, record
+        count += 1
+    if count != len(ids):
+        raise changed
+
+
 def nearest(cfg, model, files: list[Path], problem_texts: list[str], ids: list[str], rows: list[dict]) -> None:
     """Add each problem's closest training document by L2 distance of unit-normalised embeddings."""
 
@@ -1749,7 +1774,7 @@ def nearest(cfg, model, files: list[Path], problem_texts: list[str], ids: list[s
 
     bench = unit(problem_texts)
     best, which, start = np.full(len(bench), np.inf), np.zeros(len(bench), np.int64), 0
-    texts = (text for _, _, text, _ in documents(files, Counter()))
+    texts = (text for text, _ in read_again(files, ids))
     for chunk in tqdm(batched(texts, cfg.batch_size * CHUNK_BATCHES), desc="embedding", unit=" chunks"):
         distance = np.sqrt(np.maximum(2 - 2 * bench @ unit(chunk).T, 0))  # unit vectors: |a-b|^2 = 2 - 2ab
         closer = distance.min(1) < best

@@ -625,6 +625,20 @@ def test_an_output_naming_an_input_is_refused(tmp_path):
     assert docs.read_bytes() == before and len(annotated(labels)) == 4
 
 
+def test_embed_never_writes_over_the_labels_beside_its_array(tmp_path, nano):
+    """--labels=X.json with --embeddings=X.npy: the array's description is X.json, and
+    embed removed it (the labels) as a stale output before it began."""
+    labels = tmp_path / "scores.json"
+    labels.write_text(lines(*(dict(id=f"d{i}", text=f"def f{i}(): return {i}", score=i) for i in range(4))))
+    before = labels.read_bytes()
+    with pytest.raises(UserError, match=r"^--embeddings=.*scores.npy keeps .*scores.json beside it, the file --labels"):
+        run_filter("embed", f"--labels={labels}", f"--embeddings={tmp_path / 'scores.npy'}", f"--ckpt={nano}")
+    assert labels.read_bytes() == before
+    with pytest.raises(UserError, match=r"^--embeddings=.* is the file --ckpt names"):
+        run_filter("embed", f"--labels={labels}", f"--embeddings={nano.with_suffix('.npy')}",
+                   f"--ckpt={nano.with_suffix('.npy')}")
+
+
 def test_documents_without_ids_in_files_of_one_name_are_told_apart(tmp_path, capsys):
     first, second = tmp_path / "a" / "docs.jsonl", tmp_path / "b" / "docs.jsonl"
     for path, kind in ((first, "lesson"), (second, "dump")):
@@ -660,6 +674,28 @@ def test_lines_with_lone_surrogates_are_skipped_and_counted(tmp_path):
     run_filter("decontaminate", f"--corpus={docs}", "--bench=humaneval", "--prune_tau=0.95", f"--out={pruned}",
                f"--report={tmp_path / 'report.json'}", "--workers=1")
     assert [json.loads(line)["id"] for line in pruned.read_text(encoding="utf-8").splitlines()] == ["fine", "an emoji"]
+
+
+@pytest.mark.parametrize("change", ["drop the first", "add one"])
+def test_decontaminate_prunes_nothing_from_a_corpus_changed_while_it_was_compared(tmp_path, monkeypatch, change):
+    """The taus of the comparison are paired with the documents of a second read: a corpus
+    changed between the two would have its documents pruned by other documents' taus."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(lines(*(dict(id=f"d{i}", text=f"def f{i}():\n    return {i}\n") for i in range(5))))
+    real_warn = filter.warn_skipped
+
+    def change_the_corpus(*a):  # called once the comparison has read the corpus
+        records = docs.read_text().splitlines(keepends=True)
+        docs.write_text("".join(records[1:]) if change == "drop the first" else
+                        "".join(records) + lines(dict(id="d5", text="x = 5")))
+        return real_warn(*a)
+
+    monkeypatch.setattr(filter, "warn_skipped", change_the_corpus)
+    pruned = tmp_path / "pruned.jsonl"
+    with pytest.raises(UserError, match=r"docs.jsonl changed while it was compared: rerun"):
+        run_filter("decontaminate", f"--corpus={docs}", "--bench=humaneval", "--prune_tau=0.95", f"--out={pruned}",
+                   f"--report={tmp_path / 'report.json'}", "--workers=1")
+    assert not pruned.exists() and not (tmp_path / "pruned.jsonl.partial").exists()
 
 
 def fake_embeddings(tmp_path: Path, scores: list[int]) -> list[str]:
