@@ -453,7 +453,6 @@ def start(out: Path, fp: str) -> Path:
     replaced (see prepare)."""
     part_dir = out / "parts"
     try:
-        out.mkdir(parents=True, exist_ok=True)
         mark = part_dir / "fingerprint"
         if part_dir.exists() and not (mark.is_file() and mark.read_text() == fp):
             shutil.rmtree(part_dir)
@@ -692,53 +691,59 @@ def prepare(cfg, quiet: bool = False) -> dict:
     bins = cfg.output == "bins"
     if bins:
         encode("")  # loads the BPE file now: offline without a copy, stop before writing anything
-    items = source.items()
-    part_dir = start(out, fp)
-    counts, skipped = Counter(), Counter()
-    workers = cfg.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                              else os.cpu_count() or 1)
-    n_parts = 0
-    # the bar is closed however the loop ends, so an error or "interrupted" gets a line of its own
-    with (tqdm(total=source.total, unit="B", unit_scale=True, desc=f"prepare {out.name}",
-               disable=quiet, smoothing=0.05) as bar,
-          Pool(workers, worker_signals) if bins and workers > 1 else contextlib.nullcontext() as pool):
-        for i, (docs, read) in enumerate(parts(items, cfg, counts, skipped)):
-            done = part_dir / f"{i:05d}.done"
-            if not done.exists():
-                if bins:
-                    for split, split_docs in docs.items():
-                        texts = [text for _, text in split_docs]
-                        write_atomic(part_dir / f"{i:05d}.{split}.bin", tokenize(texts, pool, bar).tobytes())
-                        read -= sum(map(len, texts))  # already on the bar
-                else:
-                    write_atomic(part_dir / f"{i:05d}.jsonl", b"".join(json_line({"id": doc_id, "text": text})
-                                                                        for doc_id, text in docs["train"]))
-                write_atomic(done, b"")
-            bar.update(read)
-            n_parts = i + 1
-    if not counts["train"] + counts["val"]:
-        give_up(out, part_dir)
-        raise UserError(f"no usable documents in {', '.join(source.inputs)} (skipped: {dict(skipped) or 'none'})")
+    items = source.items()  # opens a stream now: a missing package or dataset stops here too
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to {out}: {e.strerror or e}") from None
+    # one run at a time: two would write one parts folder, and one would remove the other's bins
+    with run_lock(out, f"another run is preparing {out}: wait for it, stop it, or use another --name"):
+        part_dir = start(out, fp)
+        counts, skipped = Counter(), Counter()
+        workers = cfg.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                  else os.cpu_count() or 1)
+        n_parts = 0
+        # the bar is closed however the loop ends, so an error or "interrupted" gets a line of its own
+        with (tqdm(total=source.total, unit="B", unit_scale=True, desc=f"prepare {out.name}",
+                   disable=quiet, smoothing=0.05) as bar,
+              Pool(workers, worker_signals) if bins and workers > 1 else contextlib.nullcontext() as pool):
+            for i, (docs, read) in enumerate(parts(items, cfg, counts, skipped)):
+                done = part_dir / f"{i:05d}.done"
+                if not done.exists():
+                    if bins:
+                        for split, split_docs in docs.items():
+                            texts = [text for _, text in split_docs]
+                            write_atomic(part_dir / f"{i:05d}.{split}.bin", tokenize(texts, pool, bar).tobytes())
+                            read -= sum(map(len, texts))  # already on the bar
+                    else:
+                        write_atomic(part_dir / f"{i:05d}.jsonl", b"".join(json_line({"id": doc_id, "text": text})
+                                                                            for doc_id, text in docs["train"]))
+                    write_atomic(done, b"")
+                bar.update(read)
+                n_parts = i + 1
+        if not counts["train"] + counts["val"]:
+            give_up(out, part_dir)
+            raise UserError(f"no usable documents in {', '.join(source.inputs)} (skipped: {dict(skipped) or 'none'})")
 
-    (out / "meta.json").unlink(missing_ok=True)  # the old output goes now: nothing looks complete until the end
-    meta = dict(source=cfg.source, inputs=source.inputs, output=cfg.output,
-                **(join_bins(out, part_dir, n_parts, counts, cfg.val_fraction) if bins
-                   else move_jsonl(out, part_dir, n_parts, counts)),
-                document_bytes=counts["bytes"], duplicates=counts["duplicates"],
-                skipped=dict(sorted(skipped.items())),
-                settings={k: v for k, v in vars(cfg).items() if k not in UNFINGERPRINTED},
-                fingerprint=fp)
-    write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
-    shutil.rmtree(part_dir, ignore_errors=True)
-    if not quiet:
-        print(f"{out}: {summary(meta)}, {counts['duplicates']:,} duplicates, "
-              f"skipped {dict(skipped) or 'none'}, {time.time() - t0:.0f}s")
-        if bins and not counts["val"] and counts["train"] == 1:
-            print("warning: val.bin is empty: the corpus's one document is in train.bin "
-                  "(train.py needs --eval_interval=0 to train on it alone)")
-        elif bins and not counts["val"]:
-            print(f"warning: val.bin is empty; raise --val_fraction (now {cfg.val_fraction})")
-    return meta
+        (out / "meta.json").unlink(missing_ok=True)  # the old output goes now: nothing looks complete until the end
+        meta = dict(source=cfg.source, inputs=source.inputs, output=cfg.output,
+                    **(join_bins(out, part_dir, n_parts, counts, cfg.val_fraction) if bins
+                       else move_jsonl(out, part_dir, n_parts, counts)),
+                    document_bytes=counts["bytes"], duplicates=counts["duplicates"],
+                    skipped=dict(sorted(skipped.items())),
+                    settings={k: v for k, v in vars(cfg).items() if k not in UNFINGERPRINTED},
+                    fingerprint=fp)
+        write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+        shutil.rmtree(part_dir, ignore_errors=True)
+        if not quiet:
+            print(f"{out}: {summary(meta)}, {counts['duplicates']:,} duplicates, "
+                  f"skipped {dict(skipped) or 'none'}, {time.time() - t0:.0f}s")
+            if bins and not counts["val"] and counts["train"] == 1:
+                print("warning: val.bin is empty: the corpus's one document is in train.bin "
+                      "(train.py needs --eval_interval=0 to train on it alone)")
+            elif bins and not counts["val"]:
+                print(f"warning: val.bin is empty; raise --val_fraction (now {cfg.val_fraction})")
+        return meta
 
 
 def join_bins(out: Path, part_dir: Path, n_parts: int, counts: Counter, val_fraction: float) -> dict:

@@ -330,6 +330,24 @@ def test_a_failed_rerun_leaves_the_prepared_dataset_whole(tmp_path, monkeypatch)
     assert prepare.finished(out, meta["fingerprint"]) == meta
 
 
+def test_one_run_at_a_time_prepares_a_folder(tmp_path):
+    """Two runs on one --name wrote one parts folder, and the one that finished first had
+    its bins and meta.json removed by the other."""
+    cfg = settings(tmp_path, inputs=str(write_tree(tmp_path / "ok", {"a.py": A, "b.py": B})))
+    meta = prepare.prepare(cfg, quiet=True)
+    out = tmp_path / "out" / "corpus"
+    before = {name: (out / name).read_bytes() for name in ("meta.json", "train.bin", "val.bin")}
+    other = settings(tmp_path, inputs=str(write_tree(tmp_path / "new", {"c.py": A + A})))
+    with prepare.run_lock(out, "held by the test"):  # the other run, still at work
+        with pytest.raises(UserError, match=r"^another run is preparing .*corpus: wait for it, stop it, or use "
+                                            r"another --name$"):
+            prepare.prepare(other, quiet=True)
+        assert {name: (out / name).read_bytes() for name in before} == before
+        assert not (out / "parts").exists()
+        assert prepare.prepare(cfg, quiet=True) == meta  # a finished dataset is read, not written: no wait
+    assert prepare.prepare(other, quiet=True)["fingerprint"] != meta["fingerprint"]
+
+
 def test_appender_keeps_records_that_utf8_cannot_spell(tmp_path):
     path = tmp_path / "records.jsonl"
     records = [{"answer": "lone \ud800 surrogate"}, {"text": "ünïcode ✓"}]
