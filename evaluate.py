@@ -1143,19 +1143,19 @@ def generate_and_score(cfg, ks: list[int], out: Path, every: dict, problems: dic
     seconds = dict(generation=0.0, execution=0.0)
 
     t0 = time.time()
-    if cfg.samples:
-        samples_path = Path(cfg.samples)
-        if not samples_path.is_file():
-            raise UserError(f"no samples file at {samples_path}")
-        generated_here = out / "samples.jsonl"
-        try:
-            scored_here = Path(json.loads((out / "summary.json").read_text())["samples_file"])
-        except (OSError, ValueError, KeyError, TypeError):
-            scored_here = samples_path
-        if any(p.exists() and p.resolve() != samples_path.resolve() for p in (generated_here, scored_here)):
-            raise UserError(f"{out} holds the results of other samples: give --out a folder "
-                            f"for the results of {samples_path}")
-    else:
+    generated_here = out / "samples.jsonl"
+    samples_path = Path(cfg.samples) if cfg.samples else generated_here
+    if cfg.samples and not samples_path.is_file():
+        raise UserError(f"no samples file at {samples_path}")
+    try:  # what the results here were scored from, if there are any
+        scored_here = [Path(json.loads((out / "summary.json").read_text())["samples_file"])]
+    except (OSError, ValueError, KeyError, TypeError):
+        scored_here = []
+    others = scored_here + ([generated_here] if cfg.samples and generated_here.exists() else [])
+    if any(p.resolve() != samples_path.resolve() for p in others):
+        raise UserError(f"{out} holds the results of other samples: give --out a folder "
+                        f"for the results of {samples_path}")
+    if not cfg.samples:
         samples_path = generate(cfg, problems, every, stop, out)
         seconds["generation"] = time.time() - t0
     samples, malformed = read_samples(samples_path, cfg.bench)

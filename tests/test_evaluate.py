@@ -1051,6 +1051,12 @@ def test_scoring_other_samples_never_mixes_them_into_a_runs_folder(tmp_path, mon
     with pytest.raises(UserError, match="holds the results of other samples"):
         score(run_samples, tmp_path / "scored")  # the results of --samples=other
     assert score(other, tmp_path / "scored")["samples"] == 1
+    before = (tmp_path / "scored" / "results.jsonl").read_bytes()
+    with pytest.raises(UserError, match="holds the results of other samples"):  # a model's run replaced them
+        evaluate.main([f"--ckpt={nano_checkpoint(tmp_path / 'ckpt.pt')}", "--limit=1", "--max_new_tokens=4",
+                       f"--out={tmp_path / 'scored'}"])
+    assert (tmp_path / "scored" / "results.jsonl").read_bytes() == before
+    assert not (tmp_path / "scored" / "samples.jsonl").exists()
     # a relative --samples names one file: run elsewhere, the same name is another one
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     for folder, completion in (("a", ""), ("b", "    return 1\n")):
