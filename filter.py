@@ -585,8 +585,10 @@ def embed(cfg) -> Path:
     warn_skipped(skipped, files)
     if not ids:
         raise UserError(f"no documents in {', '.join(map(str, files))}")
-    source = dict(corpus=files_identity(files), ckpt=cfg.ckpt, doc_tokens=cfg.doc_tokens)
-    fp = fingerprint(EMBEDDINGS_FORMAT, source, content_identity(cfg.ckpt), ids)
+    # a local model by its full path: the forest trained on these names it, for apply run from anywhere
+    ckpt = str(Path(cfg.ckpt).resolve()) if Path(cfg.ckpt).exists() else cfg.ckpt
+    source = dict(corpus=files_identity(files), ckpt=ckpt, doc_tokens=cfg.doc_tokens)
+    fp = fingerprint(EMBEDDINGS_FORMAT, source, content_identity(ckpt), ids)
     try:
         if out.is_file() and json.loads(sidecar.read_text()).get("fingerprint") == fp:
             print(f"{out} already holds these embeddings")

@@ -514,6 +514,16 @@ def test_embed_resumes_after_a_crash_and_leaves_nothing_that_looks_complete(tmp_
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("emb")) == ["emb.json", "emb.npy"]
 
 
+def test_embed_names_a_local_model_by_its_full_path_for_apply_run_elsewhere(tmp_path, nano, monkeypatch, capsys):
+    docs = corpus(tmp_path / "docs.jsonl", 4, seed=3)
+    monkeypatch.chdir(nano.parent)
+    run_filter("embed", f"--corpus={docs}", f"--ckpt={nano.name}", f"--embeddings={tmp_path / 'emb.npy'}")
+    assert filter.load_embeddings(tmp_path / "emb.npy")[2]["source"]["ckpt"] == str(nano.resolve())
+    monkeypatch.chdir(tmp_path)  # the same model by another name: the same embeddings
+    run_filter("embed", f"--corpus={docs}", f"--ckpt={os.path.relpath(nano)}", f"--embeddings={tmp_path / 'emb.npy'}")
+    assert "already holds these embeddings" in capsys.readouterr().out
+
+
 def test_embed_under_torchrun_matches_one_process(tmp_path, nano):
     docs = corpus(tmp_path / "docs.jsonl", 30, seed=4)
     common = ["embed", f"--corpus={docs}", f"--ckpt={nano}", "--batch_size=2"]
