@@ -413,6 +413,8 @@ def annotate(cfg) -> Counter:
     """Annotate the draw into cfg.labels; returns the counts of scores and failures."""
     if cfg.n < 1 or cfg.strata < 1 or cfg.attempts < 1 or cfg.prompt_chars < 1:
         raise UserError("--n, --strata, --attempts and --prompt_chars must be at least 1")
+    if cfg.temperature < 0 or not 0 <= cfg.min_score <= 10:
+        raise UserError("--temperature must be >= 0, and --min_score a score from 0 to 10")
     files = corpus_files(cfg.corpus)
     out = Path(cfg.labels)
     check_apart({"--labels": out}, {"--corpus": files})
@@ -422,6 +424,8 @@ def annotate(cfg) -> Counter:
     warn_skipped(skipped, files)
     if not picked:
         raise UserError(f"no documents in {', '.join(map(str, files))}")
+    if len(picked) < cfg.n:
+        print(f"note: the corpus holds {len(picked)} documents, fewer than --n={cfg.n}: all of them are drawn")
     others = Counter(r["model"] for r in read_jsonl(out) if r.get("score") is not None
                      and r.get("model") not in (None, cfg.model))
     if others:
@@ -500,6 +504,9 @@ def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int) -> C
     if unanswered:
         raise UserError(f"{len(unanswered)} documents got no answer (first: {unanswered[0]}); "
                         f"rerun the same command to ask again")
+    if not scores and len(todo) == drawn:  # a teacher that does not follow the prompt: nothing to learn from
+        raise UserError(f"none of the {counts['failed']} answers held a score (\"Educational value: N\"); "
+                        f"they are in {out}: is --model={cfg.model} one that follows the prompt?")
     return counts
 
 
@@ -1187,6 +1194,8 @@ def train(cfg) -> RandomForest:
     """Fit the forest on the annotated documents' embeddings, report, save to cfg.forest."""
     if not 0 <= cfg.holdout < 1 or cfg.class_weight not in ("balanced", "none"):
         raise UserError("--holdout must be in [0, 1) and --class_weight balanced or none")
+    if not 0 <= cfg.min_score <= 10:
+        raise UserError(f"--min_score must be a score, from 0 to 10, not {cfg.min_score}")
     check_apart({"--forest": Path(cfg.forest)}, {"--labels": [Path(cfg.labels)],
                                                   "--embeddings": [Path(cfg.embeddings)]})
     check_writable(Path(cfg.forest))  # before the fit, not after it
@@ -1288,8 +1297,9 @@ def scored(texts: list[str], cfg, forest: RandomForest, column: int, model, doc_
 def apply(cfg) -> dict:
     """Score this shard of cfg.corpus and write its kept documents and summary (see the module doc)."""
     files = corpus_files(cfg.corpus)
-    if not 0 <= cfg.shard < cfg.num_shards:
-        raise UserError(f"--shard must be in [0, --num_shards={cfg.num_shards})")
+    if cfg.num_shards < 1 or not 0 <= cfg.shard < cfg.num_shards:
+        raise UserError(f"--num_shards must be at least 1 and --shard in [0, --num_shards), not {cfg.shard} "
+                        f"of {cfg.num_shards}")
     if not 0 <= cfg.threshold <= 1 or not 0 <= cfg.top_fraction <= 1:
         raise UserError("--threshold and --top_fraction must be in [0, 1]")
     if cfg.batch_size < 1:

@@ -624,6 +624,16 @@ def test_annotate_fails_when_requests_fail_and_a_rerun_asks_again(tmp_path, caps
     assert len(filter.read_scores(labels)) == 4
 
 
+def test_annotate_fails_when_no_answer_holds_a_score(tmp_path):
+    docs, labels = tmp_path / "docs.jsonl", tmp_path / "labels.jsonl"
+    docs.write_text(lines(*(dict(id=f"mute-{i}", text=f"mute = {i}") for i in range(3))))
+    with FakeLLM(answer=teacher) as server:
+        with pytest.raises(UserError, match=r"^none of the 3 answers held a score .* is --model=fake one that"):
+            run_filter("annotate", f"--api_base={server.url}", f"--corpus={docs}", f"--labels={labels}",
+                       "--model=fake", "--n=3")
+    assert [r["error"] for r in annotated(labels)] == [f"no score in {filter.DEFAULTS['attempts']} answers"] * 3
+
+
 def test_an_output_naming_an_input_is_refused(tmp_path):
     docs, labels = corpus(tmp_path / "docs.jsonl", 4, seed=3), tmp_path / "labels.jsonl"
     before = docs.read_bytes()
@@ -762,6 +772,29 @@ def test_empty_lists_name_their_setting(tmp_path):
 
 
 # ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("args, message", [
+    (["annotate", "--min_score=11"], "--min_score a score from 0 to 10"),
+    (["annotate", "--temperature=-1"], "--temperature must be >= 0"),
+    (["train", "--min_score=-1"], "--min_score must be a score, from 0 to 10, not -1"),
+    (["apply", "--num_shards=0", "--forest=f.npz"], "--num_shards must be at least 1 and --shard in .* not 0 of 0"),
+])
+def test_settings_out_of_range_are_one_line(tmp_path, args, message):
+    docs = corpus(tmp_path / "docs.jsonl", 3, seed=7)
+    with pytest.raises(UserError, match=message):
+        run_filter(*args, f"--corpus={docs}", f"--labels={tmp_path / 'l.jsonl'}", "--api_base=http://127.0.0.1:9/v1",
+                   "--model=m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+def test_annotate_says_when_the_corpus_holds_fewer_documents_than_n(tmp_path, capsys):
+    docs, labels = corpus(tmp_path / "docs.jsonl", 3, seed=7), tmp_path / "labels.jsonl"
+    with FakeLLM(answer=teacher) as server:
+        run_filter("annotate", f"--api_base={server.url}", f"--corpus={docs}", f"--labels={labels}",
+                   "--model=fake", "--n=10")
+    assert "the corpus holds 3 documents, fewer than --n=10: all of them are drawn" in capsys.readouterr().out
+    assert len(annotated(labels)) == 3
+
 
 def test_bad_input_gives_one_clear_line(tmp_path, nano):
     empty = tmp_path / "empty.jsonl"
