@@ -683,11 +683,16 @@ def prepare(cfg, quiet: bool = False) -> dict:
             print(f"already prepared: {out} ({summary(meta)})")
         return meta
 
-    earlier = (read_meta(out) or {"output": cfg.output}).get("output", "bins")
-    if earlier != cfg.output and not quiet:  # the user may have meant two outputs: say so before the work
+    previous = read_meta(out) or {"output": cfg.output, "inputs": source.inputs}
+    earlier = previous.get("output", "bins")
+    # the user may have meant two datasets (two inputs of one default name): say so before the work
+    if earlier != cfg.output and not quiet:
         kinds = {"bins": "token bins", "jsonl": "JSONL documents"}
         print(f"{out} holds {kinds.get(earlier, earlier)} from an earlier run: this run replaces them with "
               f"{kinds[cfg.output]} (another --name keeps both)")
+    elif previous.get("inputs", source.inputs) != source.inputs and not quiet:
+        print(f"{out} holds a dataset of other inputs ({', '.join(map(str, previous['inputs']))}): this run "
+              f"replaces it (another --name keeps both)")
     bins = cfg.output == "bins"
     if bins:
         encode("")  # loads the BPE file now: offline without a copy, stop before writing anything

@@ -753,6 +753,24 @@ def test_an_already_prepared_rerun_keeps_the_parts_of_another_interrupted_run(tm
     assert documents(tokens(tmp_path / "out" / "corpus", "train")) == texts
 
 
+def test_a_run_on_other_inputs_of_the_same_name_says_it_replaces_the_dataset(tmp_path, capsys):
+    first, second = tmp_path / "a" / "docs.jsonl", tmp_path / "b" / "docs.jsonl"
+    for path, text in ((first, A), (second, B)):
+        path.parent.mkdir()
+        path.write_text(json.dumps({"text": text}) + "\n")
+    prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(first), name=""))
+    assert "replaces" not in capsys.readouterr().out
+    prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(second), name=""))
+    said = capsys.readouterr().out
+    assert f"docs holds a dataset of other inputs ({first}): this run replaces it (another --name keeps both)" in said
+    first.write_text(json.dumps({"text": A + B}) + "\n")
+    prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(first), name=""))  # back: said again
+    assert "other inputs" in capsys.readouterr().out
+    first.write_text(json.dumps({"text": B + B}) + "\n")
+    prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(first), name=""))  # the same input, edited
+    assert "other inputs" not in capsys.readouterr().out
+
+
 def test_many_tasks_on_a_pool_come_back_in_order(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "TASK_BYTES", 1)  # one document per task: many tasks in flight at once
     texts = [f"t{i} = '{'x' * (i % 7 * 300)}'\n" for i in range(120)]  # uneven sizes: uneven finishing times
