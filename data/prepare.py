@@ -345,6 +345,7 @@ def parts(items, cfg, counts: Counter, skipped: Counter):
     docs, size, read = {"train": [], "val": []}, 0, 0
     for data, reason, nbytes, doc_id in items:
         read += nbytes
+        data = data and data.removeprefix(b"\xef\xbb\xbf")  # a byte order mark is no part of the code
         text, reason = (None, reason) if reason else check(data, cfg.max_file_bytes)
         if reason:
             skipped[reason] += 1

@@ -59,6 +59,7 @@ def test_local_source_skips_counts_and_decodes_back(tmp_path):
         "a.py": A,
         "pkg/b.py": B,
         "pkg/copy_of_a.py": A,                    # exact duplicate
+        "with_bom.py": b"\xef\xbb\xbf" + A.encode(),  # the same code behind a byte order mark
         "latin1.py": b"s = '\xe9t\xe9'\n",        # not UTF-8
         "nul.py": b"x = 1\x00\x00\n",             # binary
         "huge.py": "x = 1\n" * 400,               # over max_file_bytes
@@ -74,7 +75,7 @@ def test_local_source_skips_counts_and_decodes_back(tmp_path):
     out = tmp_path / "out" / "corpus"
     assert json.loads((out / "meta.json").read_text()) == meta
     assert meta["skipped"] == {"binary": 1, "empty": 2, "not_utf8": 1, "too_big": 1, "unreadable": 1}
-    assert meta["duplicates"] == 1
+    assert meta["duplicates"] == 2
     assert (meta["train_documents"], meta["val_documents"]) == (2, 0)
     assert (meta["dtype"], meta["eot"], meta["vocab_size"]) == ("uint16", EOT, VOCAB_SIZE)
     train = tokens(out, "train")
