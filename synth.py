@@ -434,14 +434,13 @@ def example_asserts(code: str) -> str:
         if not want:
             lines.append(source)
             continue
-        try:
-            ast.parse(want, mode="eval")
-            ast.parse(source, mode="eval")
+        try:  # unparsed: without the comments (`>>> f(2)  # twice`) that would swallow the closing ")"
+            got, expected = (ast.unparse(ast.parse(text, mode="eval")) for text in (source, want))
         except PARSE_ERRORS:
             continue
         if source.startswith("print("):
             continue
-        lines.append(f"assert ({source}) == ({want}), {source!r}")
+        lines.append(f"assert ({got}) == ({expected}), {source!r}")
     return "\n".join(lines)
 
 
@@ -649,6 +648,7 @@ class Interrupts:
 
     def __init__(self, stop: threading.Event):
         self.stop = stop  # the client's: its requests leave their backoffs at once
+        self.signals = 0  # not stop.is_set(): an error that set it first wants its line said
 
     def __enter__(self):
         self.previous = [signal.signal(s, self.handle) for s in self.SIGNALS]
@@ -659,7 +659,8 @@ class Interrupts:
             signal.signal(s, previous)
 
     def handle(self, signum, frame):
-        if self.stop.is_set():
+        self.signals += 1
+        if self.signals > 1:
             print("\ninterrupted", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.stop.set()
@@ -755,12 +756,14 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
                     hint = (f"is {client.api_base} working?" if failure is not None else
                             "raise --max_tokens?" if outcome.cut else f"is --model={cfg.model} up to the task?")
                     error = f"{streak} items in a row gave no record (the last: {reason[:200]}); {hint}"
+                if error is not None:
+                    stop.set()  # the items in flight would be thrown away: no more requests (and bills)
             bar.set_postfix_str(postfix(client, counts), refresh=False)
         if error is None and not stop.is_set():
             judge_refusals()  # fewer than FAILED_ALIKE at the end
     except UserError as e:  # a write failed: the lines before it are whole
         error = str(e)
-        stop.set()  # the items in flight would be thrown away: no more requests, no backoffs
+        stop.set()  # as above
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()

@@ -271,6 +271,30 @@ def test_answers_cut_off_in_a_row_end_the_run_asking_for_more_tokens(tmp_path):
             synthesize(server, "textbook", tmp_path / "t.jsonl", "--n=5", "--give_up=3", "--attempts=1")
 
 
+def test_a_run_that_gives_up_asks_no_more_for_the_items_in_flight(tmp_path):
+    """Their answers would be thrown away: they went on asking (and paying) for all their --attempts."""
+    with FakeLLM(faults=["length"], latency=0.1) as server:
+        with pytest.raises(UserError, match=r"3 items in a row gave no record"):
+            synthesize(server, "textbook", tmp_path / "t.jsonl", "--n=50", "--give_up=3", "--attempts=6",
+                       "--concurrency=4")
+        # the 4 first items ask 6 times each, in step; then each item in flight asks at most once or twice
+        assert len(server.served) <= 4 * 6 + 10  # went to 42-48
+
+
+def test_the_first_signal_after_an_error_waits_and_the_error_is_still_said(monkeypatch, capsys):
+    """A fatal failure sets the client's stop too: the first Ctrl-C then quit at once, as a
+    second one does, and the run's error line (and report) were lost."""
+    exits = []
+    monkeypatch.setattr(synth.os, "_exit", lambda status: exits.append(status))
+    stop = threading.Event()
+    stop.set()  # as a refused API key does
+    with synth.Interrupts(stop) as interrupts:
+        interrupts.handle(signal.SIGINT, None)
+        assert exits == [] and "waiting for the requests in flight" in capsys.readouterr().err
+        interrupts.handle(signal.SIGTERM, None)
+        assert exits == [128 + signal.SIGTERM]
+
+
 def test_an_endpoint_answering_with_a_proxy_page_ends_the_run(tmp_path):
     """A 200 that is no JSON (a proxy's login page) is retried, but it went on for every item of the run."""
     out = tmp_path / "t.jsonl"
@@ -623,6 +647,15 @@ def test_parse_exercise_rejects_other_functions_and_empty_bodies(text, why):
 def test_examples_without_a_result_run_as_they_are():
     code = "def f(x):\n    '''Doc.\n\n    >>> y = f(1)\n    >>> y\n    2\n    '''\n    return x + 1\n"
     assert synth.example_asserts(code).splitlines() == ["y = f(1)", "assert (y) == (2), 'y'"]
+
+
+def test_examples_with_comments_become_asserts_that_compile():
+    code = ("def double(x):\n    '''Doc.\n\n    >>> double(2)  # two, doubled\n    4  # four\n"
+            "    >>> double(\n    ...     3)\n    6\n    '''\n    return 2 * x\n")
+    asserts = synth.example_asserts(code)
+    assert asserts.splitlines() == ["assert (double(2)) == (4), 'double(2)  # two, doubled'",
+                                    "assert (double(3)) == (6), 'double(\\n    3)'"]
+    exec(compile(code + asserts, "<exercise>", "exec"), {})
 
 
 def test_a_textbook_record_is_the_answer_stripped():
