@@ -133,9 +133,10 @@ class Stats:
 class _Failed(Exception):
     """One attempt that failed: whether to try again, and how long the server asked us to wait."""
 
-    def __init__(self, failure: Failure, retry: bool, retry_after: float | None = None):
+    def __init__(self, failure: Failure, retry: bool, retry_after: float | None = None, usage: dict | None = None):
         super().__init__(str(failure))
         self.failure, self.retry, self.retry_after = failure, retry, retry_after
+        self.usage = usage  # the tokens of an answer refused after all (billed as any other)
 
 
 class _Bucket:
@@ -166,7 +167,7 @@ def client_from(cfg, model: str) -> "Client":
     from config import UserError, require
     require((cfg.concurrency >= 1, "--concurrency must be >= 1"),
             (cfg.rpm >= 0 and cfg.tpm >= 0, "--rpm and --tpm must be >= 0"),
-            (cfg.timeout > 0, "--timeout must be > 0"),
+            (0 < cfg.timeout <= 86400, "--timeout must be > 0 and at most 86400 s (a day)"),
             (cfg.max_retries >= 0, "--max_retries must be >= 0"),
             (cfg.backoff >= 0, "--backoff must be >= 0"),
             (cfg.price_in >= 0 and cfg.price_out >= 0, "--price_in and --price_out must be >= 0"))
@@ -331,6 +332,8 @@ class Client:
                 failure = e.failure
                 with self._lock:
                     self._stats.errors[failure.kind] += 1
+                if e.usage is not None:
+                    self._count(Reply("", e.usage, None), estimate)
                 if not e.retry or attempt == self.max_retries:
                     break
                 if e.retry_after is not None:
@@ -339,7 +342,7 @@ class Client:
                         with self._lock:
                             self._resume_at = max(self._resume_at, time.monotonic() + pause)
                 else:
-                    pause = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+                    pause = min(self.max_backoff, self.backoff * 2 ** min(attempt, 60)) * random.uniform(0.5, 1.0)
                 with self._lock:
                     self._stats.retries += 1
                 stop.wait(pause)
@@ -394,7 +397,7 @@ class Client:
                           kind != "refused", _retry_after(r.headers))
         try:
             return parse(json.loads(body))
-        except (ValueError, KeyError, IndexError, TypeError) as e:
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError) as e:  # the last: JSON nested deep
             raise _Failed(Failure("bad_response", f"not an answer ({type(e).__name__}: {str(e)[:100]}): "
                                   f"{body[:100]!r}", r.status_code), True) from None
 
@@ -452,7 +455,8 @@ def _chat_reply(body: dict) -> Reply:
     text = message["content"]
     if text is None:  # a refusal or a content filter: asking again would get the same
         why = message.get("refusal") or f"finish_reason {choice.get('finish_reason')}"
-        raise _Failed(Failure("refused", f"an answer without text ({str(why)[:300]})", 200), False)
+        raise _Failed(Failure("refused", f"an answer without text ({str(why)[:300]})", 200), False,
+                      usage=_usage(body))
     if not isinstance(text, str):
         raise TypeError("message.content is not a string")
     return Reply(text, _usage(body), choice.get("finish_reason"))
@@ -471,7 +475,7 @@ def _server_message(r: requests.Response) -> str:
         body = r.json()
         error = body.get("error", body)
         message = error.get("message") or error.get("detail") if isinstance(error, dict) else error
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         message = r.text
     message = " ".join(str(message or "").split())[:300]
     return message or f"{r.status_code} {r.reason}"

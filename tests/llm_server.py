@@ -6,7 +6,8 @@ only on the request (a hash of it), faults injected on a schedule, a fixed laten
 
 The i-th POST gets faults[i % len(faults)]: "ok" (answer), "429" (Retry-After:
 server.retry_after), "500", "503" and "408" (retry-after-ms: 10), "slow" (answers after
-server.slow seconds), "malformed" (200, not JSON), "html" (200, a proxy's HTML page),
+server.slow seconds), "malformed" (200, not JSON), "nested" (200, JSON nested deeper
+than Python parses), "html" (200, a proxy's HTML page),
 "empty" (200, no choices), "drop" (closes the connection without answering), "cut"
 (closes it half-way through the body), "length" (half the answer, finish_reason
 "length": cut off at max_tokens), "null" (content null, finish_reason "content_filter"),
@@ -170,6 +171,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(408, "Request timed out.", "timeout", [("retry-after-ms", "10")])
         if fault == "malformed":
             return self.send(200, b'{"choices": [{"message": {"content": "half')
+        if fault == "nested":
+            return self.send(200, b"[" * 100_000 + b"]" * 100_000)
         if fault == "html":
             return self.send(200, b"<html><head><title>Sign in</title></head><body>Proxy login</body></html>",
                              content_type="text/html")

@@ -2,6 +2,7 @@
 
 import contextlib
 import email.utils
+import json
 import signal
 import socket
 import threading
@@ -107,6 +108,16 @@ def test_an_answer_without_text_is_refused_not_retried():
         failure = error.value.failure
         assert (failure.kind, failure.status, failure.fatal, failure.attempts) == ("refused", 200, False, 1)
         assert "content_filter" in failure.message and client.stats.requests == 1
+        assert (client.stats.tokens_in, client.stats.no_usage) == (len(json.dumps(MESSAGES)) // 4, 0)  # billed
+
+
+def test_a_long_retry_chain_and_a_json_nested_too_deep_are_failures_not_tracebacks():
+    with FakeLLM(faults=["500"]) as server, client_for(server, backoff=0.0, max_retries=1100) as client:
+        with pytest.raises(llm.LLMError, match="server 500"):  # 2 ** 1024 is no float
+            client.chat(MESSAGES)
+    with FakeLLM(faults=["nested"]) as server, client_for(server, max_retries=0) as client:
+        with pytest.raises(llm.LLMError, match="bad_response 200: not an answer \\(RecursionError"):
+            client.chat(MESSAGES)
 
 
 def test_setting_stop_cuts_a_backoff_short():
@@ -493,7 +504,8 @@ def test_client_from_passes_every_setting():
                                                                                                       1.5, 4)
     assert (client._rpm.rate, client._tpm.rate) == (2, 10)
     for argv, message in [(["--timeout=0"], "--timeout must be > 0"), (["--max_retries=-1"], "--max_retries must be"),
-                          (["--backoff=-1"], "--backoff must be >= 0")]:
+                          (["--backoff=-1"], "--backoff must be >= 0"),
+                          (["--timeout=1e10"], "at most 86400 s")]:  # a socket's timeout overflows past 9.2e9
         cfg, _ = parse_args(llm.DEFAULTS, argv=argv)
         with pytest.raises(UserError, match=message):
             llm.client_from(cfg, "m")
