@@ -66,7 +66,8 @@ still has unfinished rows of other requests runs on for them, with the same
 answers as without.
 
 Ctrl-C or SIGTERM stops the server: it takes no more requests, the running
-batch finishes and its answers are sent, and queued requests get a 503.
+batch finishes and its answers are sent (however long that takes; a second
+Ctrl-C or SIGTERM quits at once), and queued requests get a 503.
 
 There is no authentication: the server listens on 127.0.0.1 (this machine) by
 default; --host=0.0.0.0 opens it to the network.
@@ -116,7 +117,7 @@ DEFAULTS = dict(
     host="127.0.0.1",  # address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 is everyone (no auth)
     port=8000,  # port to listen on (0: a free one, printed at start)
     model_name="",  # the model id the API serves (empty: --ckpt as given)
-    max_batch=16,  # most rows (prompts x n) generated together
+    max_batch=16,  # most rows (prompts x n, or --num_samples) generated together
     batch_wait_ms=10.0,  # how long to wait for more requests to batch with the first
     quiet=False,  # no log line per request
 )
@@ -201,11 +202,13 @@ def print_samples(cfg, model: GPT) -> None:
     stops = parse_stop(cfg.stop)
     temperature, top_p = sampling_mode(cfg.temperature, cfg.top_p)
     seed = COMMAND_LINE_SEED if cfg.seed is None else cfg.seed
-    outs = model.generate([ids] * cfg.num_samples, max_new, temperature, top_p, stops, seed)
-    for i, new in enumerate(outs):
-        if i:
-            print("-" * 40)
-        print(prompt + cut(new, max_new, stops)[0], flush=True)
+    for start in range(0, cfg.num_samples, cfg.max_batch):  # --max_batch at a time: memory, and output as it comes
+        rows = min(cfg.max_batch, cfg.num_samples - start)
+        batch_seed = seed if start == 0 else (seed + start) % 2**64
+        for i, new in enumerate(model.generate([ids] * rows, max_new, temperature, top_p, stops, batch_seed)):
+            if start + i:
+                print("-" * 40)
+            print(prompt + cut(new, max_new, stops)[0], flush=True)
 
 
 # ---------------------------------------------------------------- requests
@@ -455,14 +458,14 @@ class Engine:
                 raise ApiError("the server is shutting down", 503, "unavailable", type="server_error")
             self.queue.put(rows)
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self) -> None:
         """Take no more rows, fail the queued ones, and wait for the running batch."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
             self.queue.put(_CLOSE)
-        self.thread.join(timeout)
+        self.thread.join()
 
     def _loop(self) -> None:
         carry = None  # a request taken from the queue that did not fit the last batch
@@ -571,14 +574,16 @@ class Server(ThreadingHTTPServer):
         longest_token()  # a fraction of a second: now, not in the first request
         self.engine = Engine(model, self.cfg.max_batch, self.cfg.batch_wait_ms, self.cfg.seed)
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self) -> None:
         """Take no more connections, close the engine, then wait until the handlers have sent
-        its answers and 503s: the process exits next, and their (daemon) threads with it."""
+        its answers and 503s: the process exits next, and their (daemon) threads with it.
+        No time limit (a batch of long answers on a CPU takes minutes): a KeyboardInterrupt
+        (a second Ctrl-C or SIGTERM) ends the wait."""
         self.server_close()
         if self.engine is not None:
-            self.engine.close(timeout)
+            self.engine.close()
         with self.idle:
-            self.idle.wait_for(lambda: self.busy == 0, timeout)
+            self.idle.wait_for(lambda: self.busy == 0)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -608,7 +613,8 @@ class Handler(BaseHTTPRequestHandler):
     def answer(self) -> None:
         try:
             raw = self.read_body()  # always, so the next request on this connection starts clean
-            path = unquote(urlsplit(self.path).path).rstrip("/")
+            full_path = unquote(urlsplit(self.path).path)  # a model's name may end in "/" (a folder)
+            path = full_path.rstrip("/")
             if path.startswith("/v1/models/"):
                 method, name = "GET", "one_model"
             elif path in self.ROUTES:
@@ -619,7 +625,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(f"{path} takes {method}, not {self.command}", 405, "method_not_allowed",
                                headers=[("Allow", method)])
             if name == "one_model":
-                answer = self.one_model(path.removeprefix("/v1/models/"))
+                answer = self.one_model(full_path.removeprefix("/v1/models/"))
             elif method == "POST":
                 answer = getattr(self, name)(parse_json(raw))
             else:
@@ -758,20 +764,29 @@ class Handler(BaseHTTPRequestHandler):
         return rows
 
     @staticmethod
-    def streamed_texts(rows: list[Row], stop: tuple[str, ...],
-                       chat: bool) -> Iterator[tuple[int, str, str | None]]:
+    def streamed_texts(rows: list[Row], stop: tuple[str, ...], chat: bool,
+                       hung_up=lambda: False) -> Iterator[tuple[int, str, str | None]]:
         """(choice index, new text, finish_reason at a row's end else None) as the rows' tokens come.
 
         Each piece extends what was given before, and together they make exactly the
         text `cut` gives at the end: text that may still begin a stop string, or is
-        an incomplete UTF-8 character (U+FFFD for now), is held back a token."""
+        an incomplete UTF-8 character (U+FFFD for now), is held back a token. A client
+        that hangs up (hung_up()) while the rows wait in the queue, or between two
+        tokens, cancels them, as in results()."""
         index = {row: i for i, row in enumerate(rows)}
         ids: dict[Row, list[int]] = {row: [] for row in rows}
         given = dict.fromkeys(rows, 0)  # characters of each row's text given so far
         hold = max(map(len, stop), default=1) - 1
         ended = 0
         while ended < len(rows):
-            row, token = rows[0].tokens.get()
+            try:
+                row, token = rows[0].tokens.get(timeout=POLL_S)
+            except queue.Empty:
+                if hung_up():
+                    for row in rows:
+                        row.cancelled = True
+                    raise Cancelled from None
+                continue
             if token is None:
                 ended += 1
                 row.future.result()  # raises the engine's ApiError if generation failed
@@ -806,7 +821,7 @@ class Handler(BaseHTTPRequestHandler):
             if echo:
                 for i in range(len(rows)):
                     yield {**head, "choices": [choice(i, prompts[i // s.n][1], None)]}
-            for i, text, reason in self.streamed_texts(rows, s.stop, chat=False):
+            for i, text, reason in self.streamed_texts(rows, s.stop, False, self.hung_up):
                 yield {**head, "choices": [choice(i, text, reason)]}
             if s.include_usage:
                 yield {**head, "choices": [], "usage": usage(prompt_tokens, sum(r.streamed for r in rows))}
@@ -836,7 +851,7 @@ class Handler(BaseHTTPRequestHandler):
             for i in range(len(rows)):
                 yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]}
-            for i, text, reason in self.streamed_texts(rows, stop, chat=True):
+            for i, text, reason in self.streamed_texts(rows, stop, True, self.hung_up):
                 yield {**head, "choices": [{"index": i, "delta": {"content": text} if text else {},
                                             "logprobs": None, "finish_reason": reason}]}
             if s.include_usage:
@@ -873,7 +888,8 @@ def serve(cfg, device: torch.device, dtype: torch.dtype) -> None:
         try:
             server.serve_forever()
         except KeyboardInterrupt:
-            print("stopping", file=sys.stderr, flush=True)
+            print(f"stopping: the requests being answered ({server.busy}) are finished and sent first; "
+                  f"Ctrl-C again to quit now", file=sys.stderr, flush=True)
     finally:
         server.close()
 

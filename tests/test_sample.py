@@ -476,6 +476,33 @@ def test_a_row_is_answered_as_it_ends_and_its_batch_stops_once_the_rest_are_canc
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_a_request_whose_client_hangs_up_while_queued_is_never_generated(reference, monkeypatch, stream):
+    """A streamed one still ran when its turn came: its handler only looked at the socket when writing."""
+    cfg, _ = parse_args(sample.DEFAULTS, argv=["--port=0", "--quiet", "--max_batch=1", "--batch_wait_ms=0"])
+    server = sample.Server(cfg)
+    server.start(reference, NAME)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    prompts, real_generate, sample_tokens = [], GPT.generate, model_module.sample
+    monkeypatch.setattr(GPT, "generate", lambda self, p, *a, **k: prompts.extend(p) or real_generate(self, p, *a, **k))
+    monkeypatch.setattr(model_module, "sample", lambda *a: time.sleep(0.05) or sample_tokens(*a))
+    try:
+        first = threading.Thread(target=raw, args=(server, "POST", "/v1/completions",
+                                                   dict(GOOD, prompt="a", max_tokens=30)))
+        first.start()
+        while not prompts:  # the first request runs
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", server.server_address[1])) as sock:
+            send_request(sock, dict(GOOD, prompt="b = 1", max_tokens=30, stream=stream))
+            time.sleep(0.3)  # queued behind the first; then the client gives up
+        first.join(60)
+        time.sleep(0.5)  # its turn has come and gone
+        assert prompts == [tokenizer.encode("a")]
+    finally:
+        server.shutdown()
+        server.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_a_short_request_batched_with_a_long_one_is_answered_first(reference, monkeypatch, stream):
     """max_tokens=1 sent just after max_tokens=40: the same answers as alone, the short
     one's while the long one still generates."""
@@ -816,6 +843,13 @@ def test_a_trailing_slash_names_the_same_route(server):
     assert raw(server, "POST", "/v1/completions/", GOOD)[0] == 200
 
 
+def test_a_model_named_like_a_folder_is_found_by_its_name(server, monkeypatch):
+    """--ckpt=out/phi1_hf/ (a tab-completed folder) is the default name: GET /v1/models/out/phi1_hf/ was a 404."""
+    monkeypatch.setattr(server, "model_name", "out/phi1_hf/")
+    assert raw(server, "GET", "/v1/models/out/phi1_hf/") == (200, raw(server, "GET", "/v1/models")[1]["data"][0])
+    assert raw(server, "GET", "/v1/models/out/phi1_hf")[0] == 404
+
+
 def test_health(server):
     assert raw(server, "GET", "/health") == (200, {"status": "ok", "model": NAME, "queued": 0})
 
@@ -847,6 +881,22 @@ def test_cli_samples_are_seeded_clamped_and_num_samples_many(ckpt, reference, ca
     assert out == ("-" * 40 + "\n").join(samples)
     assert err == (f"note: --max_new_tokens=1000 cut to {max_new}, the room the {len(ids)}-token prompt leaves "
                    f"in the model's context of {BLOCK}\n")
+
+
+def test_cli_samples_go_max_batch_at_a_time(ckpt, reference, capsys, monkeypatch):
+    """--num_samples=2000000 went to generate() at once: a traceback out of memory."""
+    rows, real_generate = [], GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, p, *a: rows.append(len(p)) or real_generate(self, p, *a))
+    cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--num_samples=5", "--max_batch=2",
+                                               "--max_new_tokens=3", "--temperature=1"])
+    cfg.prompt = "x ="
+    sample.print_samples(cfg, reference)
+    assert rows == [2, 2, 1] and capsys.readouterr().out.count("-" * 40 + "\n") == 4
+    rows.clear()
+    cfg.num_samples = 2
+    sample.print_samples(cfg, reference)  # one batch: the samples of the same seed as before
+    outs = real_generate(reference, [tokenizer.encode("x =")] * 2, 3, 1.0, 1.0, [], sample.COMMAND_LINE_SEED)
+    assert capsys.readouterr().out == ("-" * 40 + "\n").join("x =" + sample.cut(new, 3, ())[0] + "\n" for new in outs)
 
 
 def test_cli_refuses_a_prompt_that_fills_the_context(ckpt, reference):
@@ -905,6 +955,48 @@ def test_serve_answers_then_stops_on_sigterm(ckpt):
         assert client.models.list().data[0].id == str(ckpt)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+SLOW_SERVER = """
+import sys, time
+import model
+real = model.sample
+def slow(*args):  # 50 ms a token
+    time.sleep(0.05)
+    return real(*args)
+model.sample = slow
+import config, sample
+config.run(sample.main)
+"""
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_stopped_server_sends_the_answer_it_is_making_unless_stopped_twice(ckpt, reference, signals):
+    """The running batch was waited for 30 s, then its answers dropped: minutes on a CPU."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, f"--ckpt={ckpt}", "--serve", "--port=0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", proc.stdout.readline()).group(1))
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(client.completions.create, model=str(ckpt), prompt="def", max_tokens=40,
+                                 temperature=0)
+            time.sleep(1.0)  # the batch is running
+            for _ in range(signals):
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.2)
+            if signals == 1:
+                assert answer.result().choices[0].text == expect(reference, "def", 40)[0]
+                assert proc.wait(timeout=30) == 0
+            else:
+                assert proc.wait(timeout=5) == 130
+                with pytest.raises(openai.APIConnectionError):
+                    answer.result()
+        assert "stopping: the requests being answered (1) are finished and sent first; Ctrl-C again to quit" \
+            in proc.stderr.read()
     finally:
         proc.kill()
         proc.wait()
