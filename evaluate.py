@@ -354,6 +354,11 @@ def pass_at_1(model, bench: str = "humaneval", limit: int = 0, max_new_tokens: i
     return sum(r["passed"] for r in results) / len(results)
 
 
+# how OpenAI ("maximum context length"), vLLM, sample.py --serve and llama.cpp ("exceeds the
+# available context size") refuse a prompt too long for the model
+TOO_LONG = re.compile(r"context (length|size|window)", re.IGNORECASE)
+
+
 def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     """Completions from an OpenAI-compatible /completions endpoint (llm.py): the endpoint
     is checked now, and (key, completion) pairs for the (key, prompt) jobs come as the
@@ -364,7 +369,11 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     sample; the run then ends with an error saying how many, and that a rerun asks
     again unless the server refused them all (a 4xx: it would refuse them again).
     FAILED_ALIKE requests in a row that failed alike (a server gone, a setting it refuses)
-    end the run at once, as in synth.py, rather than each remaining one retrying for a minute."""
+    end the run at once, as in synth.py, rather than each remaining one retrying for a minute.
+    A prompt the server refuses as longer than its context (with --max_new_tokens) is no
+    request to ask again: every rerun would be refused, and the benchmark never scored. Its
+    sample is an empty completion, a failure, as a model that cannot read the problem has;
+    a warning says how many. (--ckpt cuts such a prompt from the left instead.)"""
     from llm import FAILED_ALIKE, Client, Failure, LLMError
     from tokenizer import cut_at_stop  # the rule our own generate() follows
     try:
@@ -384,9 +393,14 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
             yield from client.map([job for job in jobs if job[0][1] == i], **params, seed=cfg.seed + i)
 
     def answers():
-        failed, alike = [], 0  # alike: the last failures in a row, failed as the last one
+        failed, alike, too_long = [], 0, 0  # alike: the last failures in a row, failed as the last one
         with client:
             for key, reply in replies():
+                if isinstance(reply, Failure) and reply.kind == "refused" and TOO_LONG.search(reply.message):
+                    too_long += 1
+                    alike = 0
+                    yield key, ""
+                    continue
                 if isinstance(reply, Failure):
                     alike = alike + 1 if alike and reply.alike(failed[-1]) else 1
                     failed.append(reply)
@@ -395,6 +409,10 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
                     continue
                 alike = 0
                 yield key, cut_at_stop(reply.text, stop)
+        if too_long:
+            print(f"warning: {cfg.api_base} refused {too_long} prompts as longer than its context leaves with "
+                  f"--max_new_tokens={cfg.max_new_tokens}: their samples are empty completions, failures",
+                  file=sys.stderr)
         if failed:
             transient = any(f.kind != "refused" for f in failed)
             why = (f"the last {alike} alike, so the run stopped: {failed[-1]}" if alike == FAILED_ALIKE

@@ -859,6 +859,21 @@ def test_a_rerun_after_a_failed_request_asks_for_the_missing_sample_not_one_ther
     assert asked == [1339]
 
 
+def test_a_prompt_too_long_for_the_servers_context_is_a_failed_sample_not_a_run_that_never_ends(tmp_path, capsys):
+    """Each rerun asked again, was refused again, and the benchmark was never scored."""
+    from llm_server import FakeLLM
+    out = tmp_path / "out"
+    args = ["--model=fake", "--max_new_tokens=4", "--limit=3", "--api_retries=0", "--batch_size=1", "--workers=1",
+            f"--out={out}"]
+    with FakeLLM(faults=["ok", "context", "ok"], answer=lambda body: "    return 1\n") as server:
+        evaluate.main([f"--api_base={server.url}", *args])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == 3 and summary["problems"] == 3
+    assert sorted(s["completion"] for s in read_jsonl(out / "samples.jsonl")) == ["", "    return 1\n",
+                                                                                  "    return 1\n"]
+    assert "refused 1 prompts as longer than its context leaves with --max_new_tokens=4" in capsys.readouterr().err
+
+
 def test_requests_failing_alike_end_the_run_keeping_the_samples_so_far(tmp_path):
     from llm_server import FakeLLM
     out = tmp_path / "out"
