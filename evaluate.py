@@ -374,7 +374,7 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     request to ask again: every rerun would be refused, and the benchmark never scored. Its
     sample is an empty completion, a failure, as a model that cannot read the problem has;
     a warning says how many. (--ckpt cuts such a prompt from the left instead.)"""
-    from llm import FAILED_ALIKE, Client, Failure, LLMError
+    from llm import FAILED_ALIKE, Client, Failure, LLMError, Reply
     from tokenizer import cut_at_stop  # the rule our own generate() follows
     try:
         client = Client(cfg.api_base, cfg.model, concurrency=cfg.batch_size, timeout=cfg.api_timeout,
@@ -397,10 +397,7 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
         with client:
             for key, reply in replies():
                 if isinstance(reply, Failure) and reply.kind == "refused" and TOO_LONG.search(reply.message):
-                    too_long += 1
-                    alike = 0
-                    yield key, ""
-                    continue
+                    reply, too_long = Reply("", None, None), too_long + 1  # an empty completion
                 if isinstance(reply, Failure):
                     alike = alike + 1 if alike and reply.alike(failed[-1]) else 1
                     failed.append(reply)

@@ -684,9 +684,9 @@ def prepare(cfg, quiet: bool = False) -> dict:
             print(f"already prepared: {out} ({summary(meta)})")
         return meta
 
-    previous = read_meta(out) or {"output": cfg.output, "inputs": source.inputs}
+    previous = read_meta(out) or {"output": cfg.output}
     earlier = previous.get("output", "bins")
-    # the user may have meant two datasets (two inputs of one default name): say so before the work
+    # the user may have meant two datasets (two outputs, or two inputs of one default name): say so first
     if earlier != cfg.output and not quiet:
         kinds = {"bins": "token bins", "jsonl": "JSONL documents"}
         print(f"{out} holds {kinds.get(earlier, earlier)} from an earlier run: this run replaces them with "
