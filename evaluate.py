@@ -259,11 +259,13 @@ def program(problem: dict, completion: str) -> list[tuple[str, str]]:
 
 # ---------------------------------------------------------------- samples
 
-def read_samples(path: Path, bench: str) -> tuple[list[dict], list[int]]:
-    """The well-formed samples of a jsonl file, and the numbers of the lines that were not.
-    Each has its sample_index: as written (generate), else its place among its problem's
-    lines (the files of other tools, and ours from before sample_index was written)."""
-    samples, malformed, seen = [], [], Counter()
+def read_samples(path: Path, bench: str) -> tuple[list[dict], list[int], list[int]]:
+    """The well-formed samples of a jsonl file, the numbers of the lines that were not, and
+    those of the lines repeating a sample already read (kept once: counted twice, it would
+    weigh twice in pass@k). Each has its sample_index: as written (generate), else its place
+    among its problem's lines (the files of other tools, and ours from before sample_index
+    was written)."""
+    samples, malformed, repeated, seen, keys = [], [], [], Counter(), set()
     with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM would spoil the first line
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -280,8 +282,12 @@ def read_samples(path: Path, bench: str) -> tuple[list[dict], list[int]]:
             if not isinstance(index, int) or isinstance(index, bool) or index < 0:
                 index = seen[task_id]
             seen[task_id] += 1
+            if (task_id, index) in keys:
+                repeated.append(number)
+                continue
+            keys.add((task_id, index))
             samples.append(dict(task_id=task_id, completion=s["completion"], sample_index=index))
-    return samples, malformed
+    return samples, malformed, repeated
 
 
 def check_task_ids(task_ids, known, path: Path, bench: str, advice: str = "") -> None:
@@ -1173,9 +1179,12 @@ def generate_and_score(cfg, ks: list[int], out: Path, every: dict, problems: dic
     if not cfg.samples:
         samples_path = generate(cfg, problems, every, stop, out)
         seconds["generation"] = time.time() - t0
-    samples, malformed = read_samples(samples_path, cfg.bench)
+    samples, malformed, repeated = read_samples(samples_path, cfg.bench)
     if malformed:
         print(f"warning: skipped {counted_lines(malformed, 'malformed')} of {samples_path}", file=sys.stderr)
+    if repeated:
+        print(f"warning: skipped {counted_lines(repeated, 'repeated')} of {samples_path}: each has the "
+              f"task_id and sample_index of a line before it", file=sys.stderr)
     check_task_ids((s["task_id"] for s in samples), every, samples_path, cfg.bench)
     samples = [s for s in samples if s["task_id"] in problems]
     if not cfg.samples and any(s["sample_index"] >= cfg.n_samples for s in samples):

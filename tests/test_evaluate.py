@@ -1017,11 +1017,20 @@ def test_a_named_k_larger_than_the_samples_warns_in_any_order_the_default_does_n
         assert warned == bool(named), named
 
 
+def test_a_repeated_sample_is_scored_once(tmp_path, capsys):
+    first = dict(task_id="HumanEval/0", sample_index=0, completion="    return 1\n")
+    rows = [first, dict(task_id="HumanEval/0", sample_index=1, completion=""), first]  # a line pasted twice
+    summary = evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[
+        f"--samples={write_jsonl(tmp_path / 's.jsonl', rows)}", "--limit=1", f"--out={tmp_path / 'out'}"])[0])
+    assert summary["samples"] == 2 and len(read_jsonl(tmp_path / "out" / "results.jsonl")) == 2
+    assert "skipped 1 repeated line (line 3) of" in capsys.readouterr().err
+
+
 def test_a_byte_order_mark_does_not_cost_the_first_line(tmp_path):
     rows = [dict(task_id="HumanEval/0", completion=""), dict(task_id="HumanEval/1", completion="x = 1\n")]
     samples = tmp_path / "s.jsonl"  # as Windows tools write UTF-8
     samples.write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    assert evaluate.read_samples(samples, "humaneval") == ([{**r, "sample_index": 0} for r in rows], [])
+    assert evaluate.read_samples(samples, "humaneval") == ([{**r, "sample_index": 0} for r in rows], [], [])
     mbpp = tmp_path / "mbpp.jsonl"
     mbpp.write_text("\ufeff" + json.dumps(dict(task_id=11, text="One.", code="def f():\n    return 1\n",
                                                 test_list=["assert f() == 1"], test_setup_code="")) + "\n",
