@@ -939,12 +939,14 @@ def main(argv=None):
                 client.check()
             except llm.LLMError as e:
                 raise UserError(e.failure.message) from None
+        if have < cfg.n or out.exists():  # (a run writing out holds the lock on it, so out exists)
             # one run at a time on an output, held until the report is written: two would ask for
-            # the same items and write each twice
+            # the same items and write each twice, and one's report would drop the other's totals
             out.parent.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
             held.enter_context(run_lock(out, f"another run is writing {out}: wait for it, stop it, or use "
                                              f"another --out"))
             have, done = progress(kind, cfg, out, skipped_path)  # again: a run before ours may have ended since
+        if have < cfg.n:
             dedup = Dedup(cfg.near_dup)
             for record in read_jsonl(out):
                 dedup.add(str(record.get("id", "")), str(record.get("text", "")))
