@@ -573,6 +573,9 @@ def run_lock(path: Path, busy: str):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(busy) from None
+        except OSError as e:  # a file system without locks (ENOLCK on some NFS mounts, EOPNOTSUPP on FUSE)
+            print(f"warning: cannot lock {path} ({e.strerror}): make sure no other run uses it at the same time",
+                  file=sys.stderr)
         yield
     finally:
         os.close(fd)

@@ -349,6 +349,20 @@ def test_one_run_at_a_time_prepares_a_folder(tmp_path):
     assert prepare.prepare(other, quiet=True)["fingerprint"] != meta["fingerprint"]
 
 
+def test_a_folder_that_cannot_be_locked_is_prepared_with_a_warning(tmp_path, monkeypatch, capsys):
+    """On a file system without locks (ENOLCK on some NFS mounts) flock's error was a traceback."""
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    meta = prepare.prepare(settings(tmp_path, inputs=str(write_tree(tmp_path / "ok", {"a.py": A, "b.py": B}))),
+                           quiet=True)
+    assert meta["train_tokens"] + meta["val_tokens"] > 0
+    assert "warning: cannot lock" in capsys.readouterr().err
+
+
 def test_appender_keeps_records_that_utf8_cannot_spell(tmp_path):
     path = tmp_path / "records.jsonl"
     records = [{"answer": "lone \ud800 surrogate"}, {"text": "ünïcode ✓"}]
