@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import inspect
 import math
 import os
@@ -88,6 +89,7 @@ TRAJECTORY = ("data", "batch_size", "warmup_iters", "learning_rate", "min_lr", "
               "val_fraction", "drop_failing", "humaneval_problems", "humaneval_max_tokens")
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_DATASET = "local_python"
+DDP_TIMEOUT = datetime.timedelta(hours=1)  # how long a process waits in a collective for the others
 SAMPLE_PROMPT = 'def is_prime(n):\n    """Return True if n is a prime number."""\n'
 # dense bf16 peaks, the first name found in the device's wins (the PCIe and NVL H100s are slower than SXM)
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0,
@@ -107,7 +109,9 @@ def setup_processes(name: str):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # process 0 alone validates, scores (finetune.py's HumanEval) and saves while the others
+    # wait in the next all-reduce: NCCL's default limit, 10 minutes, would end a long score
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=DDP_TIMEOUT)
     return rank, world, device
 
 

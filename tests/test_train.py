@@ -329,6 +329,18 @@ torch.save(model.state_dict(), os.path.join(cfg.out_dir, f"rank{{os.environ['RAN
         torch.testing.assert_close(rank0[name], tensor, rtol=1e-4, atol=1e-4, msg=name)  # micro-steps weighed alike: fails
 
 
+def test_processes_wait_for_process_0_to_validate_score_and_save_an_hour_not_nccls_ten_minutes(monkeypatch):
+    """Process 0 scores HumanEval (finetune.py) while the others wait in an all-reduce: NCCL's
+    default limit of 10 minutes ended such runs."""
+    import torch.distributed as dist
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1").items():
+        monkeypatch.setenv(name, value)
+    assert train.setup_processes("cpu") == (1, 2, torch.device("cpu"))
+    assert calls == [dict(backend="gloo", timeout=train.DDP_TIMEOUT)] and train.DDP_TIMEOUT.total_seconds() >= 3600
+
+
 def test_a_mistake_under_torchrun_is_one_line_from_one_process(tmp_path):
     """Process 0 reads the checkpoint first while process 1 waits in a collective: process 1
     printed a traceback of the broken connection when process 0 exited with its error."""
