@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import pickle
 import re
@@ -323,8 +324,8 @@ class GPT(nn.Module):
                              f"not {max_new_tokens!r}")
         if not (0 <= temperature < math.inf and 0 <= top_p <= 1):  # nan fails both
             raise ValueError(f"temperature must be finite and >= 0, top_p in [0, 1]; not {temperature}, {top_p}")
-        if not all(0 <= t < self.config.vocab_size for p in prompts for t in p):
-            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if not all(isinstance(t, numbers.Integral) and 0 <= t < self.config.vocab_size for p in prompts for t in p):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.config.vocab_size})")
         B, device = len(prompts), self.lm_head.weight.device
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         T0, most = int(lengths.max()), max(budgets)
@@ -417,7 +418,7 @@ class GPT(nn.Module):
     def from_checkpoint(cls, path, device="cpu") -> "GPT":
         """A model from a checkpoint written by train.py or finetune.py."""
         ckpt = load_checkpoint(path)
-        model = cls(config_from_dict(ckpt["config"]))
+        model = cls(config_from_dict(ckpt["config"], path))
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:  # the weights of another architecture
@@ -452,12 +453,19 @@ class GPT(nn.Module):
         Tensors that need no joining are taken as they are (load_state_dict's assign):
         the model shares their memory. A tensor with no place here is an error."""
         sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        integer = next((k for k, v in sd.items() if not v.is_floating_point()), None)
+        if integer:  # cast to floats, its values would be garbage weights
+            raise ValueError(f"{integer} holds {sd[integer].dtype} values: phi-1's weights are floating point "
+                             f"(a quantized checkpoint?)")
         if config is None:
             if "model.embed_tokens.weight" not in sd:
                 raise ValueError("not a PhiForCausalLM state dict: model.embed_tokens.weight is missing")
             vocab, d = sd["model.embed_tokens.weight"].shape
-            n_layer = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
-            config = GPTConfig(n_layer=n_layer, n_head=d // 64, n_embd=d, vocab_size=vocab)
+            n_layer = 1 + max((int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")), default=-1)
+            if n_layer == 0:
+                raise ValueError("not a PhiForCausalLM state dict: it has no model.layers")
+            config = runnable(GPTConfig(n_layer=n_layer, n_head=d // 64, n_embd=d, vocab_size=vocab),
+                              "the shapes of the state dict")
         try:
             ours = {"embed_tokens.weight": sd["model.embed_tokens.weight"],
                     "final_layernorm.weight": sd["model.final_layernorm.weight"],
@@ -475,6 +483,8 @@ class GPT(nn.Module):
                 ours[o + "mlp_out_bias"] = sd[p + "mlp.fc2.bias"]
         except KeyError as e:
             raise ValueError(f"not a PhiForCausalLM state dict: {e.args[0]} is missing") from None
+        except RuntimeError as e:  # tensors of one layer that torch.cat cannot join
+            raise ValueError(f"the tensors of model.layers.{i} do not fit together ({_first_problem(e)})") from None
         placed = {f"model.layers.{i}.{n}" for i in range(config.n_layer) for n in _HF_LAYER_TENSORS}
         placed |= {"model.embed_tokens.weight", "model.final_layernorm.weight", "model.final_layernorm.bias",
                    "lm_head.weight", "lm_head.bias"}
@@ -506,7 +516,7 @@ class GPT(nn.Module):
                              f"(config.json and *.safetensors) or hub id")
         if path.suffix == ".pt" or path.is_file():
             return cls.from_checkpoint(path, device)
-        if not path.is_dir() and not looks_like_hub_id(name_or_path):
+        if not path.is_dir() and not looks_like_hub_id(str(name_or_path)):
             raise FileNotFoundError(f"no such checkpoint or folder: {name_or_path}")
         if path.is_dir() and not (path / "config.json").exists():
             if (path / "ckpt.pt").exists():
@@ -608,9 +618,32 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def config_from_dict(d: dict) -> GPTConfig:
+def config_from_dict(d: dict, source="the checkpoint") -> GPTConfig:
+    """The config a checkpoint saved (asdict of ours), or a ValueError naming source."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: its config is a {type(d).__name__}, not a dict (not a phi1 checkpoint?)")
     known = {f.name for f in fields(GPTConfig)}
-    return GPTConfig(**{k: v for k, v in d.items() if k in known})
+    return runnable(GPTConfig(**{k: v for k, v in d.items() if k in known}), source)
+
+
+def runnable(c: GPTConfig, source) -> GPTConfig:
+    """c, or a ValueError naming source and the first of its shapes this model cannot run
+    (which would otherwise fail at the first forward, as a reshape error)."""
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "rotary_dim"):
+        value = getattr(c, key)
+        if not (type(value) is int and value > 0):
+            raise ValueError(f"{source}: {key} is {value!r}, not a positive integer")
+    problems = [(c.n_embd % c.n_head, f"a width of {c.n_embd} does not split into {c.n_head} heads"),
+                (c.rotary_dim > c.head_dim or c.rotary_dim % 2,
+                 f"rotary on {c.rotary_dim} dims of a head of {c.head_dim}: it takes an even number, at most "
+                 f"the head's"),
+                (not 0 <= c.dropout < 1, f"dropout {c.dropout!r} is not in [0, 1)"),
+                (not (c.rope_base > 0 and c.layer_norm_eps > 0),
+                 f"rope_base {c.rope_base!r} and layer_norm_eps {c.layer_norm_eps!r} must be positive")]
+    for bad, what in problems:
+        if bad:
+            raise ValueError(f"{source}: {what}")
+    return c
 
 
 def config_from_hf(c: dict, source="config.json") -> GPTConfig:
@@ -639,12 +672,13 @@ def config_from_hf(c: dict, source="config.json") -> GPTConfig:
     for bad, what in refused:
         if bad:
             raise ValueError(f"{source}: {what} is not phi-1's architecture, which this model implements")
-    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                     block_size=c.get("max_position_embeddings", 2048), vocab_size=vocab_size,
-                     rotary_dim=int(rope.get("partial_rotary_factor", 0.5) * n_embd // n_head),
-                     rope_base=rope.get("rope_theta", 10000.0),
-                     layer_norm_eps=c.get("layer_norm_eps", 1e-5),
-                     dropout=float(c.get("resid_pdrop") or 0.0))  # ours is attention's and the residual's
+    return runnable(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                              block_size=c.get("max_position_embeddings", 2048), vocab_size=vocab_size,
+                              rotary_dim=int(rope.get("partial_rotary_factor", 0.5) * n_embd // n_head),
+                              rope_base=rope.get("rope_theta", 10000.0),
+                              layer_norm_eps=c.get("layer_norm_eps", 1e-5),
+                              dropout=float(c.get("resid_pdrop") or 0.0)),  # ours: attention's and the residual's
+                    source)
 
 
 def hf_config_from(c: GPTConfig) -> dict:
@@ -737,6 +771,7 @@ def load_checkpoint(path) -> dict:
         raise ValueError(f"{path} is not a readable checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a phi1 checkpoint (no model and config inside)")
+    config_from_dict(ckpt["config"], path)  # a config this model can run
     return ckpt
 
 
@@ -777,7 +812,7 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
             lacking = next((k for k in ("dtype", "shape", "data_offsets") if k not in info), None)
             if lacking:
                 raise ValueError(f"{path}: the header entry of {name} has no {lacking} (a damaged file?)")
-            if info["dtype"] not in _ST_DTYPES:
+            if not isinstance(info["dtype"], str) or info["dtype"] not in _ST_DTYPES:
                 raise ValueError(f"{path}: {name} has dtype {info['dtype']}, which this reader does not take")
             dtype, shape, offsets = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
             if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)

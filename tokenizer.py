@@ -123,7 +123,10 @@ def decode(ids) -> str:
 def stop_strings(stops) -> list[str]:
     """The stop strings of a `stop` setting: a str is one stop string (iterated, it would
     be one stop per character), a list or tuple several; empty strings stop nothing."""
-    return [s for s in ([stops] if isinstance(stops, str) else stops or []) if s]
+    stops = [stops] if isinstance(stops, str) else list(stops or [])
+    if not all(isinstance(s, str) for s in stops):  # (bytes would iterate as ints)
+        raise ValueError(f"stop strings must be str, not {stops!r}")
+    return [s for s in stops if s]
 
 
 def cut_at_stop(text: str, stops) -> str:

@@ -308,7 +308,8 @@ def test_generation_fills_the_context_and_refuses_what_cannot_be(tmp_path):
         for i, token in enumerate(full):
             assert int(model(torch.tensor([prompt + full[:i]]))[0][0, -1].argmax()) == token
     for prompts, n, message in [([prompt], 6, "exceeds the context of 64 by 1"), ([[1]], -1, ">= 0"),
-                                ([[1]], 2.5, "an integer"), ([[1, 512]], 1, "token ids must be in")]:
+                                ([[1]], 2.5, "an integer"), ([[1, 512]], 1, "token ids must be integers in"),
+                                ([[3.7, 100.9]], 1, "token ids must be integers in")]:  # were cut to 3, 100
         with pytest.raises(ValueError, match=message):
             model.generate(prompts, n)
     for temperature, top_p in [(-1.0, 1.0), (math.inf, 1.0), (math.nan, 1.0), (1.0, 2.0), (1.0, math.nan)]:
@@ -390,7 +391,7 @@ def test_a_mistyped_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    for typo in ("out/ckpt", str(tmp_path / "nowhere" / "model"), "./phi-1", "a/b/c"):
+    for typo in ("out/ckpt", str(tmp_path / "nowhere" / "model"), "./phi-1", "a/b/c", tmp_path / "a" / "b"):
         with pytest.raises(FileNotFoundError, match="no such checkpoint or folder"):
             GPT.from_pretrained(typo)
     with pytest.raises(ValueError, match="not a readable checkpoint"):  # a file is read as a checkpoint
@@ -431,10 +432,16 @@ def break_folder(folder, damage):
             r"the tensors do not fit the model their config describes \(size mismatch for embed_tokens.weight",
         "config.json a list": rf"{c} holds a JSON list, not the object of a Hugging Face config",
         "config.json with a string size": rf"{c}: num_hidden_layers is '2', not a positive integer",
-        "tied embeddings": rf"{c}: tie_word_embeddings .* is not phi-1's architecture"}
+        "tied embeddings": rf"{c}: tie_word_embeddings .* is not phi-1's architecture",
+        "dtype not a string": rf"{w}: lm_head.bias has dtype \['F32'\], which this reader does not take",
+        "integer weights": r"lm_head.bias holds torch.int32 values: phi-1's weights are floating point",
+        "heads that do not split the width": rf"{c}: a width of 128 does not split into 3 heads",
+        "rotary wider than a head": rf"{c}: rotary on 128 dims of a head of 64"}
     config_changes = {"tensors of other sizes than config.json": {"hidden_size": 256, "intermediate_size": 1024},
                       "config.json with a string size": {"num_hidden_layers": "2"},
-                      "tied embeddings": {"tie_word_embeddings": True}}
+                      "tied embeddings": {"tie_word_embeddings": True},
+                      "heads that do not split the width": {"num_attention_heads": 3, "num_key_value_heads": 3},
+                      "rotary wider than a head": {"partial_rotary_factor": 2.0}}
     if damage.startswith("index"):  # a sharded checkpoint with a damaged index
         tensors = read_safetensors(weights)
         weights.unlink()
@@ -442,6 +449,10 @@ def break_folder(folder, damage):
         index.write_text('{"metadata": {}}' if damage == "index without weight_map" else "nope")
     elif damage == "entry without dtype":
         rewrite_header(weights, "lm_head.bias", dtype=None)
+    elif damage == "dtype not a string":
+        rewrite_header(weights, "lm_head.bias", dtype=["F32"])
+    elif damage == "integer weights":  # I32: as many bytes as F32
+        rewrite_header(weights, "lm_head.bias", dtype="I32")
     elif damage == "shape of other size than the data":
         rewrite_header(weights, "lm_head.bias", shape=[7, 7])
     elif damage == "config.json a list":
@@ -453,7 +464,8 @@ def break_folder(folder, damage):
 
 DAMAGES = ["index without weight_map", "index not JSON", "entry without dtype", "shape of other size than the data",
            "tensors of other sizes than config.json", "config.json a list", "config.json with a string size",
-           "tied embeddings"]
+           "tied embeddings", "dtype not a string", "integer weights", "heads that do not split the width",
+           "rotary wider than a head"]
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
@@ -636,6 +648,15 @@ def test_save_pretrained_keeps_a_non_default_rope_base(tmp_path):
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_hf_state_dicts_that_do_not_fit_together_are_named():
+    state = small_model().to_hf_state_dict()
+    with pytest.raises(ValueError, match="no model.layers"):
+        GPT.from_hf_state_dict({k: v for k, v in state.items() if not k.startswith("model.layers.")})
+    state["model.layers.1.self_attn.k_proj.weight"] = state["model.layers.1.self_attn.k_proj.weight"][:, :-1]
+    with pytest.raises(ValueError, match=r"the tensors of model.layers.1 do not fit together \(Sizes of tensors"):
+        GPT.from_hf_state_dict(state)
+
+
 def test_hf_state_dicts_load_without_a_config_and_with_common_extras():
     """Without a config, heads are phi-1's 64 wide; older transformers saved
     rotary_emb.inv_freq buffers and DDP prefixes names with "module.": both load."""
@@ -674,6 +695,14 @@ def test_checkpoints_without_config_or_with_foreign_objects_are_refused(tmp_path
     torch.save({"model": {}, "config": {}, "saved": datetime.date(2020, 1, 1)}, path)
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_checkpoint(path)
+    for config, message in (([1, 2], "its config is a list, not a dict"),
+                            (dict(n_layer="1"), "n_layer is '1', not a positive integer"),
+                            (dict(n_head=3), "a width of 2048 does not split into 3 heads")):
+        torch.save({"model": {}, "config": config}, path)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {message}"):
+            load_checkpoint(path)
+        with pytest.raises(UserError, match=f"cannot load --ckpt={re.escape(str(path))}: .*{message}"):
+            load_model(str(path), torch.device("cpu"), torch.float32)
 
 
 def test_pick_dtype_and_pick_device(monkeypatch):

@@ -369,6 +369,9 @@ def test_one_stop_string_may_be_given_as_a_str():
     assert tok.cut_at_stop("def f():\n    x\ndef g", "\ndef") == "def f():\n    x"
     assert tok.cut_at_stop("x\nclass A\ndef g", ("\ndef", "\nclass")) == "x"
     assert tok.cut_at_stop("x = 1", "") == "x = 1"
+    for stops in (b"\n", ["\ndef", 5]):  # bytes iterate as ints: no stop may be one
+        with pytest.raises(ValueError, match="stop strings must be str"):
+            tok.cut_at_stop("x = 1", stops)
 
 
 # --- 8. loading the BPE ------------------------------------------------------------------
