@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -76,14 +75,15 @@ HUMANEVAL_PROBLEMS = 164
 FAILING = ("failed", "timed out", "crashed")  # synth.py's verdicts on examples that did not pass
 
 
-def read_exercises(path: Path, drop_failing: bool = False) -> tuple[list[tuple[str, str]], list[int], int]:
+def read_exercises(path: Path, drop_failing: bool = False) -> tuple[list[tuple[str, str]], list[int], int, int]:
     """(prompt, completion) of each well-formed line, the numbers of the malformed lines,
-    and the number of exercises left out because their examples failed (with drop_failing)."""
+    the number of exercises left out because their examples failed (with drop_failing),
+    and the number of those whose examples were never run (kept: nothing says they fail)."""
     try:
         lines = path.read_bytes().splitlines()
     except OSError as e:
         raise UserError(f"cannot read --exercises={path}: {e.strerror or e}") from None
-    exercises, malformed, failing = [], [], 0
+    exercises, malformed, failing, unchecked = [], [], 0, 0
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -93,14 +93,16 @@ def read_exercises(path: Path, drop_failing: bool = False) -> tuple[list[tuple[s
             if not (isinstance(prompt, str) and isinstance(completion, str) and completion.strip()):
                 raise ValueError
             (prompt + completion).encode()  # a lone surrogate ("\ud800" is valid JSON) is no text
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested too deep
             malformed.append(number)
             continue
-        if drop_failing and str(record.get("examples", "")).startswith(FAILING):
+        verdict = str(record.get("examples", "unchecked"))
+        if drop_failing and verdict.startswith(FAILING):
             failing += 1
             continue
+        unchecked += verdict == "unchecked"
         exercises.append((prompt, completion))
-    return exercises, malformed, failing
+    return exercises, malformed, failing, unchecked
 
 
 ENCODE_CHUNK = 10_000  # exercises tokenized at a time
@@ -172,30 +174,40 @@ def humaneval_score(cfg):
 
 def finetune(cfg):
     """Finetune as cfg says (DEFAULTS' settings); returns the finetuned model."""
-    require((cfg.loss_on in ("completion", "all"), f"--loss_on must be completion or all, not {cfg.loss_on!r}"),
-            (0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), not {cfg.val_fraction}"),
-            (0 <= cfg.humaneval_problems <= HUMANEVAL_PROBLEMS,
-             f"--humaneval_problems must be 0 to {HUMANEVAL_PROBLEMS}, not {cfg.humaneval_problems}"),
-            (cfg.humaneval_max_tokens > 0, f"--humaneval_max_tokens must be positive, not {cfg.humaneval_max_tokens}"),
-            (cfg.humaneval_problems == 0 or cfg.eval_interval > 0,
-             "--humaneval_problems scores at each validation: it needs --eval_interval > 0"))
+    rank, world, device = train.setup_processes(cfg.device)
+    master = rank == 0  # under torchrun, the first process speaks
     path = Path(cfg.exercises)
-    exercises, malformed, failing = read_exercises(path, cfg.drop_failing)
-    master = int(os.environ.get("RANK", "0")) == 0  # under torchrun, the first process speaks
+    with train.together(world, device):  # a mistake is one line, from one process
+        require((cfg.loss_on in ("completion", "all"), f"--loss_on must be completion or all, not {cfg.loss_on!r}"),
+                (0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), not {cfg.val_fraction}"),
+                (0 <= cfg.humaneval_problems <= HUMANEVAL_PROBLEMS,
+                 f"--humaneval_problems must be 0 to {HUMANEVAL_PROBLEMS}, not {cfg.humaneval_problems}"),
+                (cfg.humaneval_max_tokens > 0,
+                 f"--humaneval_max_tokens must be positive, not {cfg.humaneval_max_tokens}"),
+                (cfg.humaneval_problems == 0 or cfg.eval_interval > 0,
+                 "--humaneval_problems scores at each validation: it needs --eval_interval > 0"),
+                (cfg.base not in ("auto", "scratch"), f"--base must name the weights to finetune (a checkpoint, "
+                                                      f"a Hugging Face folder or hub id), not {cfg.base}"))
+        exercises, malformed, failing, unchecked = read_exercises(path, cfg.drop_failing)
+        if not exercises:
+            raise UserError(f"no exercises in {path}")
     if malformed and master:
         print(f"skipped {counted_lines(malformed, 'malformed')} of {path}: each needs a string prompt and a "
               f"completion that is not blank")
     if failing and master:
         print(f"left out {failing} exercises whose docstring examples failed (--drop_failing)")
-    if not exercises:
-        raise UserError(f"no exercises in {path}")
+    if cfg.drop_failing and unchecked and master:
+        print(f"note: --drop_failing: the examples of {unchecked:,} exercises were never run (\"unchecked\" or no "
+              f"verdict): they are kept", file=sys.stderr)
     # the model is --base's (rerunning resumes out_dir's checkpoint: train.build_model); a resume
     # warns when the exercises changed (the file rewritten, not only renamed)
     cfg.preset, cfg.block_size, cfg.init_from = "", None, cfg.base
     content = hashlib.sha256()
     for prompt, completion in exercises:  # lengths first: the boundary between texts counts
         content.update(f"{len(prompt)},{len(completion)}:{prompt}{completion}".encode())
-    cfg.exercises_content = f"{len(exercises):,} exercises, sha256 {content.hexdigest()[:16]}"
+    # (without validation no exercise is held out: a resume that turns it on or off trains on others)
+    cfg.exercises_content = (f"{len(exercises):,} exercises, sha256 {content.hexdigest()[:16]}"
+                             + ("" if cfg.eval_interval > 0 else ", none held out for validation"))
     if master:
         print(f"{len(exercises):,} exercises from {path}")
 

@@ -96,6 +96,7 @@ PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989
                "A100": 312.0, "A800": 312.0}
 
 _stop_signal: int | None = None  # set by SIGTERM / SIGINT: save and exit (see train's loop)
+_validating = False  # while process 0 validates (and scores): a signal stops that at once
 
 
 # ---------------------------------------------------------------- processes
@@ -111,7 +112,8 @@ def setup_processes(name: str):
         torch.cuda.set_device(device)
     # process 0 alone validates, scores (finetune.py's HumanEval) and saves while the others
     # wait in the next all-reduce: NCCL's default limit, 10 minutes, would end a long score
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=DDP_TIMEOUT)
+    if not dist.is_initialized():  # (finetune.py starts them before its own checks)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=DDP_TIMEOUT)
     return rank, world, device
 
 
@@ -340,6 +342,8 @@ def _on_signal(signum, frame):
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets it: one says so
         print(f"{signal.Signals(signum).name}: saving a checkpoint, then stopping (Ctrl-C again: stop now)",
               file=sys.stderr, flush=True)
+    if _validating:  # minutes of it (finetune.py's HumanEval score) would outlast a cluster's grace period
+        raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- the run
@@ -354,6 +358,11 @@ def check_settings(cfg) -> None:
             *[(getattr(cfg, key) > 0, f"--{key} must be positive, not {getattr(cfg, key)}") for key in positive],
             *[(getattr(cfg, key) >= 0, f"--{key} must not be negative, not {getattr(cfg, key)}") for key in not_negative],
             (cfg.seed < 2**63, f"--seed must be below 2**63, not {cfg.seed}"),
+            (cfg.max_iters < 2**62, f"--max_iters must be below 2**62, not {cfg.max_iters}"),
+            (cfg.learning_rate < 1e30 and cfg.min_lr < 1e30,  # (a float32 optimizer state holds up to 3.4e38)
+             f"--learning_rate and --min_lr must be below 1e30, not {cfg.learning_rate} and {cfg.min_lr}"),
+            (cfg.min_lr <= cfg.learning_rate, f"--min_lr ({cfg.min_lr}) must not be above --learning_rate "
+                                              f"({cfg.learning_rate}): the decay would climb"),
             (cfg.stop_iters <= cfg.max_iters, f"--stop_iters ({cfg.stop_iters}) must not be above "
                                               f"--max_iters ({cfg.max_iters})"),
             (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
@@ -399,7 +408,9 @@ def build_model(cfg, out_dir: Path, master: bool):
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"cannot resume: {e}") from None
         origin = ckpt.get("origin") or recorded_origin(ckpt)
-        if cfg.init_from not in ("auto", "resume") and origin not in ("resume", origin_of(cfg.init_from)):
+        # (a path moved or removed since matches as it was: resuming does not read it)
+        if cfg.init_from not in ("auto", "resume") and origin not in ("resume", origin_of(cfg.init_from),
+                                                                      str(Path(cfg.init_from).resolve())):
             raise UserError(f"{ckpt_path} holds a run that started from {origin}, not from {cfg.init_from}; "
                             f"use another --out_dir")
         saved = replace(config_from_dict(ckpt["config"]), attention=cfg.attention)
@@ -545,6 +556,8 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         return raw_model
     if score_due and master:
         print(f"{ckpt_path} holds step {start_step}, but its run stopped before it scored that step: scoring it now")
+    # a run that ended on a validation step validated and scored it: going on, it is not done again
+    evaluated = bool(ckpt and ckpt.get("scored")) and score is not None
     config = raw_model.config
     total = cfg.total_batch_size or cfg.batch_size * world
     accum = total // (cfg.batch_size * world)
@@ -682,12 +695,40 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         micro-batch m * world + r: on any number of processes a step reads rows 0 to total - 1."""
         return range(j * cfg.batch_size, (j + 1) * cfg.batch_size)
 
-    def save(step: int, score_due: bool = False) -> None:
-        """The run's checkpoint (process 0's); score_due: the last step's, saved before its score."""
+    def validate(step: int) -> bool:
+        """print_val_loss(step), or False where a signal came before or during it."""
+        global _validating
+        _validating = True
+        try:
+            if _stop_signal is None:
+                print_val_loss(step)
+                return True
+        except KeyboardInterrupt:  # raised by _on_signal
+            pass
+        finally:
+            _validating = False
+        model.train()
+        return False
+
+    def stop_run(signum: int):
+        if world > 1:  # torchrun stops every process once one exits: not before the save
+            dist.barrier()
+        if master:
+            print(f"stopped by {signal.Signals(signum).name}; rerun the same command to resume")
+        sys.exit(128 + signum)
+
+    def save(step: int, score_due: bool = False, scored: bool = False) -> None:
+        """The run's checkpoint (process 0's); score_due: the last step's, saved before its score;
+        scored: saved again after it."""
         nonlocal saved_step
+        # an update by a gradient of inf (its loss finite) leaves nan weights, seen in the loss a step later
+        if not torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all():
+            raise UserError(f"the weights became inf or nan in step {step}: training diverged; {ckpt_path} keeps "
+                            f"the checkpoint before (lower --learning_rate, or resume from it)")
         saved_step = step
         save_checkpoint(ckpt_path, raw_model, step, cfg, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                        best=best, best_by=best_by, score_due=score_due, origin=origin, total_batch=total)
+                        best=best, best_by=best_by, score_due=score_due, scored=scored, origin=origin,
+                        total_batch=total)
 
     x, y = to_device(data.batch("train", cfg.seed, start_step, micro_batch(rank)), device)
     t_last, step_last = time.time(), start_step
@@ -700,9 +741,14 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         profiler = torch.profiler.profile(schedule=schedule)
         profiler.start()
     while step < end:
-        if cfg.eval_interval > 0 and (step % cfg.eval_interval == 0 or score_due and step == start_step) and master:
+        if cfg.eval_interval > 0 and master and (step % cfg.eval_interval == 0 and not (evaluated and step == start_step)
+                                                 or score_due and step == start_step):
             t_eval = time.time()
-            print_val_loss(step)
+            if not validate(step) and world == 1:  # stopped by a signal: no step more (DDP: the next, together)
+                if saved_step != step:
+                    save(step, score_due=score is not None)
+                    print(f"saved {ckpt_path} at step {step}", flush=True)
+                stop_run(_stop_signal)
             t_last += time.time() - t_eval  # the throughput counts training time only
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
@@ -789,11 +835,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                     print(f"saved {ckpt_path} at step {step}", flush=True)
                     t_last += time.time() - t_save  # as for evaluation: tokens/s counts training time only
                 if stop:
-                    if world > 1:  # torchrun stops every process once one exits: not before the save
-                        dist.barrier()
-                    if master:
-                        print(f"stopped by {signal.Signals(stop).name}; rerun the same command to resume")
-                    sys.exit(128 + stop)
+                    stop_run(stop)
 
     # training is over: a signal from now on stops the final evaluation and sample at once
     for s in (signal.SIGTERM, signal.SIGINT):
@@ -808,7 +850,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         if cfg.eval_interval > 0:
             print_val_loss(step)
             if score is not None and saved_step == step:  # the checkpoint of this step: its score is taken
-                save(step)
+                save(step, scored=True)
                 print(f"saved {ckpt_path} at step {step} with its score", flush=True)
         prompt = tokenizer.encode(SAMPLE_PROMPT) if cfg.sample_tokens > 0 else []
         n_sample = min(cfg.sample_tokens, config.block_size - len(prompt))  # a small context holds fewer

@@ -3,6 +3,8 @@
 import dataclasses
 import hashlib
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,10 +77,11 @@ def test_read_exercises_skips_and_counts_each_malformed_line_but_not_blank_ones(
         "", "   ",  # blank: neither an exercise nor malformed
         "not json", "[1, 2]", "7", '{"prompt": 1, "completion": "    return 1\\n"}',
         '{"prompt": "def f():\\n", "completion": " \\n "}', '{"completion": "    pass\\n"}',
-        '{"prompt": "def g():\\n", "completion": "    return \\"\\ud800\\"\\n"}'])  # valid JSON, no UTF-8
-    items, malformed, failing = finetune.read_exercises(path)
+        '{"prompt": "def g():\\n", "completion": "    return \\"\\ud800\\"\\n"}',  # valid JSON, no UTF-8
+        "[" * 100_000 + "]" * 100_000])  # nested deeper than Python parses: was a RecursionError traceback
+    items, malformed, failing, unchecked = finetune.read_exercises(path)
     assert items == exercises(2)
-    assert (malformed, failing) == (list(range(5, 12)), 0)  # numbered from 1, blank lines too
+    assert (malformed, failing, unchecked) == (list(range(5, 13)), 0, 2)  # numbered from 1, blank lines too
 
 
 def test_drop_failing_leaves_out_the_exercises_whose_examples_did_not_pass(tmp_path):
@@ -86,9 +89,9 @@ def test_drop_failing_leaves_out_the_exercises_whose_examples_did_not_pass(tmp_p
     path = tmp_path / "ex.jsonl"
     path.write_text("".join(json.dumps({"prompt": p, "completion": c, "examples": v}) + "\n"
                             for (p, c), v in zip(exercises(6), verdicts)))
-    assert finetune.read_exercises(path) == (exercises(6), [], 0)  # the paper's way: all of them
+    assert finetune.read_exercises(path) == (exercises(6), [], 0, 1)  # the paper's way: all of them
     kept = [e for e, v in zip(exercises(6), verdicts) if v in ("passed", "none", "unchecked")]
-    assert finetune.read_exercises(path, drop_failing=True) == (kept, [], 3)
+    assert finetune.read_exercises(path, drop_failing=True) == (kept, [], 3, 1)  # unchecked: nothing says it fails
 
 
 def test_val_batches_come_from_the_val_exercises_only():
@@ -256,15 +259,39 @@ def test_finetune_trains_keeps_the_best_and_resumes_exactly(tmp_path, base):
 
 
 def test_a_resume_on_rewritten_exercises_warns_naming_finetunes_own_settings(tmp_path, base):
+    """Also: a base moved since the run started does not stop its resume (it is not read), and
+    a resume that turns validation on, which holds exercises out of training, says so."""
     data = write_exercises(tmp_path / "ex.jsonl", exercises(20))
-    args = [f"--base={base}", f"--exercises={data}", "--batch_size=2", "--max_iters=2", "--warmup_iters=0",
-            "--checkpoint_interval=1", "--eval_interval=0", "--sample_tokens=0", f"--out_dir={tmp_path / 'out'}"]
-    assert cli(*args, "--stop_iters=1").returncode == 0
+    moved = tmp_path / "base.pt"
+    moved.write_bytes(base.read_bytes())
+    args = [f"--base={os.path.relpath(moved, ROOT)}",  # relative, as a user types it
+            f"--exercises={data}", "--batch_size=2", "--total_batch_size=2", "--max_iters=2", "--warmup_iters=0",
+            "--checkpoint_interval=1", "--sample_tokens=0", f"--out_dir={tmp_path / 'out'}"]
+    assert cli(*args, "--eval_interval=0", "--stop_iters=1").returncode == 0
+    moved.rename(tmp_path / "renamed.pt")
     write_exercises(data, exercises(30))  # the same file, other exercises
-    resumed = cli(*args)
+    resumed = cli(*args, "--eval_interval=0")
     assert resumed.returncode == 0, resumed.stderr
     assert "exercises content: 30 exercises, sha256 " in resumed.stderr and "(was 20 exercises" in resumed.stderr
     assert "--data=" not in resumed.stderr  # not a finetune.py setting
+    validated = cli(*args, "--max_iters=3", "--eval_interval=2", "--eval_iters=1")
+    assert validated.returncode == 0, validated.stderr
+    assert re.search(r"exercises content: 30 exercises, sha256 \w+ \(was 30 exercises, sha256 \w+, none held out "
+                     r"for validation\)", validated.stderr), validated.stderr
+
+
+def test_a_run_that_ended_on_a_scored_step_does_not_score_it_again_going_on(tmp_path, base):
+    data = write_exercises(tmp_path / "ex.jsonl", exercises())
+    args = [f"--base={base}", f"--exercises={data}", "--batch_size=2", "--total_batch_size=2", "--max_iters=4",
+            "--warmup_iters=0", "--eval_interval=2", "--eval_iters=1", "--checkpoint_interval=2", "--sample_tokens=0",
+            "--humaneval_problems=1", "--humaneval_max_tokens=8", f"--out_dir={tmp_path / 'out'}"]
+    first = cli(*args, "--stop_iters=2")
+    assert first.returncode == 0, first.stderr
+    assert "step 2: HumanEval pass@1" in first.stdout and "saved" in first.stdout
+    going_on = cli(*args)
+    assert going_on.returncode == 0, going_on.stderr
+    scored = re.findall(r"step (\d+): HumanEval", going_on.stdout)
+    assert scored == ["4"], going_on.stdout  # step 2 was scored (and validated) twice, at 164 problems a while
 
 
 def test_torchrun_ddp_finetuning_keeps_replicas_identical(tmp_path, base):
@@ -291,6 +318,14 @@ torch.save(model.state_dict(), os.path.join(cfg.out_dir, f"rank{{os.environ['RAN
     initial = torch.load(base, weights_only=True)["model"]
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert not torch.equal(rank0["lm_head.weight"], initial["lm_head.weight"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "finetune.py"), f"--base={base}", f"--exercises={empty}",
+                             f"--out_dir={tmp_path / 'out2'}"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
+    assert result.returncode != 0 and ours == [f"error: no exercises in {empty}"], result.stderr[-3000:]  # was twice
 
 
 def test_bad_input_gives_one_clear_line(tmp_path, base):
@@ -301,6 +336,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, base):
     only_bad = tmp_path / "bad.jsonl"
     only_bad.write_text('{"prompt": "x"}\nnot json\n')
     cases = [([f"--base={foreign}", f"--exercises={data}"], "does not hold a phi-1 model"),
+             (["--base=scratch", f"--exercises={data}"], "--base must name the weights to finetune"),
              ([f"--base={base}", f"--exercises={only_bad}"], "no exercises in"),
              ([f"--base={base}", f"--exercises={tmp_path / 'missing.jsonl'}"], "cannot read"),
              ([f"--base={base}", f"--exercises={data}", "--loss_on=some"], "--loss_on"),

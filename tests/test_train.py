@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -422,6 +423,9 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
     (dict(profile=True, max_iters=8), "--profile traces steps 8 to 10 of this run: it needs 10 steps to go, not 8"),
     (dict(seed=2**64), "--seed must be below 2\\*\\*63"),
     (dict(stop_iters=30), "--stop_iters \\(30\\) must not be above --max_iters \\(20\\)"),
+    (dict(max_iters=10**19), "--max_iters must be below 2\\*\\*62"),  # was a torch overflow traceback
+    (dict(learning_rate=1e39), "--learning_rate and --min_lr must be below 1e30"),  # was AdamW's traceback
+    (dict(learning_rate=1e-4, min_lr=1e-2), "--min_lr \\(0.01\\) must not be above --learning_rate"),  # it climbed
     (dict(data="DATA:nan"), "weights must be positive numbers"),
     (dict(out_dir="A_FILE"), "cannot write .*a_file is a file, not a folder"),
 ])
@@ -469,6 +473,67 @@ def test_one_process_saves_and_stops_at_the_step_after_a_signal(tmp_path, monkey
                              max_iters=50), make_data=lambda config: SignalledData())
     assert stopped.value.code == 128 + signal.SIGTERM
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] <= 4
+
+
+@pytest.mark.parametrize("during", ["validation", "score"])
+def test_a_signal_during_a_validation_stops_it_and_saves_at_once(tmp_path, monkeypatch, during):
+    """The validation and score (finetune.py's HumanEval: minutes) ran to their end, and a
+    step more, before the save: past the grace period of a cluster's SIGTERM."""
+    data = train.Mixture(str(make_dataset(tmp_path / "ds")), 64, 51200, prepare_default=False)
+    val_batches = []
+
+    class SignalledData:  # SIGTERM arrives while step 4 is validated
+        names = data.names
+
+        def batch(self, split, seed, step, rows, only=None):
+            if split == "val":
+                val_batches.append(rows)
+                if during == "validation" and len(val_batches) == 50 + 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return data.batch(split, seed, step, rows, only=only)
+
+        counted = data.counted
+
+    scored = []
+
+    def score(model):
+        scored.append(1)
+        if during == "score" and len(scored) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # a long score
+        return "fake", 0.0
+
+    monkeypatch.setattr(train, "_stop_signal", None)
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as stopped:
+        train.train(settings(out_dir=str(tmp_path / "out"), eval_interval=4, eval_iters=50, checkpoint_interval=100,
+                             max_iters=50), make_data=lambda config: SignalledData(), score=score)
+    assert stopped.value.code == 128 + signal.SIGTERM and time.monotonic() - started < 50
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["score_due"]  # a rerun validates and scores step 4 first
+    assert len(val_batches) == (53 if during == "validation" else 100)
+
+
+def test_weights_that_went_nan_are_not_saved_over_the_last_checkpoint(tmp_path, monkeypatch):
+    """A gradient of inf whose loss is finite (an overflow in the backward) makes the weights
+    nan; the loss shows it a step later, after a checkpoint of those weights replaced the good one."""
+    clipped, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def overflowing_clip(parameters, max_norm):
+        parameters = list(parameters)
+        clipped.append(1)
+        if len(clipped) == 4:  # step 4's update
+            parameters[0].grad.fill_(float("inf"))
+        return clip(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflowing_clip)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"^the weights became inf or nan in step 4: training diverged; .*ckpt.pt keeps "
+                                        r"the checkpoint before"):
+        train.train(settings(data=str(make_dataset(tmp_path / "ds")), out_dir=str(out), checkpoint_interval=2,
+                             max_iters=6))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
 def test_block_size_and_dropout_apply_to_loaded_weights(tmp_path):
