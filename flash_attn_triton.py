@@ -91,8 +91,13 @@ import torch
 if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the CPU check below needs it
 
-import triton
-import triton.language as tl
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # model.py then uses SDPA
+    if __name__ == "__main__":
+        sys.exit("error: flash_attn_triton.py needs triton (pip install triton; CUDA builds of torch bring theirs)")
+    raise
 
 try:
     # Triton's own reading (true/on/yes count too), so that this module and the
@@ -885,7 +890,8 @@ def _is_real(x) -> bool:
 
 
 def _dropout_p_reason(dropout_p):
-    if not _is_real(dropout_p) or not 0.0 <= float(dropout_p) < 1.0:
+    # (the kernels keep it in fp32, where a p within 2**-25 of 1 rounds to 1: 1 / (1 - p) would be inf)
+    if not _is_real(dropout_p) or not 0.0 <= float(dropout_p) < 1.0 - 2.0**-25:
         return f"dropout_p must be a number in [0, 1), got {dropout_p!r}"
     return None
 
@@ -914,8 +920,10 @@ def _check_and_prepare(q, k, v, causal, dropout_p, softmax_scale, seed):
         raise ValueError(f"flash_attn_func: {reason}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not (_is_real(softmax_scale) and math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"flash_attn_func: softmax_scale must be a positive number, got {softmax_scale!r}")
+    elif not (_is_real(softmax_scale) and math.isfinite(softmax_scale) and softmax_scale * LOG2E >= 2.0**-126):
+        # (below that, the fp32 scale the kernels use is 0, and a masked score's -inf x 0 is nan)
+        raise ValueError(f"flash_attn_func: softmax_scale must be a positive number (at least 1e-38), got "
+                         f"{softmax_scale!r}")
     if not isinstance(causal, (bool, np.bool_)):  # bool("no") would be True
         raise ValueError(f"flash_attn_func: causal must be True or False, got {causal!r}")
     # A given seed is checked even when dropout_p = 0 leaves it unused.
@@ -932,7 +940,8 @@ def _check_and_prepare(q, k, v, causal, dropout_p, softmax_scale, seed):
     else:
         seed_t = _UNUSED_SEED.get(q.device)
         if seed_t is None:
-            seed_t = _UNUSED_SEED[q.device] = torch.zeros((1,), dtype=torch.int64, device=q.device)
+            with torch.inference_mode(False):  # made under inference_mode, it could never be saved for backward
+                seed_t = _UNUSED_SEED[q.device] = torch.zeros((1,), dtype=torch.int64, device=q.device)
     return seed_t, bool(causal), dropout_p, float(softmax_scale)
 
 

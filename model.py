@@ -126,8 +126,8 @@ def attend(q, k, v, causal: bool, dropout_p: float = 0.0, mask=None, impl: str =
         _warn_once("the model runs the Triton FlashAttention kernel on CUDA only (not under TRITON_INTERPRET); "
                    "using PyTorch SDPA")
     elif impl == "triton":
-        _warn_once("the Triton FlashAttention kernel takes no padding mask (prompts of different lengths); "
-                   "using PyTorch SDPA for those calls")
+        _warn_once("the Triton FlashAttention kernel takes no key mask (the decoding steps of generation, and "
+                   "prompts of different lengths): using PyTorch SDPA for those calls")
     Tq, Tk = q.shape[-2], k.shape[-2]
     if causal and Tq != Tk and mask is None:
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)

@@ -222,6 +222,8 @@ def test_bad_inputs_raise_clear_errors():
         (good, {"dropout_p": None}, "dropout_p"),
         (good, {"dropout_p": "0.1"}, "dropout_p"),
         (good, {"softmax_scale": True}, "softmax_scale"),
+        (good, {"dropout_p": 1 - 2**-26, "seed": 1}, "dropout_p"),  # 1 in fp32: an output of nan
+        (good, {"softmax_scale": 1e-46}, "softmax_scale"),  # 0 in fp32: nan where the causal mask is
     ]
     if CUDA:
         bad.append(((t(1, 2, 8, 64).cpu(),) * 3, {}, "CUDA"))
@@ -230,6 +232,25 @@ def test_bad_inputs_raise_clear_errors():
             fa.flash_attn_func(*args, **kwargs)
     numpy = pytest.importorskip("numpy")  # numpy's numbers are numbers
     fa.flash_attn_func(*good, softmax_scale=numpy.float32(0.1), dropout_p=numpy.float64(0.1), seed=numpy.int64(3))
+
+
+def test_a_call_under_inference_mode_leaves_later_calls_differentiable():
+    """The seed tensor of dropout_p=0, made once per device, was an inference tensor when the
+    first call ran under inference_mode, and no later call could save it for backward."""
+    fa._UNUSED_SEED.clear()
+    q, k, v, leaves, _ = make_qkv(1, 2, 17, 17, 32, F16, "qkv")
+    with torch.inference_mode():
+        fa.flash_attn_func(q.detach(), k.detach(), v.detach())
+    fa.flash_attn_func(q, k, v).float().sum().backward()
+    assert leaves[0].grad is not None
+
+
+def test_the_script_without_triton_says_what_it_needs():
+    code = ("import runpy, sys; sys.modules['triton'] = None; sys.argv = ['flash_attn_triton.py']; "
+            f"runpy.run_path({str(Path(fa.__file__))!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "error: flash_attn_triton.py needs triton (pip install triton; CUDA builds of torch bring theirs)")
 
 
 def test_a_second_derivative_is_an_error_not_a_wrong_number():
