@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole phi-1 pipeline at toy scale on one CPU machine: no GPU, no network, no API key.
+# The whole phi-1 pipeline at toy scale on one CPU machine: no GPU, no API key, and no network
+# given offline copies of tiktoken's files and MBPP (README.md: "The pipeline at toy scale").
 #
 #   bash toy_pipeline.sh                  # about 12 minutes on 2 cores; outputs land in out/toy
 #
