@@ -741,8 +741,9 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         profiler = torch.profiler.profile(schedule=schedule)
         profiler.start()
     while step < end:
-        if cfg.eval_interval > 0 and master and (step % cfg.eval_interval == 0 and not (evaluated and step == start_step)
-                                                 or score_due and step == start_step):
+        if cfg.eval_interval > 0 and master and (
+                step % cfg.eval_interval == 0 and not (evaluated and step == start_step)
+                or score_due and step == start_step):
             t_eval = time.time()
             if not validate(step) and world == 1:  # stopped by a signal: no step more (DDP: the next, together)
                 if saved_step != step:
