@@ -1322,13 +1322,14 @@ def apply(cfg) -> dict:
     name = f"{shard:05d}-of-{shards:05d}"
     kept_path, scores_path, summary_path = (out / f"{kind}-{name}{ext}" for kind, ext in
                                             (("kept", ".jsonl"), ("scores", ".bin"), ("summary", ".json")))
-    for path in (kept_path, scores_path, summary_path):
-        check_apart({"--out": path}, {"--corpus": files, "--forest": [Path(cfg.forest)]})
     # another shard's output read as corpus: each run would filter the last one's kept documents again
+    # (said before check_apart would name the file, not the folder that --out names)
     ours = [p for p in files if APPLY_OUTPUT.fullmatch(p.name) and same_file(p.parent, out)]
     if ours:
         raise UserError(f"--corpus takes {ours[0]}, which apply writes in --out={out}: each run would read the "
                         f"last one's output as corpus; give --out a folder outside the corpus")
+    for path in (kept_path, scores_path, summary_path):
+        check_apart({"--out": path}, {"--corpus": files, "--forest": [Path(cfg.forest)]})
     check_writable(kept_path)
     stale = sorted(p.name for p in out.glob("kept-*-of-*.jsonl") if not p.name.endswith(f"-of-{shards:05d}.jsonl"))
     if stale and rank == 0:
