@@ -325,6 +325,11 @@ def save_checkpoint(path: Path, raw_model: GPT, step: int, cfg, **state) -> None
         raise UserError(f"{cannot_write(path, e)}; the last checkpoint, if any, is intact") from None
 
 
+def remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty
+        folder.rmdir()
+
+
 def inference_copy(model: GPT, dtype: torch.dtype) -> GPT:
     """A separate copy of model with its weights in dtype, for generation. Each tensor is
     cast as it is copied (deepcopy takes the copies given in its memo): deepcopy and then
@@ -581,7 +586,10 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     with together(world, device):
         if master:  # now, not at the first checkpoint hours later
             check_writable(ckpt_path)
-            out_dir.mkdir(parents=True, exist_ok=True)  # a second run would overwrite the first's checkpoints
+            if not out_dir.exists():  # made here: removed again if the run ends with nothing in it (bad data)
+                out_dir.mkdir(parents=True)
+                held.callback(remove_if_empty, out_dir)
+            # a second run would overwrite the first's checkpoints
             held.enter_context(run_lock(out_dir, f"another run is training in {out_dir}: wait for it, stop it, "
                                                  f"or use another --out_dir"))
             for done in (ckpt_path, out_dir / "best.pt"):  # a run killed while saving leaves its temporary file

@@ -716,7 +716,7 @@ def test_optimizer_takes_the_betas_in_order():
         assert group["betas"] == (0.8, 0.97)
 
 
-def test_a_token_id_just_past_the_vocabulary_is_refused_naming_its_dataset(tmp_path):
+def test_a_token_id_just_past_the_vocabulary_is_refused_naming_its_dataset(tmp_path, pico):
     """Id vocab_size itself is out of range too (the embedding has ids 0..vocab_size-1): the error
     must come before the model's index error, and name the dataset that holds it."""
     a = make_dataset(tmp_path / "a")
@@ -731,6 +731,10 @@ def test_a_token_id_just_past_the_vocabulary_is_refused_naming_its_dataset(tmp_p
         with pytest.raises(UserError, match=f"{re.escape(str(b))}/train.bin holds token id 2048, outside"):
             mixture.batch("train", 0, step, range(8))
     assert train.Mixture(str(b), 16, 2049, prepare_default=False).batch("val", 0, 0, range(2))[0].max() == 2048
+    out = tmp_path / "runs" / "out"
+    with pytest.raises(UserError, match="holds token id 2048"):
+        train.train(settings(preset=pico, data=str(b), out_dir=str(out), max_iters=2))  # a vocabulary of 2048
+    assert not out.exists()  # the run saved nothing: no empty folder left behind
 
 
 def test_a_one_token_bin_is_refused_and_a_bin_of_one_context_is_read(tmp_path):
