@@ -360,7 +360,7 @@ class GPT(nn.Module):
             prompt_mask = allowed[:, None]  # (B, 1, T0, T0); a pad query sees itself only
 
         generator = torch.Generator(device=device)  # without a seed, one drawn from torch's RNG
-        generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
+        generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed % 2**64)  # any int
         # under autocast (train.py samples its float32 model in bf16) q is in the
         # autocast dtype: a cache in the same dtype keeps k and v in it too
         dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)

@@ -326,6 +326,8 @@ def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus():
     a = model.generate([[1, 2, 3]], 10, temperature=1.0, top_p=0.9, seed=7)
     b = model.generate([[1, 2, 3]], 10, temperature=1.0, top_p=0.9, seed=7)
     assert a == b
+    for seed in (2**64 + 7, -2**64 + 7):  # any int, as it is taken modulo 2**64: a torch overflow error before
+        assert model.generate([[1, 2, 3]], 10, temperature=1.0, top_p=0.9, seed=seed) == a
     logits = torch.tensor([[3.0, 2.9, -5.0, -6.0]])
 
     def draws(top_p):
