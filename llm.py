@@ -359,11 +359,15 @@ class Client:
         or until stop is set."""
         with self._lock:
             now = time.monotonic()
-            pause = self._resume_at - now
+            # the limits count from the end of a 429's pause: counted from now, every thread
+            # held by it would find room and all would start together when it ends
+            start = max(now, self._resume_at)
+            wait = 0.0
             if self._rpm:
-                pause = max(pause, self._rpm.take(1, now))
+                wait = max(wait, self._rpm.take(1, start))
             if self._tpm:
-                pause = max(pause, self._tpm.take(estimate, now))
+                wait = max(wait, self._tpm.take(estimate, start))
+            pause = start - now + wait
         if pause > 0:
             stop.wait(pause)
 

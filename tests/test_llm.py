@@ -377,6 +377,17 @@ def test_a_429_holds_later_requests_until_its_longest_pause(waits, monkeypatch):
         assert waits[4] == pytest.approx(24, abs=0.5)
 
 
+def test_requests_held_by_a_429_start_at_the_rate_limit_when_it_ends(waits, monkeypatch):
+    """All held requests started together when the pause ended, whatever --rpm said."""
+    clock = [1000.0]
+    monkeypatch.setattr(llm.time, "monotonic", lambda: clock[0])
+    with FakeLLM() as server, client_for(server, rpm=60) as client:  # a request a second, one saved up
+        client._resume_at = clock[0] + 5  # as a 429 asking for 5 s leaves it
+        for _ in range(3):
+            client._wait_turn(1, client.stop)
+    assert waits == pytest.approx([5, 6, 7])  # were [5, 5, 5]
+
+
 def test_tokens_per_minute_charges_the_usage_reported_not_the_estimate(waits):
     with FakeLLM() as server, client_for(server, tpm=600) as client:  # 10 tokens a second, 10 saved up
         used = sum(client.chat(MESSAGES, max_tokens=900).usage.values())  # far beyond the bucket: no wait
