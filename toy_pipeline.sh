@@ -4,6 +4,9 @@
 #
 #   bash toy_pipeline.sh                  # about 12 minutes on 2 cores; outputs land in out/toy
 #
+# Run again after an interruption, it goes on: each stage resumes its output or finds it
+# done (remove $OUT, or give another OUT, to start anew).
+#
 # The sizes below are the defaults; tests/test_toy_pipeline.py runs the same script with
 # tiny ones. A model trained for minutes is no teacher: it writes the textbooks (any text will do),
 # but exercises must parse and annotations must end in a score, so those come from a
@@ -66,7 +69,7 @@ WEB="$OUT/web/part-*.jsonl"  # filter.py expands the glob
 
 stage "2. pretrain a small model on them"
 python train.py --preset="$PRESET" --data="$LOCAL_DATA" --out_dir="$OUT/base" --max_iters="$PRETRAIN_ITERS" \
-  --init_from=scratch --eval_interval="$PRETRAIN_ITERS" --sample_tokens=0
+  --eval_interval="$PRETRAIN_ITERS" --sample_tokens=0
 
 stage "3. serve it, and start the stand-in teacher"
 python sample.py --ckpt="$OUT/base/ckpt.pt" --serve --port="$SERVE_PORT" --model_name=base --quiet &
@@ -101,7 +104,7 @@ python data/prepare.py --source=jsonl --inputs="$OUT/textbooks.jsonl" --out_dir=
 
 stage "7. pretrain phi-1-base (toy) on the mixture"
 python train.py --preset="$PRESET" --data="$OUT/data/code:0.5,$OUT/data/textbooks:0.5" --out_dir="$OUT/phi1-base" \
-  --max_iters="$PRETRAIN_ITERS" --init_from=scratch --eval_interval="$PRETRAIN_ITERS" --sample_tokens=0
+  --max_iters="$PRETRAIN_ITERS" --eval_interval="$PRETRAIN_ITERS" --sample_tokens=0
 
 stage "8. finetune on the exercises"
 python finetune.py --base="$OUT/phi1-base/ckpt.pt" --exercises="$OUT/exercises.jsonl" --out_dir="$OUT/phi1" \

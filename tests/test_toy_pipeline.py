@@ -56,6 +56,14 @@ def test_every_stage_runs_and_leaves_its_output(tmp_path):
     assert report["documents"] == report["parsed"] == 16 and report["problems"] == 664
     assert "=== " in result.stdout and "done:" in result.stdout
 
+    # run again (as after an interruption), it finds every stage done: the pretraining runs were
+    # started anew by --init_from=scratch, and a signal then left an early checkpoint in place of the last
+    env.update(SERVE_PORT=str(free_port()), TEACHER_PORT=str(free_port()))
+    again = subprocess.run(["bash", str(ROOT / "toy_pipeline.sh")], env=env, capture_output=True, text=True,
+                           timeout=1200)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("already finished 4 steps") == 2 and "training anew" not in again.stderr
+
 
 def test_a_port_in_use_stops_the_run_before_any_work(tmp_path):
     """A server left from an earlier run on SERVE_PORT would answer stage 3's requests in
