@@ -108,6 +108,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import textwrap
 import time
@@ -1813,4 +1814,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops as Ctrl-C does: what is done is kept
     run(main)

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -607,6 +608,29 @@ def test_annotate_counts_documents_not_lines(tmp_path, capsys):
         docs.write_text(lines("not JSON", dict(id="no text"), '{"text": "\\udc00"}'))
         with pytest.raises(UserError, match="no documents in"):
             run_filter("annotate", *teach)
+
+
+def test_a_sigterm_stops_annotate_as_ctrl_c_does_and_a_rerun_completes(tmp_path):
+    """filter.py had no SIGTERM handler: it died at once, without a word or exit status 130."""
+    import time
+    docs = corpus(tmp_path / "docs.jsonl", 30, seed=4)
+    labels = tmp_path / "labels.jsonl"
+    with FakeLLM(answer=teacher, latency=0.1) as server:
+        teach = [f"--corpus={docs}", f"--labels={labels}", f"--api_base={server.url}", "--model=fake", "--n=30"]
+        proc = subprocess.Popen([sys.executable, str(ROOT / "filter.py"), "annotate", *teach, "--concurrency=1"],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and not (
+                labels.exists() and labels.read_text().count("\n") >= 3):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err)
+        done = len(annotated(labels))
+        assert 3 <= done < 30
+        run_filter("annotate", *teach)
+    assert sorted(r["id"] for r in annotated(labels)) == sorted(json.loads(line)["id"] for line in
+                                                                docs.read_text().splitlines())
 
 
 def test_annotate_fails_when_requests_fail_and_a_rerun_asks_again(tmp_path, capsys):
