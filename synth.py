@@ -74,7 +74,8 @@ where the endpoint reports no token usage) and failures. At the end a summary an
 diversity report (distinct n-gram ratios, the duplicate rate: exact and near duplicates
 dropped, of them and the records, coverage of the constraint lists) are printed and
 written to FILE.report.json, with this run's numbers ("run") and those of every run
-that reported on the file, added up ("all_runs": a rerun loses no cost).
+that reported on the file, added up ("all_runs": a rerun loses no cost; a run killed
+with SIGKILL, or by a power loss, reports nothing, and its cost is not in them).
 """
 
 from __future__ import annotations
@@ -869,7 +870,8 @@ TOTALLED = ("written", "seconds", "requests", "retries", "tokens_in", "tokens_ou
 
 def all_runs(path: Path, run: dict) -> dict:
     """This run's numbers added to those of the report the runs before it wrote (an older
-    version's holds its one run), so that no rerun, finished or resumed, loses their cost."""
+    version's holds its one run), so that no rerun, finished or resumed, loses their cost (but
+    for a run that was killed before it could write its report)."""
     add = lambda a, b: None if a is None or b is None else round(a + b, 4)  # noqa: E731  None: cost unknown
     try:
         old = json.loads(path.read_text())
