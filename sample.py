@@ -204,8 +204,7 @@ def print_samples(cfg, model: GPT) -> None:
     seed = COMMAND_LINE_SEED if cfg.seed is None else cfg.seed
     for start in range(0, cfg.num_samples, cfg.max_batch):  # --max_batch at a time: memory, and output as it comes
         rows = min(cfg.max_batch, cfg.num_samples - start)
-        batch_seed = seed if start == 0 else (seed + start) % 2**64
-        for i, new in enumerate(model.generate([ids] * rows, max_new, temperature, top_p, stops, batch_seed)):
+        for i, new in enumerate(model.generate([ids] * rows, max_new, temperature, top_p, stops, seed + start)):
             if start + i:
                 print("-" * 40)
             print(prompt + cut(new, max_new, stops)[0], flush=True)
@@ -513,7 +512,7 @@ class Engine:
     def _generate(self, batch: list[Row], index: int) -> None:
         first = batch[0]
         if first.seed is not None and all(row.request == first.request for row in batch):
-            seed = (first.seed + index) % 2**64  # a request batched alone: reproducible
+            seed = first.seed + index  # a request batched alone: reproducible (generate takes it modulo 2**64)
         else:
             seed = self.rng.randrange(2**63)
         self.largest_batch = max(self.largest_batch, len(batch))
