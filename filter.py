@@ -40,8 +40,9 @@ embed      embeds --corpus (default: --labels) with --ckpt (our .pt, a Hugging F
            order, and NAME.json beside it (format, ids, count, dim, the source and its
            fingerprint: corpus, model contents, settings). The work goes chunk by chunk
            into NAME.npy.partial; a rerun continues at the first unfinished chunk, and the
-           .npy and .json appear only once all are done (one run at a time: a lock on the
-           .partial). Under torchrun each process embeds every world-th chunk on its own GPU.
+           .npy and .json appear only once all are done (one run at a time: a lock on
+           NAME.npy.lock, there while it runs). Under torchrun each process embeds every
+           world-th chunk on its own GPU.
 train      fits the forest (RandomForest) on the annotated documents' embeddings, keeping
            --holdout of each class aside for accuracy, precision, recall, F1 and AUC (none,
            where that would leave a side with one class), printed with the out-of-bag
@@ -62,10 +63,10 @@ apply      streams --corpus through the embedding model (the forest's, unless --
            shard whose summary names its kept file is done: a rerun skips it, or with
            another --threshold or --top_fraction only selects again from its scores (a
            changed corpus file, by size or modification time, is scored again). One run at a
-           time filters a shard (a lock on its kept-I-of-N.jsonl.partial). A --corpus
-           holding files apply writes in --out is refused (each run would read the last
-           one's output back in), and kept files of another --num_shards in --out are warned
-           of: a glob of kept-*.jsonl would take them too.
+           time filters a shard (a lock on I-of-N.lock in --out, there while it runs). A
+           --corpus holding files apply writes in --out is refused (each run would read the
+           last one's output back in), and kept files of another --num_shards in --out are
+           warned of: a glob of kept-*.jsonl would take them too.
 decontaminate  --corpus (e.g. exercises) against HumanEval and MBPP (--bench): 13-gram
            overlap (lowercased words of the problem's prompt and solution), the L2 distance
            of unit-normalised embeddings (with --ckpt) and the AST match rate tau. Writes
@@ -555,11 +556,20 @@ def embed_texts(model, texts: list[str], doc_tokens: int, batch_size: int) -> tu
     return out, np.array([len(ids) for ids in encoded], dtype=np.int64)
 
 
-def embedding_paths(out: Path) -> tuple[Path, Path, Path, Path]:
-    """The description beside the .npy, and the unfinished array with its description and chunk flags."""
+def embedding_paths(out: Path) -> tuple[Path, Path, Path, Path, Path]:
+    """The description beside the .npy, the unfinished array with its description and chunk
+    flags, and the lock of the run writing them."""
     partial = out.with_name(out.name + ".partial")
     return (out.with_suffix(".json"), partial, partial.with_name(partial.name + ".json"),
-            partial.with_name(partial.name + ".done"))
+            partial.with_name(partial.name + ".done"), out.with_name(out.name + ".lock"))
+
+
+def embedded(out: Path, sidecar: Path, fp: str) -> bool:
+    """Whether out holds the embeddings of fingerprint fp, whole."""
+    try:
+        return out.is_file() and json.loads(sidecar.read_text()).get("fingerprint") == fp
+    except (OSError, ValueError):
+        return False
 
 
 def embed(cfg) -> Path:
@@ -574,10 +584,10 @@ def embed(cfg) -> Path:
     if cfg.doc_tokens < 1 or cfg.batch_size < 1:
         raise UserError("--doc_tokens and --batch_size must be at least 1")
     check_writable(out)
-    sidecar, partial, partial_meta, flags_path = embedding_paths(out)
+    sidecar, partial, partial_meta, flags_path, lock = embedding_paths(out)
     corpus_option = "--corpus" if cfg.corpus else "--labels"
     check_apart({"--embeddings": out}, {corpus_option: files, "--ckpt": [Path(cfg.ckpt)]})
-    for beside in (sidecar, partial, partial_meta, flags_path):  # written (or removed) beside the array
+    for beside in (sidecar, partial, partial_meta, flags_path, lock):  # written (or removed) beside the array
         for path in files:
             if same_file(beside, path):
                 raise UserError(f"--embeddings={out} keeps {beside} beside it, the file {corpus_option} names: "
@@ -597,12 +607,9 @@ def embed(cfg) -> Path:
     ckpt = str(Path(cfg.ckpt).resolve()) if Path(cfg.ckpt).exists() else cfg.ckpt
     source = dict(corpus=files_identity(files), ckpt=ckpt, doc_tokens=cfg.doc_tokens)
     fp = fingerprint(EMBEDDINGS_FORMAT, source, content_identity(ckpt), ids)
-    try:
-        if out.is_file() and json.loads(sidecar.read_text()).get("fingerprint") == fp:
-            print(f"{out} already holds these embeddings")
-            return out
-    except (OSError, ValueError):
-        pass
+    if embedded(out, sidecar, fp):
+        print(f"{out} already holds these embeddings")
+        return out
 
     rank, world, device = start_processes(cfg)
     from train import together
@@ -616,19 +623,25 @@ def embed(cfg) -> Path:
         with together(world, device):  # (and a barrier: the array is there for all)
             if rank == 0:
                 # one run at a time: two would write one array, and one would reset the chunks the other did
-                held.enter_context(run_lock(partial, f"another run is embedding into {out}: wait for it, stop it, "
-                                                     f"or use another --embeddings"))
-                for stale in (out, sidecar):  # nothing of an older run may look complete
-                    stale.unlink(missing_ok=True)
-                try:
-                    resume = (json.loads(partial_meta.read_text()) == state and flags_path.stat().st_size == n_chunks
-                              and np.load(partial, mmap_mode="r").shape == (n, dim))
-                except (OSError, ValueError, EOFError):  # EOFError: the empty file of the lock
-                    resume = False
-                if not resume:
-                    np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
-                    flags_path.write_bytes(bytes(n_chunks))
-                    write_atomic(partial_meta, json.dumps(state).encode())
+                held.enter_context(run_lock(lock, f"another run is embedding into {out}: wait for it, stop it, "
+                                                  f"or use another --embeddings", remove=True))
+                if not embedded(out, sidecar, fp):  # (a run before ours may have made them since)
+                    for stale in (out, sidecar):  # nothing of an older run may look complete
+                        stale.unlink(missing_ok=True)
+                    try:
+                        resume = (json.loads(partial_meta.read_text()) == state
+                                  and flags_path.stat().st_size == n_chunks
+                                  and np.load(partial, mmap_mode="r").shape == (n, dim))
+                    except (OSError, ValueError, EOFError):  # EOFError: an empty file
+                        resume = False
+                    if not resume:
+                        np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
+                        flags_path.write_bytes(bytes(n_chunks))
+                        write_atomic(partial_meta, json.dumps(state).encode())
+        if embedded(out, sidecar, fp):  # every process sees what process 0 saw under the lock
+            if rank == 0:
+                print(f"{out} already holds these embeddings")
+            return out
         array = np.load(partial, mmap_mode="r+")
         flags = np.memmap(flags_path, dtype=np.uint8, mode="r+")
         mine = [c for c in range(rank, n_chunks, world) if not flags[c]]
@@ -669,7 +682,7 @@ def embed(cfg) -> Path:
 def load_embeddings(path: Path) -> tuple[list[str], np.ndarray, dict]:
     """(ids, array (memory-mapped float16, N x width), description) of embed's output, or
     one line saying why it is not a complete, intact one."""
-    sidecar, partial, _, _ = embedding_paths(path)
+    sidecar, partial, _, _, _ = embedding_paths(path)
     if not path.is_file():
         unfinished = " (an unfinished run is there: rerun filter.py embed)" if partial.exists() else ""
         raise UserError(f"no embeddings at {path}{unfinished}")
@@ -1340,20 +1353,19 @@ def apply(cfg) -> dict:
     scoring = fingerprint(files_identity(files), content_identity(cfg.forest), content_identity(ckpt), doc_tokens,
                           shard, shards)
     selection = dict(threshold=cfg.threshold, top_fraction=cfg.top_fraction)
-    try:
-        previous = json.loads(summary_path.read_text())
-    except (OSError, ValueError):
-        previous = {}
-    # the summary names the kept file it goes with: one replaced by a run killed before its summary is not done
-    if (previous.get("scoring") == scoring and previous.get("selection") == selection and kept_path.is_file()
-            and previous.get("kept") == files_identity([kept_path])):
-        print(f"shard {name} is done: {summary_path}")
-        return previous
     out.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
     # one run at a time on a shard: two would score it into one file at once
-    partial = kept_path.with_name(kept_path.name + ".partial")
-    with run_lock(partial, f"another run is filtering shard {name} in {out}: wait for it, stop it, or use another "
-                           f"--out"):
+    with run_lock(out / f"{name}.lock", f"another run is filtering shard {name} in {out}: wait for it, stop it, "
+                                        f"or use another --out", remove=True):
+        try:
+            previous = json.loads(summary_path.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        # the summary names the kept file it goes with: one replaced by a run killed before its summary is not done
+        if (previous.get("scoring") == scoring and previous.get("selection") == selection and kept_path.is_file()
+                and previous.get("kept") == files_identity([kept_path])):
+            print(f"shard {name} is done: {summary_path}")
+            return previous
         started = time.time()
         if previous.get("scoring") != scoring or not scores_path.is_file() or \
                 scores_path.stat().st_size != SCORES.itemsize * previous.get("documents", -1):
@@ -1368,6 +1380,7 @@ def apply(cfg) -> dict:
 
         # until the summary is rewritten, the old one keeps the scores usable: a selection killed
         # at any point selects again from them, and never re-embeds the shard
+        partial = kept_path.with_name(kept_path.name + ".partial")
         kept = kept_tokens = seen = 0
         lowest, tied, tied_tokens = math.inf, 0, 0  # the lowest score kept, and the documents and tokens at it
         with open(partial, "w", encoding="utf-8") as f:

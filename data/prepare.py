@@ -561,23 +561,37 @@ def check_writable(*paths: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(path: Path, busy: str):
+def run_lock(path: Path, busy: str, *, remove: bool = False):
     """Held while one run uses path (a folder that exists, or a file, made if new): another
-    run stops at once with UserError(busy). An flock, gone with the process however it ends."""
-    try:
-        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDONLY | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise cannot_write(path, e) from None
-    try:
+    run stops at once with UserError(busy). An flock, gone with the process however it ends.
+    remove: path is a lock file of its own, removed as the run ends. (A work file that the
+    run renames in the end cannot be the lock: a run starting after the rename would lock
+    a new file at the old name while the first still finishes.)"""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDONLY | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise cannot_write(path, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise UserError(busy) from None
         except OSError as e:  # a file system without locks (ENOLCK on some NFS mounts, EOPNOTSUPP on FUSE)
             print(f"warning: cannot lock {path} ({e.strerror}): make sure no other run uses it at the same time",
                   file=sys.stderr)
+        try:  # a lock file removed as we took it (its run ended) locks nothing: take the new one
+            if not remove or os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         yield
     finally:
+        if remove:  # before the lock goes: a run waiting for it finds the file gone
+            with contextlib.suppress(OSError):
+                path.unlink()
         os.close(fd)
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -541,7 +542,7 @@ def test_embed_under_torchrun_says_a_held_lock_once(tmp_path, nano):
     """Process 0 takes the lock while process 1 waits: it printed a traceback as process 0 exited."""
     import fcntl
     docs, emb = corpus(tmp_path / "docs.jsonl", 4, seed=4), tmp_path / "emb.npy"
-    with open(f"{emb}.partial", "a") as held:
+    with open(f"{emb}.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another run's lock
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                  str(ROOT / "filter.py"), "embed", f"--corpus={docs}", f"--ckpt={nano}",
@@ -957,8 +958,7 @@ def test_an_interrupted_apply_leaves_no_summary_and_resumes(tmp_path, nano, monk
     monkeypatch.setattr(filter, "embed_texts", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_filter(*args)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # the kept one: its lock, empty
-        "kept-00000-of-00001.jsonl.partial", "scores-00000-of-00001.bin.partial"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scores-00000-of-00001.bin.partial"]
     monkeypatch.setattr(filter, "embed_texts", real)
     run_filter(*args)
     assert json.loads((tmp_path / "out" / "summary-00000-of-00001.json").read_text())["documents"] == 20
@@ -1397,9 +1397,9 @@ def test_one_run_at_a_time_annotates_embeds_or_filters_a_shard(tmp_path, nano, c
         teach = ["annotate", f"--corpus={docs}", f"--labels={labels}", f"--api_base={server.url}", "--model=fake"]
         for held, message, command in (
                 (labels, f"another run is annotating into {labels}", teach),
-                (Path(f"{emb}.partial"), f"another run is embedding into {emb}",
+                (Path(f"{emb}.lock"), f"another run is embedding into {emb}",
                  ["embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}"]),
-                (out / "kept-00000-of-00001.jsonl.partial", f"another run is filtering shard 00000-of-00001 in {out}",
+                (out / "00000-of-00001.lock", f"another run is filtering shard 00000-of-00001 in {out}",
                  ["apply", f"--corpus={docs}", f"--forest={forest}", f"--out={out}"])):
             held.parent.mkdir(exist_ok=True)
             with open(held, "a") as f:
@@ -1410,6 +1410,51 @@ def test_one_run_at_a_time_annotates_embeds_or_filters_a_shard(tmp_path, nano, c
         run_filter(*teach)
         assert len(server.served) == 5  # docs-0 was scored before, by another teacher
     assert "resuming with another teacher than" in capsys.readouterr().err
+
+
+def test_a_run_starting_as_another_ends_neither_undoes_nor_redoes_its_work(tmp_path, nano, monkeypatch, capsys):
+    """The lock was the .partial file that the end renames: a run starting just after the
+    rename locked a new .partial, deleted the embeddings just made and made them again
+    (and one whose check came just before the other's end did the same)."""
+    docs, emb, out = corpus(tmp_path / "docs.jsonl", 6, seed=3), tmp_path / "emb.npy", tmp_path / "out"
+    commands = (["embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}"],
+                ["apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={out}"])
+    real_replace, real_lock, real_embed = os.replace, filter.run_lock, filter.embed_texts
+    for command, output, busy, done in zip(commands, (emb, out),
+                                           ("another run is embedding", "another run is filtering shard"),
+                                           (f"{emb} already holds these embeddings", "shard 00000-of-00001 is done")):
+        def start_another_as_the_first_renames(src, dst):
+            real_replace(src, dst)
+            if str(src).endswith(".partial") and not started:
+                started.append(1)
+                with pytest.raises(UserError, match=busy):  # the first is still at work
+                    run_filter(*command)
+
+        started = []
+        monkeypatch.setattr(filter.os, "replace", start_another_as_the_first_renames)
+        run_filter(*command)
+        assert started
+        monkeypatch.setattr(filter.os, "replace", real_replace)
+        first = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+        def finish_another_before_the_lock(*a, **k):
+            if not started:
+                started.append(1)
+                run_filter(*command)  # (the same again: it finds its work done)
+                embedded.clear()
+                capsys.readouterr()
+            return real_lock(*a, **k)
+
+        monkeypatch.setattr(filter, "run_lock", finish_another_before_the_lock)
+        embedded = []
+        monkeypatch.setattr(filter, "embed_texts", lambda *a, **k: embedded.append(1) or real_embed(*a, **k))
+        (shutil.rmtree if output.is_dir() else Path.unlink)(output)  # as if not done when the second run looked
+        started = []
+        run_filter(*command)
+        assert done in capsys.readouterr().out and embedded == []
+        assert {p.name for p in tmp_path.rglob("*") if p.is_file()} == set(first)
+        monkeypatch.setattr(filter, "run_lock", real_lock)
+        monkeypatch.setattr(filter, "embed_texts", real_embed)
 
 
 def test_train_says_how_many_scored_documents_lack_an_embedding(tmp_path, capsys):

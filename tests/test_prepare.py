@@ -349,6 +349,26 @@ def test_one_run_at_a_time_prepares_a_folder(tmp_path):
     assert prepare.prepare(other, quiet=True)["fingerprint"] != meta["fingerprint"]
 
 
+def test_a_lock_file_removed_as_it_was_taken_is_taken_anew(tmp_path, monkeypatch):
+    """A lock file goes with the run that held it: a run that opened it just before then
+    would hold a lock on a removed file, which keeps no other run out."""
+    import fcntl
+    lock, real_flock = tmp_path / "x.lock", fcntl.flock
+
+    def the_run_before_ends_first(fd, operation):
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        lock.unlink()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", the_run_before_ends_first)
+    with prepare.run_lock(lock, "busy", remove=True):
+        assert lock.exists()
+        with pytest.raises(UserError, match="^busy$"):
+            with prepare.run_lock(lock, "busy", remove=True):
+                pass
+    assert not lock.exists()
+
+
 def test_a_folder_that_cannot_be_locked_is_prepared_with_a_warning(tmp_path, monkeypatch, capsys):
     """On a file system without locks (ENOLCK on some NFS mounts) flock's error was a traceback."""
     import fcntl
