@@ -432,6 +432,12 @@ class Cancelled(Exception):
     """Nobody waits for the rest of the work (a client hung up): raised to stop it."""
 
 
+def cancel(rows: list[Row]) -> None:
+    """Their client hung up: the engine drops them, or stops once the rest are answered."""
+    for row in rows:
+        row.cancelled = True
+
+
 _CLOSE = object()  # queued by Engine.close
 
 
@@ -691,8 +697,7 @@ class Handler(BaseHTTPRequestHandler):
             except ApiError as e:
                 self.wfile.write(f"data: {json.dumps(e.body)}\n\n".encode())
         except OSError:
-            for row in rows:
-                row.cancelled = True
+            cancel(rows)
         self.close_connection = True
 
     def results(self, rows: list[Row]) -> list[list[int]]:
@@ -701,8 +706,7 @@ class Handler(BaseHTTPRequestHandler):
         futures = [row.future for row in rows]
         while wait(futures, timeout=POLL_S).not_done:
             if self.hung_up():
-                for row in rows:
-                    row.cancelled = True
+                cancel(rows)
                 raise Cancelled
         return [future.result() for future in futures]
 
@@ -782,8 +786,7 @@ class Handler(BaseHTTPRequestHandler):
                 row, token = rows[0].tokens.get(timeout=POLL_S)
             except queue.Empty:
                 if hung_up():
-                    for row in rows:
-                        row.cancelled = True
+                    cancel(rows)
                     raise Cancelled from None
                 continue
             if token is None:
