@@ -230,7 +230,7 @@ def corpus_record(line: bytes, skipped: Counter) -> dict | None:
         return None
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         record = None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         skipped["not a JSON object with a text"] += 1

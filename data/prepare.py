@@ -257,7 +257,7 @@ def jsonl_items(files: list[Path]):
                 where = f"{resolved}:{number}"  # filter.py's name for a document without an id
                 try:
                     doc = json.loads(line)
-                except ValueError:  # not JSON, or not UTF-8
+                except (ValueError, RecursionError):  # not JSON, or not UTF-8, or nested too deep
                     yield None, "bad_json", len(line), where
                     continue
                 if not isinstance(doc, dict):
@@ -479,7 +479,7 @@ def read_jsonl(path: Path):
                     continue
                 try:
                     record = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: nested too deep
                     record = None
                 if not isinstance(record, dict):
                     if not line.endswith(b"\n"):
@@ -535,7 +535,7 @@ class Appender:
                 if tail:
                     json.loads(tail)
                     f.write(b"\n")
-            except ValueError:
+            except (ValueError, RecursionError):
                 print(f"note: cutting off the torn last line of {self.path}", file=sys.stderr)
                 f.truncate(start)
         return self.path.open("ab")

@@ -710,11 +710,11 @@ def test_lines_with_lone_surrogates_are_skipped_and_counted(tmp_path):
     docs.write_bytes(lines(dict(id="fine", text="def f():\n    return 1\n"),
                            '{"id": "escaped", "text": "def g():\\n    return \'\\ud800\'\\n"}',
                            '{"id": "in the id \\udfff", "text": "x = 1"}',
-                           '{"id": "an emoji", "text": "print(\'\\ud83d\\ude00\')"}').encode()
+                           '{"id": "an emoji", "text": "print(\'\\ud83d\\ude00\')"}', "[" * 100_000).encode()
                      + '{"id": "raw", "text": "\ud800"}\n'.encode("utf-8", "surrogatepass"))
     skipped = Counter()
     assert [doc_id for _, doc_id, _, _ in filter.documents([docs], skipped)] == ["fine", "an emoji"]
-    assert skipped == {"with a lone surrogate (not UTF-8)": 3}
+    assert skipped == {"with a lone surrogate (not UTF-8)": 3, "not a JSON object with a text": 1}
     pruned = tmp_path / "pruned.jsonl"
     run_filter("decontaminate", f"--corpus={docs}", "--bench=humaneval", "--prune_tau=0.95", f"--out={pruned}",
                f"--report={tmp_path / 'report.json'}", "--workers=1")

@@ -224,6 +224,7 @@ def test_jsonl_source_skips_bad_lines(tmp_path):
     lines = [
         json.dumps(good).encode(),
         b"{not json",
+        b"[" * 100_000,                           # nested past what json parses
         b"",                                      # blank lines hold no document: not counted
         b" \t\r",
         b"[1, 2]",                                # not an object
@@ -242,7 +243,7 @@ def test_jsonl_source_skips_bad_lines(tmp_path):
                    inputs=str(tmp_path / "synth" / "books_*.jsonl"))
     meta = prepare.prepare(cfg, quiet=True)
     out = tmp_path / "out" / "books_1"  # default name: the first file's
-    assert meta["skipped"] == {"bad_json": 3, "binary": 1, "empty": 1, "no_text": 2, "not_utf8": 1}
+    assert meta["skipped"] == {"bad_json": 4, "binary": 1, "empty": 1, "no_text": 2, "not_utf8": 1}
     assert meta["duplicates"] == 1
     assert documents(tokens(out, "train")) == [A, B]
 
@@ -611,13 +612,17 @@ def test_read_jsonl_skips_blank_lines_and_a_torn_last_line_only(tmp_path):
     path.write_bytes(b'{"a": 1}\n{"c": \n{"b": 2}\n')
     with pytest.raises(UserError, match="line 2 is not a JSON object"):
         list(prepare.read_jsonl(path))
+    path.write_bytes(b'{"a": 1}\n' + b"[" * 100_000 + b'\n{"b": 2}\n')  # nested past what json parses
+    with pytest.raises(UserError, match="line 2 is not a JSON object"):
+        list(prepare.read_jsonl(path))
 
 
 def test_appender_cuts_a_torn_last_line_and_ends_a_whole_one(tmp_path):
     path = tmp_path / "r.jsonl"
     for before, after in [(b'{"a": 1}\n{"b": ', b'{"a": 1}\n{"c": 3}\n'),
                           (b'{"a": 1}\n{"b": 2}', b'{"a": 1}\n{"b": 2}\n{"c": 3}\n'),
-                          (b'{"b": ', b'{"c": 3}\n')]:
+                          (b'{"b": ', b'{"c": 3}\n'),
+                          (b'{"a": 1}\n' + b"[" * 100_000, b'{"a": 1}\n{"c": 3}\n')]:
         path.write_bytes(before)
         writer = prepare.Appender(path)
         writer.write({"c": 3})
