@@ -222,13 +222,15 @@ def mbpp_problems(path: str = "") -> dict[str, dict]:
     """The test split, task_ids 11..510: "MBPP/<n>" -> {prompt, tests, reference}."""
     problems, file = {}, mbpp_file(path)
     try:
-        for line in file.read_text(encoding="utf-8-sig").splitlines():  # -sig: a BOM is not the first line's
+        for line in file.read_text(encoding="utf-8-sig").split("\n"):  # -sig: a BOM is not the first line's
+            if not line.strip():
+                continue
             p = json.loads(line)
             if 11 <= p["task_id"] <= 510:
                 tests = "\n".join([p["test_setup_code"], *p["test_list"]]) + "\n"
                 problems[f"MBPP/{p['task_id']}"] = dict(
                     prompt=f'"""\n{p["text"]}\n{p["test_list"][0]}\n"""\n', reference=p["code"], tests=tests)
-    except (ValueError, KeyError, TypeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
         raise UserError(f"{file} is not in mbpp.jsonl's format ({type(e).__name__}: {e})") from None
     if not problems:
         raise UserError(f"{file} holds no problem of MBPP's test split (task_ids 11 to 510)")
@@ -259,13 +261,14 @@ def program(problem: dict, completion: str) -> list[tuple[str, str]]:
 
 # ---------------------------------------------------------------- samples
 
-def read_samples(path: Path, bench: str) -> tuple[list[dict], list[int], list[int]]:
-    """The well-formed samples of a jsonl file, the numbers of the lines that were not, and
-    those of the lines repeating a sample already read (kept once: counted twice, it would
-    weigh twice in pass@k). Each has its sample_index: as written (generate), else its place
-    among its problem's lines (the files of other tools, and ours from before sample_index
-    was written)."""
-    samples, malformed, repeated, seen, keys = [], [], [], Counter(), set()
+def read_samples(path: Path, bench: str) -> tuple[list[dict], list[int], list[int], list[int]]:
+    """The well-formed samples of a jsonl file, the numbers of the lines that were not, of
+    the lines repeating a sample already read (kept once: counted twice, it would weigh twice
+    in pass@k), and of those numbered on. Each has its sample_index: as written (generate),
+    else its place among its problem's lines (the files of other tools, and ours from before
+    sample_index was written); another completion at an index taken (files joined) takes
+    the next free one."""
+    samples, malformed, repeated, renumbered, seen, taken = [], [], [], [], Counter(), {}
     with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM would spoil the first line
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -275,19 +278,24 @@ def read_samples(path: Path, bench: str) -> tuple[list[dict], list[int], list[in
                 if not isinstance(s, dict) or not isinstance(s.get("completion"), str) or \
                         not isinstance(s.get("task_id"), (str, int)) or isinstance(s["task_id"], bool):
                     raise ValueError
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
                 malformed.append(number)
                 continue
-            task_id, index = task_key(s["task_id"], bench), s.get("sample_index")
+            task_id, index, completion = task_key(s["task_id"], bench), s.get("sample_index"), s["completion"]
             if not isinstance(index, int) or isinstance(index, bool) or index < 0:
                 index = seen[task_id]
             seen[task_id] += 1
-            if (task_id, index) in keys:
+            asked = index
+            while taken.get((task_id, index), completion) != completion:
+                index += 1
+            if (task_id, index) in taken:
                 repeated.append(number)
                 continue
-            keys.add((task_id, index))
-            samples.append(dict(task_id=task_id, completion=s["completion"], sample_index=index))
-    return samples, malformed, repeated
+            if index != asked:
+                renumbered.append(number)
+            taken[task_id, index] = completion
+            samples.append(dict(task_id=task_id, completion=completion, sample_index=index))
+    return samples, malformed, repeated, renumbered
 
 
 def check_task_ids(task_ids, known, path: Path, bench: str, advice: str = "") -> None:
@@ -469,11 +477,15 @@ def generate(cfg, problems: dict, known, stop: list[str], out: Path) -> Path:
 
 def weights_stamp(name: str) -> list | None:
     """Size and modification time of each file of the local weights named (None for a hub
-    name): the samples of a checkpoint trained on since are not resumed as its own."""
+    name): the samples of a checkpoint trained on since are not resumed as its own. Of a
+    folder, the files GPT.from_pretrained reads: others there (a README, an --out inside
+    it) change nothing."""
     if not name:
         return None
     path = Path(name)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    read = lambda p: p.suffix == ".safetensors" or p.name in ("config.json", "model.safetensors.index.json")  # noqa: E731
+    files = (sorted(p for p in path.iterdir() if p.is_file() and read(p)) if path.is_dir() else
+             [path] if path.is_file() else [])
     return [[str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns]
             for p in files] or None
 
@@ -575,9 +587,11 @@ def child(job, out, report):
         pass
     for name, value in job["limits"].items():
         which = getattr(resource, name)
+        # CPU time: SIGXCPU at the soft limit (a time-out); the hard one, a second on, kills a
+        # program that ignores it (Linux checks the hard limit first: the same, it kills at once)
+        wanted = (value, value + 1) if name == "RLIMIT_CPU" else (value, value)
         hard = resource.getrlimit(which)[1]
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(which, (value, value))
+        resource.setrlimit(which, wanted if hard == resource.RLIM_INFINITY else tuple(min(v, hard) for v in wanted))
     libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid programs grant nothing
     if uid is not None:
         try:
@@ -1168,8 +1182,8 @@ def generate_and_score(cfg, ks: list[int], out: Path, every: dict, problems: dic
     samples_path = Path(cfg.samples) if cfg.samples else generated_here
     if cfg.samples and not samples_path.is_file():
         raise UserError(f"no samples file at {samples_path}")
-    try:  # what the results here were scored from, if there are any
-        scored_here = [Path(json.loads((out / "summary.json").read_text())["samples_file"])]
+    try:  # what the results here were scored from, if there are any (a path from out, or absolute)
+        scored_here = [out / json.loads((out / "summary.json").read_text())["samples_file"]]
     except (OSError, ValueError, KeyError, TypeError):
         scored_here = []
     others = scored_here + ([generated_here] if cfg.samples and generated_here.exists() else [])
@@ -1179,12 +1193,16 @@ def generate_and_score(cfg, ks: list[int], out: Path, every: dict, problems: dic
     if not cfg.samples:
         samples_path = generate(cfg, problems, every, stop, out)
         seconds["generation"] = time.time() - t0
-    samples, malformed, repeated = read_samples(samples_path, cfg.bench)
+    samples, malformed, repeated, renumbered = read_samples(samples_path, cfg.bench)
     if malformed:
         print(f"warning: skipped {counted_lines(malformed, 'malformed')} of {samples_path}", file=sys.stderr)
     if repeated:
         print(f"warning: skipped {counted_lines(repeated, 'repeated')} of {samples_path}: each has the "
-              f"task_id and sample_index of a line before it", file=sys.stderr)
+              f"task_id, sample_index and completion of a line before it", file=sys.stderr)
+    if renumbered:
+        print(f"note: numbered on {counted_lines(renumbered, 'clashing')} of {samples_path}: each has the "
+              f"task_id and sample_index of another completion before it (files joined?), and takes the next "
+              f"free sample_index", file=sys.stderr)
     check_task_ids((s["task_id"] for s in samples), every, samples_path, cfg.bench)
     samples = [s for s in samples if s["task_id"] in problems]
     if not cfg.samples and any(s["sample_index"] >= cfg.n_samples for s in samples):
@@ -1210,7 +1228,9 @@ def generate_and_score(cfg, ks: list[int], out: Path, every: dict, problems: dic
         print(f"warning: no pass@{', pass@'.join(map(str, missing))}: a problem has fewer samples than that "
               f"(--n_samples)", file=sys.stderr)
     summary = dict(bench=cfg.bench, **summary, malformed_lines=len(malformed), seconds=seconds,
-                   workers=workers, timeout=cfg.timeout, sandbox=described, samples_file=str(samples_path.resolve()))
+                   workers=workers, timeout=cfg.timeout, sandbox=described,
+                   # from out: a folder moved (with the samples, if they are elsewhere) still knows them
+                   samples_file=os.path.relpath(samples_path.resolve(), out.resolve()))
     # each file whole or not at all, and no summary beside results it does not describe
     (out / "summary.json").unlink(missing_ok=True)
     write_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results).encode())

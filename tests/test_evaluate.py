@@ -227,6 +227,26 @@ def test_outcomes_and_their_details(sandbox):
     assert results["mb printed"] == "failed: ValueError: a\\nb"
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="threads outrun the clock on two cores or more")
+def test_cpu_time_running_out_is_a_time_out():
+    """The CPU limit's soft and hard values were one: Linux kills at the hard limit with
+    SIGKILL before it sends SIGXCPU, so threads out of CPU time were said to crash."""
+    burn = ("import hashlib, threading\n"  # hashlib lets go of the GIL: four threads, every core busy
+            "data = bytes(1 << 24)\n"
+            "def spin():\n"
+            "    while True:\n"
+            "        hashlib.sha256(data).digest()\n"
+            "threads = [threading.Thread(target=spin) for _ in range(4)]\n"
+            "for t in threads:\n"
+            "    t.start()\n"
+            "for t in threads:\n"
+            "    t.join()\n")
+    with evaluate.Sandbox(workers=1, timeout=4.0, memory_mb=512) as box:  # CPU time: 5 s, the clock's 4 s
+        t0 = time.time()
+        assert box.run([("<completion>", GOOD + burn), ("<tests>", TESTS)]) == "timed out"
+        assert time.time() - t0 < 4.0  # the CPU limit, not the clock's
+
+
 EARLY_EXITS = {  # each after a correct f: none may pass, as the tests never run
     "sys.exit(0)": "import sys\nsys.exit(0)\n",
     "exit()": "exit()\n",
@@ -446,13 +466,15 @@ def test_folders_of_runs_killed_outright_go_at_the_next_start(tmp_path, monkeypa
 
 
 def test_programs_run_under_limits_they_cannot_raise(sandbox):
-    """Every limit a program sees, soft and hard alike (a soft limit alone it could raise),
+    """Every limit a program sees, soft and hard alike (a soft limit alone it could raise; CPU
+    time's hard limit is a second on, to kill a program that ignores SIGXCPU at the soft one),
     and the rest of its process: first to go when memory runs out, no setuid gains, a session of its own."""
     limits = dict(AS=512 << 20, CPU=3, FSIZE=64 << 20, NOFILE=256, CORE=0,  # the fixture's, timeout 2 s
                   NPROC=64 if os.geteuid() == 0 else None)  # not root: the user's processes plus 64 a worker
     code = GOOD + ("import os, resource\n"
                    f"for name, value in {limits!r}.items():\n"
                    "    soft, hard = resource.getrlimit(getattr(resource, 'RLIMIT_' + name))\n"
+                   "    hard -= name == 'CPU'\n"
                    "    assert soft == hard != resource.RLIM_INFINITY and value in (None, hard), (name, soft, hard)\n"
                    "try:\n    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)\n"
                    "    raise AssertionError('raised')\nexcept ValueError:\n    pass\n"
@@ -658,6 +680,28 @@ def nano_checkpoint(path: Path) -> Path:
     model = GPT(PRESETS["nano"])
     torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config)}, path)
     return path
+
+
+def test_an_out_folder_moved_or_inside_the_weights_folder_goes_on(tmp_path, capsys):
+    """The summary named its samples by their absolute path, so a moved folder refused its
+    own; and the weights' stamp took in every file under the --init_from folder, --out's too,
+    so the same command could not run twice."""
+    torch.manual_seed(0)
+    weights = tmp_path / "phi"
+    GPT(PRESETS["nano"]).save_pretrained(weights)
+    args = [f"--init_from={weights}", "--limit=2", "--max_new_tokens=4", "--workers=1"]
+    for _ in range(2):
+        evaluate.main(args + [f"--out={weights / 'eval'}"])
+    assert "the samples are already in" in capsys.readouterr().out
+    shutil.move(weights / "eval", tmp_path / "moved")
+    evaluate.main(args + [f"--out={tmp_path / 'moved'}"])
+    (tmp_path / "a").mkdir()
+    samples = shutil.copy(tmp_path / "moved" / "samples.jsonl", tmp_path / "a" / "s.jsonl")
+    evaluate.main([f"--samples={samples}", "--limit=2", f"--out={tmp_path / 'a' / 'out'}"])
+    shutil.move(tmp_path / "a", tmp_path / "b")  # the samples and their results together
+    evaluate.main([f"--samples={tmp_path / 'b' / 's.jsonl'}", "--limit=2", f"--out={tmp_path / 'b' / 'out'}"])
+    with pytest.raises(UserError, match="holds the results of other samples"):
+        evaluate.main([f"--samples={tmp_path / 'b' / 's.jsonl'}", "--limit=2", f"--out={tmp_path / 'moved'}"])
 
 
 def test_generation_streams_samples_and_resumes(tmp_path, monkeypatch, capsys):
@@ -1017,20 +1061,37 @@ def test_a_named_k_larger_than_the_samples_warns_in_any_order_the_default_does_n
         assert warned == bool(named), named
 
 
-def test_a_repeated_sample_is_scored_once(tmp_path, capsys):
+def test_a_repeated_sample_is_scored_once_and_joined_files_keep_every_sample(tmp_path, capsys):
+    """A second completion with the index of another (two runs' files joined) was dropped
+    as a repeat: its problem lost a sample."""
     first = dict(task_id="HumanEval/0", sample_index=0, completion="    return 1\n")
-    rows = [first, dict(task_id="HumanEval/0", sample_index=1, completion=""), first]  # a line pasted twice
+    rows = [first, dict(task_id="HumanEval/0", sample_index=1, completion=""), first,  # a line pasted twice
+            dict(task_id="HumanEval/0", sample_index=0, completion="    return 2\n")]  # another run's
+    samples = write_jsonl(tmp_path / "s.jsonl", rows)
+    with samples.open("a") as f:
+        f.write("[" * 100_000 + "\n")  # nested past what json parses
     summary = evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[
-        f"--samples={write_jsonl(tmp_path / 's.jsonl', rows)}", "--limit=1", f"--out={tmp_path / 'out'}"])[0])
-    assert summary["samples"] == 2 and len(read_jsonl(tmp_path / "out" / "results.jsonl")) == 2
-    assert "skipped 1 repeated line (line 3) of" in capsys.readouterr().err
+        f"--samples={samples}", "--limit=1", f"--out={tmp_path / 'out'}"])[0])
+    results = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert summary["samples"] == 3 and [r["completion"] for r in results] == ["    return 1\n", "", "    return 2\n"]
+    err = capsys.readouterr().err
+    assert "skipped 1 repeated line (line 3) of" in err and "skipped 1 malformed line (line 5)" in err
+    assert "numbered on 1 clashing line (line 4) of" in err
+
+
+def test_an_mbpp_file_may_hold_blank_lines_and_line_separators_in_its_text(tmp_path):
+    mbpp = tmp_path / "mbpp.jsonl"
+    mbpp.write_text("\n" + json.dumps(dict(task_id=11, text="One\u2028two.", code="def f():\n    return 1\n",
+                                           test_list=["assert f() == 1"], test_setup_code=""), ensure_ascii=False)
+                    + "\n\n", encoding="utf-8")
+    assert evaluate.mbpp_problems(str(mbpp))["MBPP/11"]["prompt"].startswith('"""\nOne\u2028two.\n')
 
 
 def test_a_byte_order_mark_does_not_cost_the_first_line(tmp_path):
     rows = [dict(task_id="HumanEval/0", completion=""), dict(task_id="HumanEval/1", completion="x = 1\n")]
     samples = tmp_path / "s.jsonl"  # as Windows tools write UTF-8
     samples.write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    assert evaluate.read_samples(samples, "humaneval") == ([{**r, "sample_index": 0} for r in rows], [], [])
+    assert evaluate.read_samples(samples, "humaneval") == ([{**r, "sample_index": 0} for r in rows], [], [], [])
     mbpp = tmp_path / "mbpp.jsonl"
     mbpp.write_text("\ufeff" + json.dumps(dict(task_id=11, text="One.", code="def f():\n    return 1\n",
                                                 test_list=["assert f() == 1"], test_setup_code="")) + "\n",
@@ -1272,6 +1333,7 @@ def test_mbpp_task_ids_name_the_same_problem_however_written():
     assert [evaluate.task_key(t, "mbpp") for t in others] == others
 
 
+@NEEDS_MBPP
 def test_samples_of_another_benchmark_are_unknown_ids_not_its_problems_of_the_same_number(tmp_path):
     samples = tmp_path / "he.jsonl"
     samples.write_text("".join(json.dumps(dict(task_id=f"HumanEval/{i}", completion="    pass\n")) + "\n"
