@@ -21,6 +21,7 @@ its comment. Mistakes end with one line on stderr and exit status 2, through
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import inspect
 import math
@@ -28,6 +29,7 @@ import os
 import re
 import signal
 import sys
+import time
 from types import SimpleNamespace
 
 
@@ -53,6 +55,23 @@ def run(main) -> None:
 def report(e: UserError) -> None:
     """The one line a user mistake prints."""
     print(f"error: {e}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def alike_on_every_process():
+    """Wraps checks that fail alike on every process torchrun starts (the command line):
+    process 0 alone says why. The others wait for torchrun to stop them as process 0 exits
+    (one exiting first could have process 0 stopped before it said anything); without
+    torchrun (RANK set by another launcher), each says it after a minute."""
+    try:
+        yield
+    except UserError:
+        if int(os.environ.get("RANK") or 0) > 0:
+            try:
+                time.sleep(60)
+            except KeyboardInterrupt:  # torchrun's SIGTERM, in a script that makes it one
+                sys.exit(2)
+        raise
 
 
 def require(*checks: tuple[object, str]) -> None:
@@ -171,13 +190,18 @@ def subcommand(args: list[str], choices: tuple[str, ...]) -> str:
         return args[0]
     what = (f"unknown subcommand {args[0]!r}" if args and args[0] not in choices else
             f"unexpected argument {args[1]!r}" if args else "no subcommand")
-    raise UserError(f"{what}: say {', '.join(choices[:-1])} or {choices[-1]} (see --help)")
+    with alike_on_every_process():
+        raise UserError(f"{what}: say {', '.join(choices[:-1])} or {choices[-1]} (see --help)")
 
 
 def parse_args(defaults: dict, doc: str | None = None,
                argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
     """Overrides from argv applied to a copy of defaults; returns (config, positionals)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    with alike_on_every_process():
+        return _parse_args(defaults, doc, sys.argv[1:] if argv is None else list(argv))
+
+
+def _parse_args(defaults: dict, doc: str | None, argv: list[str]) -> tuple[SimpleNamespace, list[str]]:
     cfg = dict(defaults)
     positionals: list[str] = []
     i = 0
@@ -216,5 +240,6 @@ def parse_settings(defaults: dict, doc: str | None = None, argv: list[str] | Non
     one (a forgotten --, a stray word) is a mistake, not something to ignore."""
     cfg, positionals = parse_args(defaults, doc, argv)
     if positionals:
-        raise UserError(f"unexpected argument {positionals[0]!r} (settings are --key=value, see --help)")
+        with alike_on_every_process():
+            raise UserError(f"unexpected argument {positionals[0]!r} (settings are --key=value, see --help)")
     return cfg

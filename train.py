@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
-from config import UserError, parse_settings, report, require, run
+from config import UserError, alike_on_every_process, parse_settings, report, require, run
 from data.prepare import cannot_write, check_writable, ensure_prepared, read_meta, run_lock
 from model import (GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, load_for_tokens, pick_device,
                    pick_dtype)
@@ -103,7 +103,8 @@ _validating = False  # while process 0 validates (and scores): a signal stops th
 
 def setup_processes(name: str):
     """(rank, world size, device): torchrun's environment means DDP, NCCL on GPUs, gloo on CPUs."""
-    device = pick_device(name)
+    with alike_on_every_process():  # (before the processes can talk)
+        device = pick_device(name)
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -689,14 +690,36 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     first_bad = torch.tensor(cfg.max_iters + 1, device=device)  # first step with a non-finite loss
-    # Under DDP a signal may reach one process, or each at another step, and all must stop
-    # at the same step. Every step the processes reduce their flags on the device, and each
-    # reads the reduction of the step before from pinned memory behind an event: all read
-    # the same value at the same step, and the wait is for work the GPU has finished (the
-    # host runs a step ahead), so it stalls nothing. (Log and checkpoint steps wait for the
-    # step's own reduction.)
-    lagged = [torch.zeros(2, dtype=torch.int64, pin_memory=device.type == "cuda") for _ in range(2)]
+    # Under DDP a signal may reach one process, or each at another step, a loss turn inf on
+    # one, or a mistake (said_together) stop one, and all must stop at the same step. Every
+    # step the processes reduce their flags (first bad step, signal, first failed process)
+    # on the device, and each reads the reduction of the step before from pinned memory
+    # behind an event: all read the same value at the same step, and the wait is for work
+    # the GPU has finished (the host runs a step ahead), so it stalls nothing. (Log and
+    # checkpoint steps wait for the step's own reduction.)
+    lagged = [torch.zeros(3, dtype=torch.int64, pin_memory=device.type == "cuda") for _ in range(2)]
     events = [torch.cuda.Event() for _ in range(2)] if device.type == "cuda" else None
+
+    failure = None  # under DDP, a UserError of this process: said once every process stops (see flags)
+
+    @contextlib.contextmanager
+    def said_together():
+        """A UserError here stops one process at once; under DDP it is kept, and every
+        process stops at the step where the flags say so, the first that failed saying why
+        (a process that exits alone leaves the others in a collective, to fail noisily)."""
+        nonlocal failure
+        try:
+            yield
+        except UserError as e:
+            if world == 1:
+                raise
+            failure = failure or e
+
+    def stop_if_failed() -> None:
+        """Every process stops here, with status 2, if one has a failure kept by said_together."""
+        with together(world, device):
+            if failure:
+                raise failure
 
     def micro_batch(j: int) -> range:
         """The rows of a step that its j-th micro-batch holds. Process r's micro-step m reads
@@ -738,7 +761,8 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                         best=best, best_by=best_by, score_due=score_due, scored=scored, origin=origin,
                         total_batch=total)
 
-    x, y = to_device(data.batch("train", cfg.seed, start_step, micro_batch(rank)), device)
+    with together(world, device):  # the first batch's data checked: a mistake is one line
+        x, y = to_device(data.batch("train", cfg.seed, start_step, micro_batch(rank)), device)
     t_last, step_last = time.time(), start_step
     model.train()
     step = start_step
@@ -753,7 +777,10 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                 step % cfg.eval_interval == 0 and not (evaluated and step == start_step)
                 or score_due and step == start_step):
             t_eval = time.time()
-            if not validate(step) and world == 1:  # stopped by a signal: no step more (DDP: the next, together)
+            validated = False
+            with said_together():  # (bad val data, a full disk: process 0's alone under DDP)
+                validated = validate(step)
+            if not validated and world == 1:  # stopped by a signal: no step more (DDP: the next, together)
                 if saved_step != step:
                     save(step, score_due=score is not None)
                     print(f"saved {ckpt_path} at step {step}", flush=True)
@@ -780,7 +807,8 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                 _, loss = model(x, y)
                 loss = loss * weight / accum
             nxt = (step, j + world) if micro + 1 < accum else (step + 1, rank)
-            x, y = to_device(data.batch("train", cfg.seed, nxt[0], micro_batch(nxt[1])), device)
+            with said_together():  # (failed, the last batch trains again until every process stops, unsaved)
+                x, y = to_device(data.batch("train", cfg.seed, nxt[0], micro_batch(nxt[1])), device)
             scaler.scale(loss).backward()
             step_loss += loss.detach()
         # remembered on the device, read at the next log line: no host sync in the step
@@ -799,9 +827,10 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
 
         last = step == end
         checkpoint = cfg.checkpoint_interval > 0 and (last or step % cfg.checkpoint_interval == 0)
-        agreed = False  # under DDP: did the step before end with a signal or a bad loss somewhere?
+        agreed = False  # under DDP: did the step before end with a signal, a bad loss or a failure somewhere?
         if world > 1:
-            flags = torch.stack([first_bad, first_bad.new_full((), -(_stop_signal or 0))])
+            flags = torch.stack([first_bad, first_bad.new_full((), -(_stop_signal or 0)),
+                                 first_bad.new_full((), rank if failure else world)])
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
             lagged[step % 2].copy_(flags, non_blocking=True)
             if events:
@@ -809,20 +838,23 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             if step >= start_step + 2:
                 if events:
                     events[(step - 1) % 2].synchronize()
-                bad, stop = lagged[(step - 1) % 2].tolist()
-                agreed = bad <= cfg.max_iters or stop != 0
+                bad, stop, failed = lagged[(step - 1) % 2].tolist()
+                agreed = bad <= cfg.max_iters or stop != 0 or failed < world
         # one process stops right after a signal, processes under DDP one step later
         if step % cfg.log_interval == 0 or last or checkpoint or (world == 1 and _stop_signal) or agreed:
             if world > 1:  # this step's reduction, on its way already: every process stops together
                 if events:
                     events[step % 2].synchronize()
-                bad, stop = lagged[step % 2].tolist()
+                bad, stop, failed = lagged[step % 2].tolist()
                 stop = -stop  # reduced as minus the signal: MIN finds any
             else:
-                bad, stop = int(first_bad), _stop_signal or 0
+                bad, stop, failed = int(first_bad), _stop_signal or 0, world
+            if failed < world:
+                stop_if_failed()
             if bad <= cfg.max_iters:
-                raise UserError(f"the loss became inf or nan at step {bad + 1}: training diverged "
-                                f"(lower --learning_rate, or resume from the last checkpoint)")
+                with together(world, device):  # every process knows: one says it
+                    raise UserError(f"the loss became inf or nan at step {bad + 1}: training diverged "
+                                    f"(lower --learning_rate, or resume from the last checkpoint)")
             if world > 1 and (step % cfg.log_interval == 0 or last):
                 # the step's loss over every process (each holds its share of the mean times world)
                 dist.all_reduce(step_loss)
@@ -840,12 +872,15 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             if stop or checkpoint:
                 if master:
                     t_save = time.time()
-                    save(step, score_due=last and score is not None and cfg.eval_interval > 0)
-                    print(f"saved {ckpt_path} at step {step}", flush=True)
+                    with said_together():  # (a stop says it below, a checkpoint at the next step's flags)
+                        save(step, score_due=last and score is not None and cfg.eval_interval > 0)
+                        print(f"saved {ckpt_path} at step {step}", flush=True)
                     t_last += time.time() - t_save  # as for evaluation: tokens/s counts training time only
                 if stop:
+                    stop_if_failed()
                     stop_run(stop)
 
+    stop_if_failed()  # in the last step's save (or its batch for the step after)
     # training is over: a signal from now on stops the final evaluation and sample at once
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.default_int_handler)

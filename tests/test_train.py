@@ -358,6 +358,55 @@ def test_a_mistake_under_torchrun_is_one_line_from_one_process(tmp_path):
                     f"that torch.save wrote)"], result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("fail, more, said", [
+    ("batch 0", [], r"a bad batch at step 0 on process 1"),
+    ("batch 3", [], r"a bad batch at step 3 on process 1"),  # in the loop: process 0 waits in an all-reduce
+    ("val", ["--eval_interval=2"], r"a bad val batch at step 0"),  # process 0 validates alone
+    ("save", ["--checkpoint_interval=2"], r"cannot write .*ckpt\.pt: no space left"),  # process 0 saves alone
+    ("", ["--learning_rate=1e25", "--grad_clip=0"], r"the loss became inf or nan at step \d+: training diverged .*"),
+    ("", ["--lr=1"], r"unknown setting --lr \(did you mean --learning_rate\?\)"),
+])
+def test_a_failure_of_one_process_is_one_line_and_stops_them_all(tmp_path, fail, more, said):
+    """A UserError of one process in the training loop (bad data, a full disk) left the
+    others in a collective, to print the broken connection's traceback; a mistake that every
+    process makes (the command line, a diverged loss) was said once per process."""
+    data = make_dataset(tmp_path / "ds")
+    script = tmp_path / "failing.py"
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import train
+from config import UserError, run
+
+fail, rank = os.environ["PHI1_TEST_FAIL"], os.environ["RANK"]
+real_batch, real_save = train.Mixture.batch, train.save_checkpoint
+
+def batch(self, split, seed, step, rows, only=None):
+    if fail == f"batch {{step}}" and split == "train" and rank == "1":
+        raise UserError(f"a bad batch at step {{step}} on process 1")
+    if fail == "val" and split == "val":
+        raise UserError(f"a bad val batch at step {{step}}")
+    return real_batch(self, split, seed, step, rows, only=only)
+
+def save_checkpoint(path, *args, **kwargs):
+    if fail == "save":
+        raise UserError(f"cannot write {{path}}: no space left")
+    return real_save(path, *args, **kwargs)
+
+train.Mixture.batch, train.save_checkpoint = batch, save_checkpoint
+run(train.main)
+""")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         f"--data={data}", "--preset=nano", "--batch_size=2", "--max_iters=8", "--warmup_iters=1",
+         "--log_interval=1000", "--checkpoint_interval=1000", "--eval_interval=0", "--eval_iters=1",
+         "--sample_tokens=0", f"--out_dir={tmp_path / 'out'}", *more],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PHI1_TEST_FAIL": fail})
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
+    assert len(ours) == 1 and re.fullmatch(f"error: {said}", ours[0]), result.stderr[-3000:]
+
+
 def test_gradient_accumulation_averages_micro_steps(tmp_path, capsys):
     # The same batch twice in 2 micro-steps is the same gradient and loss as once in 1.
     data = str(make_dataset(tmp_path / "ds"))
