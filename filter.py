@@ -122,7 +122,7 @@ from tqdm import tqdm
 
 import llm
 from config import UserError, parse_args, run, subcommand
-from data.prepare import Appender, check_writable, expand, read_jsonl, run_lock, write_atomic
+from data.prepare import Appender, check_writable, expand, read_jsonl, run_lock, worker_signals, write_atomic
 
 DEFAULTS = dict(
     corpus="",  # input JSONL(s): annotate draws from it, embed embeds it (default --labels), apply filters it, ...
@@ -812,7 +812,7 @@ class RandomForest:
         jobs = min(len(groups), len(os.sched_getaffinity(0)) if self.n_jobs in (-1, None) else self.n_jobs)
         trees, pool = [], None
         try:
-            pool = multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else None
+            pool = multiprocessing.get_context("fork").Pool(jobs, worker_signals) if jobs > 1 else None
             with tqdm(total=self.n_trees, desc="growing trees", disable=not self.progress) as bar:
                 for grown in (pool.imap(grow_trees, groups) if pool else map(grow_trees, groups)):
                     trees += grown
@@ -1717,7 +1717,7 @@ def decontaminate(cfg) -> dict:
     docs = ((doc_id, text) for _, doc_id, text, _ in documents(files, skipped))
     jobs, pool = cfg.workers or len(os.sched_getaffinity(0)), None
     try:
-        pool = multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else None
+        pool = multiprocessing.get_context("fork").Pool(jobs, worker_signals) if jobs > 1 else None
         found = pool.imap(compare_document, docs, chunksize=16) if pool else map(compare_document, docs)
         for doc_id, ok, shared, close in tqdm(found, desc="comparing", unit=" docs"):
             ids.append(doc_id)

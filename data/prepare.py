@@ -672,9 +672,13 @@ def give_up(out: Path, part_dir: Path) -> None:
 # ---------------------------------------------------------------- pipeline
 
 def worker_signals() -> None:
-    """A tokenizer process leaves Ctrl-C to prepare, which stops it, so none prints a
-    traceback; the SIGTERM that stops it kills it, not the KeyboardInterrupt of the
-    handler it inherits from prepare's __main__."""
+    """The start of a Pool's worker process (prepare's tokenizers, filter.py's). It is in a
+    process group of its own: Ctrl-C, or the SIGTERM a scheduler sends the job's group,
+    reaches the main process alone, which stops the pool (a worker killed while it held
+    the pool's queue lock could hang that for good). The SIGTERM that stops it kills it,
+    not the KeyboardInterrupt of the handler a script's __main__ set, and SIGINT is
+    ignored, so no worker prints a traceback."""
+    os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -753,6 +754,31 @@ def fake_embeddings(tmp_path: Path, scores: list[int]) -> list[str]:
     emb.with_suffix(".json").write_text(json.dumps(dict(format=filter.EMBEDDINGS_FORMAT, count=len(ids), dim=4,
                                                         ids=ids, source={})))
     return [f"--labels={labels}", f"--embeddings={emb}", "--n_trees=3", "--workers=1"]
+
+
+def test_worker_processes_end_silently_and_a_signal_to_the_group_stops_the_run(tmp_path):
+    """Workers took the KeyboardInterrupt handler of filter.py's __main__: the pool's end
+    (terminate: SIGTERM) printed a traceback of each, and a SIGTERM to the whole group now
+    and then killed one holding the pool's lock, which hung the run for good."""
+    train = ["train", *fake_embeddings(tmp_path, [1, 9] * 20)[:-1], f"--forest={tmp_path / 'f.npz'}", "--workers=2"]
+    many = corpus(tmp_path / "many.jsonl", 100_000, seed=5)  # seconds of comparing
+    decontaminate = ["decontaminate", "--bench=humaneval", "--workers=2", f"--report={tmp_path / 'r.json'}"]
+    for command in (train, decontaminate + [f"--corpus={corpus(tmp_path / 'few.jsonl', 40, seed=5)}"]):
+        result = subprocess.run([sys.executable, "filter.py", *command], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "filter.py", *decontaminate, f"--corpus={many}"], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.time() + 60
+    while proc.poll() is None and len(children.read_text().split()) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    workers = children.read_text().split()
+    time.sleep(0.3)  # past their start: what is tested is a stop while they work
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler or timeout does: the parent and its workers
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and stderr.endswith("\ninterrupted\n") and "Traceback" not in stderr, stderr[-3000:]
+    assert len(workers) == 2 and not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
 
 
 def test_train_holds_out_both_classes_or_nothing(tmp_path, capsys):
