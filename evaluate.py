@@ -204,10 +204,11 @@ def mbpp_file(path: str = "", warn: bool = True) -> Path:
         r = requests.get(MBPP_URL, timeout=60)
         r.raise_for_status()
     except requests.RequestException as e:
-        raise UserError(f"cannot download MBPP ({e}); pass --data=PATH to a copy of mbpp.jsonl") from None
+        raise UserError(f"cannot download MBPP ({e}); give the path of a copy of mbpp.jsonl: --data=PATH "
+                        f"(filter.py: --mbpp=PATH), or PHI1_MBPP=PATH") from None
     if hashlib.sha256(r.content).hexdigest() != MBPP_SHA256:
         raise UserError(f"{MBPP_URL} has changed (sha256 differs from {MBPP_SHA256}); "
-                        f"pass --data=PATH to the canonical mbpp.jsonl")
+                        f"give the path of the canonical mbpp.jsonl: --data=PATH (filter.py: --mbpp=PATH)")
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.with_suffix(".part").write_bytes(r.content)
     os.replace(cached.with_suffix(".part"), cached)
@@ -478,16 +479,11 @@ def generate(cfg, problems: dict, known, stop: list[str], out: Path) -> Path:
 def weights_stamp(name: str) -> list | None:
     """Size and modification time of each file of the local weights named (None for a hub
     name): the samples of a checkpoint trained on since are not resumed as its own. Of a
-    folder, the files GPT.from_pretrained reads: others there (a README, an --out inside
-    it) change nothing."""
+    folder, the files of the model (model.weight_files): an --out inside it changes nothing."""
+    from model import weight_files
     if not name:
         return None
-    path = Path(name)
-    read = lambda p: p.suffix == ".safetensors" or p.name in ("config.json", "model.safetensors.index.json")  # noqa: E731
-    files = (sorted(p for p in path.iterdir() if p.is_file() and read(p)) if path.is_dir() else
-             [path] if path.is_file() else [])
-    return [[str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns]
-            for p in files] or None
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weight_files(Path(name))] or None
 
 
 def changed_settings(recorded, current: dict) -> list[str]:

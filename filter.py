@@ -122,7 +122,8 @@ from tqdm import tqdm
 
 import llm
 from config import UserError, parse_args, run, subcommand
-from data.prepare import Appender, check_writable, expand, read_jsonl, run_lock, worker_signals, write_atomic
+from data.prepare import (Appender, cannot_write, check_writable, expand, read_jsonl, run_lock, worker_signals,
+                          write_atomic)
 
 DEFAULTS = dict(
     corpus="",  # input JSONL(s): annotate draws from it, embed embeds it (default --labels), apply filters it, ...
@@ -274,10 +275,10 @@ def files_identity(files: list[Path]) -> list:
 
 
 def content_identity(name: str) -> list:
-    """What a model or file named name stands for: the name, and the contents of its local files."""
-    path = Path(name)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
-    return [name] + [[p.name, digest(p)] for p in files]
+    """What a model or file named name stands for: the name, and the contents of its local
+    files (of a folder, the model's: an output put inside it is not)."""
+    from model import weight_files
+    return [name] + [[p.name, digest(p)] for p in weight_files(Path(name))]
 
 
 def digest(path: Path) -> str:
@@ -1176,9 +1177,9 @@ def read_scores(path: Path) -> dict[str, int]:
     is left out, with a warning: embed takes one of the texts, the score may be the other's."""
     if not path.is_file():
         raise UserError(f"no annotations at {path} (filter.py annotate writes them)")
-    scores, texts, mixed = {}, {}, set()
-    for r in read_jsonl(path):
-        doc_id, text = str(r.get("id")), hash(str(r.get("text")))
+    scores, texts, mixed, where = {}, {}, set(), path.resolve()
+    for number, r in read_jsonl(path, numbered=True):
+        doc_id, text = document_id(r, where, number), hash(str(r.get("text")))  # as embed names it
         if texts.setdefault(doc_id, text) != text:
             mixed.add(doc_id)
         if isinstance(r.get("score"), (int, float)) and not isinstance(r.get("score"), bool):
@@ -1256,7 +1257,10 @@ def train(cfg) -> RandomForest:
         report["held_out"] = metrics(y[held], proba)
         print("held out: " + ", ".join(f"{k} {v:.4f}" for k, v in report["held_out"].items()))
     forest.info = dict(embedding=meta["source"], min_score=cfg.min_score, labels=cfg.labels, report=report)
-    forest.save(cfg.forest)
+    try:
+        forest.save(cfg.forest)
+    except OSError as e:  # a full disk, after the fit
+        raise cannot_write(Path(cfg.forest), e) from None
     print(f"forest: {cfg.forest}")
     return forest
 
@@ -1687,7 +1691,7 @@ def decontaminate(cfg) -> dict:
     if not benches:
         raise UserError("--bench is needed: humaneval, mbpp or both, comma-separated")
     files = corpus_files(cfg.corpus)
-    results = [Path(p) for p in cfg.results.split(",") if p.strip()]
+    results = [Path(p.strip()) for p in cfg.results.split(",") if p.strip()]
     for path in results:
         if not path.is_file():
             raise UserError(f"no results file at {path}")
@@ -1703,17 +1707,27 @@ def decontaminate(cfg) -> dict:
     model = load_embedder(cfg, cfg.ckpt, start_processes(cfg)[2]) if cfg.ckpt else None
     check_writable(*outputs.values())
     trees = [code_tree(problems[t]) for t in tasks]
+    if broken := [t for t, tree in zip(tasks, trees) if tree is None]:  # a user's --mbpp, say
+        print(f"note: the prompt and reference of {len(broken)} problems do not parse ({', '.join(broken[:3])}"
+              f"{' ...' if len(broken) > 3 else ''}): they are compared by 13-grams only", file=sys.stderr)
     grams = {}
     for p, task in enumerate(tasks):
         for g in ngrams(problems[task]):
             grams.setdefault(g, set()).add(p)
-    counts = np.stack([np.bincount(tree[0], minlength=len(_LABELS)) for tree in trees])  # problem x label
+    counts = np.stack([np.bincount(tree[0] if tree else [], minlength=len(_LABELS))  # problem x label (none:
+                       for tree in trees])  # its tau bound is 0, never compared)
     _WORK.update(grams=grams, trees=trees, counts=counts, min_tau=cfg.min_tau)
 
     ids, doc_tau, parsed, overlapping = [], [], 0, 0
     ngram_docs, ngram_example = Counter(), {}
     best = {p: (0.0, None) for p in range(len(tasks))}
     skipped = Counter()
+    identity = files_identity(files)  # a corpus rewritten while compared is not reported on, nor pruned
+
+    def check_unchanged() -> None:
+        if files_identity(files) != identity:
+            raise UserError(f"{', '.join(map(str, files))} changed while it was compared: rerun")
+
     docs = ((doc_id, text) for _, doc_id, text, _ in documents(files, skipped))
     jobs, pool = cfg.workers or len(os.sched_getaffinity(0)), None
     try:
@@ -1761,13 +1775,21 @@ def decontaminate(cfg) -> dict:
                     if not doc_tau[i] >= cfg.prune_tau:  # NaN (no close problem) is kept
                         f.write(json.dumps(record, ensure_ascii=False) + "\n")
                         kept += 1
-        except BaseException:
+        except BaseException as e:
             partial.unlink(missing_ok=True)
+            if isinstance(e, OSError):  # a full disk, after hours of comparing
+                raise cannot_write(out, e) from None
+            raise
+        try:
+            check_unchanged()  # (rewritten with the same ids: read_again would pair results with other texts)
+        except UserError:
+            partial.unlink()
             raise
         os.replace(partial, out)
         report["pruned"] = dict(tau=cfg.prune_tau, kept=kept, removed=len(ids) - kept, file=str(out))
         print(f"pruned: {len(ids) - kept} of {len(ids)} documents have tau >= {cfg.prune_tau} with some problem; "
               f"the other {kept} are in {out}")
+    check_unchanged()
     write_atomic(report_path, (json.dumps(report, indent=2) + "\n").encode())
     print(f"{len(ids)} documents ({parsed} hold Python that parses) against {len(tasks)} problems of {cfg.bench}: "
           f"{overlapping} share a 13-gram with one; by AST match rate, documents / problems at tau >= "

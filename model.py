@@ -569,6 +569,17 @@ def _read_json(path: Path):
         raise ValueError(f"{path} is not JSON ({e})") from None
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The local files whose contents a model named path stands for (to tell when it
+    changed): the file itself, or of a folder what from_pretrained may read, its
+    config.json, safetensors index and .safetensors files (others there, such as an
+    output folder put inside it, are not the model). [] for what is not here (a hub id)."""
+    if path.is_file():
+        return [path]
+    weights = lambda p: p.suffix == ".safetensors" or p.name in ("config.json", "model.safetensors.index.json")  # noqa: E731
+    return sorted(p for p in path.iterdir() if p.is_file() and weights(p)) if path.is_dir() else []
+
+
 def _shard_files(index: Path) -> list[Path]:
     """The shard files a model.safetensors.index.json names, each a file of its folder."""
     content = _read_json(index)

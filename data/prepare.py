@@ -467,9 +467,10 @@ def start(out: Path, fp: str) -> Path:
 # ---------------------------------------------------------------- JSONL files that grow
 # (synth.py, filter.py and evaluate.py append records as they come, and resume after a kill)
 
-def read_jsonl(path: Path):
-    """The records of a JSONL file, one by one. A last line torn by a kill is left out
-    (Appender cuts it off); any other line that is not a JSON object is an error."""
+def read_jsonl(path: Path, numbered: bool = False):
+    """The records of a JSONL file, one by one (numbered: with their line numbers). A last
+    line torn by a kill is left out (Appender cuts it off); any other line that is not a
+    JSON object is an error."""
     if not path.exists():
         return
     try:
@@ -485,7 +486,7 @@ def read_jsonl(path: Path):
                     if not line.endswith(b"\n"):
                         return  # torn
                     raise UserError(f"{path} line {number} is not a JSON object, as every line of a JSONL file is")
-                yield record
+                yield (number, record) if numbered else record
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 

@@ -5,6 +5,7 @@ embed (resumed after a crash, and under torchrun), train, apply, decontaminate; 
 
 import ast
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -722,10 +723,11 @@ def test_lines_with_lone_surrogates_are_skipped_and_counted(tmp_path):
     assert [json.loads(line)["id"] for line in pruned.read_text(encoding="utf-8").splitlines()] == ["fine", "an emoji"]
 
 
-@pytest.mark.parametrize("change", ["drop the first", "add one"])
+@pytest.mark.parametrize("change", ["drop the first", "add one", "rewrite one"])
 def test_decontaminate_prunes_nothing_from_a_corpus_changed_while_it_was_compared(tmp_path, monkeypatch, change):
     """The taus of the comparison are paired with the documents of a second read: a corpus
-    changed between the two would have its documents pruned by other documents' taus."""
+    changed between the two would have its documents pruned by other documents' taus (and
+    one rewritten under the same id, a benchmark's solution say, was kept as clean)."""
     docs = tmp_path / "docs.jsonl"
     docs.write_text(lines(*(dict(id=f"d{i}", text=f"def f{i}():\n    return {i}\n") for i in range(5))))
     real_warn = filter.warn_skipped
@@ -733,7 +735,8 @@ def test_decontaminate_prunes_nothing_from_a_corpus_changed_while_it_was_compare
     def change_the_corpus(*a):  # called once the comparison has read the corpus
         records = docs.read_text().splitlines(keepends=True)
         docs.write_text("".join(records[1:]) if change == "drop the first" else
-                        "".join(records) + lines(dict(id="d5", text="x = 5")))
+                        "".join(records) + lines(dict(id="d5", text="x = 5")) if change == "add one" else
+                        lines(dict(id="d0", text="def add(a, b):\n    return a + b\n")) + "".join(records[1:]))
         return real_warn(*a)
 
     monkeypatch.setattr(filter, "warn_skipped", change_the_corpus)
@@ -742,6 +745,7 @@ def test_decontaminate_prunes_nothing_from_a_corpus_changed_while_it_was_compare
         run_filter("decontaminate", f"--corpus={docs}", "--bench=humaneval", "--prune_tau=0.95", f"--out={pruned}",
                    f"--report={tmp_path / 'report.json'}", "--workers=1")
     assert not pruned.exists() and not (tmp_path / "pruned.jsonl.partial").exists()
+    assert not (tmp_path / "report.json").exists()
 
 
 def fake_embeddings(tmp_path: Path, scores: list[int]) -> list[str]:
@@ -941,6 +945,67 @@ def test_decontaminate_reads_its_results_before_comparing(tmp_path, monkeypatch)
     with pytest.raises(UserError, match=r"^--results: .*mixed.jsonl has task ids the benchmarks checked do not"):
         run_filter(*args, f"--results={mixed}", report)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "mixed.jsonl"]
+
+
+def test_a_full_disk_after_the_long_work_is_one_line(tmp_path, monkeypatch):
+    """The forest's file and the pruned documents are written after hours of work: a write
+    that failed was a traceback."""
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    forest = tmp_path / "forest.npz"
+    monkeypatch.setattr(filter.np, "savez", full)
+    with pytest.raises(UserError, match=rf"^cannot write {re.escape(str(forest))}: No space left on device"):
+        run_filter("train", *fake_embeddings(tmp_path, [1, 9] * 4), f"--forest={forest}")
+    monkeypatch.undo()
+    real_read_again = filter.read_again
+
+    def full_after_one(*args):
+        yield next(real_read_again(*args))
+        full()
+
+    monkeypatch.setattr(filter, "read_again", full_after_one)
+    pruned = tmp_path / "pruned.jsonl"
+    with pytest.raises(UserError, match=rf"^cannot write {re.escape(str(pruned))}: No space left on device"):
+        run_filter("decontaminate", f"--corpus={corpus(tmp_path / 'docs.jsonl', 3, seed=8)}", "--bench=humaneval",
+                   "--workers=1", "--prune_tau=0.95", f"--out={pruned}", f"--report={tmp_path / 'r.json'}")
+    assert not forest.exists() and not pruned.exists() and not (tmp_path / "pruned.jsonl.partial").exists()
+
+
+def test_labels_without_ids_are_named_as_embed_names_them(tmp_path, nano):
+    """train called every label line without an id "None", embed called it PATH:LINE: no
+    document had a score."""
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(lines(*(dict(text=f"x_{i} = {i}", score=9 * (i % 2)) for i in range(12))))
+    run_filter("embed", f"--labels={labels}", f"--ckpt={nano}", f"--embeddings={tmp_path / 'e.npy'}")
+    run_filter("train", f"--labels={labels}", f"--embeddings={tmp_path / 'e.npy'}", "--n_trees=3", "--workers=1",
+               f"--forest={tmp_path / 'f.npz'}")
+    assert RandomForest.load(tmp_path / "f.npz").info["report"]["documents"] == 12
+
+
+def test_problems_that_do_not_parse_are_compared_by_13_grams_and_results_may_have_spaces(tmp_path, capsys):
+    """A reference that did not parse (a user's --mbpp) was a TypeError traceback; a space
+    after a comma in --results was part of the next path."""
+    mbpp = tmp_path / "mbpp.jsonl"
+    broken = "def f():\n\treturn 1\n        return 2\n"  # mixed tabs and spaces: no AST
+    text = "Return one, the smallest positive whole number, to whoever calls this function today."
+    mbpp.write_text(lines(dict(task_id=11, text=text, code=broken, test_list=["assert f() == 1"],
+                               test_setup_code=""),
+                          dict(task_id=12, text="Add.", code="def add(a, b):\n    return a + b\n",
+                               test_list=["assert add(1, 2) == 3"], test_setup_code="")))
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(lines(dict(id="copy", text="def add(x, y):\n    return x + y\n"),
+                          dict(id="words", text=text + "\n" + broken)))
+    results = [tmp_path / n / "results.jsonl" for n in ("a", "b")]
+    for path in results:
+        path.parent.mkdir()
+        path.write_text(lines(dict(task_id="MBPP/11", passed=True), dict(task_id="MBPP/12", passed=False)))
+    filter.main(["decontaminate", f"--corpus={docs}", "--bench=mbpp", f"--mbpp={mbpp}", "--workers=1",
+                          f"--report={tmp_path / 'r.json'}", f"--results={results[0]}, {results[1]}"])
+    assert "the prompt and reference of 1 problems do not parse (MBPP/11)" in capsys.readouterr().err
+    rows = {r["task_id"]: r for r in json.loads((tmp_path / "r.json").read_text())["by_problem"]}
+    assert rows["MBPP/12"]["tau"] == 1.0 and rows["MBPP/11"]["tau"] is None
+    assert rows["MBPP/11"]["ngram_documents"] == 1
 
 
 def test_decontaminate_never_writes_over_its_corpus(tmp_path, monkeypatch):
