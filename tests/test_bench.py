@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
     ("train_speed.py", ["--log_interval=0"], "--log_interval must be positive"),
     ("train_speed.py", ["--peak_tflops=-1"], "--peak_tflops must not be negative"),
     ("train_speed.py", ["--steps=0"], "--steps=0 leaves nothing to measure"),
-    ("train_speed.py", ["--steps=10", "--profile"], "the first 10 steps (--log_interval x 2 with --profile)"),
+    ("train_speed.py", ["--steps=10", "--profile"], "the first 10 steps (the log intervals up to the traced steps)"),
+    # train.py traces steps 5 to 7: the intervals ending at steps 6 and 8 are slowed
+    ("train_speed.py", ["--steps=8", "--profile", "--log_interval=2"], "--steps=8 leaves nothing to measure"),
     ("evaluate_speed.py", ["--parts=generate", "--batch_sizes=1,x"], "--batch_sizes takes positive whole numbers"),
     ("evaluate_speed.py", ["--parts=generate", "--batch_sizes=0"], "--batch_sizes takes positive whole numbers"),
     ("evaluate_speed.py", ["--parts=generate", "--new_tokens=0"], "--new_tokens must be positive"),
@@ -41,6 +43,15 @@ def test_settings_that_cannot_work_are_one_line(script, args, message):
                             timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_synth_speeds_ideal_counts_the_concurrency_under_a_rate_limit():
+    """10 records at concurrency 8 and 200 ms take two rounds, 0.4 s, however many the rate
+    limit's first second lets through: the ideal said 40 records/s, not 25."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "synth_speed.py"), "--concurrency=8", "--rpm=600",
+                             "--seconds=1"], capture_output=True, text=True, timeout=120)
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["8"]]
+    assert result.returncode == 0 and [row[-1] for row in rows] == ["40.0", "25.0"], result.stdout + result.stderr
 
 
 def test_forest_embeddings_are_named_by_their_row_count():
