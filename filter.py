@@ -77,7 +77,10 @@ decontaminate  --corpus (e.g. exercises) against HumanEval and MBPP (--bench): 1
            comma-separated for several runs, each named by the end of its path that tells
            it from the others) it prints the paper's Table 3, also kept in the report: per
            tau, the problems with a training document at least that close (similar) and the
-           others, with their pass rates.
+           others, with their pass rates. The comparison's results go into
+           REPORT.partial as they come: a rerun of an interrupted run goes on where it
+           stopped (the same corpus, benchmarks and --min_tau), and the file goes once the
+           report is written. One run at a time writes a report (a lock on REPORT.lock).
 
 The AST match rate: tau = 1 - d / max(n1, n2), d being the tree edit distance between
 two programs' ASTs of n1 and n2 nodes (Zhang and Shasha's algorithm; inserting, deleting
@@ -104,6 +107,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -1728,26 +1732,55 @@ def decontaminate(cfg) -> dict:
         if files_identity(files) != identity:
             raise UserError(f"{', '.join(map(str, files))} changed while it was compared: rerun")
 
-    docs = ((doc_id, text) for _, doc_id, text, _ in documents(files, skipped))
-    jobs, pool = cfg.workers or len(os.sched_getaffinity(0)), None
-    try:
-        pool = multiprocessing.get_context("fork").Pool(jobs, worker_signals) if jobs > 1 else None
-        found = pool.imap(compare_document, docs, chunksize=16) if pool else map(compare_document, docs)
-        for doc_id, ok, shared, close in tqdm(found, desc="comparing", unit=" docs"):
-            ids.append(doc_id)
-            parsed += ok
-            overlapping += bool(shared)
-            for p in shared:
-                ngram_docs[p] += 1
-                ngram_example.setdefault(p, doc_id)
-            doc_tau.append(max((tau for _, tau in close), default=float("nan")))
-            for p, tau in close:
-                if tau > best[p][0]:
-                    best[p] = (tau, doc_id)
-    finally:
-        _WORK.clear()
-        if pool:
-            pool.terminate()
+    def add(doc_id: str, ok: bool, shared: list[int], close: list[tuple[int, float]]) -> None:
+        nonlocal parsed, overlapping
+        ids.append(doc_id)
+        parsed += ok
+        overlapping += bool(shared)
+        for p in shared:
+            ngram_docs[p] += 1
+            ngram_example.setdefault(p, doc_id)
+        doc_tau.append(max((tau for _, tau in close), default=float("nan")))
+        for p, tau in close:
+            if tau > best[p][0]:
+                best[p] = (tau, doc_id)
+
+    progress = report_path.with_name(report_path.name + ".partial")
+    state = fingerprint(identity, problems, cfg.min_tau)
+    report_path.parent.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
+    with run_lock(report_path.with_name(report_path.name + ".lock"), f"another run is writing {report_path}: wait "
+                                                                      f"for it, stop it, or use another --report",
+                  remove=True):
+        before = compared_before(progress, state)
+        if before:
+            print(f"resuming: {len(before)} documents compared before, in {progress}")
+        else:
+            progress.unlink(missing_ok=True)
+        for result in before:
+            add(*result)
+        docs = ((doc_id, text) for _, doc_id, text, _ in documents(files, skipped))
+        docs = itertools.islice(docs, len(before), None)  # (read, not compared: the skipped lines are counted)
+        jobs, pool, written = cfg.workers or len(os.sched_getaffinity(0)), None, Appender(progress)
+
+        def write(record: dict) -> None:
+            try:
+                written.write(record)
+            except OSError as e:  # a full disk
+                raise cannot_write(progress, e) from None
+
+        try:
+            if not before:
+                write({"fingerprint": state})
+            pool = multiprocessing.get_context("fork").Pool(jobs, worker_signals) if jobs > 1 else None
+            found = pool.imap(compare_document, docs, chunksize=16) if pool else map(compare_document, docs)
+            for doc_id, ok, shared, close in tqdm(found, desc="comparing", unit=" docs", initial=len(before)):
+                write(dict(id=doc_id, ok=ok, shared=shared, close=close))
+                add(doc_id, ok, shared, close)
+        finally:
+            _WORK.clear()
+            written.close()
+            if pool:
+                pool.terminate()
     warn_skipped(skipped, files)
     if not ids:
         raise UserError(f"no documents in {', '.join(map(str, files))}")
@@ -1795,9 +1828,23 @@ def decontaminate(cfg) -> dict:
           f"{overlapping} share a 13-gram with one; by AST match rate, documents / problems at tau >= "
           + ", ".join(f"{t:g}: {report['documents_by_tau'][f'{t:g}']} / {report['problems_by_tau'][f'{t:g}']}"
                       for t in taus) + f"; report: {report_path}")
+    progress.unlink()
     if results:
         print(table_text(report["similarity"], names))
     return report
+
+
+def compared_before(progress: Path, state: str) -> list[tuple]:
+    """The (id, ok, shared, close) that an interrupted run with this state (corpus,
+    problems, min_tau) wrote in progress, in corpus order; none for another's, or a file
+    that is not one."""
+    try:
+        records = list(read_jsonl(progress))
+        if not records or records[0].get("fingerprint") != state:
+            return []
+        return [(r["id"], r["ok"], r["shared"], [tuple(c) for c in r["close"]]) for r in records[1:]]
+    except (UserError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def read_again(files: list[Path], ids: list[str]):

@@ -947,6 +947,49 @@ def test_decontaminate_reads_its_results_before_comparing(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "mixed.jsonl"]
 
 
+def test_an_interrupted_decontaminate_goes_on_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """The comparison takes hours at the paper's scale, and its results were in memory
+    alone: an interrupted run compared everything again."""
+    solved = evaluate.humaneval_problems()["HumanEval/2"]
+    docs = corpus(tmp_path / "docs.jsonl", 30, seed=9, extra=[dict(id="copy", text=solved["prompt"] +
+                                                                   solved["reference"])])
+    common = ["decontaminate", f"--corpus={docs}", "--bench=humaneval", "--workers=1", "--prune_tau=0.95"]
+    run_filter(*common, f"--report={tmp_path / 'whole.json'}", f"--out={tmp_path / 'whole.jsonl'}")
+    real, compared = filter.compare_document, []
+
+    def interrupted_at_the_eleventh(document):
+        compared.append(document[0])
+        if len(compared) == 11:
+            raise KeyboardInterrupt
+        return real(document)
+
+    monkeypatch.setattr(filter, "compare_document", interrupted_at_the_eleventh)
+    report, partial = tmp_path / "r.json", tmp_path / "r.json.partial"
+    args = [*common, f"--report={report}", f"--out={tmp_path / 'pruned.jsonl'}"]
+    with pytest.raises(KeyboardInterrupt):
+        run_filter(*args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "r.json.partial", "whole.json", "whole.jsonl"]
+    compared.clear()
+    capsys.readouterr()
+    monkeypatch.setattr(filter, "compare_document", lambda document: compared.append(document[0]) or real(document))
+    run_filter(*args)
+    assert f"resuming: 10 documents compared before, in {partial}" in capsys.readouterr().out
+    assert len(compared) == 21 and compared[-1] == "copy" and not partial.exists()
+    ours, whole = (json.loads(path.read_text()) for path in (report, tmp_path / "whole.json"))
+    assert ours["by_problem"][2]["tau"] == 1.0 and ours["documents_by_tau"] == whole["documents_by_tau"]
+    assert {**ours, "pruned": None} == {**whole, "pruned": None}
+    assert (tmp_path / "pruned.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    # what another --min_tau left is not taken
+    monkeypatch.setattr(filter, "compare_document", interrupted_at_the_eleventh)
+    compared.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_filter(*args, "--min_tau=0.9")
+    compared.clear()
+    monkeypatch.setattr(filter, "compare_document", lambda document: compared.append(document[0]) or real(document))
+    run_filter(*args)
+    assert len(compared) == 31 and not partial.exists()
+
+
 def test_a_full_disk_after_the_long_work_is_one_line(tmp_path, monkeypatch):
     """The forest's file and the pruned documents are written after hours of work: a write
     that failed was a traceback."""
@@ -1477,7 +1520,7 @@ def test_scores_of_an_id_with_two_texts_are_left_out(tmp_path, capsys):
     assert "1 ids of" in capsys.readouterr().err
 
 
-def test_one_run_at_a_time_annotates_embeds_or_filters_a_shard(tmp_path, nano, capsys):
+def test_one_run_at_a_time_annotates_embeds_filters_a_shard_or_decontaminates(tmp_path, nano, capsys):
     """Two annotate runs on one --labels each asked for every document (and paid twice)."""
     import fcntl
     docs, labels = corpus(tmp_path / "docs.jsonl", 6, seed=3), tmp_path / "labels.jsonl"
@@ -1491,7 +1534,9 @@ def test_one_run_at_a_time_annotates_embeds_or_filters_a_shard(tmp_path, nano, c
                 (Path(f"{emb}.lock"), f"another run is embedding into {emb}",
                  ["embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}"]),
                 (out / "00000-of-00001.lock", f"another run is filtering shard 00000-of-00001 in {out}",
-                 ["apply", f"--corpus={docs}", f"--forest={forest}", f"--out={out}"])):
+                 ["apply", f"--corpus={docs}", f"--forest={forest}", f"--out={out}"]),
+                (tmp_path / "r.json.lock", f"another run is writing {tmp_path / 'r.json'}",
+                 ["decontaminate", f"--corpus={docs}", "--bench=humaneval", f"--report={tmp_path / 'r.json'}"])):
             held.parent.mkdir(exist_ok=True)
             with open(held, "a") as f:
                 fcntl.flock(f, fcntl.LOCK_EX)  # another run's lock
