@@ -1712,7 +1712,7 @@ def decontaminate(cfg) -> dict:
     check_writable(*outputs.values())
     trees = [code_tree(problems[t]) for t in tasks]
     if broken := [t for t, tree in zip(tasks, trees) if tree is None]:  # a user's --mbpp, say
-        print(f"note: the prompt and reference of {len(broken)} problems do not parse ({', '.join(broken[:3])}"
+        print(f"note: {len(broken)} of the problems do not parse as prompt and reference ({', '.join(broken[:3])}"
               f"{' ...' if len(broken) > 3 else ''}): they are compared by 13-grams only", file=sys.stderr)
     grams = {}
     for p, task in enumerate(tasks):

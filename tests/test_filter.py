@@ -1045,7 +1045,7 @@ def test_problems_that_do_not_parse_are_compared_by_13_grams_and_results_may_hav
         path.write_text(lines(dict(task_id="MBPP/11", passed=True), dict(task_id="MBPP/12", passed=False)))
     filter.main(["decontaminate", f"--corpus={docs}", "--bench=mbpp", f"--mbpp={mbpp}", "--workers=1",
                  f"--report={tmp_path / 'r.json'}", f"--results={results[0]}, {results[1]}"])
-    assert "the prompt and reference of 1 problems do not parse (MBPP/11)" in capsys.readouterr().err
+    assert "1 of the problems do not parse as prompt and reference (MBPP/11)" in capsys.readouterr().err
     rows = {r["task_id"]: r for r in json.loads((tmp_path / "r.json").read_text())["by_problem"]}
     assert rows["MBPP/12"]["tau"] == 1.0 and rows["MBPP/11"]["tau"] is None
     assert rows["MBPP/11"]["ngram_documents"] == 1
