@@ -79,6 +79,7 @@ import errno
 import functools
 import itertools
 import json
+import os
 import queue
 import random
 import signal
@@ -893,7 +894,14 @@ def serve(cfg, device: torch.device, dtype: torch.dtype) -> None:
             print(f"stopping: the requests being answered ({server.busy}) are finished and sent first; "
                   f"Ctrl-C again to quit now", file=sys.stderr, flush=True)
     finally:
-        server.close()
+        try:
+            server.close()
+        except KeyboardInterrupt:  # the second: quit now
+            print("interrupted", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # not sys.exit: the interpreter's teardown would run under the engine's thread, still
+            # inside torch, and torch's then aborts the process ("terminate called ...")
+            os._exit(130)
 
 
 def check_settings(cfg) -> None:
