@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 import evaluate
 import filter
+from conftest import at_work
 from config import UserError
 from filter import RandomForest
 from llm_server import FakeLLM
@@ -771,14 +771,7 @@ def test_worker_processes_end_silently_and_a_signal_to_the_group_stops_the_run(t
         result = subprocess.run([sys.executable, "filter.py", *command], cwd=ROOT, capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    proc = subprocess.Popen([sys.executable, "filter.py", *decontaminate, f"--corpus={many}"], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    deadline = time.time() + 60
-    while proc.poll() is None and len(children.read_text().split()) < 2 and time.time() < deadline:
-        time.sleep(0.05)
-    workers = children.read_text().split()
-    time.sleep(0.3)  # past their start: what is tested is a stop while they work
+    proc, workers = at_work(["filter.py", *decontaminate, f"--corpus={many}"])
     os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler or timeout does: the parent and its workers
     stderr = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130 and stderr.endswith("\ninterrupted\n") and "Traceback" not in stderr, stderr[-3000:]

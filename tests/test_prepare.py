@@ -10,13 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from conftest import at_work
 from config import UserError
 import tokenizer
 from data import prepare
@@ -834,14 +834,7 @@ def test_a_local_source_with_inputs_gets_a_name_of_its_own(tmp_path, monkeypatch
 def test_ctrl_c_or_a_kill_stops_the_workers_without_tracebacks(tmp_path, how):
     line = "x = [" + ", ".join(map(str, range(400))) + "]\n"
     src = write_tree(tmp_path / "src", {f"m{i}.py": line * 10 + f"# {i}\n" for i in range(800)})  # 16 MB: seconds
-    proc = subprocess.Popen([sys.executable, "data/prepare.py", f"--inputs={src}", f"--out_dir={tmp_path / 'out'}",
-                             "--workers=2"], cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    deadline = time.time() + 60
-    while proc.poll() is None and len(children.read_text().split()) < 2 and time.time() < deadline:
-        time.sleep(0.05)
-    workers = children.read_text().split()
-    time.sleep(0.3)  # past their start: what is tested is a stop while they work
+    proc, workers = at_work(["data/prepare.py", f"--inputs={src}", f"--out_dir={tmp_path / 'out'}", "--workers=2"])
     if how == "ctrl-c":
         os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: to the parent and its workers
     else:
