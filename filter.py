@@ -126,8 +126,8 @@ from tqdm import tqdm
 
 import llm
 from config import UserError, parse_args, run, subcommand
-from data.prepare import (Appender, cannot_write, check_writable, expand, read_jsonl, run_lock, worker_signals,
-                          write_atomic)
+from data.prepare import (Appender, cannot_write, check_writable, expand, path_id, read_jsonl, run_lock,
+                          worker_signals, write_atomic)
 
 DEFAULTS = dict(
     corpus="",  # input JSONL(s): annotate draws from it, embed embeds it (default --labels), apply filters it, ...
@@ -221,9 +221,10 @@ def documents(files: list[Path], skipped: Counter, shard: int = 0, num_shards: i
 
 
 def document_id(record: dict, where: Path, number: int) -> str:
-    """A document's id: its own, or WHERE:LINE without one ("id": null is none, as for prepare.py)."""
+    """A document's id: its own, or WHERE:LINE without one ("id": null is none, as for
+    prepare.py), the path as prepare.path_id writes it (a name that is not UTF-8 escaped)."""
     doc_id = record.get("id")
-    return f"{where}:{number}" if doc_id is None else str(doc_id)
+    return f"{path_id(str(where))}:{number}" if doc_id is None else str(doc_id)
 
 
 def corpus_record(line: bytes, skipped: Counter) -> dict | None:

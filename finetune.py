@@ -118,8 +118,9 @@ class Exercises:
         self.too_long = 0  # exercises longer than a window: cut, and their prompts fill whole windows
         digests = [hashlib.sha256((p + c).encode()).digest() for p, c in exercises]
         in_val = [validate and int.from_bytes(d[:8], "big") < val_fraction * 2**64 for d in digests]
-        if validate and not any(in_val):  # a tiny set: its most val-like exercise goes to val
-            in_val[min(range(len(digests)), key=digests.__getitem__)] = True
+        if validate and not any(in_val):  # a tiny set: its most val-like exercise goes to val (every copy)
+            pick = min(digests)
+            in_val = [d == pick for d in digests]
         parts = {False: ([], []), True: ([], [])}  # in val? -> (token arrays, mask arrays)
         for start in range(0, len(exercises), ENCODE_CHUNK):  # a chunk at a time: no Python int per token
             chunk = exercises[start:start + ENCODE_CHUNK]

@@ -105,11 +105,12 @@ REPLACED = ("part-*.jsonl", "train.bin", "val.bin", "meta.json")  # what a run r
 # (data: bytes | None, skip reason: str | None, bytes read from the source).
 
 def distinct_roots(paths) -> list[Path]:
-    """Existing paths, resolved, without repeats; a root inside another is walked with it."""
+    """Existing paths, resolved, without repeats; a root inside another is walked with it,
+    but for a file that the walk would not take (not .py: named, it is read whatever its name)."""
     roots = sorted({Path(p).resolve() for p in paths if Path(p).exists()}, key=lambda p: (len(p.parts), p))
     kept: list[Path] = []
     for root in roots:
-        if not any(root.is_relative_to(k) for k in kept):
+        if not any(root.is_relative_to(k) for k in kept) or (not root.is_dir() and root.suffix != ".py"):
             kept.append(root)
     return kept
 
@@ -185,6 +186,12 @@ def path_id(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def utf8_id(doc_id: str) -> str:
+    """An id as UTF-8 can write it: a lone surrogate ("\\ud800" in JSON) as a backslash
+    escape, so that filter.py, which skips lines holding one, keeps the document."""
+    return doc_id.encode("utf-8", "backslashreplace").decode()
+
+
 def glob_files(pattern: str) -> list[str]:
     """What glob.glob(pattern, recursive=True) finds (but no folder for a last **), except
     that a ** goes into no symlinked folder: glob's would, and two links to "." make its
@@ -212,12 +219,12 @@ def expand(inputs: str, setting: str = "--inputs") -> list[Path]:
     files: list[Path] = []
     seen: set[Path] = set()
     for entry in filter(None, (s.strip() for s in inputs.split(","))):
-        if any(c in entry for c in "*?["):
+        if Path(entry).is_file():  # first: a name may hold [ or * (ex[v2].jsonl)
+            matches = [Path(entry)]
+        elif any(c in entry for c in "*?["):
             matches = [Path(p) for p in sorted(glob_files(entry)) if Path(p).is_file()]
             if not matches:
                 raise UserError(f"no file matches {entry}")
-        elif Path(entry).is_file():
-            matches = [Path(entry)]
         elif Path(entry).exists():  # a FIFO or a device: its lines might never end
             raise UserError(f"not a regular file: {entry}")
         else:
@@ -254,7 +261,7 @@ def jsonl_items(files: list[Path]):
             for number, line in enumerate(f, 1):
                 if not line.strip():  # a blank line holds no document, as read_jsonl and filter.py agree
                     continue
-                where = f"{resolved}:{number}"  # filter.py's name for a document without an id
+                where = f"{path_id(str(resolved))}:{number}"  # filter.py's name for a document without an id
                 try:
                     doc = json.loads(line)
                 except (ValueError, RecursionError):  # not JSON, or not UTF-8, or nested too deep
@@ -264,7 +271,7 @@ def jsonl_items(files: list[Path]):
                     yield None, "bad_json", len(line), where
                     continue
                 doc_id = doc.get("id")  # "id": null is no id, not the id "None"
-                yield text_item(doc.get("text"), len(line), where if doc_id is None else str(doc_id))
+                yield text_item(doc.get("text"), len(line), where if doc_id is None else utf8_id(str(doc_id)))
 
 
 def hf_items(cfg):

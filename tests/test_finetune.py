@@ -104,6 +104,16 @@ def test_val_batches_come_from_the_val_exercises_only():
     assert len(data.splits["train"][0]) != len(val_tokens)  # two streams to tell apart
 
 
+def test_every_copy_of_the_exercise_that_a_tiny_set_holds_out_is_held_out():
+    """Where no exercise's hash falls in val, the most val-like one goes there; a second copy
+    of it stayed in train, so the model was validated on an exercise it trained on."""
+    items = exercises(10)
+    first = min(items, key=lambda e: hashlib.sha256((e[0] + e[1]).encode()).digest())
+    data = finetune.Exercises(items + [first], block_size=8, loss_on="completion", val_fraction=0.0, name="ex")
+    train, val = (tokenizer.decode(data.splits[split][0].tolist()) for split in ("train", "val"))
+    assert first[1] in val and first[1] not in train and val.count(first[1]) == 2
+
+
 def test_a_row_depends_on_seed_step_and_its_place_alone():
     """Row i of a step is the same in any batch that holds it: processes and micro-steps
     may split a step as they like."""

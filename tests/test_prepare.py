@@ -437,6 +437,8 @@ def test_expand_names_each_file_once_however_spelled(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a.jsonl").write_text("{}\n")
     assert prepare.expand(f"a.jsonl,{tmp_path / 'a.jsonl'},./a.jsonl,*.jsonl") == [Path("a.jsonl")]
+    (tmp_path / "ex[v2].jsonl").write_text("{}\n")  # a name that reads as a glob: the file, not "no match"
+    assert prepare.expand("ex[v2].jsonl") == [Path("ex[v2].jsonl")]
     with pytest.raises(UserError, match="^--corpus is needed"):
         prepare.expand(" , ", "--corpus")
 
@@ -495,7 +497,7 @@ def test_jsonl_and_bins_outputs_never_mix(tmp_path, capsys):
     prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(tmp_path / "odd.jsonl"), name="", output="jsonl"),
                     quiet=True)
     odd = tmp_path / "out" / "odd_jsonl"  # not the bins' default folder
-    assert json.loads((odd / "part-00000.jsonl").read_text())["id"] == "\ud800"
+    assert json.loads((odd / "part-00000.jsonl").read_text())["id"] == "\\ud800"  # escaped: filter.py keeps it
 
     out = tmp_path / "out" / "corpus"
     prepare.prepare(settings(tmp_path, inputs=str(src)), quiet=True)
@@ -860,6 +862,26 @@ def test_a_run_refuses_inputs_it_would_delete_or_overwrite(tmp_path):
     meta = prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(copy / "notes.jsonl"), name="copy"),
                            quiet=True)
     assert meta["train_documents"] + meta["val_documents"] == 2 and (copy / "notes.jsonl").is_file()
+
+
+def test_a_file_named_in_inputs_is_read_whatever_its_name_inside_a_folder_also_named(tmp_path):
+    src = write_tree(tmp_path / "src", {"a.py": A, "tool": B, "notes.txt": "x = 3\n"})
+    meta = prepare.prepare(settings(tmp_path, inputs=f"{src},{src / 'tool'}", output="jsonl"), quiet=True)
+    assert meta["documents"] == 2  # a.py and tool: a walk takes .py files alone
+
+
+def test_jsonl_ids_that_are_not_utf8_are_escaped_so_filter_keeps_them(tmp_path):
+    """A document without an id in a file whose name is not UTF-8 was named by the raw path,
+    and one whose id held a lone surrogate kept it: filter.py skipped both."""
+    import filter
+    (tmp_path / "in").mkdir()
+    source = tmp_path / "in" / os.fsdecode(b"caf\xe9.jsonl")
+    source.write_text(json.dumps({"text": A}) + "\n" + json.dumps({"text": B, "id": "x\ud800"}) + "\n")
+    prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(source), output="jsonl", name="c"), quiet=True)
+    skipped = filter.Counter()
+    ids = [doc_id for _, doc_id, _, _ in filter.documents([tmp_path / "out" / "c" / "part-00000.jsonl"], skipped)]
+    assert sorted(ids) == sorted([f"{tmp_path}/in/caf\\xe9.jsonl:1", "x\\ud800"]) and not skipped
+    assert filter.document_id({}, source.resolve(), 1) == f"{tmp_path}/in/caf\\xe9.jsonl:1"  # as filter names it
 
 
 def test_a_file_name_that_is_not_utf8_gives_an_id_filter_keeps(tmp_path):
