@@ -399,11 +399,15 @@ class Client:
                     "server" if r.status_code >= 500 or r.status_code in TRANSIENT_4XX else "refused")
             raise _Failed(Failure(kind, message, r.status_code, fatal=r.status_code in FATAL_STATUS),
                           kind != "refused", _retry_after(r.headers))
+        obj = None
         try:
-            return parse(json.loads(body))
+            obj = json.loads(body)
+            return parse(obj)
         except (ValueError, KeyError, IndexError, TypeError, RecursionError) as e:  # the last: JSON nested deep
+            # a reply of a shape we cannot read may still say what it was billed: counted
             raise _Failed(Failure("bad_response", f"not an answer ({type(e).__name__}: {str(e)[:100]}): "
-                                  f"{body[:100]!r}", r.status_code), True) from None
+                                  f"{body[:100]!r}", r.status_code), True,
+                          usage=_usage(obj) if isinstance(obj, dict) else None) from None
 
     def _count(self, reply: Reply, estimate: float) -> None:
         if reply.usage is None:  # the estimate stays charged to the tokens-a-minute bucket

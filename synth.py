@@ -75,7 +75,8 @@ diversity report (distinct n-gram ratios, the duplicate rate: exact and near dup
 dropped, of them and the records, coverage of the constraint lists) are printed and
 written to FILE.report.json, with this run's numbers ("run") and those of every run
 that reported on the file, added up ("all_runs": a rerun loses no cost; a run killed
-with SIGKILL, or by a power loss, reports nothing, and its cost is not in them).
+with SIGKILL, or by a power loss, reports nothing, and its cost is not in them). A run
+without prices records its cost as unknown (null), and so is then the cost of all runs.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ import random
 import re
 import signal
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -463,7 +465,10 @@ def check_examples(exercise: dict, sandbox) -> str:
         return "none"
     if sandbox is None:
         return "unchecked"
-    return sandbox.run([("exercise", exercise["text"]), ("examples", asserts + "\n")])
+    try:
+        return sandbox.run([("exercise", exercise["text"]), ("examples", asserts + "\n")])
+    except OSError as e:  # its files (a full disk, where the temporary folder is)
+        raise cannot_write(Path(e.filename or tempfile.gettempdir()), e) from None
 
 
 def to_record(kind: str, text: str, c: dict, sandbox) -> dict:
@@ -515,7 +520,8 @@ class Dedup:
 
     def add(self, rid: str, text: str, signature: np.ndarray | None = None) -> str | None:
         """None if text is new (it is now known), else why it is a duplicate."""
-        key = hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=16).digest()
+        # surrogatepass: an answer may hold a lone surrogate (JSON can spell one), which json_line writes
+        key = hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8", "surrogatepass"), digest_size=16).digest()
         if key in self.exact:
             return f"duplicate of {self.exact[key]}"
         sig = self.signature(text) if signature is None else signature
@@ -889,7 +895,9 @@ def summarize(kind: str, cfg, out: Path, client: llm.Client, counts: Counter, se
            "retries": s.retries, "failed_attempts": dict(s.errors), "failed_requests": dict(s.failures),
            "invalid_answers": counts["invalid answers"], "cut_off_answers": counts["cut off"],
            "unanswered_items": counts["unanswered"], "tokens_in": s.tokens_in, "tokens_out": s.tokens_out,
-           "cost": None if s.no_usage else round(s.cost, 4), "replies_without_usage": s.no_usage}
+           # unknown without usage, or without prices: a later run's total would pass for all of it
+           "cost": None if s.no_usage or not (client.price_in or client.price_out) else round(s.cost, 4),
+           "replies_without_usage": s.no_usage}
     report = {"file": str(out), "kind": kind, "seed": cfg.seed, "model": cfg.model,
               **diversity(kind, out, skipped), "run": run, "all_runs": all_runs(path, run)}
     kinds = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
@@ -948,6 +956,8 @@ def main(argv=None):
             held.enter_context(run_lock(out, f"another run is writing {out}: wait for it, stop it, or use "
                                              f"another --out"))
             have, done = progress(kind, cfg, out, skipped_path)  # again: a run before ours may have ended since
+        # to the report's end: a signal stops the work, and the report (the run's cost) is still written
+        interrupts = held.enter_context(Interrupts(client.stop))
         if have < cfg.n:
             dedup = Dedup(cfg.near_dup)
             for record in read_jsonl(out):
@@ -956,9 +966,7 @@ def main(argv=None):
                 sandbox = open_sandbox(min(cfg.concurrency, os.cpu_count() or 1))
             writers = Appender(out), Appender(skipped_path)
             try:
-                with Interrupts(client.stop) as interrupts:
-                    counts, error = synthesize(kind, cfg, client, dedup, sandbox, *writers, have, done,
-                                               interrupts.stop)
+                counts, error = synthesize(kind, cfg, client, dedup, sandbox, *writers, have, done, interrupts.stop)
             finally:
                 for writer in writers:
                     try:

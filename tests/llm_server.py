@@ -176,8 +176,9 @@ class Handler(BaseHTTPRequestHandler):
         if fault == "html":
             return self.send(200, b"<html><head><title>Sign in</title></head><body>Proxy login</body></html>",
                              content_type="text/html")
-        if fault == "empty":
-            return self.send(200, {"object": "chat.completion", "choices": []})
+        if fault == "empty":  # billed all the same
+            return self.send(200, {"object": "chat.completion", "choices": [],
+                                   "usage": {"prompt_tokens": 7, "completion_tokens": 3}})
         if fault in ("drop", "cut"):
             self.close_connection = True
             if fault == "cut":

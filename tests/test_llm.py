@@ -111,6 +111,17 @@ def test_an_answer_without_text_is_refused_not_retried():
         assert (client.stats.tokens_in, client.stats.no_usage) == (len(json.dumps(MESSAGES)) // 4, 0)  # billed
 
 
+def test_a_reply_that_cannot_be_read_still_counts_the_usage_it_reports():
+    """Retried as a bad response, its tokens were dropped: a server that answers so each
+    time bills every retry, and the run's cost said none of it."""
+    with FakeLLM(faults=["empty", "empty", "ok"]) as server, client_for(server, price_in=1e6, price_out=1e6) as client:
+        reply = client.chat(MESSAGES)
+        s = client.stats
+        assert (s.requests, s.retries, s.tokens_in, s.tokens_out) == (
+            3, 2, 2 * 7 + reply.usage["prompt_tokens"], 2 * 3 + reply.usage["completion_tokens"])
+        assert s.cost == pytest.approx(s.tokens_in + s.tokens_out)
+
+
 def test_a_long_retry_chain_and_a_json_nested_too_deep_are_failures_not_tracebacks():
     with FakeLLM(faults=["500"]) as server, client_for(server, backoff=0.0, max_retries=1100) as client:
         with pytest.raises(llm.LLMError, match="server 500"):  # 2 ** 1024 is no float

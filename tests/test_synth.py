@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import errno
 import subprocess
 import sys
 import threading
@@ -383,6 +384,64 @@ def test_replies_without_usage_make_the_cost_unknown_not_zero(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "cost unknown" in captured.out and "$0.00" not in captured.out
     assert captured.err.count("reports no token usage") == 1
+
+
+def test_a_run_without_prices_leaves_the_cost_of_all_runs_unknown(tmp_path):
+    """It recorded $0: a later run with prices then gave the cost of its own tokens as all."""
+    out = tmp_path / "t.jsonl"
+    with FakeLLM(answer=distinct_prose) as server:
+        assert synthesize(server, "textbook", out, "--n=2")["run"]["cost"] is None
+        report = synthesize(server, "textbook", out, "--n=4", "--price_in=1", "--price_out=2")
+    assert report["run"]["cost"] > 0 and report["all_runs"]["cost"] is None and report["all_runs"]["runs"] == 2
+
+
+def test_an_answer_with_a_lone_surrogate_is_written(tmp_path):
+    """Dedup encoded the text to UTF-8: a traceback, no report, the run's cost lost."""
+    with FakeLLM(answer=lambda body: distinct_prose(body) + " \ud800") as server:
+        report = synthesize(server, "textbook", tmp_path / "t.jsonl", "--n=3")
+    assert report["run"]["written"] == 3 and all(r["text"].endswith("\ud800") for r in records(tmp_path / "t.jsonl"))
+
+
+def test_a_full_disk_under_the_sandbox_is_one_line_and_the_report_is_written(tmp_path, monkeypatch):
+    """The examples' check writes its files in the temporary folder, often on the output's
+    disk: a full one was a traceback, without the report."""
+    import evaluate
+    real = evaluate.Sandbox.run
+
+    def full(self, units):
+        if units[0][0] != "exercise":  # the sandbox's own probe as it starts
+            return real(self, units)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/phi1-sandbox-x/tmp1")
+
+    monkeypatch.setattr(evaluate.Sandbox, "run", full)
+    out = tmp_path / "e.jsonl"
+    with FakeLLM() as server:
+        with pytest.raises(UserError, match=r"^cannot write /tmp/phi1-sandbox-x/tmp1: No space left on device"):
+            synth.main(["exercises", f"--out={out}", f"--api_base={server.url}", *FAST, "--n=4"])
+    assert json.loads(Path(f"{out}.report.json").read_text())["run"]["requests"] > 0
+
+
+def test_a_signal_while_the_report_is_made_does_not_lose_it(tmp_path):
+    """The signal handlers were the default ones once the items were made: a SIGTERM while
+    the report was made (it reads the whole output) killed the run without it."""
+    script = tmp_path / "signalled.py"
+    script.write_text(f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import config, synth
+real = synth.diversity
+def signalled(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args)
+synth.diversity = signalled
+config.run(synth.main)
+""")
+    out = tmp_path / "t.jsonl"
+    with FakeLLM() as server:
+        result = subprocess.run([sys.executable, str(script), "textbook", f"--out={out}", f"--api_base={server.url}",
+                                 *FAST, "--n=3"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and len(records(out)) == 3, result.stderr[-2000:]
+    assert json.loads(Path(f"{out}.report.json").read_text())["run"]["written"] == 3
 
 
 def test_failed_requests_an_older_version_skipped_are_retried(server, tmp_path):
