@@ -267,9 +267,9 @@ def read_samples(path: Path, bench: str) -> tuple[list[dict], list[int], list[in
     the lines repeating a sample already read (kept once: counted twice, it would weigh twice
     in pass@k), and of those numbered on. Each has its sample_index: as written (generate),
     else its place among its problem's lines (the files of other tools, and ours from before
-    sample_index was written); another completion at an index taken (files joined) takes
+    sample_index was written); a line at an index taken by another (files joined) takes
     the next free one."""
-    samples, malformed, repeated, renumbered, seen, taken = [], [], [], [], Counter(), {}
+    samples, malformed, repeated, renumbered, seen, taken, lines = [], [], [], [], Counter(), set(), set()
     with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM would spoil the first line
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -286,15 +286,16 @@ def read_samples(path: Path, bench: str) -> tuple[list[dict], list[int], list[in
             if not isinstance(index, int) or isinstance(index, bool) or index < 0:
                 index = seen[task_id]
             seen[task_id] += 1
-            asked = index
-            while taken.get((task_id, index), completion) != completion:
-                index += 1
-            if (task_id, index) in taken:
+            if (task_id, index, completion) in lines:  # the same line again (pasted twice, say)
                 repeated.append(number)
                 continue
+            lines.add((task_id, index, completion))
+            asked = index
+            while (task_id, index) in taken:
+                index += 1
             if index != asked:
                 renumbered.append(number)
-            taken[task_id, index] = completion
+            taken.add((task_id, index))
             samples.append(dict(task_id=task_id, completion=completion, sample_index=index))
     return samples, malformed, repeated, renumbered
 
@@ -1178,12 +1179,13 @@ def generate_and_score(cfg, ks: list[int], out: Path, every: dict, problems: dic
     samples_path = Path(cfg.samples) if cfg.samples else generated_here
     if cfg.samples and not samples_path.is_file():
         raise UserError(f"no samples file at {samples_path}")
-    try:  # what the results here were scored from, if there are any (a path from out, or absolute)
-        scored_here = [out / json.loads((out / "summary.json").read_text())["samples_file"]]
+    try:  # what the results here were scored from, if there are any: the same file by either path
+        scored = json.loads((out / "summary.json").read_text())
+        scored_here = [{Path(scored["samples_file"]).resolve(), (out / scored.get("samples_from_out", "")).resolve()}]
     except (OSError, ValueError, KeyError, TypeError):
         scored_here = []
-    others = scored_here + ([generated_here] if cfg.samples and generated_here.exists() else [])
-    if any(p.resolve() != samples_path.resolve() for p in others):
+    others = scored_here + ([{generated_here.resolve()}] if cfg.samples and generated_here.exists() else [])
+    if any(samples_path.resolve() not in paths for paths in others):
         raise UserError(f"{out} holds the results of other samples: give --out a folder "
                         f"for the results of {samples_path}")
     if not cfg.samples:
@@ -1224,9 +1226,9 @@ def generate_and_score(cfg, ks: list[int], out: Path, every: dict, problems: dic
         print(f"warning: no pass@{', pass@'.join(map(str, missing))}: a problem has fewer samples than that "
               f"(--n_samples)", file=sys.stderr)
     summary = dict(bench=cfg.bench, **summary, malformed_lines=len(malformed), seconds=seconds,
-                   workers=workers, timeout=cfg.timeout, sandbox=described,
-                   # from out: a folder moved (with the samples, if they are elsewhere) still knows them
-                   samples_file=os.path.relpath(samples_path.resolve(), out.resolve()))
+                   workers=workers, timeout=cfg.timeout, sandbox=described, samples_file=str(samples_path.resolve()),
+                   # and from out: a folder moved (with the samples, if they are elsewhere) still knows them
+                   samples_from_out=os.path.relpath(samples_path.resolve(), out.resolve()))
     # each file whole or not at all, and no summary beside results it does not describe
     (out / "summary.json").unlink(missing_ok=True)
     write_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results).encode())

@@ -1749,6 +1749,7 @@ def decontaminate(cfg) -> dict:
     progress = report_path.with_name(report_path.name + ".partial")
     state = fingerprint(identity, problems, cfg.min_tau)
     report_path.parent.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
+    # held to the report's end: a second run, finding the comparison done, would write it too
     with run_lock(report_path.with_name(report_path.name + ".lock"), f"another run is writing {report_path}: wait "
                                                                       f"for it, stop it, or use another --report",
                   remove=True):
@@ -1782,54 +1783,54 @@ def decontaminate(cfg) -> dict:
             written.close()
             if pool:
                 pool.terminate()
-    warn_skipped(skipped, files)
-    if not ids:
-        raise UserError(f"no documents in {', '.join(map(str, files))}")
-    doc_tau = np.array(doc_tau)
-    taus = sorted({t for t in TAUS if t >= cfg.min_tau} | {cfg.min_tau}, reverse=True)  # min_tau: computed, so shown
-    rows = [dict(task_id=t, ngram_documents=ngram_docs[p], ngram_example=ngram_example.get(p),
-                 tau=best[p][0] or None, tau_document=best[p][1]) for p, t in enumerate(tasks)]
-    if model is not None:
-        nearest(cfg, model, files, [problems[t] for t in tasks], ids, rows)
-    report = dict(corpus=[str(f) for f in files], documents=len(ids), parsed=parsed, benchmarks=cfg.bench,
-                  problems=len(tasks), min_tau=cfg.min_tau, documents_with_13gram_overlap=overlapping,
-                  documents_by_tau={f"{t:g}": int((doc_tau >= t).sum()) for t in taus},
-                  problems_by_tau={f"{t:g}": sum((r["tau"] or 0) >= t for r in rows) for t in taus},
-                  embedding=cfg.ckpt or None, by_problem=rows)
-    if results:
-        names = result_names(results)
-        report["similarity"] = similarity_table({r["task_id"]: r["tau"] or 0.0 for r in rows}, names, rates, taus)
-    if cfg.prune_tau:
-        partial = out.with_name(out.name + ".partial")
-        kept = 0
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(partial, "w", encoding="utf-8") as f:
-                for i, (_, record) in enumerate(read_again(files, ids)):
-                    if not doc_tau[i] >= cfg.prune_tau:  # NaN (no close problem) is kept
-                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                        kept += 1
-        except BaseException as e:
-            partial.unlink(missing_ok=True)
-            if isinstance(e, OSError):  # a full disk, after hours of comparing
-                raise cannot_write(out, e) from None
-            raise
-        try:
-            check_unchanged()  # (rewritten with the same ids: read_again would pair results with other texts)
-        except UserError:
-            partial.unlink()
-            raise
-        os.replace(partial, out)
-        report["pruned"] = dict(tau=cfg.prune_tau, kept=kept, removed=len(ids) - kept, file=str(out))
-        print(f"pruned: {len(ids) - kept} of {len(ids)} documents have tau >= {cfg.prune_tau} with some problem; "
-              f"the other {kept} are in {out}")
-    check_unchanged()
-    write_atomic(report_path, (json.dumps(report, indent=2) + "\n").encode())
-    print(f"{len(ids)} documents ({parsed} hold Python that parses) against {len(tasks)} problems of {cfg.bench}: "
-          f"{overlapping} share a 13-gram with one; by AST match rate, documents / problems at tau >= "
-          + ", ".join(f"{t:g}: {report['documents_by_tau'][f'{t:g}']} / {report['problems_by_tau'][f'{t:g}']}"
-                      for t in taus) + f"; report: {report_path}")
-    progress.unlink()
+        warn_skipped(skipped, files)
+        if not ids:
+            raise UserError(f"no documents in {', '.join(map(str, files))}")
+        doc_tau = np.array(doc_tau)
+        taus = sorted({t for t in TAUS if t >= cfg.min_tau} | {cfg.min_tau}, reverse=True)  # min_tau's too
+        rows = [dict(task_id=t, ngram_documents=ngram_docs[p], ngram_example=ngram_example.get(p),
+                     tau=best[p][0] or None, tau_document=best[p][1]) for p, t in enumerate(tasks)]
+        if model is not None:
+            nearest(cfg, model, files, [problems[t] for t in tasks], ids, rows)
+        report = dict(corpus=[str(f) for f in files], documents=len(ids), parsed=parsed, benchmarks=cfg.bench,
+                      problems=len(tasks), min_tau=cfg.min_tau, documents_with_13gram_overlap=overlapping,
+                      documents_by_tau={f"{t:g}": int((doc_tau >= t).sum()) for t in taus},
+                      problems_by_tau={f"{t:g}": sum((r["tau"] or 0) >= t for r in rows) for t in taus},
+                      embedding=cfg.ckpt or None, by_problem=rows)
+        if results:
+            names = result_names(results)
+            report["similarity"] = similarity_table({r["task_id"]: r["tau"] or 0.0 for r in rows}, names, rates, taus)
+        if cfg.prune_tau:
+            partial = out.with_name(out.name + ".partial")
+            kept = 0
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(partial, "w", encoding="utf-8") as f:
+                    for i, (_, record) in enumerate(read_again(files, ids)):
+                        if not doc_tau[i] >= cfg.prune_tau:  # NaN (no close problem) is kept
+                            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                            kept += 1
+            except BaseException as e:
+                partial.unlink(missing_ok=True)
+                if isinstance(e, OSError):  # a full disk, after hours of comparing
+                    raise cannot_write(out, e) from None
+                raise
+            try:
+                check_unchanged()  # (rewritten with the same ids: read_again would pair results with other texts)
+            except UserError:
+                partial.unlink()
+                raise
+            os.replace(partial, out)
+            report["pruned"] = dict(tau=cfg.prune_tau, kept=kept, removed=len(ids) - kept, file=str(out))
+            print(f"pruned: {len(ids) - kept} of {len(ids)} documents have tau >= {cfg.prune_tau} with some problem; "
+                  f"the other {kept} are in {out}")
+        check_unchanged()
+        write_atomic(report_path, (json.dumps(report, indent=2) + "\n").encode())
+        print(f"{len(ids)} documents ({parsed} hold Python that parses) against {len(tasks)} problems of {cfg.bench}: "
+              f"{overlapping} share a 13-gram with one; by AST match rate, documents / problems at tau >= "
+              + ", ".join(f"{t:g}: {report['documents_by_tau'][f'{t:g}']} / {report['problems_by_tau'][f'{t:g}']}"
+                          for t in taus) + f"; report: {report_path}")
+        progress.unlink()
     if results:
         print(table_text(report["similarity"], names))
     return report

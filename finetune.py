@@ -121,6 +121,8 @@ class Exercises:
         if validate and not any(in_val):  # a tiny set: its most val-like exercise goes to val (every copy)
             pick = min(digests)
             in_val = [d == pick for d in digests]
+            if all(in_val):  # copies of one exercise: one copy, as of a set of one
+                in_val = [i == 0 for i in range(len(digests))]
         parts = {False: ([], []), True: ([], [])}  # in val? -> (token arrays, mask arrays)
         for start in range(0, len(exercises), ENCODE_CHUNK):  # a chunk at a time: no Python int per token
             chunk = exercises[start:start + ENCODE_CHUNK]

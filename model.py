@@ -576,8 +576,10 @@ def weight_files(path: Path) -> list[Path]:
     output folder put inside it, are not the model). [] for what is not here (a hub id)."""
     if path.is_file():
         return [path]
-    weights = lambda p: p.suffix == ".safetensors" or p.name in ("config.json", "model.safetensors.index.json")  # noqa: E731
-    return sorted(p for p in path.iterdir() if p.is_file() and weights(p)) if path.is_dir() else []
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.iterdir() if p.is_file() and (
+        p.suffix == ".safetensors" or p.name in ("config.json", "model.safetensors.index.json")))
 
 
 def _shard_files(index: Path) -> list[Path]:

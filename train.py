@@ -773,7 +773,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         profiler = torch.profiler.profile(schedule=schedule)
         profiler.start()
     while step < end:
-        if cfg.eval_interval > 0 and master and (
+        if cfg.eval_interval > 0 and master and failure is None and (  # (failed: stopping, nothing to keep)
                 step % cfg.eval_interval == 0 and not (evaluated and step == start_step)
                 or score_due and step == start_step):
             t_eval = time.time()

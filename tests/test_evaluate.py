@@ -700,6 +700,8 @@ def test_an_out_folder_moved_or_inside_the_weights_folder_goes_on(tmp_path, caps
     evaluate.main([f"--samples={samples}", "--limit=2", f"--out={tmp_path / 'a' / 'out'}"])
     shutil.move(tmp_path / "a", tmp_path / "b")  # the samples and their results together
     evaluate.main([f"--samples={tmp_path / 'b' / 's.jsonl'}", "--limit=2", f"--out={tmp_path / 'b' / 'out'}"])
+    shutil.move(tmp_path / "b" / "out", tmp_path / "out alone")  # the results without their samples
+    evaluate.main([f"--samples={tmp_path / 'b' / 's.jsonl'}", "--limit=2", f"--out={tmp_path / 'out alone'}"])
     with pytest.raises(UserError, match="holds the results of other samples"):
         evaluate.main([f"--samples={tmp_path / 'b' / 's.jsonl'}", "--limit=2", f"--out={tmp_path / 'moved'}"])
 
@@ -1067,6 +1069,10 @@ def test_a_repeated_sample_is_scored_once_and_joined_files_keep_every_sample(tmp
     first = dict(task_id="HumanEval/0", sample_index=0, completion="    return 1\n")
     rows = [first, dict(task_id="HumanEval/0", sample_index=1, completion=""), first,  # a line pasted twice
             dict(task_id="HumanEval/0", sample_index=0, completion="    return 2\n")]  # another run's
+    joined = [dict(task_id="HumanEval/1", sample_index=i, completion=c) for i, c in enumerate(["x", "y", "y", "z"])]
+    assert evaluate.read_samples(write_jsonl(tmp_path / "j.jsonl", joined[:2] + [{**joined[2], "sample_index": 0},
+                                                                                 {**joined[3], "sample_index": 1}]),
+                                 "humaneval")[1:] == ([], [], [3, 4])  # the second file's y is a sample of its own
     samples = write_jsonl(tmp_path / "s.jsonl", rows)
     with samples.open("a") as f:
         f.write("[" * 100_000 + "\n")  # nested past what json parses

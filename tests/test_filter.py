@@ -983,6 +983,25 @@ def test_an_interrupted_decontaminate_goes_on_where_it_stopped(tmp_path, monkeyp
     assert len(compared) == 31 and not partial.exists()
 
 
+def test_decontaminate_holds_its_lock_until_the_report_is_written(tmp_path, monkeypatch):
+    """The lock went with the comparison: a second run then found it done and wrote the
+    report and pruned file at the same time, and the first failed removing its progress."""
+    args = ["decontaminate", f"--corpus={corpus(tmp_path / 'docs.jsonl', 5, seed=8)}", "--bench=humaneval",
+            "--workers=1", f"--report={tmp_path / 'r.json'}"]
+    real, busy = filter.write_atomic, []
+
+    def another_run_meanwhile(*a):
+        if not busy:
+            with pytest.raises(UserError, match="another run is writing .*r.json") as error:
+                run_filter(*args)
+            busy.append(error)
+        return real(*a)
+
+    monkeypatch.setattr(filter, "write_atomic", another_run_meanwhile)
+    run_filter(*args)
+    assert busy and sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "r.json"]
+
+
 def test_a_full_disk_after_the_long_work_is_one_line(tmp_path, monkeypatch):
     """The forest's file and the pruned documents are written after hours of work: a write
     that failed was a traceback."""

@@ -112,6 +112,8 @@ def test_every_copy_of_the_exercise_that_a_tiny_set_holds_out_is_held_out():
     data = finetune.Exercises(items + [first], block_size=8, loss_on="completion", val_fraction=0.0, name="ex")
     train, val = (tokenizer.decode(data.splits[split][0].tolist()) for split in ("train", "val"))
     assert first[1] in val and first[1] not in train and val.count(first[1]) == 2
+    copies = finetune.Exercises([first] * 3, block_size=8, loss_on="completion", val_fraction=0.0, name="ex")
+    assert [tokenizer.decode(copies.splits[s][0].tolist()).count(first[1]) for s in ("train", "val")] == [2, 1]
 
 
 def test_a_row_depends_on_seed_step_and_its_place_alone():

@@ -838,7 +838,7 @@ def test_ctrl_c_or_a_kill_stops_the_workers_without_tracebacks(tmp_path, how):
     src = write_tree(tmp_path / "src", {f"m{i}.py": line * 10 + f"# {i}\n" for i in range(800)})  # 16 MB: seconds
     proc, workers = at_work(["data/prepare.py", f"--inputs={src}", f"--out_dir={tmp_path / 'out'}", "--workers=2"])
     if how == "ctrl-c":
-        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: to the parent and its workers
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: to its job's group (the workers have their own)
     else:
         proc.terminate()  # SIGTERM to the parent only, as kill and timeout do
     stderr = proc.communicate(timeout=60)[1]

@@ -362,7 +362,7 @@ def test_a_mistake_under_torchrun_is_one_line_from_one_process(tmp_path):
     ("batch 0", [], r"a bad batch at step 0 on process 1"),
     ("batch 3", [], r"a bad batch at step 3 on process 1"),  # in the loop: process 0 waits in an all-reduce
     ("val", ["--eval_interval=2"], r"a bad val batch at step 0"),  # process 0 validates alone
-    ("save", ["--checkpoint_interval=2"], r"cannot write .*ckpt\.pt: no space left"),  # process 0 saves alone
+    ("save", ["--checkpoint_interval=2", "--eval_interval=2"], r"cannot write .*ckpt\.pt: no space left"),
     ("", ["--learning_rate=1e25", "--grad_clip=0"], r"the loss became inf or nan at step \d+: training diverged .*"),
     ("", ["--lr=1"], r"unknown setting --lr \(did you mean --learning_rate\?\)"),
 ])
@@ -405,6 +405,7 @@ run(train.main)
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
     assert len(ours) == 1 and re.fullmatch(f"error: {said}", ours[0]), result.stderr[-3000:]
+    assert "step 2: val loss" not in result.stdout  # process 0 failed at step 2: no more validation, nor scores
 
 
 def test_gradient_accumulation_averages_micro_steps(tmp_path, capsys):
