@@ -516,7 +516,11 @@ class Dedup:
         shingles = np.zeros(len(h) - k + 1, np.uint64)
         for j in range(k):  # a polynomial hash of k words, mod 2^32
             shingles = (shingles * np.uint64(1_000_003) + h[j:len(h) - k + 1 + j]) & self.MASK
-        return ((shingles[:, None] * self.a + self.b) % self.PRIME & self.MASK).min(axis=0).astype(np.uint32)
+        low = np.full(self.PERMS, self.MASK, np.uint64)
+        for start in range(0, len(shingles), 4096):  # 4096 x 128 at a time: a huge answer takes no GBs
+            block = shingles[start:start + 4096, None]
+            low = np.minimum(low, ((block * self.a + self.b) % self.PRIME & self.MASK).min(axis=0))
+        return low.astype(np.uint32)
 
     def add(self, rid: str, text: str, signature: np.ndarray | None = None) -> str | None:
         """None if text is new (it is now known), else why it is a duplicate."""

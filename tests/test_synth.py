@@ -2,17 +2,19 @@
 sample.py --serve: exact record counts, no duplicates, resume after kill -9 and Ctrl-C, bad input."""
 
 import dataclasses
+import errno
 import json
 import os
 import signal
 import socket
-import errno
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import llm
@@ -648,6 +650,15 @@ def test_dedup_exact_and_near_duplicates():
     many = synth.Dedup(0.8)
     assert all(many.add(str(i), " ".join(f"w{rng.randrange(10**6)}" for _ in range(50))) is None
                for i in range(3000))  # grows past its first allocation
+    # a long answer's minima are taken a block of shingles at a time (a server ignoring max_tokens
+    # made words x 128 at once: gigabytes), and are those of all of them at once
+    long = [f"w{rng.randrange(10**6)}" for _ in range(10_000)]
+    h = np.array([zlib.crc32(w.encode()) for w in long], np.uint64)
+    shingles = np.zeros(len(h) - 4, np.uint64)
+    for j in range(5):
+        shingles = (shingles * np.uint64(1_000_003) + h[j:len(h) - 4 + j]) & dedup.MASK
+    at_once = ((shingles[:, None] * dedup.a + dedup.b) % dedup.PRIME & dedup.MASK).min(axis=0)
+    assert np.array_equal(dedup.signature(" ".join(long)), at_once.astype(np.uint32))
 
 
 # ---------------------------------------------------------------- behaviours pinned by mutation testing
