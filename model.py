@@ -263,7 +263,9 @@ class GPT(nn.Module):
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 per weight that multiplies (all but the
-        embedding lookup) plus attention's 12 * layers * width * context."""
+        embedding lookup) plus attention's 12 * layers * width * context, counted
+        whole although causal attention skips half (nanoGPT's and PaLM's MFU, which
+        DESIGN.md's reference figures use)."""
         c = self.config
         return 6 * self.num_params(embedding=False) + 12 * c.n_layer * c.n_embd * c.block_size
 

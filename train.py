@@ -65,7 +65,7 @@ DEFAULTS = dict(
     min_lr=0.0,  # the linear decay ends here at max_iters
     weight_decay=0.1,  # AdamW decay of weight matrices; biases and norms are not decayed
     beta1=0.9,  # AdamW betas
-    beta2=0.95,  # the second moment's decay (paper: 0.95)
+    beta2=0.95,  # the second moment's decay (the paper gives no betas: nanoGPT's and GPT-3's 0.95)
     grad_clip=1.0,  # clip the gradient norm (0: off)
     eval_interval=50,  # steps between validation losses, and one at the end (0: none)
     eval_iters=10,  # batches per validation loss (of batch_size: the same rows for the same product)
@@ -478,6 +478,9 @@ def build_model(cfg, out_dir: Path, master: bool):
         ignored = (f" (the weights' own model: --preset={cfg.preset} does not apply)"
                    if cfg.preset and cfg.preset != DEFAULTS["preset"] else "")
         print(f"starting from {mode}{ignored}")
+        if cfg.dropout is None and model.config.dropout == 0:  # Hugging Face's phi configs hold 0.0
+            print(f"note: {mode} has no dropout, and trains without; phi-1 trained and was finetuned with 0.1: "
+                  f"pass --dropout=0.1 for that", file=sys.stderr)
     return model.float(), None, origin_of(mode)
 
 

@@ -621,6 +621,18 @@ def test_weights_to_start_from_that_cannot_be_used_are_one_line(tmp_path, damage
         train.train(cfg)
 
 
+def test_weights_without_dropout_say_so_as_training_starts(tmp_path, capsys):
+    """Hugging Face's phi configs hold dropout 0.0: finetuning from them trained without it,
+    silently, where phi-1 trained and was finetuned with 0.1."""
+    folder = tmp_path / "hf"
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, rotary_dim=8)).save_pretrained(folder)
+    data = str(make_dataset(tmp_path / "ds"))
+    for dropout, said in ((None, True), (0.1, False)):
+        train.train(settings(data=data, out_dir=str(tmp_path / f"out{dropout}"), init_from=str(folder), max_iters=1,
+                             **({"dropout": dropout} if dropout else {})))
+        assert ("has no dropout, and trains without" in capsys.readouterr().err) == said
+
+
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB"),
                                    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
                                                 "can't allocate memory: you tried to allocate 9000000000 bytes")])
