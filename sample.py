@@ -24,8 +24,9 @@ counts and a finish_reason per choice: "stop" (end of text, or a stop string,
 which is cut from the text) or "length" (max_tokens reached). max_tokens is
 clamped to the room the prompt leaves in the context; a prompt that leaves no
 room is refused (400, code context_length_exceeded), never silently truncated.
-logprobs, suffix, logit_bias, tools, non-zero penalties and a chat's echo are
-refused with a 400 naming the field. stream=true answers in OpenAI's server-sent
+logprobs, suffix, logit_bias, tools, non-zero penalties, a chat's echo and vLLM's
+sampling fields (top_k, min_p, stop_token_ids, ...) at other than their neutral
+values are refused with a 400 naming the field. stream=true answers in OpenAI's server-sent
 events as the tokens come; text that may still turn out to begin a stop string
 (its last len(stop) - 1 characters) or an incomplete UTF-8 character waits for
 the next token, so the streamed pieces join into exactly the answer without stream.
@@ -67,7 +68,7 @@ answers as without.
 
 Ctrl-C or SIGTERM stops the server: it takes no more requests, the running
 batch finishes and its answers are sent (however long that takes; a second
-Ctrl-C or SIGTERM quits at once), and queued requests get a 503.
+Ctrl-C or SIGTERM quits at once), and the requests not begun get a 503.
 
 There is no authentication: the server listens on 127.0.0.1 (this machine) by
 default; --host=0.0.0.0 opens it to the network.
@@ -133,6 +134,11 @@ MAX_BODY = 32 << 20  # bytes of one request body
 POLL_S = 0.1  # how often a handler waiting for its rows looks whether its client has hung up
 UNSUPPORTED = ("suffix", "logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice",
                "functions", "function_call")
+# vLLM's sampling fields, taken only at values that change nothing: a vLLM client's top_k=1 (greedy)
+# or stop_token_ids, silently dropped, would be other answers than it asked for
+NEUTRAL = {"top_k": (None, 0, -1), "min_p": (None, 0), "repetition_penalty": (None, 1), "min_tokens": (None, 0),
+           "ignore_eos": (None, False), "include_stop_str_in_output": (None, False),
+           "use_beam_search": (None, False), "stop_token_ids": (None, [])}
 
 
 # ---------------------------------------------------------------- shared by both modes
@@ -275,6 +281,11 @@ def parse_sampling(body: dict, cfg, chat: bool) -> Sampling:
         value = body.get(key)
         if not (value is None or value is False or value == "" or value == [] or value == {}):
             raise ApiError(f"'{key}' is not supported by this server", param=key,
+                           code="unsupported_parameter")
+    for key, neutral in NEUTRAL.items():
+        value = body.get(key)
+        if value is not None and (value not in neutral or isinstance(value, bool) != isinstance(neutral[-1], bool)):
+            raise ApiError(f"'{key}' is not supported by this server (only {json.dumps(neutral[-1])})", param=key,
                            code="unsupported_parameter")
     for key in ("presence_penalty", "frequency_penalty"):
         if number(body, key, 0, -2, 2) != 0:
@@ -490,18 +501,17 @@ class Engine:
                     carry = more
                     break
                 rows += more
-            if self.closed:
-                error = ApiError("the server is shutting down", 503, "unavailable", type="server_error")
-                for row in rows:
-                    row.finish(error=error)
-                continue
             groups: dict[tuple, list[Row]] = {}
             for row in rows:
                 groups.setdefault((row.temperature, row.top_p, row.stop), []).append(row)
             for group in groups.values():
                 for i, batch in enumerate(self._split(group)):
                     batch = [row for row in batch if not row.cancelled]  # hung up on while queued
-                    if batch:
+                    if batch and self.closed:  # stopping: the batch running then finishes, no other
+                        error = ApiError("the server is shutting down", 503, "unavailable", type="server_error")
+                        for row in batch:
+                            row.finish(error=error)
+                    elif batch:
                         self._generate(batch, i)
 
     def _split(self, rows: list[Row]) -> list[list[Row]]:
@@ -615,6 +625,13 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.idle.notify_all()
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = dispatch  # JSON errors, not HTML
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a bad request line, another method, headers too long)
+        in OpenAI's JSON too, not HTML; the connection closes after them."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        self.send_json(code, ApiError(message or self.responses.get(code, ("error",))[0], code, "bad_request").body)
 
     def answer(self) -> None:
         try:
@@ -750,6 +767,8 @@ class Handler(BaseHTTPRequestHandler):
         if name is None:
             raise ApiError("you must provide a model parameter", param="model",
                            code="missing_required_parameter")
+        if not isinstance(name, str):
+            raise ApiError("'model' must be a string", param="model")
         if name != self.server.model_name:
             raise ApiError(f"The model `{name}` does not exist; this server has `{self.server.model_name}`",
                            404, "model_not_found", param="model")

@@ -788,6 +788,13 @@ GOOD = {"model": NAME, "prompt": "x", "max_tokens": 1}
     ("POST", "/v1/completions", {**GOOD, "response_format": {"type": "json_object"}}, 400,
      "unsupported_parameter"),
     ("POST", "/v1/completions", {**GOOD, "best_of": 2}, 400, "unsupported_parameter"),
+    # vLLM's fields, which vLLM clients send: dropped, they were other answers than asked for
+    ("POST", "/v1/completions", {**GOOD, "top_k": 1}, 400, "unsupported_parameter"),
+    ("POST", "/v1/completions", {**GOOD, "stop_token_ids": [13]}, 400, "unsupported_parameter"),
+    ("POST", "/v1/completions", {**GOOD, "ignore_eos": True}, 400, "unsupported_parameter"),
+    ("POST", "/v1/completions", {**GOOD, "top_k": False}, 400, "unsupported_parameter"),
+    ("POST", "/v1/completions", {**GOOD, "model": [NAME]}, 400, "invalid_value"),  # was a 404 model_not_found
+    ("TRACE", "/v1/models", None, 501, "bad_request"),  # http.server's own refusal: was HTML
     ("POST", "/v1/completions", {**GOOD, "n": True}, 400, "invalid_value"),
     ("POST", "/v1/completions", {**GOOD, "stream": "yes"}, 400, "invalid_value"),
     ("POST", "/v1/completions", {**GOOD, "stream_options": "yes"}, 400, "invalid_value"),
@@ -834,7 +841,8 @@ def test_bodies_without_a_usable_length_are_refused(server):
 
 def test_unsupported_fields_at_their_defaults_are_accepted(server):
     body = {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "logprobs": False,
-            "tools": [], "logit_bias": {}, "presence_penalty": 0, "response_format": {"type": "text"}, "echo": False}
+            "tools": [], "logit_bias": {}, "presence_penalty": 0, "response_format": {"type": "text"}, "echo": False,
+            "top_k": -1, "min_p": 0.0, "repetition_penalty": 1, "ignore_eos": False, "stop_token_ids": []}
     assert raw(server, "POST", "/v1/chat/completions", body)[0] == 200
 
 
@@ -974,6 +982,34 @@ model.sample = slow
 import config, sample
 config.run(sample.main)
 """
+
+
+def test_a_stopped_server_finishes_the_running_batch_alone(ckpt):
+    """The engine ran every batch it had taken off the queue in that round, one after the
+    other (requests of other temperatures batch apart): seconds each, past a supervisor's
+    grace time, where those not begun should get a 503."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, f"--ckpt={ckpt}", "--serve", "--port=0",
+                             "--batch_wait_ms=500"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", proc.stdout.readline()).group(1))
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+
+        def status(temperature):
+            try:
+                client.completions.create(model=str(ckpt), prompt="def", max_tokens=30, temperature=temperature)
+                return 200
+            except openai.APIStatusError as e:
+                return e.status_code
+
+        with ThreadPoolExecutor(3) as pool:
+            answers = [pool.submit(status, t) for t in (0.5, 0.6, 0.7)]  # one round: three batches
+            time.sleep(1.0)  # past the batch wait: the first batch is running
+            proc.send_signal(signal.SIGTERM)
+            assert sorted(a.result() for a in answers) == [200, 503, 503]
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.parametrize("signals", [1, 2])
