@@ -478,7 +478,7 @@ def build_model(cfg, out_dir: Path, master: bool):
         ignored = (f" (the weights' own model: --preset={cfg.preset} does not apply)"
                    if cfg.preset and cfg.preset != DEFAULTS["preset"] else "")
         print(f"starting from {mode}{ignored}")
-        if cfg.dropout is None and model.config.dropout == 0:  # Hugging Face's phi configs hold 0.0
+        if cfg.dropout is None and model.config.dropout == 0 and not Path(mode).is_file():  # (HF's configs: 0.0)
             print(f"note: {mode} has no dropout, and trains without; phi-1 trained and was finetuned with 0.1: "
                   f"pass --dropout=0.1 for that", file=sys.stderr)
     return model.float(), None, origin_of(mode)
