@@ -1731,7 +1731,7 @@ def decontaminate(cfg) -> dict:
 
     def check_unchanged() -> None:
         if files_identity(files) != identity:
-            raise UserError(f"{', '.join(map(str, files))} changed while it was compared: rerun")
+            raise changed_while_compared(files)
 
     def add(doc_id: str, ok: bool, shared: list[int], close: list[tuple[int, float]]) -> None:
         nonlocal parsed, overlapping
@@ -1849,11 +1849,15 @@ def compared_before(progress: Path, state: str) -> list[tuple]:
         return []
 
 
+def changed_while_compared(files: list[Path]) -> UserError:
+    return UserError(f"{', '.join(map(str, files))} changed while it was compared: rerun")
+
+
 def read_again(files: list[Path], ids: list[str]):
     """(text, record) of each document of a second read of the corpus, which must find the
     documents of the first (ids): if it changed in between, one document's result would be
     paired with another document."""
-    changed, count = UserError(f"{', '.join(map(str, files))} changed while it was compared: rerun"), 0
+    changed, count = changed_while_compared(files), 0
     for _, doc_id, text, record in documents(files, Counter()):
         if count == len(ids) or doc_id != ids[count]:
             raise changed

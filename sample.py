@@ -440,6 +440,11 @@ class Row:
             self.tokens.put((self, None))
 
 
+def shutting_down() -> ApiError:
+    """What a request the server will not begin gets once it is stopping."""
+    return ApiError("the server is shutting down", 503, "unavailable", type="server_error")
+
+
 class Cancelled(Exception):
     """Nobody waits for the rest of the work (a client hung up): raised to stop it."""
 
@@ -472,7 +477,7 @@ class Engine:
     def submit(self, rows: list[Row]) -> None:
         with self.lock:
             if self.closed:
-                raise ApiError("the server is shutting down", 503, "unavailable", type="server_error")
+                raise shutting_down()
             self.queue.put(rows)
 
     def close(self) -> None:
@@ -508,9 +513,8 @@ class Engine:
                 for i, batch in enumerate(self._split(group)):
                     batch = [row for row in batch if not row.cancelled]  # hung up on while queued
                     if batch and self.closed:  # stopping: the batch running then finishes, no other
-                        error = ApiError("the server is shutting down", 503, "unavailable", type="server_error")
                         for row in batch:
-                            row.finish(error=error)
+                            row.finish(error=shutting_down())
                     elif batch:
                         self._generate(batch, i)
 
