@@ -107,6 +107,7 @@ except AttributeError:  # older triton, without knobs, tested the variable for "
     INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (32, 64, 80, 128)
 LOG2E = 1.4426950408889634
+MAX_SCALE = 1e6  # softmax_scale at most (1/sqrt(head_dim) is at most 0.18 here)
 
 if INTERPRET:
     # Interpreters without triton-lang/triton#9171 (triton 3.6 among them)
@@ -920,9 +921,11 @@ def _check_and_prepare(q, k, v, causal, dropout_p, softmax_scale, seed):
         raise ValueError(f"flash_attn_func: {reason}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not (_is_real(softmax_scale) and math.isfinite(softmax_scale) and softmax_scale * LOG2E >= 2.0**-126):
-        # (below that, the fp32 scale the kernels use is 0, and a masked score's -inf x 0 is nan)
-        raise ValueError(f"flash_attn_func: softmax_scale must be a positive number (at least 1e-38), got "
+    elif not (_is_real(softmax_scale) and 2.0**-126 <= softmax_scale * LOG2E and softmax_scale <= MAX_SCALE):
+        # Below, the fp32 scale the kernels use is 0, and a masked score's -inf x 0 is nan. Above,
+        # a row's scores could all fall under the running maximum's start (-1e30), and the row
+        # would read as one that sees no key: an fp16 score is at most 128 x 65504^2 ~ 5.5e11.
+        raise ValueError(f"flash_attn_func: softmax_scale must be a number from 1e-38 to {MAX_SCALE:g}, got "
                          f"{softmax_scale!r}")
     if not isinstance(causal, (bool, np.bool_)):  # bool("no") would be True
         raise ValueError(f"flash_attn_func: causal must be True or False, got {causal!r}")

@@ -224,6 +224,7 @@ def test_bad_inputs_raise_clear_errors():
         (good, {"softmax_scale": True}, "softmax_scale"),
         (good, {"dropout_p": 1 - 2**-26, "seed": 1}, "dropout_p"),  # 1 in fp32: an output of nan
         (good, {"softmax_scale": 1e-46}, "softmax_scale"),  # 0 in fp32: nan where the causal mask is
+        (good, {"softmax_scale": 1e30}, "softmax_scale"),  # every score under the running max's start: 0
     ]
     if CUDA:
         bad.append(((t(1, 2, 8, 64).cpu(),) * 3, {}, "CUDA"))
