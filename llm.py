@@ -225,7 +225,8 @@ class Client:
     def map(self, requests_, **params):
         """Yield (key, Reply | Failure) for each (key, messages or prompt) of requests_, in
         the order they complete: messages (a list) go to chat(), a prompt (a string) to
-        complete(). requests_ is read lazily, a few ahead of the answers.
+        complete(). An item may hold a third value, params of its own (a seed), which
+        take the place of map's. requests_ is read lazily, a few ahead of the answers.
 
         The requests run in daemon threads of this call, each with a Session of its own
         that it closes when it ends (a Session is not documented as thread-safe). Not a
@@ -233,10 +234,10 @@ class Client:
         does not abort a request in flight, so Ctrl-C would wait out every request running
         (up to the timeout, times the retries)."""
 
-        def one(key, payload):
+        def one(key, payload, own=None):
             try:
                 ask = self.complete if isinstance(payload, str) else self.chat
-                return key, ask(payload, **params)
+                return key, ask(payload, **{**params, **(own or {})})
             except LLMError as e:
                 return key, e.failure
 

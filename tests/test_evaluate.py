@@ -857,7 +857,9 @@ def test_samples_of_another_benchmark_in_out_are_refused_before_generating(tmp_p
     assert foreign.read_text() == before and [p.name for p in out.iterdir()] == ["samples.jsonl"]
 
 
-def test_api_samples_ask_with_seed_plus_their_index_and_resume_only_with_that_seed(tmp_path):
+def test_api_samples_ask_with_seeds_of_their_own_and_resume_only_with_that_seed(tmp_path):
+    """Each sample's seed differs within a problem and across problems (with seed + index for
+    all, sample i of every problem drew the same random numbers)."""
     from llm_server import FakeLLM
     asked = []
 
@@ -870,16 +872,15 @@ def test_api_samples_ask_with_seed_plus_their_index_and_resume_only_with_that_se
         evaluate.main([f"--api_base={server.url}", *common])
         with pytest.raises(UserError, match=r"other settings \(seed;"):
             evaluate.main([f"--api_base={server.url}", *common, "--seed=7"])
-    prompts = {prompt for prompt, _ in asked}
-    assert len(prompts) == 2 and sorted(asked) == sorted((p, 1337 + i) for p in prompts for i in range(3))
+    assert len({prompt for prompt, _ in asked}) == 2 and len({seed for _, seed in asked}) == 6
     assert json.loads((tmp_path / "out" / "generation.json").read_text())["seed"] == 1337
     samples = read_jsonl(tmp_path / "out" / "samples.jsonl")
-    assert sorted((s["task_id"], s["completion"]) for s in samples) == [  # a problem's samples differ
-        (t, f"    return {1337 + i}\n") for t in ("HumanEval/0", "HumanEval/1") for i in range(3)]
+    assert sorted((s["task_id"], s["completion"]) for s in samples) == sorted(
+        (t, f"    return {evaluate.sample_seed(1337, t, i)}\n") for t in ("HumanEval/0", "HumanEval/1") for i in range(3))
 
 
 def test_a_rerun_after_a_failed_request_asks_for_the_missing_sample_not_one_there(tmp_path):
-    """Sample 0 failed, sample 1 came: the rerun asks for sample 0 (seed + 0), not sample 1 again (a
+    """Sample 0 failed, sample 1 came: the rerun asks for sample 0 (its seed), not sample 1 again (a
     seed-honouring server would answer it the same, a duplicate scored as another sample)."""
     from llm_server import FakeLLM
     asked = []
@@ -894,15 +895,16 @@ def test_a_rerun_after_a_failed_request_asks_for_the_missing_sample_not_one_ther
         with pytest.raises(UserError, match="1 requests .* failed"):
             evaluate.main([f"--api_base={server.url}", *common, "--n_samples=2"])
         evaluate.main([f"--api_base={server.url}", *common, "--n_samples=2"])
-        assert asked == [1338, 1337]
+        seeds = [evaluate.sample_seed(1337, "HumanEval/0", i) for i in range(3)]
+        assert asked == [seeds[1], seeds[0]]
         assert sorted(s["completion"] for s in read_jsonl(out / "samples.jsonl")) == \
-            ["    return 1337\n", "    return 1338\n"]
+            sorted(f"    return {seed}\n" for seed in seeds[:2])
         # a file of an older evaluate.py, without sample_index: its lines are samples 0, 1, ... in order
         write_jsonl(out / "samples.jsonl", [{k: s[k] for k in ("task_id", "completion")}
                                             for s in read_jsonl(out / "samples.jsonl")])
         asked.clear()
         evaluate.main([f"--api_base={server.url}", *common, "--n_samples=3"])
-    assert asked == [1339]
+    assert asked == [seeds[2]]
 
 
 def test_a_prompt_too_long_for_the_servers_context_is_a_failed_sample_not_a_run_that_never_ends(tmp_path, capsys):
