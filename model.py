@@ -333,8 +333,11 @@ class GPT(nn.Module):
         T0, most = int(lengths.max()), max(budgets)
         total = T0 + max(most - 1, 0)  # positions fed to the model: the last new token never is
         if total > self.config.block_size:
-            raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({most}) exceeds "
-                             f"the context of {self.config.block_size} by {total - self.config.block_size}")
+            what = (f"prompt ({T0} tokens) + max_new_tokens ({most})" if isinstance(max_new_tokens, int) else
+                    f"the longest prompt ({T0} tokens) + the largest max_new_tokens ({most}), both of which "
+                    f"the rows' one cache must hold,")
+            raise ValueError(f"{what} exceeds the context of {self.config.block_size} by "
+                             f"{total - self.config.block_size}")
         new_tokens: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
 
@@ -622,7 +625,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     reaches top_p."""
     if not temperature >= GREEDY_BELOW:  # NaN too
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # above float32's range T is inf, and the vocabulary's padding rows' -inf / inf is nan:
+    # any T past 1e30 samples as that one does, uniformly over the tokens
+    probs = torch.softmax(logits / min(temperature, 1e30), dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
@@ -652,13 +657,27 @@ def runnable(c: GPTConfig, source) -> GPTConfig:
                 (c.rotary_dim > c.head_dim or c.rotary_dim % 2,
                  f"rotary on {c.rotary_dim} dims of a head of {c.head_dim}: it takes an even number, at most "
                  f"the head's"),
-                (not 0 <= c.dropout < 1, f"dropout {c.dropout!r} is not in [0, 1)"),
-                (not (c.rope_base > 0 and c.layer_norm_eps > 0),
-                 f"rope_base {c.rope_base!r} and layer_norm_eps {c.layer_norm_eps!r} must be positive")]
+                (not (_real(c.dropout) and 0 <= c.dropout < 1), f"dropout {c.dropout!r} is not in [0, 1)"),
+                (not (_real(c.rope_base) and _real(c.layer_norm_eps) and c.rope_base > 0 and c.layer_norm_eps > 0),
+                 f"rope_base {c.rope_base!r} and layer_norm_eps {c.layer_norm_eps!r} must be positive numbers")]
     for bad, what in problems:
         if bad:
             raise ValueError(f"{source}: {what}")
     return c
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)  # JSON's true is no number
+
+
+def rotary_fraction(rotary_dim: int, head_dim: int) -> float:
+    """config.json's partial_rotary_factor for rotary_dim dims of a head: transformers
+    takes int(factor * head_dim) dims, so the factor must not fall a hair short (30/44
+    does: int(0.6818... * 44) is 29)."""
+    factor = rotary_dim / head_dim
+    while int(factor * head_dim) < rotary_dim:
+        factor = math.nextafter(factor, math.inf)
+    return factor
 
 
 def config_from_hf(c: dict, source="config.json") -> GPTConfig:
@@ -675,7 +694,14 @@ def config_from_hf(c: dict, source="config.json") -> GPTConfig:
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
         if not (type(c[key]) is int and c[key] > 0):  # "64" would fail later, as something else
             raise ValueError(f"{source}: {key} is {c[key]!r}, not a positive integer")
+    for key in ("rope_scaling", "rope_parameters"):
+        if not isinstance(c.get(key) or {}, dict):
+            raise ValueError(f"{source}: {key} is {c[key]!r}, not an object")
     rope = {**c, **(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}  # transformers 5 nests it
+    numeric = [(rope, "partial_rotary_factor", 0.5), (rope, "rope_theta", 10000.0), (c, "layer_norm_eps", 1e-5)]
+    for where, key, default in numeric:
+        if not _real(where.get(key, default)):  # null, "0.5" or true would fail later, as something else
+            raise ValueError(f"{source}: {key} is {where[key]!r}, not a number")
     refused = [(c.get("model_type", "phi") != "phi", f"model_type {c.get('model_type')!r}"),
                (c.get("hidden_act", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
                 f"hidden_act {c.get('hidden_act')!r}"),
@@ -689,7 +715,8 @@ def config_from_hf(c: dict, source="config.json") -> GPTConfig:
             raise ValueError(f"{source}: {what} is not phi-1's architecture, which this model implements")
     return runnable(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                               block_size=c.get("max_position_embeddings", 2048), vocab_size=vocab_size,
-                              rotary_dim=int(rope.get("partial_rotary_factor", 0.5) * n_embd // n_head),
+                              # as transformers reads it, whose model these weights are
+                              rotary_dim=int(rope.get("partial_rotary_factor", 0.5) * (n_embd // n_head)),
                               rope_base=rope.get("rope_theta", 10000.0),
                               layer_norm_eps=c.get("layer_norm_eps", 1e-5),
                               dropout=float(c.get("resid_pdrop") or 0.0)),  # ours: attention's and the residual's
@@ -701,7 +728,7 @@ def hf_config_from(c: GPTConfig) -> dict:
             "hidden_size": c.n_embd, "intermediate_size": 4 * c.n_embd,
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
             "num_key_value_heads": c.n_head, "max_position_embeddings": c.block_size,
-            "vocab_size": c.vocab_size, "partial_rotary_factor": c.rotary_dim / c.head_dim,
+            "vocab_size": c.vocab_size, "partial_rotary_factor": rotary_fraction(c.rotary_dim, c.head_dim),
             "rope_theta": c.rope_base, "layer_norm_eps": c.layer_norm_eps,
             "hidden_act": "gelu_new", "tie_word_embeddings": False, "qk_layernorm": False,
             "resid_pdrop": c.dropout, "embd_pdrop": 0.0, "attention_dropout": c.dropout,

@@ -316,6 +316,11 @@ def test_generation_fills_the_context_and_refuses_what_cannot_be(tmp_path):
         with pytest.raises(ValueError, match="temperature must be finite and >= 0, top_p in"):
             model.generate([[1]], 2, temperature, top_p)  # -1 was greedy without a word, inf a torch error
     assert len(model.generate([[1]], 3, stop=["\ud800"])[0]) == 3  # can never match; no crash
+    for temperature in (1e39, 1e300):  # inf in float32: the padding rows' -inf / inf was nan, a torch error
+        tokens = small_model(config=ONE_LAYER).generate([[1]], 4, temperature, seed=0)[0]
+        assert len(tokens) == 4 and all(0 <= t < tokenizer.VOCAB_SIZE for t in tokens)
+    with pytest.raises(ValueError, match=r"the longest prompt \(60 tokens\) \+ the largest max_new_tokens \(6\)"):
+        model.generate([prompt, [1]], [1, 6])  # each row fits alone, not in one cache
     path = tmp_path / "dropout.pt"
     torch.save({"model": GPT(PRESETS["nano"]).state_dict(), "config": {**vars(PRESETS["nano"]), "dropout": 0.5}}, path)
     assert not GPT.from_checkpoint(path).training  # loaded models sample without dropout
@@ -636,6 +641,22 @@ def test_a_minimal_hf_config_gets_transformers_defaults():
     with pytest.raises(ValueError, match="MLP width"):
         config_from_hf({"hidden_size": 64, "num_attention_heads": 1, "num_hidden_layers": 1,
                         "vocab_size": 512, "intermediate_size": 128})
+
+
+def test_hf_config_values_of_the_wrong_type_are_one_error_and_rotary_widths_read_as_transformers_reads_them():
+    base = {"hidden_size": 128, "num_attention_heads": 2, "num_hidden_layers": 1, "vocab_size": 512}
+    for key, value in [("partial_rotary_factor", None), ("partial_rotary_factor", "0.5"), ("rope_theta", None),
+                       ("layer_norm_eps", True), ("rope_scaling", "linear")]:  # were TypeErrors, or true taken
+        with pytest.raises(ValueError, match=f"config.json: {key} is"):
+            config_from_hf({**base, key: value})
+    # transformers takes int(factor * head_dim) rotary dims: heads of 112 and 44 at factors near 34/112, 30/44
+    assert config_from_hf({**base, "hidden_size": 672, "num_attention_heads": 6,
+                           "partial_rotary_factor": 34 / 112}).rotary_dim == int(34 / 112 * 112) == 34
+    for n_embd, n_head, rotary_dim in [(672, 6, 34), (88, 2, 30), (128, 2, 32)]:  # our exports read back the same
+        exported = model_module.hf_config_from(GPTConfig(n_layer=1, n_head=n_head, n_embd=n_embd, block_size=64,
+                                                         rotary_dim=rotary_dim))
+        assert int(exported["partial_rotary_factor"] * (n_embd // n_head)) == rotary_dim
+        assert config_from_hf(exported).rotary_dim == rotary_dim
 
 
 def test_save_pretrained_keeps_a_non_default_rope_base(tmp_path):
