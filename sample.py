@@ -90,6 +90,7 @@ import threading
 import time
 import traceback
 import uuid
+import zlib
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -169,6 +170,12 @@ def sampling_mode(temperature: float, top_p: float) -> tuple[float, float]:
     return float(temperature), float(top_p)
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of the index-th batch of a request's (or the command line's) rows: from both,
+    as seed + index would give seed 1338's first batch the draws of seed 1337's second."""
+    return zlib.crc32(f"{seed}/{index}".encode())
+
+
 def cut(ids: list[int], max_new: int, stops) -> tuple[str, str]:
     """The text of new tokens up to the first stop string, and OpenAI's finish_reason.
 
@@ -184,14 +191,16 @@ def cut(ids: list[int], max_new: int, stops) -> tuple[str, str]:
 # ---------------------------------------------------------------- command line
 
 def read_prompt(cfg) -> str:
-    if cfg.prompt_file == "-":
-        return sys.stdin.read()
-    if cfg.prompt_file:
-        try:
-            return Path(cfg.prompt_file).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --prompt_file={cfg.prompt_file}: {e}") from None
-    return cfg.prompt
+    if not cfg.prompt_file:
+        return cfg.prompt
+    try:
+        if cfg.prompt_file != "-":
+            return Path(cfg.prompt_file).read_text(encoding="utf-8")
+        if sys.stdin is None:  # started with standard input closed
+            raise OSError("standard input is closed")
+        return sys.stdin.buffer.read().decode("utf-8")  # as strict as a file's
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --prompt_file={cfg.prompt_file}: {e}") from None
 
 
 def print_samples(cfg, model: GPT) -> None:
@@ -211,7 +220,8 @@ def print_samples(cfg, model: GPT) -> None:
     seed = COMMAND_LINE_SEED if cfg.seed is None else cfg.seed
     for start in range(0, cfg.num_samples, cfg.max_batch):  # --max_batch at a time: memory, and output as it comes
         rows = min(cfg.max_batch, cfg.num_samples - start)
-        for i, new in enumerate(model.generate([ids] * rows, max_new, temperature, top_p, stops, seed + start)):
+        new_ids = model.generate([ids] * rows, max_new, temperature, top_p, stops, batch_seed(seed, start // cfg.max_batch))
+        for i, new in enumerate(new_ids):
             if start + i:
                 print("-" * 40)
             print(prompt + cut(new, max_new, stops)[0], flush=True)
@@ -533,7 +543,7 @@ class Engine:
     def _generate(self, batch: list[Row], index: int) -> None:
         first = batch[0]
         if first.seed is not None and all(row.request == first.request for row in batch):
-            seed = first.seed + index  # a request batched alone: reproducible (generate takes it modulo 2**64)
+            seed = batch_seed(first.seed, index)  # a request batched alone: reproducible
         else:
             seed = self.rng.randrange(2**63)
         self.largest_batch = max(self.largest_batch, len(batch))

@@ -222,13 +222,15 @@ def test_chat_cuts_at_a_stop_of_the_request_with_or_without_stream(client, refer
 
 
 def test_a_seeded_request_split_over_batches_draws_fresh_samples_in_each(client, reference):
-    # the fixture's --max_batch=8: n=10 rows run as 8 with the seed, then 2 with the seed + 1
+    # the fixture's --max_batch=8: n=10 rows run as 8, then 2, each batch with a seed of its own
     ids = tokenizer.encode("def f(x):")
     r = client.completions.create(model=NAME, prompt="def f(x):", max_tokens=6, temperature=1.0, top_p=0.9,
                                   n=10, seed=5)
-    outs = (reference.generate([ids] * 8, 6, temperature=1.0, top_p=0.9, seed=5)
-            + reference.generate([ids] * 2, 6, temperature=1.0, top_p=0.9, seed=6))
+    outs = (reference.generate([ids] * 8, 6, temperature=1.0, top_p=0.9, seed=sample.batch_seed(5, 0))
+            + reference.generate([ids] * 2, 6, temperature=1.0, top_p=0.9, seed=sample.batch_seed(5, 1)))
     assert [c.text for c in r.choices] == [sample.cut(new, 6, ())[0] for new in outs]
+    # and seed 6's first batch draws other samples than seed 5's second (seed + index made them one)
+    assert sample.batch_seed(6, 0) != sample.batch_seed(5, 1)
 
 
 def test_chat_completion_follows_the_template(client, reference):
@@ -248,7 +250,7 @@ def test_seeded_sampling_is_reproducible(client, reference):
     assert texts == [c.text for c in second.choices]
     assert texts[0] != texts[1]  # n samples, not n copies
     ids = tokenizer.encode("def f(x):")
-    alone = reference.generate([ids, ids], 8, temperature=1.0, top_p=0.9, seed=5)  # a lone request's batch
+    alone = reference.generate([ids, ids], 8, temperature=1.0, top_p=0.9, seed=sample.batch_seed(5, 0))  # alone
     assert texts == [sample.cut(new, 8, ())[0] for new in alone]
 
 
@@ -883,7 +885,8 @@ def test_cli_samples_are_seeded_clamped_and_num_samples_many(ckpt, reference, ca
     sample.print_samples(cfg, reference)
     ids = tokenizer.encode(prompt)
     max_new = BLOCK - len(ids)  # what the context leaves
-    outs = reference.generate([ids, ids], max_new, cfg.temperature, cfg.top_p, [], sample.COMMAND_LINE_SEED)
+    outs = reference.generate([ids, ids], max_new, cfg.temperature, cfg.top_p, [],
+                              sample.batch_seed(sample.COMMAND_LINE_SEED, 0))
     samples = [prompt + sample.cut(new, max_new, ())[0] + "\n" for new in outs]
     out, err = capsys.readouterr()
     assert out == ("-" * 40 + "\n").join(samples)
@@ -903,8 +906,34 @@ def test_cli_samples_go_max_batch_at_a_time(ckpt, reference, capsys, monkeypatch
     rows.clear()
     cfg.num_samples = 2
     sample.print_samples(cfg, reference)  # one batch: the samples of the same seed as before
-    outs = real_generate(reference, [tokenizer.encode("x =")] * 2, 3, 1.0, 1.0, [], sample.COMMAND_LINE_SEED)
+    outs = real_generate(reference, [tokenizer.encode("x =")] * 2, 3, 1.0, 1.0, [],
+                         sample.batch_seed(sample.COMMAND_LINE_SEED, 0))
     assert capsys.readouterr().out == ("-" * 40 + "\n").join("x =" + sample.cut(new, 3, ())[0] + "\n" for new in outs)
+
+
+def test_cli_neighbouring_seeds_share_no_samples(ckpt, reference, capsys):
+    """Batch b drew with seed + b: --seed=1338's first sample was --seed=1337's second."""
+    def samples(seed: int) -> list[str]:
+        cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--num_samples=2", "--max_batch=1",
+                                                   "--max_new_tokens=8", "--temperature=1", f"--seed={seed}"])
+        cfg.prompt = "x ="
+        sample.print_samples(cfg, reference)
+        return capsys.readouterr().out.split("-" * 40 + "\n")
+    first, second = samples(1337), samples(1338)
+    assert len(set(first + second)) == 4
+
+
+def test_a_prompt_from_standard_input_is_read_as_strictly_as_a_file(ckpt, monkeypatch):
+    import io
+    cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--prompt_file=-"])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("def f(\u00e9):".encode())))
+    assert sample.read_prompt(cfg) == "def f(\u00e9):"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"abc\xff")))  # was read as U+FFFD
+    with pytest.raises(UserError, match="cannot read --prompt_file=-: 'utf-8' codec"):
+        sample.read_prompt(cfg)
+    monkeypatch.setattr(sys, "stdin", None)  # started with stdin closed: was an AttributeError
+    with pytest.raises(UserError, match="standard input is closed"):
+        sample.read_prompt(cfg)
 
 
 def test_cli_refuses_a_prompt_that_fills_the_context(ckpt, reference):
