@@ -169,7 +169,8 @@ def humaneval_score(cfg):
     import evaluate
 
     def score(model):
-        value = evaluate.pass_at_1(model, "humaneval", cfg.humaneval_problems, cfg.humaneval_max_tokens)
+        value = evaluate.pass_at_1(model, "humaneval", cfg.humaneval_problems, cfg.humaneval_max_tokens,
+                                   batch_size=cfg.batch_size)  # which out of memory advises lowering
         return (f"HumanEval pass@1 ({cfg.humaneval_problems} problems, {cfg.humaneval_max_tokens} tokens at most)",
                 value)
     return score

@@ -523,8 +523,9 @@ def train(cfg, make_data=None, score=None) -> GPT:
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)):
             raise
+        context = " or --block_size" if score is None else ""  # finetuning keeps its base model's context
         raise UserError(f"out of memory: lower --batch_size (--total_batch_size keeps the batch per step, by "
-                        f"gradient accumulation) or --block_size ({str(e).strip().splitlines()[0][:300]})") from None
+                        f"gradient accumulation){context} ({str(e).strip().splitlines()[0][:300]})") from None
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
@@ -769,6 +770,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     t_last, step_last = time.time(), start_step
     model.train()
     step = start_step
+    saved_unscored = False  # ckpt.pt holds the step whose validation a stop interrupted
     profiler = None
     if cfg.profile and master:
         # one cycle (repeat=0 would trace again every log_interval + 5 steps to the end)
@@ -783,11 +785,14 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             validated = False
             with said_together():  # (bad val data, a full disk: process 0's alone under DDP)
                 validated = validate(step)
-            if not validated and world == 1:  # stopped by a signal: no step more (DDP: the next, together)
+            if not validated:  # stopped by a signal: saved at this step, whose score a resume takes
                 if saved_step != step:
-                    save(step, score_due=score is not None)
-                    print(f"saved {ckpt_path} at step {step}", flush=True)
-                stop_run(_stop_signal)
+                    with said_together():
+                        save(step, score_due=score is not None)
+                        print(f"saved {ckpt_path} at step {step}", flush=True)
+                if world == 1:
+                    stop_run(_stop_signal)
+                saved_unscored = True  # DDP: every process stops at the next step's flags; no save replaces it
             t_last += time.time() - t_eval  # the throughput counts training time only
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
@@ -873,7 +878,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                       f"{1000 * dt / (step - step_last):.0f} ms/step | {tok_s:,.0f} tok/s{mfu}{mem}", flush=True)
                 t_last, step_last = time.time(), step
             if stop or checkpoint:
-                if master:
+                if master and not saved_unscored:
                     t_save = time.time()
                     with said_together():  # (a stop says it below, a checkpoint at the next step's flags)
                         save(step, score_due=last and score is not None and cfg.eval_interval > 0)

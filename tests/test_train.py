@@ -647,6 +647,10 @@ def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, monkeypatch, err
     monkeypatch.setattr(train.GPT, "forward", forward_raising(error))
     with pytest.raises(UserError, match=r"out of memory: lower --batch_size .* or --block_size \(.*allocate 9"):
         train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), max_iters=2))
+    with pytest.raises(UserError) as finetuning:  # finetune.py (a score) has no --block_size to lower
+        train.train(settings(data=str(data), out_dir=str(tmp_path / "out1"), max_iters=2),
+                    score=lambda model: ("fake", 0.0))
+    assert "--batch_size" in str(finetuning.value) and "--block_size" not in str(finetuning.value)
     monkeypatch.setattr(train.GPT, "forward", forward_raising(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # any other error stays a traceback to see
         train.train(settings(data=str(data), out_dir=str(tmp_path / "out2"), max_iters=2))
@@ -1216,6 +1220,44 @@ run(lambda: train.train(cfg, make_data=lambda c: SignalledOnRank1(cfg.data, c.bl
          f"--out_dir={out}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert "stopped by SIGTERM" in result.stdout, result.stderr[-3000:]
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4  # signalled during step 3: all stop after step 4
+
+
+def test_a_signal_during_a_score_under_ddp_saves_the_step_being_scored_and_the_resume_scores_it(tmp_path):
+    """Under DDP the processes trained a step or two more and saved there, unscored: the
+    resume never scored the interrupted step (finetune's best.pt could miss its best model)."""
+    data = make_dataset(tmp_path / "ds")
+    script = tmp_path / "ddp_score_signal.py"
+    script.write_text(f"""
+import os, signal, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import train
+from config import parse_args, run
+
+scored = []
+
+def score(model):  # process 0's; SIGTERM while step 4 is scored
+    scored.append(1)
+    if len(scored) == 2 and os.environ.get("SIGNAL_IN_SCORE"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+    return "fake", 0.0
+
+cfg, _ = parse_args(train.DEFAULTS, argv=sys.argv[1:])
+run(lambda: train.train(cfg, score=score))
+""")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               f"--data={data}", "--preset=nano", "--batch_size=2", "--max_iters=6", "--warmup_iters=1",
+               "--log_interval=1000", "--checkpoint_interval=1000", "--eval_interval=4", "--eval_iters=1",
+               "--sample_tokens=0", f"--out_dir={out}"]
+    stopped = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "SIGNAL_IN_SCORE": "1"})
+    assert "stopped by SIGTERM" in stopped.stdout, stopped.stderr[-3000:]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["score_due"]) == (4, True)  # was step 5, its score due no more
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "step 4: fake 0.0000" in resumed.stdout, resumed.stdout
 
 
 def test_a_resume_warns_of_another_batch_size_with_dropout_only_and_clears_a_half_written_save(tmp_path, capsys):
