@@ -371,11 +371,6 @@ def pass_at_1(model, bench: str = "humaneval", limit: int = 0, max_new_tokens: i
     return sum(r["passed"] for r in results) / len(results)
 
 
-# how OpenAI ("maximum context length"), vLLM, sample.py --serve and llama.cpp ("exceeds the
-# available context size") refuse a prompt too long for the model
-TOO_LONG = re.compile(r"context (length|size|window)", re.IGNORECASE)
-
-
 def sample_seed(seed: int, task_id: str, index: int) -> int:
     """The seed a sample asks an endpoint with: one seed for a problem's samples would make
     them one sample n times, and seed + index for every problem would draw each problem's
@@ -416,7 +411,7 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
         with client:
             asks = ((key, prompt, dict(seed=sample_seed(cfg.seed, *key))) for key, prompt in jobs)
             for key, reply in client.map(asks, **params):
-                if isinstance(reply, Failure) and reply.kind == "refused" and TOO_LONG.search(reply.message):
+                if isinstance(reply, Failure) and reply.too_long:
                     reply, too_long = Reply("", None, None), too_long + 1  # an empty completion
                 if isinstance(reply, Failure):
                     alike = alike + 1 if alike and reply.alike(failed[-1]) else 1

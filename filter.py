@@ -20,15 +20,23 @@ annotate   draws --n documents spread over --strata length quantiles in proporti
            sample's lengths follow the corpus's without a plain draw's luck; a larger --n
            extends the same draw) and asks the teacher (llm.py: --api_base, else
            $OPENAI_BASE_URL, else OpenAI) for their educational value with our own prompt
-           (PROMPT): a score from 0 to 10 on the answer's last line. parse_score reads it;
-           an answer without one is asked again with a reminder, up to --attempts answers,
-           then written as a failure (score null, "error"). Records {"id", "score",
-           "answer", "text", "stratum", "model"} are appended to --labels as they come; a
-           rerun asks only for the documents without a score (warning of scores by another
-           --model), and a document's last line counts. One run at a time writes --labels (a
-           lock). A document with the id of an earlier one is not drawn (counted): embed and
-           train know a document by its id and take the first, as every stage does. A
-           document is a positive (the label) when its score >= --min_score.
+           (PROMPT): a score from 0 to 10 on the answer's last line, "Educational value: N".
+           parse_score reads the last such label (or "Score: N"), else the last "N/10",
+           else a lone number on the last line; an answer without one is asked again with a
+           reminder, up to --attempts answers, then written as a failure (score null,
+           "error"). Records {"id", "score", "answer", "text", "stratum", "model"} are
+           appended to --labels as they come; a rerun asks only for the documents without a
+           score (warning of scores by another --model), and a document's last line counts.
+           A request the teacher refuses (a 4xx, e.g. a prompt too long for its context, or
+           an answer without text: a content filter) is its verdict, once it has answered
+           another: written with "refused" (--model, --prompt_chars, --max_tokens,
+           --temperature), not asked again by a rerun with those settings, counted in a
+           warning; such a document has no score, and train leaves it out. Requests that
+           failed otherwise (an outage) end the run in an error, and a rerun asks again.
+           One run at a time writes --labels (a lock). A document with the id of an earlier
+           one is not drawn (counted): embed and train know a document by its id and take
+           the first, as every stage does. A document is a positive (the label) when its
+           score >= --min_score.
 embed      embeds --corpus (default: --labels) with --ckpt (our .pt, a Hugging Face phi
            folder or hub id): the mean of the final hidden states (after the last
            LayerNorm) over the document's first --doc_tokens tokens, capped at the model's
@@ -38,7 +46,8 @@ embed      embeds --corpus (default: --labels) with --ckpt (our .pt, a Hugging F
            on the right, which causal attention never lets a real position see, so batches
            need no mask. Writes --embeddings, a float16 .npy (documents x width) in corpus
            order, and NAME.json beside it (format, ids, count, dim, the source and its
-           fingerprint: corpus, model contents, settings). The work goes chunk by chunk
+           fingerprint: corpus, model contents, settings, --dtype as resolved: another one
+           embeds anew). The work goes chunk by chunk
            into NAME.npy.partial; a rerun continues at the first unfinished chunk, and the
            .npy and .json appear only once all are done (one run at a time: a lock on
            NAME.npy.lock, there while it runs). Under torchrun each process embeds every
@@ -52,21 +61,25 @@ apply      streams --corpus through the embedding model (the forest's, unless --
            --out (default out/filtered), I and N five digits (kept-00000-of-00001.jsonl):
              kept-I-of-N.jsonl    the kept documents, each with its "score"
              scores-I-of-N.bin    score (float32) and tokens (uint32) of every document
+             scores-I-of-N.json   what made those scores (a fingerprint) and how many: written
+                                  once they are whole, it lets any later run use them again
              summary-I-of-N.json  documents and tokens in all and kept, the threshold, a
                                   histogram of the scores; written last
            The score is the forest's probability of the positive class; a document is kept
            at --threshold or above, or with --top_fraction, if it is among the best-scoring
            documents that hold that fraction of the shard's tokens (the threshold read from
-           a 10,000-bin histogram; ties at it are kept, with a note where they keep notably
+           a 10,000-bin histogram that bins scores as they are compared: what is kept holds
+           at least the fraction; ties at it are kept, with a note where they keep notably
            more). Shard I of N holds lines I, I + N, I + 2N, ... of the corpus; under
            torchrun each process is a shard of its own (N = --num_shards x processes). A
            shard whose summary names its kept file is done: a rerun skips it, or with
            another --threshold or --top_fraction only selects again from its scores (a
-           changed corpus file, by size or modification time, is scored again). One run at a
-           time filters a shard (a lock on I-of-N.lock in --out, there while it runs). A
-           --corpus holding files apply writes in --out is refused (each run would read the
-           last one's output back in), and kept files of another --num_shards in --out are
-           warned of: a glob of kept-*.jsonl would take them too.
+           changed corpus file, by size or modification time, another forest, model,
+           --doc_tokens or --dtype, is scored again). One run at a time filters a shard (a
+           lock on I-of-N.lock in --out, there while it runs). A --corpus holding files
+           apply writes in --out is refused (each run would read the last one's output back
+           in), and kept files of another --num_shards in --out are warned of: a glob of
+           kept-*.jsonl would take them too.
 decontaminate  --corpus (e.g. exercises) against HumanEval and MBPP (--bench): 13-gram
            overlap (lowercased words of the problem's prompt and solution), the L2 distance
            of unit-normalised embeddings (with --ckpt) and the AST match rate tau. Writes
@@ -107,6 +120,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import heapq
 import itertools
 import json
 import math
@@ -125,7 +139,7 @@ import numpy as np
 from tqdm import tqdm
 
 import llm
-from config import UserError, parse_args, run, subcommand
+from config import UserError, alike_on_every_process, parse_args, run, subcommand
 from data.prepare import (Appender, cannot_write, check_writable, expand, path_id, read_jsonl, run_lock,
                           worker_signals, write_atomic)
 
@@ -317,38 +331,44 @@ Educational value: N
 where N is a whole number from 0 (none) to 10 (excellent)."""
 REMINDER = ("I could not find the score. Answer again with just one line of the form\n"
             "Educational value: N\nwhere N is a whole number from 0 to 10.")
-_AFTER_PHRASE = re.compile(r"educational\s+value", re.I)
-_ASIDE = re.compile(r"[(\[][^()\[\]]*[)\]]")  # "(out of 10)", "[0-10]", "(10 is best)"
+_ASIDE = re.compile(r"[(\[][^()\[\]\n]*[)\]]")  # "(out of 10)", "[0-10]", "(Note: ... Python 2 ...)"
 _SCALE = re.compile(r"\b[01]\s*(?:-|–|—|to)\s*10\b|(?:/|\bout\s+of|\bscale\s+of)\s*10\b", re.I)
-_NUMBER = re.compile(r"(?<![\w.-])(\d+(?:\.\d+)?)(?![\w])")  # not -3: no score, ask again
+# "educational value" or "score", words without a digit, a colon, and the number right after it
+# (past markdown or a line break); a number followed by "/5" or "out of 5" is on another scale
+_LABELLED = re.compile(r"(?:\beducational\s+value|\bscore)\b[^:\d\n]*:[\s*_`]*(\d+(?:\.\d+)?(?!\w)"
+                       r"(?:\s*(?:/|out\s+of)\s*\d)?)", re.I)
+_NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+)?(?!\w)")  # not -3: no score, ask again
 _OUT_OF_TEN = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*10\b", re.I)
 
 
 def parse_score(answer: str) -> int | None:
-    """The score (0-10) in a teacher's answer: the first number on the line after its last
-    "educational value" but for asides in brackets and the scale ("0 to 10", "1-10", "out
-    of 10", "/10"), else its last "N/10" or "N out of 10", else the answer if it is a bare
-    number. Halves round up."""
-    found = None
-    phrases = list(_AFTER_PHRASE.finditer(answer))
-    if phrases:
-        line = answer[phrases[-1].end():].lstrip(" \t*_:=\n").split("\n", 1)[0]
-        m = _NUMBER.search(_SCALE.sub(" ", _ASIDE.sub(" ", line)).replace("*", " "))
-        found = m and m.group(1)
-    if not found:
+    """The score (0-10) in a teacher's answer, read with asides in brackets and the scale
+    ("0 to 10", "1-10", "out of 10", "/10") set aside: the number right after the colon of
+    its last label, "Educational value: N" or "Score: N" (words without a digit may stand
+    between the label and the colon: "Educational value (0-10): N"), so that neither a
+    number in the explanation ("for Python 3") nor prose after the score counts; else its
+    last "N/10" or "N out of 10"; else the number on its last line, if that line holds only
+    one. A number on another scale ("4/5") is no score rather than rescaled: the reminder
+    asks for a 0-10 one. Halves round up; a number outside 0-10 is no score."""
+    plain = _SCALE.sub(" ", _ASIDE.sub(" ", answer))
+    labelled = _LABELLED.findall(plain)
+    if labelled:
+        found = labelled[-1]  # "4/5" whole, which the check below refuses
+    else:
         found = next(iter(_OUT_OF_TEN.findall(answer)[-1:]), None)
-    if not found:
-        bare = answer.strip().strip("*`.").strip()
-        found = bare if re.fullmatch(r"\d+(?:\.\d+)?", bare) else None
-    if not found or not 0 <= float(found) <= 10:
+    if found is None:
+        last = next((line for line in reversed(plain.splitlines()) if line.strip()), "")
+        numbers = _NUMBER.findall(last)
+        found = numbers[0] if len(numbers) == 1 else None
+    if found is None or not re.fullmatch(r"\d+(?:\.\d+)?", found) or not 0 <= float(found) <= 10:
         return None
     return int(float(found) + 0.5)
 
 
 def draw(files: list[Path], n: int, strata: int, seed: int, skipped: Counter) -> dict[int, int]:
     """index -> stratum of n documents (fewer if the corpus holds fewer), spread over length
-    quantiles in proportion to their sizes. Every line gets a random priority and each
-    stratum gives its highest-priority documents, so a larger n extends the draw. Lengths
+    quantiles in proportion to their sizes (quotas). Every line gets a random priority and
+    each stratum gives its highest-priority documents, so a larger n extends the draw. Lengths
     are line lengths in bytes; lines that hold no document are counted in skipped, and so
     are documents with the id of an earlier one (two synth.py runs of one --seed): embed
     and train know a document by its id and take the first, so only the first is drawn.
@@ -375,10 +395,7 @@ def draw(files: list[Path], n: int, strata: int, seed: int, skipped: Counter) ->
         return {}
     cuts = np.quantile(lengths[lines], np.linspace(0, 1, strata + 1)[1:-1])
     stratum = np.searchsorted(cuts, lengths[lines], side="right")
-    sizes = np.bincount(stratum, minlength=strata)
-    share = sizes * min(n, len(lines)) / len(lines)
-    quota = np.floor(share).astype(int)
-    quota[np.argsort(quota - share, kind="stable")[:min(n, len(lines)) - quota.sum()]] += 1
+    quota = quotas(np.bincount(stratum, minlength=strata), min(n, len(lines)))
     priority = np.random.default_rng(seed).permutation(len(lines))
     picked = {}
     for s in range(strata):
@@ -386,6 +403,22 @@ def draw(files: list[Path], n: int, strata: int, seed: int, skipped: Counter) ->
         for i in members[np.argsort(priority[members])][:quota[s]]:
             picked[int(lines[i])] = s
     return picked
+
+
+def quotas(sizes: np.ndarray, n: int) -> list[int]:
+    """n seats shared among strata of these sizes in proportion, one at a time, each to the
+    stratum of the highest size / (seats so far + 1/2), the lowest-numbered of a tie
+    (Sainte-Laguë's method, as Webster's). Adding seats never takes one away, so the quotas
+    of n + 1 hold those of n: the largest-remainder rule does not (the Alabama paradox). A
+    full stratum, size / (size + 1/2) < 1, comes after any other, whose claim is above 1."""
+    quota = [0] * len(sizes)
+    claims = [(-int(size) / 0.5, s) for s, size in enumerate(sizes) if size]
+    heapq.heapify(claims)
+    for _ in range(n):
+        _, s = heapq.heappop(claims)
+        quota[s] += 1
+        heapq.heappush(claims, (-int(sizes[s]) / (quota[s] + 0.5), s))
+    return quota
 
 
 def renamed_ids(ids: set, files: list[Path]) -> set[str]:
@@ -440,37 +473,64 @@ def annotate(cfg) -> Counter:
         print(f"warning: resuming with another teacher than {out} had: {sum(others.values())} scores by "
               f"{', '.join(map(str, others))} are kept, and only the documents without one go to --model={cfg.model}; "
               f"another --labels starts afresh", file=sys.stderr)
-    scored = scored_ids(out, files)
+    scored, refused = done_ids(out, files, cfg)
     todo = {index: (doc_id, text, picked[index]) for index, doc_id, text, _ in
-            documents(files, Counter(), wanted=picked) if doc_id not in scored}
+            documents(files, Counter(), wanted=picked) if doc_id not in scored and doc_id not in refused}
     if todo:
         with make_client(cfg) as client:
             out.parent.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
             # one run at a time on the labels: two would each ask (and pay) for every document
             with run_lock(out, f"another run is annotating into {out}: wait for it, stop it, or use another --labels"):
-                scored = scored_ids(out, files)  # again: a run before ours may have ended since
-                todo = {index: doc for index, doc in todo.items() if doc[0] not in scored}
+                scored, refused = done_ids(out, files, cfg)  # again: a run before ours may have ended since
+                todo = {index: doc for index, doc in todo.items() if doc[0] not in scored and doc[0] not in refused}
                 if todo:
-                    return ask_teacher(cfg, client, out, todo, len(picked))
-    print(f"{out}: all {len(picked)} documents drawn are annotated")
+                    return ask_teacher(cfg, client, out, todo, len(picked), answered=bool(scored))
+    print(f"{out}: all {len(picked)} documents drawn are annotated"
+          + (f" (the teacher refused {len(refused)} of its documents for good: they have no score)" if refused else ""))
     return Counter()
 
 
-def scored_ids(out: Path, files: list[Path]) -> set:
-    """The ids of the documents with a score in out, and today's ids of those an older filter.py named."""
-    scored = {r.get("id") for r in read_jsonl(out) if r.get("score") is not None}
-    return scored | renamed_ids(scored, files)
+def request_settings(cfg) -> dict:
+    """What a refusal is a verdict on besides the document: another --model may take it, and
+    one refused as too long for the teacher's context fits with a lower --prompt_chars."""
+    return dict(model=cfg.model, prompt_chars=cfg.prompt_chars, max_tokens=cfg.max_tokens,
+                temperature=cfg.temperature)
 
 
-def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int) -> Counter:
-    """Annotate the documents of todo into out; returns the counts of scores and failures."""
+def done_ids(out: Path, files: list[Path], cfg) -> tuple[set, set]:
+    """The ids of the documents with a score in out (and today's ids of those an older
+    filter.py named), and of those without one that the teacher refused for good with these
+    request_settings: a rerun asks for neither."""
+    scored, refused, settings = set(), set(), request_settings(cfg)
+    for r in read_jsonl(out):
+        if r.get("score") is not None:
+            scored.add(r.get("id"))
+        elif r.get("refused") == settings:
+            refused.add(r.get("id"))
+    return scored | renamed_ids(scored, files), refused - scored
+
+
+def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int, answered: bool) -> Counter:
+    """Annotate the documents of todo into out; returns the counts of scores and failures.
+
+    A request the teacher refused (a 4xx such as a prompt too long for its context, or an
+    answer without text: a content filter) is its verdict on the document: written with
+    "refused" (its request_settings), it is not asked again by a rerun with those settings.
+    That takes a teacher that answers other requests, in this run or before (answered: out
+    holds a score): one that refuses every request says that a setting or the endpoint is
+    at fault, not the documents, and its refusals are written as failures, asked again."""
     print(f"annotating {len(todo)} documents ({drawn - len(todo)} of {drawn} done before) into {out}")
     writer, counts = Appender(out), Counter()
     conversations = {}  # those of the documents asked again
-    unanswered = []  # the failures of requests that failed for good
+    unanswered = []  # the failures of requests that failed for good, but for refusals
+    refusals, held = [], []  # the refusals; the records of those not yet known to be verdicts
 
     def conversation(index: int) -> list[dict]:
         return conversations.get(index) or annotation_messages(todo[index][1], cfg)
+
+    def verdict(record: dict) -> None:
+        writer.write(dict(record, refused=request_settings(cfg)))
+        counts["refused"] += 1
 
     try:
         with tqdm(total=len(todo), desc="annotating") as bar:
@@ -483,6 +543,11 @@ def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int) -> C
                         raise UserError(f"the teacher refuses: {result}")
                     answer = result.text if isinstance(result, llm.Reply) else None
                     score = None if answer is None else parse_score(answer)
+                    if answer is not None and not answered:  # it takes our requests: a refusal is a verdict
+                        answered = True
+                        for record in held:
+                            verdict(record)
+                        held = []
                     if answer is not None and score is None and attempt < cfg.attempts:
                         conversations[index] = conversation(index) + [{"role": "assistant", "content": answer},
                                                                        {"role": "user", "content": REMINDER}]
@@ -491,6 +556,15 @@ def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int) -> C
                     doc_id, text, stratum = todo[index]
                     record = dict(id=doc_id, score=score, answer=answer, text=text, stratum=stratum,
                                   model=cfg.model)
+                    bar.update()
+                    if answer is None and result.kind == "refused":
+                        refusals.append(result)
+                        record["error"] = f"refused: {result}"
+                        if answered:
+                            verdict(record)
+                        else:
+                            held.append(record)
+                        continue
                     if score is None:
                         record["error"] = (f"request failed: {result}" if answer is None else
                                            f"no score in {attempt} answers")
@@ -498,17 +572,30 @@ def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int) -> C
                             unanswered.append(result)
                     writer.write(record)
                     counts["failed" if score is None else score] += 1
-                    bar.update()
                 pending = again
             stats = client.stats
+        for record in held:  # no answer came: failures, which a rerun asks again
+            writer.write(record)
+            counts["failed"] += 1
     finally:
         writer.close()
-    scores = {k: v for k, v in counts.items() if k != "failed"}
+    scores = {k: v for k, v in counts.items() if k not in ("failed", "refused")}
     positive = sum(v for k, v in scores.items() if k >= cfg.min_score)
     print(f"scores: {', '.join(f'{k}: {scores[k]}' for k in sorted(scores))}; failed: {counts['failed']}; "
-          f"positive (score >= {cfg.min_score}): {positive} of {sum(scores.values())}")
+          f"refused: {counts['refused']}; positive (score >= {cfg.min_score}): {positive} of {sum(scores.values())}")
     print(f"requests {stats.requests}, retries {stats.retries}, tokens {stats.tokens_in:,} in, "
           f"{stats.tokens_out:,} out" + (f", cost ${stats.cost:.2f}" if stats.cost else ""))
+    if refusals:
+        too_long = sum(f.too_long for f in refusals)
+        hint = (f"; {too_long} of them too long for its context: a lower --prompt_chars (now {cfg.prompt_chars}) "
+                f"or --max_tokens asks again" if too_long else "")
+        if held:
+            raise UserError(f"the teacher refused {len(held)} requests and answered none (first: {refusals[0]}){hint}; "
+                            f"does {client.api_base} take the settings sent (--model, --max_tokens, --temperature)? "
+                            f"A rerun asks for them again")
+        print(f"warning: the teacher refused {len(refusals)} documents for good (first: {refusals[0]}){hint}; "
+              f"they have no score, train leaves them out, and a rerun with the same --model, --prompt_chars, "
+              f"--max_tokens and --temperature does not ask again", file=sys.stderr)
     if unanswered:
         raise UserError(f"{len(unanswered)} documents got no answer (first: {unanswered[0]}); "
                         f"rerun the same command to ask again")
@@ -533,6 +620,14 @@ def load_embedder(cfg, ckpt: str, device):
     """The embedding model, in eval mode on device."""
     from model import load_model, pick_dtype
     return load_model(ckpt, device, pick_dtype(cfg.dtype, device))
+
+
+def embedding_dtype(cfg, device) -> str:
+    """The dtype load_embedder runs the model in on device ("auto" resolved): embeddings
+    made in bfloat16 differ from float32 ones (or overflow), so it is part of their
+    fingerprint, and of apply's scores'."""
+    from model import pick_dtype
+    return str(pick_dtype(cfg.dtype, device)).removeprefix("torch.")
 
 
 def embed_texts(model, texts: list[str], doc_tokens: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -611,7 +706,10 @@ def embed(cfg) -> Path:
         raise UserError(f"no documents in {', '.join(map(str, files))}")
     # a local model by its full path: the forest trained on these names it, for apply run from anywhere
     ckpt = str(Path(cfg.ckpt).resolve()) if Path(cfg.ckpt).exists() else cfg.ckpt
-    source = dict(corpus=files_identity(files), ckpt=ckpt, doc_tokens=cfg.doc_tokens)
+    from model import pick_device
+    with alike_on_every_process():  # a bad --device or --dtype, said once under torchrun
+        dtype = embedding_dtype(cfg, pick_device(cfg.device))
+    source = dict(corpus=files_identity(files), ckpt=ckpt, doc_tokens=cfg.doc_tokens, dtype=dtype)
     fp = fingerprint(EMBEDDINGS_FORMAT, source, content_identity(ckpt), ids)
     if embedded(out, sidecar, fp):
         print(f"{out} already holds these embeddings")
@@ -1274,11 +1372,14 @@ def train(cfg) -> RandomForest:
 
 def histogram(scores: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Documents and tokens per score bin [b / bins, (b + 1) / bins) (1.0 in the last),
-    read a million scores at a time."""
+    read a million scores at a time. A float32 score times bins is exact in float64, so a
+    score is in bin b or above exactly when score >= b / bins in Python floats, as apply
+    compares them (in float32 the product rounds: 0.40969998 would fall in bin 4097 of
+    10,000 but not be kept at 0.4097)."""
     documents, tokens = np.zeros(bins, np.int64), np.zeros(bins)
     for start in range(0, len(scores), 1 << 20):
         part = scores[start:start + (1 << 20)]
-        b = np.minimum((part["score"] * bins).astype(np.int64), bins - 1)
+        b = np.minimum((part["score"].astype(np.float64) * bins).astype(np.int64), bins - 1)
         documents += np.bincount(b, minlength=bins)
         tokens += np.bincount(b, weights=part["tokens"], minlength=bins)
     return documents, tokens
@@ -1291,14 +1392,27 @@ def top_threshold(scores: np.ndarray, fraction: float, bins: int = 10_000) -> fl
     return float(np.flatnonzero(from_top >= fraction * from_top[0])[-1] / bins) if len(scores) else 0.0
 
 
-def score_shard(cfg, files, shard: int, shards: int, forest: RandomForest, model, doc_tokens: int, path: Path):
-    """Embed and score every document of the shard, a chunk at a time, into path (SCORES records)."""
+def score_shard(cfg, files, shard: int, shards: int, forest: RandomForest, model, doc_tokens: int, path: Path,
+                scoring: str) -> None:
+    """Embed and score every document of the shard, a chunk at a time, into path (SCORES
+    records); then write scores_description(path), saying that path holds the scores of
+    fingerprint scoring, whole: until then a rerun scores the shard again."""
     column, chunk, skipped = positive_column(forest), cfg.batch_size * CHUNK_BATCHES, Counter()
     partial = path.with_name(path.name + ".partial")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(partial, "wb") as f, tqdm(desc=f"scoring {path.name}", unit=" docs") as bar:
         for texts in batched((text for _, _, text, _ in documents(files, skipped, shard, shards)), chunk):
-            f.write(scored(texts, cfg, forest, column, model, doc_tokens).tobytes())
+            X, tokens = embed_texts(model, texts, doc_tokens, cfg.batch_size)
+            X = X.astype(np.float16)  # rounded as embed stores them
+            broken = int((~np.isfinite(X)).any(1).sum())
+            if broken:  # the forest cannot score them: a model that overflows, or NaN weights' garbage
+                raise UserError(f"shard {shard} of {shards}: {broken} of its documents {bar.n} to "
+                                f"{bar.n + len(texts) - 1} embed to NaN or infinite values (--dtype={cfg.dtype}): "
+                                f"try --dtype=float32")
+            records = np.zeros(len(texts), SCORES)
+            records["score"] = forest.predict_proba(X)[:, column]
+            records["tokens"] = np.minimum(tokens, np.iinfo(np.uint32).max)
+            f.write(records.tobytes())
             bar.update(len(texts))
     warn_skipped(skipped, files)
     if not bar.n and skipped:  # lines, none of them a document: a wrong corpus, not a shard past a small one's end
@@ -1306,15 +1420,21 @@ def score_shard(cfg, files, shard: int, shards: int, forest: RandomForest, model
         raise UserError(f"no documents in {', '.join(map(str, files))}"
                         + (f" (shard {shard} of {shards})" if shards > 1 else ""))
     os.replace(partial, path)
+    write_atomic(scores_description(path), json.dumps(dict(scoring=scoring, documents=bar.n)).encode())
 
 
-def scored(texts: list[str], cfg, forest: RandomForest, column: int, model, doc_tokens: int) -> np.ndarray:
-    """SCORES records of texts: the forest's probability of the positive class, and the tokens."""
-    X, tokens = embed_texts(model, texts, doc_tokens, cfg.batch_size)
-    out = np.zeros(len(texts), SCORES)
-    out["score"] = forest.predict_proba(X.astype(np.float16))[:, column]  # rounded as embed stores them
-    out["tokens"] = np.minimum(tokens, np.iinfo(np.uint32).max)
-    return out
+def scores_description(path: Path) -> Path:
+    """scores-I-of-N.json beside scores-I-of-N.bin: what made the scores, and how many there are."""
+    return path.with_suffix(".json")
+
+
+def scores_done(path: Path, scoring: str) -> bool:
+    """Whether path holds the whole shard's scores of fingerprint scoring, as its description says."""
+    try:
+        meta = json.loads(scores_description(path).read_text())
+        return meta["scoring"] == scoring and path.stat().st_size == SCORES.itemsize * meta["documents"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def apply(cfg) -> dict:
@@ -1351,7 +1471,7 @@ def apply(cfg) -> dict:
     if ours:
         raise UserError(f"--corpus takes {ours[0]}, which apply writes in --out={out}: each run would read the "
                         f"last one's output as corpus; give --out a folder outside the corpus")
-    for path in (kept_path, scores_path, summary_path):
+    for path in (kept_path, scores_path, scores_description(scores_path), summary_path):
         check_apart({"--out": path}, {"--corpus": files, "--forest": [Path(cfg.forest)]})
     check_writable(kept_path)
     stale = sorted(p.name for p in out.glob("kept-*-of-*.jsonl") if not p.name.endswith(f"-of-{shards:05d}.jsonl"))
@@ -1359,8 +1479,9 @@ def apply(cfg) -> dict:
         print(f"warning: {out} holds kept files of another --num_shards ({', '.join(stale[:3])}"
               f"{f' and {len(stale) - 3} more' if len(stale) > 3 else ''}): a glob of its kept-*.jsonl, as "
               f"prepare.py --inputs takes, would take them too; remove them", file=sys.stderr)
+    dtype = embedding_dtype(cfg, device)
     scoring = fingerprint(files_identity(files), content_identity(cfg.forest), content_identity(ckpt), doc_tokens,
-                          shard, shards)
+                          dtype, shard, shards)
     selection = dict(threshold=cfg.threshold, top_fraction=cfg.top_fraction)
     out.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
     # one run at a time on a shard: two would score it into one file at once
@@ -1376,26 +1497,28 @@ def apply(cfg) -> dict:
             print(f"shard {name} is done: {summary_path}")
             return previous
         started = time.time()
-        if previous.get("scoring") != scoring or not scores_path.is_file() or \
-                scores_path.stat().st_size != SCORES.itemsize * previous.get("documents", -1):
-            summary_path.unlink(missing_ok=True)  # it describes the scores about to be replaced
+        # scores described as whole are used again, whatever a run killed after them left undone
+        if not scores_done(scores_path, scoring):
+            for stale in (summary_path, scores_description(scores_path)):  # they describe the scores to be replaced
+                stale.unlink(missing_ok=True)
             model = load_embedder(cfg, ckpt, device)
             if model.config.n_embd != forest.n_features_:
                 raise UserError(f"{ckpt} embeds in {model.config.n_embd} dimensions, "
                                 f"the forest takes {forest.n_features_}")
-            score_shard(cfg, files, shard, shards, forest, model, doc_tokens, scores_path)
+            score_shard(cfg, files, shard, shards, forest, model, doc_tokens, scores_path, scoring)
         scores = np.memmap(scores_path, dtype=SCORES, mode="r") if scores_path.stat().st_size else np.zeros(0, SCORES)
         threshold = top_threshold(scores, cfg.top_fraction) if cfg.top_fraction else cfg.threshold
 
-        # until the summary is rewritten, the old one keeps the scores usable: a selection killed
-        # at any point selects again from them, and never re-embeds the shard
+        # the scores' description keeps them usable: a selection killed at any point selects
+        # again from them, and never re-embeds the shard
         partial = kept_path.with_name(kept_path.name + ".partial")
         kept = kept_tokens = seen = 0
         lowest, tied, tied_tokens = math.inf, 0, 0  # the lowest score kept, and the documents and tokens at it
         with open(partial, "w", encoding="utf-8") as f:
             for i, (_, _, _, record) in enumerate(documents(files, Counter(), shard, shards)):
                 seen += 1
-                if i < len(scores) and scores[i]["score"] >= threshold:
+                # in Python floats, as histogram bins them: numpy would compare a float32 in float32
+                if i < len(scores) and float(scores[i]["score"]) >= threshold:
                     score, tokens = float(scores[i]["score"]), int(scores[i]["tokens"])
                     f.write(json.dumps({**record, "score": round(score, 6)}, ensure_ascii=False) + "\n")
                     kept, kept_tokens = kept + 1, kept_tokens + tokens
@@ -1412,7 +1535,7 @@ def apply(cfg) -> dict:
                        kept_documents=kept, kept_tokens=kept_tokens, threshold=threshold, selection=selection,
                        histogram={f"{b / 10:.1f}-{(b + 1) / 10:.1f}":
                                   dict(documents=int(counts[b]), tokens=int(tokens[b])) for b in range(10)},
-                       forest=cfg.forest, ckpt=ckpt, doc_tokens=doc_tokens, scoring=scoring,
+                       forest=cfg.forest, ckpt=ckpt, doc_tokens=doc_tokens, dtype=dtype, scoring=scoring,
                        kept=files_identity([kept_path]),
                        seconds=round(time.time() - started, 1))
         write_atomic(summary_path, (json.dumps(summary, indent=2) + "\n").encode())

@@ -81,6 +81,9 @@ DEFAULTS = dict(
 FATAL_STATUS = (401, 403, 404)  # wrong key, no access, wrong model or URL: every request would fail
 TRANSIENT_4XX = (408, 409)  # the server timed out reading the request; a conflict (OpenAI's SDK retries both)
 FAILED_ALIKE = 5  # requests in a row that failed alike (Failure.alike): the request or endpoint is at fault
+# how OpenAI ("maximum context length"), vLLM, sample.py --serve and llama.cpp ("exceeds the
+# available context size") refuse a prompt too long for the model
+TOO_LONG = re.compile(r"context (length|size|window)", re.IGNORECASE)
 
 
 @dataclass
@@ -108,6 +111,12 @@ class Failure:
         since a refusal in other words is about its own request (a content filter, say)."""
         masked = lambda f: re.sub(r"\d+", "#", f.message) if f.kind == "refused" else ""  # noqa: E731
         return (self.kind, self.status, masked(self)) == (other.kind, other.status, masked(other))
+
+    @property
+    def too_long(self) -> bool:
+        """A refusal of a prompt too long for the model's context (with max_tokens): asked
+        again as it is, it is refused again."""
+        return self.kind == "refused" and bool(TOO_LONG.search(self.message))
 
 
 class LLMError(Exception):

@@ -267,6 +267,19 @@ def test_teacher_scores_are_read_robustly():
         assert filter.parse_score(answer) == score, answer
 
 
+def test_the_score_is_the_last_labelled_one_not_a_number_after_or_before_it():
+    """The last "educational value" anywhere was taken, with the first number on the rest of
+    its line: a number in the explanation or a note after the score was read instead. A
+    score on another scale is none (the reminder asks for a 0-10 one), not rescaled."""
+    cases = {"The file has high educational value for beginners learning Python 3.\nScore: 8/10": 8,
+             "Educational value: 7\n\n(Note: educational value judged for Python 2 users.)": 7,
+             "Educational value: 7\nOverall its educational value is decent.": 7,
+             "I would say 6/10 overall.\nIt targets Python 3.": 6, "I would rate it 7.": 7,
+             "Educational value: 4/5": None, "Score: 3 out of 5": None, "It uses Python 3 and 2 loops.": None}
+    for answer, score in cases.items():
+        assert filter.parse_score(answer) == score, answer
+
+
 # ---------------------------------------------------------------- the AST match rate
 
 class Rename(ast.NodeTransformer):
@@ -380,6 +393,17 @@ def test_the_draw_is_spread_over_length_quantiles_and_grows_by_extension(tmp_pat
     assert list(deciles) == [10] * 10 and all((lengths[i] - 1) // 100 == s for i, s in picked.items())
     assert set(filter.draw([path], 50, 10, 0, Counter())) < set(picked)
     assert set(filter.draw([path], 100, 10, 1, Counter())) != set(picked)
+
+
+def test_a_larger_n_extends_the_draw_whatever_the_strata_sizes(tmp_path):
+    """Quotas by largest remainders could shrink as n grew (the Alabama paradox), and uneven
+    strata (lengths tied at the quantiles) dropped documents drawn for a smaller n."""
+    rng = random.Random(3)
+    path = tmp_path / "docs.jsonl"
+    path.write_text(lines(*(dict(text="x" * rng.choice([1, 2, 3, 5, 8, 13, 40])) for _ in range(103))))
+    draws = [set(filter.draw([path], n, 10, 0, Counter())) for n in range(1, 105)]
+    assert [len(d) for d in draws] == list(range(1, 104)) + [103]
+    assert all(smaller <= larger for smaller, larger in zip(draws, draws[1:]))
 
 
 LESSON = '''def {name}(items, factor):
@@ -649,6 +673,35 @@ def test_annotate_fails_when_requests_fail_and_a_rerun_asks_again(tmp_path, caps
         run_filter("annotate", f"--api_base={server.url}", *teach)
         assert len(server.served) == 2
     assert len(filter.read_scores(labels)) == 4
+
+
+def test_a_refusal_is_a_verdict_a_rerun_with_the_same_settings_does_not_ask_again(tmp_path, capsys):
+    """A document refused for good (too long for the teacher's context, a content filter) made
+    every run fail with "rerun to ask again", and every rerun was refused the same way. Where
+    the teacher refuses every request, the settings are at fault: a rerun asks again."""
+    docs, labels = corpus(tmp_path / "docs.jsonl", 4, seed=3), tmp_path / "labels.jsonl"
+    teach = [f"--corpus={docs}", "--model=fake", "--n=4", "--concurrency=1"]
+    with FakeLLM(faults=["ok", "context", "ok", "null"], answer=teacher) as server:
+        run_filter("annotate", f"--api_base={server.url}", f"--labels={labels}", *teach)
+        assert re.search(r"^warning: the teacher refused 2 documents for good .*; 1 of them too long for its "
+                         r"context: a lower --prompt_chars", capsys.readouterr().err, re.M)
+        run_filter("annotate", f"--api_base={server.url}", f"--labels={labels}", *teach)
+        assert len(server.served) == 4  # not asked again
+        assert "the teacher refused 2 of its documents for good" in capsys.readouterr().out
+    assert len(filter.read_scores(labels)) == 2
+    with FakeLLM(answer=teacher) as server:
+        run_filter("annotate", f"--api_base={server.url}", f"--labels={labels}", "--prompt_chars=1000", *teach)
+        assert len(server.served) == 2  # another --prompt_chars asks again
+    assert len(filter.read_scores(labels)) == 4
+
+    fresh = tmp_path / "fresh.jsonl"
+    with FakeLLM(faults=["context"]) as server:
+        with pytest.raises(UserError, match=r"^the teacher refused 4 requests and answered none .*4 of them too "
+                                            r"long for its context: a lower --prompt_chars \(now 8000\).* A rerun"):
+            run_filter("annotate", f"--api_base={server.url}", f"--labels={fresh}", *teach)
+    with FakeLLM(answer=teacher) as server:
+        run_filter("annotate", f"--api_base={server.url}", f"--labels={fresh}", *teach)
+        assert len(server.served) == 4
 
 
 def test_annotate_fails_when_no_answer_holds_a_score(tmp_path):
@@ -1450,6 +1503,70 @@ def test_a_selection_killed_at_any_point_selects_again_from_the_scores(tmp_path,
                 run_filter(*args, "--threshold=0")
         run_filter(*args, "--threshold=0.5")
         assert (out / "kept-00000-of-00001.jsonl").read_text() == expected, point
+
+
+def test_scores_whole_before_a_first_run_was_killed_are_used_again(tmp_path, nano, monkeypatch):
+    """Only the summary said which scores were whole: a first run killed after scoring its
+    shard, before writing the summary, left the rerun to embed the whole shard again."""
+    docs, out = corpus(tmp_path / "docs.jsonl", 20, seed=6), tmp_path / "out"
+    args = ["apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={out}",
+            "--top_fraction=0.5"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(filter, "top_threshold", killed)  # the scores are whole; nothing else is written
+        with pytest.raises(KeyboardInterrupt):
+            run_filter(*args)
+    assert not (out / "summary-00000-of-00001.json").exists()
+    monkeypatch.setattr(filter, "embed_texts", lambda *a, **k: pytest.fail("embedded the shard again"))
+    run_filter(*args)
+    assert json.loads((out / "summary-00000-of-00001.json").read_text())["documents"] == 20
+
+
+def test_another_dtype_embeds_and_scores_anew(tmp_path, nano, capsys):
+    """--dtype was no part of the fingerprints: embeddings made in float32 were taken for
+    bfloat16 ones, and train's advice for NaN ones, to embed again with --dtype=float32, did
+    nothing."""
+    docs, emb, out = corpus(tmp_path / "docs.jsonl", 4, seed=3), tmp_path / "emb.npy", tmp_path / "out"
+    embed = ["embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}"]
+    run_filter(*embed, "--dtype=float32")
+    run_filter(*embed, "--dtype=bfloat16")
+    assert "already holds" not in capsys.readouterr().out
+    assert json.loads(emb.with_suffix(".json").read_text())["source"]["dtype"] == "bfloat16"
+    apply = ["apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={out}"]
+    run_filter(*apply, "--dtype=float32")
+    run_filter(*apply, "--dtype=bfloat16")
+    assert "is done" not in capsys.readouterr().out
+    assert json.loads((out / "summary-00000-of-00001.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_embeddings_that_overflow_are_one_line_naming_the_shard(tmp_path, nano, monkeypatch):
+    docs = corpus(tmp_path / "docs.jsonl", 6, seed=3)
+    real = filter.embed_texts
+
+    def overflowing(*args, **kwargs):
+        X, tokens = real(*args, **kwargs)
+        X[1, 0], X[2, 5] = np.nan, np.inf
+        return X, tokens
+
+    monkeypatch.setattr(filter, "embed_texts", overflowing)
+    with pytest.raises(UserError, match=r"^shard 1 of 2: 2 of its documents 0 to 2 embed to NaN or infinite "
+                                        r"values \(--dtype=auto\): try --dtype=float32$"):
+        run_filter("apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={tmp_path}/out",
+                   "--shard=1", "--num_shards=2")
+
+
+def test_top_fraction_keeps_what_the_histogram_counted_above_the_threshold(tmp_path, nano):
+    """The histogram binned score x 10,000 in float32, which rounds 0.40969998 up into bin
+    4097, while the selection compared the score with 0.4097: nothing was kept."""
+    score = float(np.nextafter(np.float32(0.4097), np.float32(0)))
+    docs, out = corpus(tmp_path / "docs.jsonl", 6, seed=3), tmp_path / "out"
+    run_filter("apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano, score=score)}", f"--out={out}",
+               "--top_fraction=0.5")
+    summary = json.loads((out / "summary-00000-of-00001.json").read_text())
+    assert summary["threshold"] == 0.4096 and summary["kept_documents"] == 6
 
 
 def test_decontaminate_compares_each_code_unit_of_a_document(tmp_path):
