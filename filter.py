@@ -139,7 +139,7 @@ import numpy as np
 from tqdm import tqdm
 
 import llm
-from config import UserError, alike_on_every_process, parse_args, run, subcommand
+from config import UserError, alike_on_every_process, parse_args, require, run, subcommand
 from data.prepare import (Appender, cannot_write, check_writable, expand, path_id, read_jsonl, run_lock,
                           worker_signals, write_atomic)
 
@@ -441,25 +441,30 @@ def annotation_messages(text: str, cfg) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
-def make_client(cfg) -> llm.Client:
-    client = llm.client_from(cfg, cfg.model)
+def check_endpoint(client: llm.Client) -> None:
     try:
         client.check()
     except llm.LLMError as e:
         raise UserError(e.failure.message) from None
-    return client
 
 
 def annotate(cfg) -> Counter:
     """Annotate the draw into cfg.labels; returns the counts of scores and failures."""
     if cfg.n < 1 or cfg.strata < 1 or cfg.attempts < 1 or cfg.prompt_chars < 1:
         raise UserError("--n, --strata, --attempts and --prompt_chars must be at least 1")
-    if cfg.temperature < 0 or not 0 <= cfg.min_score <= 10:
-        raise UserError("--temperature must be >= 0, and --min_score a score from 0 to 10")
+    # what the endpoint would refuse on every request, refused before the corpus is read
+    require((0 <= cfg.temperature <= 2, "--temperature must be in [0, 2]"),
+            (cfg.max_tokens >= 1, "--max_tokens must be >= 1"),
+            (0 <= cfg.min_score <= 10, "--min_score must be a score from 0 to 10"))
+    client = llm.client_from(cfg, cfg.model)
     files = corpus_files(cfg.corpus)
     out = Path(cfg.labels)
     check_apart({"--labels": out}, {"--corpus": files})
     check_writable(out)
+    checked = not out.exists()  # a first run: a wrong --model or URL said now, not after the draw reads the corpus
+    if checked:
+        with client:  # the check's connection closes now; the answers open their own
+            check_endpoint(client)
     skipped = Counter()
     picked = draw(files, cfg.n, cfg.strata, cfg.seed, skipped)
     warn_skipped(skipped, files)
@@ -477,7 +482,9 @@ def annotate(cfg) -> Counter:
     todo = {index: (doc_id, text, picked[index]) for index, doc_id, text, _ in
             documents(files, Counter(), wanted=picked) if doc_id not in scored and doc_id not in refused}
     if todo:
-        with make_client(cfg) as client:
+        with client:
+            if not checked:
+                check_endpoint(client)
             out.parent.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
             # one run at a time on the labels: two would each ask (and pay) for every document
             with run_lock(out, f"another run is annotating into {out}: wait for it, stop it, or use another --labels"):
@@ -2015,6 +2022,8 @@ def nearest(cfg, model, files: list[Path], problem_texts: list[str], ids: list[s
 def main(argv=None):
     cfg, args = parse_args(DEFAULTS, __doc__, argv)
     command = globals()[subcommand(args, COMMANDS)]
+    require((isinstance(cfg.seed, int) and cfg.seed >= 0, "--seed must be an integer >= 0"),
+            (cfg.workers >= 0, "--workers must be >= 0 (0: one per core)"))
     try:
         command(cfg)
     finally:

@@ -875,8 +875,13 @@ def test_empty_lists_name_their_setting(tmp_path):
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("args, message", [
-    (["annotate", "--min_score=11"], "--min_score a score from 0 to 10"),
-    (["annotate", "--temperature=-1"], "--temperature must be >= 0"),
+    (["annotate", "--min_score=11"], "--min_score must be a score from 0 to 10"),
+    (["annotate", "--temperature=-1"], "--temperature must be in"),
+    (["annotate", "--temperature=5"], r"--temperature must be in \[0, 2\]"),  # every request refused, then
+    (["annotate", "--max_tokens=0"], "--max_tokens must be >= 1"),  # was: every request refused
+    (["annotate", "--seed=-1"], "--seed must be an integer >= 0"),  # were numpy's tracebacks
+    (["train", "--seed=-1"], "--seed must be an integer >= 0"),
+    (["train", "--workers=-3"], "--workers must be >= 0"),  # was one process, without a word
     (["train", "--min_score=-1"], "--min_score must be a score, from 0 to 10, not -1"),
     (["apply", "--num_shards=0", "--forest=f.npz"], "--num_shards must be at least 1 and --shard in .* not 0 of 0"),
 ])
@@ -886,6 +891,16 @@ def test_settings_out_of_range_are_one_line(tmp_path, args, message):
         run_filter(*args, f"--corpus={docs}", f"--labels={tmp_path / 'l.jsonl'}", "--api_base=http://127.0.0.1:9/v1",
                    "--model=m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+def test_a_first_annotation_checks_the_teacher_before_it_reads_the_corpus(tmp_path, monkeypatch):
+    """A wrong --model or URL was said only after the draw had read the whole corpus (at the
+    paper's scale, The Stack)."""
+    docs = corpus(tmp_path / "docs.jsonl", 3, seed=7)
+    monkeypatch.setattr(filter, "draw", lambda *a: pytest.fail("the corpus was read"))
+    with pytest.raises(UserError, match="127.0.0.1:9"):
+        run_filter("annotate", f"--corpus={docs}", f"--labels={tmp_path / 'l.jsonl'}", "--model=m",
+                   "--api_base=http://127.0.0.1:9/v1", "--max_retries=0")
 
 
 def test_annotate_says_when_the_corpus_holds_fewer_documents_than_n(tmp_path, capsys):
