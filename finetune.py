@@ -181,7 +181,10 @@ def finetune(cfg):
     rank, world, device = train.setup_processes(cfg.device)
     master = rank == 0  # under torchrun, the first process speaks
     path = Path(cfg.exercises)
+    # the model is --base's (rerunning resumes out_dir's checkpoint: train.build_model)
+    cfg.preset, cfg.block_size, cfg.init_from = "", None, cfg.base
     with train.together(world, device):  # a mistake is one line, from one process
+        train.check_settings(cfg)  # before the exercises are read
         require((cfg.loss_on in ("completion", "all"), f"--loss_on must be completion or all, not {cfg.loss_on!r}"),
                 (0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), not {cfg.val_fraction}"),
                 (0 <= cfg.humaneval_problems <= HUMANEVAL_PROBLEMS,
@@ -203,9 +206,7 @@ def finetune(cfg):
     if cfg.drop_failing and unchecked and master:
         print(f"note: --drop_failing: the examples of {unchecked:,} exercises were never run (\"unchecked\" or no "
               f"verdict): they are kept", file=sys.stderr)
-    # the model is --base's (rerunning resumes out_dir's checkpoint: train.build_model); a resume
-    # warns when the exercises changed (the file rewritten, not only renamed)
-    cfg.preset, cfg.block_size, cfg.init_from = "", None, cfg.base
+    # a resume warns when the exercises changed (the file rewritten, not only renamed)
     content = hashlib.sha256()
     for prompt, completion in exercises:  # lengths first: the boundary between texts counts
         content.update(f"{len(prompt)},{len(completion)}:{prompt}{completion}".encode())

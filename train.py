@@ -356,9 +356,10 @@ def _on_signal(signum, frame):
 
 def check_settings(cfg) -> None:
     """Stop at once, with one line, on settings that would crash later or train nothing."""
-    positive = ["batch_size", "log_interval", "max_iters"] + (["eval_iters"] if cfg.eval_interval > 0 else [])
+    positive = ["batch_size", "log_interval", "max_iters", "learning_rate"] + (
+        ["eval_iters"] if cfg.eval_interval > 0 else [])
     not_negative = ["total_batch_size", "stop_iters", "warmup_iters", "eval_interval",
-                    "checkpoint_interval", "sample_tokens", "seed", "learning_rate", "min_lr", "weight_decay",
+                    "checkpoint_interval", "sample_tokens", "seed", "min_lr", "weight_decay",
                     "grad_clip", "peak_tflops"]
     require((cfg.out_dir != "", "--out_dir must name a folder"),
             *[(getattr(cfg, key) > 0, f"--{key} must be positive, not {getattr(cfg, key)}") for key in positive],
@@ -379,6 +380,7 @@ def check_settings(cfg) -> None:
              f"--dropout must be a number in [0, 1), not {cfg.dropout!r}"),
             (cfg.attention in ("auto", "sdpa", "triton"),
              f"--attention must be auto, sdpa or triton, not {cfg.attention!r}"))
+    check_writable(Path(cfg.out_dir) / "ckpt.pt")  # now, not after the model and data are made ready (minutes)
 
 
 def model_overrides(cfg) -> dict:
@@ -589,8 +591,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     if make_data is None:
         cfg.data_content = data.content  # recorded in the checkpoints' settings
     with together(world, device):
-        if master:  # now, not at the first checkpoint hours later
-            check_writable(ckpt_path)
+        if master:
             if not out_dir.exists():  # made here: removed again if the run ends with nothing in it (bad data)
                 out_dir.mkdir(parents=True)
                 held.callback(remove_if_empty, out_dir)

@@ -368,11 +368,15 @@ def test_bad_input_gives_one_clear_line(tmp_path, base):
     ("--humaneval_max_tokens=-5", "--humaneval_max_tokens must be positive"),
     ("--val_fraction=1", "--val_fraction must be in"),  # every exercise in val: none left to train on
     ("--humaneval_problems=1 --eval_interval=0", "it needs --eval_interval > 0"),
+    ("--batch_size=0", "--batch_size must be positive"),  # train's checks, made before the exercises are read
+    ("--out_dir=A_FILE", "is a file, not a folder"),
 ])
 def test_settings_out_of_range_stop_before_anything_is_read(tmp_path, setting, message):
     from config import UserError, parse_settings
-    cfg = parse_settings(finetune.DEFAULTS, argv=[*setting.split(), f"--exercises={tmp_path / 'never_read.jsonl'}",
-                                                  f"--out_dir={tmp_path / 'out'}"])
+    (tmp_path / "a_file").write_text("")
+    cfg = parse_settings(finetune.DEFAULTS, argv=[f"--exercises={tmp_path / 'never_read.jsonl'}",
+                                                  f"--out_dir={tmp_path / 'out'}",
+                                                  *setting.replace("A_FILE", str(tmp_path / "a_file")).split()])
     with pytest.raises(UserError, match=message):
         finetune.finetune(cfg)
 

@@ -478,13 +478,16 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
     (dict(learning_rate=1e-4, min_lr=1e-2), "--min_lr \\(0.01\\) must not be above --learning_rate"),  # it climbed
     (dict(data="DATA:nan"), "weights must be positive numbers"),
     (dict(out_dir="A_FILE"), "cannot write .*a_file is a file, not a folder"),
+    (dict(learning_rate=0), "--learning_rate must be positive"),  # was a run that trained nothing
 ])
-def test_settings_that_cannot_train_stop_before_training(tmp_path, bad, message):
+def test_settings_that_cannot_train_stop_before_training(tmp_path, bad, message, monkeypatch):
     data = make_dataset(tmp_path / "ds")
     (tmp_path / "a_file").write_text("")
     bad = {k: str(v).replace("DATA", str(data)).replace("A_FILE", str(tmp_path / "a_file"))
            for k, v in bad.items()}
     cfg = settings(**{"data": str(data), "out_dir": str(tmp_path / "out"), **bad})
+    if "out_dir" in bad:  # said before the model and the data are made ready (minutes, for the default corpus)
+        monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("the model was built"))
     with pytest.raises(UserError, match=message):
         train.train(cfg)
     assert not (tmp_path / "out" / "ckpt.pt").exists()
