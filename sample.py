@@ -125,6 +125,8 @@ DEFAULTS = dict(
     quiet=False,  # no log line per request
 )
 
+SERVE_ONLY = ("host", "port", "model_name", "batch_wait_ms", "quiet")
+COMMAND_LINE_ONLY = ("prompt", "prompt_file", "num_samples")
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 CHAT_STOPS = tuple(f"\n{role}:" for role in CHAT_ROLES)  # a line starting a new turn ends the reply
 COMMAND_LINE_SEED = 1337  # without --seed, the command line prints the same samples every run
@@ -948,7 +950,13 @@ def check_settings(cfg) -> None:
                                      "127.0.0.1 is this machine only)"),
             (0 <= cfg.port <= 65535, "--port must be from 0 to 65535"),
             (cfg.seed is None or isinstance(cfg.seed, int) and -2**63 <= cfg.seed < 2**64,
-             "--seed must be an integer from -2**63 to 2**64 - 1"))
+             "--seed must be an integer from -2**63 to 2**64 - 1"),
+            (not (cfg.prompt_file and cfg.prompt != DEFAULTS["prompt"]), "give --prompt or --prompt_file, not both"))
+    # a setting of the other mode would be ignored without a word
+    ignored = [key for key in (COMMAND_LINE_ONLY if cfg.serve else SERVE_ONLY) if getattr(cfg, key) != DEFAULTS[key]]
+    if ignored:
+        raise UserError(f"--{ignored[0]} is a setting of {'the command line' if cfg.serve else '--serve'}, "
+                        f"not of {'--serve' if cfg.serve else 'the command line'}")
 
 
 def main():

@@ -948,6 +948,9 @@ def test_cli_refuses_a_prompt_that_fills_the_context(ckpt, reference):
     (["--device=cuda:99"], "--device=cuda:99, but this machine has"),
     (["--device=banana"], "unknown --device=banana"),
     (["--seed=1.5"], "--seed must be an integer"),
+    (["--prompt=x", "--prompt_file=p.txt"], "give --prompt or --prompt_file, not both"),  # --prompt was dropped
+    (["--port=9000"], "--port is a setting of --serve, not of the command line"),  # were ignored without a word
+    (["--serve", "--num_samples=4"], "--num_samples is a setting of the command line, not of --serve"),
 ])
 def test_bad_settings_are_one_line(ckpt, monkeypatch, args, message):
     monkeypatch.setattr(sys, "argv", ["sample.py", f"--ckpt={ckpt}", *args])
