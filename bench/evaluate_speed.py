@@ -201,6 +201,7 @@ def main():
         raise UserError(f"unknown part {unknown[0]!r} in --parts (score, generate, gpu)")
     batch_sizes = [int(b) if b.strip().isdecimal() else 0 for b in cfg.batch_sizes.split(",")]
     require((min(batch_sizes) > 0, f"--batch_sizes takes positive whole numbers, not {cfg.batch_sizes!r}"),
+            (cfg.workers >= 0, f"--workers must be >= 0 (0: one per core), not {cfg.workers}"),
             *[(getattr(cfg, key) > 0, f"--{key} must be positive, not {getattr(cfg, key)}")
               for key in ("repeats", "prompt_tokens", "new_tokens", "gpu_batch", "gpu_new_tokens")])
     no_transformers = importlib.util.find_spec("transformers") is None  # the GPU part's reference

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ("evaluate_speed.py", ["--parts=generate", "--new_tokens=0"], "--new_tokens must be positive"),
     ("evaluate_speed.py", ["--parts=generate", "--prompt_tokens=0"], "--prompt_tokens must be positive"),
     ("evaluate_speed.py", ["--parts=score", "--repeats=0"], "--repeats must be positive"),
+    ("evaluate_speed.py", ["--parts=score", "--workers=-1"], "--workers must be >= 0"),  # was one per core
     ("forest_speed.py", ["--max_features=0"], "--max_features takes sqrt, log2, a positive count or a fraction"),
     ("forest_speed.py", ["--max_features=-3"], "--max_features takes sqrt, log2, a positive count or a fraction"),
     ("forest_speed.py", ["--max_features=2.0"], "--max_features takes sqrt, log2, a positive count or a fraction"),
