@@ -6,6 +6,7 @@ embed (resumed after a crash, and under torchrun), train, apply, decontaminate; 
 import ast
 import dataclasses
 import errno
+import itertools
 import json
 import os
 import random
@@ -841,6 +842,18 @@ def test_train_holds_out_both_classes_or_nothing(tmp_path, capsys):
     run_filter("train", *fake_embeddings(tmp_path, [1, 9] * 5), "--holdout=0.2", f"--forest={forest}")
     report = RandomForest.load(forest).info["report"]
     assert report["trained_on"] == 8 and not np.isnan(report["held_out"]["auc"])  # a positive and a negative
+
+
+def test_the_same_fit_writes_the_same_forest_whatever_it_took(tmp_path, monkeypatch):
+    """The fit's seconds were in the file: a rerun of the same fit (toy_pipeline.sh after an
+    interruption) wrote another forest, and apply scored the whole corpus again."""
+    settings, forests = fake_embeddings(tmp_path, [1, 9] * 5), []
+    for seconds_per_call in (1.0, 2.0):
+        clock = iter(itertools.count(0.0, seconds_per_call))
+        monkeypatch.setattr(filter.time, "time", lambda: next(clock))
+        run_filter("train", *settings, f"--forest={tmp_path / 'forest.npz'}")
+        forests.append((tmp_path / "forest.npz").read_bytes())
+    assert forests[0] == forests[1]
 
 
 def test_train_checks_its_output_before_the_fit(tmp_path, monkeypatch):
