@@ -5,7 +5,9 @@
 #   bash toy_pipeline.sh                  # about 12 minutes on 2 cores; outputs land in out/toy
 #
 # Run again after an interruption, it goes on: each stage resumes its output or finds it
-# done (remove $OUT, or give another OUT, to start anew).
+# done (remove $OUT, or give another OUT, to start anew). Keep the settings of the first
+# run: a stage found done is not redone for other sizes. Stop it with Ctrl-C (a signal to
+# its process group): a kill of the script alone leaves its running stage behind.
 #
 # The sizes below are the defaults; tests/test_toy_pipeline.py runs the same script with
 # tiny ones. A model trained for minutes is no teacher: it writes the textbooks (any text will do),
@@ -20,7 +22,9 @@ case "${1:-}" in  # the settings are the environment variables below
   *) echo "error: toy_pipeline.sh takes no arguments: its settings are environment variables (see --help)" >&2
      exit 2 ;;
 esac
+CALLER=$PWD  # a relative OUT or LOCAL_INPUTS is the caller's; the default OUT is the checkout's
 cd "$(dirname "$0")"
+from_caller() { case $1 in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$CALLER" "$1" ;; esac; }
 
 OUT=${OUT:-out/toy}                      # what this run writes (the local bins of stage 1 are shared)
 LOCAL_INPUTS=${LOCAL_INPUTS:-}           # folders of .py files instead of this interpreter's
@@ -34,16 +38,38 @@ EVAL_PROBLEMS=${EVAL_PROBLEMS:-0}        # HumanEval and MBPP problems evaluated
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}     # tokens per benchmark completion
 SERVE_PORT=${SERVE_PORT:-8011}           # sample.py --serve
 TEACHER_PORT=${TEACHER_PORT:-8012}       # the stand-in teacher
+[ "$OUT" = out/toy ] || OUT=$(from_caller "$OUT")
+if [ -n "$LOCAL_INPUTS" ]; then
+  IFS=, read -ra inputs <<< "$LOCAL_INPUTS"
+  for i in "${!inputs[@]}"; do inputs[i]=$(from_caller "${inputs[i]}"); done
+  LOCAL_INPUTS=$(IFS=,; echo "${inputs[*]}")
+fi
+fail() { echo "error: $*" >&2; exit 2; }
+for name in PRETRAIN_ITERS FINETUNE_ITERS N_WEB N_ANNOTATE N_SYNTH MAX_NEW_TOKENS; do  # now, not stages later
+  [[ ${!name} =~ ^[0-9]+$ ]] && (( ${!name} > 0 )) || fail "$name must be a whole number above 0, not '${!name}'"
+done
+[[ $EVAL_PROBLEMS =~ ^[0-9]+$ ]] || fail "EVAL_PROBLEMS must be a whole number (0: all), not '$EVAL_PROBLEMS'"
+for port in "$SERVE_PORT" "$TEACHER_PORT"; do
+  [[ $port =~ ^[0-9]+$ ]] && (( port >= 1 && port <= 65535 )) || fail "ports must be numbers from 1 to 65535, not '$port'"
+done
+[ "$SERVE_PORT" != "$TEACHER_PORT" ] || fail "SERVE_PORT and TEACHER_PORT must differ, not both $SERVE_PORT"
+python -c "import sys, model
+if sys.argv[1] not in model.PRESETS:
+    sys.exit(f'error: PRESET={sys.argv[1]} is no preset of model.py ({\", \".join(model.PRESETS)})')" "$PRESET" || exit 2
 mkdir -p "$OUT"
 stage() { echo; echo "=== $(date +%H:%M:%S) $*"; }
-wait_for() {  # an OpenAI-compatible server answering /v1/models
-  python - "$1" <<'EOF'
-import sys, time, urllib.request
+wait_for() {  # an OpenAI-compatible server (process $2) answering /v1/models
+  python - "$1" "$2" <<'EOF'
+import os, sys, time, urllib.request
 for _ in range(600):
     try:
         urllib.request.urlopen(sys.argv[1] + "/models", timeout=1)
         sys.exit(0)
     except OSError:
+        try:
+            os.kill(int(sys.argv[2]), 0)
+        except ProcessLookupError:
+            sys.exit(f"the server for {sys.argv[1]} has exited (its error is above)")
         time.sleep(0.5)
 sys.exit(f"no server at {sys.argv[1]}")
 EOF
@@ -77,8 +103,8 @@ SERVER=$!
 python tests/llm_server.py --port="$TEACHER_PORT" --model=teacher &
 TEACHER=$!
 trap 'kill $SERVER $TEACHER 2>/dev/null || true' EXIT
-wait_for "http://127.0.0.1:$SERVE_PORT/v1"
-wait_for "http://127.0.0.1:$TEACHER_PORT/v1"
+wait_for "http://127.0.0.1:$SERVE_PORT/v1" $SERVER
+wait_for "http://127.0.0.1:$TEACHER_PORT/v1" $TEACHER
 
 stage "4. synthesize textbooks (our model) and exercises (the teacher)"
 python synth.py textbook --n="$N_SYNTH" --api_base="http://127.0.0.1:$SERVE_PORT/v1" --model=base \
@@ -95,6 +121,9 @@ python filter.py train --labels="$OUT/annotations.jsonl" --embeddings="$OUT/embe
   --forest="$OUT/forest.npz" --n_trees=50
 python filter.py apply --corpus="$WEB" --forest="$OUT/forest.npz" --out="$OUT/filtered" \
   --top_fraction=0.5
+
+kill $SERVER $TEACHER 2>/dev/null || true  # stages 4 and 5 were theirs: their memory and ports go now
+trap - EXIT
 
 stage "6. the mixture: filtered code and textbooks as token bins"
 python data/prepare.py --source=jsonl --inputs="$OUT/filtered/kept-*.jsonl" --out_dir="$OUT/data" --name=code \

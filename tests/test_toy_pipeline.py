@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,14 +18,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_pipeline(env: dict, timeout: float, cwd=None) -> subprocess.CompletedProcess:
+    """toy_pipeline.sh in a session of its own: past the timeout its whole group is killed, the
+    stage and servers it started too (subprocess.run's kill of bash alone left them running)."""
+    with subprocess.Popen(["bash", str(ROOT / "toy_pipeline.sh")], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def test_every_stage_runs_and_leaves_its_output(tmp_path):
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     sizes = dict(OUT=str(tmp_path / "toy"), LOCAL_INPUTS=f"{stdlib / 'json'},{stdlib / 'email'}", PRESET="tiny",
                  PRETRAIN_ITERS="4", FINETUNE_ITERS="2", N_WEB="40", N_ANNOTATE="30", N_SYNTH="16",
                  EVAL_PROBLEMS="2", MAX_NEW_TOKENS="8", SERVE_PORT=str(free_port()), TEACHER_PORT=str(free_port()))
     env = {**os.environ, **sizes, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(["bash", str(ROOT / "toy_pipeline.sh")], env=env, capture_output=True, text=True,
-                            timeout=1200)
+    result = run_pipeline(env, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     toy = tmp_path / "toy"
     count = lambda path: len(path.read_text().splitlines())  # noqa: E731
@@ -59,25 +72,38 @@ def test_every_stage_runs_and_leaves_its_output(tmp_path):
     # run again (as after an interruption), it finds every stage done: the pretraining runs were
     # started anew by --init_from=scratch, and a signal then left an early checkpoint in place of the last
     env.update(SERVE_PORT=str(free_port()), TEACHER_PORT=str(free_port()))
-    again = subprocess.run(["bash", str(ROOT / "toy_pipeline.sh")], env=env, capture_output=True, text=True,
-                           timeout=1200)
+    again = run_pipeline(env, timeout=1200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("already finished 4 steps") == 2 and "training anew" not in again.stderr
 
 
-def test_a_port_in_use_stops_the_run_before_any_work(tmp_path):
+def test_a_port_in_use_stops_the_run_before_any_work_in_an_out_of_the_callers(tmp_path):
     """A server left from an earlier run on SERVE_PORT would answer stage 3's requests in
-    place of the new model (old textbooks from an old model, without a word)."""
+    place of the new model (old textbooks from an old model, without a word). A relative OUT
+    is the caller's, not the checkout's (the script changes into it)."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        env = {**os.environ, "OUT": str(tmp_path / "toy"), "SERVE_PORT": str(port), "TEACHER_PORT": str(free_port()),
+        env = {**os.environ, "OUT": "toy", "SERVE_PORT": str(port), "TEACHER_PORT": str(free_port()),
                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-        result = subprocess.run(["bash", str(ROOT / "toy_pipeline.sh")], env=env, capture_output=True, text=True,
-                                timeout=60)
+        result = run_pipeline(env, timeout=60, cwd=tmp_path)
     assert result.returncode == 1 and f"port {port} is in use" in result.stderr, result.stderr
     assert "=== " not in result.stdout and not any((tmp_path / "toy").iterdir())  # no stage started
+    assert not (ROOT / "toy").exists()
+
+
+def test_settings_that_would_fail_stages_later_stop_it_before_any_work(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "toy"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for settings, message in [(dict(SERVE_PORT="8o11"), "ports must be numbers from 1 to 65535, not '8o11'"),
+                              (dict(SERVE_PORT="9000", TEACHER_PORT="9000"), "must differ"),  # stage 4's puzzle
+                              (dict(PRESET="huge"), "PRESET=huge is no preset of model.py"),  # after stage 1's minutes
+                              (dict(EVAL_PROBLEMS="-1"), "EVAL_PROBLEMS must be a whole number"),  # at stage 9
+                              (dict(N_SYNTH="0"), "N_SYNTH must be a whole number above 0")]:  # at stage 8
+        result = run_pipeline({**env, **settings}, timeout=60)
+        lines = result.stderr.splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+        assert "=== " not in result.stdout and not (tmp_path / "toy").exists()
 
 
 def test_help_lists_the_settings_and_an_argument_is_refused_before_any_work(tmp_path):
