@@ -7,7 +7,7 @@
 # Run again after an interruption, it goes on: each stage resumes its output or finds it
 # done (remove $OUT, or give another OUT, to start anew). Keep the settings of the first
 # run: a stage found done is not redone for other sizes. Stop it with Ctrl-C (a signal to
-# its process group): a kill of the script alone leaves its running stage behind.
+# its process group, or to the script alone): the running stage keeps what it has done.
 #
 # The sizes below are the defaults; tests/test_toy_pipeline.py runs the same script with
 # tiny ones. A model trained for minutes is no teacher: it writes the textbooks (any text will do),
@@ -58,6 +58,28 @@ if sys.argv[1] not in model.PRESETS:
     sys.exit(f'error: PRESET={sys.argv[1]} is no preset of model.py ({\", \".join(model.PRESETS)})')" "$PRESET" || exit 2
 mkdir -p "$OUT"
 stage() { echo; echo "=== $(date +%H:%M:%S) $*"; }
+CHILD=  # the stage's process, while it runs
+run() {  # a stage's command, waited for in the background: a trap can then pass a signal on to it
+  ( trap - INT; exec "$@" ) &  # (a command in the background would ignore Ctrl-C)
+  CHILD=$!
+  local status=0
+  wait "$CHILD" || status=$?
+  CHILD=
+  return "$status"
+}
+on_signal() {  # $1: the status to exit with. The running stage stops as on Ctrl-C, keeping its work:
+  # a signal to the group reached it too, one to the script alone did not (a SIGTERM if it runs on)
+  trap '' INT TERM HUP
+  if [ -n "$CHILD" ]; then
+    for _ in $(seq 50); do kill -0 "$CHILD" 2>/dev/null || break; sleep 0.1; done
+    kill -TERM "$CHILD" 2>/dev/null || true
+    wait "$CHILD" || true
+  fi
+  exit "$1"
+}
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
+trap 'on_signal 129' HUP
 wait_for() {  # an OpenAI-compatible server (process $2) answering /v1/models
   python - "$1" "$2" <<'EOF'
 import os, sys, time, urllib.request
@@ -83,18 +105,18 @@ done
 
 stage "1. web code: the Python files on this machine, as token bins and as a JSONL corpus"
 if [ -n "$LOCAL_INPUTS" ]; then
-  python data/prepare.py --inputs="$LOCAL_INPUTS" --out_dir="$OUT/data" --name=local
+  run python data/prepare.py --inputs="$LOCAL_INPUTS" --out_dir="$OUT/data" --name=local
   LOCAL_DATA="$OUT/data/local"
 else
-  python data/prepare.py
+  run python data/prepare.py
   LOCAL_DATA=local_python
 fi
-python data/prepare.py ${LOCAL_INPUTS:+--inputs="$LOCAL_INPUTS"} --output=jsonl --max_docs="$N_WEB" \
+run python data/prepare.py ${LOCAL_INPUTS:+--inputs="$LOCAL_INPUTS"} --output=jsonl --max_docs="$N_WEB" \
   --max_file_bytes=100000 --out_dir="$OUT" --name=web
 WEB="$OUT/web/part-*.jsonl"  # filter.py expands the glob
 
 stage "2. pretrain a small model on them"
-python train.py --preset="$PRESET" --data="$LOCAL_DATA" --out_dir="$OUT/base" --max_iters="$PRETRAIN_ITERS" \
+run python train.py --preset="$PRESET" --data="$LOCAL_DATA" --out_dir="$OUT/base" --max_iters="$PRETRAIN_ITERS" \
   --eval_interval="$PRETRAIN_ITERS" --sample_tokens=0
 
 stage "3. serve it, and start the stand-in teacher"
@@ -107,47 +129,47 @@ wait_for "http://127.0.0.1:$SERVE_PORT/v1" $SERVER
 wait_for "http://127.0.0.1:$TEACHER_PORT/v1" $TEACHER
 
 stage "4. synthesize textbooks (our model) and exercises (the teacher)"
-python synth.py textbook --n="$N_SYNTH" --api_base="http://127.0.0.1:$SERVE_PORT/v1" --model=base \
+run python synth.py textbook --n="$N_SYNTH" --api_base="http://127.0.0.1:$SERVE_PORT/v1" --model=base \
   --out="$OUT/textbooks.jsonl" --max_tokens=128 --keep_cut_off --concurrency=16 --near_dup=1.0
-python synth.py exercises --n="$N_SYNTH" --api_base="http://127.0.0.1:$TEACHER_PORT/v1" --model=teacher \
+run python synth.py exercises --n="$N_SYNTH" --api_base="http://127.0.0.1:$TEACHER_PORT/v1" --model=teacher \
   --out="$OUT/exercises.jsonl" --concurrency=16
 
 stage "5. filter: annotate, embed, train the forest, keep the best half of the tokens"
-python filter.py annotate --corpus="$WEB" --n="$N_ANNOTATE" --labels="$OUT/annotations.jsonl" \
+run python filter.py annotate --corpus="$WEB" --n="$N_ANNOTATE" --labels="$OUT/annotations.jsonl" \
   --api_base="http://127.0.0.1:$TEACHER_PORT/v1" --model=teacher --concurrency=16
-python filter.py embed --ckpt="$OUT/base/ckpt.pt" --labels="$OUT/annotations.jsonl" \
+run python filter.py embed --ckpt="$OUT/base/ckpt.pt" --labels="$OUT/annotations.jsonl" \
   --embeddings="$OUT/embeddings.npy"
-python filter.py train --labels="$OUT/annotations.jsonl" --embeddings="$OUT/embeddings.npy" \
+run python filter.py train --labels="$OUT/annotations.jsonl" --embeddings="$OUT/embeddings.npy" \
   --forest="$OUT/forest.npz" --n_trees=50
-python filter.py apply --corpus="$WEB" --forest="$OUT/forest.npz" --out="$OUT/filtered" \
+run python filter.py apply --corpus="$WEB" --forest="$OUT/forest.npz" --out="$OUT/filtered" \
   --top_fraction=0.5
 
 kill $SERVER $TEACHER 2>/dev/null || true  # stages 4 and 5 were theirs: their memory and ports go now
 trap - EXIT
 
 stage "6. the mixture: filtered code and textbooks as token bins"
-python data/prepare.py --source=jsonl --inputs="$OUT/filtered/kept-*.jsonl" --out_dir="$OUT/data" --name=code \
+run python data/prepare.py --source=jsonl --inputs="$OUT/filtered/kept-*.jsonl" --out_dir="$OUT/data" --name=code \
   --val_fraction=0.05
-python data/prepare.py --source=jsonl --inputs="$OUT/textbooks.jsonl" --out_dir="$OUT/data" --name=textbooks \
+run python data/prepare.py --source=jsonl --inputs="$OUT/textbooks.jsonl" --out_dir="$OUT/data" --name=textbooks \
   --val_fraction=0.2
 
 stage "7. pretrain phi-1-base (toy) on the mixture"
-python train.py --preset="$PRESET" --data="$OUT/data/code:0.5,$OUT/data/textbooks:0.5" --out_dir="$OUT/phi1-base" \
+run python train.py --preset="$PRESET" --data="$OUT/data/code:0.5,$OUT/data/textbooks:0.5" --out_dir="$OUT/phi1-base" \
   --max_iters="$PRETRAIN_ITERS" --eval_interval="$PRETRAIN_ITERS" --sample_tokens=0
 
 stage "8. finetune on the exercises"
-python finetune.py --base="$OUT/phi1-base/ckpt.pt" --exercises="$OUT/exercises.jsonl" --out_dir="$OUT/phi1" \
+run python finetune.py --base="$OUT/phi1-base/ckpt.pt" --exercises="$OUT/exercises.jsonl" --out_dir="$OUT/phi1" \
   --batch_size=8 --total_batch_size=8 --max_iters="$FINETUNE_ITERS" --warmup_iters=10 --learning_rate=1e-3 \
   --eval_interval="$FINETUNE_ITERS" --checkpoint_interval="$FINETUNE_ITERS" --sample_tokens=0 --val_fraction=0.1
 
 stage "9. evaluate on HumanEval and MBPP"
 for bench in humaneval mbpp; do
-  python evaluate.py --bench=$bench --ckpt="$OUT/phi1/ckpt.pt" --out="$OUT/$bench" --limit="$EVAL_PROBLEMS" \
+  run python evaluate.py --bench=$bench --ckpt="$OUT/phi1/ckpt.pt" --out="$OUT/$bench" --limit="$EVAL_PROBLEMS" \
     --max_new_tokens="$MAX_NEW_TOKENS"
 done
 
 stage "10. decontamination report"
-python filter.py decontaminate --corpus="$OUT/exercises.jsonl" --results="$OUT/humaneval/results.jsonl" \
+run python filter.py decontaminate --corpus="$OUT/exercises.jsonl" --results="$OUT/humaneval/results.jsonl" \
   --report="$OUT/decontamination.json"
 
 stage "done: $OUT"

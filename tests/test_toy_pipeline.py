@@ -1,5 +1,6 @@
 """toy_pipeline.sh, README's "pipeline at toy scale", end to end with tiny sizes."""
 
+import contextlib
 import json
 import os
 import signal
@@ -75,6 +76,31 @@ def test_every_stage_runs_and_leaves_its_output(tmp_path):
     again = run_pipeline(env, timeout=1200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("already finished 4 steps") == 2 and "training anew" not in again.stderr
+
+
+def test_a_signal_to_the_script_alone_stops_its_running_stage_which_keeps_its_work(tmp_path):
+    """The stage ran on after the script was killed (the script waits for it in the
+    foreground, and a trap runs only after that): a rerun found the stage's lock taken."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path / "toy"
+    env = {**os.environ, "OUT": str(out), "LOCAL_INPUTS": str(stdlib / "json"), "PRETRAIN_ITERS": "100000",
+           "SERVE_PORT": str(free_port()), "TEACHER_PORT": str(free_port()),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    with subprocess.Popen(["bash", str(ROOT / "toy_pipeline.sh")], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True) as script:
+        try:
+            for line in script.stdout:  # until stage 2 trains (past its first validation: its signal handler is set)
+                if line.startswith("step 0: val loss"):
+                    break
+            script.send_signal(signal.SIGTERM)  # the script alone, not its group
+            assert script.wait(timeout=120) == 143
+            rest = script.stdout.read()
+            alive = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+            assert not alive, f"left running: {alive}"
+        finally:  # whatever is left of the group: never a leak into other tests
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(script.pid, signal.SIGKILL)
+    assert "saved" in rest and (out / "base" / "ckpt.pt").exists(), rest  # the stage stopped as on Ctrl-C
 
 
 def test_a_port_in_use_stops_the_run_before_any_work_in_an_out_of_the_callers(tmp_path):
