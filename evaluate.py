@@ -155,6 +155,8 @@ OFFLINE_MBPP = Path(__file__).resolve().parent.parent / "shared" / "data" / "mbp
 HUMANEVAL_STOP = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]
 MBPP_STOP = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```"]
 OUTCOMES = ("passed", "failed", "timed out", "crashed")
+GENERATION_ONLY = ("model", "api_timeout", "api_retries", "n_samples", "temperature", "top_p", "max_new_tokens",
+                   "batch_size", "device", "seed")
 DEFAULT_KS = "1,10,100"  # --k unset: those of these the samples allow, the rest left out without a warning
 DAY = 86400.0  # the longest --timeout and --api_timeout (a --timeout past ~2.1e6 s overflows the OS's waits)
 MAX_UID = 2**32 - 2  # the largest uid Linux has; 2**32 - 1 means "none"
@@ -1102,6 +1104,12 @@ def check_settings(cfg) -> list[int]:
                         + (f" (not {' and '.join('--' + s for s in sources)})" if sources else ""))
     if cfg.api_base and not cfg.model:
         raise UserError("--api_base needs --model, the model's name at that endpoint")
+    # a setting that would be ignored without a word
+    generating = [key for key in GENERATION_ONLY if getattr(cfg, key) != DEFAULTS[key]]
+    if cfg.samples and generating:
+        raise UserError(f"--{generating[0]} is a setting of generation: --samples scores its file as it is")
+    if cfg.data and cfg.bench != "mbpp":
+        raise UserError(f"--data is MBPP's file: {cfg.bench}'s problems come with its package")
     if re.search(r"/completions/?$", cfg.api_base):  # llm.py adds the route: .../completions/completions
         raise UserError(f"--api_base is the API's base URL (e.g. http://127.0.0.1:8000/v1), not a route: "
                         f"{cfg.api_base}")

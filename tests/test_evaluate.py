@@ -944,6 +944,10 @@ def test_bad_input_ends_with_one_line_and_status_2(tmp_path):
         ([f"--samples={tmp_path / 'absent.jsonl'}"], "no samples file at"),
         ([f"--samples={samples}"], "1 task ids that humaneval does not: HumanEval/999"),
         ([f"--samples={samples}", "--ckpt=x.pt"], "give one of --samples"),
+        # ignored without a word: the file's samples were all scored, and --data named no file of humaneval's
+        ([f"--samples={samples}", "--n_samples=2", "--temperature=0.7"], "--n_samples is a setting of generation"),
+        ([f"--samples={samples}", "--device=cuda"], "--device is a setting of generation"),
+        ([f"--samples={samples}", "--data=/nonexistent"], "--data is MBPP's file: humaneval's problems"),
         (["--ckpt=x.pt", "--n_samples=5"], "set --temperature > 0"),
         (["--ckpt=/nonexistent.pt"], "no checkpoint at /nonexistent.pt"),
         ([f"--samples={samples}", "--k=1,x"], "--k takes"),
@@ -1406,7 +1410,7 @@ def test_an_offline_or_cached_mbpp_of_other_content_is_not_used(tmp_path, monkey
 
 
 def test_settings_at_their_limits_are_accepted():
-    cfg, _ = parse_args(evaluate.DEFAULTS, argv=["--samples=s.jsonl", "--k=1,5,1", "--temperature=0.8", "--top_p=1",
+    cfg, _ = parse_args(evaluate.DEFAULTS, argv=["--ckpt=c.pt", "--k=1,5,1", "--temperature=0.8", "--top_p=1",
                                                  "--n_samples=5", "--memory_mb=64", "--timeout=0.01",
                                                  "--sandbox_uid=4294967294", "--limit=0", "--max_new_tokens=0"])
     assert evaluate.check_settings(cfg) == [1, 5]
