@@ -1823,9 +1823,11 @@ def decontaminate(cfg) -> dict:
         raise UserError("--min_tau must be in (0, 1], and --prune_tau (if given) in [--min_tau, 1]")
     if cfg.ckpt and (cfg.doc_tokens < 1 or cfg.batch_size < 1):
         raise UserError("--doc_tokens and --batch_size must be at least 1")
-    benches = [b.strip() for b in cfg.bench.split(",") if b.strip()]
+    benches = list(dict.fromkeys(b.strip() for b in cfg.bench.split(",") if b.strip()))  # each once
     if not benches:
         raise UserError("--bench is needed: humaneval, mbpp or both, comma-separated")
+    if cfg.mbpp and "mbpp" not in benches:  # it would be ignored without a word
+        raise UserError(f"--mbpp names MBPP's file, and --bench={cfg.bench} holds no mbpp")
     files = corpus_files(cfg.corpus)
     results = [Path(p.strip()) for p in cfg.results.split(",") if p.strip()]
     for path in results:
@@ -1923,7 +1925,7 @@ def decontaminate(cfg) -> dict:
                      tau=best[p][0] or None, tau_document=best[p][1]) for p, t in enumerate(tasks)]
         if model is not None:
             nearest(cfg, model, files, [problems[t] for t in tasks], ids, rows)
-        report = dict(corpus=[str(f) for f in files], documents=len(ids), parsed=parsed, benchmarks=cfg.bench,
+        report = dict(corpus=[str(f) for f in files], documents=len(ids), parsed=parsed, benchmarks=",".join(benches),
                       problems=len(tasks), min_tau=cfg.min_tau, documents_with_13gram_overlap=overlapping,
                       documents_by_tau={f"{t:g}": int((doc_tau >= t).sum()) for t in taus},
                       problems_by_tau={f"{t:g}": sum((r["tau"] or 0) >= t for r in rows) for t in taus},
@@ -1957,7 +1959,8 @@ def decontaminate(cfg) -> dict:
                   f"the other {kept} are in {out}")
         check_unchanged()
         write_atomic(report_path, (json.dumps(report, indent=2) + "\n").encode())
-        print(f"{len(ids)} documents ({parsed} hold Python that parses) against {len(tasks)} problems of {cfg.bench}: "
+        print(f"{len(ids)} documents ({parsed} hold Python that parses) against {len(tasks)} problems of "
+              f"{','.join(benches)}: "
               f"{overlapping} share a 13-gram with one; by AST match rate, documents / problems at tau >= "
               + ", ".join(f"{t:g}: {report['documents_by_tau'][f'{t:g}']} / {report['problems_by_tau'][f'{t:g}']}"
                           for t in taus) + f"; report: {report_path}")

@@ -772,9 +772,11 @@ def test_lines_with_lone_surrogates_are_skipped_and_counted(tmp_path):
     assert [doc_id for _, doc_id, _, _ in filter.documents([docs], skipped)] == ["fine", "an emoji"]
     assert skipped == {"with a lone surrogate (not UTF-8)": 3, "not a JSON object with a text": 1}
     pruned = tmp_path / "pruned.jsonl"
-    run_filter("decontaminate", f"--corpus={docs}", "--bench=humaneval", "--prune_tau=0.95", f"--out={pruned}",
-               f"--report={tmp_path / 'report.json'}", "--workers=1")
+    run_filter("decontaminate", f"--corpus={docs}", "--bench=humaneval,humaneval", "--prune_tau=0.95",
+               f"--out={pruned}", f"--report={tmp_path / 'report.json'}", "--workers=1")
     assert [json.loads(line)["id"] for line in pruned.read_text(encoding="utf-8").splitlines()] == ["fine", "an emoji"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["benchmarks"], report["problems"]) == ("humaneval", 164)  # a benchmark named twice, once
 
 
 @pytest.mark.parametrize("change", ["drop the first", "add one", "rewrite one"])
@@ -895,6 +897,7 @@ def test_empty_lists_name_their_setting(tmp_path):
     (["annotate", "--seed=-1"], "--seed must be an integer >= 0"),  # were numpy's tracebacks
     (["train", "--seed=-1"], "--seed must be an integer >= 0"),
     (["train", "--workers=-3"], "--workers must be >= 0"),  # was one process, without a word
+    (["decontaminate", "--bench=humaneval", "--mbpp=m.jsonl"], "--mbpp names MBPP's file"),  # was ignored
     (["train", "--min_score=-1"], "--min_score must be a score, from 0 to 10, not -1"),
     (["apply", "--num_shards=0", "--forest=f.npz"], "--num_shards must be at least 1 and --shard in .* not 0 of 0"),
 ])
