@@ -222,8 +222,8 @@ def print_samples(cfg, model: GPT) -> None:
     seed = COMMAND_LINE_SEED if cfg.seed is None else cfg.seed
     for start in range(0, cfg.num_samples, cfg.max_batch):  # --max_batch at a time: memory, and output as it comes
         rows = min(cfg.max_batch, cfg.num_samples - start)
-        new_ids = model.generate([ids] * rows, max_new, temperature, top_p, stops, batch_seed(seed, start // cfg.max_batch))
-        for i, new in enumerate(new_ids):
+        seeded = batch_seed(seed, start // cfg.max_batch)
+        for i, new in enumerate(model.generate([ids] * rows, max_new, temperature, top_p, stops, seeded)):
             if start + i:
                 print("-" * 40)
             print(prompt + cut(new, max_new, stops)[0], flush=True)
