@@ -230,21 +230,19 @@ def test_outcomes_and_their_details(sandbox):
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="threads outrun the clock on two cores or more")
 def test_cpu_time_running_out_is_a_time_out():
     """The CPU limit's soft and hard values were one: Linux kills at the hard limit with
-    SIGKILL before it sends SIGXCPU, so threads out of CPU time were said to crash."""
-    burn = ("import hashlib, threading\n"  # hashlib lets go of the GIL: four threads, every core busy
-            "data = bytes(1 << 24)\n"
-            "def spin():\n"
-            "    while True:\n"
-            "        hashlib.sha256(data).digest()\n"
-            "threads = [threading.Thread(target=spin) for _ in range(4)]\n"
-            "for t in threads:\n"
-            "    t.start()\n"
-            "for t in threads:\n"
-            "    t.join()\n")
-    with evaluate.Sandbox(workers=1, timeout=4.0, memory_mb=512) as box:  # CPU time: 5 s, the clock's 4 s
+    SIGKILL before it sends SIGXCPU, so threads out of CPU time were said to crash. The
+    program checks the limits it was given, then spends a CPU second it sets itself (a burn
+    up to the sandbox's own limit would race the clock's on a busy machine)."""
+    burn = ("import resource\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_CPU)\n"
+            "assert soft < hard, (soft, hard)\n"
+            "resource.setrlimit(resource.RLIMIT_CPU, (1, hard))\n"
+            "while True:\n"
+            "    pass\n")
+    with evaluate.Sandbox(workers=1, timeout=8.0, memory_mb=512) as box:  # CPU time: 9 s, the clock's 8 s
         t0 = time.time()
         assert box.run([("<completion>", GOOD + burn), ("<tests>", TESTS)]) == "timed out"
-        assert time.time() - t0 < 4.0  # the CPU limit, not the clock's
+        assert time.time() - t0 < 8.0  # the CPU limit, not the clock's
 
 
 EARLY_EXITS = {  # each after a correct f: none may pass, as the tests never run
