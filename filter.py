@@ -1423,10 +1423,11 @@ def score_shard(cfg, files, shard: int, shards: int, forest: RandomForest, model
             f.write(records.tobytes())
             bar.update(len(texts))
     warn_skipped(skipped, files)
-    if not bar.n and skipped:  # lines, none of them a document: a wrong corpus, not a shard past a small one's end
+    # lines, none of them a document: a wrong corpus, unless other shards hold documents (this
+    # one's lines were blank), or this shard is past a small corpus's end (no lines at all)
+    if not bar.n and skipped and next(documents(files, Counter()), None) is None:
         partial.unlink()
-        raise UserError(f"no documents in {', '.join(map(str, files))}"
-                        + (f" (shard {shard} of {shards})" if shards > 1 else ""))
+        raise UserError(f"no documents in {', '.join(map(str, files))}")
     os.replace(partial, path)
     write_atomic(scores_description(path), json.dumps(dict(scoring=scoring, documents=bar.n)).encode())
 

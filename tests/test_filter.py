@@ -1589,6 +1589,23 @@ def test_embeddings_that_overflow_are_one_line_naming_the_shard(tmp_path, nano, 
                    "--shard=1", "--num_shards=2")
 
 
+def test_a_shard_of_blank_lines_is_empty_not_a_wrong_corpus(tmp_path, nano):
+    """Shards take lines: a corpus with a blank line after each document gave shard 1 of 2
+    blank lines only, which was refused as "no documents", under torchrun on every rerun."""
+    docs = tmp_path / "docs.jsonl"
+    records = corpus(tmp_path / "c.jsonl", 6, seed=3).read_text().splitlines()
+    docs.write_text("".join(record + "\n\n" for record in records))
+    forest = nano_forest(tmp_path, nano)
+    for shard, documents in ((0, 6), (1, 0)):
+        run_filter("apply", f"--corpus={docs}", f"--forest={forest}", f"--out={tmp_path / 'out'}",
+                   f"--shard={shard}", "--num_shards=2")
+        summary = json.loads((tmp_path / "out" / f"summary-{shard:05d}-of-00002.json").read_text())
+        assert summary["documents"] == documents
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(UserError, match="^no documents in"):  # a corpus without any is still refused
+        run_filter("apply", f"--corpus={tmp_path / 'blank.jsonl'}", f"--forest={forest}", f"--out={tmp_path / 'o2'}")
+
+
 def test_top_fraction_keeps_what_the_histogram_counted_above_the_threshold(tmp_path, nano):
     """The histogram binned score x 10,000 in float32, which rounds 0.40969998 up into bin
     4097, while the selection compared the score with 0.4097: nothing was kept."""
