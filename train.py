@@ -160,10 +160,10 @@ class Mixture:
                  splits: tuple[str, ...] = ("train", "val")):
         self.block_size, self.vocab_size = block_size, vocab_size
         parts = [part.strip() for part in spec.split(",")]
-        weighted = [":" in part for part in parts]
+        weighted = [":" in part and not Path(part).is_dir() for part in parts]  # (a folder's path may hold ":")
         if any(weighted) and not all(weighted):
             raise UserError(f"give every dataset a weight, or none (each then weighs its size): --data={spec}")
-        self.names = [part.rpartition(":")[0] if ":" in part else part for part in parts]
+        self.names = [part.rpartition(":")[0].strip() if w else part for part, w in zip(parts, weighted)]
         if not all(self.names):
             raise UserError(f"a dataset without a name in --data={spec}")
         weights = None
@@ -175,6 +175,10 @@ class Mixture:
             if not all(math.isfinite(w) and w > 0 for w in weights):
                 raise UserError(f"dataset weights must be positive numbers: --data={spec}")
         self.folders = [self._folder(n, prepare_default, splits) for n in self.names]
+        twice = next((n for i, (n, f) in enumerate(zip(self.names, self.folders))
+                      if any(f.resolve() == g.resolve() for g in self.folders[:i])), None)
+        if twice:  # its weights would add up, and its validation loss be taken twice
+            raise UserError(f"--data={spec} names the dataset {twice} twice")
         # what the folders hold now, for a resume to notice data prepared again under the same name
         self.content = ", ".join(map(self._content, self.folders))
         if weights is None:
@@ -207,7 +211,11 @@ class Mixture:
                                                                   if split == "val" else ""))
             if path.stat().st_size < 4:
                 raise UserError(f"{path} is empty: nothing to {'train' if split == 'train' else 'validate'} on")
-            if path.stat().st_size % 2:  # uint16 tokens: cut short by a full disk or a copy
+            size, written = path.stat().st_size, (meta.get("files") or {}).get(path.name)
+            if isinstance(written, int) and size != written:  # cut short by a full disk or a copy, or changed
+                raise UserError(f"{path} holds {size:,} bytes, not the {written:,} prepare.py wrote: prepare the "
+                                f"data again")
+            if size % 2:  # uint16 tokens (checked for a meta.json of an older prepare.py, without sizes)
                 raise UserError(f"{path} is cut short (an odd number of bytes): prepare the data again")
         return folder
 

@@ -834,6 +834,25 @@ def test_datasets_that_are_not_token_bins_are_refused(tmp_path):
         train.Mixture(str(a), 16, 2048, prepare_default=False)
 
 
+def test_data_specs_with_spaces_colons_or_a_dataset_twice_and_bins_cut_short(tmp_path):
+    """Spaces around ":" stayed in the name; a folder whose path holds ":" could not be named
+    without a weight; a dataset named twice weighed double (and validated twice); a bin cut
+    short to an even size trained on zeros that were never in the corpus."""
+    a, b = make_dataset(tmp_path / "a"), make_dataset(tmp_path / "x:y" / "b", seed=1)
+    assert train.Mixture(f"{a} : 0.5, {b} : 0.5", 16, 2048, prepare_default=False).folders == [a, b]
+    assert train.Mixture(str(b), 16, 2048, prepare_default=False).folders == [b]
+    with pytest.raises(UserError, match=re.escape(f"names the dataset {a}/ twice")):
+        train.Mixture(f"{a}:0.5,{a}/:0.5", 16, 2048, prepare_default=False)
+    meta = json.loads((a / "meta.json").read_text())
+    (a / "meta.json").write_text(json.dumps({**meta, "files": {"train.bin": (a / "train.bin").stat().st_size,
+                                                               "val.bin": (a / "val.bin").stat().st_size}}))
+    train.Mixture(str(a), 16, 2048, prepare_default=False)  # as prepare.py wrote it
+    with open(a / "train.bin", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 100)
+    with pytest.raises(UserError, match=r"train.bin holds [\d,]+ bytes, not the [\d,]+ prepare.py wrote"):
+        train.Mixture(str(a), 16, 2048, prepare_default=False)
+
+
 def test_a_total_batch_that_is_not_a_multiple_is_refused(tmp_path, pico):
     """--total_batch_size=6 of micro-batches of 4 cannot be met: silently training on 4 is wrong."""
     data = make_dataset(tmp_path / "ds")
