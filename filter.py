@@ -22,14 +22,15 @@ annotate   draws --n documents spread over --strata length quantiles in proporti
            $OPENAI_BASE_URL, else OpenAI) for their educational value with our own prompt
            (PROMPT): a score from 0 to 10 on the answer's last line, "Educational value: N".
            parse_score reads the last such label (or "Score: N"), else the last "N/10",
-           else a lone number on the last line; an answer without one is asked again with a
+           else a bare number; an answer without one is asked again with a
            reminder, up to --attempts answers, then written as a failure (score null,
            "error"). Records {"id", "score", "answer", "text", "stratum", "model"} are
            appended to --labels as they come; a rerun asks only for the documents without a
            score (warning of scores by another --model), and a document's last line counts.
            A request the teacher refuses (a 4xx, e.g. a prompt too long for its context, or
            an answer without text: a content filter) is its verdict, once it has answered
-           another: written with "refused" (--model, --prompt_chars, --max_tokens,
+           another in the same run (a prompt too long for the context: at once): written
+           with "refused" (--model, --prompt_chars, --max_tokens,
            --temperature), not asked again by a rerun with those settings, counted in a
            warning; such a document has no score, and train leaves it out. Requests that
            failed otherwise (an outage) end the run in an error, and a rerun asks again.
@@ -333,33 +334,31 @@ REMINDER = ("I could not find the score. Answer again with just one line of the 
             "Educational value: N\nwhere N is a whole number from 0 to 10.")
 _ASIDE = re.compile(r"[(\[][^()\[\]\n]*[)\]]")  # "(out of 10)", "[0-10]", "(Note: ... Python 2 ...)"
 _SCALE = re.compile(r"\b[01]\s*(?:-|–|—|to)\s*10\b|(?:/|\bout\s+of|\bscale\s+of)\s*10\b", re.I)
-# "educational value" or "score", words without a digit, a colon, and the number right after it
-# (past markdown or a line break); a number followed by "/5" or "out of 5" is on another scale
-_LABELLED = re.compile(r"(?:\beducational\s+value|\bscore)\b[^:\d\n]*:[\s*_`]*(\d+(?:\.\d+)?(?!\w)"
-                       r"(?:\s*(?:/|out\s+of)\s*\d)?)", re.I)
-_NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+)?(?!\w)")  # not -3: no score, ask again
+# after a label, words without a digit, then ":", "=" or "is", and the number right after it (past
+# markdown or a line break); a number followed by "/5" or "out of 5" is on another scale
+_AFTER_LABEL = r"\b[^:=\d\n]*?(?::|=|\bis\b)[\s*_`]*(\d+(?:\.\d+)?(?!\w)(?:\s*(?:/|out\s+of)\s*\d)?)"
+_VALUE = re.compile(r"\beducational\s+value" + _AFTER_LABEL, re.I)
+_SCORE = re.compile(r"\bscore" + _AFTER_LABEL, re.I)
 _OUT_OF_TEN = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*10\b", re.I)
 
 
 def parse_score(answer: str) -> int | None:
     """The score (0-10) in a teacher's answer, read with asides in brackets and the scale
-    ("0 to 10", "1-10", "out of 10", "/10") set aside: the number right after the colon of
-    its last label, "Educational value: N" or "Score: N" (words without a digit may stand
-    between the label and the colon: "Educational value (0-10): N"), so that neither a
-    number in the explanation ("for Python 3") nor prose after the score counts; else its
-    last "N/10" or "N out of 10"; else the number on its last line, if that line holds only
-    one. A number on another scale ("4/5") is no score rather than rescaled: the reminder
-    asks for a 0-10 one. Halves round up; a number outside 0-10 is no score."""
+    ("0 to 10", "1-10", "out of 10", "/10") set aside: the number right after its last
+    label "Educational value: N" (or "= N", "is N"; words without a digit may stand between:
+    "Educational value (0-10): N"), so that neither a number in the explanation ("for
+    Python 3") nor prose after the score counts; else after its last "Score: N"; else its
+    last "N/10" or "N out of 10"; else the answer if it is a bare number. Anything else is
+    asked again with a reminder, not guessed at ("see PEP 8"). A number on another scale
+    ("4/5") is no score rather than rescaled. Halves round up; outside 0-10, no score."""
     plain = _SCALE.sub(" ", _ASIDE.sub(" ", answer))
-    labelled = _LABELLED.findall(plain)
-    if labelled:
-        found = labelled[-1]  # "4/5" whole, which the check below refuses
-    else:
+    found = next((labelled[-1] for labelled in (_VALUE.findall(plain), _SCORE.findall(plain)) if labelled),
+                 None)  # "4/5" whole, which the check below refuses
+    if found is None:
         found = next(iter(_OUT_OF_TEN.findall(answer)[-1:]), None)
     if found is None:
-        last = next((line for line in reversed(plain.splitlines()) if line.strip()), "")
-        numbers = _NUMBER.findall(last)
-        found = numbers[0] if len(numbers) == 1 else None
+        bare = answer.strip().strip("*`.").strip()
+        found = bare if re.fullmatch(r"\d+(?:\.\d+)?", bare) else None
     if found is None or not re.fullmatch(r"\d+(?:\.\d+)?", found) or not 0 <= float(found) <= 10:
         return None
     return int(float(found) + 0.5)
@@ -491,7 +490,7 @@ def annotate(cfg) -> Counter:
                 scored, refused = done_ids(out, files, cfg)  # again: a run before ours may have ended since
                 todo = {index: doc for index, doc in todo.items() if doc[0] not in scored and doc[0] not in refused}
                 if todo:
-                    return ask_teacher(cfg, client, out, todo, len(picked), answered=bool(scored))
+                    return ask_teacher(cfg, client, out, todo, len(picked))
     print(f"{out}: all {len(picked)} documents drawn are annotated"
           + (f" (the teacher refused {len(refused)} of its documents for good: they have no score)" if refused else ""))
     return Counter()
@@ -517,19 +516,21 @@ def done_ids(out: Path, files: list[Path], cfg) -> tuple[set, set]:
     return scored | renamed_ids(scored, files), refused - scored
 
 
-def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int, answered: bool) -> Counter:
+def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int) -> Counter:
     """Annotate the documents of todo into out; returns the counts of scores and failures.
 
     A request the teacher refused (a 4xx such as a prompt too long for its context, or an
     answer without text: a content filter) is its verdict on the document: written with
     "refused" (its request_settings), it is not asked again by a rerun with those settings.
-    That takes a teacher that answers other requests, in this run or before (answered: out
-    holds a score): one that refuses every request says that a setting or the endpoint is
-    at fault, not the documents, and its refusals are written as failures, asked again."""
+    That takes a teacher that answers other requests of this run (scores from before may be
+    another endpoint's): one that refuses every request says that a setting or the endpoint
+    is at fault, not the documents, and its refusals are written as failures, asked again.
+    A prompt refused as too long for the context is a verdict at once: it is the document's."""
     print(f"annotating {len(todo)} documents ({drawn - len(todo)} of {drawn} done before) into {out}")
     writer, counts = Appender(out), Counter()
     conversations = {}  # those of the documents asked again
     unanswered = []  # the failures of requests that failed for good, but for refusals
+    answered = False  # an answer came: the teacher takes this run's requests
     refusals, held = [], []  # the refusals; the records of those not yet known to be verdicts
 
     def conversation(index: int) -> list[dict]:
@@ -567,7 +568,7 @@ def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int, answ
                     if answer is None and result.kind == "refused":
                         refusals.append(result)
                         record["error"] = f"refused: {result}"
-                        if answered:
+                        if answered or result.too_long:
                             verdict(record)
                         else:
                             held.append(record)
@@ -606,7 +607,7 @@ def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int, answ
     if unanswered:
         raise UserError(f"{len(unanswered)} documents got no answer (first: {unanswered[0]}); "
                         f"rerun the same command to ask again")
-    if not scores and len(todo) == drawn:  # a teacher that does not follow the prompt: nothing to learn from
+    if not scores and counts["failed"] and len(todo) == drawn:  # a teacher that does not follow the prompt
         raise UserError(f"none of the {counts['failed']} answers held a score (\"Educational value: N\"); "
                         f"they are in {out}: is --model={cfg.model} one that follows the prompt?")
     return counts

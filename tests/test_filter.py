@@ -275,8 +275,12 @@ def test_the_score_is_the_last_labelled_one_not_a_number_after_or_before_it():
     cases = {"The file has high educational value for beginners learning Python 3.\nScore: 8/10": 8,
              "Educational value: 7\n\n(Note: educational value judged for Python 2 users.)": 7,
              "Educational value: 7\nOverall its educational value is decent.": 7,
-             "I would say 6/10 overall.\nIt targets Python 3.": 6, "I would rate it 7.": 7,
-             "Educational value: 4/5": None, "Score: 3 out of 5": None, "It uses Python 3 and 2 loops.": None}
+             "I would say 6/10 overall.\nIt targets Python 3.": 6, "Educational value: 4/5": None,
+             "Score: 3 out of 5": None, "It uses Python 3 and 2 loops.": None,
+             # a lone number in prose is no score (asked again), and "educational value" outranks "score"
+             "Mostly boilerplate; see PEP 8.": None, "The code has 2 functions.": None,
+             "Educational value: 7\nConfidence score: 9": 7, "Educational value = 7\nHope this helps!": 7,
+             "Educational value is 7.\nLet me know if you need more.": 7}
     for answer, score in cases.items():
         assert filter.parse_score(answer) == score, answer
 
@@ -695,13 +699,24 @@ def test_a_refusal_is_a_verdict_a_rerun_with_the_same_settings_does_not_ask_agai
         assert len(server.served) == 2  # another --prompt_chars asks again
     assert len(filter.read_scores(labels)) == 4
 
-    fresh = tmp_path / "fresh.jsonl"
-    with FakeLLM(faults=["context"]) as server:
-        with pytest.raises(UserError, match=r"^the teacher refused 4 requests and answered none .*4 of them too "
-                                            r"long for its context: a lower --prompt_chars \(now 8000\).* A rerun"):
-            run_filter("annotate", f"--api_base={server.url}", f"--labels={fresh}", *teach)
+    # a teacher that refuses every request of a run, scores from before or not: the settings or the
+    # endpoint are at fault (scores from before may be another endpoint's), and a rerun asks again
+    resumed = tmp_path / "resumed.jsonl"
     with FakeLLM(answer=teacher) as server:
-        run_filter("annotate", f"--api_base={server.url}", f"--labels={fresh}", *teach)
+        run_filter("annotate", f"--api_base={server.url}", f"--labels={resumed}", *teach[:2], "--n=2")
+    for labels_now in (tmp_path / "fresh.jsonl", resumed):
+        with FakeLLM(faults=["filtered"]) as server:
+            with pytest.raises(UserError, match=r"^the teacher refused \d requests and answered none .* A rerun"):
+                run_filter("annotate", f"--api_base={server.url}", f"--labels={labels_now}", *teach)
+        with FakeLLM(answer=teacher) as server:
+            run_filter("annotate", f"--api_base={server.url}", f"--labels={labels_now}", *teach)
+            assert len(server.served) == (4 if labels_now != resumed else 2)
+    # a prompt too long for the context is the document's verdict, answered or not
+    with FakeLLM(faults=["context"]) as server:
+        run_filter("annotate", f"--api_base={server.url}", f"--labels={tmp_path / 'long.jsonl'}", *teach)
+        assert re.search(r"refused 4 documents for good .* 4 of them too long for its context: a lower "
+                         r"--prompt_chars \(now 8000\)", capsys.readouterr().err)
+        run_filter("annotate", f"--api_base={server.url}", f"--labels={tmp_path / 'long.jsonl'}", *teach)
         assert len(server.served) == 4
 
 
