@@ -45,12 +45,18 @@ if [ -n "$LOCAL_INPUTS" ]; then
   LOCAL_INPUTS=$(IFS=,; echo "${inputs[*]}")
 fi
 fail() { echo "error: $*" >&2; exit 2; }
-for name in PRETRAIN_ITERS FINETUNE_ITERS N_WEB N_ANNOTATE N_SYNTH MAX_NEW_TOKENS; do  # now, not stages later
-  [[ ${!name} =~ ^[0-9]+$ ]] && (( ${!name} > 0 )) || fail "$name must be a whole number above 0, not '${!name}'"
+# the numbers, checked now rather than stages later, and written plainly (08 is 8, not octal)
+whole() {  # $1: a variable's name, $2: its least value, $3: what it is
+  [[ ${!1} =~ ^[0-9]{1,9}$ ]] && (( 10#${!1} >= $2 )) || fail "$1 must be $3, not '${!1}'"
+  printf -v "$1" '%d' "$((10#${!1}))"
+}
+for name in PRETRAIN_ITERS FINETUNE_ITERS N_WEB N_ANNOTATE N_SYNTH MAX_NEW_TOKENS; do
+  whole "$name" 1 "a whole number above 0"
 done
-[[ $EVAL_PROBLEMS =~ ^[0-9]+$ ]] || fail "EVAL_PROBLEMS must be a whole number (0: all), not '$EVAL_PROBLEMS'"
-for port in "$SERVE_PORT" "$TEACHER_PORT"; do
-  [[ $port =~ ^[0-9]+$ ]] && (( port >= 1 && port <= 65535 )) || fail "ports must be numbers from 1 to 65535, not '$port'"
+whole EVAL_PROBLEMS 0 "a whole number (0: all)"
+for name in SERVE_PORT TEACHER_PORT; do
+  whole "$name" 1 "a port, from 1 to 65535"
+  (( $name <= 65535 )) || fail "$name must be a port, from 1 to 65535, not '${!name}'"
 done
 [ "$SERVE_PORT" != "$TEACHER_PORT" ] || fail "SERVE_PORT and TEACHER_PORT must differ, not both $SERVE_PORT"
 python -c "import sys, model
@@ -58,28 +64,29 @@ if sys.argv[1] not in model.PRESETS:
     sys.exit(f'error: PRESET={sys.argv[1]} is no preset of model.py ({\", \".join(model.PRESETS)})')" "$PRESET" || exit 2
 mkdir -p "$OUT"
 stage() { echo; echo "=== $(date +%H:%M:%S) $*"; }
+# Each stage runs in a process group of its own (set -m), which a signal to the script's group
+# does not reach: on_signal passes each signal on to it once, whether the signal came to the
+# group (Ctrl-C, timeout) or to the script alone (kill), so a second Ctrl-C still means "now".
+set -m
 CHILD=  # the stage's process, while it runs
 run() {  # a stage's command, waited for in the background: a trap can then pass a signal on to it
-  ( trap - INT; exec "$@" ) &  # (a command in the background would ignore Ctrl-C)
+  "$@" &
   CHILD=$!
   local status=0
   wait "$CHILD" || status=$?
   CHILD=
   return "$status"
 }
-on_signal() {  # $1: the status to exit with. The running stage stops as on Ctrl-C, keeping its work:
-  # a signal to the group reached it too, one to the script alone did not (a SIGTERM if it runs on)
-  trap '' INT TERM HUP
+on_signal() {  # $1: the signal to pass on, $2: the status to exit with once the stage has stopped
   if [ -n "$CHILD" ]; then
-    for _ in $(seq 50); do kill -0 "$CHILD" 2>/dev/null || break; sleep 0.1; done
-    kill -TERM "$CHILD" 2>/dev/null || true
-    wait "$CHILD" || true
+    kill -"$1" -- -"$CHILD" 2>/dev/null || true
+    wait "$CHILD" || true  # (a second signal meanwhile runs on_signal again)
   fi
-  exit "$1"
+  exit "$2"
 }
-trap 'on_signal 130' INT
-trap 'on_signal 143' TERM
-trap 'on_signal 129' HUP
+trap 'on_signal INT 130' INT
+trap 'on_signal TERM 143' TERM
+trap 'on_signal TERM 129' HUP  # a closed terminal: the stage stops as on SIGTERM
 wait_for() {  # an OpenAI-compatible server (process $2) answering /v1/models
   python - "$1" "$2" <<'EOF'
 import os, sys, time, urllib.request

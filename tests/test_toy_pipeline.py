@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,16 +21,25 @@ def free_port() -> int:
 
 
 def run_pipeline(env: dict, timeout: float, cwd=None) -> subprocess.CompletedProcess:
-    """toy_pipeline.sh in a session of its own: past the timeout its whole group is killed, the
-    stage and servers it started too (subprocess.run's kill of bash alone left them running)."""
+    """toy_pipeline.sh, stopped past the timeout as a user would stop it (subprocess.run's
+    SIGKILL of bash alone left its stage and servers running into the other tests)."""
     with subprocess.Popen(["bash", str(ROOT / "toy_pipeline.sh")], env=env, cwd=cwd, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+                          stderr=subprocess.PIPE, text=True) as process:
         try:
             out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            stop(process, env["OUT"])
             raise
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def stop(script: subprocess.Popen, out: str) -> None:
+    """A SIGTERM to the script, which stops its stage and servers; then a SIGKILL to whatever
+    of it still runs (the stages run in process groups of their own)."""
+    with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+        script.send_signal(signal.SIGTERM)
+        script.wait(timeout=30)
+    subprocess.run(["pkill", "-KILL", "-f", out])
 
 
 def test_every_stage_runs_and_leaves_its_output(tmp_path):
@@ -86,21 +96,27 @@ def test_a_signal_to_the_script_alone_stops_its_running_stage_which_keeps_its_wo
     env = {**os.environ, "OUT": str(out), "LOCAL_INPUTS": str(stdlib / "json"), "PRETRAIN_ITERS": "100000",
            "SERVE_PORT": str(free_port()), "TEACHER_PORT": str(free_port()),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    with subprocess.Popen(["bash", str(ROOT / "toy_pipeline.sh")], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True) as script:
-        try:
-            for line in script.stdout:  # until stage 2 trains (past its first validation: its signal handler is set)
-                if line.startswith("step 0: val loss"):
-                    break
-            script.send_signal(signal.SIGTERM)  # the script alone, not its group
-            assert script.wait(timeout=120) == 143
-            rest = script.stdout.read()
-            alive = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
-            assert not alive, f"left running: {alive}"
-        finally:  # whatever is left of the group: never a leak into other tests
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(script.pid, signal.SIGKILL)
-    assert "saved" in rest and (out / "base" / "ckpt.pt").exists(), rest  # the stage stopped as on Ctrl-C
+    for to_group, status in ((False, 143), (True, 130)):  # a kill of the script alone; Ctrl-C, which the group gets
+        shutil.rmtree(out / "base", ignore_errors=True)  # stage 2 from its start (stage 1's data stays)
+        with subprocess.Popen(["bash", str(ROOT / "toy_pipeline.sh")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) as script:
+            try:
+                for line in script.stdout:  # until stage 2 trains (past its first validation: its handler is set)
+                    if line.startswith("step 0: val loss"):
+                        break
+                if to_group:
+                    os.killpg(script.pid, signal.SIGINT)
+                else:
+                    script.send_signal(signal.SIGTERM)
+                assert script.wait(timeout=120) == status
+                rest = script.stdout.read()
+                alive = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+                assert not alive, f"left running: {alive}"
+            finally:
+                stop(script, str(out))  # never a leak into other tests
+        # the stage stopped as on one Ctrl-C, and saved: a second signal is said again (or stops it at once)
+        assert rest.count("saving a checkpoint") == 1 and "saved" in rest and "interrupted" not in rest, rest
+        assert (out / "base" / "ckpt.pt").exists()
 
 
 def test_a_port_in_use_stops_the_run_before_any_work_in_an_out_of_the_callers(tmp_path):
@@ -121,7 +137,9 @@ def test_a_port_in_use_stops_the_run_before_any_work_in_an_out_of_the_callers(tm
 
 def test_settings_that_would_fail_stages_later_stop_it_before_any_work(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "toy"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    for settings, message in [(dict(SERVE_PORT="8o11"), "ports must be numbers from 1 to 65535, not '8o11'"),
+    for settings, message in [(dict(SERVE_PORT="8o11"), "SERVE_PORT must be a port, from 1 to 65535, not '8o11'"),
+                              (dict(TEACHER_PORT="70000"), "TEACHER_PORT must be a port, from 1 to 65535"),
+                              (dict(N_WEB="99999999999999999999"), "N_WEB must be a whole number above 0"),
                               (dict(SERVE_PORT="9000", TEACHER_PORT="9000"), "must differ"),  # stage 4's puzzle
                               (dict(PRESET="huge"), "PRESET=huge is no preset of model.py"),  # after stage 1's minutes
                               (dict(EVAL_PROBLEMS="-1"), "EVAL_PROBLEMS must be a whole number"),  # at stage 9
