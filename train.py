@@ -533,7 +533,7 @@ def train(cfg, make_data=None, score=None) -> GPT:
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)):
             raise
-        context = " or --block_size" if score is None else ""  # finetuning keeps its base model's context
+        context = " or --block_size" if make_data is None else ""  # finetune.py's data: the base model's context
         raise UserError(f"out of memory: lower --batch_size (--total_batch_size keeps the batch per step, by "
                         f"gradient accumulation){context} ({str(e).strip().splitlines()[0][:300]})") from None
     finally:
@@ -794,7 +794,8 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             validated = False
             with said_together():  # (bad val data, a full disk: process 0's alone under DDP)
                 validated = validate(step)
-            if not validated:  # stopped by a signal: saved at this step, whose score a resume takes
+            if not validated and failure is None:  # a signal stopped it: saved at this step, for a resume to score
+                # (DDP: a failure, kept by said_together, stops every process at the next flags, nothing saved)
                 if saved_step != step:
                     with said_together():
                         save(step, score_due=score is not None)

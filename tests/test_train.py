@@ -406,6 +406,7 @@ run(train.main)
     ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
     assert len(ours) == 1 and re.fullmatch(f"error: {said}", ours[0]), result.stderr[-3000:]
     assert "step 2: val loss" not in result.stdout  # process 0 failed at step 2: no more validation, nor scores
+    assert "saved" not in result.stdout  # no checkpoint at or after a failure (one read as a signal's was)
 
 
 def test_gradient_accumulation_averages_micro_steps(tmp_path, capsys):
@@ -650,9 +651,9 @@ def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, monkeypatch, err
     monkeypatch.setattr(train.GPT, "forward", forward_raising(error))
     with pytest.raises(UserError, match=r"out of memory: lower --batch_size .* or --block_size \(.*allocate 9"):
         train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), max_iters=2))
-    with pytest.raises(UserError) as finetuning:  # finetune.py (a score) has no --block_size to lower
+    with pytest.raises(UserError) as finetuning:  # finetune.py (its own data) has no --block_size to lower
         train.train(settings(data=str(data), out_dir=str(tmp_path / "out1"), max_iters=2),
-                    score=lambda model: ("fake", 0.0))
+                    make_data=lambda c: train.Mixture(str(data), c.block_size, c.vocab_size, prepare_default=False))
     assert "--batch_size" in str(finetuning.value) and "--block_size" not in str(finetuning.value)
     monkeypatch.setattr(train.GPT, "forward", forward_raising(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # any other error stays a traceback to see
