@@ -1490,6 +1490,9 @@ def apply(cfg) -> dict:
               f"{f' and {len(stale) - 3} more' if len(stale) > 3 else ''}): a glob of its kept-*.jsonl, as "
               f"prepare.py --inputs takes, would take them too; remove them", file=sys.stderr)
     dtype = embedding_dtype(cfg, device)
+    if source.get("dtype") not in (None, dtype) and rank == 0:  # (forests of before embed kept no dtype)
+        print(f"note: the forest learned from embeddings made in {source['dtype']}, and these are made in {dtype}: "
+              f"--dtype={source['dtype']} makes them alike", file=sys.stderr)
     scoring = fingerprint(files_identity(files), content_identity(cfg.forest), content_identity(ckpt), doc_tokens,
                           dtype, shard, shards)
     selection = dict(threshold=cfg.threshold, top_fraction=cfg.top_fraction)

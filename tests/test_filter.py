@@ -1581,10 +1581,16 @@ def test_another_dtype_embeds_and_scores_anew(tmp_path, nano, capsys):
     run_filter(*embed, "--dtype=bfloat16")
     assert "already holds" not in capsys.readouterr().out
     assert json.loads(emb.with_suffix(".json").read_text())["source"]["dtype"] == "bfloat16"
-    apply = ["apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={out}"]
+    forest = RandomForest.load(nano_forest(tmp_path, nano))
+    forest.info["embedding"]["dtype"] = "float32"  # as train records embed's source
+    forest.save(tmp_path / "f32.npz")
+    apply = ["apply", f"--corpus={docs}", f"--forest={tmp_path / 'f32.npz'}", f"--out={out}"]
     run_filter(*apply, "--dtype=float32")
+    assert "note: the forest learned from" not in capsys.readouterr().err
     run_filter(*apply, "--dtype=bfloat16")
-    assert "is done" not in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "is done" not in captured.out
+    assert "the forest learned from embeddings made in float32, and these are made in bfloat16" in captured.err
     assert json.loads((out / "summary-00000-of-00001.json").read_text())["dtype"] == "bfloat16"
 
 
