@@ -925,7 +925,7 @@ def _check_and_prepare(q, k, v, causal, dropout_p, softmax_scale, seed):
         # Below, the fp32 scale the kernels use is 0, and a masked score's -inf x 0 is nan. Above,
         # a row's scores could all fall under the running maximum's start (-1e30), and the row
         # would read as one that sees no key: an fp16 score is at most 128 x 65504^2 ~ 5.5e11
-        # (bf16 values reach 3e38, whose products are past any scale's help: the inputs' lookout).
+        # (bf16 inputs reach 3e38, and their products overflow whatever the scale).
         raise ValueError(f"flash_attn_func: softmax_scale must be a number from 1e-38 to {MAX_SCALE:g}, got "
                          f"{softmax_scale!r}")
     if not isinstance(causal, (bool, np.bool_)):  # bool("no") would be True
