@@ -12,7 +12,7 @@ format: one {"task_id", "completion"} per line, with "sample_index", which of th
 problem's samples it is), so a rerun of the same command asks for exactly the samples
 missing; one run at a time uses an OUT (a lock on the folder). Through --api_base,
 each sample asks with a seed of its own, drawn from --seed, its problem and its index
-(sample_seed), so samples differ within and across problems, and a server that
+(model.derived_seed), so samples differ within and across problems, and a server that
 honours each request's seed gives the same ones again (sample.py --serve does only for
 a request batched alone: --batch_size=1 here, or its --max_batch=1).
 Five requests in a row that fail alike (a server gone down) end the run, the samples
@@ -116,7 +116,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -342,6 +341,7 @@ def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, m
     max_new_tokens in the context is cut from the left. (model.sample makes a temperature
     or top_p too small to sample with greedy.)"""
     import tokenizer
+    from model import derived_seed
     room = prompt_room(model.config.block_size, max_new_tokens)
     encoded = {prompt: tokenizer.encode(prompt) for prompt in {p for _, p in jobs}}
     if cut := sum(len(ids) > room for ids in encoded.values()):
@@ -350,9 +350,9 @@ def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, m
     order = sorted(jobs, key=lambda job: -len(encoded[job[1]]))
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        batch_seed = seed ^ zlib.crc32(repr(batch[0][0]).encode())  # the same batch, the same draws
-        new = model.generate([encoded[p][-room:] for _, p in batch], max_new_tokens,
-                             temperature=temperature, top_p=top_p, stop=stop, seed=batch_seed)
+        seeded = derived_seed(seed, batch[0][0])  # the same batch, the same draws
+        new = model.generate([encoded[p][-room:] for _, p in batch], max_new_tokens, temperature=temperature,
+                             top_p=top_p, stop=stop, seed=seeded)
         for (key, _), ids in zip(batch, new):
             yield key, tokenizer.cut_at_stop(tokenizer.decode(ids), stop)
 
@@ -373,14 +373,6 @@ def pass_at_1(model, bench: str = "humaneval", limit: int = 0, max_new_tokens: i
     return sum(r["passed"] for r in results) / len(results)
 
 
-def sample_seed(seed: int, task_id: str, index: int) -> int:
-    """The seed a sample asks an endpoint with: one seed for a problem's samples would make
-    them one sample n times, and seed + index for every problem would draw each problem's
-    sample i from the same random numbers (their pass@k estimates no longer independent).
-    The same on a rerun; below 2**31, as some servers want."""
-    return zlib.crc32(f"{seed}/{task_id}/{index}".encode()) & 0x7FFFFFFF
-
-
 def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     """Completions from an OpenAI-compatible /completions endpoint (llm.py): the endpoint
     is checked now, and (key, completion) pairs for the (key, prompt) jobs come as the
@@ -397,6 +389,7 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     sample is an empty completion, a failure, as a model that cannot read the problem has;
     a warning says how many. (--ckpt cuts such a prompt from the left instead.)"""
     from llm import FAILED_ALIKE, Client, Failure, LLMError, Reply
+    from model import derived_seed  # sample.py --serve's rule (torch comes with it: generation is minutes)
     from tokenizer import cut_at_stop  # the rule our own generate() follows
     try:
         client = Client(cfg.api_base, cfg.model, concurrency=cfg.batch_size, timeout=cfg.api_timeout,
@@ -411,7 +404,9 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     def answers():
         failed, alike, too_long = [], 0, 0  # alike: the last failures in a row, failed as the last one
         with client:
-            asks = ((key, prompt, dict(seed=sample_seed(cfg.seed, *key))) for key, prompt in jobs)
+            # a seed per sample: one for a problem's samples would make them one sample n times, and
+            # seed + index for all would draw each problem's sample i from the same random numbers
+            asks = ((key, prompt, dict(seed=derived_seed(cfg.seed, *key))) for key, prompt in jobs)
             for key, reply in client.map(asks, **params):
                 if isinstance(reply, Failure) and reply.too_long:
                     reply, too_long = Reply("", None, None), too_long + 1  # an empty completion

@@ -36,6 +36,7 @@ import pickle
 import re
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -617,6 +618,13 @@ def _cuda_graph(fn):
 
 
 GREEDY_BELOW = 1e-4  # lower temperatures are greedy: logits / T would overflow float32
+
+
+def derived_seed(*parts) -> int:
+    """A seed for generate() from a run's seed and what the draw is for (a batch, a problem's
+    sample), below 2**31 (as some servers want a request's): a sum such as seed + batch would
+    give seed 1338's first batch the draws of seed 1337's second."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:

@@ -90,7 +90,6 @@ import threading
 import time
 import traceback
 import uuid
-import zlib
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -102,7 +101,7 @@ import torch
 
 import tokenizer
 from config import UserError, parse_settings, require, run
-from model import GPT, GREEDY_BELOW, load_model, pick_device, pick_dtype
+from model import GPT, GREEDY_BELOW, derived_seed, load_model, pick_device, pick_dtype
 
 DEFAULTS = dict(
     ckpt="out/ckpt.pt",  # our .pt checkpoint, a Hugging Face phi folder, or a hub id (microsoft/phi-1)
@@ -172,12 +171,6 @@ def sampling_mode(temperature: float, top_p: float) -> tuple[float, float]:
     return float(temperature), float(top_p)
 
 
-def batch_seed(seed: int, index: int) -> int:
-    """The seed of the index-th batch of a request's (or the command line's) rows: from both,
-    as seed + index would give seed 1338's first batch the draws of seed 1337's second."""
-    return zlib.crc32(f"{seed}/{index}".encode())
-
-
 def cut(ids: list[int], max_new: int, stops) -> tuple[str, str]:
     """The text of new tokens up to the first stop string, and OpenAI's finish_reason.
 
@@ -222,7 +215,7 @@ def print_samples(cfg, model: GPT) -> None:
     seed = COMMAND_LINE_SEED if cfg.seed is None else cfg.seed
     for start in range(0, cfg.num_samples, cfg.max_batch):  # --max_batch at a time: memory, and output as it comes
         rows = min(cfg.max_batch, cfg.num_samples - start)
-        seeded = batch_seed(seed, start // cfg.max_batch)
+        seeded = derived_seed(seed, start // cfg.max_batch)
         for i, new in enumerate(model.generate([ids] * rows, max_new, temperature, top_p, stops, seeded)):
             if start + i:
                 print("-" * 40)
@@ -545,7 +538,7 @@ class Engine:
     def _generate(self, batch: list[Row], index: int) -> None:
         first = batch[0]
         if first.seed is not None and all(row.request == first.request for row in batch):
-            seed = batch_seed(first.seed, index)  # a request batched alone: reproducible
+            seed = derived_seed(first.seed, index)  # a request batched alone: reproducible
         else:
             seed = self.rng.randrange(2**63)
         self.largest_batch = max(self.largest_batch, len(batch))

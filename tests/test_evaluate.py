@@ -30,7 +30,7 @@ import torch
 import evaluate
 import tokenizer
 from config import UserError, parse_args
-from model import GPT, PRESETS, load_model
+from model import GPT, PRESETS, derived_seed, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MBPP = ROOT.parent / "shared" / "data" / "mbpp.jsonl"
@@ -874,7 +874,7 @@ def test_api_samples_ask_with_seeds_of_their_own_and_resume_only_with_that_seed(
     assert json.loads((tmp_path / "out" / "generation.json").read_text())["seed"] == 1337
     samples = read_jsonl(tmp_path / "out" / "samples.jsonl")
     assert sorted((s["task_id"], s["completion"]) for s in samples) == sorted(
-        (t, f"    return {evaluate.sample_seed(1337, t, i)}\n") for t in ("HumanEval/0", "HumanEval/1") for i in range(3))
+        (t, f"    return {derived_seed(1337, t, i)}\n") for t in ("HumanEval/0", "HumanEval/1") for i in range(3))
 
 
 def test_a_rerun_after_a_failed_request_asks_for_the_missing_sample_not_one_there(tmp_path):
@@ -893,7 +893,7 @@ def test_a_rerun_after_a_failed_request_asks_for_the_missing_sample_not_one_ther
         with pytest.raises(UserError, match="1 requests .* failed"):
             evaluate.main([f"--api_base={server.url}", *common, "--n_samples=2"])
         evaluate.main([f"--api_base={server.url}", *common, "--n_samples=2"])
-        seeds = [evaluate.sample_seed(1337, "HumanEval/0", i) for i in range(3)]
+        seeds = [derived_seed(1337, "HumanEval/0", i) for i in range(3)]
         assert asked == [seeds[1], seeds[0]]
         assert sorted(s["completion"] for s in read_jsonl(out / "samples.jsonl")) == \
             sorted(f"    return {seed}\n" for seed in seeds[:2])

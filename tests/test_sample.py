@@ -22,7 +22,7 @@ import sample
 import model as model_module
 import tokenizer
 from config import UserError, parse_args
-from model import GPT, PRESETS, load_checkpoint, load_model
+from model import GPT, PRESETS, derived_seed, load_checkpoint, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "nano-test"
@@ -226,11 +226,11 @@ def test_a_seeded_request_split_over_batches_draws_fresh_samples_in_each(client,
     ids = tokenizer.encode("def f(x):")
     r = client.completions.create(model=NAME, prompt="def f(x):", max_tokens=6, temperature=1.0, top_p=0.9,
                                   n=10, seed=5)
-    outs = (reference.generate([ids] * 8, 6, temperature=1.0, top_p=0.9, seed=sample.batch_seed(5, 0))
-            + reference.generate([ids] * 2, 6, temperature=1.0, top_p=0.9, seed=sample.batch_seed(5, 1)))
+    outs = (reference.generate([ids] * 8, 6, temperature=1.0, top_p=0.9, seed=derived_seed(5, 0))
+            + reference.generate([ids] * 2, 6, temperature=1.0, top_p=0.9, seed=derived_seed(5, 1)))
     assert [c.text for c in r.choices] == [sample.cut(new, 6, ())[0] for new in outs]
     # and seed 6's first batch draws other samples than seed 5's second (seed + index made them one)
-    assert sample.batch_seed(6, 0) != sample.batch_seed(5, 1)
+    assert derived_seed(6, 0) != derived_seed(5, 1)
 
 
 def test_chat_completion_follows_the_template(client, reference):
@@ -250,7 +250,7 @@ def test_seeded_sampling_is_reproducible(client, reference):
     assert texts == [c.text for c in second.choices]
     assert texts[0] != texts[1]  # n samples, not n copies
     ids = tokenizer.encode("def f(x):")
-    alone = reference.generate([ids, ids], 8, temperature=1.0, top_p=0.9, seed=sample.batch_seed(5, 0))  # alone
+    alone = reference.generate([ids, ids], 8, temperature=1.0, top_p=0.9, seed=derived_seed(5, 0))  # alone
     assert texts == [sample.cut(new, 8, ())[0] for new in alone]
 
 
@@ -886,7 +886,7 @@ def test_cli_samples_are_seeded_clamped_and_num_samples_many(ckpt, reference, ca
     ids = tokenizer.encode(prompt)
     max_new = BLOCK - len(ids)  # what the context leaves
     outs = reference.generate([ids, ids], max_new, cfg.temperature, cfg.top_p, [],
-                              sample.batch_seed(sample.COMMAND_LINE_SEED, 0))
+                              derived_seed(sample.COMMAND_LINE_SEED, 0))
     samples = [prompt + sample.cut(new, max_new, ())[0] + "\n" for new in outs]
     out, err = capsys.readouterr()
     assert out == ("-" * 40 + "\n").join(samples)
@@ -907,7 +907,7 @@ def test_cli_samples_go_max_batch_at_a_time(ckpt, reference, capsys, monkeypatch
     cfg.num_samples = 2
     sample.print_samples(cfg, reference)  # one batch: the samples of the same seed as before
     outs = real_generate(reference, [tokenizer.encode("x =")] * 2, 3, 1.0, 1.0, [],
-                         sample.batch_seed(sample.COMMAND_LINE_SEED, 0))
+                         derived_seed(sample.COMMAND_LINE_SEED, 0))
     assert capsys.readouterr().out == ("-" * 40 + "\n").join("x =" + sample.cut(new, 3, ())[0] + "\n" for new in outs)
 
 
