@@ -1512,8 +1512,8 @@ def apply(cfg) -> dict:
         started = time.time()
         # scores described as whole are used again, whatever a run killed after them left undone
         if not scores_done(scores_path, scoring):
-            for stale in (summary_path, scores_description(scores_path)):  # they describe the scores to be replaced
-                stale.unlink(missing_ok=True)
+            for described in (summary_path, scores_description(scores_path)):  # of the scores to be replaced
+                described.unlink(missing_ok=True)
             model = load_embedder(cfg, ckpt, device)
             if model.config.n_embd != forest.n_features_:
                 raise UserError(f"{ckpt} embeds in {model.config.n_embd} dimensions, "
