@@ -226,7 +226,8 @@ def _parse_args(defaults: dict, doc: str | None, argv: list[str]) -> tuple[Simpl
                     raise UserError(f"--{key} takes its value after '=': --{key}={argv[i]}")
                 cfg[key] = True
                 continue
-            if i >= len(argv) or argv[i].startswith("--"):  # `--out_dir --compile`: a forgotten value
+            # `--out_dir --compile` or `--out_dir -h`: a forgotten value (not `--lr -1`, a number)
+            if i >= len(argv) or argv[i].startswith("--") or argv[i] == "-h":
                 raise UserError(f"--{key} needs a value" + (f", not the setting {argv[i]}" if i < len(argv) else "")
                                 + f" (--{key}=VALUE)")
             text = argv[i]

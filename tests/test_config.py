@@ -105,6 +105,8 @@ def test_a_setting_without_its_value_is_a_user_error():
     with pytest.raises(UserError, match=r"^--data needs a value, not the setting --compile \(--data=VALUE\)$"):
         parse_settings(DEFAULTS, argv=["--data", "--compile"])
     assert parse_settings(DEFAULTS, argv=["--learning_rate", "-1e-3"]).learning_rate == -1e-3  # one dash: a value
+    with pytest.raises(UserError, match=r"^--data needs a value, not the setting -h"):  # made a folder named -h
+        parse_settings(DEFAULTS, argv=["--data", "-h"])
 
 
 def test_unknown_setting_suggests_a_close_one():
