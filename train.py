@@ -934,4 +934,7 @@ def main():
 
 
 if __name__ == "__main__":
+    # before training takes them over: a SIGTERM while the default dataset is prepared stops its
+    # workers too, as Ctrl-C does (prepare.py's own rule), not a kill that orphans them
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     run(main)
