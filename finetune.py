@@ -185,7 +185,8 @@ def finetune(cfg):
     cfg.preset, cfg.block_size, cfg.init_from = "", None, cfg.base
     with train.together(world, device):  # a mistake is one line, from one process
         train.check_settings(cfg)  # before the exercises are read
-        require((cfg.loss_on in ("completion", "all"), f"--loss_on must be completion or all, not {cfg.loss_on!r}"),
+        require((cfg.exercises.strip() != "", "--exercises must name a JSONL file of exercises"),  # (not ".")
+                (cfg.loss_on in ("completion", "all"), f"--loss_on must be completion or all, not {cfg.loss_on!r}"),
                 (0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), not {cfg.val_fraction}"),
                 (0 <= cfg.humaneval_problems <= HUMANEVAL_PROBLEMS,
                  f"--humaneval_problems must be 0 to {HUMANEVAL_PROBLEMS}, not {cfg.humaneval_problems}"),

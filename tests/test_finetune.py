@@ -370,6 +370,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, base):
     ("--humaneval_problems=1 --eval_interval=0", "it needs --eval_interval > 0"),
     ("--batch_size=0", "--batch_size must be positive"),  # train's checks, made before the exercises are read
     ("--out_dir=A_FILE", "is a file, not a folder"),
+    ("--exercises=", "--exercises must name a JSONL file"),  # was "cannot read --exercises=.: Is a directory"
 ])
 def test_settings_out_of_range_stop_before_anything_is_read(tmp_path, setting, message):
     from config import UserError, parse_settings
