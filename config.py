@@ -30,6 +30,7 @@ import re
 import signal
 import sys
 import time
+from numbers import Real
 from types import SimpleNamespace
 
 
@@ -91,8 +92,9 @@ def counted_lines(numbers: list[int], kind: str, shown: int = 5) -> str:
     return f"{len(numbers)} {kind} line{'s' * (len(numbers) > 1)} ({where})"
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_number(value) -> bool:
+    """A real number (numpy's too), not a bool: True is an int to isinstance, and JSON's true no number."""
+    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def _finite(key: str, text: str, value):
@@ -121,7 +123,7 @@ def _convert(key: str, text: str, default):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError, RecursionError):  # RecursionError: "-" * 5000 + "1"
             value = None
-        if not _is_number(value) or (isinstance(default, int) and not isinstance(value, int)):
+        if not is_number(value) or (isinstance(default, int) and not isinstance(value, int)):
             raise UserError(f"--{key} takes {type(default).__name__}, not {text[:40]!r}")
         return type(default)(_finite(key, text, value))
     if default is None:  # a number if it looks like one, None as --help shows it, else the string
@@ -129,7 +131,7 @@ def _convert(key: str, text: str, default):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError, RecursionError):
             return text
-        return _finite(key, text, value) if _is_number(value) else None if value is None else text
+        return _finite(key, text, value) if is_number(value) else None if value is None else text
     return text
 
 

@@ -80,13 +80,14 @@ Conventions (what model.py relies on):
 
 import functools
 import math
-import numbers
 import operator
 import os
 import sys
 
 import numpy as np
 import torch
+
+from config import is_number
 
 if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the CPU check below needs it
@@ -886,13 +887,9 @@ def unsupported_reason(q, k, v, dropout_p=0.0):
     return _dropout_p_reason(dropout_p)
 
 
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)  # numpy's floats too
-
-
 def _dropout_p_reason(dropout_p):
     # (the kernels keep it in fp32, where a p within 2**-25 of 1 rounds to 1: 1 / (1 - p) would be inf)
-    if not _is_real(dropout_p) or not 0.0 <= float(dropout_p) < 1.0 - 2.0**-25:
+    if not is_number(dropout_p) or not 0.0 <= float(dropout_p) < 1.0 - 2.0**-25:
         return f"dropout_p must be a number in [0, 1), got {dropout_p!r}"
     return None
 
@@ -921,7 +918,7 @@ def _check_and_prepare(q, k, v, causal, dropout_p, softmax_scale, seed):
         raise ValueError(f"flash_attn_func: {reason}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not (_is_real(softmax_scale) and 2.0**-126 <= softmax_scale * LOG2E and softmax_scale <= MAX_SCALE):
+    elif not (is_number(softmax_scale) and 2.0**-126 <= softmax_scale * LOG2E and softmax_scale <= MAX_SCALE):
         # Below, the fp32 scale the kernels use is 0, and a masked score's -inf x 0 is nan. Above,
         # a row's scores could all fall under the running maximum's start (-1e30), and the row
         # would read as one that sees no key: an fp16 score is at most 128 x 65504^2 ~ 5.5e11

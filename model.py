@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tokenizer
-from config import UserError
+from config import UserError, is_number
 
 log = logging.getLogger("phi1")
 
@@ -665,17 +665,13 @@ def runnable(c: GPTConfig, source) -> GPTConfig:
                 (c.rotary_dim > c.head_dim or c.rotary_dim % 2,
                  f"rotary on {c.rotary_dim} dims of a head of {c.head_dim}: it takes an even number, at most "
                  f"the head's"),
-                (not (_real(c.dropout) and 0 <= c.dropout < 1), f"dropout {c.dropout!r} is not in [0, 1)"),
-                (not (_real(c.rope_base) and _real(c.layer_norm_eps) and c.rope_base > 0 and c.layer_norm_eps > 0),
+                (not (is_number(c.dropout) and 0 <= c.dropout < 1), f"dropout {c.dropout!r} is not in [0, 1)"),
+                (not (is_number(c.rope_base) and is_number(c.layer_norm_eps) and c.rope_base > 0 and c.layer_norm_eps > 0),
                  f"rope_base {c.rope_base!r} and layer_norm_eps {c.layer_norm_eps!r} must be positive numbers")]
     for bad, what in problems:
         if bad:
             raise ValueError(f"{source}: {what}")
     return c
-
-
-def _real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)  # JSON's true is no number
 
 
 def rotary_fraction(rotary_dim: int, head_dim: int) -> float:
@@ -708,7 +704,7 @@ def config_from_hf(c: dict, source="config.json") -> GPTConfig:
     rope = {**c, **(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}  # transformers 5 nests it
     numeric = [(rope, "partial_rotary_factor", 0.5), (rope, "rope_theta", 10000.0), (c, "layer_norm_eps", 1e-5)]
     for where, key, default in numeric:
-        if not _real(where.get(key, default)):  # null, "0.5" or true would fail later, as something else
+        if not is_number(where.get(key, default)):  # null, "0.5" or true would fail later, as something else
             raise ValueError(f"{source}: {key} is {where[key]!r}, not a number")
     refused = [(c.get("model_type", "phi") != "phi", f"model_type {c.get('model_type')!r}"),
                (c.get("hidden_act", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
