@@ -175,8 +175,8 @@ class Mixture:
             if not all(math.isfinite(w) and w > 0 for w in weights):
                 raise UserError(f"dataset weights must be positive numbers: --data={spec}")
         self.folders = [self._folder(n, prepare_default, splits) for n in self.names]
-        twice = next((n for i, (n, f) in enumerate(zip(self.names, self.folders))
-                      if any(f.resolve() == g.resolve() for g in self.folders[:i])), None)
+        resolved = [folder.resolve() for folder in self.folders]
+        twice = next((n for i, (n, r) in enumerate(zip(self.names, resolved)) if r in resolved[:i]), None)
         if twice:  # its weights would add up, and its validation loss be taken twice
             raise UserError(f"--data={spec} names the dataset {twice} twice")
         # what the folders hold now, for a resume to notice data prepared again under the same name
