@@ -46,18 +46,16 @@ if [ -n "$LOCAL_INPUTS" ]; then
 fi
 fail() { echo "error: $*" >&2; exit 2; }
 # the numbers, checked now rather than stages later, and written plainly (08 is 8, not octal)
-whole() {  # $1: a variable's name, $2: its least value, $3: what it is
-  [[ ${!1} =~ ^[0-9]{1,9}$ ]] && (( 10#${!1} >= $2 )) || fail "$1 must be $3, not '${!1}'"
+whole() {  # $1: a variable's name, $2 and $3: its least and largest values, $4: what it is
+  [[ ${!1} =~ ^[0-9]{1,9}$ ]] && (( 10#${!1} >= $2 && 10#${!1} <= $3 )) || fail "$1 must be $4, not '${!1}'"
   printf -v "$1" '%d' "$((10#${!1}))"
 }
 for name in PRETRAIN_ITERS FINETUNE_ITERS N_WEB N_ANNOTATE N_SYNTH MAX_NEW_TOKENS; do
-  whole "$name" 1 "a whole number above 0"
+  whole "$name" 1 999999999 "a whole number above 0"
 done
-whole EVAL_PROBLEMS 0 "a whole number (0: all)"
-for name in SERVE_PORT TEACHER_PORT; do
-  whole "$name" 1 "a port, from 1 to 65535"
-  (( $name <= 65535 )) || fail "$name must be a port, from 1 to 65535, not '${!name}'"
-done
+whole EVAL_PROBLEMS 0 999999999 "a whole number (0: all)"
+whole SERVE_PORT 1 65535 "a port, from 1 to 65535"
+whole TEACHER_PORT 1 65535 "a port, from 1 to 65535"
 [ "$SERVE_PORT" != "$TEACHER_PORT" ] || fail "SERVE_PORT and TEACHER_PORT must differ, not both $SERVE_PORT"
 python -c "import sys, model
 if sys.argv[1] not in model.PRESETS:
