@@ -28,6 +28,7 @@ With --humaneval_problems=N, each validation loss comes with the greedy pass@1 o
 the first N HumanEval problems (evaluate.py's sandbox), and the best model so far is
 kept in out_dir/best.pt, as the paper keeps the best of its checkpoints (of a tie, the
 later one: the base model, scored at step 0, is kept only if no finetuned one does as well).
+Chosen on HumanEval itself, best.pt's HumanEval score is optimistic; ckpt.pt's is not.
 """
 
 from __future__ import annotations
