@@ -65,8 +65,9 @@ pipe of its own after both units returned, the nonce being random per program an
 sent with the job (not in the program's text, argv or environment), and a pass also
 needs exit status 0. stdout is never read for the verdict; exit(), sys.exit, os._exit,
 atexit handlers, signals and exec all end the process before the line is written,
-and what the child uses once the program has run (exec, compile, os.write, ...) is
-bound before it starts, so a program that replaces builtins still runs the tests.
+and what the child uses once the program has run (exec, compile, os.write, the tests'
+namespace, ...) is bound before it starts, so a program that replaces builtins or its
+module's class still runs the tests.
 Residual risk: the nonce sits in the child's memory, so code that deliberately digs
 through the interpreter's frames could forge a pass, as could tests defeated from
 inside (an object whose __eq__ always says True): like every harness that runs these
@@ -603,9 +604,10 @@ def child(job, out, report):
     builtins.quit = _sitebuiltins.Quitter("quit", "Ctrl-D (i.e. EOF)")
     module = types.ModuleType("program")
     sys.modules["program"] = module
+    namespace = module.__dict__  # not looked up again: a program may change its module's class
     try:
         for name, source in job["units"]:
-            run_unit(compile_unit(source, name, "exec"), module.__dict__)
+            run_unit(compile_unit(source, name, "exec"), namespace)
     except AnyException as e:  # a fork of the program's that got here exits quietly
         if getpid() == me:
             try:

@@ -282,6 +282,12 @@ REPLACED_BUILTINS = {  # after a completion: what the harness looks up once the 
                "builtins.compile = lambda *args, **kwargs: real('', '<nothing>', 'exec')\n",
     "BaseException": "import builtins\nbuiltins.BaseException = type('Never', (Exception,), {})\n",
     "type and str": "import builtins\nbuiltins.type = builtins.str = None\n",
+    # the tests' namespace, reached through the program's module: a dict whose "check" does nothing
+    "module's namespace": "import sys, types\n"
+                          "fake = type('D', (dict,), {'__getitem__': lambda d, key: (lambda *args: None) "
+                          "if key == 'check' else dict.__getitem__(d, key)})(globals())\n"
+                          "sys.modules['program'].__class__ = type('M', (types.ModuleType,), "
+                          "{'__dict__': property(lambda m: fake)})\n",
 }
 
 
