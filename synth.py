@@ -31,7 +31,8 @@ killed at any moment, started again with the same command, skips every id in eit
 file and ends with the same records as a run never stopped (given an endpoint that
 answers the same request the same way), none twice. A line torn by the kill is cut off.
 One run at a time writes an output (a lock on it); a second one stops at once. An output
-holds one kind: a run on another kind's output stops before any request.
+holds one kind: a run on another kind's output stops before any request; one that adds
+to another --model's records says so (each record names its model).
 
 An item yields no record when --attempts answers were judged unusable (an invalid
 exercise, an empty answer, an answer cut off: finish_reason "length" or "content_filter"),
@@ -963,9 +964,14 @@ def main(argv=None):
         # to the report's end: a signal stops the work, and the report (the run's cost) is still written
         interrupts = held.enter_context(Interrupts(client.stop))
         if have < cfg.n:
-            dedup = Dedup(cfg.near_dup)
+            dedup, models = Dedup(cfg.near_dup), Counter()
             for record in read_jsonl(out):
                 dedup.add(str(record.get("id", "")), str(record.get("text", "")))
+                models[str(record.get("model"))] += record.get("model") != cfg.model
+            if sum(models.values()):  # allowed (a cheaper teacher for the rest, say), but never unsaid
+                print(f"note: {out} holds records of another --model "
+                      f"({', '.join(f'{n} of {m}' for m, n in models.most_common() if n)}); this run adds "
+                      f"{cfg.model}'s, each record naming its model", file=sys.stderr, flush=True)
             if kind == "exercises" and cfg.check_examples:
                 sandbox = open_sandbox(min(cfg.concurrency, os.cpu_count() or 1))
             writers = Appender(out), Appender(skipped_path)

@@ -696,6 +696,20 @@ def test_records_of_another_seed_do_not_count_towards_n(tmp_path):
     assert report["run"]["written"] == 2
 
 
+def test_adding_to_records_of_another_model_says_so(tmp_path, capsys):
+    out = tmp_path / "t.jsonl"
+    out.write_text("".join(json.dumps({"id": f"textbook-1337-{i}", "text": f"theirs {i}", "model": "teacher"}) + "\n"
+                           for i in range(2)))
+    with FakeLLM(answer=distinct_prose) as server:
+        synthesize(server, "textbook", out, "--n=3")
+        assert "holds records of another --model (2 of teacher); this run adds fake's" in capsys.readouterr().err
+        synthesize(server, "textbook", out, "--n=4")  # the file holds one of fake's now: the same two
+        assert "(2 of teacher)" in capsys.readouterr().err
+        synthesize(server, "textbook", out, "--n=4")  # nothing to add: nothing to say
+        assert "another --model" not in capsys.readouterr().err
+    assert [r["model"] for r in records(out)] == ["teacher"] * 2 + ["fake"] * 2
+
+
 def test_each_answer_of_an_item_is_asked_for_with_a_new_seed():
     seeds = [synth.request_seed("exercises-1337-0", answers) for answers in range(4)]
     assert len(set(seeds)) == 4 and seeds[0] == synth.request_seed("exercises-1337-0", 0)
