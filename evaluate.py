@@ -69,21 +69,24 @@ and what the child uses once the program has run (exec, compile, os.write, the t
 namespace, ...) is bound before it starts, so a program that replaces builtins or its
 module's class still runs the tests.
 Residual risk: the nonce sits in the child's memory, so code that deliberately digs
-through the interpreter's frames could forge a pass, as could tests defeated from
-inside (an object whose __eq__ always says True): like every harness that runs these
+through the interpreter's frames or objects could forge a pass, as could tests defeated
+from inside (an object whose __eq__ always says True): like every harness that runs these
 benchmarks' tests in the program's process, this one measures code that tries to
-solve the problem, it does not referee code that attacks the harness.
+solve the problem, it does not referee code that attacks the harness. Nor are the
+workers fenced from each other's CPU use: a program that keeps many processes busy can
+slow another worker's program into a time-out.
 
 As root (tests and CI run as root), worker i's programs also run as uid
 --sandbox_uid + i (locked for the run in /run/lock, else /tmp, whatever TMPDIR says,
 so that concurrent runs never share one; skipped if an account has it or a process
 runs under it), so the process limit (64) binds and they cannot touch other users'
 files or processes; after each program every process of that uid is killed, also
-those that left the session. Each program gets new network, IPC and mount
+those that left the session (but for a kill -9 of evaluate.py itself, which
+leaves them running). Each program gets new network, IPC and mount
 namespaces: only an unconfigured loopback, SysV shared memory, semaphores and
 message queues of its own that end with it, and a private 128 MiB tmpfs as its
 working directory and as /tmp, /var/tmp, /dev/shm and /run/lock, so it changes
-nothing on disk; a directory others cannot enter that holds Python
+nothing on disk (the kernel's keyring of its uid does outlive it); a directory others cannot enter that holds Python
 (pyenv under /root) is replaced by an empty tmpfs with only Python bound back in.
 Where unshare is refused (a container without CAP_SYS_ADMIN) the run warns, and the
 network stays reachable, SysV IPC shared and world-writable directories writable.
