@@ -28,7 +28,8 @@ of {"id", "text"} records, what
 filter.py annotates, embeds and filters. The id says where a document came from:
 its path (local; a byte of a name that is not UTF-8 as \\xNN), the record's own "id" or
 path:line (jsonl), dataset:row (hf). An input that the run would delete or overwrite (a
-part-*.jsonl, bin or meta.json in its own folder) is refused.
+part-*.jsonl, bin or meta.json in its own folder) is refused, as is a folder holding such
+files that prepare.py did not write (no meta.json): they are someone else's.
 
 Idempotent: meta.json (written last) holds a fingerprint of the inputs, the settings
 and the code, and a rerun with the same fingerprint does nothing. The work is done in
@@ -436,6 +437,18 @@ def check_inputs_kept(out: Path, listing) -> None:
                             f"give another --name or --out_dir")
 
 
+def check_ours(out: Path) -> None:
+    """Refuse a folder holding files of the kinds a run replaces that no run of ours wrote
+    (no meta.json, no parts folder of an interrupted run): they would go without a word."""
+    if read_meta(out) is not None or (out / "parts" / "fingerprint").is_file():
+        return
+    theirs = sorted(path.name for pattern in REPLACED for path in out.glob(pattern))
+    if theirs:
+        raise UserError(f"{out} holds {', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''} but no "
+                        f"meta.json: not a folder prepare.py wrote, and this run would replace them; give "
+                        f"another --name or --out_dir")
+
+
 def read_meta(folder: Path) -> dict | None:
     """A prepared folder's meta.json, or None if it has none that reads as a JSON object."""
     try:
@@ -703,6 +716,7 @@ def prepare(cfg, quiet: bool = False) -> dict:
     source = open_source(cfg)
     out = output_dir(cfg, source.name)
     check_inputs_kept(out, source.listing)
+    check_ours(out)
     fp = fingerprint(cfg, source.listing)
     meta = finished(out, fp)
     if meta:

@@ -864,6 +864,17 @@ def test_a_run_refuses_inputs_it_would_delete_or_overwrite(tmp_path):
     assert meta["train_documents"] + meta["val_documents"] == 2 and (copy / "notes.jsonl").is_file()
 
 
+@pytest.mark.parametrize("output", ["jsonl", "bins"])
+def test_files_a_run_would_replace_in_a_folder_it_did_not_write_are_refused(tmp_path, output):
+    src = write_tree(tmp_path / "src", {"a.py": A, "b.py": B})
+    theirs = write_tree(tmp_path / "out" / "mine", {"part-00007.jsonl": '{"text": "x"}\n', "train.bin": b"ab"})
+    with pytest.raises(UserError, match="holds part-00007.jsonl, train.bin but no meta.json"):
+        prepare.prepare(settings(tmp_path, inputs=str(src), output=output, name="mine"), quiet=True)
+    assert sorted(p.name for p in theirs.iterdir()) == ["part-00007.jsonl", "train.bin"]
+    prepare.prepare(settings(tmp_path, inputs=str(src), output=output, name="ours"), quiet=True)  # ours: a rerun
+    prepare.prepare(settings(tmp_path, inputs=str(src), output=output, name="ours", seed=5), quiet=True)  # replaces
+
+
 def test_a_file_named_in_inputs_is_read_whatever_its_name_inside_a_folder_also_named(tmp_path):
     src = write_tree(tmp_path / "src", {"a.py": A, "tool": B, "notes.txt": "x = 3\n"})
     meta = prepare.prepare(settings(tmp_path, inputs=f"{src},{src / 'tool'}", output="jsonl"), quiet=True)
