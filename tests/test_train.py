@@ -508,6 +508,18 @@ def test_a_run_from_weights_resumes_its_own_checkpoint(tmp_path, capsys):
         train.train(settings(**{**cfg, "init_from": str(tmp_path / "other.pt")}, max_iters=20))
 
 
+def test_a_finetune_run_is_not_resumed_by_train(tmp_path):
+    out, data = tmp_path / "out", str(make_dataset(tmp_path / "ds"))
+    train.train(settings(data=data, out_dir=str(out), max_iters=2, checkpoint_interval=2))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["settings"]["exercises"] = "ex.jsonl"  # finetune.py's own setting: as its run would have saved it
+    torch.save(ckpt, out / "ckpt.pt")
+    before = (out / "ckpt.pt").read_bytes()
+    with pytest.raises(UserError, match="holds a finetune.py run: resume it with finetune.py, or use another"):
+        train.train(settings(data=data, out_dir=str(out), max_iters=4))
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
 def test_one_process_saves_and_stops_at_the_step_after_a_signal(tmp_path, monkeypatch):
     data = train.Mixture(str(make_dataset(tmp_path / "ds")), 64, 51200, prepare_default=False)
 
