@@ -567,9 +567,13 @@ def judged(skipped: dict, max_tokens: int = 0) -> bool:
 def progress(kind: str, cfg, out: Path, skipped: Path) -> tuple[int, set[str]]:
     """The records of this kind and seed that out holds, and the ids done: in out, or judged in
     FILE.skipped. Records count by id: two runs at once, before the lock, wrote each twice.
-    An output with records of another kind is refused: its report would add up both kinds' runs."""
+    An output with records of another kind is refused: its report would add up both kinds' runs;
+    so is one with records synth.py did not write."""
     ids = {str(r.get("id", "")) for r in read_jsonl(out)}
-    other = next((rid for rid in ids if rid.split("-")[0] in KINDS and not rid.startswith(f"{kind}-")), None)
+    foreign = next((rid for rid in ids if rid.split("-")[0] not in KINDS), None)
+    if foreign is not None:  # (a corpus, annotations, a file given by mistake) no run of ours should append to
+        raise UserError(f"{out} holds records synth.py did not write (id {foreign!r}): give --out another file")
+    other = next((rid for rid in ids if not rid.startswith(f"{kind}-")), None)
     if other:
         raise UserError(f"{out} holds {other.split('-')[0]} records ({other}), not {kind}: give --out another file")
     done = ids | {str(r.get("id", "")) for r in read_jsonl(skipped) if judged(r, cfg.max_tokens)}

@@ -848,3 +848,14 @@ def test_an_output_of_another_kind_is_refused_before_any_request(tmp_path):
             synthesize(server, "textbook", out, "--n=5")
         assert server.served == []
     assert out.read_bytes() == before and not Path(f"{out}.report.json").exists()
+
+
+@pytest.mark.parametrize("record", [{"id": "web-3", "text": "def f(): pass"}, {"text": "no id"}])
+def test_an_output_holding_records_synth_did_not_write_is_refused_before_any_request(tmp_path, record):
+    out = tmp_path / "docs.jsonl"  # a corpus or annotations, given as --out by mistake
+    out.write_text(json.dumps(record) + "\n")
+    with FakeLLM(answer=distinct_prose) as server:
+        with pytest.raises(UserError, match=f"^{out} holds records synth.py did not write \\(id '"):
+            synthesize(server, "textbook", out, "--n=2")
+        assert server.served == []
+    assert out.read_text() == json.dumps(record) + "\n"
