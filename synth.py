@@ -581,15 +581,6 @@ def progress(kind: str, cfg, out: Path, skipped: Path) -> tuple[int, set[str]]:
     return sum(rid.startswith(prefix) for rid in ids), done
 
 
-def append(writer: Appender, line: dict) -> None:
-    """writer.write, a failure (a full disk) one line for the user: the lines before it are
-    whole, and a torn one is cut off by the next run."""
-    try:
-        writer.write(line)
-    except OSError as e:
-        raise cannot_write(writer.path, e) from None
-
-
 # ---------------------------------------------------------------- the run
 
 @dataclass
@@ -709,7 +700,7 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
     def judge_refusals():  # each was about its own item: skipped for good, like an unusable answer
         for index, failure in alike:
             if failure.kind == "refused":
-                append(skipped, {"id": item_id(kind, cfg.seed, index), "reason": f"refused: {failure}"})
+                skipped.write({"id": item_id(kind, cfg.seed, index), "reason": f"refused: {failure}"})
                 counts["given up"] += 1
         alike.clear()
 
@@ -757,13 +748,13 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
             else:
                 reason = dedup.add(outcome.record["id"], outcome.record["text"], outcome.signature)
             if reason is None:
-                append(out, outcome.record)
+                out.write(outcome.record)
                 have, streak = have + 1, 0
                 counts["written"] += 1
                 bar.update(1)
             else:
                 if failure is None:
-                    append(skipped, {"id": item_id(kind, cfg.seed, outcome.index), "reason": reason})
+                    skipped.write({"id": item_id(kind, cfg.seed, outcome.index), "reason": reason})
                     counts[drop_kind(reason)] += 1
                 streak += 1
                 if len(alike) >= min(cfg.give_up, llm.FAILED_ALIKE):
@@ -985,8 +976,8 @@ def main(argv=None):
                 for writer in writers:
                     try:
                         writer.close()
-                    except OSError as e:  # the rest of a line that failed to write (said already)
-                        error = error or str(cannot_write(writer.path, e))
+                    except UserError as e:
+                        error = error or str(e)
                 if sandbox is not None:
                     sandbox.close()
         try:

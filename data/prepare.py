@@ -522,20 +522,33 @@ def json_line(record: dict) -> bytes:
 
 class Appender:
     """Appends JSON lines to path, each flushed. The file is opened at the first line, after
-    cutting off a last line torn by a kill (or ending a whole one that lacks its newline)."""
+    cutting off a last line torn by a kill (or ending a whole one that lacks its newline).
+    A write that fails (a full disk) is a UserError: the lines before it are whole, and the
+    one it tore is cut off when the next run appends."""
 
     def __init__(self, path: Path):
         self.path, self.file = path, None
 
     def write(self, obj: dict) -> None:
-        if self.file is None:
-            self.file = self.open()
-        self.file.write(json_line(obj))
-        self.file.flush()
+        try:
+            if self.file is None:
+                self.file = self.open()
+            self.file.write(json_line(obj))
+            self.file.flush()
+        except OSError as e:
+            file, self.file = self.file, None
+            with contextlib.suppress(OSError):  # its buffer still holds the line, failing again
+                if file is not None:
+                    file.close()
+            raise cannot_write(self.path, e) from None
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError as e:
+                raise cannot_write(self.path, e) from None
 
     def open(self):
         """The file for appending text, its last line made whole first."""

@@ -883,6 +883,16 @@ def test_api_samples_ask_with_seeds_of_their_own_and_resume_only_with_that_seed(
         (t, f"    return {derived_seed(1337, t, i)}\n") for t in ("HumanEval/0", "HumanEval/1") for i in range(3))
 
 
+def test_a_full_disk_while_samples_are_written_is_one_line(tmp_path, monkeypatch):
+    from llm_server import FakeLLM
+    from data import prepare
+    monkeypatch.setattr(prepare.Appender, "open", lambda self: open("/dev/full", "wb"))  # every write: ENOSPC
+    out = tmp_path / "out"
+    with FakeLLM(answer=lambda body: "    return 1\n") as server:
+        with pytest.raises(UserError, match=rf"^cannot write {re.escape(str(out))}/samples.jsonl: No space left"):
+            evaluate.main([f"--api_base={server.url}", "--model=fake", "--limit=1", "--workers=1", f"--out={out}"])
+
+
 def test_a_rerun_after_a_failed_request_asks_for_the_missing_sample_not_one_there(tmp_path):
     """Sample 0 failed, sample 1 came: the rerun asks for sample 0 (its seed), not sample 1 again (a
     seed-honouring server would answer it the same, a duplicate scored as another sample)."""

@@ -632,6 +632,24 @@ def test_appender_cuts_a_torn_last_line_and_ends_a_whole_one(tmp_path):
         assert path.read_bytes() == after
 
 
+def test_an_appender_write_that_fails_is_one_user_error_and_the_next_run_cuts_what_it_tore(tmp_path):
+    path = tmp_path / "r.jsonl"
+    code = ("import resource, sys\nfrom pathlib import Path\nfrom config import UserError\n"
+            "from data.prepare import Appender\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))  # a disk that fills at 100 bytes\n"
+            "writer = Appender(Path(sys.argv[1]))\ntry:\n    for i in range(5):\n"
+            "        writer.write({'i': i, 'text': 'x' * 20})  # 41 bytes a line\nexcept UserError as e:\n    print(e)\n"
+            "finally:\n    writer.close()  # the line still buffered fails no second time\n")
+    result = run_isolated(code, str(path))
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
+    assert result.stdout == f"cannot write {path}: File too large\n"
+    assert path.stat().st_size == 100  # two whole lines and a torn one
+    writer = prepare.Appender(path)
+    writer.write({"i": 2})
+    writer.close()
+    assert [json.loads(line)["i"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
 def test_move_document_searches_only_its_window_and_starves_neither_side(tmp_path):
     a, b, c = encode("x = 1\n"), encode("y = [1, 2, 3]\n"), encode("z = 3\n")
     ids = np.array(a + [EOT] + b + [EOT] + c + [EOT], dtype=np.uint16)
