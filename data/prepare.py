@@ -46,6 +46,7 @@ the source again but tokenizes only the parts not yet done.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import glob
@@ -711,8 +712,11 @@ def worker_signals() -> None:
     reaches the main process alone, which stops the pool (a worker killed while it held
     the pool's queue lock could hang that for good). The SIGTERM that stops it kills it,
     not the KeyboardInterrupt of the handler a script's __main__ set, and SIGINT is
-    ignored, so no worker prints a traceback."""
+    ignored, so no worker prints a traceback. It dies with the main process, even a kill -9
+    of that (Linux), rather than work on alone, holding the run's lock, to a broken pipe."""
     os.setpgrp()
+    with contextlib.suppress(AttributeError, OSError):  # no prctl: not Linux
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -708,6 +709,34 @@ def run_isolated(code: str, *args: str, timeout: float = 30) -> subprocess.Compl
     return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, preexec_fn=limit_memory,
                           env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+
+
+def test_pool_workers_die_with_a_main_process_killed_outright():
+    code = ("import multiprocessing, time\nfrom data.prepare import worker_signals\n"
+            "pool = multiprocessing.get_context('fork').Pool(2, worker_signals)\n"
+            "print(*[p.pid for p in multiprocessing.active_children()], flush=True)\n"
+            "pool.map_async(time.sleep, [60, 60])\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in proc.stdout.readline().split()]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+
+    def state(pid: int) -> str | None:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return None
+
+    def alive():  # (a zombie waits for init to reap it: dead)
+        return [pid for pid in workers if state(pid) not in (None, "Z")]
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = alive()
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left
 
 
 def test_fifos_and_devices_are_skipped_not_waited_on_or_read_forever(tmp_path):
