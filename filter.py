@@ -57,8 +57,9 @@ train      fits the forest (RandomForest) on the annotated documents' embeddings
            --holdout of each class aside for accuracy, precision, recall, F1 and AUC (none,
            where that would leave a side with one class), printed with the out-of-bag
            accuracy and saved in the forest (--forest) with the embedding's source.
-apply      streams --corpus through the embedding model (the forest's, unless --ckpt)
-           and the forest a chunk at a time, in constant memory, and writes per shard in
+apply      streams --corpus through the embedding model (the forest's, unless --ckpt; one
+           whose weights are not those the forest learned from is noted) and the forest
+           a chunk at a time, in constant memory, and writes per shard in
            --out (default out/filtered), I and N five digits (kept-00000-of-00001.jsonl):
              kept-I-of-N.jsonl    the kept documents, each with its "score"
              scores-I-of-N.bin    score (float32) and tokens (uint32) of every document
@@ -120,6 +121,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import errno
 import hashlib
 import heapq
 import itertools
@@ -140,7 +142,7 @@ import numpy as np
 from tqdm import tqdm
 
 import llm
-from config import UserError, alike_on_every_process, parse_args, require, run, subcommand
+from config import UserError, alike_on_every_process, counted_lines, is_number, parse_args, require, run, subcommand
 from data.prepare import (Appender, cannot_write, check_writable, expand, path_id, read_jsonl, run_lock,
                           worker_signals, write_atomic)
 
@@ -308,6 +310,43 @@ def digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def model_contents(identity: list) -> list:
+    """What a model's content_identity says of its weights, whatever its name: its files'
+    digests, or for a model without local files (a hub id) its name."""
+    return [digest for _, digest in identity[1:]] or identity[:1]
+
+
+def json_object(path: Path) -> dict:
+    """The JSON object in path, or {} where there is none: no file, one cut short, or JSON
+    that is no object (a list, null), which no run of ours wrote."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def reserve_space(path: Path) -> None:
+    """Take the disk space of path's whole length now: a write through a memory map that a
+    full disk has no room for is a crash (SIGBUS), not an error. Where the file system cannot
+    reserve (EOPNOTSUPP), the run goes on as before."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+
+
+def make_folder(path: Path) -> None:
+    """The folder of output path, made where check_writable said it can be; where it cannot
+    (a symlink loop on the way, which check_writable takes for a folder not made yet), one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(path, e) from None
 
 
 # ---------------------------------------------------------------- annotate
@@ -484,7 +523,7 @@ def annotate(cfg) -> Counter:
         with client:
             if not checked:
                 check_endpoint(client)
-            out.parent.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
+            make_folder(out)
             # one run at a time on the labels: two would each ask (and pay) for every document
             with run_lock(out, f"another run is annotating into {out}: wait for it, stop it, or use another --labels"):
                 scored, refused = done_ids(out, files, cfg)  # again: a run before ours may have ended since
@@ -675,10 +714,7 @@ def embedding_paths(out: Path) -> tuple[Path, Path, Path, Path, Path]:
 
 def embedded(out: Path, sidecar: Path, fp: str) -> bool:
     """Whether out holds the embeddings of fingerprint fp, whole."""
-    try:
-        return out.is_file() and json.loads(sidecar.read_text()).get("fingerprint") == fp
-    except (OSError, ValueError):
-        return False
+    return out.is_file() and json_object(sidecar).get("fingerprint") == fp
 
 
 def embed(cfg) -> Path:
@@ -718,7 +754,8 @@ def embed(cfg) -> Path:
     with alike_on_every_process():  # a bad --device or --dtype, said once under torchrun
         dtype = embedding_dtype(cfg, pick_device(cfg.device))
     source = dict(corpus=files_identity(files), ckpt=ckpt, doc_tokens=cfg.doc_tokens, dtype=dtype)
-    fp = fingerprint(EMBEDDINGS_FORMAT, source, content_identity(ckpt), ids)
+    model_identity = content_identity(ckpt)
+    fp = fingerprint(EMBEDDINGS_FORMAT, source, model_identity, ids)
     if embedded(out, sidecar, fp):
         print(f"{out} already holds these embeddings")
         return out
@@ -730,7 +767,7 @@ def embed(cfg) -> Path:
     n, dim, chunk = len(ids), model.config.n_embd, cfg.batch_size * CHUNK_BATCHES
     n_chunks = -(-n // chunk)
     state = dict(format=EMBEDDINGS_FORMAT, fingerprint=fp, count=n, dim=dim, chunk=chunk)
-    out.parent.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
+    make_folder(out)
     with contextlib.ExitStack() as held:  # rank 0's lock, held to the end
         with together(world, device):  # (and a barrier: the array is there for all)
             if rank == 0:
@@ -746,10 +783,14 @@ def embed(cfg) -> Path:
                                   and np.load(partial, mmap_mode="r").shape == (n, dim))
                     except (OSError, ValueError, EOFError):  # EOFError: an empty file
                         resume = False
-                    if not resume:
-                        np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
-                        flags_path.write_bytes(bytes(n_chunks))
-                        write_atomic(partial_meta, json.dumps(state).encode())
+                    try:
+                        if not resume:
+                            np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
+                            flags_path.write_bytes(bytes(n_chunks))
+                            write_atomic(partial_meta, json.dumps(state).encode())
+                        reserve_space(partial)
+                    except OSError as e:  # a full disk: a rerun goes on from what is there
+                        raise cannot_write(out, e) from None
         if embedded(out, sidecar, fp):  # every process sees what process 0 saw under the lock
             if rank == 0:
                 print(f"{out} already holds these embeddings")
@@ -782,8 +823,11 @@ def embed(cfg) -> Path:
                                 f"(did {flags_path} change?)")
             del array
             os.replace(partial, out)
+            # with the model's contents (kept out of the fingerprint's source: embeddings made before stay
+            # valid), which the forest keeps, so that apply tells another model than the one it learned from
             meta = dict(format=EMBEDDINGS_FORMAT, version=1, count=n, dim=dim, dtype="float16", fingerprint=fp,
-                        source=dict(source, doc_tokens=min(cfg.doc_tokens, model.config.block_size)), ids=ids)
+                        source=dict(source, doc_tokens=min(cfg.doc_tokens, model.config.block_size),
+                                    model=model_identity), ids=ids)
             write_atomic(sidecar, json.dumps(meta).encode())
             partial_meta.unlink()
             flags_path.unlink()
@@ -800,7 +844,7 @@ def load_embeddings(path: Path) -> tuple[list[str], np.ndarray, dict]:
         raise UserError(f"no embeddings at {path}{unfinished}")
     try:
         meta = json.loads(sidecar.read_text())
-        if meta.get("format") != EMBEDDINGS_FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != EMBEDDINGS_FORMAT:
             raise ValueError("not an embeddings description")
         count, dim, ids = int(meta["count"]), int(meta["dim"]), meta["ids"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -1285,16 +1329,27 @@ def metrics(positive, score, threshold: float = 0.5) -> dict:
 def read_scores(path: Path) -> dict[str, int]:
     """id -> score from annotate's output: each document's last line with a score. An id
     whose lines hold two texts (an older annotate asked for each document of a repeated id)
-    is left out, with a warning: embed takes one of the texts, the score may be the other's."""
+    is left out, with a warning: embed takes one of the texts, the score may be the other's.
+    A score that is not a number from 0 to 10 (a string, NaN, 1e30) is refused, as a line
+    that is not a JSON object is: annotate writes none, and it would label silently."""
     if not path.is_file():
         raise UserError(f"no annotations at {path} (filter.py annotate writes them)")
-    scores, texts, mixed, where = {}, {}, set(), path.resolve()
+    scores, texts, mixed, malformed, where = {}, {}, set(), [], path.resolve()
     for number, r in read_jsonl(path, numbered=True):
         doc_id, text = document_id(r, where, number), hash(str(r.get("text")))  # as embed names it
         if texts.setdefault(doc_id, text) != text:
             mixed.add(doc_id)
-        if isinstance(r.get("score"), (int, float)) and not isinstance(r.get("score"), bool):
-            scores[doc_id] = r["score"]
+        score = r.get("score")
+        if score is None:  # a failure or a refusal: no score
+            continue
+        if not (is_number(score) and 0 <= score <= 10):  # (NaN fails it too)
+            malformed.append((number, score))
+            continue
+        scores[doc_id] = score
+    if malformed:
+        number, score = malformed[0]
+        raise UserError(f"{path} has {counted_lines([n for n, _ in malformed], 'malformed')}: a score is a number "
+                        f"from 0 to 10, or null for none, not {json.dumps(score)[:40]} (line {number})")
     if mixed:
         print(f"warning: {len(mixed)} ids of {path} name two documents (first: {min(mixed)}): their scores are "
               f"left out; annotate into another --labels to score them", file=sys.stderr)
@@ -1409,20 +1464,23 @@ def score_shard(cfg, files, shard: int, shards: int, forest: RandomForest, model
     column, chunk, skipped = positive_column(forest), cfg.batch_size * CHUNK_BATCHES, Counter()
     partial = path.with_name(path.name + ".partial")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(partial, "wb") as f, tqdm(desc=f"scoring {path.name}", unit=" docs") as bar:
-        for texts in batched((text for _, _, text, _ in documents(files, skipped, shard, shards)), chunk):
-            X, tokens = embed_texts(model, texts, doc_tokens, cfg.batch_size)
-            X = X.astype(np.float16)  # rounded as embed stores them
-            broken = int((~np.isfinite(X)).any(1).sum())
-            if broken:  # the forest cannot score them: a model that overflows, or NaN weights' garbage
-                raise UserError(f"shard {shard} of {shards}: {broken} of its documents {bar.n} to "
-                                f"{bar.n + len(texts) - 1} embed to NaN or infinite values (--dtype={cfg.dtype}): "
-                                f"try --dtype=float32")
-            records = np.zeros(len(texts), SCORES)
-            records["score"] = forest.predict_proba(X)[:, column]
-            records["tokens"] = np.minimum(tokens, np.iinfo(np.uint32).max)
-            f.write(records.tobytes())
-            bar.update(len(texts))
+    try:
+        with open(partial, "wb") as f, tqdm(desc=f"scoring {path.name}", unit=" docs") as bar:
+            for texts in batched((text for _, _, text, _ in documents(files, skipped, shard, shards)), chunk):
+                X, tokens = embed_texts(model, texts, doc_tokens, cfg.batch_size)
+                X = X.astype(np.float16)  # rounded as embed stores them
+                broken = int((~np.isfinite(X)).any(1).sum())
+                if broken:  # the forest cannot score them: a model that overflows, or NaN weights' garbage
+                    raise UserError(f"shard {shard} of {shards}: {broken} of its documents {bar.n} to "
+                                    f"{bar.n + len(texts) - 1} embed to NaN or infinite values (--dtype={cfg.dtype}): "
+                                    f"try --dtype=float32")
+                records = np.zeros(len(texts), SCORES)
+                records["score"] = forest.predict_proba(X)[:, column]
+                records["tokens"] = np.minimum(tokens, np.iinfo(np.uint32).max)
+                f.write(records.tobytes())
+                bar.update(len(texts))
+    except OSError as e:  # a full disk (what is written stays, as an interrupted run leaves it)
+        raise cannot_write(path, e) from None
     warn_skipped(skipped, files)
     # lines, none of them a document: a wrong corpus, unless other shards hold documents (this
     # one's lines were blank), or this shard is past a small corpus's end (no lines at all)
@@ -1493,17 +1551,20 @@ def apply(cfg) -> dict:
     if source.get("dtype") not in (None, dtype) and rank == 0:  # (forests of before embed kept no dtype)
         print(f"note: the forest learned from embeddings made in {source['dtype']}, and these are made in {dtype}: "
               f"--dtype={source['dtype']} makes them alike", file=sys.stderr)
-    scoring = fingerprint(files_identity(files), content_identity(cfg.forest), content_identity(ckpt), doc_tokens,
-                          dtype, shard, shards)
+    identity = content_identity(ckpt)
+    learned = source.get("model")  # (forests of before it kept no model's contents)
+    if learned is not None and model_contents(learned) != model_contents(identity) and rank == 0:
+        print(f"note: {ckpt} holds other weights than those the forest learned from ({learned[0]} as embed "
+              f"found it): its scores of these embeddings may mean little; embed and train again with this model, "
+              f"or give --ckpt that one", file=sys.stderr)
+    scoring = fingerprint(files_identity(files), content_identity(cfg.forest), identity, doc_tokens, dtype, shard,
+                          shards)
     selection = dict(threshold=cfg.threshold, top_fraction=cfg.top_fraction)
-    out.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
+    make_folder(kept_path)
     # one run at a time on a shard: two would score it into one file at once
     with run_lock(out / f"{name}.lock", f"another run is filtering shard {name} in {out}: wait for it, stop it, "
                                         f"or use another --out", remove=True):
-        try:
-            previous = json.loads(summary_path.read_text())
-        except (OSError, ValueError):
-            previous = {}
+        previous = json_object(summary_path)
         # the summary names the kept file it goes with: one replaced by a run killed before its summary is not done
         if (previous.get("scoring") == scoring and previous.get("selection") == selection and kept_path.is_file()
                 and previous.get("kept") == files_identity([kept_path])):
@@ -1527,18 +1588,21 @@ def apply(cfg) -> dict:
         partial = kept_path.with_name(kept_path.name + ".partial")
         kept = kept_tokens = seen = 0
         lowest, tied, tied_tokens = math.inf, 0, 0  # the lowest score kept, and the documents and tokens at it
-        with open(partial, "w", encoding="utf-8") as f:
-            for i, (_, _, _, record) in enumerate(documents(files, Counter(), shard, shards)):
-                seen += 1
-                # in Python floats, as histogram bins them: numpy would compare a float32 in float32
-                if i < len(scores) and float(scores[i]["score"]) >= threshold:
-                    score, tokens = float(scores[i]["score"]), int(scores[i]["tokens"])
-                    f.write(json.dumps({**record, "score": round(score, 6)}, ensure_ascii=False) + "\n")
-                    kept, kept_tokens = kept + 1, kept_tokens + tokens
-                    if score < lowest:
-                        lowest, tied, tied_tokens = score, 0, 0
-                    if score == lowest:
-                        tied, tied_tokens = tied + 1, tied_tokens + tokens
+        try:
+            with open(partial, "w", encoding="utf-8") as f:
+                for i, (_, _, _, record) in enumerate(documents(files, Counter(), shard, shards)):
+                    seen += 1
+                    # in Python floats, as histogram bins them: numpy would compare a float32 in float32
+                    if i < len(scores) and float(scores[i]["score"]) >= threshold:
+                        score, tokens = float(scores[i]["score"]), int(scores[i]["tokens"])
+                        f.write(json.dumps({**record, "score": round(score, 6)}, ensure_ascii=False) + "\n")
+                        kept, kept_tokens = kept + 1, kept_tokens + tokens
+                        if score < lowest:
+                            lowest, tied, tied_tokens = score, 0, 0
+                        if score == lowest:
+                            tied, tied_tokens = tied + 1, tied_tokens + tokens
+        except OSError as e:  # a full disk: the scores stay, and a rerun selects again from them
+            raise cannot_write(kept_path, e) from None
         if seen != len(scores):
             partial.unlink()
             raise UserError(f"{cfg.corpus} changed while shard {name} was filtered: rerun")
@@ -1800,7 +1864,10 @@ def same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:  # one is not there (yet): compare where the paths lead
-        return a.resolve() == b.resolve()
+        try:
+            return a.resolve() == b.resolve()
+        except RuntimeError:  # a symlink loop leads nowhere: it is only itself, by the same path
+            return os.path.abspath(a) == os.path.abspath(b)
 
 
 def check_apart(outputs: dict[str, Path], inputs: dict[str, list[Path]]) -> None:
@@ -1886,7 +1953,7 @@ def decontaminate(cfg) -> dict:
 
     progress = report_path.with_name(report_path.name + ".partial")
     state = fingerprint(identity, problems, cfg.min_tau)
-    report_path.parent.mkdir(parents=True, exist_ok=True)  # check_writable said it can be
+    make_folder(report_path)
     # held to the report's end: a second run, finding the comparison done, would write it too
     with run_lock(report_path.with_name(report_path.name + ".lock"), f"another run is writing {report_path}: wait "
                                                                       f"for it, stop it, or use another --report",
@@ -1901,20 +1968,13 @@ def decontaminate(cfg) -> dict:
         docs = ((doc_id, text) for _, doc_id, text, _ in documents(files, skipped))
         docs = itertools.islice(docs, len(before), None)  # (read, not compared: the skipped lines are counted)
         jobs, pool, written = cfg.workers or len(os.sched_getaffinity(0)), None, Appender(progress)
-
-        def write(record: dict) -> None:
-            try:
-                written.write(record)
-            except OSError as e:  # a full disk
-                raise cannot_write(progress, e) from None
-
         try:
             if not before:
-                write({"fingerprint": state})
+                written.write({"fingerprint": state})
             pool = multiprocessing.get_context("fork").Pool(jobs, worker_signals) if jobs > 1 else None
             found = pool.imap(compare_document, docs, chunksize=16) if pool else map(compare_document, docs)
             for doc_id, ok, shared, close in tqdm(found, desc="comparing", unit=" docs", initial=len(before)):
-                write(dict(id=doc_id, ok=ok, shared=shared, close=close))
+                written.write(dict(id=doc_id, ok=ok, shared=shared, close=close))
                 add(doc_id, ok, shared, close)
         finally:
             _WORK.clear()
@@ -1941,7 +2001,7 @@ def decontaminate(cfg) -> dict:
         if cfg.prune_tau:
             partial = out.with_name(out.name + ".partial")
             kept = 0
-            out.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(out)
             try:
                 with open(partial, "w", encoding="utf-8") as f:
                     for i, (_, record) in enumerate(read_again(files, ids)):
@@ -2036,10 +2096,11 @@ def main(argv=None):
     try:
         command(cfg)
     finally:
-        if "torch.distributed" in sys.modules:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        # never imported here: a signal while torch was imported leaves torch.distributed without
+        # its torch, and importing it again runs torch's import into a torch cut short (two tracebacks)
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

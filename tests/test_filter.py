@@ -6,6 +6,7 @@ embed (resumed after a crash, and under torchrun), train, apply, decontaminate; 
 import ast
 import dataclasses
 import errno
+import io
 import itertools
 import json
 import os
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -1797,3 +1799,199 @@ def test_train_says_how_many_scored_documents_lack_an_embedding(tmp_path, capsys
         f.write(lines(*(dict(id=f"later-{i}", score=9) for i in range(4))))
     run_filter("train", *settings, f"--forest={tmp_path / 'forest.npz'}")
     assert "4 of the 10 documents scored in" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a full disk, signals, odd files
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with room for `room` bytes more: a write past them fails, as on a full disk."""
+
+    def __init__(self, path, mode, room=0):
+        super().__init__(path, mode)
+        self.room = room
+
+    def write(self, data):
+        if not self.room:
+            no_space()
+        written = super().write(bytes(data)[:self.room])
+        self.room -= written
+        return written
+
+
+def on_a_full_disk(path, mode="r", encoding=None, **kwargs):
+    """open() as filter.py calls it, with the .partial files written on a full disk, buffered
+    as open's are (the write that fails may be the close's flush)."""
+    if not (str(path).endswith(".partial") and "w" in mode):
+        return open(path, mode, encoding=encoding, **kwargs)
+    f = io.BufferedWriter(FullDisk(path, mode.replace("b", "")))
+    return f if "b" in mode else io.TextIOWrapper(f, encoding=encoding)
+
+
+def test_a_full_disk_annotating_or_comparing_is_one_line_and_a_rerun_goes_on(tmp_path, monkeypatch):
+    """The labels and decontaminate's progress on a full disk were a traceback, and the close
+    of the file, which tries the rest of the line again, a second one."""
+    docs, labels = tmp_path / "docs.jsonl", tmp_path / "labels.jsonl"
+    docs.write_text(lines(*(dict(id=f"docs-{i}", text=f"LIMIT_{i} = {i}") for i in range(6))))
+    real_open, room = filter.Appender.open, iter([200, 0])  # the labels: a line and a torn one; the progress: none
+
+    def full(self):
+        real_open(self).close()  # (what it makes whole first, while the disk had room)
+        return io.BufferedWriter(FullDisk(self.path, "a", next(room)))
+
+    monkeypatch.setattr(filter.Appender, "open", full)
+    with FakeLLM(answer=teacher) as server:
+        teach = ["annotate", f"--corpus={docs}", f"--labels={labels}", f"--api_base={server.url}", "--model=fake",
+                 "--concurrency=1"]
+        with pytest.raises(UserError, match=rf"^cannot write {re.escape(str(labels))}: No space left on device"):
+            run_filter(*teach)
+        report = tmp_path / "r.json"
+        with pytest.raises(UserError, match=rf"^cannot write {re.escape(str(report))}.partial: No space left"):
+            run_filter("decontaminate", f"--corpus={docs}", "--bench=humaneval", "--workers=1", f"--report={report}")
+        monkeypatch.undo()
+        written = labels.read_text()
+        assert written.count("\n") == 1 and not written.endswith("\n")  # a line, and a torn one
+        run_filter(*teach)
+    assert sorted(r["id"] for r in annotated(labels)) == [f"docs-{i}" for i in range(6)]
+
+
+def test_a_full_disk_embedding_is_one_line_and_a_rerun_goes_on(tmp_path, nano, monkeypatch):
+    """The array and its chunk flags, written before the work, were a traceback on a full disk.
+    A memory map's write that the disk has no room for is a crash (SIGBUS): the array's space
+    is taken before the work, and a disk without it is the same one line."""
+    docs, emb = corpus(tmp_path / "docs.jsonl", 6, seed=3), tmp_path / "emb.npy"
+    args = ["embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}"]
+    real_open_memmap, full = np.lib.format.open_memmap, rf"^cannot write {re.escape(str(emb))}: No space left"
+    with monkeypatch.context() as m:  # no room for a new array
+        m.setattr(np.lib.format, "open_memmap",
+                  lambda *a, mode="r+", **k: no_space() if mode == "w+" else real_open_memmap(*a, mode=mode, **k))
+        with pytest.raises(UserError, match=full):
+            run_filter(*args)
+    with monkeypatch.context() as m:  # room for its header, not for its contents
+        m.setattr(filter.os, "posix_fallocate", no_space)
+        with pytest.raises(UserError, match=full):
+            run_filter(*args)
+    assert not emb.exists() and Path(f"{emb}.partial").exists()
+    run_filter(*args)
+    assert filter.load_embeddings(emb)[1].shape == (6, 64)
+
+
+def test_a_full_disk_filtering_is_one_line_and_a_rerun_goes_on(tmp_path, nano, monkeypatch):
+    """The scores and the kept documents on a full disk were a traceback (the close's flush
+    of what a failed write left, a second one). A rerun selects again from scores whole."""
+    docs, out = corpus(tmp_path / "docs.jsonl", 6, seed=3), tmp_path / "out"
+    args = ["apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={out}"]
+    with monkeypatch.context() as m:
+        m.setattr(filter, "open", on_a_full_disk, raising=False)
+        with pytest.raises(UserError, match=rf"^cannot write {re.escape(str(out))}/scores-00000-of-00001.bin: No sp"):
+            run_filter(*args)
+    run_filter(*args)
+    with monkeypatch.context() as m:
+        m.setattr(filter, "open", on_a_full_disk, raising=False)
+        with pytest.raises(UserError, match=rf"^cannot write {re.escape(str(out))}/kept-00000-of-00001.jsonl: No sp"):
+            run_filter(*args, "--threshold=0")
+    monkeypatch.setattr(filter, "embed_texts", lambda *a, **k: pytest.fail("embedded the shard again"))
+    run_filter(*args, "--threshold=0")
+    assert json.loads((out / "summary-00000-of-00001.json").read_text())["kept_documents"] == 6
+
+
+def test_a_signal_while_torch_is_imported_is_the_usual_interrupted_line(tmp_path):
+    """A Ctrl-C in the first second, as torch was imported, was two tracebacks: the cleanup
+    imported torch.distributed, which torch's import had finished, into a torch cut short."""
+    stop = textwrap.dedent(f"""
+        import importlib.abc, sys
+        class Stop(importlib.abc.MetaPathFinder):  # Ctrl-C at the first import after torch.distributed's
+            def find_spec(self, name, path, target=None):
+                done = sys.modules.get("torch.distributed")
+                if done is not None and not done.__spec__._initializing:
+                    sys.meta_path.remove(self)
+                    raise KeyboardInterrupt
+        sys.meta_path.insert(0, Stop())
+        import config, filter
+        config.run(lambda: filter.main(["embed", "--corpus={ROOT / 'filter.py'}", "--ckpt=x"]))
+    """)
+    result = subprocess.run([sys.executable, "-c", stop], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and result.stderr == "interrupted\n", result.stderr[-3000:]
+
+
+def test_descriptions_that_are_json_but_no_object_are_stale_or_one_line(tmp_path, nano):
+    """An emb.json or summary holding a list, null or a string was an AttributeError traceback."""
+    docs, emb, out = corpus(tmp_path / "docs.jsonl", 6, seed=3), tmp_path / "emb.npy", tmp_path / "out"
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(lines(*(dict(id=f"docs-{i}", score=9 * (i % 2)) for i in range(6))))
+    embed = ["embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}"]
+    apply = ["apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={out}"]
+    run_filter(*embed)
+    run_filter(*apply)
+    summary = out / "summary-00000-of-00001.json"
+    for odd in ("[]", "null", '"done"'):
+        emb.with_suffix(".json").write_text(odd)
+        with pytest.raises(UserError, match=r"emb.npy: its description .*emb.json is missing or broken"):
+            run_filter("train", f"--labels={labels}", f"--embeddings={emb}", f"--forest={tmp_path / 'f.npz'}")
+        run_filter(*embed)  # embeds again
+        assert filter.load_embeddings(emb)[1].shape == (6, 64)
+        summary.write_text(odd)
+        run_filter(*apply)  # selects again
+        assert json.loads(summary.read_text())["documents"] == 6
+
+
+def test_paths_in_a_symlink_loop_are_one_line(tmp_path, nano):
+    """same_file raised RuntimeError (Symlink loop) for a path through a loop, and a folder
+    to make there was a FileExistsError traceback."""
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    loop = tmp_path / "loop1"
+    assert filter.same_file(loop, loop) and filter.same_file(loop, tmp_path / "." / "loop1")
+    assert not filter.same_file(loop, tmp_path / "loop2") and not filter.same_file(loop / "x", tmp_path / "x")
+    docs = corpus(tmp_path / "docs.jsonl", 4, seed=3)
+    with pytest.raises(UserError, match=rf"^cannot load --ckpt={re.escape(str(loop))}: no such checkpoint"):
+        run_filter("embed", f"--corpus={docs}", f"--ckpt={loop}", f"--embeddings={tmp_path / 'emb.npy'}")
+    with pytest.raises(UserError, match=rf"^cannot write {re.escape(str(loop))}/kept-00000-of-00001.jsonl: "):
+        run_filter("apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={loop}")
+    for report in (loop / "r.json", loop / "sub" / "r.json"):
+        with pytest.raises(UserError, match=rf"^cannot write {re.escape(str(report))}: "):
+            run_filter("decontaminate", f"--corpus={docs}", "--bench=humaneval", f"--report={report}")
+
+
+def test_apply_notes_a_model_other_than_the_one_the_forest_learned_from(tmp_path, nano, capsys):
+    """The forest kept the model's path only: a checkpoint replaced there (train.py resumed
+    into its folder), or a --ckpt of the same width, scored with other weights without a word."""
+    ckpt, same = tmp_path / "ckpt.pt", tmp_path / "same.pt"
+    shutil.copy(nano, ckpt)
+    shutil.copy(nano, same)
+    docs, emb, forest = corpus(tmp_path / "docs.jsonl", 8, seed=3), tmp_path / "emb.npy", tmp_path / "forest.npz"
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(lines(*(dict(id=f"docs-{i}", score=9 * (i % 2)) for i in range(8))))
+    run_filter("embed", f"--corpus={docs}", f"--ckpt={ckpt}", f"--embeddings={emb}")
+    run_filter("train", f"--labels={labels}", f"--embeddings={emb}", f"--forest={forest}", "--n_trees=3",
+               "--holdout=0", "--workers=1")
+    assert RandomForest.load(forest).info["embedding"]["model"] == filter.content_identity(str(ckpt))
+    apply = ["apply", f"--corpus={docs}", f"--out={tmp_path / 'out'}"]
+    other = "holds other weights than those the forest learned from"
+    capsys.readouterr()
+    run_filter(*apply, f"--forest={forest}")
+    run_filter(*apply, f"--forest={forest}", f"--ckpt={same}")  # the same weights by another name
+    run_filter(*apply, f"--forest={nano_forest(tmp_path, nano)}")  # a forest of before: it kept no contents
+    assert other not in capsys.readouterr().err
+    torch.manual_seed(1)
+    model = GPT(PRESETS["nano"])
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config)}, ckpt)  # replaced
+    for given in ([], [f"--ckpt={ckpt}"]):
+        run_filter(*apply, f"--forest={forest}", *given)
+        assert f"note: {ckpt} {other} ({ckpt} as embed found it): its scores" in capsys.readouterr().err
+
+
+def test_scores_that_are_not_a_number_from_0_to_10_are_refused(tmp_path):
+    """NaN, inf, 1e30 and negative scores were labels (NaN >= 6 is False: a negative; inf a
+    positive), and a string score left out without a word."""
+    forest = tmp_path / "f.npz"
+    with pytest.raises(UserError, match=r"labels.jsonl has 6 malformed lines \(lines 1, 3, 5, 7, 9, \.\.\.\): a "
+                                        r"score is a number from 0 to 10, or null for none, not NaN \(line 1\)$"):
+        run_filter("train", *fake_embeddings(tmp_path, [float("nan"), 9, float("inf"), 1, 1e30, 9, -1, 1, "9", 1,
+                                                         True, None, 6.5]), f"--forest={forest}")
+    assert not forest.exists()
+    run_filter("train", *fake_embeddings(tmp_path, [1, 9, None, 6.5, 0, 10]), f"--forest={forest}")
+    assert RandomForest.load(forest).info["report"]["documents"] == 5
