@@ -583,6 +583,11 @@ def check_writable(*paths: Path) -> None:
     for path in paths:
         if path.is_dir():
             raise UserError(f"cannot write {path}: it is a directory")
+        try:
+            os.stat(path)
+        except OSError as e:  # a symlink loop on the way, which exists() below takes for nothing there
+            if e.errno == errno.ELOOP:
+                raise UserError(f"cannot write {path}: {e.strerror}") from None
         folder = next(p for p in path.parents if p.exists())  # the nearest one there already
         if not folder.is_dir():
             raise UserError(f"cannot write {path}: {folder} is a file, not a folder")
