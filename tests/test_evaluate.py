@@ -1042,6 +1042,34 @@ def test_a_top_p_too_small_for_float32_is_greedy():
     assert list(evaluate.completions_of(model, jobs, [], 2, 8, temperature=0.8, top_p=1e-320)) == greedy
 
 
+def test_batches_of_one_prompt_sample_with_draws_of_their_own():
+    """Batches of one problem's samples drawn with one seed repeat each other: pass@k from
+    n samples would rest on batch_size distinct ones."""
+    torch.manual_seed(0)
+    model = GPT(PRESETS["nano"]).eval()
+    jobs = [(("HumanEval/0", i), "def f(x):") for i in range(4)]
+    drawn = dict(evaluate.completions_of(model, jobs, [], 2, 8, temperature=1.0, seed=3))
+    assert len(drawn) == 4 and len(set(drawn.values())) == 4, drawn  # batches (0, 1) and (2, 3)
+
+
+def test_a_negative_sample_index_is_numbered_as_a_missing_one(tmp_path):
+    """Kept as -1, it passed the cut at --n_samples and was scored as one sample more."""
+    rows = [dict(task_id="HumanEval/0", sample_index=-1, completion="a"),
+            dict(task_id="HumanEval/0", sample_index=0, completion="b")]
+    samples = evaluate.read_samples(write_jsonl(tmp_path / "s.jsonl", rows), "humaneval")[0]
+    assert sorted((s["sample_index"], s["completion"]) for s in samples) == [(0, "a"), (1, "b")]
+
+
+def test_a_recorded_setting_this_version_does_not_know_is_a_change():
+    """Samples of another evaluate.py that drew with a setting of its own are not resumed as ours."""
+    identity = dict(bench="humaneval", data=None, ckpt="a.pt", init_from="", weights=None, api_base="", model="",
+                    temperature=0.8, top_p=0.95, seed=1, max_new_tokens=64)
+    assert evaluate.changed_settings(identity, identity) == []
+    assert evaluate.changed_settings({**identity, "top_k": 5}, identity) == ["top_k"]
+    assert evaluate.changed_settings({**identity, "seed": 2}, identity) == ["seed"]
+    assert evaluate.changed_settings({**identity, "seed": 2}, {**identity, "temperature": 0}) == ["temperature"]
+
+
 def test_requests_the_server_refused_do_not_ask_for_a_rerun(tmp_path):
     from llm_server import FakeLLM
     with FakeLLM() as server:  # a 400 for max_tokens=0: it would refuse again
