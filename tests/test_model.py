@@ -16,8 +16,8 @@ import transformers
 import model as model_module
 import tokenizer
 from config import UserError
-from model import (GPT, GPTConfig, KVCache, PRESETS, config_from_hf, load_checkpoint, load_model, pick_device,
-                   pick_dtype, read_safetensors, sample, write_safetensors)
+from model import (GPT, GPTConfig, KVCache, PRESETS, config_from_hf, derived_seed, load_checkpoint, load_model,
+                   pick_device, pick_dtype, read_safetensors, sample, write_safetensors)
 
 SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=64, vocab_size=512)
 ONE_LAYER = GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64)  # full vocabulary
@@ -92,6 +92,19 @@ def test_hf_export_round_trip_and_transformers_logits():
     back = GPT.from_hf_state_dict(exported).to_hf_state_dict()  # config read from shapes
     assert back.keys() == exported.keys()
     assert all(torch.equal(back[k], exported[k]) for k in exported)
+
+
+def test_a_half_precision_state_dict_loads_as_it_is_sharing_its_memory():
+    """A bf16 phi-1 (2.6 GB) copied to float32 would take three times its memory."""
+    state = {k: v.to(torch.bfloat16) for k, v in small_model(seed=2).to_hf_state_dict().items()}
+    model = GPT.from_hf_state_dict(state)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.lm_head.weight.data_ptr() == state["lm_head.weight"].data_ptr()
+
+
+def test_derived_seeds_are_below_2_to_the_31():
+    seeds = [derived_seed(1337, f"HumanEval/{i}", j) for i in range(200) for j in range(5)]
+    assert max(seeds) < 2**31 and len(set(seeds)) == len(seeds)
 
 
 def test_save_pretrained_loads_in_transformers_and_back(tmp_path):

@@ -686,6 +686,20 @@ def test_a_float16_run_resumes_a_bfloat16_one_and_the_batch_and_schedule_changes
     assert "warning: with --max_iters=4 (was 2) the learning rate goes from 0.00e+00 to 2.00e-03 at step 2" in err
 
 
+def test_a_float16_run_resumes_its_loss_scale(tmp_path):
+    """A fresh scale in its place would step where the run's own skips (its gradients overflow)."""
+    common = dict(data=str(make_dataset(tmp_path / "ds")), out_dir=str(tmp_path / "out"), eval_interval=0,
+                  warmup_iters=1, dtype="float16", checkpoint_interval=1)
+    train.train(settings(**common, max_iters=2))
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    ckpt["scaler"]["scale"] = 3e38  # every gradient overflows at this scale
+    torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
+    train.train(settings(**common, max_iters=3))
+    after = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert after["step"] == 3 and after["scaler"]["scale"] == pytest.approx(1.5e38)  # skipped, the scale halved
+    assert all(torch.equal(after["model"][k], v) for k, v in ckpt["model"].items())
+
+
 def test_a_resume_compares_the_dtype_that_dtype_auto_resolved_to(tmp_path, capsys):
     """--dtype=auto is float32 on a CPU: naming it resumes the same run (a warning said it changed),
     while a run of auto resumed on another device, where auto is another dtype, is warned of."""
