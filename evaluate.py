@@ -86,8 +86,9 @@ leaves them running). Each program gets new network, IPC and mount
 namespaces: only an unconfigured loopback, SysV shared memory, semaphores and
 message queues of its own that end with it, and a private 128 MiB tmpfs as its
 working directory and as /tmp, /var/tmp, /dev/shm and /run/lock, so it changes
-nothing on disk (the kernel's keyring of its uid does outlive it); a directory others cannot enter that holds Python
-(pyenv under /root) is replaced by an empty tmpfs with only Python bound back in.
+nothing on disk (the kernel's keyring of its uid does outlive it); a directory
+others cannot enter that holds Python (pyenv under /root) is replaced by an empty
+tmpfs with only Python bound back in.
 Where unshare is refused (a container without CAP_SYS_ADMIN) the run warns, and the
 network stays reachable, SysV IPC shared and world-writable directories writable.
 Not as root, programs run as you, with your files and network (run untrusted models

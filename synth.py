@@ -959,13 +959,14 @@ def main(argv=None):
         # to the report's end: a signal stops the work, and the report (the run's cost) is still written
         interrupts = held.enter_context(Interrupts(client.stop))
         if have < cfg.n:
-            dedup, models = Dedup(cfg.near_dup), Counter()
+            dedup, others = Dedup(cfg.near_dup), Counter()  # others: records of another model, by model
             for record in read_jsonl(out):
                 dedup.add(str(record.get("id", "")), str(record.get("text", "")))
-                models[str(record.get("model"))] += record.get("model") != cfg.model
-            if sum(models.values()):  # allowed (a cheaper teacher for the rest, say), but never unsaid
+                if record.get("model") != cfg.model:
+                    others[str(record.get("model"))] += 1
+            if others:  # allowed (a cheaper teacher for the rest, say), but never unsaid
                 print(f"note: {out} holds records of another --model "
-                      f"({', '.join(f'{n} of {m}' for m, n in models.most_common() if n)}); this run adds "
+                      f"({', '.join(f'{n} of {m}' for m, n in others.most_common())}); this run adds "
                       f"{cfg.model}'s, each record naming its model", file=sys.stderr, flush=True)
             if kind == "exercises" and cfg.check_examples:
                 sandbox = open_sandbox(min(cfg.concurrency, os.cpu_count() or 1))
