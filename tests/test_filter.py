@@ -1454,6 +1454,14 @@ def test_metrics_count_a_score_at_the_threshold_as_positive():
     assert (m["precision"], m["recall"], m["accuracy"]) == (2 / 3, 1.0, 0.75)
 
 
+def test_auc_is_the_share_of_positive_negative_pairs_ordered_ties_counting_half():
+    rng = np.random.default_rng(0)
+    positive, score = rng.random(40) < 0.3, rng.integers(0, 5, 40) / 4  # few values: many ties
+    pairs = [(p > n) + 0.5 * (p == n) for p in score[positive] for n in score[~positive]]
+    assert np.isclose(filter.auc(positive, score), np.mean(pairs))
+    assert filter.auc([True, False, True, False], [0.9, 0.1, 0.5, 0.5]) == 3.5 / 4  # a tie: half a pair
+
+
 def test_train_reads_max_features_as_a_number_or_a_fraction(tmp_path):
     """--max_features=3 is three features and --max_features=.25 a quarter of them."""
     forest = tmp_path / "forest.npz"
@@ -1677,6 +1685,55 @@ def test_decontaminate_counts_at_a_min_tau_above_the_papers(tmp_path):
                f"--report={report}")
     found = json.loads(report.read_text())
     assert found["documents_by_tau"] == {"0.97": 1} and found["problems_by_tau"] == {"0.97": 1}
+
+
+def add_problem(tmp_path: Path) -> tuple[Path, str]:
+    """An MBPP file of one problem, add(a, b), and its text as decontaminate reads it."""
+    mbpp = tmp_path / "mbpp.jsonl"
+    mbpp.write_text(lines(dict(task_id=12, text="Write a function to add two numbers.",
+                               code="def add(a, b):\n    return a + b\n", test_list=["assert add(1, 2) == 3"],
+                               test_setup_code="")))
+    problem = evaluate.load_problems("mbpp", str(mbpp))[0]["MBPP/12"]
+    return mbpp, problem["prompt"] + problem["reference"]
+
+
+def decontaminate_add(tmp_path: Path, docs: list[str], *args) -> dict:
+    """decontaminate's report on docs, named doc-0, doc-1, ..., against add_problem."""
+    mbpp, _ = add_problem(tmp_path)
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text(lines(*(dict(id=f"doc-{i}", text=text) for i, text in enumerate(docs))))
+    run_filter("decontaminate", f"--corpus={corpus}", "--bench=mbpp", f"--mbpp={mbpp}", "--workers=1",
+               f"--report={tmp_path / 'r.json'}", *args)
+    return json.loads((tmp_path / "r.json").read_text())
+
+
+def test_ngrams_are_every_13_words_in_any_case():
+    words = [f"w{i}" for i in range(13)]
+    assert len(filter.ngrams(" ".join(words))) == 1 and filter.ngrams(" ".join(words[:12])) == set()
+    assert len(filter.ngrams(" ".join(words + ["w13"]))) == 2
+    assert filter.ngrams(" ".join(words).upper()) == filter.ngrams(" ".join(words))
+
+
+def test_a_document_sharing_only_a_problems_last_13_words_in_capitals_is_counted(tmp_path):
+    """The last 13-gram of a problem and of a document was never formed, and capitals hid a copy."""
+    last = re.findall(r"\w+", add_problem(tmp_path)[1])[-13:]
+    report = decontaminate_add(tmp_path, ["Loops repeat things: " + " ".join(last).upper() + "."])
+    assert report["by_problem"][0]["ngram_documents"] == 1 and report["documents_with_13gram_overlap"] == 1
+
+
+def test_a_document_whose_tau_is_exactly_min_tau_is_close(tmp_path):
+    extra_argument = "def add(x, y, z):\n    return x + y\n"  # 1 edit in 10 nodes
+    tau = filter.ast_match_rate(filter.code_tree(extra_argument), filter.code_tree(add_problem(tmp_path)[1]))
+    assert tau == 0.9
+    report = decontaminate_add(tmp_path, [extra_argument], "--min_tau=0.9")
+    assert report["by_problem"][0]["tau"] == 0.9 and report["documents_by_tau"]["0.9"] == 1
+
+
+def test_of_documents_equally_close_to_a_problem_the_first_is_named(tmp_path):
+    """On a tie, the report named the last of them."""
+    copies = ["def add(x, y):\n    return x + y\n", "def plus(p, q):\n    return p + q\n"]
+    row = decontaminate_add(tmp_path, copies)["by_problem"][0]
+    assert (row["tau"], row["tau_document"]) == (1.0, "doc-0")
 
 
 def test_results_are_named_by_the_end_of_their_paths_that_tells_them_apart():

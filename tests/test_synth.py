@@ -696,6 +696,18 @@ def test_records_of_another_seed_do_not_count_towards_n(tmp_path):
     assert report["run"]["written"] == 2
 
 
+def test_an_answer_repeating_a_record_of_the_output_is_a_duplicate_on_a_rerun(tmp_path):
+    """A rerun knew only the answers of its own run: it wrote a copy of a record already there."""
+    out, kept = tmp_path / "t.jsonl", llm_server.prose(1, duplicates=False)
+    out.write_text(json.dumps({"id": "textbook-1337-0", "text": kept, "model": "fake"}) + "\n")
+    item_1 = synth.request_seed("textbook-1337-1", 0)
+    with FakeLLM(answer=lambda body: kept if body["seed"] == item_1 else distinct_prose(body)) as server:
+        synthesize(server, "textbook", out, "--n=2", "--concurrency=1")
+    assert [r["id"] for r in records(out)] == ["textbook-1337-0", "textbook-1337-2"]
+    assert [(s["id"], s["reason"]) for s in records(f"{out}.skipped")] == [
+        ("textbook-1337-1", "duplicate of textbook-1337-0")]
+
+
 def test_adding_to_records_of_another_model_says_so(tmp_path, capsys):
     out = tmp_path / "t.jsonl"
     out.write_text("".join(json.dumps({"id": f"textbook-1337-{i}", "text": f"theirs {i}", "model": "teacher"}) + "\n"
@@ -755,6 +767,16 @@ def test_near_dup_threshold_is_inclusive_and_ignores_case():
     assert dedup.add("a", words) is None
     assert dedup.add("b", words.replace(" ", ", ")) == "near duplicate of a (similarity 1.00)"  # not exact: commas
     assert dedup.add("c", words.upper().replace(" ", "; ")).startswith("near duplicate of a")
+
+
+def test_short_texts_and_a_texts_last_words_are_shingled():
+    """Texts of 5 words or fewer had no shingle, so one signature: each a near duplicate of the
+    first; and the last 5 words of a text were left out of its signature."""
+    dedup = synth.Dedup(0.8)
+    assert dedup.add("a", "loops repeat things") is None
+    assert dedup.add("b", "functions return values") is None
+    assert dedup.add("c", "w1 w2 w3 w4 w5 w6") is None
+    assert dedup.add("d", "w1 w2 w3 w4 w5 other") is None  # 1 of 3 distinct 5-grams shared
 
 
 @pytest.mark.parametrize("near_dup, ok", [(0.0, False), (-0.1, False), (1.0, True), (1.01, False), (0.5, True)])
