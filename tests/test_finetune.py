@@ -213,6 +213,39 @@ def test_counted_is_how_many_targets_the_batch_counts():
     assert 0 < min(counts) < 6 * 24  # prompts masked, completions counted
 
 
+def test_counted_holds_for_exercises_of_many_lengths():
+    """With exercises all one window long, the mask repeated every window: a count shifted by a
+    token gave the same total."""
+    varied = [(f'def f_{i}(x):\n    """{"Word " * (i % 5)}"""\n', f"    return x{' + 1' * (i % 3)}\n")
+              for i in range(9)]
+    data = finetune.Exercises(varied, block_size=24, loss_on="completion", val_fraction=0.0, name="ex")
+    for step in range(6):
+        _, y = data.batch("train", 11, step, range(6))
+        assert data.counted(11, step, range(6)) == (y != -1).sum()
+
+
+def test_a_stream_exactly_one_window_long_gives_batches():
+    stream = sum(len(finetune.tokenizer.encode(p + c)) + 1 for p, c in exercises(2))  # each with its EOT
+    data = finetune.Exercises(exercises(2), block_size=stream, loss_on="completion", val_fraction=0.0, name="ex",
+                              validate=False)
+    x, y = data.batch("train", 0, 0, range(2))
+    assert x.shape == y.shape == (2, stream)
+
+
+def test_the_same_text_split_elsewhere_is_other_exercises(tmp_path, monkeypatch):
+    """A resume compares the exercises' content: moving the prompt/completion boundary changes
+    what the loss counts."""
+    from config import parse_settings
+    seen = []
+    monkeypatch.setattr(finetune.train, "train", lambda cfg, make_data, score: seen.append(cfg.exercises_content))
+    items = exercises(4)
+    moved = [(p + c[:4], c[4:]) for p, c in items]  # the body's indent now ends the prompt
+    for each in (items, moved):
+        path = write_exercises(tmp_path / "ex.jsonl", each)
+        finetune.finetune(parse_settings(finetune.DEFAULTS, argv=[f"--exercises={path}", "--eval_interval=0"]))
+    assert len(seen) == 2 and seen[0] != seen[1]
+
+
 def test_exercises_longer_than_the_context_are_named_with_what_is_counted(tmp_path, monkeypatch, capsys):
     from config import parse_settings
     long_one = ("def long(x):\n    \"\"\"" + "word " * 200 + "\"\"\"\n", "    return x\n")
