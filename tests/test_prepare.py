@@ -526,6 +526,11 @@ def test_a_file_named_in_inputs_is_read_and_max_file_bytes_itself_is_not_too_big
     meta = prepare.prepare(cfg, quiet=True)
     assert documents(tokens(tmp_path / "out" / "corpus", "train")) == ["z = 1\n", A]
     assert meta["skipped"] == {"too_big": 1}
+    docs = tmp_path / "docs.jsonl"  # documents of a JSONL file: the same limit
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in (A, A + "#")))
+    meta = prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(docs), val_fraction=0.0, name="docs",
+                                    max_file_bytes=len(A.encode())), quiet=True)
+    assert meta["train_documents"] == 1 and meta["skipped"] == {"too_big": 1}
 
 
 def test_the_seed_picks_another_val_set_of_about_val_fraction(tmp_path):
@@ -909,6 +914,12 @@ def test_a_run_refuses_inputs_it_would_delete_or_overwrite(tmp_path):
             prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(copy / "part-*.jsonl"), output=output,
                                      name="copy"), quiet=True)
     assert (copy / "part-00000.jsonl").is_file() and not (copy / "train.bin").exists()
+    (copy / "parts").mkdir()  # the run's own work folder, which it removes
+    shutil.copy(copy / "part-00000.jsonl", copy / "parts" / "mine.jsonl")
+    with pytest.raises(UserError, match="which this run would delete or overwrite"):
+        prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(copy / "parts" / "mine.jsonl"), name="copy"),
+                        quiet=True)
+    shutil.rmtree(copy / "parts")
     os.replace(copy / "part-00000.jsonl", copy / "notes.jsonl")  # not a name the run replaces
     meta = prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(copy / "notes.jsonl"), name="copy"),
                            quiet=True)
