@@ -44,8 +44,9 @@ F16, BF16 = torch.float16, torch.bfloat16
 # dtypes, causal and not, lengths 1 / odd / past several blocks, Tq < Tk
 # (KV-cache prefill chunk, single-token decode), Tq > Tk (with and without
 # rows that see no key), and the three layouts model.py can hand over. The
-# last case, Tk = Tq + 1, puts a key block's first visible query just below
-# a query-block boundary, where the dK/dV kernel's causal skip starts.
+# last two cases, Tk = Tq + 1, put a key block's first visible query just below
+# a query-block boundary, where the dK/dV kernel's causal skip starts, the second
+# with unmasked query blocks after it (a skip not rounded to a block counted rows twice).
 SMALL = [
     (1, 2, 1, 1, 32, True, F16, "bhtd"),
     (2, 2, 17, 17, 64, True, BF16, "qkv"),
@@ -57,6 +58,7 @@ SMALL = [
     (1, 2, 40, 17, 80, True, F16, "bhtd"),
     (1, 2, 50, 64, 32, True, F16, "bhtd"),
     (1, 1, 32, 33, 32, True, F16, "bhtd"),
+    (1, 1, 100, 101, 32, True, F16, "bhtd"),
 ]
 FULL = [
     (2, 4, 1, 1, 32, True, F16, "bhtd"),
