@@ -38,6 +38,15 @@ def test_complete_uses_the_completions_route():
                                                                           "max_tokens": 8})
 
 
+def test_params_given_as_none_are_left_out_of_the_body():
+    """None means the server's own default: it was sent as null ("seed": null)."""
+    bodies = []
+    with FakeLLM(answer=lambda body: bodies.append(body) or answer(body)) as server, client_for(server) as client:
+        client.chat(MESSAGES, max_tokens=5, seed=None)
+        client.complete("def f(x):", seed=None, temperature=None)
+    assert [sorted(body) for body in bodies] == [["max_tokens", "messages", "model"], ["model", "prompt"]]
+
+
 def test_endpoint_and_key_from_the_environment(monkeypatch):
     with FakeLLM(key="sekrit") as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.url)
@@ -169,6 +178,14 @@ def test_map_yields_failures():
     with FakeLLM() as server, client_for(server) as client:
         (key, result), = client.map([("a", MESSAGES)], max_tokens=0)
         assert key == "a" and isinstance(result, llm.Failure) and result.status == 400
+
+
+def test_an_items_own_params_win_over_those_of_map():
+    with FakeLLM() as server, client_for(server) as client:
+        results = dict(client.map([("own", MESSAGES, {"seed": 5}), ("map's", MESSAGES)], seed=1, max_tokens=5))
+    assert results["own"].text == answer({"model": "fake", "messages": MESSAGES, "seed": 5, "max_tokens": 5})
+    assert results["map's"].text == answer({"model": "fake", "messages": MESSAGES, "seed": 1, "max_tokens": 5})
+    assert results["own"].text != results["map's"].text  # the seed tells them apart
 
 
 @pytest.fixture

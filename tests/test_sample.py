@@ -749,6 +749,30 @@ def test_a_list_of_prompts_is_refused_at_the_first_that_cannot_fit(server, monke
     assert encoded == ["x", too_long]
 
 
+def test_a_prompt_of_exactly_the_context_is_refused_and_one_token_less_is_served(server):
+    """A prompt filling the context leaves no room for a completion: it got an empty "length" one."""
+    def chat(words):
+        return {"model": NAME, "max_tokens": 1, "messages": [{"role": "user", "content": " word" * words}]}
+    words = next(k for k in range(BLOCK) if len(tokenizer.encode(sample.chat_prompt(chat(k)["messages"]))) == BLOCK)
+    assert len(tokenizer.encode(" word" * BLOCK)) == BLOCK  # a token each: the check by bytes lets it through
+    for path, full, short, param in [("/v1/completions", {**GOOD, "prompt": " word" * BLOCK},
+                                      {**GOOD, "prompt": " word" * (BLOCK - 1)}, "prompt"),
+                                     ("/v1/chat/completions", chat(words), chat(words - 1), "messages")]:
+        status, payload = raw(server, "POST", path, full)
+        assert status == 400 and (payload["error"]["code"], payload["error"]["param"]) == (
+            "context_length_exceeded", param)
+        status, payload = raw(server, "POST", path, short)
+        assert status == 200 and payload["usage"]["prompt_tokens"] == BLOCK - 1
+
+
+def test_token_ids_must_lie_below_the_vocabulary_size(server):
+    """Id VOCAB_SIZE (a row of the padded embeddings, no token) was a 500 with a traceback."""
+    status, payload = raw(server, "POST", "/v1/completions", {**GOOD, "prompt": [tokenizer.VOCAB_SIZE]})
+    assert (status, payload["error"]["code"], payload["error"]["param"]) == (400, "invalid_value", "prompt")
+    status, payload = raw(server, "POST", "/v1/completions", {**GOOD, "prompt": [tokenizer.VOCAB_SIZE - 1]})
+    assert status == 200 and payload["usage"]["prompt_tokens"] == 1
+
+
 # ---------------------------------------------------------------- raw HTTP errors
 
 def test_head_gets_the_headers_of_get_and_the_connection_stays_usable(server):
@@ -846,6 +870,14 @@ def test_unsupported_fields_at_their_defaults_are_accepted(server):
             "tools": [], "logit_bias": {}, "presence_penalty": 0, "response_format": {"type": "text"}, "echo": False,
             "top_k": -1, "min_p": 0.0, "repetition_penalty": 1, "ignore_eos": False, "stop_token_ids": []}
     assert raw(server, "POST", "/v1/chat/completions", body)[0] == 200
+
+
+def test_logprobs_zero_is_refused_for_it_asks_for_the_sampled_tokens_logprobs(server):
+    """OpenAI's completions answer logprobs: 0 with each sampled token's logprob, which this server never sends."""
+    status, payload = raw(server, "POST", "/v1/completions", {**GOOD, "logprobs": 0})
+    assert status == 400 and (payload["error"]["code"], payload["error"]["param"]) == (
+        "unsupported_parameter", "logprobs")
+    assert raw(server, "POST", "/v1/completions", {**GOOD, "logprobs": None})[0] == 200
 
 
 def test_a_trailing_slash_names_the_same_route(server):
