@@ -660,6 +660,18 @@ def test_an_appender_write_that_fails_is_one_user_error_and_the_next_run_cuts_wh
     assert [json.loads(line)["i"] for line in path.read_text().splitlines()] == [0, 1, 2]
 
 
+def test_an_appender_whose_write_failed_has_closed_its_file(tmp_path, monkeypatch):
+    """Left open, the file kept its descriptor and its buffered line, for the garbage
+    collector to flush into the file later."""
+    opened = []
+    monkeypatch.setattr(prepare.Appender, "open", lambda self: opened.append(open("/dev/full", "wb")) or opened[-1])
+    writer = prepare.Appender(tmp_path / "r.jsonl")
+    with pytest.raises(UserError, match="No space left on device"):
+        writer.write({"a": 1})
+    assert opened[0].closed
+    writer.close()  # nothing left to fail
+
+
 def test_move_document_searches_only_its_window_and_starves_neither_side(tmp_path):
     a, b, c = encode("x = 1\n"), encode("y = [1, 2, 3]\n"), encode("z = 3\n")
     ids = np.array(a + [EOT] + b + [EOT] + c + [EOT], dtype=np.uint16)
