@@ -80,6 +80,8 @@ def read_exercises(path: Path, drop_failing: bool = False) -> tuple[list[tuple[s
     """(prompt, completion) of each well-formed line, the numbers of the malformed lines,
     the number of exercises left out because their examples failed (with drop_failing),
     and the number of those whose examples were never run (kept: nothing says they fail)."""
+    if path.is_fifo():  # its open would wait for a writer, for ever
+        raise UserError(f"cannot read --exercises={path}: it is a FIFO")
     try:
         lines = path.read_bytes().splitlines()
     except OSError as e:

@@ -583,6 +583,8 @@ def check_writable(*paths: Path) -> None:
     for path in paths:
         if path.is_dir():
             raise UserError(f"cannot write {path}: it is a directory")
+        if path.is_fifo():  # its open would wait for a reader, for ever
+            raise UserError(f"cannot write {path}: it is a FIFO")
         try:
             os.stat(path)
         except OSError as e:  # a symlink loop on the way, which exists() below takes for nothing there

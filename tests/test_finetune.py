@@ -404,13 +404,16 @@ def test_bad_input_gives_one_clear_line(tmp_path, base):
     ("--batch_size=0", "--batch_size must be positive"),  # train's checks, made before the exercises are read
     ("--out_dir=A_FILE", "is a file, not a folder"),
     ("--exercises=", "--exercises must name a JSONL file"),  # was "cannot read --exercises=.: Is a directory"
+    ("--exercises=A_FIFO", "cannot read --exercises=.*: it is a FIFO"),  # its open waited for a writer
 ])
 def test_settings_out_of_range_stop_before_anything_is_read(tmp_path, setting, message):
     from config import UserError, parse_settings
     (tmp_path / "a_file").write_text("")
+    os.mkfifo(tmp_path / "a_fifo")
     cfg = parse_settings(finetune.DEFAULTS, argv=[f"--exercises={tmp_path / 'never_read.jsonl'}",
                                                   f"--out_dir={tmp_path / 'out'}",
-                                                  *setting.replace("A_FILE", str(tmp_path / "a_file")).split()])
+                                                  *setting.replace("A_FILE", str(tmp_path / "a_file"))
+                                                  .replace("A_FIFO", str(tmp_path / "a_fifo")).split()])
     with pytest.raises(UserError, match=message):
         finetune.finetune(cfg)
 

@@ -307,10 +307,12 @@ def test_check_writable_tries_for_real_and_creates_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.jsonl"] and kept.read_text() == "as it was\n"
     (tmp_path / "loop1").symlink_to("loop2")
     (tmp_path / "loop2").symlink_to("loop1")
+    os.mkfifo(tmp_path / "fifo")
     for path, reason in [(tmp_path, "it is a directory"), (kept / "x" / "y.jsonl", "kept.jsonl is a file"),
                          (Path("/proc/phi1-out.jsonl"), "cannot write /proc/phi1-out.jsonl: "),  # even as root
                          (tmp_path / "loop1", "Too many levels of symbolic links"),
-                         (tmp_path / "loop1" / "f.npz", "Too many levels of symbolic links")]:
+                         (tmp_path / "loop1" / "f.npz", "Too many levels of symbolic links"),
+                         (tmp_path / "fifo", "it is a FIFO")]:  # its open would wait for a reader
         with pytest.raises(UserError, match=reason):
             prepare.check_writable(path)
 
