@@ -423,8 +423,8 @@ def build_model(cfg, out_dir: Path, master: bool):
             ckpt = load_checkpoint(ckpt_path)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"cannot resume: {e}") from None
-        ran, runs = (("finetune.py" if "exercises" in settings else "train.py")
-                     for settings in (ckpt.get("settings", {}), vars(cfg)))
+        ran = "finetune.py" if "exercises" in ckpt.get("settings", {}) else "train.py"  # its own setting
+        runs = "finetune.py" if hasattr(cfg, "exercises") else "train.py"
         if ran != runs:  # pretraining steps would replace a finetuned model, or the reverse
             raise UserError(f"{ckpt_path} holds a {ran} run: resume it with {ran}, or use another --out_dir")
         origin = ckpt.get("origin") or recorded_origin(ckpt)
