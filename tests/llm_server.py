@@ -237,6 +237,12 @@ if __name__ == "__main__":  # python tests/llm_server.py --port=8012 --model=tea
     parser.add_argument("--port", type=int, default=8012)
     parser.add_argument("--model", default="teacher")
     args = parser.parse_args()
-    server = FakeLLM(model=args.model, answer=toy_teacher, port=args.port)
+    try:
+        server = FakeLLM(model=args.model, answer=toy_teacher, port=args.port)
+    except OSError as e:
+        parser.exit(1, f"cannot listen on 127.0.0.1:{args.port}: {e.strerror or e} (choose another --port)\n")
     print(f"stand-in teacher at {server.url}", flush=True)
-    server.thread.join()
+    try:
+        server.thread.join()
+    except KeyboardInterrupt:  # Ctrl-C stops it, quietly
+        parser.exit(130)

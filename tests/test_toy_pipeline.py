@@ -162,3 +162,21 @@ def test_help_lists_the_settings_and_an_argument_is_refused_before_any_work(tmp_
                            text=True, timeout=60)
     assert wrong.returncode == 2 and "takes no arguments" in wrong.stderr
     assert "=== " not in shown.stdout + wrong.stdout and not (tmp_path / "toy").exists()
+
+
+def test_the_stand_in_teacher_says_a_busy_port_in_one_line_and_stops_quietly_on_ctrl_c():
+    """Run by hand as README shows, tests/llm_server.py is a user's command too."""
+    teacher = [sys.executable, str(ROOT / "tests" / "llm_server.py")]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        refused = subprocess.run([*teacher, f"--port={port}"], capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.strip() == f"cannot listen on 127.0.0.1:{port}: Address already in use (choose another --port)"
+    with subprocess.Popen([*teacher, f"--port={free_port()}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as server:
+        assert server.stdout.readline().startswith("stand-in teacher at http://127.0.0.1:")
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=30)
+    assert server.returncode == 130 and err == "", err
