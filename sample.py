@@ -30,7 +30,11 @@ values are refused with a 400 naming the field. stream=true answers in OpenAI's 
 events as the tokens come; text that may still turn out to begin a stop string
 (its last len(stop) - 1 characters) or an incomplete UTF-8 character waits for
 the next token, so the streamed pieces join into exactly the answer without stream.
-Errors look like OpenAI's: {"error": {"message", "type", "param", "code"}}.
+The stream begins with the first tokens: a request refused before them (a 503 from
+a server stopping) gets its HTTP status, as one without stream does.
+Errors look like OpenAI's: {"error": {"message", "type", "param", "code"}}. A POST
+body needs a Content-Length (else 411); one that does not come whole within the
+connection's timeout is a 408.
 
 Chat template: each message becomes one "role: content" line (roles system,
 developer, user, assistant; a list of content parts contributes its text parts,
@@ -321,6 +325,8 @@ def parse_sampling(body: dict, cfg, chat: bool) -> Sampling:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError("'stream_options' must be an object", param="stream_options")
+    if options and not flag(body, "stream"):
+        raise ApiError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
     temperature, top_p = sampling_mode(temperature, top_p)
     return Sampling(max_tokens, temperature, top_p, n, tuple(sorted({s for s in stops if s})), seed,
                     flag(body, "stream"), flag(options, "include_usage"))
@@ -616,6 +622,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so clients reuse their connections
     disable_nagle_algorithm = True  # headers and body go out at once, not after the client's delayed ACK
     server_version = "phi1-sample"
+    default_request_version = "HTTP/1.0"  # what a refused request line is answered in (HTTP/0.9 has no status line)
     timeout = 300  # seconds before an idle connection is dropped
     server: Server
 
@@ -623,11 +630,16 @@ class Handler(BaseHTTPRequestHandler):
               "/v1/chat/completions": ("POST", "chat"), "/health": ("GET", "health")}
 
     def dispatch(self) -> None:
-        """Answer one request, counted busy meanwhile so that Server.close waits for it."""
+        """Answer one request, counted busy meanwhile so that Server.close waits for it; not
+        while its body comes in: a client slow to send it, or that never does, holds up no
+        shutdown."""
+        raw = self.read_body()  # always, so the next request on this connection starts clean
+        if raw is None:
+            return
         with self.server.idle:
             self.server.busy += 1
         try:
-            self.answer()
+            self.answer(raw)
         finally:
             with self.server.idle:
                 self.server.busy -= 1
@@ -642,9 +654,8 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.send_json(code, ApiError(message or self.responses.get(code, ("error",))[0], code, "bad_request").body)
 
-    def answer(self) -> None:
+    def answer(self, raw: bytes) -> None:
         try:
-            raw = self.read_body()  # always, so the next request on this connection starts clean
             full_path = unquote(urlsplit(self.path).path)  # a model's name may end in "/" (a folder)
             path = full_path.rstrip("/")
             if path.startswith("/v1/models/"):
@@ -675,20 +686,39 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(500, ApiError(f"internal error ({type(e).__name__}: {e})", 500, "internal_error",
                                          type="server_error").body)
 
-    def read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise ApiError("chunked request bodies are not supported: send Content-Length", 411,
-                           "length_required")
+    def read_body(self) -> bytes | None:
+        """The request's body; None when there is none to answer (the refusal is sent here,
+        a client gone is logged) and the connection closes."""
+        length = 0
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or (
+                    self.command == "POST" and self.headers.get("Content-Length") is None):
+                raise ApiError("send the body with a Content-Length (chunked bodies are not supported)", 411,
+                               "length_required")
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY:
+                raise ApiError(f"bad Content-Length (at most {MAX_BODY} bytes)", 413 if length > 0 else 400,
+                               "bad_content_length")
+            raw = self.rfile.read(length) if length else b""
+        except ApiError as e:
             self.close_connection = True
-            raise ApiError(f"bad Content-Length (at most {MAX_BODY} bytes)", 413 if length > 0 else 400,
-                           "bad_content_length")
-        return self.rfile.read(length) if length else b""
+            self.send_json(e.status, e.body, e.headers)
+            return None
+        except TimeoutError:
+            self.close_connection = True
+            self.send_json(408, ApiError(f"the request body did not come within {self.timeout} s", 408,
+                                         "request_timeout").body)
+            return None
+        except OSError:  # reset
+            raw = b""
+        if len(raw) < length:
+            self.close_connection = True
+            self.log_message('"%s" dropped: the client hung up before its body was in', self.requestline)
+            return None
+        return raw
 
     def send_json(self, status: int, obj: dict, headers=()) -> None:
         data = json.dumps(obj).encode()
@@ -708,9 +738,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_events(self, events: Iterator[dict], rows: list[Row]) -> None:
         """Server-sent events as OpenAI streams them, each as soon as it is made, then
-        [DONE]; the connection closes after. A generation that fails after the first
-        event ends the stream with an error event, as OpenAI's do. A write that fails
-        (the client hung up) cancels the rows."""
+        [DONE]; the connection closes after. Nothing is sent before the first event (it
+        comes with the first tokens): a request refused until then (the server stopping,
+        a generation failing) gets its HTTP status, as one not streamed does, and clients
+        retry a 503. A generation that fails later ends the stream with an error event, as
+        OpenAI's do. A write that fails (the client hung up) cancels the rows."""
+        first = next(events)
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -718,7 +751,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             try:
-                for event in events:
+                for event in itertools.chain([first], events):
                     self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")
             except ApiError as e:
@@ -849,10 +882,10 @@ class Handler(BaseHTTPRequestHandler):
             return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
 
         def chunks():
-            if echo:
-                for i in range(len(rows)):
-                    yield {**head, "choices": [choice(i, prompts[i // s.n][1], None)]}
-            for i, text, reason in self.streamed_texts(rows, s.stop, False, self.hung_up):
+            for number, (i, text, reason) in enumerate(self.streamed_texts(rows, s.stop, False, self.hung_up)):
+                if echo and number == 0:  # the prompts, once generation has begun (send_events)
+                    for j in range(len(rows)):
+                        yield {**head, "choices": [choice(j, prompts[j // s.n][1], None)]}
                 yield {**head, "choices": [choice(i, text, reason)]}
             if s.include_usage:
                 yield {**head, "choices": [], "usage": usage(prompt_tokens, sum(r.streamed for r in rows))}
@@ -879,10 +912,11 @@ class Handler(BaseHTTPRequestHandler):
 
         def chunks():
             head["object"] = "chat.completion.chunk"
-            for i in range(len(rows)):
-                yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]}
-            for i, text, reason in self.streamed_texts(rows, stop, True, self.hung_up):
+            for number, (i, text, reason) in enumerate(self.streamed_texts(rows, stop, True, self.hung_up)):
+                if number == 0:  # the roles, once generation has begun (send_events)
+                    for j in range(len(rows)):
+                        yield {**head, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}]}
                 yield {**head, "choices": [{"index": i, "delta": {"content": text} if text else {},
                                             "logprobs": None, "finish_reason": reason}]}
             if s.include_usage:

@@ -7,10 +7,12 @@ import queue
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -381,12 +383,13 @@ def test_closing_the_server_waits_until_the_answers_are_sent(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     ask = dict(model=NAME, prompt="x", max_tokens=2)
     closer = threading.Thread(target=server.close)
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(3) as pool:
         try:
             running = pool.submit(raw, server, "POST", "/v1/completions", ask)
             assert started.wait(20)
             queued = pool.submit(raw, server, "POST", "/v1/completions", ask)
-            while server.engine.queue.qsize() == 0:
+            queued_stream = pool.submit(raw, server, "POST", "/v1/completions", {**ask, "stream": True})
+            while server.engine.queue.qsize() < 2:
                 time.sleep(0.01)
             server.shutdown()  # as Ctrl-C ends serve_forever
             closer.start()
@@ -403,6 +406,72 @@ def test_closing_the_server_waits_until_the_answers_are_sent(monkeypatch):
     status, body = running.result()
     assert status == 200 and body["choices"][0]["text"] == tokenizer.decode([1, 1])
     assert queued.result()[0] == 503
+    # as its HTTP status, not a 200 and an error event, which clients do not retry
+    assert queued_stream.result()[0] == 503
+
+
+def test_a_client_slow_to_send_its_body_holds_up_no_shutdown():
+    """It was counted busy while its body came in: Server.close waited for a body that
+    might never come (up to the connection's 300 s timeout, or for ever at a byte a minute)."""
+    cfg, _ = parse_args(sample.DEFAULTS, argv=["--port=0", "--quiet"])
+    server = sample.Server(cfg)
+    server.start(HeldModel(threading.Event(), threading.Event()), NAME)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.create_connection(server.server_address[:2]) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.3)  # the handler waits for the rest
+        server.shutdown()
+        closer = threading.Thread(target=server.close, daemon=True)
+        closer.start()
+        closer.join(10)
+        assert not closer.is_alive()
+
+
+def test_a_body_that_stalls_is_a_408_and_one_cut_short_is_dropped_quietly(server, monkeypatch):
+    """Both were 500s, internal errors, and a reset printed its traceback."""
+    monkeypatch.setattr(sample.Handler, "timeout", 0.5)
+    with socket.create_connection(server.server_address[:2]) as sock:  # connected after the patch
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        reply = sock.makefile("rb").read()
+    assert reply.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in reply
+    assert b"Connection: close" in reply
+    logged = queue.Queue()
+    monkeypatch.setattr(sample.Handler, "log_message", lambda self, fmt, *args: logged.put(fmt % args))
+    monkeypatch.setattr(traceback, "print_exc", lambda: logged.put("traceback"))
+    for reset in (False, True):
+        sock = socket.create_connection(server.server_address[:2])
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        if reset:  # closed with an RST, not a FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        assert "the client hung up before its body was in" in logged.get(timeout=10)
+    assert raw(server, "POST", "/v1/completions", GOOD)[0] == 200
+
+
+def test_a_post_without_content_length_and_a_bad_request_line_get_http_answers(server):
+    """Without a length the body was taken as empty (a 400 "Expecting value"), and left on a
+    keep-alive connection to be read as the next request line. A request line http.server
+    refuses was answered as HTTP/0.9: a body without a status line."""
+    for request, status in [(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n", b"411"),
+                            (b"HELLO\r\n\r\n", b"400"), (b"GET /v1/models HTTP/2.0\r\n\r\n", b"505")]:
+        with socket.create_connection(server.server_address[:2], timeout=20) as sock:  # kept open: a hang
+            sock.sendall(request)
+            reply = sock.makefile("rb").read()
+        assert reply.split(b"\r\n")[0].split()[:2] == [b"HTTP/1.1", status], reply
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+
+
+def test_a_stream_whose_generation_fails_before_its_first_token_gets_the_http_status(client, server,
+                                                                                     monkeypatch):
+    def fail(*args, on_token, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(server.engine.model, "generate", fail)
+    with pytest.raises(openai.InternalServerError, match="generation failed"):
+        list(client.completions.create(model=NAME, prompt="x", max_tokens=5, stream=True, echo=True))
+    with pytest.raises(openai.InternalServerError, match="generation failed"):
+        list(client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                            stream=True))
 
 
 class SteppingModel:
@@ -824,6 +893,7 @@ GOOD = {"model": NAME, "prompt": "x", "max_tokens": 1}
     ("POST", "/v1/completions", {**GOOD, "n": True}, 400, "invalid_value"),
     ("POST", "/v1/completions", {**GOOD, "stream": "yes"}, 400, "invalid_value"),
     ("POST", "/v1/completions", {**GOOD, "stream_options": "yes"}, 400, "invalid_value"),
+    ("POST", "/v1/completions", {**GOOD, "stream_options": {"include_usage": True}}, 400, "invalid_value"),
     ("POST", "/v1/completions", {**GOOD, "stop": [str(i) for i in range(sample.MAX_STOPS + 1)]}, 400,
      "invalid_value"),
     ("POST", "/v1/completions", {**GOOD, "prompt": [[-1]]}, 400, "invalid_value"),
