@@ -16,7 +16,8 @@ random offsets from one prepared dataset or a weighted mixture of several
 noise on (seed, step, micro-batch), so a run resumed from a checkpoint goes on
 exactly as if it had never stopped; resumed on another number of processes,
 too, but for the order of float sums (with dropout: with the same --batch_size).
-Checkpoints are written atomically; SIGTERM or Ctrl-C saves one and exits;
+Checkpoints are written atomically; SIGTERM, Ctrl-C or SIGHUP (the terminal or ssh
+session closed; not under nohup) saves one and exits;
 rerunning the same command resumes, whether the run started from scratch or
 from weights (`--init_from=microsoft/phi-1`).
 """
@@ -31,6 +32,7 @@ import math
 import os
 import re
 import signal
+import stat
 import sys
 import time
 from dataclasses import asdict, replace
@@ -95,7 +97,7 @@ SAMPLE_PROMPT = 'def is_prime(n):\n    """Return True if n is a prime number."""
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0,
                "A100": 312.0, "A800": 312.0}
 
-_stop_signal: int | None = None  # set by SIGTERM / SIGINT: save and exit (see train's loop)
+_stop_signal: int | None = None  # set by a stop signal: save and exit (see train's loop)
 _validating = False  # while process 0 validates (and scores): a signal stops that at once
 
 
@@ -348,11 +350,31 @@ def inference_copy(model: GPT, dtype: torch.dtype) -> GPT:
     return copy.deepcopy(model, memo)
 
 
+def stop_signals() -> list[int]:
+    """The signals that save and stop a run: SIGTERM, Ctrl-C, and SIGHUP (a closed terminal or
+    ssh session; torchrun passes it on) unless it is ignored, as under nohup."""
+    hangup = [] if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else [signal.SIGHUP]
+    return [signal.SIGTERM, signal.SIGINT, *hangup]
+
+
+def _is_terminal(stream) -> bool:
+    """Whether stream writes to a terminal, one that hung up too (no longer isatty())."""
+    try:
+        return stat.S_ISCHR(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError):  # no file behind it
+        return False
+
+
 def _on_signal(signum, frame):
     global _stop_signal
-    if _stop_signal is not None and signum == signal.SIGINT:
-        raise KeyboardInterrupt  # a second Ctrl-C stops at once
-    _stop_signal = signum
+    # a second Ctrl-C stops at once (torchrun passes a second Ctrl-C on as SIGTERM)
+    if _stop_signal == signal.SIGINT and signum in (signal.SIGINT, signal.SIGTERM):
+        raise KeyboardInterrupt
+    if signum == signal.SIGHUP:  # a terminal that hung up fails every write (EIO), and with it the save
+        for name in ("stdout", "stderr"):
+            if _is_terminal(getattr(sys, name)):
+                setattr(sys, name, open(os.devnull, "w"))
+    _stop_signal = _stop_signal or signum
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets it: one says so
         print(f"{signal.Signals(signum).name}: saving a checkpoint, then stopping (Ctrl-C again: stop now)",
               file=sys.stderr, flush=True)
@@ -526,10 +548,11 @@ def train(cfg, make_data=None, score=None) -> GPT:
     loss; the best model so far is kept in out_dir/best.pt (finetune.py passes
     HumanEval's pass@1).
 
-    SIGTERM and Ctrl-C save and stop while it runs; afterwards they do again what
-    they did before (a caller that goes on, and the processes it forks, keep theirs)."""
+    SIGTERM, Ctrl-C and SIGHUP (stop_signals) save and stop while it runs; afterwards
+    they do again what they did before (a caller that goes on, and the processes it
+    forks, keep theirs)."""
     global _stop_signal
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {s: signal.getsignal(s) for s in stop_signals()}
     _stop_signal = None
     try:
         with contextlib.ExitStack() as held:  # out_dir's lock, which _train takes, goes however it ends
@@ -704,8 +727,8 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                 best, best_by = value, name
                 save_checkpoint(out_dir / "best.pt", raw_model, step, cfg, best=best, best_by=best_by, origin=origin)
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    for s in stop_signals():
+        signal.signal(s, _on_signal)
     first_bad = torch.tensor(cfg.max_iters + 1, device=device)  # first step with a non-finite loss
     # Under DDP a signal may reach one process, or each at another step, a loss turn inf on
     # one, or a mistake (said_together) stop one, and all must stop at the same step. Every
@@ -904,7 +927,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
 
     stop_if_failed()  # in the last step's save (or its batch for the step after)
     # training is over: a signal from now on stops the final evaluation and sample at once
-    for s in (signal.SIGTERM, signal.SIGINT):
+    for s in stop_signals():
         signal.signal(s, signal.default_int_handler)
     if _stop_signal:  # came after the last step's check
         raise KeyboardInterrupt

@@ -1,12 +1,15 @@
 """train.py: schedule, optimizer groups, learning, exact resume, DDP, bad input."""
 
 import copy
+import fcntl
 import json
 import os
+import pty
 import re
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -234,6 +237,35 @@ def test_resume_after_a_kill_continues_exactly(resume_setup, sig):
     assert final["step"] == 40
     for name, tensor in straight["model"].items():
         assert torch.equal(final["model"][name], tensor), name
+
+
+def test_a_closed_terminal_saves_and_stops_the_run_but_not_under_nohup(resume_setup):
+    """SIGHUP (a terminal or ssh session closed; torchrun passes it on) killed the run
+    without a save. The terminal gone, every print to it fails (EIO), the save's too."""
+    tmp, args, straight = resume_setup
+    command = [sys.executable, "-u", str(ROOT / "train.py"), *args]
+    leader, follower = pty.openpty()
+    out = tmp / "hung-up"
+    proc = subprocess.Popen([*command, f"--out_dir={out}"], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=follower,
+                            stderr=follower, start_new_session=True,  # the pty: its controlling terminal
+                            preexec_fn=lambda: fcntl.ioctl(1, termios.TIOCSCTTY, 0))
+    os.close(follower)
+    seen = b""
+    while b"saved" not in seen:  # its first checkpoint
+        seen += os.read(leader, 4096)
+    os.close(leader)  # the terminal hangs up: the kernel sends SIGHUP
+    assert proc.wait(timeout=120) == 128 + signal.SIGHUP
+    assert 5 < torch.load(out / "ckpt.pt", weights_only=True)["step"] < 40  # saved at the signal, not at step 5
+
+    out = tmp / "nohup"
+    proc = subprocess.Popen([*command, f"--out_dir={out}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    for line in proc.stdout:
+        if line.startswith("saved"):
+            proc.send_signal(signal.SIGHUP)
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == 0 and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 40
 
 
 def test_stop_iters_ends_early_on_max_iters_schedule_and_goes_on_later(resume_setup):
@@ -909,6 +941,8 @@ def test_a_second_ctrl_c_stops_at_once(monkeypatch, capsys):
     assert train._stop_signal == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
         train._on_signal(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):  # torchrun passes a second Ctrl-C on as SIGTERM
+        train._on_signal(signal.SIGTERM, None)
 
 
 def test_gradient_clipping_bounds_the_update(tmp_path, pico):
