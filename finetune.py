@@ -217,6 +217,11 @@ def finetune(cfg):
     # (without validation no exercise is held out: a resume that turns it on or off trains on others)
     cfg.exercises_content = (f"{len(exercises):,} exercises, sha256 {content.hexdigest()[:16]}"
                              + ("" if cfg.eval_interval > 0 else ", none held out for validation"))
+    same_exercises = train.same_everywhere(cfg.exercises_content, world, device)
+    with train.together(world, device):
+        if not same_exercises:
+            raise UserError(f"processes read different exercises (process {rank}: {cfg.exercises_content}): "
+                            f"--exercises must hold the same file on every node")
     if master:
         print(f"{len(exercises):,} exercises from {path}")
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import hashlib
 import inspect
 import math
 import os
@@ -143,6 +144,17 @@ def together(world: int, device: torch.device):
                 report(error)
             dist.barrier()  # torchrun stops every process once one exits: not before the line is out
             raise SystemExit(2)
+
+
+def same_everywhere(value: str, world: int, device: torch.device) -> bool:
+    """Whether every process holds the same value (a collective: call it outside `together`).
+    Under DDP each node reads its own files, which must hold the same data."""
+    if world == 1:
+        return True
+    digest = int.from_bytes(hashlib.sha256(value.encode()).digest()[:7], "big")
+    extremes = torch.tensor([digest, -digest], device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MIN)
+    return int(extremes[0]) == -int(extremes[1])
 
 
 # ---------------------------------------------------------------- data
@@ -625,6 +637,11 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                 Mixture(cfg.data, config.block_size, config.vocab_size, prepare_default=False, splits=splits))
     if make_data is None:
         cfg.data_content = data.content  # recorded in the checkpoints' settings
+        same_data = same_everywhere(data.content, world, device)
+        with together(world, device):
+            if not same_data:
+                raise UserError(f"processes read different data (process {rank}: {data.content}): --data "
+                                f"must hold the same prepared files on every node")
     with together(world, device):
         if master:
             if not out_dir.exists():  # made here: removed again if the run ends with nothing in it (bad data)

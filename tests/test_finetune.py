@@ -17,6 +17,7 @@ import torch
 import finetune
 import tokenizer
 from model import GPT, PRESETS
+from test_train import BY_RANK
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -371,6 +372,19 @@ torch.save(model.state_dict(), os.path.join(cfg.out_dir, f"rank{{os.environ['RAN
                             timeout=300)
     ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
     assert result.returncode != 0 and ours == [f"error: no exercises in {empty}"], result.stderr[-3000:]  # was twice
+    # each node reads --exercises from its own disk: one whose copy differed trained on it without a word
+    write_exercises(tmp_path / "ex0.jsonl", exercises())
+    write_exercises(tmp_path / "ex1.jsonl", exercises(50))
+    (tmp_path / "by_rank.py").write_text(BY_RANK)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "by_rank.py", str(ROOT / "finetune.py"), f"--base={base}", "--exercises=exRANK.jsonl",
+                             "--max_iters=2", "--eval_interval=0", "--sample_tokens=0", f"--out_dir={tmp_path / 'out3'}"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
+    assert result.returncode != 0 and len(ours) == 1, result.stderr[-3000:]
+    assert re.fullmatch(r"error: processes read different exercises \(process 0: 60 exercises, sha256 \w+, none held out for "
+                        r"validation\): "
+                        r"--exercises must hold the same file on every node", ours[0])
 
 
 def test_bad_input_gives_one_clear_line(tmp_path, base):

@@ -390,6 +390,33 @@ def test_a_mistake_under_torchrun_is_one_line_from_one_process(tmp_path):
                     f"that torch.save wrote)"], result.stderr[-3000:]
 
 
+BY_RANK = """
+import os, runpy, sys
+script = sys.argv.pop(1)  # its arguments' RANK as this process's rank: nodes whose files differ
+sys.argv = [script] + [arg.replace("RANK", os.environ["RANK"]) for arg in sys.argv[1:]]
+sys.path.insert(0, os.path.dirname(script))
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_processes_that_read_different_data_are_refused_in_one_line(tmp_path):
+    """Each node reads --data from its own disk: one whose copy differed trained on it without a word."""
+    make_dataset(tmp_path / "ds0")
+    make_dataset(tmp_path / "ds1", n_tokens=30_000, seed=5)
+    (tmp_path / "by_rank.py").write_text(BY_RANK)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "by_rank.py",
+         str(ROOT / "train.py"), "--data=dsRANK", "--preset=nano", "--batch_size=2", "--max_iters=2",
+         "--eval_interval=0", "--sample_tokens=0", f"--out_dir={tmp_path / 'out'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
+    tokens = (tmp_path / "ds0" / "train.bin").stat().st_size // 2
+    assert result.returncode != 0 and ours == [
+        f"error: processes read different data (process 0: {tokens:,} train tokens in ds0): --data must hold the "
+        f"same prepared files on every node"], result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("fail, more, said", [
     ("batch 0", [], r"a bad batch at step 0 on process 1"),
     ("batch 3", [], r"a bad batch at step 3 on process 1"),  # in the loop: process 0 waits in an all-reduce
