@@ -468,6 +468,16 @@ run(train.main)
     assert "saved" not in result.stdout  # no checkpoint at or after a failure (one read as a signal's was)
 
 
+def test_mfu_divides_by_the_peak_of_the_card_by_its_full_name(monkeypatch):
+    """An H200 NVL (835 TFLOP/s) was taken for an SXM H200 (989): its MFU read low."""
+    for name, tflops in [("NVIDIA H200 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H100 PCIe", 756),
+                         ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA A100-SXM4-80GB", 312), ("Tesla T4", None)]:
+        monkeypatch.setattr(train.torch.cuda, "get_device_name", lambda device: name)
+        peak = train.peak_flops(settings(), torch.device("cuda"))
+        assert peak == (tflops and tflops * 1e12), name
+    assert train.peak_flops(settings(peak_tflops=100.0), torch.device("cuda")) == 100e12
+
+
 def test_gradient_accumulation_averages_micro_steps(tmp_path, capsys):
     # The same batch twice in 2 micro-steps is the same gradient and loss as once in 1.
     data = str(make_dataset(tmp_path / "ds"))
