@@ -632,7 +632,10 @@ def serve(sock):
     libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: the programs' orphans come here to be reaped
     libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL: die with the sandbox's spawning thread
     while True:
-        data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 2)
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 2)
+        except ConnectionResetError:  # the parent closed its end with a status unread (stopped mid-run)
+            data = b""
         if not data:  # the end: reap what the parent killed, then go
             try:
                 while os.waitpid(-1, 0):

@@ -434,6 +434,32 @@ def test_an_interrupt_ends_the_programs_and_leaves_nothing(tmp_path, stop):
     assert not processes_with(marker)
 
 
+def test_an_interrupt_while_a_status_is_unread_is_no_traceback_of_the_supervisor():
+    """The program's status came in, the interrupt closed the sandbox before it was read: the
+    supervisor's next read got a reset connection and printed its traceback."""
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import evaluate
+real, calls = evaluate._collect, []
+def collect(sinks, deadline, done):
+    calls.append(1)
+    if len(calls) == 1:
+        time.sleep(0.5)  # the status comes in meanwhile
+        raise KeyboardInterrupt
+    return real(sinks, deadline, done)
+evaluate._collect = collect
+try:
+    with evaluate.Sandbox(1, 3.0) as sandbox:
+        sandbox.run([("", "x = 1")])
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+time.sleep(0.5)  # for the supervisor to say what it would
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "interrupted\n", result.stderr
+
+
 @ROOT_ONLY
 def test_a_sandbox_that_fails_to_start_leaves_no_lock_files_or_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the folders go
