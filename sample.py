@@ -702,15 +702,14 @@ class Handler(BaseHTTPRequestHandler):
             if not 0 <= length <= MAX_BODY:
                 raise ApiError(f"bad Content-Length (at most {MAX_BODY} bytes)", 413 if length > 0 else 400,
                                "bad_content_length")
-            raw = self.rfile.read(length) if length else b""
+            try:
+                raw = self.rfile.read(length) if length else b""
+            except TimeoutError:
+                raise ApiError(f"the request body did not come within {self.timeout} s", 408,
+                               "request_timeout") from None
         except ApiError as e:
             self.close_connection = True
             self.send_json(e.status, e.body, e.headers)
-            return None
-        except TimeoutError:
-            self.close_connection = True
-            self.send_json(408, ApiError(f"the request body did not come within {self.timeout} s", 408,
-                                         "request_timeout").body)
             return None
         except OSError:  # reset
             raw = b""
