@@ -585,6 +585,9 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     master = rank == 0
     with together(world, device):
         check_settings(cfg)
+        if cfg.total_batch_size % (cfg.batch_size * world):
+            raise UserError(f"--total_batch_size={cfg.total_batch_size} is not a multiple of batch_size x processes "
+                            f"= {cfg.batch_size * world}")
         ptdtype = pick_dtype(cfg.dtype, device)
     cfg.dtype_used = str(ptdtype).removeprefix("torch.")  # recorded in the checkpoints' settings
     out_dir = Path(cfg.out_dir)
@@ -624,9 +627,6 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         if cfg.profile and start_step < end and end - start_step < cfg.log_interval + 5:
             raise UserError(f"--profile traces steps {cfg.log_interval + 3} to {cfg.log_interval + 5} of this "
                             f"run: it needs {cfg.log_interval + 5} steps to go, not {end - start_step}")
-        if total % (cfg.batch_size * world):
-            raise UserError(f"--total_batch_size={total} is not a multiple of batch_size x processes "
-                            f"= {cfg.batch_size * world}")
 
     splits = ("train", "val") if cfg.eval_interval > 0 else ("train",)
     with together(world, device):  # the default dataset is prepared once, by the first process

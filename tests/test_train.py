@@ -949,11 +949,16 @@ def test_data_specs_with_spaces_colons_or_a_dataset_twice_and_bins_cut_short(tmp
         train.Mixture(str(a), 16, 2048, prepare_default=False)
 
 
-def test_a_total_batch_that_is_not_a_multiple_is_refused(tmp_path, pico):
-    """--total_batch_size=6 of micro-batches of 4 cannot be met: silently training on 4 is wrong."""
+def test_a_total_batch_that_is_not_a_multiple_is_refused(tmp_path, pico, capsys):
+    """--total_batch_size=6 of micro-batches of 4 cannot be met: silently training on 4 is wrong.
+    Refused before the checkpoint is read (it printed "resuming ..." first)."""
     data = make_dataset(tmp_path / "ds")
+    train.train(settings(preset=pico, data=str(data), out_dir=str(tmp_path / "out"), max_iters=2))
+    capsys.readouterr()
     with pytest.raises(UserError, match="--total_batch_size=6 is not a multiple of batch_size x processes = 4"):
-        train.train(settings(preset=pico, data=str(data), out_dir=str(tmp_path / "out"), total_batch_size=6))
+        train.train(settings(preset=pico, data=str(data), out_dir=str(tmp_path / "out"), total_batch_size=6,
+                             max_iters=4))
+    assert "resuming" not in capsys.readouterr().out
 
 
 def test_weights_from_scratch_depend_on_the_seed(tmp_path, pico):
