@@ -48,11 +48,13 @@ embed      embeds --corpus (default: --labels) with --ckpt (our .pt, a Hugging F
            need no mask. Writes --embeddings, a float16 .npy (documents x width) in corpus
            order, and NAME.json beside it (format, ids, count, dim, the source and its
            fingerprint: corpus, model contents, settings, --dtype as resolved: another one
-           embeds anew). The work goes chunk by chunk
-           into NAME.npy.partial; a rerun continues at the first unfinished chunk, and the
-           .npy and .json appear only once all are done (one run at a time: a lock on
-           NAME.npy.lock, there while it runs). Under torchrun each process embeds every
-           world-th chunk on its own GPU.
+           embeds anew). The work goes chunk by chunk (of 1024 documents, whatever
+           --batch_size) into NAME.npy.partial; a rerun continues at the first unfinished
+           chunk (with any --batch_size: a lower one is the answer to running out of memory,
+           which is one line saying so), and the .npy and .json appear only once all are
+           done (one run at a time: a lock on NAME.npy.lock, there while it runs). Under
+           torchrun each process embeds every world-th chunk on its own GPU, and those done
+           first wait for the others for up to a week (SHARE_WAIT), not DDP's hour.
 train      fits the forest (RandomForest) on the annotated documents' embeddings, keeping
            --holdout of each class aside for accuracy, precision, recall, F1 and AUC (none,
            where that would leave a side with one class), printed with the out-of-bag
@@ -72,8 +74,12 @@ apply      streams --corpus through the embedding model (the forest's, unless --
            documents that hold that fraction of the shard's tokens (the threshold read from
            a 10,000-bin histogram that bins scores as they are compared: what is kept holds
            at least the fraction; ties at it are kept, with a note where they keep notably
-           more). Shard I of N holds lines I, I + N, I + 2N, ... of the corpus; under
-           torchrun each process is a shard of its own (N = --num_shards x processes). A
+           more). Shard I of N (--shard, --num_shards) holds lines I, I + N, I + 2N, ... of
+           the corpus, however many processes filter it: under torchrun they share its
+           chunks (of 1024 documents, every world-th chunk each, scored into one file: --out
+           on a file system they all see) and process 0 selects; so machines with any number
+           of GPUs each run their own --shard, and a shard run again with another number
+           of processes, or another --batch_size, is the same shard. A
            shard whose summary names its kept file is done: a rerun skips it, or with
            another --threshold or --top_fraction only selects again from its scores (a
            changed corpus file, by size or modification time, another forest, model,
@@ -81,7 +87,8 @@ apply      streams --corpus through the embedding model (the forest's, unless --
            lock on I-of-N.lock in --out, there while it runs). A --corpus holding files
            apply writes in --out is refused (each run would read the last one's output back
            in), and kept files of another --num_shards in --out are warned of: a glob of
-           kept-*.jsonl would take them too.
+           kept-*.jsonl would take them too (move them to a folder of their own). Running
+           out of memory is one line: lower --batch_size.
 decontaminate  --corpus (e.g. exercises) against HumanEval and MBPP (--bench): 13-gram
            overlap (lowercased words of the problem's prompt and solution), the L2 distance
            of unit-normalised embeddings (with --ckpt) and the AST match rate tau. Writes
@@ -121,6 +128,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import datetime
 import errno
 import hashlib
 import heapq
@@ -192,7 +200,8 @@ DEFAULTS = dict(
 )
 
 COMMANDS = ("annotate", "embed", "train", "apply", "decontaminate")
-CHUNK_BATCHES = 16  # batches per chunk: embed's unit of resuming, apply's unit of streaming
+CHUNK = 1024  # documents per chunk: embed's unit of resuming, apply's of streaming; shared out among processes
+SHARE_WAIT = datetime.timedelta(days=7)  # how long a process done with its chunks waits for the others
 TAUS = (0.95, 0.9, 0.85, 0.8)  # the paper's Table 3
 NGRAM = 13
 EMBEDDINGS_FORMAT = "phi1-embeddings"
@@ -338,6 +347,11 @@ def reserve_space(path: Path) -> None:
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
+
+
+def partial_path(path: Path) -> Path:
+    """Where path is written until it is whole (renamed to path then)."""
+    return path.with_name(path.name + ".partial")
 
 
 def make_folder(path: Path) -> None:
@@ -663,6 +677,35 @@ def start_processes(cfg):
         raise UserError(f"--device={cfg.device}: {e}") from None
 
 
+def first_process() -> bool:
+    """Whether this is process 0 of torchrun's, or the only one: before the processes meet each
+    runs the same checks, and one says what they find."""
+    return int(os.environ.get("RANK") or 0) == 0
+
+
+@contextlib.contextmanager
+def each_its_share(world: int, device):
+    """Wraps the work each process does its own share of (holding no collective inside), which
+    may take one far longer than another (embed's chunks that an interrupted run left): at the
+    end the processes wait for each other on a gloo group of their own, for SHARE_WAIT, not the
+    process group's hour (train.DDP_TIMEOUT), which would end a wait longer than that in a
+    traceback. Then, as train.together, a UserError on any stops every process, said once."""
+    import torch.distributed as dist
+
+    from train import together
+    group = dist.new_group(backend="gloo", timeout=SHARE_WAIT) if world > 1 else None
+    with together(world, device):
+        error = None
+        try:
+            yield
+        except UserError as e:
+            error = e
+        if group is not None:
+            dist.barrier(group=group)
+        if error is not None:
+            raise error
+
+
 def load_embedder(cfg, ckpt: str, device):
     """The embedding model, in eval mode on device."""
     from model import load_model, pick_dtype
@@ -689,25 +732,32 @@ def embed_texts(model, texts: list[str], doc_tokens: int, batch_size: int) -> tu
     device = next(model.parameters()).device
     out = np.empty((len(texts), model.config.n_embd), np.float32)
     order = np.argsort([-len(s) for s in seqs], kind="stable")  # similar lengths together: little padding
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            lengths = torch.tensor([len(seqs[i]) for i in rows])
-            idx = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
-            for r, i in enumerate(rows):
-                idx[r, :len(seqs[i])] = torch.tensor(seqs[i])
-            positions = torch.arange(idx.shape[1])
-            hidden = model.hidden_states(idx.to(device), positions.to(device)).float()
-            mask = (positions[None] < lengths[:, None]).to(device)
-            pooled = (hidden * mask[..., None]).sum(1) / lengths[:, None].to(device)
-            out[rows] = pooled.cpu().numpy()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                lengths = torch.tensor([len(seqs[i]) for i in rows])
+                idx = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+                for r, i in enumerate(rows):
+                    idx[r, :len(seqs[i])] = torch.tensor(seqs[i])
+                positions = torch.arange(idx.shape[1])
+                hidden = model.hidden_states(idx.to(device), positions.to(device)).float()
+                mask = (positions[None] < lengths[:, None]).to(device)
+                pooled = (hidden * mask[..., None]).sum(1) / lengths[:, None].to(device)
+                out[rows] = pooled.cpu().numpy()
+    except (RuntimeError, MemoryError) as e:
+        from train import out_of_memory
+        if not out_of_memory(e):
+            raise
+        raise UserError(f"out of memory: lower --batch_size (now {batch_size}) "
+                        f"({str(e).strip().splitlines()[0][:300]})") from None
     return out, np.array([len(ids) for ids in encoded], dtype=np.int64)
 
 
 def embedding_paths(out: Path) -> tuple[Path, Path, Path, Path, Path]:
     """The description beside the .npy, the unfinished array with its description and chunk
     flags, and the lock of the run writing them."""
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_path(out)
     return (out.with_suffix(".json"), partial, partial.with_name(partial.name + ".json"),
             partial.with_name(partial.name + ".done"), out.with_name(out.name + ".lock"))
 
@@ -719,58 +769,60 @@ def embedded(out: Path, sidecar: Path, fp: str) -> bool:
 
 def embed(cfg) -> Path:
     """Embed the documents of cfg.corpus (default cfg.labels) into cfg.embeddings."""
-    import torch.distributed as dist
-    files = corpus_files(cfg.corpus or cfg.labels)
-    out = Path(cfg.embeddings)
-    if out.suffix != ".npy":
-        raise UserError(f"--embeddings must name a .npy file, not {out}")
-    if not cfg.ckpt:
-        raise UserError("--ckpt is needed: the embedding model (our .pt, a Hugging Face phi folder or hub id)")
-    if cfg.doc_tokens < 1 or cfg.batch_size < 1:
-        raise UserError("--doc_tokens and --batch_size must be at least 1")
-    check_writable(out)
-    sidecar, partial, partial_meta, flags_path, lock = embedding_paths(out)
-    corpus_option = "--corpus" if cfg.corpus else "--labels"
-    check_apart({"--embeddings": out}, {corpus_option: files, "--ckpt": [Path(cfg.ckpt)]})
-    for beside in (sidecar, partial, partial_meta, flags_path, lock):  # written (or removed) beside the array
-        for path in files:
-            if same_file(beside, path):
-                raise UserError(f"--embeddings={out} keeps {beside} beside it, the file {corpus_option} names: "
-                                f"writing that would overwrite it; give --embeddings another name")
-    skipped, indices, ids, seen = Counter(), [], [], set()
-    for index, doc_id, _, _ in documents(files, skipped):
-        if doc_id in seen:  # e.g. an annotation retried: the same document again
-            skipped["repeated id"] += 1
-            continue
-        seen.add(doc_id)
-        indices.append(index)
-        ids.append(doc_id)
-    warn_skipped(skipped, files)
-    if not ids:
-        raise UserError(f"no documents in {', '.join(map(str, files))}")
-    # a local model by its full path: the forest trained on these names it, for apply run from anywhere
-    ckpt = str(Path(cfg.ckpt).resolve()) if Path(cfg.ckpt).exists() else cfg.ckpt
-    from model import pick_device
-    with alike_on_every_process():  # a bad --device or --dtype, said once under torchrun
-        dtype = embedding_dtype(cfg, pick_device(cfg.device))
-    source = dict(corpus=files_identity(files), ckpt=ckpt, doc_tokens=cfg.doc_tokens, dtype=dtype)
-    model_identity = content_identity(ckpt)
-    fp = fingerprint(EMBEDDINGS_FORMAT, source, model_identity, ids)
+    with alike_on_every_process():  # the command line's mistakes, said once under torchrun
+        files = corpus_files(cfg.corpus or cfg.labels)
+        out = Path(cfg.embeddings)
+        if out.suffix != ".npy":
+            raise UserError(f"--embeddings must name a .npy file, not {out}")
+        if not cfg.ckpt:
+            raise UserError("--ckpt is needed: the embedding model (our .pt, a Hugging Face phi folder or hub id)")
+        if cfg.doc_tokens < 1 or cfg.batch_size < 1:
+            raise UserError("--doc_tokens and --batch_size must be at least 1")
+        check_writable(out)
+        sidecar, partial, partial_meta, flags_path, lock = embedding_paths(out)
+        corpus_option = "--corpus" if cfg.corpus else "--labels"
+        check_apart({"--embeddings": out}, {corpus_option: files, "--ckpt": [Path(cfg.ckpt)]})
+        for beside in (sidecar, partial, partial_meta, flags_path, lock):  # written (or removed) beside the array
+            for path in files:
+                if same_file(beside, path):
+                    raise UserError(f"--embeddings={out} keeps {beside} beside it, the file {corpus_option} names: "
+                                    f"writing that would overwrite it; give --embeddings another name")
+        skipped, indices, ids, seen = Counter(), [], [], set()
+        for index, doc_id, _, _ in documents(files, skipped):
+            if doc_id in seen:  # e.g. an annotation retried: the same document again
+                skipped["repeated id"] += 1
+                continue
+            seen.add(doc_id)
+            indices.append(index)
+            ids.append(doc_id)
+        if first_process():
+            warn_skipped(skipped, files)
+        if not ids:
+            raise UserError(f"no documents in {', '.join(map(str, files))}")
+        # a local model by its full path: the forest trained on these names it, for apply run from anywhere
+        ckpt = str(Path(cfg.ckpt).resolve()) if Path(cfg.ckpt).exists() else cfg.ckpt
+        from model import pick_device
+        dtype = embedding_dtype(cfg, pick_device(cfg.device))  # (a bad --device or --dtype)
+        source = dict(corpus=files_identity(files), ckpt=ckpt, doc_tokens=cfg.doc_tokens, dtype=dtype)
+        model_identity = content_identity(ckpt)
+        fp = fingerprint(EMBEDDINGS_FORMAT, source, model_identity, ids)
     if embedded(out, sidecar, fp):
-        print(f"{out} already holds these embeddings")
+        if first_process():
+            print(f"{out} already holds these embeddings")
         return out
 
     rank, world, device = start_processes(cfg)
     from train import together
     with together(world, device):  # a mistake stops every process, and is said once
         model = load_embedder(cfg, cfg.ckpt, device)
-    n, dim, chunk = len(ids), model.config.n_embd, cfg.batch_size * CHUNK_BATCHES
-    n_chunks = -(-n // chunk)
-    state = dict(format=EMBEDDINGS_FORMAT, fingerprint=fp, count=n, dim=dim, chunk=chunk)
-    make_folder(out)
+    # chunks of CHUNK documents whatever --batch_size: a rerun with a lower one (out of memory) goes on
+    n, dim = len(ids), model.config.n_embd
+    n_chunks = -(-n // CHUNK)
+    state = dict(format=EMBEDDINGS_FORMAT, fingerprint=fp, count=n, dim=dim, chunk=CHUNK)
     with contextlib.ExitStack() as held:  # rank 0's lock, held to the end
         with together(world, device):  # (and a barrier: the array is there for all)
             if rank == 0:
+                make_folder(out)
                 # one run at a time: two would write one array, and one would reset the chunks the other did
                 held.enter_context(run_lock(lock, f"another run is embedding into {out}: wait for it, stop it, "
                                                   f"or use another --embeddings", remove=True))
@@ -800,23 +852,22 @@ def embed(cfg) -> Path:
         mine = [c for c in range(rank, n_chunks, world) if not flags[c]]
         if rank == 0 and flags.any() and mine:
             print(f"resuming: {int(flags.sum())} of {n_chunks} chunks done before")
-        wanted = {indices[p]: p for c in mine for p in range(c * chunk, min(n, (c + 1) * chunk))}
-        texts = []
-        with tqdm(total=len(wanted), desc=f"embedding{f' (rank {rank})' if world > 1 else ''}",
-                  disable=not wanted) as bar:
-            for index, _, text, _ in documents(files, Counter(), wanted=wanted):
-                texts.append(text)
-                p = wanted[index]
-                c = p // chunk
-                if p == min(n, (c + 1) * chunk) - 1:  # the chunk's last document
-                    array[c * chunk:p + 1] = embed_texts(model, texts, cfg.doc_tokens, cfg.batch_size)[0]
-                    array.flush()
-                    flags[c] = 1
-                    flags.flush()
-                    bar.update(len(texts))
-                    texts = []
-        if world > 1:
-            dist.barrier()
+        wanted = {indices[p]: p for c in mine for p in range(c * CHUNK, min(n, (c + 1) * CHUNK))}
+        with each_its_share(world, device):
+            texts = []
+            with tqdm(total=len(wanted), desc=f"embedding{f' (rank {rank})' if world > 1 else ''}",
+                      disable=not wanted) as bar:
+                for index, _, text, _ in documents(files, Counter(), wanted=wanted):
+                    texts.append(text)
+                    p = wanted[index]
+                    c = p // CHUNK
+                    if p == min(n, (c + 1) * CHUNK) - 1:  # the chunk's last document
+                        array[c * CHUNK:p + 1] = embed_texts(model, texts, cfg.doc_tokens, cfg.batch_size)[0]
+                        array.flush()
+                        flags[c] = 1
+                        flags.flush()
+                        bar.update(len(texts))
+                        texts = []
         if rank == 0:
             if not flags.all():
                 raise UserError(f"{partial}: {int((flags == 0).sum())} chunks were not embedded "
@@ -1457,38 +1508,35 @@ def top_threshold(scores: np.ndarray, fraction: float, bins: int = 10_000) -> fl
 
 
 def score_shard(cfg, files, shard: int, shards: int, forest: RandomForest, model, doc_tokens: int, path: Path,
-                scoring: str) -> None:
-    """Embed and score every document of the shard, a chunk at a time, into path (SCORES
-    records); then write scores_description(path), saying that path holds the scores of
-    fingerprint scoring, whole: until then a rerun scores the shard again."""
-    column, chunk, skipped = positive_column(forest), cfg.batch_size * CHUNK_BATCHES, Counter()
-    partial = path.with_name(path.name + ".partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
+                rank: int, world: int) -> tuple[int, Counter]:
+    """Embed and score this process's chunks of the shard (of CHUNK documents, every world-th
+    from the rank-th) into their places in path's .partial, which process 0 made (SCORES
+    records); returns the documents of the whole shard, and its lines without one, by why."""
+    column, documents_seen, skipped = positive_column(forest), 0, Counter()
     try:
-        with open(partial, "wb") as f, tqdm(desc=f"scoring {path.name}", unit=" docs") as bar:
-            for texts in batched((text for _, _, text, _ in documents(files, skipped, shard, shards)), chunk):
+        with open(partial_path(path), "r+b") as f, \
+                tqdm(desc=f"scoring {path.name}{f' (rank {rank})' if world > 1 else ''}", unit=" docs") as bar:
+            for c, texts in enumerate(batched((text for _, _, text, _ in documents(files, skipped, shard, shards)),
+                                              CHUNK)):
+                documents_seen += len(texts)
+                if c % world != rank:
+                    continue
                 X, tokens = embed_texts(model, texts, doc_tokens, cfg.batch_size)
                 X = X.astype(np.float16)  # rounded as embed stores them
                 broken = int((~np.isfinite(X)).any(1).sum())
                 if broken:  # the forest cannot score them: a model that overflows, or NaN weights' garbage
-                    raise UserError(f"shard {shard} of {shards}: {broken} of its documents {bar.n} to "
-                                    f"{bar.n + len(texts) - 1} embed to NaN or infinite values (--dtype={cfg.dtype}): "
+                    raise UserError(f"shard {shard} of {shards}: {broken} of its documents {c * CHUNK} to "
+                                    f"{documents_seen - 1} embed to NaN or infinite values (--dtype={cfg.dtype}): "
                                     f"try --dtype=float32")
                 records = np.zeros(len(texts), SCORES)
                 records["score"] = forest.predict_proba(X)[:, column]
                 records["tokens"] = np.minimum(tokens, np.iinfo(np.uint32).max)
+                f.seek(c * CHUNK * SCORES.itemsize)
                 f.write(records.tobytes())
                 bar.update(len(texts))
     except OSError as e:  # a full disk (what is written stays, as an interrupted run leaves it)
         raise cannot_write(path, e) from None
-    warn_skipped(skipped, files)
-    # lines, none of them a document: a wrong corpus, unless other shards hold documents (this
-    # one's lines were blank), or this shard is past a small corpus's end (no lines at all)
-    if not bar.n and skipped and next(documents(files, Counter()), None) is None:
-        partial.unlink()
-        raise UserError(f"no documents in {', '.join(map(str, files))}")
-    os.replace(partial, path)
-    write_atomic(scores_description(path), json.dumps(dict(scoring=scoring, documents=bar.n)).encode())
+    return documents_seen, skipped
 
 
 def scores_description(path: Path) -> Path:
@@ -1505,49 +1553,63 @@ def scores_done(path: Path, scoring: str) -> bool:
         return False
 
 
-def apply(cfg) -> dict:
-    """Score this shard of cfg.corpus and write its kept documents and summary (see the module doc)."""
-    files = corpus_files(cfg.corpus)
-    if cfg.num_shards < 1 or not 0 <= cfg.shard < cfg.num_shards:
-        raise UserError(f"--num_shards must be at least 1 and --shard in [0, --num_shards), not {cfg.shard} "
-                        f"of {cfg.num_shards}")
-    if not 0 <= cfg.threshold <= 1 or not 0 <= cfg.top_fraction <= 1:
-        raise UserError("--threshold and --top_fraction must be in [0, 1]")
-    if cfg.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
-    try:
-        forest = RandomForest.load(cfg.forest)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(str(e)) from None
-    positive_column(forest)
-    source = forest.info.get("embedding", {})
-    ckpt, doc_tokens = cfg.ckpt or source.get("ckpt"), source.get("doc_tokens", cfg.doc_tokens)
-    if cfg.doc_tokens not in (doc_tokens, DEFAULTS["doc_tokens"]):
-        print(f"note: --doc_tokens={cfg.doc_tokens} is not used: the forest learned from embeddings of the "
-              f"first {doc_tokens} tokens, so apply embeds those", file=sys.stderr)
-    if not ckpt:
-        raise UserError("--ckpt is needed: the forest does not say which model made its embeddings")
-    rank, world, device = start_processes(cfg)  # every process joins, before any may find its shard done
-    shard, shards = cfg.shard * world + rank, cfg.num_shards * world
-    out = Path(cfg.out or "out/filtered")
-    name = f"{shard:05d}-of-{shards:05d}"
-    kept_path, scores_path, summary_path = (out / f"{kind}-{name}{ext}" for kind, ext in
-                                            (("kept", ".jsonl"), ("scores", ".bin"), ("summary", ".json")))
-    # another shard's output read as corpus: each run would filter the last one's kept documents again
-    # (said before check_apart would name the file, not the folder that --out names)
-    ours = [p for p in files if APPLY_OUTPUT.fullmatch(p.name) and same_file(p.parent, out)]
-    if ours:
-        raise UserError(f"--corpus takes {ours[0]}, which apply writes in --out={out}: each run would read the "
-                        f"last one's output as corpus; give --out a folder outside the corpus")
-    for path in (kept_path, scores_path, scores_description(scores_path), summary_path):
-        check_apart({"--out": path}, {"--corpus": files, "--forest": [Path(cfg.forest)]})
-    check_writable(kept_path)
+def shard_done(summary: dict, scoring: str, selection: dict, kept_path: Path) -> bool:
+    """Whether the shard's summary says it is done as asked: of these scores, with this
+    selection, and naming the kept file it goes with (one replaced by a run killed before its
+    summary is not done)."""
+    return (summary.get("scoring") == scoring and summary.get("selection") == selection and kept_path.is_file()
+            and summary.get("kept") == files_identity([kept_path]))
+
+
+def apply(cfg) -> dict | None:
+    """Score shard cfg.shard of cfg.corpus and write its kept documents and summary (see the module
+    doc); returns the summary on process 0, while the others of torchrun's only help score."""
+    from model import pick_device
+    from train import together
+    with alike_on_every_process():  # the command line's mistakes, said once under torchrun
+        files = corpus_files(cfg.corpus)
+        if cfg.num_shards < 1 or not 0 <= cfg.shard < cfg.num_shards:
+            raise UserError(f"--num_shards must be at least 1 and --shard in [0, --num_shards), not {cfg.shard} "
+                            f"of {cfg.num_shards}")
+        if not 0 <= cfg.threshold <= 1 or not 0 <= cfg.top_fraction <= 1:
+            raise UserError("--threshold and --top_fraction must be in [0, 1]")
+        if cfg.batch_size < 1:
+            raise UserError("--batch_size must be at least 1")
+        try:
+            forest = RandomForest.load(cfg.forest)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(str(e)) from None
+        positive_column(forest)
+        source = forest.info.get("embedding", {})
+        ckpt, doc_tokens = cfg.ckpt or source.get("ckpt"), source.get("doc_tokens", cfg.doc_tokens)
+        if cfg.doc_tokens not in (doc_tokens, DEFAULTS["doc_tokens"]) and first_process():
+            print(f"note: --doc_tokens={cfg.doc_tokens} is not used: the forest learned from embeddings of the "
+                  f"first {doc_tokens} tokens, so apply embeds those", file=sys.stderr)
+        if not ckpt:
+            raise UserError("--ckpt is needed: the forest does not say which model made its embeddings")
+        # the shard is the same lines however many processes share its work
+        shard, shards = cfg.shard, cfg.num_shards
+        out = Path(cfg.out or "out/filtered")
+        name = f"{shard:05d}-of-{shards:05d}"
+        kept_path, scores_path, summary_path = (out / f"{kind}-{name}{ext}" for kind, ext in
+                                                (("kept", ".jsonl"), ("scores", ".bin"), ("summary", ".json")))
+        # another shard's output read as corpus: each run would filter the last one's kept documents again
+        # (said before check_apart would name the file, not the folder that --out names)
+        ours = [p for p in files if APPLY_OUTPUT.fullmatch(p.name) and same_file(p.parent, out)]
+        if ours:
+            raise UserError(f"--corpus takes {ours[0]}, which apply writes in --out={out}: each run would read the "
+                            f"last one's output as corpus; give --out a folder outside the corpus")
+        for path in (kept_path, scores_path, scores_description(scores_path), summary_path):
+            check_apart({"--out": path}, {"--corpus": files, "--forest": [Path(cfg.forest)]})
+        check_writable(kept_path)
+        dtype = embedding_dtype(cfg, pick_device(cfg.device))  # (a bad --device or --dtype)
+    rank, world, device = start_processes(cfg)  # every process joins, before any may find the shard done
     stale = sorted(p.name for p in out.glob("kept-*-of-*.jsonl") if not p.name.endswith(f"-of-{shards:05d}.jsonl"))
     if stale and rank == 0:
         print(f"warning: {out} holds kept files of another --num_shards ({', '.join(stale[:3])}"
               f"{f' and {len(stale) - 3} more' if len(stale) > 3 else ''}): a glob of its kept-*.jsonl, as "
-              f"prepare.py --inputs takes, would take them too; remove them", file=sys.stderr)
-    dtype = embedding_dtype(cfg, device)
+              f"prepare.py --inputs takes, would take them too, and their documents twice; keep each "
+              f"--num_shards in an --out of its own (move those files to another folder)", file=sys.stderr)
     if source.get("dtype") not in (None, dtype) and rank == 0:  # (forests of before embed kept no dtype)
         print(f"note: the forest learned from embeddings made in {source['dtype']}, and these are made in {dtype}: "
               f"--dtype={source['dtype']} makes them alike", file=sys.stderr)
@@ -1560,32 +1622,57 @@ def apply(cfg) -> dict:
     scoring = fingerprint(files_identity(files), content_identity(cfg.forest), identity, doc_tokens, dtype, shard,
                           shards)
     selection = dict(threshold=cfg.threshold, top_fraction=cfg.top_fraction)
-    make_folder(kept_path)
-    # one run at a time on a shard: two would score it into one file at once
-    with run_lock(out / f"{name}.lock", f"another run is filtering shard {name} in {out}: wait for it, stop it, "
-                                        f"or use another --out", remove=True):
+    with contextlib.ExitStack() as held:  # process 0's lock on the shard, held to the end
+        with together(world, device):  # (and a barrier: every process sees what process 0 left)
+            if rank == 0:
+                make_folder(kept_path)
+                # one run at a time on a shard: two would score it into one file at once
+                held.enter_context(run_lock(out / f"{name}.lock", f"another run is filtering shard {name} in "
+                                                                  f"{out}: wait for it, stop it, or use another --out",
+                                            remove=True))
+                if (not shard_done(json_object(summary_path), scoring, selection, kept_path)
+                        and not scores_done(scores_path, scoring)):
+                    for described in (summary_path, scores_description(scores_path)):  # of the scores replaced
+                        described.unlink(missing_ok=True)
+                    try:  # the processes write their chunks' scores into it
+                        partial_path(scores_path).write_bytes(b"")
+                    except OSError as e:
+                        raise cannot_write(scores_path, e) from None
         previous = json_object(summary_path)
-        # the summary names the kept file it goes with: one replaced by a run killed before its summary is not done
-        if (previous.get("scoring") == scoring and previous.get("selection") == selection and kept_path.is_file()
-                and previous.get("kept") == files_identity([kept_path])):
-            print(f"shard {name} is done: {summary_path}")
+        if shard_done(previous, scoring, selection, kept_path):
+            if rank == 0:
+                print(f"shard {name} is done: {summary_path}")
             return previous
         started = time.time()
         # scores described as whole are used again, whatever a run killed after them left undone
         if not scores_done(scores_path, scoring):
-            for described in (summary_path, scores_description(scores_path)):  # of the scores to be replaced
-                described.unlink(missing_ok=True)
-            model = load_embedder(cfg, ckpt, device)
-            if model.config.n_embd != forest.n_features_:
-                raise UserError(f"{ckpt} embeds in {model.config.n_embd} dimensions, "
-                                f"the forest takes {forest.n_features_}")
-            score_shard(cfg, files, shard, shards, forest, model, doc_tokens, scores_path, scoring)
+            with together(world, device):
+                model = load_embedder(cfg, ckpt, device)
+                if model.config.n_embd != forest.n_features_:
+                    raise UserError(f"{ckpt} embeds in {model.config.n_embd} dimensions, "
+                                    f"the forest takes {forest.n_features_}")
+            with each_its_share(world, device):
+                documents_seen, skipped = score_shard(cfg, files, shard, shards, forest, model, doc_tokens,
+                                                      scores_path, rank, world)
+            if rank == 0:
+                warn_skipped(skipped, files)
+                # lines, none of them a document: a wrong corpus, unless other shards hold documents (this
+                # one's lines were blank), or this shard is past a small corpus's end (no lines at all)
+                if not documents_seen and skipped and next(documents(files, Counter()), None) is None:
+                    partial_path(scores_path).unlink()
+                    raise UserError(f"no documents in {', '.join(map(str, files))}")
+                os.replace(partial_path(scores_path), scores_path)
+                # saying the file holds the scores of fingerprint scoring, whole: until then a rerun scores again
+                write_atomic(scores_description(scores_path),
+                             json.dumps(dict(scoring=scoring, documents=documents_seen)).encode())
+        if rank != 0:  # the others only helped score
+            return None
         scores = np.memmap(scores_path, dtype=SCORES, mode="r") if scores_path.stat().st_size else np.zeros(0, SCORES)
         threshold = top_threshold(scores, cfg.top_fraction) if cfg.top_fraction else cfg.threshold
 
         # the scores' description keeps them usable: a selection killed at any point selects
         # again from them, and never re-embeds the shard
-        partial = kept_path.with_name(kept_path.name + ".partial")
+        partial = partial_path(kept_path)
         kept = kept_tokens = seen = 0
         lowest, tied, tied_tokens = math.inf, 0, 0  # the lowest score kept, and the documents and tokens at it
         try:
@@ -1951,7 +2038,7 @@ def decontaminate(cfg) -> dict:
             if tau > best[p][0]:
                 best[p] = (tau, doc_id)
 
-    progress = report_path.with_name(report_path.name + ".partial")
+    progress = partial_path(report_path)
     state = fingerprint(identity, problems, cfg.min_tau)
     make_folder(report_path)
     # held to the report's end: a second run, finding the comparison done, would write it too
@@ -1999,7 +2086,7 @@ def decontaminate(cfg) -> dict:
             names = result_names(results)
             report["similarity"] = similarity_table({r["task_id"]: r["tau"] or 0.0 for r in rows}, names, rates, taus)
         if cfg.prune_tau:
-            partial = out.with_name(out.name + ".partial")
+            partial = partial_path(out)
             kept = 0
             make_folder(out)
             try:
@@ -2076,7 +2163,7 @@ def nearest(cfg, model, files: list[Path], problem_texts: list[str], ids: list[s
     bench = unit(problem_texts)
     best, which, start = np.full(len(bench), np.inf), np.zeros(len(bench), np.int64), 0
     texts = (text for text, _ in read_again(files, ids))
-    for chunk in tqdm(batched(texts, cfg.batch_size * CHUNK_BATCHES), desc="embedding", unit=" chunks"):
+    for chunk in tqdm(batched(texts, CHUNK), desc="embedding", unit=" chunks"):
         distance = np.sqrt(np.maximum(2 - 2 * bench @ unit(chunk).T, 0))  # unit vectors: |a-b|^2 = 2 - 2ab
         closer = distance.min(1) < best
         which[closer] = start + distance.argmin(1)[closer]

@@ -146,6 +146,12 @@ def together(world: int, device: torch.device):
             raise SystemExit(2)
 
 
+def out_of_memory(e: Exception) -> bool:
+    """Whether e is running out of memory: torch.OutOfMemoryError (a RuntimeError) on a GPU,
+    MemoryError or the allocator's RuntimeError on a CPU."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+
+
 def same_everywhere(value: str, world: int, device: torch.device) -> bool:
     """Whether every process holds the same value (a collective: call it outside `together`).
     Under DDP each node reads its own files, which must hold the same data."""
@@ -569,8 +575,8 @@ def train(cfg, make_data=None, score=None) -> GPT:
     try:
         with contextlib.ExitStack() as held:  # out_dir's lock, which _train takes, goes however it ends
             return _train(cfg, make_data, score, held)
-    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)):
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
             raise
         context = " or --block_size" if make_data is None else ""  # finetune.py's data: the base model's context
         raise UserError(f"out of memory: lower --batch_size (--total_batch_size keeps the batch per step, by "

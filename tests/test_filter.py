@@ -463,6 +463,24 @@ def run_filter(*args):
     filter.main([str(a) for a in args])
 
 
+def torchrun(tmp_path: Path, *args, setup: str = "") -> subprocess.CompletedProcess:
+    """filter.py on 2 processes (torchrun, gloo on CPUs); setup: Python that each runs first (a patch)."""
+    script = ROOT / "filter.py"
+    if setup:
+        script = tmp_path / "patched_filter.py"
+        script.write_text(f"import signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport config, filter\n{setup}\n"
+                          f"signal.signal(signal.SIGTERM, signal.default_int_handler)\nconfig.run(filter.main)\n")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def said(stderr: str) -> list[str]:
+    """The lines filter.py's processes wrote to stderr among torchrun's; a traceback of theirs fails."""
+    assert f'File "{ROOT}' not in stderr, stderr[-3000:]
+    return [line for line in stderr.splitlines()
+            if line.startswith(("error:", "warning:", "note:", "interrupted", "KeyboardInterrupt", "Exception"))]
+
+
 def test_annotate_embed_train_apply_keep_what_the_teacher_favours(tmp_path, nano, capsys):
     extra = [dict(id="shy", kind="dump", text="shy = 1"), dict(id="mute", kind="dump", text="mute = 1")]
     train_corpus = corpus(tmp_path / "annotate.jsonl", 90, seed=1, extra=extra)
@@ -524,7 +542,8 @@ def test_annotate_embed_train_apply_keep_what_the_teacher_favours(tmp_path, nano
 def test_embed_resumes_after_a_crash_and_leaves_nothing_that_looks_complete(tmp_path, nano, monkeypatch):
     docs = corpus(tmp_path / "docs.jsonl", 40, seed=3)
     emb = tmp_path / "emb.npy"
-    args = ["embed", f"--corpus={docs}", f"--ckpt={nano}", "--batch_size=1"]  # 16 documents a chunk
+    monkeypatch.setattr(filter, "CHUNK", 16)
+    args = ["embed", f"--corpus={docs}", f"--ckpt={nano}"]
     run_filter(*args, f"--embeddings={tmp_path / 'whole.npy'}")
     args.append(f"--embeddings={emb}")
     real, calls = filter.embed_texts, []
@@ -563,9 +582,7 @@ def test_embed_under_torchrun_matches_one_process(tmp_path, nano):
     docs = corpus(tmp_path / "docs.jsonl", 30, seed=4)
     common = ["embed", f"--corpus={docs}", f"--ckpt={nano}", "--batch_size=2"]
     run_filter(*common, f"--embeddings={tmp_path / 'one.npy'}")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "filter.py"), *common, f"--embeddings={tmp_path / 'two.npy'}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = torchrun(tmp_path, *common, f"--embeddings={tmp_path / 'two.npy'}", setup="filter.CHUNK = 8")  # 4 chunks
     assert result.returncode == 0, result.stderr[-2000:]
     one, two = (filter.load_embeddings(tmp_path / f"{n}.npy") for n in ("one", "two"))
     assert one[0] == two[0] and np.allclose(one[1], two[1], atol=1e-3)  # other thread counts: other roundings
@@ -577,13 +594,104 @@ def test_embed_under_torchrun_says_a_held_lock_once(tmp_path, nano):
     docs, emb = corpus(tmp_path / "docs.jsonl", 4, seed=4), tmp_path / "emb.npy"
     with open(f"{emb}.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another run's lock
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 str(ROOT / "filter.py"), "embed", f"--corpus={docs}", f"--ckpt={nano}",
-                                 f"--embeddings={emb}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        result = torchrun(tmp_path, "embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}")
     assert result.returncode != 0
-    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
-    assert ours == [f"error: another run is embedding into {emb}: wait for it, stop it, or use another "
-                    f"--embeddings"], result.stderr[-3000:]
+    assert said(result.stderr) == [f"error: another run is embedding into {emb}: wait for it, stop it, or use "
+                                   f"another --embeddings"], result.stderr[-3000:]
+
+
+def test_a_rerun_with_another_batch_size_goes_on_from_the_chunks_done(tmp_path, nano, monkeypatch):
+    """A chunk was --batch_size x 16 documents, and part of the state a rerun resumes: a rerun with
+    a lower --batch_size (the answer to running out of memory) threw the chunks done away."""
+    monkeypatch.setattr(filter, "CHUNK", 16, raising=False)  # (--batch_size=1's chunk before)
+    docs, emb = corpus(tmp_path / "docs.jsonl", 40, seed=3), tmp_path / "emb.npy"
+    args = ["embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}"]
+    real, calls = filter.embed_texts, []
+
+    def out_of_memory_on_the_second_chunk(*a, **k):
+        calls.append(len(a[1]))
+        if len(calls) == 2:
+            raise UserError("out of memory")
+        return real(*a, **k)
+
+    monkeypatch.setattr(filter, "embed_texts", out_of_memory_on_the_second_chunk)
+    with pytest.raises(UserError):
+        run_filter(*args, "--batch_size=1")
+    calls.clear()
+    monkeypatch.setattr(filter, "embed_texts", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    run_filter(*args, "--batch_size=2")
+    assert calls == [16, 8]  # the two chunks left, not all three again
+    assert filter.load_embeddings(emb)[1].shape == (40, 64)
+
+
+OUT_OF_MEMORY = "CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError(OUT_OF_MEMORY)
+
+
+def test_running_out_of_memory_is_one_line_advising_a_lower_batch_size(tmp_path, nano, monkeypatch):
+    """An out-of-memory error of the model was a traceback (from every process under torchrun)."""
+    docs = corpus(tmp_path / "docs.jsonl", 4, seed=3)
+    monkeypatch.setattr(GPT, "hidden_states", out_of_memory)
+    for command in (["embed", f"--ckpt={nano}", f"--embeddings={tmp_path / 'emb.npy'}"],
+                    ["apply", f"--forest={nano_forest(tmp_path, nano)}", f"--out={tmp_path / 'out'}"]):
+        with pytest.raises(UserError, match=rf"^out of memory: lower --batch_size \(now 3\) "
+                                            rf"\({re.escape(OUT_OF_MEMORY)}\)$"):
+            run_filter(*command, f"--corpus={docs}", "--batch_size=3")
+
+
+@pytest.mark.parametrize("case", ["apply, no corpus", "embed, no .npy", "embed, no corpus", "apply, an --out inside a file",
+                                  "apply, no model, a note", "embed, out of memory on each process"])
+def test_mistakes_under_torchrun_are_said_once(tmp_path, nano, case):
+    """Checks before the processes meet, and failures of one after they met (a model not there,
+    out of memory), were said by every process, racing torchrun's SIGTERM (and, where it won, an
+    "interrupted" or a KeyboardInterrupt traceback came after); a note came twice."""
+    docs, forest, missing = corpus(tmp_path / "docs.jsonl", 4, seed=3), nano_forest(tmp_path, nano), tmp_path / "no"
+    apply, embed = ["apply", f"--forest={forest}", f"--out={tmp_path / 'out'}"], ["embed", f"--ckpt={nano}"]
+    args, setup, expected = {
+        "apply, no corpus": (apply + [f"--corpus={missing}.jsonl"], "", [f"error: no such file: {missing}.jsonl"]),
+        "embed, no .npy": (embed + [f"--corpus={docs}", "--embeddings=e.txt"], "",
+                           ["error: --embeddings must name a .npy file, not e.txt"]),
+        "embed, no corpus": (embed + [f"--corpus={missing}.jsonl", f"--embeddings={tmp_path / 'e.npy'}"], "",
+                             [f"error: no such file: {missing}.jsonl"]),
+        "apply, an --out inside a file": (["apply", f"--forest={forest}", f"--corpus={docs}", f"--out={docs}/out"], "",
+                                     [f"error: cannot write {docs}/out/kept-00000-of-00001.jsonl: {docs} is a file, "
+                                      f"not a folder"]),
+        "apply, no model, a note": (apply + [f"--corpus={docs}", f"--ckpt={missing}.pt", "--doc_tokens=16"], "",
+                                    ["note: --doc_tokens=16 is not used: the forest learned from embeddings of the "
+                                     "first 64 tokens, so apply embeds those",
+                                     f"error: cannot load --ckpt={missing}.pt: no checkpoint at {missing}.pt"]),
+        "embed, out of memory on each process": (
+            embed + [f"--corpus={docs}", f"--embeddings={tmp_path / 'e.npy'}"],
+            f"import model, torch\nfilter.CHUNK = 2  # a chunk for each\ndef out_of_memory(*a):\n"
+            f"    raise torch.OutOfMemoryError({OUT_OF_MEMORY!r})\nmodel.GPT.hidden_states = out_of_memory",
+            [f"error: out of memory: lower --batch_size (now 8) ({OUT_OF_MEMORY})"]),
+    }[case]
+    result = torchrun(tmp_path, *args, setup=setup)
+    assert result.returncode != 0 and said(result.stderr) == expected, result.stderr[-3000:]
+
+
+def test_embed_under_torchrun_says_once_that_its_embeddings_are_made(tmp_path, nano):
+    docs, emb = corpus(tmp_path / "docs.jsonl", 4, seed=3), tmp_path / "emb.npy"
+    args = ["embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}"]
+    run_filter(*args)
+    result = torchrun(tmp_path, *args)
+    assert result.returncode == 0 and result.stdout.count("already holds these embeddings") == 1, result.stdout
+
+
+def test_embed_under_torchrun_waits_for_a_process_far_slower_than_the_others(tmp_path, nano):
+    """A process done with its chunks waited for the others in a barrier under the process
+    group's timeout (train.DDP_TIMEOUT, an hour): one finished an hour before another (its chunks
+    done by an interrupted run) ended in a timeout's traceback. Here the timeout is 5 s."""
+    docs, emb = corpus(tmp_path / "docs.jsonl", 4, seed=3), tmp_path / "emb.npy"
+    slow = ("import datetime, os, time, train\ntrain.DDP_TIMEOUT = datetime.timedelta(seconds=5)\n"
+            "if os.environ['RANK'] == '0':  # the one chunk, 8 s\n"
+            "    filter.embed_texts = lambda *a, real=filter.embed_texts: time.sleep(8) or real(*a)")
+    result = torchrun(tmp_path, "embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}", setup=slow)
+    assert result.returncode == 0 and said(result.stderr) == [], result.stderr[-3000:]
+    assert filter.load_embeddings(emb)[1].shape == (4, 64)
 
 
 def test_decontaminate_finds_renamed_benchmark_code_and_prunes_it(tmp_path, nano, capsys):
@@ -1511,7 +1619,8 @@ def test_apply_never_reads_its_own_output_and_names_stale_shards(tmp_path, nano,
 
     capsys.readouterr()
     run_filter("apply", f"--corpus={docs}", forest, f"--out={out}", "--num_shards=2")
-    assert re.search(r"^warning: .*filtered holds kept files of another --num_shards \(kept-00000-of-00001.jsonl\)",
+    assert re.search(r"^warning: .*filtered holds kept files of another --num_shards \(kept-00000-of-00001.jsonl\): "
+                     r".*; keep each --num_shards in an --out of its own \(move those files to another folder\)$",
                      capsys.readouterr().err, re.M)
 
     other = tmp_path / "other.jsonl"
@@ -1519,6 +1628,29 @@ def test_apply_never_reads_its_own_output_and_names_stale_shards(tmp_path, nano,
     with pytest.raises(UserError, match=r"^no documents in .*other.jsonl$"):
         run_filter("apply", f"--corpus={other}", forest, f"--out={tmp_path / 'out'}")
     assert not list((tmp_path / "out").glob("summary-*"))
+
+
+def test_a_shard_is_the_same_documents_on_any_number_of_processes(tmp_path, nano, monkeypatch, capsys):
+    """Under torchrun each process was a shard of its own (N = --num_shards x processes): a
+    machine of 2 processes running shard 0 of 2 filtered shards 0 and 1 of 4, one of 1 process
+    shard 1 of 2, and the union kept some documents twice and never scored others (and the
+    warning of stale shards had the user remove more). The shard's processes share its chunks."""
+    docs, out = corpus(tmp_path / "docs.jsonl", 22, seed=6), tmp_path / "out"
+    args = [f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", "--num_shards=2", "--threshold=0",
+            "--batch_size=1"]  # a document embedded alone scores the same wherever it is
+    result = torchrun(tmp_path, "apply", *args, f"--out={out}", "--shard=0", setup="filter.CHUNK = 3")  # 4 chunks
+    assert result.returncode == 0 and said(result.stderr) == [], result.stderr[-3000:]
+    run_filter("apply", *args, f"--out={out}", "--shard=1")
+    assert "warning" not in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("kept-*")) == ["kept-00000-of-00002.jsonl", "kept-00001-of-00002.jsonl"]
+    kept = [json.loads(line) for path in sorted(out.glob("kept-*")) for line in path.read_text().splitlines()]
+    assert sorted(r["id"] for r in kept) == sorted(f"docs-{i}" for i in range(22))
+    run_filter("apply", *args, f"--out={tmp_path / 'alone'}", "--shard=0")  # on one process: the same scores
+    alone = [json.loads(line) for line in (tmp_path / "alone" / "kept-00000-of-00002.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["score"]) for r in alone] == pytest.approx([(r["id"], r["score"]) for r in kept[:11]])
+    monkeypatch.setattr(filter, "embed_texts", lambda *a, **k: pytest.fail("scored the shard again"))
+    run_filter("apply", *args, f"--out={out}", "--shard=0")  # the shard torchrun filtered is done
+    assert "shard 00000-of-00002 is done" in capsys.readouterr().out
 
 
 def test_apply_scores_again_a_corpus_rewritten_to_the_same_size(tmp_path, nano):
@@ -1882,7 +2014,7 @@ class FullDisk(io.FileIO):
 def on_a_full_disk(path, mode="r", encoding=None, **kwargs):
     """open() as filter.py calls it, with the .partial files written on a full disk, buffered
     as open's are (the write that fails may be the close's flush)."""
-    if not (str(path).endswith(".partial") and "w" in mode):
+    if not (str(path).endswith(".partial") and ("w" in mode or "+" in mode)):
         return open(path, mode, encoding=encoding, **kwargs)
     f = io.BufferedWriter(FullDisk(path, mode.replace("b", "")))
     return f if "b" in mode else io.TextIOWrapper(f, encoding=encoding)
@@ -1958,6 +2090,8 @@ def test_a_full_disk_filtering_is_one_line_and_a_rerun_goes_on(tmp_path, nano, m
 def test_a_signal_while_torch_is_imported_is_the_usual_interrupted_line(tmp_path):
     """A Ctrl-C in the first second, as torch was imported, was two tracebacks: the cleanup
     imported torch.distributed, which torch's import had finished, into a torch cut short."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(lines(dict(id="a", text="x = 1")))
     stop = textwrap.dedent(f"""
         import importlib.abc, sys
         class Stop(importlib.abc.MetaPathFinder):  # Ctrl-C at the first import after torch.distributed's
@@ -1968,7 +2102,7 @@ def test_a_signal_while_torch_is_imported_is_the_usual_interrupted_line(tmp_path
                     raise KeyboardInterrupt
         sys.meta_path.insert(0, Stop())
         import config, filter
-        config.run(lambda: filter.main(["embed", "--corpus={ROOT / 'filter.py'}", "--ckpt=x"]))
+        config.run(lambda: filter.main(["embed", "--corpus={docs}", "--ckpt=x"]))
     """)
     result = subprocess.run([sys.executable, "-c", stop], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 130 and result.stderr == "interrupted\n", result.stderr[-3000:]
