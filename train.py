@@ -375,23 +375,30 @@ def stop_signals() -> list[int]:
     return [signal.SIGTERM, signal.SIGINT, *hangup]
 
 
-def _is_terminal(stream) -> bool:
-    """Whether stream writes to a terminal, one that hung up too (no longer isatty())."""
+def _write_nowhere_if_gone(stream) -> None:
+    """After SIGHUP: writes to a terminal that hung up fail (EIO), as do those to a pipe whose
+    reader the hang-up ended (`| tee`: EPIPE), and either would stop the save. Such a stream
+    now writes to /dev/null; a file keeps its lines."""
     try:
-        return stat.S_ISCHR(os.fstat(stream.fileno()).st_mode)
+        fd = stream.fileno()
+        kind = os.fstat(fd).st_mode
     except (OSError, ValueError):  # no file behind it
-        return False
+        return
+    if stat.S_ISCHR(kind) or stat.S_ISFIFO(kind):
+        nowhere = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(nowhere, fd)
+        os.close(nowhere)
 
 
 def _on_signal(signum, frame):
     global _stop_signal
-    # a second Ctrl-C stops at once (torchrun passes a second Ctrl-C on as SIGTERM)
-    if _stop_signal == signal.SIGINT and signum in (signal.SIGINT, signal.SIGTERM):
+    # a second signal stops at once if it is Ctrl-C, or SIGTERM after Ctrl-C (torchrun passes a
+    # second Ctrl-C on as SIGTERM); a second SIGTERM, a scheduler's reminder, does not
+    if _stop_signal is not None and (signum == signal.SIGINT or _stop_signal == signal.SIGINT):
         raise KeyboardInterrupt
-    if signum == signal.SIGHUP:  # a terminal that hung up fails every write (EIO), and with it the save
-        for name in ("stdout", "stderr"):
-            if _is_terminal(getattr(sys, name)):
-                setattr(sys, name, open(os.devnull, "w"))
+    if signum == signal.SIGHUP:
+        for stream in (sys.stdout, sys.stderr):
+            _write_nowhere_if_gone(stream)
     _stop_signal = _stop_signal or signum
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets it: one says so
         print(f"{signal.Signals(signum).name}: saving a checkpoint, then stopping (Ctrl-C again: stop now)",

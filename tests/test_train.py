@@ -257,6 +257,17 @@ def test_a_closed_terminal_saves_and_stops_the_run_but_not_under_nohup(resume_se
     assert proc.wait(timeout=120) == 128 + signal.SIGHUP
     assert 5 < torch.load(out / "ckpt.pt", weights_only=True)["step"] < 40  # saved at the signal, not at step 5
 
+    out = tmp / "piped"  # `python train.py | tee log`: the hang-up ends tee too, and a print then fails (EPIPE)
+    proc = subprocess.Popen([*command, "--log_interval=1", f"--out_dir={out}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    for line in proc.stdout:
+        if line.startswith(b"saved"):
+            proc.send_signal(signal.SIGHUP)
+            proc.stdout.close()
+            break
+    assert proc.wait(timeout=120) == 128 + signal.SIGHUP
+    assert 5 < torch.load(out / "ckpt.pt", weights_only=True)["step"] < 40
+
     out = tmp / "nohup"
     proc = subprocess.Popen([*command, f"--out_dir={out}"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
@@ -985,6 +996,10 @@ def test_a_second_ctrl_c_stops_at_once(monkeypatch, capsys):
         train._on_signal(signal.SIGINT, None)
     with pytest.raises(KeyboardInterrupt):  # torchrun passes a second Ctrl-C on as SIGTERM
         train._on_signal(signal.SIGTERM, None)
+    monkeypatch.setattr(train, "_stop_signal", None)
+    train._on_signal(signal.SIGTERM, None)  # a scheduler's SIGTERM, then Ctrl-C: stop now
+    with pytest.raises(KeyboardInterrupt):
+        train._on_signal(signal.SIGINT, None)
 
 
 def test_gradient_clipping_bounds_the_update(tmp_path, pico):
