@@ -79,7 +79,8 @@ apply      streams --corpus through the embedding model (the forest's, unless --
            chunks (of 1024 documents, every world-th chunk each, scored into one file: --out
            on a file system they all see) and process 0 selects; so machines with any number
            of GPUs each run their own --shard, and a shard run again with another number
-           of processes, or another --batch_size, is the same shard. A
+           of processes, or another --batch_size, is the same shard; a rerun goes on from
+           the chunks it scored (NAME.partial.done: a byte per chunk). A
            shard whose summary names its kept file is done: a rerun skips it, or with
            another --threshold or --top_fraction only selects again from its scores (a
            changed corpus file, by size or modification time, another forest, model,
@@ -352,6 +353,13 @@ def reserve_space(path: Path) -> None:
 def partial_path(path: Path) -> Path:
     """Where path is written until it is whole (renamed to path then)."""
     return path.with_name(path.name + ".partial")
+
+
+def progress_paths(path: Path) -> tuple[Path, Path, Path]:
+    """Work on path done a chunk at a time: the unfinished file, what it is the work of (JSON),
+    and a byte per chunk (1: done), so that a rerun goes on from the chunks done."""
+    partial = partial_path(path)
+    return partial, partial.with_name(partial.name + ".json"), partial.with_name(partial.name + ".done")
 
 
 def make_folder(path: Path) -> None:
@@ -757,9 +765,7 @@ def embed_texts(model, texts: list[str], doc_tokens: int, batch_size: int) -> tu
 def embedding_paths(out: Path) -> tuple[Path, Path, Path, Path, Path]:
     """The description beside the .npy, the unfinished array with its description and chunk
     flags, and the lock of the run writing them."""
-    partial = partial_path(out)
-    return (out.with_suffix(".json"), partial, partial.with_name(partial.name + ".json"),
-            partial.with_name(partial.name + ".done"), out.with_name(out.name + ".lock"))
+    return out.with_suffix(".json"), *progress_paths(out), out.with_name(out.name + ".lock")
 
 
 def embedded(out: Path, sidecar: Path, fp: str) -> bool:
@@ -1510,16 +1516,21 @@ def top_threshold(scores: np.ndarray, fraction: float, bins: int = 10_000) -> fl
 def score_shard(cfg, files, shard: int, shards: int, forest: RandomForest, model, doc_tokens: int, path: Path,
                 rank: int, world: int) -> tuple[int, Counter]:
     """Embed and score this process's chunks of the shard (of CHUNK documents, every world-th
-    from the rank-th) into their places in path's .partial, which process 0 made (SCORES
-    records); returns the documents of the whole shard, and its lines without one, by why."""
+    from the rank-th) not scored before into their places in path's .partial, which process 0
+    made (SCORES records), flagging each as it is done; returns the documents of the whole
+    shard, and its lines without one, by why."""
     column, documents_seen, skipped = positive_column(forest), 0, Counter()
+    partial, _, flags_path = progress_paths(path)
+    done = flags_path.read_bytes()  # chunk c was scored before iff done[c] is 1
+    if rank == 0 and done.count(1):
+        print(f"resuming: {done.count(1)} chunks of {path.name} scored before")
     try:
-        with open(partial_path(path), "r+b") as f, \
+        with open(partial, "r+b") as f, open(flags_path, "r+b") as flags, \
                 tqdm(desc=f"scoring {path.name}{f' (rank {rank})' if world > 1 else ''}", unit=" docs") as bar:
             for c, texts in enumerate(batched((text for _, _, text, _ in documents(files, skipped, shard, shards)),
                                               CHUNK)):
                 documents_seen += len(texts)
-                if c % world != rank:
+                if c % world != rank or done[c:c + 1] == b"\x01":
                     continue
                 X, tokens = embed_texts(model, texts, doc_tokens, cfg.batch_size)
                 X = X.astype(np.float16)  # rounded as embed stores them
@@ -1533,6 +1544,10 @@ def score_shard(cfg, files, shard: int, shards: int, forest: RandomForest, model
                 records["tokens"] = np.minimum(tokens, np.iinfo(np.uint32).max)
                 f.seek(c * CHUNK * SCORES.itemsize)
                 f.write(records.tobytes())
+                f.flush()  # before its flag
+                flags.seek(c)
+                flags.write(b"\x01")
+                flags.flush()
                 bar.update(len(texts))
     except OSError as e:  # a full disk (what is written stays, as an interrupted run leaves it)
         raise cannot_write(path, e) from None
@@ -1634,10 +1649,15 @@ def apply(cfg) -> dict | None:
                         and not scores_done(scores_path, scoring)):
                     for described in (summary_path, scores_description(scores_path)):  # of the scores replaced
                         described.unlink(missing_ok=True)
-                    try:  # the processes write their chunks' scores into it
-                        partial_path(scores_path).write_bytes(b"")
-                    except OSError as e:
-                        raise cannot_write(scores_path, e) from None
+                    partial, progress, flags = progress_paths(scores_path)
+                    work = dict(scoring=scoring, chunk=CHUNK)
+                    if not (json_object(progress) == work and partial.is_file() and flags.is_file()):
+                        try:  # (else a rerun goes on from the chunks scored) the processes score into it
+                            partial.write_bytes(b"")
+                            flags.write_bytes(b"")
+                            write_atomic(progress, json.dumps(work).encode())
+                        except OSError as e:
+                            raise cannot_write(scores_path, e) from None
         previous = json_object(summary_path)
         if shard_done(previous, scoring, selection, kept_path):
             if rank == 0:
@@ -1658,13 +1678,17 @@ def apply(cfg) -> dict | None:
                 warn_skipped(skipped, files)
                 # lines, none of them a document: a wrong corpus, unless other shards hold documents (this
                 # one's lines were blank), or this shard is past a small corpus's end (no lines at all)
+                partial, progress, flags = progress_paths(scores_path)
                 if not documents_seen and skipped and next(documents(files, Counter()), None) is None:
-                    partial_path(scores_path).unlink()
+                    for leftover in (partial, progress, flags):
+                        leftover.unlink()
                     raise UserError(f"no documents in {', '.join(map(str, files))}")
-                os.replace(partial_path(scores_path), scores_path)
-                # saying the file holds the scores of fingerprint scoring, whole: until then a rerun scores again
+                os.replace(partial, scores_path)
+                # saying the file holds the scores of fingerprint scoring, whole: until then a rerun scores on
                 write_atomic(scores_description(scores_path),
                              json.dumps(dict(scoring=scoring, documents=documents_seen)).encode())
+                progress.unlink()
+                flags.unlink()
         if rank != 0:  # the others only helped score
             return None
         scores = np.memmap(scores_path, dtype=SCORES, mode="r") if scores_path.stat().st_size else np.zeros(0, SCORES)

@@ -1313,10 +1313,42 @@ def test_an_interrupted_apply_leaves_no_summary_and_resumes(tmp_path, nano, monk
     monkeypatch.setattr(filter, "embed_texts", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_filter(*args)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scores-00000-of-00001.bin.partial"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "scores-00000-of-00001.bin.partial", "scores-00000-of-00001.bin.partial.done",
+        "scores-00000-of-00001.bin.partial.json"]
     monkeypatch.setattr(filter, "embed_texts", real)
     run_filter(*args)
     assert json.loads((tmp_path / "out" / "summary-00000-of-00001.json").read_text())["documents"] == 20
+    assert not any(p.name.endswith((".partial", ".done")) for p in (tmp_path / "out").iterdir())
+
+
+def test_an_interrupted_apply_goes_on_from_the_chunks_it_scored(tmp_path, nano, monkeypatch, capsys):
+    """It scored the whole shard again: hours of a GPU's work at scale, and under torchrun the
+    others' share too when one process failed."""
+    monkeypatch.setattr(filter, "CHUNK", 4)
+    docs = corpus(tmp_path / "docs.jsonl", 20, seed=6)  # 5 chunks
+    forest = nano_forest(tmp_path, nano)
+    args = ["apply", f"--corpus={docs}", f"--forest={forest}", "--threshold=0.5"]
+    run_filter(*args, f"--out={tmp_path / 'straight'}")
+    real, embedded = filter.embed_texts, []
+
+    def interrupted_at_the_third_chunk(model, texts, *args, **kwargs):
+        if len(embedded) == 2:
+            raise KeyboardInterrupt
+        embedded.append(len(texts))
+        return real(model, texts, *args, **kwargs)
+
+    monkeypatch.setattr(filter, "embed_texts", interrupted_at_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run_filter(*args, f"--out={tmp_path / 'out'}")
+    embedded.clear()
+    monkeypatch.setattr(filter, "embed_texts", lambda model, texts, *a, **k: embedded.append(len(texts))
+                        or real(model, texts, *a, **k))
+    capsys.readouterr()
+    run_filter(*args, f"--out={tmp_path / 'out'}")
+    assert embedded == [4, 4, 4] and "resuming: 2 chunks of scores-00000-of-00001.bin scored before" in capsys.readouterr().out
+    for name in ("scores-00000-of-00001.bin", "kept-00000-of-00001.jsonl"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
 
 
 # ---------------------------------------------------------------- the forest's edges, apply's selection
