@@ -787,7 +787,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """--dtype: auto (bfloat16 on GPUs that have it, else float16 on a GPU, float32
     on the CPU), float32, bfloat16 or float16."""
     if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        # (torch emulates bfloat16 on older GPUs, slowly: there float16 with a loss scale)
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.bfloat16 if bf16 else torch.float16 if device.type == "cuda" else torch.float32
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -753,6 +754,13 @@ def test_pick_dtype_and_pick_device(monkeypatch):
     for name in ("cuda:1", "meta", "nonsense"):
         with pytest.raises(UserError, match="--device"):
             pick_device(name)
+    # auto on a GPU: bfloat16 where the GPU computes in it (Ampere on), else float16 (with a
+    # loss scale): a V100 or T4 got bfloat16, which torch emulates there, slowly
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)
+    for major, dtype in ((7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major))
+        assert pick_dtype("auto", torch.device("cuda")) == dtype, major
 
 
 def test_a_single_file_hub_repo_downloads_once(tmp_path, monkeypatch):
