@@ -31,7 +31,7 @@ def status_of(main):
     return None
 
 
-def test_run_ends_a_user_error_or_ctrl_c_with_one_line(capsys):
+def test_run_ends_a_user_error_or_ctrl_c_with_one_line(capsys, monkeypatch):
     def mistake():
         raise UserError("--x must be positive")
 
@@ -41,6 +41,10 @@ def test_run_ends_a_user_error_or_ctrl_c_with_one_line(capsys):
     assert status_of(mistake) == 2 and capsys.readouterr().err == "error: --x must be positive\n"
     assert status_of(ctrl_c) == 130 and capsys.readouterr().err == "interrupted\n"
     assert status_of(lambda: None) is None
+    monkeypatch.setenv("RANK", "1")  # under torchrun: process 0 says it, for all of them
+    assert status_of(ctrl_c) == 130 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert status_of(ctrl_c) == 130 and capsys.readouterr().err == "interrupted\n"
 
 
 def test_a_reader_that_stops_early_ends_the_output_quietly():
