@@ -38,6 +38,12 @@ class UserError(Exception):
     """A mistake in what the user asked for: reported as one line, exit 2."""
 
 
+def first_process() -> bool:
+    """Whether this is torchrun's process 0, or the only process: where each process meets
+    the same thing (a signal, the command line's mistakes), one says so."""
+    return int(os.environ.get("RANK") or 0) == 0
+
+
 def run(main) -> None:
     """Call main(), turning a UserError into one clear line and exit status 2."""
     try:
@@ -46,7 +52,7 @@ def run(main) -> None:
         report(e)
         sys.exit(2)
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets the signal: one says so
+        if first_process():  # under torchrun every process gets the signal
             print("interrupted", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # the reader of stdout went away (`--help | head`): stop quietly, as Unix tools do
@@ -68,7 +74,7 @@ def alike_on_every_process():
     try:
         yield
     except UserError:
-        if int(os.environ.get("RANK") or 0) > 0:
+        if not first_process():
             try:
                 time.sleep(60)
             except KeyboardInterrupt:  # torchrun's SIGTERM, in a script that makes it one

@@ -151,7 +151,8 @@ import numpy as np
 from tqdm import tqdm
 
 import llm
-from config import UserError, alike_on_every_process, counted_lines, is_number, parse_args, require, run, subcommand
+from config import (UserError, alike_on_every_process, counted_lines, first_process, is_number, parse_args, require,
+                    run, subcommand)
 from data.prepare import (Appender, cannot_write, check_writable, expand, path_id, read_jsonl, run_lock,
                           worker_signals, write_atomic)
 
@@ -683,12 +684,6 @@ def start_processes(cfg):
         return setup_processes(cfg.device)
     except RuntimeError as e:
         raise UserError(f"--device={cfg.device}: {e}") from None
-
-
-def first_process() -> bool:
-    """Whether this is process 0 of torchrun's, or the only one: before the processes meet each
-    runs the same checks, and one says what they find."""
-    return int(os.environ.get("RANK") or 0) == 0
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
-from config import UserError, alike_on_every_process, parse_settings, report, require, run
+from config import UserError, alike_on_every_process, first_process, parse_settings, report, require, run
 from data.prepare import cannot_write, check_writable, ensure_prepared, read_meta, run_lock
 from model import (GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, load_for_tokens, pick_device,
                    pick_dtype)
@@ -152,15 +152,21 @@ def out_of_memory(e: Exception) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
 
 
-def same_everywhere(value: str, world: int, device: torch.device) -> bool:
-    """Whether every process holds the same value (a collective: call it outside `together`).
-    Under DDP each node reads its own files, which must hold the same data."""
+def spread(value: int, world: int, device: torch.device) -> tuple[int, int]:
+    """The lowest and highest value over the processes (a collective: call it outside `together`)."""
     if world == 1:
-        return True
-    digest = int.from_bytes(hashlib.sha256(value.encode()).digest()[:7], "big")
-    extremes = torch.tensor([digest, -digest], device=device)
+        return value, value
+    extremes = torch.tensor([value, -value], device=device)
     dist.all_reduce(extremes, op=dist.ReduceOp.MIN)
-    return int(extremes[0]) == -int(extremes[1])
+    return int(extremes[0]), -int(extremes[1])
+
+
+def same_everywhere(value: str, world: int, device: torch.device) -> bool:
+    """Whether every process holds the same value (a collective). Under DDP each node reads
+    its own files, which must hold the same data."""
+    digest = int.from_bytes(hashlib.sha256(value.encode()).digest()[:7], "big")
+    low, high = spread(digest, world, device)
+    return low == high
 
 
 # ---------------------------------------------------------------- data
@@ -400,7 +406,7 @@ def _on_signal(signum, frame):
         for stream in (sys.stdout, sys.stderr):
             _write_nowhere_if_gone(stream)
     _stop_signal = _stop_signal or signum
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets it: one says so
+    if first_process():  # under torchrun every process gets it
         print(f"{signal.Signals(signum).name}: saving a checkpoint, then stopping (Ctrl-C again: stop now)",
               file=sys.stderr, flush=True)
     if _validating:  # minutes of it (finetune.py's HumanEval score) would outlast a cluster's grace period
@@ -613,12 +619,11 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                 raw_model, ckpt, origin = build_model(cfg, out_dir, master)
     start_step = ckpt["step"] if ckpt else 0
     saved_step = start_step if ckpt else None  # the step ckpt.pt holds (save() moves it)
-    steps = torch.tensor([start_step, -start_step], device=device)
-    if world > 1:  # several nodes: every one must see the same checkpoint (out_dir on a shared disk)
-        dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+    # several nodes: every one must see the same checkpoint (out_dir on a shared disk)
+    first, last = spread(start_step, world, device)
     with together(world, device):
-        if -int(steps[1]) != int(steps[0]):
-            raise UserError(f"processes resume from different steps ({int(steps[0])} to {-int(steps[1])}): "
+        if first != last:
+            raise UserError(f"processes resume from different steps ({first} to {last}): "
                             f"--out_dir must be one folder that every node shares")
     end = cfg.stop_iters or cfg.max_iters  # the last step of this run
     # a run stopped while it scored its last model: score it now (a run that goes on from a

@@ -270,7 +270,8 @@ def test_a_closed_terminal_saves_and_stops_the_run_but_not_under_nohup(resume_se
 
     out = tmp / "nohup"
     proc = subprocess.Popen([*command, f"--out_dir={out}"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     for line in proc.stdout:
         if line.startswith("saved"):
             proc.send_signal(signal.SIGHUP)
@@ -426,6 +427,18 @@ def test_processes_that_read_different_data_are_refused_in_one_line(tmp_path):
         f"error: processes read different data (process 0: {tokens:,} train tokens in ds0): --data must hold the "
         f"same prepared files on every node"], result.stderr[-3000:]
     assert not (tmp_path / "out").exists()
+    # out_dir on each node's own disk: one holds a checkpoint, the other none
+    common = ["--preset=nano", "--batch_size=2", "--eval_interval=0", "--sample_tokens=0",
+              f"--data={tmp_path / 'ds0'}"]
+    assert cli(*common, "--max_iters=2", f"--out_dir={tmp_path / 'out0'}").returncode == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "by_rank.py",
+         str(ROOT / "train.py"), *common, "--max_iters=4", "--out_dir=outRANK"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
+    assert result.returncode != 0 and ours == [
+        "error: processes resume from different steps (0 to 2): --out_dir must be one folder that every node "
+        "shares"], result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("fail, more, said", [
