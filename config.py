@@ -171,7 +171,7 @@ def _comments(defaults: dict) -> dict[str, str]:
 
 
 def usage(defaults: dict, doc: str | None) -> str:
-    lines = [(doc or "").strip(), "", "settings (--key=value):"]
+    lines = [(doc or "").strip()] + (["", "settings (--key=value):"] if defaults else [])
     comments = _comments(defaults)
     width = max((len(k) for k in defaults), default=0) + 2
     for key, value in defaults.items():

@@ -221,3 +221,8 @@ def test_counted_lines_say_where_to_look():
     assert counted_lines([3], "malformed") == "1 malformed line (line 3)"
     assert counted_lines([3, 8, 12], "malformed") == "3 malformed lines (lines 3, 8 and 12)"
     assert counted_lines(list(range(1, 9)), "bad", shown=3) == "8 bad lines (lines 1, 2, 3, ...)"
+
+
+def test_help_of_a_script_without_settings_has_no_empty_settings_list():
+    assert usage({}, "Checks and benchmarks the kernel.") == "Checks and benchmarks the kernel."
+    assert usage(DEFAULTS, "Doc.").splitlines()[:3] == ["Doc.", "", "settings (--key=value):"]
