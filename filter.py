@@ -1539,7 +1539,9 @@ def score_shard(cfg, files, shard: int, shards: int, forest: RandomForest, model
                 records["tokens"] = np.minimum(tokens, np.iinfo(np.uint32).max)
                 f.seek(c * CHUNK * SCORES.itemsize)
                 f.write(records.tobytes())
-                f.flush()  # before its flag
+                f.flush()
+                os.fsync(f.fileno())  # on disk before its flag: after a crash of the machine, no flag
+                # may stand for scores lost with the page cache (embed's memmap flush is an msync)
                 flags.seek(c)
                 flags.write(b"\x01")
                 flags.flush()

@@ -1351,6 +1351,24 @@ def test_an_interrupted_apply_goes_on_from_the_chunks_it_scored(tmp_path, nano, 
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
 
 
+def test_apply_puts_each_chunks_scores_on_disk_before_its_flag(tmp_path, nano, monkeypatch):
+    """A flag written back before its scores (the kernel may write either first) would stand,
+    after a crash of the machine, for scores that were never saved: zeros taken as done."""
+    monkeypatch.setattr(filter, "CHUNK", 4)
+    docs = corpus(tmp_path / "docs.jsonl", 12, seed=6)  # 3 chunks
+    real_fsync, synced = os.fsync, []
+
+    def fsync(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.endswith(".partial"):
+            synced.append(Path(name + ".done").read_bytes())  # the flags as they stand at the sync
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    run_filter("apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={tmp_path / 'out'}")
+    assert synced == [b"", b"\x01", b"\x01\x01"]  # the flags grow a byte a chunk
+
+
 # ---------------------------------------------------------------- the forest's edges, apply's selection
 
 def test_a_cut_across_bins_a_tree_left_empty_is_halfway_between_the_values_it_saw():
