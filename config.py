@@ -24,6 +24,7 @@ import ast
 import contextlib
 import difflib
 import inspect
+import io
 import math
 import os
 import re
@@ -46,6 +47,10 @@ def first_process() -> bool:
 
 def run(main) -> None:
     """Call main(), turning a UserError into one clear line and exit status 2."""
+    # a path that is not UTF-8 (its bytes kept as surrogates) is printed with escapes, where
+    # a UTF-8 terminal's strict stdout would fail on it on every run (stderr already escapes)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         main()
     except UserError as e:

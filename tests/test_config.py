@@ -1,6 +1,7 @@
 """Tests for config.py: settings from the command line, --help, and one-line user errors."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,14 @@ def test_a_reader_that_stops_early_ends_the_output_quietly():
                                stderr=subprocess.PIPE)
     process.stdout.close()  # as `| head` does once it has its lines
     assert process.wait(timeout=60) == 141 and process.stderr.read() == b""
+
+
+def test_a_path_that_is_not_utf8_is_printed_with_escapes_not_a_traceback():
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from config import run; "
+              "run(lambda: print('already prepared: caf' + chr(0xdce9)))")  # os.fsdecode(b'caf\\xe9')
+    done = subprocess.run([sys.executable, "-c", script, str(ROOT)], capture_output=True,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"}, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"already prepared: caf\\udce9\n", b"")
 
 
 def test_require_reports_the_first_check_that_fails():
