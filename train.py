@@ -381,19 +381,47 @@ def stop_signals() -> list[int]:
     return [signal.SIGTERM, signal.SIGINT, *hangup]
 
 
-def _write_nowhere_if_gone(stream) -> None:
-    """After SIGHUP: writes to a terminal that hung up fail (EIO), as do those to a pipe whose
-    reader the hang-up ended (`| tee`: EPIPE), and either would stop the save. Such a stream
-    now writes to /dev/null; a file keeps its lines."""
+def _write_nowhere_if_gone(stream) -> bool:
+    """Point a terminal or pipe behind stream at /dev/null (a file keeps its lines, and its
+    failures); returns whether it did."""
     try:
         fd = stream.fileno()
         kind = os.fstat(fd).st_mode
     except (OSError, ValueError):  # no file behind it
-        return
-    if stat.S_ISCHR(kind) or stat.S_ISFIFO(kind):
-        nowhere = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(nowhere, fd)
-        os.close(nowhere)
+        return False
+    if not (stat.S_ISCHR(kind) or stat.S_ISFIFO(kind)):
+        return False
+    nowhere = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(nowhere, fd)
+    os.close(nowhere)
+    return True
+
+
+class _Unfailing:
+    """stdout or stderr once a stop signal came. The signal may have ended where they lead:
+    a terminal that hung up fails every write (EIO), and a `| tee` reader dies with the same
+    Ctrl-C or hang-up (EPIPE). Either failure would stop the save, so such a stream then
+    writes to /dev/null, and the run saves and stops as it would have."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self._despite_failure(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._despite_failure(self.stream.flush)
+
+    def _despite_failure(self, call, *args):
+        try:
+            return call(*args)
+        except OSError:
+            if not _write_nowhere_if_gone(self.stream):
+                raise
+            return call(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def _on_signal(signum, frame):
@@ -402,9 +430,8 @@ def _on_signal(signum, frame):
     # second Ctrl-C on as SIGTERM); a second SIGTERM, a scheduler's reminder, does not
     if _stop_signal is not None and (signum == signal.SIGINT or _stop_signal == signal.SIGINT):
         raise KeyboardInterrupt
-    if signum == signal.SIGHUP:
-        for stream in (sys.stdout, sys.stderr):
-            _write_nowhere_if_gone(stream)
+    if _stop_signal is None:
+        sys.stdout, sys.stderr = _Unfailing(sys.stdout), _Unfailing(sys.stderr)
     _stop_signal = _stop_signal or signum
     if first_process():  # under torchrun every process gets it
         print(f"{signal.Signals(signum).name}: saving a checkpoint, then stopping (Ctrl-C again: stop now)",
@@ -584,6 +611,7 @@ def train(cfg, make_data=None, score=None) -> GPT:
     forks, keep theirs)."""
     global _stop_signal
     handlers = {s: signal.getsignal(s) for s in stop_signals()}
+    streams = sys.stdout, sys.stderr  # a stop signal makes them _Unfailing
     _stop_signal = None
     try:
         with contextlib.ExitStack() as held:  # out_dir's lock, which _train takes, goes however it ends
@@ -597,6 +625,7 @@ def train(cfg, make_data=None, score=None) -> GPT:
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        sys.stdout, sys.stderr = streams
 
 
 def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
