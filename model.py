@@ -27,6 +27,7 @@ kernel rejects).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -232,6 +233,20 @@ _HF_LAYER_TENSORS = [f"{module}.{kind}" for module in [*_HF_IN_PROJ, "self_attn.
                      for kind in ("weight", "bias")]
 
 
+def _in_eval_mode(method):
+    """method with dropout off, the model given back in the mode it was in: train.py and
+    finetune.py sample mid-training, and greedy output must not depend on the mode."""
+    @functools.wraps(method)
+    def in_eval_mode(self, *args, **kwargs):
+        training = self.training
+        self.eval()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.train(training)
+    return in_eval_mode
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -299,6 +314,7 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------ generation
 
+    @_in_eval_mode
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], temperature: float = 0.0,
                  top_p: float = 1.0, stop: str | list[str] | None = None, seed: int | None = None,
@@ -316,19 +332,22 @@ class GPT(nn.Module):
         temperature 0 is greedy; otherwise nucleus sampling.
         on_token(row, token), if given, sees each new token as it is kept, then
         on_token(row, None) as the row ends (a server streams the tokens and
-        answers each row as soon as it is complete).
+        answers each row as soon as it is complete). Logits gone NaN or infinite
+        (float16 overflowing) raise FloatingPointError. Dropout is off, whatever the mode.
         """
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs at least one prompt, each of at least one token")
+        if not (isinstance(prompts, list) and prompts and all(isinstance(p, (list, tuple)) and p for p in prompts)):
+            raise ValueError("generate needs a list of prompts, each a list of at least one token id")
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
-        if not (isinstance(budgets, list) and len(budgets) == len(prompts)
-                and all(isinstance(n, int) and n >= 0 for n in budgets)):
+        if not (isinstance(budgets, list) and len(budgets) == len(prompts)  # True is an int, not a budget
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in budgets)):
             raise ValueError(f"max_new_tokens must be an integer >= 0 or a list of one per prompt, "
                              f"not {max_new_tokens!r}")
         if not (0 <= temperature < math.inf and 0 <= top_p <= 1):  # nan fails both
             raise ValueError(f"temperature must be finite and >= 0, top_p in [0, 1]; not {temperature}, {top_p}")
         if not all(isinstance(t, numbers.Integral) and 0 <= t < self.config.vocab_size for p in prompts for t in p):
             raise ValueError(f"prompt token ids must be integers in [0, {self.config.vocab_size})")
+        if not (seed is None or isinstance(seed, numbers.Integral)):
+            raise ValueError(f"seed must be an integer or None, not {seed!r}")
         B, device = len(prompts), self.lm_head.weight.device
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         T0, most = int(lengths.max()), max(budgets)
@@ -397,11 +416,17 @@ class GPT(nn.Module):
         stop = tokenizer.stop_strings(stop)
         window = max((len(s.encode(errors="surrogatepass")) for s in stop), default=0) + 1  # tokens to decode for a check
         for t in range(most):
+            # activations past float16's range: found in the one sync a step has (tolist), not another
+            finite = logits.isfinite().all(dim=-1)
             logits[:, tokenizer.VOCAB_SIZE:] = -float("inf")  # padding rows of the vocabulary
-            next_ids = sample(logits.float(), temperature, top_p, generator)
-            for row, token in enumerate(next_ids.tolist()):
+            next_ids = sample(logits.float().where(finite[:, None], 0.0), temperature, top_p, generator)
+            for row, token in enumerate(next_ids.where(finite, -1).tolist()):
                 if done[row]:
                     continue
+                if token < 0:
+                    name = str(dtype).removeprefix("torch.")
+                    raise FloatingPointError(f"the logits went NaN or infinite in {name} (activations beyond its "
+                                             f"range): run the model in float32 or bfloat16 (--dtype=float32)")
                 if token == tokenizer.EOT:
                     end(row)
                     continue
@@ -514,7 +539,7 @@ class GPT(nn.Module):
         *.safetensors, or a checkpoint of ours (a .pt file)."""
         if not str(name_or_path).strip():  # Path("") would be the current folder
             raise FileNotFoundError("no model named (an empty path)")
-        path = Path(name_or_path)
+        path = Path(name_or_path).expanduser()  # --ckpt=~/x reaches us unexpanded
         if path.is_file() and path.suffix in (".safetensors", ".json"):
             if (path.parent / "config.json").exists():
                 raise ValueError(f"{path} is one file of a Hugging Face model: pass its folder, {path.parent}")
@@ -522,6 +547,8 @@ class GPT(nn.Module):
                              f"(config.json and *.safetensors) or hub id")
         if path.suffix == ".pt" or path.is_file():
             return cls.from_checkpoint(path, device)
+        if path.exists() and not path.is_dir():  # a device or a pipe (/dev/null)
+            raise ValueError(f"{name_or_path} is neither a checkpoint file nor a model's folder")
         if not path.is_dir() and not looks_like_hub_id(str(name_or_path)):
             raise FileNotFoundError(f"no such checkpoint or folder: {name_or_path}")
         if path.is_dir() and not (path / "config.json").exists():
@@ -775,6 +802,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, setting: str
     """Weights ready for inference (our .pt, a Hugging Face folder or hub id) on device in
     dtype, or one line, naming the setting that gave them, saying why not."""
     model = load_for_tokens(name, f"{setting}={name}").to(device=device, dtype=dtype).eval()
+    model.config.attention = "auto"  # how the checkpoint trained (triton): here, what suits this device
     # Weights that went NaN in training, or that overflow float16, would only show as
     # garbage text and a pass@k of zero: say so here instead.
     broken = next((n for n, t in model.state_dict().items() if not torch.isfinite(t).all()), None)
@@ -916,7 +944,7 @@ def download_hf(repo: str) -> Path:
     import requests
     from tqdm import tqdm
 
-    cache = Path(os.environ.get("PHI1_CACHE", Path.home() / ".cache" / "phi1")) / "hub" / repo
+    cache = Path(os.environ.get("PHI1_CACHE") or Path.home() / ".cache" / "phi1") / "hub" / repo  # "" too
     base = f"https://huggingface.co/{repo}/resolve/main/"
 
     def fetch(name: str, required: bool = True) -> Path | None:
@@ -924,9 +952,13 @@ def download_hf(repo: str) -> Path:
         if target.exists():
             return target
         try:
-            r = requests.get(base + name, stream=True, timeout=30)
+            # uncompressed, so that Content-Length is the file's size, to check it came whole
+            r = requests.get(base + name, stream=True, timeout=30, headers={"Accept-Encoding": "identity"})
         except requests.RequestException as e:
-            raise ConnectionError(f"cannot download {repo} from the Hugging Face hub ({e}); "
+            reason = e  # the innermost (no such host, refused): urllib3's wrappings of it run to 300 characters
+            while reason.__cause__ or reason.__context__:
+                reason = reason.__cause__ or reason.__context__
+            raise ConnectionError(f"cannot download {repo} from the Hugging Face hub ({reason}); "
                                   f"pass a local folder with config.json and *.safetensors instead") from None
         with r:
             if r.status_code == 404 and not required:
@@ -936,10 +968,17 @@ def download_hf(repo: str) -> Path:
             cache.mkdir(parents=True, exist_ok=True)  # only for a repo that exists
             tmp = target.with_suffix(f"{target.suffix}.{os.getpid()}.part")  # processes may race
             size = int(r.headers.get("content-length", 0)) or None
-            with open(tmp, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=name) as bar:
-                for chunk in r.iter_content(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+            try:
+                with open(tmp, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=name) as bar:
+                    for chunk in r.iter_content(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                    if size and f.tell() < size:  # cached, it would fail for ever as truncated
+                        raise ConnectionError(f"{base + name}: the download ended after {f.tell()} of its "
+                                              f"{size} bytes; try again")
+            except BaseException:  # Ctrl-C too: a partial file of gigabytes left in the cache for ever
+                tmp.unlink(missing_ok=True)
+                raise
         os.replace(tmp, target)
         return target
 

@@ -110,7 +110,7 @@ from model import GPT, GREEDY_BELOW, derived_seed, load_model, pick_device, pick
 DEFAULTS = dict(
     ckpt="out/ckpt.pt",  # our .pt checkpoint, a Hugging Face phi folder, or a hub id (microsoft/phi-1)
     prompt='def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',  # the text to continue
-    prompt_file="",  # read the prompt from this file instead ("-": standard input)
+    prompt_file="",  # read the prompt from this file instead ("-": standard input; UTF-8, \r\n read as \n)
     max_new_tokens=256,  # tokens to generate at most (served: the default max_tokens)
     temperature=0.8,  # 0 is greedy (served: the default temperature)
     top_p=0.95,  # nucleus sampling probability mass (served: the default top_p)
@@ -190,14 +190,18 @@ def cut(ids: list[int], max_new: int, stops) -> tuple[str, str]:
 # ---------------------------------------------------------------- command line
 
 def read_prompt(cfg) -> str:
+    """--prompt as written, or --prompt_file's text, read alike from a file or standard input:
+    strict UTF-8 less a BOM (else junk tokens), newlines as text mode reads them (\\r\\n as \\n)."""
     if not cfg.prompt_file:
         return cfg.prompt
     try:
         if cfg.prompt_file != "-":
-            return Path(cfg.prompt_file).read_text(encoding="utf-8")
-        if sys.stdin is None:  # started with standard input closed
+            data = Path(cfg.prompt_file).read_bytes()
+        elif sys.stdin is None:  # started with standard input closed
             raise OSError("standard input is closed")
-        return sys.stdin.buffer.read().decode("utf-8")  # as strict as a file's
+        else:
+            data = sys.stdin.buffer.read()
+        return data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read --prompt_file={cfg.prompt_file}: {e}") from None
 
@@ -220,7 +224,11 @@ def print_samples(cfg, model: GPT) -> None:
     for start in range(0, cfg.num_samples, cfg.max_batch):  # --max_batch at a time: memory, and output as it comes
         rows = min(cfg.max_batch, cfg.num_samples - start)
         seeded = derived_seed(seed, start // cfg.max_batch)
-        for i, new in enumerate(model.generate([ids] * rows, max_new, temperature, top_p, stops, seeded)):
+        try:
+            outs = model.generate([ids] * rows, max_new, temperature, top_p, stops, seeded)
+        except FloatingPointError as e:  # float16 overflowing: --dtype's to change
+            raise UserError(str(e)) from None
+        for i, new in enumerate(outs):
             if start + i:
                 print("-" * 40)
             print(prompt + cut(new, max_new, stops)[0], flush=True)

@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import re
+import socket
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -17,8 +19,8 @@ import transformers
 import model as model_module
 import tokenizer
 from config import UserError
-from model import (GPT, GPTConfig, KVCache, PRESETS, config_from_hf, derived_seed, load_checkpoint, load_model,
-                   pick_device, pick_dtype, read_safetensors, sample, write_safetensors)
+from model import (GPT, GPTConfig, KVCache, PRESETS, config_from_hf, derived_seed, load_checkpoint, load_for_tokens,
+                   load_model, pick_device, pick_dtype, read_safetensors, sample, write_safetensors)
 
 SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=64, vocab_size=512)
 ONE_LAYER = GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64)  # full vocabulary
@@ -323,9 +325,14 @@ def test_generation_fills_the_context_and_refuses_what_cannot_be(tmp_path):
             assert int(model(torch.tensor([prompt + full[:i]]))[0][0, -1].argmax()) == token
     for prompts, n, message in [([prompt], 6, "exceeds the context of 64 by 1"), ([[1]], -1, ">= 0"),
                                 ([[1]], 2.5, "an integer"), ([[1, 512]], 1, "token ids must be integers in"),
-                                ([[3.7, 100.9]], 1, "token ids must be integers in")]:  # were cut to 3, 100
+                                ([[3.7, 100.9]], 1, "token ids must be integers in"),  # were cut to 3, 100
+                                ([1, 2, 3], 1, "a list of prompts"), (torch.tensor([[1, 2]]), 1, "a list of prompts"),
+                                ([[1]], True, "an integer")]:  # were torch's errors, and True a budget of 1
         with pytest.raises(ValueError, match=message):
             model.generate(prompts, n)
+    for seed in (1.5, "7"):
+        with pytest.raises(ValueError, match="seed must be an integer or None"):
+            model.generate([[1]], 2, 1.0, seed=seed)
     for temperature, top_p in [(-1.0, 1.0), (math.inf, 1.0), (math.nan, 1.0), (1.0, 2.0), (1.0, math.nan)]:
         with pytest.raises(ValueError, match="temperature must be finite and >= 0, top_p in"):
             model.generate([[1]], 2, temperature, top_p)  # -1 was greedy without a word, inf a torch error
@@ -518,6 +525,23 @@ def test_a_file_or_folder_that_is_no_model_is_named_as_such(tmp_path):
         GPT.from_pretrained(str(tmp_path))
 
 
+def test_a_checkpoint_under_a_tilde_loads_and_one_that_is_no_file_is_named_as_such(tmp_path, monkeypatch):
+    """--ckpt=~/x reaches Python unexpanded, and /dev/null was "no such checkpoint"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save({"model": small_model().state_dict(), "config": vars(SMALL)}, tmp_path / "ckpt.pt")
+    assert torch.equal(GPT.from_pretrained("~/ckpt.pt").lm_head.weight, small_model().lm_head.weight)
+    with pytest.raises(ValueError, match="^/dev/null is neither a checkpoint file nor a model's folder$"):
+        GPT.from_pretrained("/dev/null")
+
+
+def test_a_checkpoint_trained_with_the_triton_kernel_samples_with_auto(tmp_path):
+    """"triton" asks for the kernel where there is none (the CPU): a note on every sample.py run."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": GPT(PRESETS["nano"]).state_dict(), "config": {**vars(PRESETS["nano"]), "attention": "triton"}},
+               path)
+    assert load_model(str(path), torch.device("cpu"), torch.float32).config.attention == "auto"
+
+
 def test_a_model_without_the_tokenizers_ids_is_refused_at_load(tmp_path):
     """sample.py and the others feed load_model's model the tokenizer's 50295 ids: fewer rows
     would fail at the first prompt (a HF folder or a checkpoint of ours alike)."""
@@ -645,6 +669,27 @@ def test_a_bfloat16_model_generates():
         assert out[0][0] == int(model(torch.tensor([prompt]))[0][0, -1, :tokenizer.VOCAB_SIZE].argmax())
 
 
+def test_logits_that_overflow_float16_are_an_error_naming_the_dtype_not_garbage():
+    """Sampling failed in torch's multinomial, and greedy decoding gave token 0 over and over."""
+    model = small_model(seed=3).half()
+    with torch.no_grad():  # each fits float16, their sum does not
+        model.layers[0].attn_out_bias.fill_(60000)
+        model.layers[0].mlp_out_bias.fill_(60000)
+    for temperature in (0.0, 1.0):
+        with pytest.raises(FloatingPointError, match=r"NaN or infinite in float16 .* \(--dtype=float32\)"):
+            model.generate([[1, 2], [3]], 4, temperature, seed=0)
+
+
+def test_greedy_generation_is_the_same_in_training_mode_which_it_gives_back():
+    """train.py samples mid-training, and from_hf_state_dict's model is in training mode:
+    dropout changed the greedy tokens."""
+    model = small_model(seed=3, config=replace(SMALL, dropout=0.5))
+    expected = model.generate([[1, 2, 3]], 10)
+    model.train()
+    assert model.generate([[1, 2, 3]], 10) == expected
+    assert model.training and all(m.training for m in model.modules())
+
+
 def test_a_minimal_hf_config_gets_transformers_defaults():
     """Keys a config.json leaves out mean transformers' PhiConfig defaults
     (partial_rotary_factor 0.5, rope_theta 10000, 2048 positions)."""
@@ -763,6 +808,26 @@ def test_pick_dtype_and_pick_device(monkeypatch):
         assert pick_dtype("auto", torch.device("cuda")) == dtype, major
 
 
+class HubResponse:
+    """The hub's answer for one file of folder: 404 if it has none, else its bytes and
+    their Content-Length, or `chunks` in their place (a download cut short)."""
+
+    def __init__(self, folder, name, chunks=None):
+        file = folder / name
+        self.status_code = 200 if file.exists() else 404
+        self.headers = {"content-length": str(file.stat().st_size)} if file.exists() else {}
+        self.chunks = [file.read_bytes()] if chunks is None and file.exists() else chunks
+
+    def iter_content(self, size):
+        yield from self.chunks
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def test_a_single_file_hub_repo_downloads_once(tmp_path, monkeypatch):
     """Most hub repos have one model.safetensors and no index: the index's 404 is
     not an error, and a second load asks the hub nothing."""
@@ -771,30 +836,67 @@ def test_a_single_file_hub_repo_downloads_once(tmp_path, monkeypatch):
     ours.save_pretrained(tmp_path / "hub")
     asked = []
 
-    class Response:
-        def __init__(self, name):
-            self.file = tmp_path / "hub" / name
-            self.status_code = 200 if self.file.exists() else 404
-            self.headers = {}
-
-        def iter_content(self, size):
-            yield self.file.read_bytes()
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
     def get(url, **kwargs):
         asked.append(url.rsplit("/", 1)[-1])
-        return Response(asked[-1])
+        return HubResponse(tmp_path / "hub", asked[-1])
     monkeypatch.setattr(requests, "get", get)
     loaded = GPT.from_pretrained("someone/phi-tiny")
     assert torch.equal(loaded.lm_head.weight, ours.lm_head.weight)
     assert sorted(asked) == ["config.json", "model.safetensors", "model.safetensors.index.json"]
     GPT.from_pretrained("someone/phi-tiny")
     assert len(asked) == 3
+
+
+def test_a_download_cut_short_or_interrupted_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    """A response short of its Content-Length was cached (then "truncated" for ever), and
+    Ctrl-C left its .part file (gigabytes for phi-1)."""
+    monkeypatch.setenv("PHI1_CACHE", str(tmp_path / "cache"))
+    small_model(seed=2).save_pretrained(tmp_path / "hub")
+    weights = (tmp_path / "hub" / "model.safetensors").read_bytes()
+    cache = tmp_path / "cache" / "hub" / "someone" / "phi-tiny"
+
+    def interrupted():
+        yield weights[:100]
+        raise KeyboardInterrupt
+
+    cases = [([weights[:100]], ConnectionError, f"ended after 100 of its {len(weights)} bytes; try again"),
+             (interrupted(), KeyboardInterrupt, None)]
+    for chunks, error, message in cases:
+        monkeypatch.setattr(requests, "get", lambda url, **kwargs: HubResponse(
+            tmp_path / "hub", url.rsplit("/", 1)[-1], chunks if url.endswith("/model.safetensors") else None))
+        with pytest.raises(error, match=message):
+            GPT.from_pretrained("someone/phi-tiny")
+        assert [f.name for f in cache.iterdir()] == ["config.json"]
+    monkeypatch.setattr(requests, "get", lambda url, **kwargs: HubResponse(tmp_path / "hub", url.rsplit("/", 1)[-1]))
+    assert torch.equal(GPT.from_pretrained("someone/phi-tiny").lm_head.weight, small_model(seed=2).lm_head.weight)
+
+
+def test_an_uncached_hub_id_offline_is_one_line_with_the_reason_and_the_advice(tmp_path, monkeypatch):
+    """urllib3's wrappings of the reason took the 300 characters, cutting both it and the advice."""
+    monkeypatch.setenv("PHI1_CACHE", str(tmp_path))
+    real_get = requests.get
+    with socket.socket() as closed:  # bound, not listening: a connection to it is refused at once
+        closed.bind(("127.0.0.1", 0))
+        hub = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        monkeypatch.setattr(requests, "get", lambda url, **kwargs: real_get(
+            url.replace("https://huggingface.co", hub), **kwargs))
+        with pytest.raises(UserError) as error:
+            load_for_tokens("someone/uncached")
+    assert str(error.value) == ("cannot load someone/uncached: cannot download someone/uncached from the Hugging "
+                                "Face hub ([Errno 111] Connection refused); pass a local folder with config.json and "
+                                "*.safetensors instead")
+
+
+def test_an_empty_phi1_cache_means_the_default_cache_not_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHI1_CACHE", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    small_model(seed=2).save_pretrained(tmp_path / "home" / ".cache" / "phi1" / "hub" / "someone" / "phi-tiny")
+
+    def offline(*args, **kwargs):
+        raise requests.ConnectionError("no network")
+    monkeypatch.setattr(requests, "get", offline)
+    assert torch.equal(GPT.from_pretrained("someone/phi-tiny").lm_head.weight, small_model(seed=2).lm_head.weight)
 
 
 def test_flops_per_token_of_phi_1():

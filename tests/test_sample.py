@@ -1038,6 +1038,30 @@ def test_a_prompt_from_standard_input_is_read_as_strictly_as_a_file(ckpt, monkey
         sample.read_prompt(cfg)
 
 
+def test_a_prompt_file_and_standard_input_read_alike_without_a_bom(ckpt, tmp_path, monkeypatch):
+    """A BOM was kept (3 junk tokens), and standard input kept the \\r\\n a file reads as \\n."""
+    import io
+    data = "\ufeffdef f():\r\n    pass\r\n".encode()
+    (tmp_path / "p.py").write_bytes(data)
+    for name in (tmp_path / "p.py", "-"):
+        cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", f"--prompt_file={name}"])
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+        assert sample.read_prompt(cfg) == "def f():\n    pass\n"
+
+
+def test_cli_says_which_dtype_overflowed(ckpt):
+    """float16 activations past its range: a traceback from torch's sampler, or token 0 over and over."""
+    model = GPT.from_checkpoint(ckpt).half()
+    with torch.no_grad():  # each fits float16, their sum does not
+        model.layers[0].attn_out_bias.fill_(60000)
+        model.layers[0].mlp_out_bias.fill_(60000)
+    for temperature in (0, 0.8):
+        cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", f"--temperature={temperature}",
+                                                   "--max_new_tokens=4"])
+        with pytest.raises(UserError, match=r"NaN or infinite in float16 .* \(--dtype=float32\)"):
+            sample.print_samples(cfg, model)
+
+
 def test_cli_refuses_a_prompt_that_fills_the_context(ckpt, reference):
     cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}"])
     cfg.prompt = " x" * BLOCK
