@@ -14,7 +14,8 @@ Sources (--source):
 
 Each document is checked (skipped and counted when unreadable, not a regular file (a
 FIFO, a device), larger than --max_file_bytes, binary (has NUL bytes), not UTF-8 or
-empty; a folder that cannot be listed is counted too), deduplicated exactly by the sha256
+empty; so are a folder that cannot be listed, a JSONL line that is no JSON object, and
+a JSON array, not JSONL (json_array)), deduplicated exactly by the sha256
 of its bytes, and put in val when a hash of its content falls under --val_fraction: the
 split never depends on paths or order, so it is the same on every run and machine. A
 small corpus that the hash leaves without train (or val) documents gets one moved over;
@@ -51,7 +52,9 @@ import errno
 import fcntl
 import glob
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -62,7 +65,8 @@ import sysconfig
 import tempfile
 import time
 from collections import Counter
-from multiprocessing import Pool
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -85,7 +89,7 @@ DEFAULTS = dict(
     max_file_bytes=1_000_000,  # skip larger documents (generated code, embedded data)
     max_bytes=0,               # stop after this many bytes of kept documents (0 = no limit)
     max_docs=0,                # stop after this many kept documents (0 = no limit)
-    workers=0,                 # tokenizer processes (0 = all cores)
+    workers=0,                 # tokenizer processes (0 = all cores; never more than the cores)
     seed=0,                    # salt of the train/val hash: another seed, another val set
     hf_dataset="bigcode/the-stack-dedup",  # hf: dataset on the Hugging Face Hub
     hf_config="",              # hf: configuration name ("" = none)
@@ -125,10 +129,13 @@ def interpreter_roots() -> list[Path]:
 
 
 def list_python_files(roots: list[Path]) -> tuple[list[tuple[str, int, int]], list[str]]:
-    """(path, size, mtime_ns) of every .py file under the roots (a root may be a file of
+    """(path, size, ctime_ns) of every .py file under the roots (a root may be a file of
     any name), sorted, size -1 where stat fails, so the file counts as unreadable; and the
     folders that could not be listed, counted too. Symlinked files are read, symlinked
-    folders are not walked into: a link to a parent would loop, one to a sibling read twice."""
+    folders are not walked into: a link to a parent would loop, one to a sibling read twice.
+    The ctime, not the mtime, for the fingerprint: it changes on every write and chmod, and
+    nobody can set it back (touch -r and cp -p keep an edited file's mtime, and a chmod
+    that makes a skipped file readable leaves it alone)."""
     paths, unlisted = [], []
     for root in roots:
         if not root.is_dir():  # named in --inputs: even a FIFO or a device, which is then skipped
@@ -141,7 +148,7 @@ def list_python_files(roots: list[Path]) -> tuple[list[tuple[str, int, int]], li
     for path in sorted(paths):
         try:
             st = path.stat()
-            listing.append((str(path), st.st_size, st.st_mtime_ns))
+            listing.append((str(path), st.st_size, st.st_ctime_ns))
         except OSError:
             listing.append((str(path), -1, 0))
     return listing, sorted(unlisted)
@@ -159,7 +166,8 @@ def read_regular(path: str, limit: int) -> bytes | None:
 
 
 # A source yields one item per document: (utf-8 bytes or None, why it is skipped or None,
-# bytes read from the source, the document's id).
+# bytes read from the source, the document's id); (None, None, ...) where bytes read hold
+# no document (a blank JSONL line), for the progress bar.
 
 def local_items(listing, unlisted: list[str], max_file_bytes: int):
     for folder in unlisted:
@@ -251,7 +259,11 @@ def text_item(text, nbytes: int, doc_id: str):
     return data, None, nbytes or len(data), doc_id
 
 
-def jsonl_items(files: list[Path]):
+def jsonl_items(files: list[Path], max_file_bytes: int):
+    # JSON spells a byte of text in at most 6 (\u0000, or \uXXXX for each 3-byte character): a
+    # longer line holds a document over max_file_bytes, and is passed over rather than held and
+    # parsed whole (a JSON array of 175 MB on one line took 1.5 GB)
+    limit = 6 * max_file_bytes + (1 << 16)  # and room for the id
     for path in files:
         try:
             f = open(path, "rb")
@@ -260,37 +272,61 @@ def jsonl_items(files: list[Path]):
             continue
         resolved = path.resolve()
         with f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():  # a blank line holds no document, as read_jsonl and filter.py agree
-                    continue
+            for number, line in enumerate(iter(lambda: f.readline(limit + 1), b""), 1):
                 where = f"{path_id(str(resolved))}:{number}"  # filter.py's name for a document without an id
-                try:
-                    doc = json.loads(line)
-                except (ValueError, RecursionError):  # not JSON, or not UTF-8, or nested too deep
-                    yield None, "bad_json", len(line), where
+                size = len(line)
+                if size > limit and not line.endswith(b"\n"):  # only its start was read
+                    size += skip_line(f)
+                    reason = "too_big"
+                elif not line.strip():  # a blank line holds no document, as read_jsonl and filter.py agree
+                    yield None, None, size, where
                     continue
-                if not isinstance(doc, dict):
-                    yield None, "bad_json", len(line), where
+                else:
+                    try:
+                        doc = json.loads(line)
+                        reason = None if isinstance(doc, dict) else "bad_json"
+                    except UnicodeDecodeError:
+                        reason = "not_utf8"
+                    except (ValueError, RecursionError):  # not JSON, or nested too deep
+                        reason = "bad_json"
+                if reason:  # a file of one JSON array, not JSON lines, is named for what it is
+                    yield None, "json_array" if number == 1 and line.startswith(b"[") else reason, size, where
                     continue
                 doc_id = doc.get("id")  # "id": null is no id, not the id "None"
-                yield text_item(doc.get("text"), len(line), where if doc_id is None else utf8_id(str(doc_id)))
+                yield text_item(doc.get("text"), size, where if doc_id is None else utf8_id(str(doc_id)))
+
+
+def skip_line(f) -> int:
+    """Reads binary file f on to the end of its line, keeping nothing; returns the bytes read."""
+    skipped = 0
+    for chunk in iter(lambda: f.readline(1 << 20), b""):
+        skipped += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return skipped
 
 
 def hf_items(cfg):
-    """The rows of a streamed Hugging Face dataset; opens the stream now, so a missing
-    package, a wrong name or no network is a UserError before anything is written."""
+    """The rows of a streamed Hugging Face dataset. Opens the stream and reads its first row
+    now, so that a missing package, a wrong name, no network or a wrong --hf_text_field is a
+    UserError before anything is written: a field that no row has would otherwise stream
+    the whole dataset (hours of The Stack), every row skipped, to end on "no usable documents"."""
     try:
         import datasets
     except ImportError:
         raise UserError("--source=hf needs the datasets package: pip install datasets") from None
     try:
-        stream = datasets.load_dataset(cfg.hf_dataset, cfg.hf_config or None, split=cfg.hf_split,
-                                       data_dir=cfg.hf_data_dir or None, streaming=True)
+        rows = iter(datasets.load_dataset(cfg.hf_dataset, cfg.hf_config or None, split=cfg.hf_split,
+                                          data_dir=cfg.hf_data_dir or None, streaming=True))
+        head = list(itertools.islice(rows, 1))  # the first row: none in an empty dataset
     except Exception as e:  # not found, gated, offline: the user's to fix; the message says which
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise UserError(f"cannot open {cfg.hf_dataset}: {type(e).__name__}: {first_line}") from None
+    if head and cfg.hf_text_field not in head[0]:  # (there but null: that row is skipped as no_text)
+        raise UserError(f"--hf_text_field={cfg.hf_text_field} is no field of {cfg.hf_dataset}, "
+                        f"whose rows have: {', '.join(map(str, head[0]))}")
     return (text_item(row.get(cfg.hf_text_field), 0, f"{cfg.hf_dataset}:{row_number}")
-            for row_number, row in enumerate(stream))
+            for row_number, row in enumerate(itertools.chain(head, rows)))
 
 
 def open_source(cfg) -> SimpleNamespace:
@@ -312,10 +348,10 @@ def open_source(cfg) -> SimpleNamespace:
                                items=lambda: local_items(listing, unlisted, cfg.max_file_bytes))
     if cfg.source == "jsonl":
         files = expand(cfg.inputs)
-        listing = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        listing = [(str(p.resolve()), p.stat().st_size, p.stat().st_ctime_ns) for p in files]  # as list_python_files
         return SimpleNamespace(name=files[0].stem, inputs=[str(p) for p in files], listing=listing,
                                total=sum(size for _, size, _ in listing),
-                               items=lambda: jsonl_items(files))
+                               items=lambda: jsonl_items(files, cfg.max_file_bytes))
     if cfg.source == "hf":
         return SimpleNamespace(name=Path(cfg.hf_dataset).name, inputs=[cfg.hf_dataset], listing=[],
                                total=None, items=lambda: hf_items(cfg))
@@ -354,6 +390,8 @@ def parts(items, cfg, counts: Counter, skipped: Counter):
     docs, size, read = {"train": [], "val": []}, 0, 0
     for data, reason, nbytes, doc_id in items:
         read += nbytes
+        if data is None and reason is None:  # bytes that hold no document: read, for the bar
+            continue
         data = data and data.removeprefix(b"\xef\xbb\xbf")  # a byte order mark is no part of the code
         text, reason = (None, reason) if reason else check(data, cfg.max_file_bytes)
         if reason:
@@ -390,8 +428,11 @@ def encode_docs(texts: list[str]) -> np.ndarray:
     return np.array(ids, dtype=np.uint16)
 
 
-def tokenize(texts: list[str], pool, bar) -> np.ndarray:
-    """encode_docs over all texts, in TASK_BYTES tasks on the pool (in order), or here."""
+def tokenize(texts: list[str], workers: int, bar) -> np.ndarray:
+    """encode_docs over all texts, in TASK_BYTES tasks on at most workers processes (the
+    results in order), or here for a single task. A process pool of the standard library's
+    futures: where a worker dies (killed, out of memory), multiprocessing's Pool starts
+    another but loses its task, and waits for it for ever."""
     tasks, task, size = [], [], 0
     for text in texts:
         task.append(text)
@@ -401,10 +442,21 @@ def tokenize(texts: list[str], pool, bar) -> np.ndarray:
             task, size = [], 0
     if task:
         tasks.append(task)
+    workers = min(workers, len(tasks))
+    # forked: the workers start with the tokenizer loaded (and a test's patches)
+    pool = (ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), initializer=worker_signals)
+            if workers > 1 else None)
     arrays = []
-    for task, ids in zip(tasks, (pool.imap if pool else map)(encode_docs, tasks)):
-        arrays.append(ids)
-        bar.update(sum(map(len, task)))
+    try:
+        for task, ids in zip(tasks, (pool.map if pool else map)(encode_docs, tasks)):
+            arrays.append(ids)
+            bar.update(sum(map(len, task)))
+    except BrokenProcessPool:
+        raise UserError("a tokenizer process died (killed, or out of memory?): "
+                        "rerun to go on from the finished parts") from None
+    finally:
+        if pool:  # the tasks not begun are dropped: a Ctrl-C waits only for those running
+            pool.shutdown(cancel_futures=True)
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
 
 
@@ -664,9 +716,15 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def concatenate(sources: list[Path], path: Path) -> None:
-    """path made of the sources end to end, whole or not at all, as write_atomic."""
+    """path made of the sources end to end, whole or not at all, as write_atomic. A disk
+    that cannot hold the copy beside the sources is a UserError before it is begun, not
+    after it has filled the disk."""
     tmp = path.with_name(path.name + ".tmp")
     try:
+        need, free = sum(src.stat().st_size for src in sources), shutil.disk_usage(path.parent).free
+        if need > free:
+            raise UserError(f"cannot write {path}: it takes {need / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB "
+                            f"are free there (the parts it is made of are kept: free some space and rerun)")
         with open(tmp, "wb") as f:
             for src in sources:
                 with open(src, "rb") as part:
@@ -714,7 +772,7 @@ def give_up(out: Path, part_dir: Path) -> None:
 # ---------------------------------------------------------------- pipeline
 
 def worker_signals() -> None:
-    """The start of a Pool's worker process (prepare's tokenizers, filter.py's). It is in a
+    """The start of a process pool's worker (prepare's tokenizers, filter.py's). It is in a
     process group of its own: Ctrl-C, or the SIGTERM a scheduler sends the job's group,
     reaches the main process alone, which stops the pool (a worker killed while it held
     the pool's queue lock could hang that for good). The SIGTERM that stops it kills it,
@@ -773,20 +831,19 @@ def prepare(cfg, quiet: bool = False) -> dict:
     with run_lock(out, f"another run is preparing {out}: wait for it, stop it, or use another --name"):
         part_dir = start(out, fp)
         counts, skipped = Counter(), Counter()
-        workers = cfg.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                  else os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(cfg.workers or cores, cores)  # more would only take turns on them
         n_parts = 0
         # the bar is closed however the loop ends, so an error or "interrupted" gets a line of its own
-        with (tqdm(total=source.total, unit="B", unit_scale=True, desc=f"prepare {out.name}",
-                   disable=quiet, smoothing=0.05) as bar,
-              Pool(workers, worker_signals) if bins and workers > 1 else contextlib.nullcontext() as pool):
+        with tqdm(total=source.total, unit="B", unit_scale=True, desc=f"prepare {out.name}",
+                  disable=quiet, smoothing=0.05) as bar:
             for i, (docs, read) in enumerate(parts(items, cfg, counts, skipped)):
                 done = part_dir / f"{i:05d}.done"
                 if not done.exists():
                     if bins:
                         for split, split_docs in docs.items():
                             texts = [text for _, text in split_docs]
-                            write_atomic(part_dir / f"{i:05d}.{split}.bin", tokenize(texts, pool, bar).tobytes())
+                            write_atomic(part_dir / f"{i:05d}.{split}.bin", tokenize(texts, workers, bar).tobytes())
                             read -= sum(map(len, texts))  # already on the bar
                     else:
                         write_atomic(part_dir / f"{i:05d}.jsonl", b"".join(json_line({"id": doc_id, "text": text})

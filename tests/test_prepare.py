@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -205,6 +206,25 @@ def test_a_full_disk_is_one_line_leaves_no_tmp_and_a_rerun_resumes(tmp_path, mon
     assert documents(tokens(out, "train")) == texts
 
 
+def test_a_join_the_disk_cannot_hold_is_one_line_before_it_begins_and_a_rerun_resumes(tmp_path, monkeypatch):
+    texts = [f"x{i} = {i}\n" for i in range(2)]
+    src = write_tree(tmp_path / "src", {f"m{i}.py": t for i, t in enumerate(texts)})
+    monkeypatch.setattr(prepare, "PART_BYTES", 1)  # one document per part
+    calls = record_encoding(monkeypatch)
+    cfg = settings(tmp_path, inputs=str(src), val_fraction=0.0)
+    out = tmp_path / "out" / "corpus"
+    real = shutil.disk_usage
+    with monkeypatch.context() as m, pytest.raises(UserError) as e:
+        m.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=10))  # the parts hold more
+        prepare.prepare(cfg, quiet=True)
+    assert re.fullmatch(rf"cannot write {re.escape(str(out / 'train.bin'))}: it takes 0.0 GiB, and 0.0 GiB "
+                        rf"are free there \(the parts .*: free some space and rerun\)", str(e.value))
+    assert not list(out.glob("*.bin*"))  # not begun
+    prepare.prepare(cfg, quiet=True)
+    assert calls == [[texts[0]], [texts[1]]]  # the finished parts were kept
+    assert documents(tokens(out, "train")) == texts
+
+
 def test_cli_full_disk_is_one_line_after_the_progress_bar_and_exit_2(tmp_path):
     src = write_tree(tmp_path / "src", {"a.py": A, "b.py": B})
     full = ("import errno, os, pathlib, runpy, sys\n"
@@ -229,7 +249,7 @@ def test_jsonl_source_skips_bad_lines(tmp_path):
         b"",                                      # blank lines hold no document: not counted
         b" \t\r",
         b"[1, 2]",                                # not an object
-        "{\"text\": \"caf\xe9\"}".encode("latin-1"),  # not UTF-8
+        "{\"text\": \"caf\xe9\"}".encode("latin-1"),  # not UTF-8: not_utf8, not bad_json
         json.dumps({"id": 2}).encode(),           # no text
         json.dumps({"text": 5}).encode(),         # text not a string
         b'{"text": "\\ud800"}',                   # a lone surrogate: not UTF-8
@@ -244,9 +264,29 @@ def test_jsonl_source_skips_bad_lines(tmp_path):
                    inputs=str(tmp_path / "synth" / "books_*.jsonl"))
     meta = prepare.prepare(cfg, quiet=True)
     out = tmp_path / "out" / "books_1"  # default name: the first file's
-    assert meta["skipped"] == {"bad_json": 4, "binary": 1, "empty": 1, "no_text": 2, "not_utf8": 1}
+    assert meta["skipped"] == {"bad_json": 3, "binary": 1, "empty": 1, "no_text": 2, "not_utf8": 2}
     assert meta["duplicates"] == 1
     assert documents(tokens(out, "train")) == [A, B]
+    files = sorted((tmp_path / "synth").iterdir())
+    read = [n for _, n in prepare.parts(prepare.jsonl_items(files, cfg.max_file_bytes), cfg, Counter(), Counter())]
+    assert sum(read) == sum(f.stat().st_size for f in files)  # blank lines too: the progress bar gets to its end
+
+
+def test_a_jsonl_line_too_long_for_max_file_bytes_is_neither_held_nor_parsed(tmp_path, monkeypatch):
+    """A JSON array of 175 MB on one line took 1.5 GB to be skipped as bad_json."""
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "x = 1\n" * 50_000}) + "\n" + json.dumps({"text": A}))
+    (tmp_path / "b.json").write_text(json.dumps([{"text": B}] * 20_000))  # JSON, not JSON lines
+    parsed, real = [], json.loads
+
+    def loads(line, **kwargs):
+        parsed.append(len(line))
+        return real(line, **kwargs)
+    monkeypatch.setattr(json, "loads", loads)
+    meta = prepare.prepare(settings(tmp_path, source="jsonl", inputs=f"{tmp_path}/a.jsonl,{tmp_path}/b.json",
+                                    max_file_bytes=1000, val_fraction=0.0), quiet=True)
+    assert meta["skipped"] == {"json_array": 1, "too_big": 1}
+    assert documents(tokens(tmp_path / "out" / "corpus", "train")) == [A]
+    assert max(parsed) < 1000  # only A's line
 
 
 def test_a_small_corpus_always_gets_a_val_document(tmp_path):
@@ -280,6 +320,21 @@ def test_hf_source_through_a_stand_in_datasets_package(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="pip install datasets"):
         prepare.prepare(settings(tmp_path, source="hf", name="other"), quiet=True)
     assert not (tmp_path / "out" / "other").exists()
+
+
+def test_a_wrong_hf_text_field_is_one_line_before_the_dataset_is_streamed(tmp_path, monkeypatch):
+    read = []
+
+    def load_dataset(name, config, split, data_dir, streaming):
+        for i in range(1000):  # The Stack's millions: hours of streaming, every row skipped
+            read.append(i)
+            yield {"content": f"x = {i}\n", "max_stars_repo_path": f"r/{i}.py"}
+
+    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(UserError, match="^--hf_text_field=text is no field of bigcode/the-stack-dedup, "
+                                        "whose rows have: content, max_stars_repo_path$"):
+        prepare.prepare(settings(tmp_path, source="hf", hf_text_field="text"), quiet=True)
+    assert read == [0] and not (tmp_path / "out" / "corpus").exists()
 
 
 def test_user_errors_leave_nothing_that_looks_complete(tmp_path):
@@ -567,7 +622,7 @@ def test_max_bytes_stops_at_the_document_that_reaches_it(tmp_path):
 
 
 @pytest.mark.parametrize("source", ["local", "jsonl"])
-def test_an_edit_that_keeps_the_size_still_redoes_the_run(tmp_path, source):
+def test_an_edit_that_keeps_the_size_and_the_mtime_still_redoes_the_run(tmp_path, source):
     if source == "local":
         path = write_tree(tmp_path / "src", {"a.py": "x = 1\n"}) / "a.py"
         cfg = settings(tmp_path, inputs=str(path.parent), val_fraction=0.0)
@@ -578,9 +633,12 @@ def test_an_edit_that_keeps_the_size_still_redoes_the_run(tmp_path, source):
     prepare.prepare(cfg, quiet=True)
     before = path.stat()
     path.write_text(path.read_text().replace("x = 1", "x = 2"))
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # a coarse clock may not tick
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # as touch -r, cp -p and rsync -t can
     prepare.prepare(cfg, quiet=True)
     assert documents(tokens(tmp_path / "out" / "corpus", "train")) == ["x = 2\n"]
+    listed = prepare.open_source(cfg).listing
+    path.chmod(0o600)  # a chmod, as one that makes a file skipped as unreadable readable
+    assert prepare.open_source(cfg).listing != listed
 
 
 def test_the_fingerprint_covers_every_setting_that_matters_and_this_file(tmp_path, monkeypatch):
@@ -762,6 +820,32 @@ def test_pool_workers_die_with_a_main_process_killed_outright():
     assert not left
 
 
+def test_a_tokenizer_process_that_dies_is_one_line_and_a_rerun_goes_on(tmp_path, monkeypatch):
+    """A worker killed (out of memory, kill -9) once left the run waiting for its task for ever."""
+    texts = [f"x{i} = {i}\n" for i in range(6)]  # 7 bytes each
+    src = write_tree(tmp_path / "src", {f"m{i}.py": t for i, t in enumerate(texts)})
+    code = ("import os, signal\nfrom config import run\nfrom data import prepare\n"
+            "prepare.PART_BYTES, prepare.TASK_BYTES = 14, 1\n"  # two documents a part, one a task
+            "real = prepare.encode_docs\n"
+            "def encode_docs(texts):\n"
+            "    if texts == ['x3 = 3\\n']:\n"  # in a worker of the second part's pool
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(texts)\n"
+            "prepare.encode_docs = encode_docs\n"
+            "run(prepare.main)\n")
+    result = run_isolated(code, f"--inputs={src}", f"--out_dir={tmp_path / 'out'}", "--name=corpus",
+                          "--val_fraction=0", "--workers=2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.endswith("\nerror: a tokenizer process died (killed, or out of memory?): "
+                                  "rerun to go on from the finished parts\n")
+
+    monkeypatch.setattr(prepare, "PART_BYTES", 14)
+    calls = record_encoding(monkeypatch)
+    prepare.prepare(settings(tmp_path, inputs=str(src), val_fraction=0.0), quiet=True)
+    assert calls == [texts[2:4], texts[4:]]  # the first part was finished
+    assert documents(tokens(tmp_path / "out" / "corpus", "train")) == texts
+
+
 def test_fifos_and_devices_are_skipped_not_waited_on_or_read_forever(tmp_path):
     src = write_tree(tmp_path / "src", {"a.py": A})
     (src / "b_zero.py").symlink_to("/dev/zero")  # its size says 0; reading it never ends
@@ -890,6 +974,25 @@ def test_many_tasks_on_a_pool_come_back_in_order(tmp_path, monkeypatch):
     prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(tmp_path / "d.jsonl"), val_fraction=0.0,
                              workers=2), quiet=True)
     assert documents(tokens(tmp_path / "out" / "corpus", "train")) == texts
+
+
+def test_tokenizer_processes_are_no_more_than_the_cores_or_the_tasks(tmp_path, monkeypatch):
+    """--workers=100000 once forked thousands of processes."""
+    sizes = []
+
+    class Pool(prepare.ProcessPoolExecutor):
+        def __init__(self, workers, *args, **kwargs):
+            sizes.append(workers)
+            super().__init__(workers, *args, **kwargs)
+
+    monkeypatch.setattr(prepare, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})  # three cores
+    monkeypatch.setattr(prepare, "TASK_BYTES", 1)  # a task a document
+    for n in (5, 2):
+        src = write_tree(tmp_path / f"src{n}", {f"m{i}.py": f"x{i} = {i}\n" for i in range(n)})
+        prepare.prepare(settings(tmp_path, inputs=str(src), name=f"c{n}", val_fraction=0.0, workers=100_000),
+                        quiet=True)
+    assert sizes == [3, 2]
 
 
 def test_a_local_source_with_inputs_gets_a_name_of_its_own(tmp_path, monkeypatch):
