@@ -32,6 +32,7 @@ import signal
 import sys
 import time
 from numbers import Real
+from pathlib import Path
 from types import SimpleNamespace
 
 
@@ -43,6 +44,12 @@ def first_process() -> bool:
     """Whether this is torchrun's process 0, or the only process: where each process meets
     the same thing (a signal, the command line's mistakes), one says so."""
     return int(os.environ.get("RANK") or 0) == 0
+
+
+def cache_dir() -> Path:
+    """Where downloads are kept (hub weights, MBPP): $PHI1_CACHE, or ~/.cache/phi1 where it is
+    unset or empty (an empty path would be the current folder)."""
+    return Path(os.environ.get("PHI1_CACHE") or Path.home() / ".cache" / "phi1")
 
 
 def run(main) -> None:

@@ -131,7 +131,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from config import UserError, counted_lines, parse_settings, require, run
+from config import UserError, cache_dir, counted_lines, parse_settings, require, run
 
 DEFAULTS = dict(
     bench="humaneval",  # humaneval or mbpp
@@ -209,7 +209,7 @@ def mbpp_file(path: str = "", warn: bool = True) -> Path:
         return Path(named)
     if OFFLINE_MBPP.is_file() and sha256(OFFLINE_MBPP) == MBPP_SHA256:
         return OFFLINE_MBPP
-    cached = Path(os.environ.get("PHI1_CACHE", Path.home() / ".cache" / "phi1")) / "mbpp.jsonl"
+    cached = cache_dir() / "mbpp.jsonl"
     if cached.is_file() and sha256(cached) == MBPP_SHA256:
         return cached
     import requests
@@ -362,8 +362,11 @@ def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, m
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         seeded = derived_seed(seed, batch[0][0])  # the same batch, the same draws
-        new = model.generate([encoded[p][-room:] for _, p in batch], max_new_tokens, temperature=temperature,
-                             top_p=top_p, stop=stop, seed=seeded)
+        try:
+            new = model.generate([encoded[p][-room:] for _, p in batch], max_new_tokens, temperature=temperature,
+                                 top_p=top_p, stop=stop, seed=seeded)
+        except FloatingPointError as e:  # float16 overflowing: --dtype's to change
+            raise UserError(str(e)) from None
         for (key, _), ids in zip(batch, new):
             yield key, tokenizer.cut_at_stop(tokenizer.decode(ids), stop)
 

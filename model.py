@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tokenizer
-from config import UserError, is_number
+from config import UserError, cache_dir, is_number
 
 log = logging.getLogger("phi1")
 
@@ -944,7 +944,7 @@ def download_hf(repo: str) -> Path:
     import requests
     from tqdm import tqdm
 
-    cache = Path(os.environ.get("PHI1_CACHE") or Path.home() / ".cache" / "phi1") / "hub" / repo  # "" too
+    cache = cache_dir() / "hub" / repo
     base = f"https://huggingface.co/{repo}/resolve/main/"
 
     def fetch(name: str, required: bool = True) -> Path | None:

@@ -1068,6 +1068,17 @@ def test_a_top_p_too_small_for_float32_is_greedy():
     assert list(evaluate.completions_of(model, jobs, [], 2, 8, temperature=0.8, top_p=1e-320)) == greedy
 
 
+def test_a_model_that_overflows_float16_is_one_line_naming_the_dtype():
+    """It was a traceback (and before that, pass@k scored on token 0 over and over)."""
+    torch.manual_seed(0)
+    model = GPT(PRESETS["nano"]).eval().half()
+    with torch.no_grad():  # each fits float16, their sum does not
+        model.layers[0].attn_out_bias.fill_(60000)
+        model.layers[0].mlp_out_bias.fill_(60000)
+    with pytest.raises(UserError, match=r"NaN or infinite in float16 .* \(--dtype=float32\)"):
+        list(evaluate.completions_of(model, [("a", "def f(x):")], [], 1, 8))
+
+
 def test_batches_of_one_prompt_sample_with_draws_of_their_own():
     """Batches of one problem's samples drawn with one seed repeat each other: pass@k from
     n samples would rest on batch_size distinct ones."""
