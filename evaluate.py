@@ -1100,7 +1100,9 @@ def summarize(results: list[dict], ks: list[int]) -> dict:
 def table(summary: dict) -> str:
     ks = [k for k in summary if k.startswith("pass@")]
     head = ["benchmark", "problems", "samples", *ks, *OUTCOMES, "generation", "execution"]
-    row = [summary["bench"], summary["problems"], summary["samples"],
+    problems = summary["problems"]
+    asked = summary.get("problems_asked", problems)
+    row = [summary["bench"], problems if problems == asked else f"{problems} of {asked}", summary["samples"],
            *(f"{100 * summary[k]:.2f}%" for k in ks), *(summary["counts"][o] for o in OUTCOMES),
            f"{summary['seconds']['generation']:.1f} s", f"{summary['seconds']['execution']:.1f} s"]
     widths = [max(len(str(h)), len(str(v))) for h, v in zip(head, row)]
@@ -1144,6 +1146,9 @@ def check_settings(cfg) -> list[int]:
             (cfg.memory_mb >= 64, "--memory_mb must be >= 64"),
             (1 <= cfg.sandbox_uid <= MAX_UID, f"--sandbox_uid must be from 1 to {MAX_UID}"),
             (cfg.workers >= 0, "--workers must be >= 0 (0: one per core)"))
+    if cfg.k and not cfg.samples and ks[-1] > cfg.n_samples:  # found only after all the work
+        raise UserError(f"--k={cfg.k}: pass@{ks[-1]} needs at least {ks[-1]} samples of each problem "
+                        f"(--n_samples={cfg.n_samples})")
     if cfg.n_samples > 1 and not cfg.samples:
         from model import GREEDY_BELOW  # model.sample's rule (sample.py --serve's too); not earlier: torch
         if min(cfg.temperature, cfg.top_p) < GREEDY_BELOW:
@@ -1245,7 +1250,8 @@ def generate_and_score(cfg, ks: list[int], out: Path, every: dict, problems: dic
     if (missing := [k for k in ks if f"pass@{k}" not in summary]) and cfg.k:  # named (DEFAULT_KS: as allowed)
         print(f"warning: no pass@{', pass@'.join(map(str, missing))}: a problem has fewer samples than that "
               f"(--n_samples)", file=sys.stderr)
-    summary = dict(bench=cfg.bench, **summary, malformed_lines=len(malformed), seconds=seconds,
+    summary = dict(bench=cfg.bench, **summary, problems_asked=len(problems), malformed_lines=len(malformed),
+                   seconds=seconds,
                    workers=workers, timeout=cfg.timeout, sandbox=described, samples_file=str(samples_path.resolve()),
                    # and from out: a folder moved (with the samples, if they are elsewhere) still knows them
                    samples_from_out=os.path.relpath(samples_path.resolve(), out.resolve()))
@@ -1253,7 +1259,7 @@ def generate_and_score(cfg, ks: list[int], out: Path, every: dict, problems: dic
     (out / "summary.json").unlink(missing_ok=True)
     write_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results).encode())
     write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    if summary["problems"] < len(problems):
+    if summary["problems"] < len(problems):  # pass@k over these alone: not the benchmark's score
         print(f"warning: only {summary['problems']} of {len(problems)} problems have samples", file=sys.stderr)
     print(table(summary))
     print(f"results in {out / 'results.jsonl'}, summary in {out / 'summary.json'}")

@@ -144,6 +144,26 @@ def test_mbpp_file_sources(tmp_path, monkeypatch, capsys):
 
 # ---------------------------------------------------------------- scoring whole benchmarks
 
+def test_samples_of_part_of_the_benchmark_say_so_in_the_table_and_summary(tmp_path, humaneval):
+    """One problem's sample scored 100.00% with nothing in summary.json to tell it from the benchmark's score."""
+    rows = [dict(task_id="HumanEval/0", completion=humaneval["HumanEval/0"]["reference"])]
+    out = tmp_path / "out"
+    r = cli(f"--samples={write_jsonl(tmp_path / 's.jsonl', rows)}", f"--out={out}", "--workers=1")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["problems"], summary["problems_asked"], summary["pass@1"]) == (1, 164, 1.0)
+    assert r.stdout.splitlines()[1].split()[1:4] == ["1", "of", "164"]  # the table's problems
+    assert "only 1 of 164 problems have samples" in r.stderr
+
+
+def test_a_k_larger_than_the_samples_generated_is_refused_before_generating(tmp_path):
+    with pytest.raises(UserError, match=r"^--k=1,10: pass@10 needs at least 10 samples of each problem "
+                                        r"\(--n_samples=5\)$"):
+        evaluate.main([f"--ckpt={tmp_path / 'absent.pt'}", "--n_samples=5", "--temperature=0.8", "--k=1,10",
+                       f"--out={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_canonical_humaneval_solutions_pass_and_empty_completions_fail(tmp_path, humaneval):
     rows = [dict(task_id=t, completion=c) for t, p in humaneval.items() for c in (p["reference"], "")]
     out = tmp_path / "out"
@@ -1410,7 +1430,7 @@ def test_a_rerun_with_fewer_samples_scores_the_first_of_each_problem(tmp_path, c
     evaluate.main([*common, "--n_samples=3", "--k=1,2,3"])
     assert json.loads((out / "summary.json").read_text())["samples"] == 3
     capsys.readouterr()
-    evaluate.main([*common, "--n_samples=2", "--k=1,2,3"])
+    evaluate.main([*common, "--n_samples=2", "--k=1,2"])
     assert "scoring the first 2 of each" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["samples"] == 2 and "pass@3" not in summary and summary["pass@1"] == 0.5  # not 2 of 3
