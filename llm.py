@@ -17,7 +17,8 @@ needs, in one readable place, with nothing to install:
 - client-side limits of `rpm` requests and `tpm` tokens a minute, as token buckets
   holding one second's worth (a request counts as its characters / 4 plus max_tokens,
   corrected by the usage its reply reports);
-- retried, up to max_retries times: connection errors (refused, dropped), timeouts,
+- retried, up to max_retries times: connection errors (refused, dropped), timeouts
+  (the whole answer, headers and body, must come within `timeout` seconds of asking),
   429, 5xx, 408, 409, and replies that are not JSON or lack the text. The wait doubles from
   `backoff` seconds (up to max_backoff), jittered down to half; a Retry-After (or
   retry-after-ms) header sets it instead, capped at max_backoff and jittered up by a fifth
@@ -26,8 +27,8 @@ needs, in one readable place, with nothing to install:
 - not retried: other 4xx, and a reply whose text is null (a refusal, a content filter),
   which fails as "refused" too, a verdict on what was asked; the request fails with the
   server's message (a 404 also names the URL asked). 401, 403, 404, a 429 for exhausted
-  quota and a malformed URL are `fatal`: a wrong key, model or URL fails every request
-  the same way, so callers should stop;
+  quota, a redirect (3xx: not followed, it names where to) and a malformed URL are `fatal`:
+  a wrong key, model or URL fails every request the same way, so callers should stop;
 - map() that ends early (the caller breaks off or raises, Ctrl-C) returns at once: its
   requests start and retry no more, and those in flight are left to end in daemon
   threads, which do not hold up the program's exit;
@@ -41,26 +42,31 @@ needs, in one readable place, with nothing to install:
   tokens and cost shown leave them out.
 
 check() sends one GET /models, without retries, so that an unreachable endpoint, a
-refused key or a model the server does not list fail at once with one clear line
+redirect, a refused key or a model the server does not list fail at once with one clear line
 (a server without /models passes, and its first request tells). The model must be one
 of the ids listed, as written there (Ollama lists "llama3:latest", not "llama3").
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import http.client
 import json
 import os
 import queue
 import random
 import re
+import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import requests
+import requests.adapters
 import urllib3
 
 DEFAULT_API_BASE = "https://api.openai.com/v1"
@@ -252,7 +258,7 @@ class Client:
 
         def work():
             self._local.stop = stop
-            with requests.Session() as self._local.session:
+            with _watched_session() as self._local.session:
                 while not stop.is_set() and (job := jobs.get()) is not None:
                     try:
                         done.put(one(*job))
@@ -286,16 +292,20 @@ class Client:
             thread.join()
 
     def check(self) -> None:
-        """One GET /models, no retries: raise LLMError if the endpoint is unreachable, refuses
-        the key, or lists models without ours."""
+        """One GET /models, no retries: raise LLMError if the endpoint is unreachable, redirects,
+        refuses the key, or lists models without ours."""
         url, timeout = self.api_base + "/models", min(self.timeout, 10.0)
+        deadline = _deadline.at = time.monotonic() + timeout  # the whole list, as for answers
         try:
-            with self._session().get(url, headers=self.headers, timeout=timeout, stream=True) as r:
-                r._content = _read_by(r, time.monotonic() + timeout)  # the whole list, as for answers
+            with self._session().get(url, headers=self.headers, timeout=timeout, stream=True,
+                                     allow_redirects=False) as r:
+                r._content = _read_by(r, deadline)
         except (requests.Timeout, urllib3.exceptions.TimeoutError):
             raise LLMError(Failure("timeout", f"{self.api_base} did not answer within {timeout:g} s")) from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as e:  # ValueError: a bad URL
             raise LLMError(Failure("connection", f"cannot reach {self.api_base}: {_why(e)}")) from None
+        if r.is_redirect:
+            raise LLMError(Failure("refused", _redirected(r, "/models"), r.status_code, fatal=True))
         if r.status_code in (401, 403):
             raise LLMError(Failure("refused", f"{self.api_base} refused the API key ($OPENAI_API_KEY): "
                                    f"{_server_message(r)}", r.status_code, fatal=True))
@@ -387,9 +397,9 @@ class Client:
         with self._slots:
             with self._lock:
                 self._stats.requests += 1
-            deadline = time.monotonic() + self.timeout
+            deadline = _deadline.at = time.monotonic() + self.timeout
             try:
-                with self._session().post(url, json=payload, headers=self.headers, stream=True,
+                with self._session().post(url, json=payload, headers=self.headers, stream=True, allow_redirects=False,
                                           timeout=(min(self.timeout, 10.0), self.timeout)) as r:
                     body = r._content = _read_by(r, deadline)  # r._content: where r.json() and r.text look
             except (requests.Timeout, urllib3.exceptions.TimeoutError):
@@ -398,6 +408,8 @@ class Client:
                 raise _Failed(Failure("refused", f"cannot send to {url}: {e}", fatal=True), False) from None
             except (requests.RequestException, urllib3.exceptions.HTTPError) as e:  # the latter: reading the body
                 raise _Failed(Failure("connection", _why(e)), True) from None
+        if r.is_redirect:
+            raise _Failed(Failure("refused", _redirected(r, path), r.status_code, fatal=True), False)
         if not 200 <= r.status_code < 300:
             message = _server_message(r)
             if r.status_code == 404:  # a wrong model, or a wrong URL
@@ -440,13 +452,79 @@ class Client:
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = requests.Session()
+            session = self._local.session = _watched_session()
             with self._lock:
                 self._sessions.append(session)
         return session
 
 
 # ---------------------------------------------------------------- reading replies
+
+_deadline = threading.local()  # .at: the time.monotonic() by which this thread's request must be answered
+
+
+class _Watched:
+    """For urllib3's connections: the status line and headers of a response must come by the
+    deadline of this thread's request (_deadline.at), else a watchdog shuts the socket down
+    and the wait ends as a read timeout. requests' read timeout bounds only the wait for each
+    next byte, so a server dripping header lines would hold a request for hours, and one
+    sending "100 Continue" without end (http.client skips each) for ever."""
+
+    def getresponse(self, *args, **kwargs):
+        sock, expired = self.sock, threading.Event()
+
+        def expire():
+            expired.set()
+            with contextlib.suppress(OSError):  # closed already
+                # not SSLSocket's, which unwraps the TLS the read still uses: it would fail as a bad URL (ValueError)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(_deadline.at - time.monotonic(), expire)
+        watchdog.daemon = True  # one left waiting by a request abandoned in map() must not hold up the exit
+        watchdog.start()
+        try:
+            response = super().getresponse(*args, **kwargs)
+        except (OSError, http.client.HTTPException):  # what reading a socket shut down raises
+            if not expired.is_set():
+                raise
+        finally:
+            watchdog.cancel()
+        if expired.is_set():  # also where the headers came cut short: they end where the stream does
+            raise TimeoutError("no headers by the deadline")  # urllib3 makes it a ReadTimeoutError
+        return response
+
+
+class _HTTPConnection(_Watched, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Watched, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """requests' own, with _Watched connections (but behind a proxy: its pools are others)."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+def _watched_session() -> requests.Session:
+    """A requests.Session whose requests must get their headers by _deadline.at (_Watched)."""
+    session = requests.Session()
+    session.mount("http://", _Adapter())
+    session.mount("https://", _Adapter())
+    return session
+
 
 def _read_by(r: requests.Response, deadline: float) -> bytes:
     """The body of a streamed response, all of it in by deadline (time.monotonic()), else
@@ -497,6 +575,15 @@ def _server_message(r: requests.Response) -> str:
         message = r.text
     message = " ".join(str(message or "").split())[:300]
     return message or f"{r.status_code} {r.reason}"
+
+
+def _redirected(r: requests.Response, path: str) -> str:
+    """Where a redirect of a request for path points. Not followed: requests would ask there with
+    a GET in place of the POST (refused, 405, as if for the settings sent), and would leave the
+    API key out on the way to another host."""
+    to = urllib.parse.urljoin(r.url, r.headers["Location"])
+    hint = f"use {to.removesuffix(path)} as --api_base" if to.endswith(path) else "is --api_base right?"
+    return f"{r.url} redirects to {to}: {hint}"
 
 
 def _retry_after(headers) -> float | None:

@@ -580,3 +580,67 @@ def test_connecting_and_check_wait_at_most_ten_seconds_whatever_the_timeout(monk
     with pytest.raises(ZeroDivisionError):
         client.check()
     assert asked == [(10.0, 60), 10.0]
+
+
+@contextlib.contextmanager
+def dripping(first: bytes, drip: bytes):
+    """The URL of a server that answers each request with first, then drip every 0.05 s, for ever."""
+    def serve(listener):
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                threading.Thread(target=answer, args=(listener.accept()[0],), daemon=True).start()
+
+    def answer(conn):
+        with conn, contextlib.suppress(OSError):  # the client gave up
+            conn.recv(1 << 16)
+            conn.sendall(first)
+            while True:
+                conn.sendall(drip)
+                time.sleep(0.05)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=serve, args=(listener,), daemon=True).start()
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+
+
+@pytest.mark.parametrize("first, drip", [(b"", b"HTTP/1.1 100 Continue\r\n\r\n"),
+                                         (b"HTTP/1.1 200 OK\r\n", b"X-Drip: 1\r\n")],
+                         ids=["100-continue", "header-drip"])
+def test_headers_that_never_end_time_out(first, drip):
+    """The timeout bounded only the body: endless "100 Continue"s held a request (and check()) for
+    ever, and a header line every 0.3 s held it 30 s, to fail as "got more than 100 headers"."""
+    with dripping(first, drip) as url:
+        client = llm.Client(url, "fake", timeout=0.5, backoff=0.01, max_retries=1)
+        started = time.monotonic()
+        with pytest.raises(llm.LLMError) as error:
+            client.chat(MESSAGES)
+        assert (error.value.failure.kind, error.value.failure.attempts) == ("timeout", 2)
+        with pytest.raises(llm.LLMError, match="did not answer within 0.5 s"):
+            client.check()
+        assert time.monotonic() - started < 3
+
+
+def test_a_redirect_is_fatal_and_names_the_api_base_to_use(monkeypatch):
+    """Followed, a redirect turned each POST into a GET, which was refused (405) as if for the
+    settings sent; check() followed it and passed."""
+    import llm_server
+
+    def moved(self):
+        self.send_response(301)
+        self.send_header("Location", "https://example.com" + self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    monkeypatch.setattr(llm_server.Handler, "do_GET", moved)
+    monkeypatch.setattr(llm_server.Handler, "do_POST", moved)
+    with FakeLLM() as server, client_for(server) as client:
+        message = f"{server.url}/models redirects to https://example.com/v1/models: use https://example.com/v1 as " \
+                  f"--api_base"
+        with pytest.raises(llm.LLMError) as error:
+            client.check()
+        assert error.value.failure.message == message
+        with pytest.raises(llm.LLMError) as error:
+            client.chat(MESSAGES)
+        failure = error.value.failure
+        assert (failure.status, failure.fatal, failure.attempts) == (301, True, 1)
+        assert failure.message.endswith("/chat/completions: use https://example.com/v1 as --api_base")
