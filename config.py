@@ -29,6 +29,7 @@ import math
 import os
 import re
 import signal
+import stat
 import sys
 import time
 from numbers import Real
@@ -75,6 +76,57 @@ def run(main) -> None:
 def report(e: UserError) -> None:
     """The one line a user mistake prints."""
     print(f"error: {e}", file=sys.stderr, flush=True)
+
+
+def stop_signals() -> list[int]:
+    """The signals that stop a long run cleanly (train.py saves, synth.py writes its report):
+    SIGTERM, Ctrl-C, and SIGHUP (a closed terminal or ssh session; torchrun passes it on)
+    unless it is ignored, as under nohup."""
+    hangup = [] if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else [signal.SIGHUP]
+    return [signal.SIGTERM, signal.SIGINT, *hangup]
+
+
+def write_nowhere_if_gone(stream) -> bool:
+    """Point a terminal or pipe behind stream at /dev/null (a file keeps its lines, and its
+    failures); returns whether it did."""
+    try:
+        fd = stream.fileno()
+        kind = os.fstat(fd).st_mode
+    except (OSError, ValueError):  # no file behind it
+        return False
+    if not (stat.S_ISCHR(kind) or stat.S_ISFIFO(kind)):
+        return False
+    nowhere = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(nowhere, fd)
+    os.close(nowhere)
+    return True
+
+
+class Unfailing:
+    """stdout or stderr once a stop signal came. The signal may have ended where they lead:
+    a terminal that hung up fails every write (EIO), and a `| tee` reader dies with the same
+    Ctrl-C or hang-up (EPIPE). Either failure would end the run before its clean stop (a
+    checkpoint, a report), so such a stream then writes to /dev/null instead."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self._despite_failure(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._despite_failure(self.stream.flush)
+
+    def _despite_failure(self, call, *args):
+        try:
+            return call(*args)
+        except OSError:
+            if not write_nowhere_if_gone(self.stream):
+                raise
+            return call(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 @contextlib.contextmanager

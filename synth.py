@@ -59,16 +59,18 @@ FILE.skipped as "request failed: ..."; those lines are not taken as done.)
 
 Errors end the run with one line and exit status 2, the output as it was: a bad setting
 or subcommand, an output that cannot be written, another run writing it, and an endpoint
-that is unreachable, refuses the key or lacks the model (checked with one GET /models
-before anything else). A 401, 403 or 404 later in the run ends it the same way, and so do
-a write that fails (a full disk), --give_up items in a row without a record (the endpoint
-or model is not up to the task), failures alike (above) and items whose requests failed (a
-rerun retries them); the items before them are written.
+that is unreachable, redirects (the line says where to), refuses the key or lacks the
+model (checked with one GET /models before anything else). A 401, 403 or 404 later in the
+run ends it the same way, and so do a write that fails (a full disk), --give_up items in a
+row without a record (the endpoint or model is not up to the task), failures alike (above),
+items whose requests failed (a rerun retries them) and a bug (after its traceback); the
+items before them are written.
 Settings an OpenAI-compatible API rejects (--temperature outside [0, 2], --max_tokens
-below 1) are refused before any request. Ctrl-C (or SIGTERM) starts no new
-items or requests, cuts short the waits before retries, lets the requests in flight end,
-writes the items finished before the first one left unfinished (a rerun asks for that one
-and those after it again), and exits with status 130; a second Ctrl-C exits at once.
+below 1) are refused before any request. Ctrl-C (or SIGTERM, or SIGHUP: a closed terminal
+or ssh session, unless under nohup) starts no new items or requests, cuts short the waits
+before retries, lets the requests in flight end, writes the items finished before the
+first one left unfinished (a rerun asks for that one and those after it again), and exits
+with status 130; a second Ctrl-C exits at once.
 
 The progress bar shows records/s, tokens, cost (with --price_in/--price_out; unknown
 where the endpoint reports no token usage) and failures. At the end a summary and a
@@ -97,6 +99,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import traceback
 import zlib
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -108,7 +111,7 @@ import numpy as np
 from tqdm import tqdm
 
 import llm
-from config import UserError, parse_args, require, run, subcommand
+from config import Unfailing, UserError, parse_args, require, run, stop_signals, subcommand
 from data.prepare import Appender, cannot_write, check_writable, read_jsonl, run_lock, write_atomic
 
 DEFAULTS = dict(
@@ -386,12 +389,7 @@ def parse_exercise(text: str, name: str) -> tuple[str, str]:
     defines = re.compile(rf"^[ \t]*def[ \t]+{re.escape(name)}[ \t]*\(", re.M)
     code = next((b for b in blocks if defines.search(b)), blocks[0] if blocks else text)
     code = textwrap.dedent(code).strip("\n") + "\n"
-    try:
-        tree = ast.parse(code)
-    except SyntaxError as e:  # newer Pythons raise it for a null byte too, with no line
-        raise Invalid(f"does not parse ({e.msg}{f', line {e.lineno}' if e.lineno else ''})") from None
-    except PARSE_ERRORS as e:  # nesting too deep for the parser, or a null byte (older Pythons)
-        raise Invalid(f"does not parse ({type(e).__name__})") from None
+    tree = _parsed(code, "does not parse")
     *imports, func = tree.body or [None]
     if not isinstance(func, ast.FunctionDef) or not all(isinstance(s, (ast.Import, ast.ImportFrom))
                                                         for s in imports):
@@ -407,7 +405,20 @@ def parse_exercise(text: str, name: str) -> tuple[str, str]:
     if body[0].lineno <= split:
         raise Invalid("the body starts on the docstring's line")
     lines = [line + "\n" for line in code.split("\n")]  # not splitlines(): "\x0c", "\u2028", ... end no line
-    return "".join(lines[:split]), "".join(lines[split:func.end_lineno])
+    prompt, completion = "".join(lines[:split]), "".join(lines[split:func.end_lineno])
+    # its last line may go on past the function's end ("\" onto a comment): cut off, it parses no more
+    _parsed(prompt + completion, "does not parse without what follows it")
+    return prompt, completion
+
+
+def _parsed(code: str, invalid: str) -> ast.Module:
+    """The tree of code; Invalid, saying `invalid` and why, where it does not parse."""
+    try:
+        return ast.parse(code)
+    except SyntaxError as e:  # newer Pythons raise it for a null byte too, with no line
+        raise Invalid(f"{invalid} ({e.msg}{f', line {e.lineno}' if e.lineno else ''})") from None
+    except PARSE_ERRORS as e:  # nesting too deep for the parser, or a null byte (older Pythons)
+        raise Invalid(f"{invalid} ({type(e).__name__})") from None
 
 
 def _placeholder(statement: ast.stmt) -> bool:
@@ -426,11 +437,12 @@ def _placeholder(statement: ast.stmt) -> bool:
 def example_asserts(code: str) -> str:
     """The `>>>` examples of the last function's docstring in code, as Python: `>>> f(1)` then `2`
     becomes `assert (f(1)) == (2)`; an example without a result runs as it is; one that prints,
-    or whose result is no expression (a traceback, printed text), is left out."""
-    docstring = ast.get_docstring(ast.parse(code).body[-1]) or ""
+    or whose result is no expression (a traceback, printed text), is left out; code that does
+    not parse has none that can run."""
     try:
+        docstring = ast.get_docstring(ast.parse(code).body[-1]) or ""
         examples = doctest.DocTestParser().get_examples(docstring)
-    except ValueError:  # badly indented examples: none that can be run
+    except PARSE_ERRORS:  # ValueError: badly indented examples too
         examples = []
     lines = []
     for example in examples:
@@ -647,26 +659,30 @@ def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sand
 
 
 class Interrupts:
-    """While active, the first Ctrl-C or SIGTERM sets .stop, the client's (no new items or
-    requests, no waits before retries; those in flight end, and the sandbox is cleaned up);
-    a second one exits at once (every written line is already flushed)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    """While active, the first Ctrl-C, SIGTERM or SIGHUP (a closed terminal or ssh session; not
+    under nohup, which ignores it) sets .stop, the client's (no new items or requests, no waits
+    before retries; those in flight end, and the sandbox is cleaned up); a second one exits at
+    once (every written line is already flushed)."""
 
     def __init__(self, stop: threading.Event):
         self.stop = stop  # the client's: its requests leave their backoffs at once
         self.signals = 0  # not stop.is_set(): an error that set it first wants its line said
 
     def __enter__(self):
-        self.previous = [signal.signal(s, self.handle) for s in self.SIGNALS]
+        self.caught = stop_signals()
+        self.previous = [signal.signal(s, self.handle) for s in self.caught]
+        self.streams = sys.stdout, sys.stderr  # a signal makes them Unfailing: the report must be written
         return self
 
     def __exit__(self, *exc):
-        for s, previous in zip(self.SIGNALS, self.previous):
+        for s, previous in zip(self.caught, self.previous):
             signal.signal(s, previous)
+        sys.stdout, sys.stderr = self.streams
 
     def handle(self, signum, frame):
         self.signals += 1
+        if self.signals == 1:
+            sys.stdout, sys.stderr = Unfailing(sys.stdout), Unfailing(sys.stderr)
         if self.signals > 1:
             print("\ninterrupted", file=sys.stderr, flush=True)
             os._exit(128 + signum)
@@ -681,8 +697,8 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
     requests failed (they keep their slots for a rerun), or stop is set. Returns the counts of
     this run (written, invalid answers, cut off, items dropped by reason, unanswered) and the
     error that ended it, if one did: a fatal failure, a write that failed, --give_up items in a
-    row without a record, FAILED_ALIKE items in a row whose requests failed the same way, or
-    unanswered items.
+    row without a record, FAILED_ALIKE items in a row whose requests failed the same way,
+    unanswered items, or a bug (its traceback printed).
 
     A refused request (a 4xx, an answer without text) is a verdict on its item (a content
     filter, say) unless the next items are refused the same way, which points at the request
@@ -771,6 +787,10 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
     except UserError as e:  # a write failed: the lines before it are whole
         error = str(e)
         stop.set()  # as above
+    except Exception as e:  # a bug (on one item's answer, say): shown, and the run ends as on an error, with its report
+        traceback.print_exception(e)
+        error = f"{type(e).__name__}: {str(e)[:200]} (a bug: the traceback above says where)"
+        stop.set()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
@@ -888,8 +908,9 @@ def all_runs(path: Path, run: dict) -> dict:
 
 
 def summarize(kind: str, cfg, out: Path, client: llm.Client, counts: Counter, seconds: float, have: int) -> dict:
-    """Print the run's summary and the diversity report; write the report beside the output,
-    with this run's numbers and those of all runs on the output so far."""
+    """Write the report beside the output, with this run's numbers and those of all runs on the
+    output so far; then print the run's summary and the diversity report (after: a stdout
+    gone, `| tee` ended by Ctrl-C, must not lose the report, and the run's cost with it)."""
     s, (skipped, path) = client.stats, sidecars(out)
     run = {"written": counts["written"], "seconds": round(seconds, 2), "requests": s.requests,
            "retries": s.retries, "failed_attempts": dict(s.errors), "failed_requests": dict(s.failures),
@@ -900,6 +921,7 @@ def summarize(kind: str, cfg, out: Path, client: llm.Client, counts: Counter, se
            "replies_without_usage": s.no_usage}
     report = {"file": str(out), "kind": kind, "seed": cfg.seed, "model": cfg.model,
               **diversity(kind, out, skipped), "run": run, "all_runs": all_runs(path, run)}
+    write_atomic(path, (json.dumps(report, indent=1) + "\n").encode())
     kinds = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
     rate = counts["written"] / seconds if seconds > 0 else 0.0
     dropped, distinct, total = report["dropped"], report["distinct_ngrams"], report["all_runs"]
@@ -920,7 +942,6 @@ def summarize(kind: str, cfg, out: Path, client: llm.Client, counts: Counter, se
           f"distinct 1/2/3/4-grams {' / '.join(f'{v:.3f}' for v in distinct.values())} "
           f"(on {report['sampled_records']} records); coverage: {coverage}\n"
           f"report: {path}", flush=True)
-    write_atomic(path, (json.dumps(report, indent=1) + "\n").encode())
     return report
 
 

@@ -33,7 +33,6 @@ import math
 import os
 import re
 import signal
-import stat
 import sys
 import time
 from dataclasses import asdict, replace
@@ -46,7 +45,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
-from config import UserError, alike_on_every_process, first_process, parse_settings, report, require, run
+from config import (UserError, Unfailing, alike_on_every_process, first_process, parse_settings, report, require,
+                    run, stop_signals)
 from data.prepare import cannot_write, check_writable, ensure_prepared, read_meta, run_lock
 from model import (GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, load_for_tokens, pick_device,
                    pick_dtype)
@@ -374,56 +374,6 @@ def inference_copy(model: GPT, dtype: torch.dtype) -> GPT:
     return copy.deepcopy(model, memo)
 
 
-def stop_signals() -> list[int]:
-    """The signals that save and stop a run: SIGTERM, Ctrl-C, and SIGHUP (a closed terminal or
-    ssh session; torchrun passes it on) unless it is ignored, as under nohup."""
-    hangup = [] if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else [signal.SIGHUP]
-    return [signal.SIGTERM, signal.SIGINT, *hangup]
-
-
-def _write_nowhere_if_gone(stream) -> bool:
-    """Point a terminal or pipe behind stream at /dev/null (a file keeps its lines, and its
-    failures); returns whether it did."""
-    try:
-        fd = stream.fileno()
-        kind = os.fstat(fd).st_mode
-    except (OSError, ValueError):  # no file behind it
-        return False
-    if not (stat.S_ISCHR(kind) or stat.S_ISFIFO(kind)):
-        return False
-    nowhere = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(nowhere, fd)
-    os.close(nowhere)
-    return True
-
-
-class _Unfailing:
-    """stdout or stderr once a stop signal came. The signal may have ended where they lead:
-    a terminal that hung up fails every write (EIO), and a `| tee` reader dies with the same
-    Ctrl-C or hang-up (EPIPE). Either failure would stop the save, so such a stream then
-    writes to /dev/null, and the run saves and stops as it would have."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        return self._despite_failure(self.stream.write, text)
-
-    def flush(self) -> None:
-        self._despite_failure(self.stream.flush)
-
-    def _despite_failure(self, call, *args):
-        try:
-            return call(*args)
-        except OSError:
-            if not _write_nowhere_if_gone(self.stream):
-                raise
-            return call(*args)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
 def _on_signal(signum, frame):
     global _stop_signal
     # a second signal stops at once if it is Ctrl-C, or SIGTERM after Ctrl-C (torchrun passes a
@@ -431,7 +381,7 @@ def _on_signal(signum, frame):
     if _stop_signal is not None and (signum == signal.SIGINT or _stop_signal == signal.SIGINT):
         raise KeyboardInterrupt
     if _stop_signal is None:
-        sys.stdout, sys.stderr = _Unfailing(sys.stdout), _Unfailing(sys.stderr)
+        sys.stdout, sys.stderr = Unfailing(sys.stdout), Unfailing(sys.stderr)
     _stop_signal = _stop_signal or signum
     if first_process():  # under torchrun every process gets it
         print(f"{signal.Signals(signum).name}: saving a checkpoint, then stopping (Ctrl-C again: stop now)",
@@ -611,7 +561,7 @@ def train(cfg, make_data=None, score=None) -> GPT:
     forks, keep theirs)."""
     global _stop_signal
     handlers = {s: signal.getsignal(s) for s in stop_signals()}
-    streams = sys.stdout, sys.stderr  # a stop signal makes them _Unfailing
+    streams = sys.stdout, sys.stderr  # a stop signal makes them Unfailing
     _stop_signal = None
     try:
         with contextlib.ExitStack() as held:  # out_dir's lock, which _train takes, goes however it ends

@@ -140,7 +140,7 @@ def test_killed_and_restarted_run_equals_an_uninterrupted_one(server, reference,
     assert lines(out) == lines(path)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])  # SIGHUP: it killed the run
 def test_ctrl_c_finishes_the_items_in_flight_then_a_rerun_completes(server, reference, tmp_path, sig):
     path, n = reference["textbook"]
     out = tmp_path / "textbook.jsonl"
@@ -296,6 +296,62 @@ def test_the_first_signal_after_an_error_waits_and_the_error_is_still_said(monke
         assert exits == [] and "waiting for the requests in flight" in capsys.readouterr().err
         interrupts.handle(signal.SIGTERM, None)
         assert exits == [128 + signal.SIGTERM]
+
+
+def test_a_hangup_ignored_as_under_nohup_stays_ignored():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with synth.Interrupts(threading.Event()):
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_ctrl_c_that_ended_tee_too_still_writes_the_report(tmp_path):
+    """Under `2>&1 | tee`, Ctrl-C ends tee too: the handler's line raised BrokenPipeError, and the
+    run exited 141 without its report (the run's cost)."""
+    out = tmp_path / "t.jsonl"
+    with FakeLLM(latency=0.1) as slow_server:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "synth.py"), "textbook", "--n=40", f"--out={out}",
+                                 f"--api_base={slow_server.url}", *FAST], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        wait_for_lines(out, 2, proc)
+        proc.stdout.close()  # tee, gone
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    assert json.loads(Path(f"{out}.report.json").read_text())["run"]["written"] >= 2
+
+
+def test_a_stdout_gone_loses_no_report(tmp_path, monkeypatch):
+    """The summary was printed before the report was written: a stdout gone lost the report."""
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    out = tmp_path / "t.jsonl"
+    with FakeLLM() as server:
+        monkeypatch.setattr(sys, "stdout", Gone())
+        with pytest.raises(BrokenPipeError):
+            synth.main(["textbook", f"--out={out}", f"--api_base={server.url}", *FAST, "--n=2"])
+    assert json.loads(Path(f"{out}.report.json").read_text())["run"]["written"] == 2
+
+
+def test_a_bug_on_an_item_ends_the_run_with_its_report(tmp_path, monkeypatch, capsys):
+    """An exception no one expected, raised by an item's worker, left the run with a traceback
+    alone: no summary, and no report (the run's cost)."""
+    def buggy(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(synth, "to_record", buggy)
+    out = tmp_path / "t.jsonl"
+    with FakeLLM() as server:
+        with pytest.raises(UserError, match=r"^RuntimeError: a bug \(a bug: the traceback above says where\)$"):
+            synth.main(["textbook", f"--out={out}", f"--api_base={server.url}", *FAST, "--n=4"])
+    assert json.loads(Path(f"{out}.report.json").read_text())["run"]["requests"] > 0
+    assert "Traceback" in capsys.readouterr().err and not out.read_text()
 
 
 def test_an_endpoint_answering_with_a_proxy_page_ends_the_run(tmp_path):
@@ -603,6 +659,16 @@ def test_parse_exercise_ends_lines_where_python_does(odd):
     assert prompt + completion == synth.FENCE.search(text).group(1)
     assert completion == f"    unit = '{odd}'\n    return math.pi * r * r\n"
     assert synth.parse_exercise(text.replace("\n", "\r\n"), "area") == (prompt, completion)
+
+
+def test_an_answer_whose_last_line_goes_on_past_the_function_is_invalid():
+    """A "\\" onto a comment after the function: cut out, the function ended in "\\" and parsed no
+    more, and checking its examples crashed the run, at the same item on every rerun."""
+    text = ('```python\ndef f(a: int) -> int:\n    """Double.\n\n    >>> f(2)\n    4\n    """\n'
+            '    return a * 2 \\\n# done\n```\n')
+    with pytest.raises(synth.Invalid, match="does not parse without what follows it"):
+        synth.parse_exercise(text, "f")
+    assert synth.example_asserts('def f():\n    """>>> f()\n    1\n    """\n    return 1 \\\n') == ""
 
 
 def test_code_too_deep_for_the_parser_or_with_a_null_byte_is_invalid():
