@@ -372,7 +372,7 @@ def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, m
 
 
 def pass_at_1(model, bench: str = "humaneval", limit: int = 0, max_new_tokens: int = 256,
-              batch_size: int = 16, workers: int = 0, timeout: float = 3.0) -> float:
+              batch_size: int = 16, workers: int = 0, timeout: float = 3.0, timeout_setting: str = "--timeout") -> float:
     """Greedy pass@1 of a model in memory on a benchmark (its first `limit` problems
     if limit > 0), nothing written: what finetune.py checks as it trains."""
     problems, stop = load_problems(bench)
@@ -382,7 +382,7 @@ def pass_at_1(model, bench: str = "humaneval", limit: int = 0, max_new_tokens: i
     samples = [dict(task_id=key[0], completion=completion)
                for key, completion in completions_of(model, jobs, stop, batch_size, max_new_tokens)]
     workers = workers if workers > 0 else len(os.sched_getaffinity(0))
-    with Sandbox(workers, timeout) as sandbox:
+    with Sandbox(workers, timeout, timeout_setting=timeout_setting) as sandbox:
         results = score(samples, problems, sandbox, workers, progress=False)
     return sum(r["passed"] for r in results) / len(results)
 
@@ -695,7 +695,8 @@ class Sandbox:
 
     NPROC, NOFILE, FILE_MB, DISK = 64, 256, 64, "size=128m,nr_inodes=16384"
 
-    def __init__(self, workers: int, timeout: float = 3.0, memory_mb: int = 1024, uid: int = 61000):
+    def __init__(self, workers: int, timeout: float = 3.0, memory_mb: int = 1024, uid: int = 61000,
+                 timeout_setting: str = "--timeout"):
         self.timeout, self.root = timeout, os.geteuid() == 0
         _remove_dead_runs_folders()
         self.base = Path(tempfile.mkdtemp(prefix="phi1-sandbox-"))
@@ -737,7 +738,7 @@ class Sandbox:
                             MKL_NUM_THREADS="1")
             probe = self.run([("<probe>", "import decimal, fractions, json, re, socket\n")])
             if probe == "timed out":
-                raise UserError(f"--timeout={timeout} is too short: a program that only imports a few modules "
+                raise UserError(f"{timeout_setting}={timeout} is too short: a program that only imports a few modules "
                                 f"did not finish in that many seconds")
             if probe != "passed":
                 raise UserError(f"the sandbox cannot run Python here ({probe}); as root, Python must be "

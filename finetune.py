@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+import evaluate
 import tokenizer
 import train
 from config import UserError, counted_lines, parse_settings, require, run
@@ -56,6 +57,7 @@ DEFAULTS.update(
     val_fraction=0.02,  # share of exercises (by a hash of their text) kept for the validation loss (one at least; none without validation)
     humaneval_problems=0,  # HumanEval problems scored with each validation loss (0: none, 164: all)
     humaneval_max_tokens=256,  # tokens per HumanEval completion at most
+    humaneval_timeout=3.0,  # seconds each HumanEval program may run (evaluate.py's --timeout)
     batch_size=8,  # sequences per micro-step and process
     total_batch_size=256,  # sequences per optimizer step over all processes (paper: 256)
     learning_rate=1e-4,  # peak learning rate (paper: 1e-4)
@@ -169,11 +171,10 @@ class Exercises:
 
 def humaneval_score(cfg):
     """The score train.train keeps the best of: greedy pass@1 on the first problems."""
-    import evaluate
-
     def score(model):
         value = evaluate.pass_at_1(model, "humaneval", cfg.humaneval_problems, cfg.humaneval_max_tokens,
-                                   batch_size=cfg.batch_size)  # which out of memory advises lowering
+                                   batch_size=cfg.batch_size,  # which out of memory advises lowering
+                                   timeout=cfg.humaneval_timeout, timeout_setting="--humaneval_timeout")
         return (f"HumanEval pass@1 ({cfg.humaneval_problems} problems, {cfg.humaneval_max_tokens} tokens at most)",
                 value)
     return score
@@ -195,18 +196,20 @@ def finetune(cfg):
                  f"--humaneval_problems must be 0 to {HUMANEVAL_PROBLEMS}, not {cfg.humaneval_problems}"),
                 (cfg.humaneval_max_tokens > 0,
                  f"--humaneval_max_tokens must be positive, not {cfg.humaneval_max_tokens}"),
+                (0 < cfg.humaneval_timeout <= evaluate.DAY,
+                 f"--humaneval_timeout must be > 0 and at most {evaluate.DAY:g} s, not {cfg.humaneval_timeout}"),
                 (cfg.humaneval_problems == 0 or cfg.eval_interval > 0,
                  "--humaneval_problems scores at each validation: it needs --eval_interval > 0"),
                 (cfg.base not in ("auto", "scratch"), f"--base must name the weights to finetune (a checkpoint, "
                                                       f"a Hugging Face folder or hub id), not {cfg.base}"))
         exercises, malformed, failing, unchecked = read_exercises(path, cfg.drop_failing)
-        if not exercises:
-            raise UserError(f"no exercises in {path}")
-    if malformed and master:
-        print(f"skipped {counted_lines(malformed, 'malformed')} of {path}: each needs a string prompt and a "
-              f"completion that is not blank")
-    if failing and master:
-        print(f"left out {failing} exercises whose docstring examples failed (--drop_failing)")
+        skipped = [f"skipped {counted_lines(malformed, 'malformed')}: each needs a string prompt and a completion "
+                   f"that is not blank"] if malformed else []
+        skipped += [f"left out {failing} exercises whose docstring examples failed (--drop_failing)"] if failing else []
+        if not exercises:  # saying why, where the file is all of the wrong form
+            raise UserError(f"no exercises in {path}" + "".join(f"; {line}" for line in skipped))
+    if skipped and master:
+        print(f"{path}: " + "; ".join(skipped))
     if cfg.drop_failing and unchecked and master:
         print(f"note: --drop_failing: the examples of {unchecked:,} exercises were never run (\"unchecked\" or no "
               f"verdict): they are kept", file=sys.stderr)
@@ -227,7 +230,6 @@ def finetune(cfg):
 
     def make_data(config):  # windows of the model's context length
         if cfg.humaneval_problems > 0:  # now, not at the first validation
-            import evaluate
             evaluate.prompt_room(config.block_size, cfg.humaneval_max_tokens, "--humaneval_max_tokens")
         data = Exercises(exercises, config.block_size, cfg.loss_on, cfg.val_fraction, path.stem,
                          validate=cfg.eval_interval > 0)

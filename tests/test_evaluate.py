@@ -496,6 +496,10 @@ def test_a_sandbox_that_fails_to_start_leaves_no_lock_files_or_folders(tmp_path,
 def test_a_timeout_too_short_to_start_python_names_the_timeout():
     with pytest.raises(UserError, match=r"--timeout=1e-06 is too short"):
         evaluate.Sandbox(workers=1, timeout=1e-6)
+    # finetune.py's: it named evaluate.py's --timeout, which finetune.py has not
+    with pytest.raises(UserError, match=r"^--humaneval_timeout=1e-06 is too short"):
+        evaluate.pass_at_1(GPT(PRESETS["nano"]).eval(), limit=1, max_new_tokens=4, workers=1, timeout=1e-6,
+                           timeout_setting="--humaneval_timeout")
 
 
 def test_folders_of_runs_killed_outright_go_at_the_next_start(tmp_path, monkeypatch):

@@ -279,7 +279,7 @@ def test_finetune_trains_keeps_the_best_and_resumes_exactly(tmp_path, base):
             "--humaneval_problems=2", "--humaneval_max_tokens=8", "--val_fraction=0.1"]
     straight = cli(*args, f"--out_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
-    assert "skipped 2 malformed lines (lines 61 and 62) of" in straight.stdout
+    assert ": skipped 2 malformed lines (lines 61 and 62): each needs a string prompt" in straight.stdout
     assert "HumanEval pass@1 (2 problems, 8 tokens at most)" in straight.stdout and (tmp_path / "straight" / "best.pt").exists()
     losses = [float(line.split("val loss ")[1].split()[0]) for line in straight.stdout.splitlines()
               if "val loss" in line]
@@ -396,7 +396,8 @@ def test_bad_input_gives_one_clear_line(tmp_path, base):
     only_bad.write_text('{"prompt": "x"}\nnot json\n')
     cases = [([f"--base={foreign}", f"--exercises={data}"], "does not hold a phi-1 model"),
              (["--base=scratch", f"--exercises={data}"], "--base must name the weights to finetune"),
-             ([f"--base={base}", f"--exercises={only_bad}"], "no exercises in"),
+             ([f"--base={base}", f"--exercises={only_bad}"],  # it said no more: why is the user's to guess
+              f"no exercises in {only_bad}; skipped 2 malformed lines (lines 1 and 2): each needs a string prompt"),
              ([f"--base={base}", f"--exercises={tmp_path / 'missing.jsonl'}"], "cannot read"),
              ([f"--base={base}", f"--exercises={data}", "--loss_on=some"], "--loss_on"),
              ([f"--base={base}", f"--exercises={data}", "--humaneval_problems=1"],  # nano: a 64-token context
@@ -413,6 +414,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, base):
     ("--humaneval_problems=-3", "--humaneval_problems must be 0 to 164"),
     ("--humaneval_problems=500", "--humaneval_problems must be 0 to 164"),
     ("--humaneval_max_tokens=-5", "--humaneval_max_tokens must be positive"),
+    ("--humaneval_timeout=0", "--humaneval_timeout must be > 0"),
     ("--val_fraction=1", "--val_fraction must be in"),  # every exercise in val: none left to train on
     ("--humaneval_problems=1 --eval_interval=0", "it needs --eval_interval > 0"),
     ("--batch_size=0", "--batch_size must be positive"),  # train's checks, made before the exercises are read
