@@ -20,6 +20,9 @@ both slow (memory-bound) and large. FlashAttention never builds it:
   hardware instruction): scores are multiplied by scale * log2(e) up front.
   The forward also saves the row's log-sum-exp, lse = m + log(l): with it the
   backward can rebuild any probability directly, P = exp(scale * q.k - lse).
+  It is saved in base 2 too (m + log2(l)): taken to natural log and back, it
+  lost a few ulp of the row's maximum, which the backward's exp2 turns into a
+  relative error of P (1% at softmax_scale 1e4, dV with it).
 - Causal block skipping. With a causal mask, key blocks entirely above the
   diagonal contribute nothing, so the loop stops at the diagonal (about half
   the work). Blocks entirely below it need no mask at all, so each loop is
@@ -298,7 +301,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEED,
     out = acc / l_safe[:, None]
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))  # base 2
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
     _store_tile(o_ptrs, out.to(O.dtype.element_ty), offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
@@ -327,7 +330,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, lo, hi, o
             lse = tl.load(lse_ptr + rows)
             delta = tl.load(delta_ptr + rows)
         # Rows that saw no key store lse = -inf; +inf makes their P exactly 0.
-        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
         # Recompute P^T from the saved log-sum-exp: no running max needed.
         pT = tl.math.exp2(_dot(k, tl.trans(q), UPCAST) * qk_scale - lse[None, :])
         if MASKED:
@@ -496,7 +499,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, SEED,
     do = _load_tile(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :],
                     offs_m, Tq, offs_d, True, HEAD_DIM, BLOCK_D)
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
     # D_i = sum_d dO[i, d] * O[i, d] = rowsum(P * dP), the term the softmax
     # Jacobian subtracts. (With dropout it still holds: O is the dropped and
     # rescaled output.)
@@ -889,7 +892,7 @@ def unsupported_reason(q, k, v, dropout_p=0.0):
 
 def _dropout_p_reason(dropout_p):
     # (the kernels keep it in fp32, where a p within 2**-25 of 1 rounds to 1: 1 / (1 - p) would be inf)
-    if not is_number(dropout_p) or not 0.0 <= float(dropout_p) < 1.0 - 2.0**-25:
+    if not is_number(dropout_p) or not 0.0 <= dropout_p < 1.0 - 2.0**-25:  # (float() of 10**400 overflows)
         return f"dropout_p must be a number in [0, 1), got {dropout_p!r}"
     return None
 
@@ -918,12 +921,12 @@ def _check_and_prepare(q, k, v, causal, dropout_p, softmax_scale, seed):
         raise ValueError(f"flash_attn_func: {reason}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not (is_number(softmax_scale) and 2.0**-126 <= softmax_scale * LOG2E and softmax_scale <= MAX_SCALE):
+    elif not (is_number(softmax_scale) and softmax_scale <= MAX_SCALE and 2.0**-126 <= softmax_scale * LOG2E):
         # Below, the fp32 scale the kernels use is 0, and a masked score's -inf x 0 is nan. Above,
         # a row's scores could all fall under the running maximum's start (-1e30), and the row
         # would read as one that sees no key: an fp16 score is at most 128 x 65504^2 ~ 5.5e11
         # (bf16 inputs reach 3e38, and their products overflow whatever the scale).
-        raise ValueError(f"flash_attn_func: softmax_scale must be a number from 1e-38 to {MAX_SCALE:g}, got "
+        raise ValueError(f"flash_attn_func: softmax_scale must be a number from {2.0**-126 / LOG2E:.4g} to {MAX_SCALE:g}, got "
                          f"{softmax_scale!r}")
     if not isinstance(causal, (bool, np.bool_)):  # bool("no") would be True
         raise ValueError(f"flash_attn_func: causal must be True or False, got {causal!r}")
@@ -970,7 +973,8 @@ def flash_attn_with_lse(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None,
     the scaled, masked scores (natural log; -inf for a row that sees no key).
     The lse is not differentiable."""
     seed_t, causal, dropout_p, scale = _check_and_prepare(q, k, v, causal, dropout_p, softmax_scale, seed)
-    return _attention(q, k, v, seed_t, causal, dropout_p, scale)
+    out, lse2 = _attention(q, k, v, seed_t, causal, dropout_p, scale)
+    return out, lse2 * (1.0 / LOG2E)  # the kernels' base 2, in natural log
 
 
 def dropout_mask(seed, batch, heads, q_len, k_len, dropout_p, device="cuda"):
@@ -984,6 +988,8 @@ def dropout_mask(seed, batch, heads, q_len, k_len, dropout_p, device="cuda"):
         raise ValueError(f"dropout_mask: {reason}")
     if INTERPRET:
         device = "cpu"
+    elif torch.device(device).type != "cuda":
+        raise ValueError(f"dropout_mask: the Triton kernel needs a CUDA GPU (or TRITON_INTERPRET=1), not {device}")
     seed_t = torch.full((1,), _seed_value(seed, "dropout_mask"), dtype=torch.int64, device=device)
     mask = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=device)
     grid = (_cdiv(q_len, 32), _cdiv(k_len, 32), batch * heads)

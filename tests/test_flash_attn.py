@@ -140,6 +140,17 @@ def test_matches_reference(B, H, Tq, Tk, D, causal, dtype, layout):
     assert all(e <= (TOL_LSE if name == "lse" else TOL[dtype]) for name, e in errs.items()), errs
 
 
+@cpu_only
+def test_dv_holds_at_a_large_softmax_scale():
+    """The lse went to natural log and back between the passes: a few ulp of the row's maximum,
+    which the backward's exp2 made a 6% error of dV at scale 1e5 (the winning key's P off)."""
+    q, k, v, leaves, grads = make_qkv(1, 2, 20, 20, 32, F16, "bhtd")
+    fa.flash_attn_func(q, k, v, softmax_scale=1e5).backward(torch.ones_like(q))
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+    fa.attention_reference(qr, kr, vr, softmax_scale=1e5)[0].backward(torch.ones_like(qr))
+    assert rel_err(grads()[2], vr.grad) <= TOL[F16]
+
+
 def test_dropout_zero_is_no_dropout():
     q, k, v, leaves, grads = make_qkv(1, 2, 33, 33, 64, F16, "bhtd")
     a = fa.flash_attn_func(q, k, v)
@@ -227,6 +238,8 @@ def test_bad_inputs_raise_clear_errors():
         (good, {"dropout_p": 1 - 2**-26, "seed": 1}, "dropout_p"),  # 1 in fp32: an output of nan
         (good, {"softmax_scale": 1e-46}, "softmax_scale"),  # 0 in fp32: nan where the causal mask is
         (good, {"softmax_scale": 1e30}, "softmax_scale"),  # every score under the running max's start: 0
+        (good, {"softmax_scale": 10**400}, "softmax_scale"),  # an int no float holds: it was an OverflowError
+        (good, {"dropout_p": 10**400, "seed": 1}, "dropout_p"),
     ]
     if CUDA:
         bad.append(((t(1, 2, 8, 64).cpu(),) * 3, {}, "CUDA"))
@@ -490,3 +503,7 @@ def test_the_script_agrees_with_triton_on_TRITON_INTERPRET():
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr, result
     assert result.stderr.endswith("error: no CUDA GPU: run with TRITON_INTERPRET=1 for the CPU check "
                                   "(TRITON_INTERPRET is '0')\n"), result.stderr
+    # the mask helper too ("RuntimeError: 0 active drivers", from Triton)
+    result = python("0", "-c", "import flash_attn_triton as fa; fa.dropout_mask(1, 1, 1, 4, 4, 0.5, device='cpu')")
+    assert result.stderr.strip().endswith("ValueError: dropout_mask: the Triton kernel needs a CUDA GPU (or "
+                                          "TRITON_INTERPRET=1), not cpu"), result.stderr
