@@ -466,15 +466,18 @@ def build_model(cfg, out_dir: Path, master: bool):
         saved = replace(config_from_dict(ckpt["config"]), attention=cfg.attention)
         wanted = (requested_config(cfg) if origin == "scratch" and cfg.preset
                   else replace(saved, **model_overrides(cfg)))
-        if saved != wanted:
+        if cfg.dropout is None:  # unsaid, the run's own (rerunning its command resumes it)
+            wanted = replace(wanted, dropout=saved.dropout)
+        # dropout is how the weights train, not what they are: a resume may change it
+        if replace(saved, dropout=wanted.dropout) != wanted:
             differs = ", ".join(f"{k} {v} (asked: {getattr(wanted, k)})" for k, v in asdict(saved).items()
-                                if v != getattr(wanted, k))
+                                if v != getattr(wanted, k) and k != "dropout")
             raise UserError(f"{ckpt_path} holds another model than this run asks for: {differs}; use another "
                             f"--out_dir")
         if not {"step", "optimizer", "scaler"} <= ckpt.keys():
             raise UserError(f"{ckpt_path} holds weights without the state to resume their training (a best.pt "
                             f"copied there?): start from them with --init_from={ckpt_path} and another --out_dir")
-        model = GPT(saved)
+        model = GPT(wanted)
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:  # missing, unexpected or misshapen tensors
@@ -487,10 +490,13 @@ def build_model(cfg, out_dir: Path, master: bool):
             trajectory = [k for k in TRAJECTORY if k != "batch_size" or saved.dropout]
             changed = [k for k in trajectory if k in had and
                        same_form(k, had[k]) != same_form(k, getattr(cfg, k, had[k]))]
-            if changed:  # (a *_content or *_used is what settings gave, not a setting)
-                print("warning: resuming with other settings than the run had: " + ", ".join(
-                      (f"{k.replace('_', ' ')}: " if k.endswith(("_content", "_used")) else f"--{k}=")
-                      + f"{getattr(cfg, k)} (was {had[k]})" for k in changed), file=sys.stderr)
+            changes = [(f"{k.replace('_', ' ')}: " if k.endswith(("_content", "_used")) else f"--{k}=")
+                       + f"{getattr(cfg, k)} (was {had[k]})" for k in changed]  # (*_content, *_used: not settings)
+            if wanted.dropout != saved.dropout:
+                changes.append(f"--dropout={wanted.dropout:g} (was {saved.dropout:g})")
+            if changes:
+                print("warning: resuming with other settings than the run had: " + ", ".join(changes),
+                      file=sys.stderr)
             rows, had_rows = cfg.eval_iters * cfg.batch_size, had.get("eval_iters", 0) * had.get("batch_size", 0)
             if cfg.eval_interval > 0 and had.get("eval_interval", 0) > 0 and rows != had_rows:
                 keep = (f": give --eval_iters={had_rows // cfg.batch_size} to keep them"
@@ -694,10 +700,10 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
         if cfg.checkpoint_interval == 0:
             print("warning: --checkpoint_interval=0: this run saves no checkpoint (but on SIGTERM or Ctrl-C); "
                   "its weights are gone when it ends", file=sys.stderr)
-        if cfg.warmup_iters > cfg.max_iters:
-            print(f"warning: --warmup_iters={cfg.warmup_iters} is longer than the run (--max_iters="
+        if cfg.warmup_iters >= cfg.max_iters:
+            print(f"warning: --warmup_iters={cfg.warmup_iters} is as long as the run or longer (--max_iters="
                   f"{cfg.max_iters}): the learning rate climbs to {learning_rate(cfg.max_iters - 1, cfg):.2e} "
-                  f"at most, not --learning_rate={cfg.learning_rate:g}", file=sys.stderr)
+                  f"and never decays (to --min_lr={cfg.min_lr:g})", file=sys.stderr)
 
     @torch.no_grad()
     def val_losses() -> dict[str, float]:
@@ -912,8 +918,10 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                 stop_if_failed()
             if bad <= cfg.max_iters:
                 with together(world, device):  # every process knows: one says it
+                    kept = (f": a rerun goes on from {ckpt_path}, step {saved_step}" if saved_step is not None
+                            else "; no checkpoint was saved")
                     raise UserError(f"the loss became inf or nan at step {bad + 1}: training diverged "
-                                    f"(lower --learning_rate, or resume from the last checkpoint)")
+                                    f"(lower --learning_rate{kept})")
             if world > 1 and (step % cfg.log_interval == 0 or last):
                 # the step's loss over every process (each holds its share of the mean times world)
                 dist.all_reduce(step_loss)

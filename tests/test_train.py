@@ -836,11 +836,29 @@ def test_no_checkpoints_is_warned_of(tmp_path, capsys):
     assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
-def test_a_warmup_longer_than_the_run_is_named(tmp_path, capsys):
+def test_a_warmup_as_long_as_the_run_or_longer_is_named(tmp_path, capsys):
+    """A warmup of the run's length ends at the peak learning rate, never decaying: it was not named."""
     data = make_dataset(tmp_path / "ds")
-    train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), max_iters=2, warmup_iters=8))
-    assert ("warning: --warmup_iters=8 is longer than the run (--max_iters=2): the learning rate climbs to "
-            "7.50e-04 at most, not --learning_rate=0.003") in capsys.readouterr().err
+    for warmup, peak in ((8, "7.50e-04"), (2, "3.00e-03")):
+        train.train(settings(data=str(data), out_dir=str(tmp_path / f"out{warmup}"), max_iters=2,
+                             warmup_iters=warmup, min_lr=1e-4))
+        assert (f"warning: --warmup_iters={warmup} is as long as the run or longer (--max_iters=2): the learning "
+                f"rate climbs to {peak} and never decays (to --min_lr=0.0001)") in capsys.readouterr().err
+
+
+def test_a_resume_may_change_the_dropout_and_otherwise_keeps_the_runs(tmp_path, capsys):
+    """Dropout is how the weights train, not what they are: a resume refused another --dropout
+    (its way out, --init_from, lost the optimizer and the schedule), and rerunning the command
+    without --dropout refused the preset's default."""
+    data, out = str(make_dataset(tmp_path / "ds")), tmp_path / "out"
+    train.train(settings(data=data, out_dir=str(out), max_iters=4, stop_iters=2, dropout=0.2))
+    capsys.readouterr()
+    model = train.train(settings(data=data, out_dir=str(out), max_iters=4, stop_iters=3))  # unsaid: the run's 0.2
+    assert model.config.dropout == 0.2 and capsys.readouterr().err == ""
+    model = train.train(settings(data=data, out_dir=str(out), max_iters=4, dropout=0))
+    assert model.config.dropout == 0.0 and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
+    assert capsys.readouterr().err == "warning: resuming with other settings than the run had: --dropout=0 (was 0.2)\n"
+    assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["dropout"] == 0.0
 
 
 def test_no_validation_needs_no_val_data_and_a_small_context_still_samples(tmp_path, capsys):
@@ -1045,7 +1063,8 @@ def test_the_loss_that_became_nan_is_named_by_its_step(tmp_path, pico, monkeypat
     monkeypatch.setattr(GPT, "forward", nan_at_third_step)
     cfg = settings(preset=pico, data=str(make_dataset(tmp_path / "ds")), out_dir=str(tmp_path / "out"),
                    max_iters=6, log_interval=100, eval_interval=0)
-    with pytest.raises(UserError, match=r"the loss became inf or nan at step 3: training diverged"):
+    with pytest.raises(UserError, match=r"the loss became inf or nan at step 3: training diverged \(lower "
+                                        r"--learning_rate; no checkpoint was saved\)$"):  # none to resume from
         train.train(cfg)
     assert len(calls) == 6 and not (tmp_path / "out" / "ckpt.pt").exists()
 
