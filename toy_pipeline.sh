@@ -150,6 +150,7 @@ run python filter.py apply --corpus="$WEB" --forest="$OUT/forest.npz" --out="$OU
   --top_fraction=0.5
 
 kill $SERVER $TEACHER 2>/dev/null || true  # stages 4 and 5 were theirs: their memory and ports go now
+wait $SERVER $TEACHER 2>/dev/null || true  # reaped here, not announced by the shell as "Terminated"
 trap - EXIT
 
 stage "6. the mixture: filtered code and textbooks as token bins"

@@ -50,6 +50,7 @@ def test_every_stage_runs_and_leaves_its_output(tmp_path):
     env = {**os.environ, **sizes, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     result = run_pipeline(env, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Terminated" not in result.stdout + result.stderr  # the shell's notice of the servers' end
     toy = tmp_path / "toy"
     count = lambda path: len(path.read_text().splitlines())  # noqa: E731
     assert count(toy / "textbooks.jsonl") == 16 and count(toy / "exercises.jsonl") == 16
