@@ -33,7 +33,9 @@ annotate   draws --n documents spread over --strata length quantiles in proporti
            with "refused" (--model, --prompt_chars, --max_tokens,
            --temperature), not asked again by a rerun with those settings, counted in a
            warning; such a document has no score, and train leaves it out. Requests that
-           failed otherwise (an outage) end the run in an error, and a rerun asks again.
+           failed otherwise (an outage) end the run in an error, and a rerun asks again; 5
+           documents in a row that failed alike (llm.FAILED_ALIKE) end it there, rather than
+           each document left retrying for minutes.
            One run at a time writes --labels (a lock). A document with the id of an earlier
            one is not drawn (counted): embed and train know a document by its id and take
            the first, as every stage does. A document is a positive (the label) when its
@@ -46,19 +48,23 @@ embed      embeds --corpus (default: --labels) with --ckpt (our .pt, a Hugging F
            file a say. 2048 is phi-1's context and holds most files whole. Rows are padded
            on the right, which causal attention never lets a real position see, so batches
            need no mask. Writes --embeddings, a float16 .npy (documents x width) in corpus
-           order, and NAME.json beside it (format, ids, count, dim, the source and its
-           fingerprint: corpus, model contents, settings, --dtype as resolved: another one
-           embeds anew). The work goes chunk by chunk (of 1024 documents, whatever
-           --batch_size) into NAME.npy.partial; a rerun continues at the first unfinished
-           chunk (with any --batch_size: a lower one is the answer to running out of memory,
-           which is one line saying so), and the .npy and .json appear only once all are
-           done (one run at a time: a lock on NAME.npy.lock, there while it runs). Under
-           torchrun each process embeds every world-th chunk on its own GPU, and those done
-           first wait for the others for up to a week (SHARE_WAIT), not DDP's hour.
+           order, and NAME.json beside it (format, ids, a digest of each text, count, dim,
+           the source and its fingerprint: corpus, model contents, settings, --dtype as
+           resolved: another one embeds anew). The work goes chunk by chunk (of 1024
+           documents, whatever --batch_size) into NAME.npy.partial; a rerun continues at
+           the first unfinished chunk (with any --batch_size: a lower one is the answer to
+           running out of memory, which is one line saying so), and the .npy and .json
+           appear only once all are done (one run at a time: a lock on NAME.npy.lock,
+           there while it runs). Under torchrun each process embeds every world-th chunk on
+           its own GPU, and those done first wait for the others for up to a week
+           (SHARE_WAIT), not DDP's hour.
 train      fits the forest (RandomForest) on the annotated documents' embeddings, keeping
            --holdout of each class aside for accuracy, precision, recall, F1 and AUC (none,
            where that would leave a side with one class), printed with the out-of-bag
-           accuracy and saved in the forest (--forest) with the embedding's source.
+           accuracy and saved in the forest (--forest) with the embedding's source. Each
+           embedding must be of the text scored (by the digests): a document embedded with
+           another text under its id (a corpus edited since) is left out, with a warning;
+           more than 5% of them (another corpus, or one made again) are refused.
 apply      streams --corpus through the embedding model (the forest's, unless --ckpt; one
            whose weights are not those the forest learned from is noted) and the forest
            a chunk at a time, in constant memory, and writes per shard in
@@ -112,17 +118,20 @@ A problem is its prompt and solution as one module; a document is compared by it
 units, and its tau is the best of theirs: the document if it parses, else each fenced
 code block (a textbook's ```python), else each top-level definition's lines that parse
 (one Python 2 line costs only its part); and of each, every top-level function and
-class with the imports it uses, so a copy inside a larger file is not diluted by the rest.
+class with the imports it uses, alone and with the top-level definitions it uses (a
+problem's helpers), so a copy inside a larger file is not diluted by the rest.
 Names go before comparing (identifiers, attributes, arguments, imports, keywords: a node
 keeps its type only), and so do docstrings (comments never reach the AST); constants keep
 their type, not their value (3 matches 4, not "3"); operators and load/store contexts
-fold into their parent's label (BinOp:Add). Exact distances take O(n1 n2 k1 k2) steps (k:
-the smaller of depth and leaf count), about 20 ms for a pair of benchmark-sized
-functions in Python. As d >= max(n1, n2) - (the labels the two trees share, counted as
-multisets), pairs whose bound falls below --min_tau are not computed; for HumanEval
-against MBPP at 0.8 the bound leaves 0.3% of the pairs. At the paper's scale (880K
-exercises x 664 problems, on --workers processes) that is ~1.5M exact pairs, some
-hours of CPU; an embedding pre-filter would cut it further.
+fold into their parent's label (BinOp:Add). So a trivial one-liner (return sorted(xs),
+return n % 2 == 0) has the tree of the smallest MBPP solutions, a match at tau 1.0: a
+low --prune_tau removes such documents too, as the measure sees structure only. Exact
+distances take O(n1 n2 k1 k2) steps (k: the smaller of depth and leaf count), about 20 ms
+for a pair of benchmark-sized functions in Python. As d >= max(n1, n2) - (the labels the
+two trees share, counted as multisets), pairs whose bound falls below --min_tau are not
+computed; for HumanEval against MBPP at 0.8 the bound leaves 0.3% of the pairs. At the
+paper's scale (880K exercises x 664 problems, on --workers processes) that is ~1.5M exact
+pairs, some hours of CPU; an embedding pre-filter would cut it further.
 """
 
 from __future__ import annotations
@@ -206,7 +215,8 @@ CHUNK = 1024  # documents per chunk: embed's unit of resuming, apply's of stream
 SHARE_WAIT = datetime.timedelta(days=7)  # how long a process done with its chunks waits for the others
 TAUS = (0.95, 0.9, 0.85, 0.8)  # the paper's Table 3
 NGRAM = 13
-EMBEDDINGS_FORMAT = "phi1-embeddings"
+EMBEDDINGS_FORMAT, EMBEDDINGS_VERSION = "phi1-embeddings", 2  # version 2: the texts' digests
+MISMATCHED = 0.05  # train refuses when more of the scored documents than this have other texts embedded
 SCORES = np.dtype([("score", "<f4"), ("tokens", "<u4")])  # apply's scores-I-of-N.bin
 APPLY_OUTPUT = re.compile(r"(?:kept|scores|summary)-\d+-of-\d+\.(?:jsonl|bin|json)")  # the files apply writes in --out
 
@@ -298,6 +308,13 @@ def warn_skipped(skipped: Counter, files: list[Path]) -> None:
 
 def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def text_digest(text: str) -> str:
+    """A document's text in 16 hex digits (8 bytes of blake2b): embed keeps one per document,
+    so that train pairs a score only with the embedding of the text scored, not of another
+    text under its id (a corpus made again, or edited)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
 def files_identity(files: list[Path]) -> list:
@@ -396,9 +413,11 @@ REMINDER = ("I could not find the score. Answer again with just one line of the 
             "Educational value: N\nwhere N is a whole number from 0 to 10.")
 _ASIDE = re.compile(r"[(\[][^()\[\]\n]*[)\]]")  # "(out of 10)", "[0-10]", "(Note: ... Python 2 ...)"
 _SCALE = re.compile(r"\b[01]\s*(?:-|–|—|to)\s*10\b|(?:/|\bout\s+of|\bscale\s+of)\s*10\b", re.I)
-# after a label, words without a digit, then ":", "=" or "is", and the number right after it (past
-# markdown or a line break); a number followed by "/5" or "out of 5" is on another scale
-_AFTER_LABEL = r"\b[^:=\d\n]*?(?::|=|\bis\b)[\s*_`]*(\d+(?:\.\d+)?(?!\w)(?:\s*(?:/|out\s+of)\s*\d)?)"
+# after a label, "is" right after it, or words without a digit or punctuation and then ":" or "="
+# (a later "is" belongs to the prose: "value is low, since the file is 5 lines"), and the number
+# right after that (past markdown or a line break); a number followed by "/5" or "out of 5" is on
+# another scale
+_AFTER_LABEL = r"(?:\s+is\b|\b[^:=\d\n.,;!?]*?[:=])[\s*_`]*(\d+(?:\.\d+)?(?!\w)(?:\s*(?:/|out\s+of)\s*\d)?)"
 _VALUE = re.compile(r"\beducational\s+value" + _AFTER_LABEL, re.I)
 _SCORE = re.compile(r"\bscore" + _AFTER_LABEL, re.I)
 _OUT_OF_TEN = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*10\b", re.I)
@@ -407,9 +426,10 @@ _OUT_OF_TEN = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*10\b", r
 def parse_score(answer: str) -> int | None:
     """The score (0-10) in a teacher's answer, read with asides in brackets and the scale
     ("0 to 10", "1-10", "out of 10", "/10") set aside: the number right after its last
-    label "Educational value: N" (or "= N", "is N"; words without a digit may stand between:
-    "Educational value (0-10): N"), so that neither a number in the explanation ("for
-    Python 3") nor prose after the score counts; else after its last "Score: N"; else its
+    label "Educational value: N" (or "= N"; words without a digit or punctuation may stand
+    before the ":" or "=": "Educational value (0-10): N"; or "is N" right after it), so
+    that neither a number in the explanation ("for Python 3", "value is low, since the file
+    is 5 lines") nor prose after the score counts; else after its last "Score: N"; else its
     last "N/10" or "N out of 10"; else the answer if it is a bare number. Anything else is
     asked again with a reminder, not guessed at ("see PEP 8"). A number on another scale
     ("4/5") is no score rather than rescaled. Halves round up; outside 0-10, no score."""
@@ -593,6 +613,7 @@ def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int) -> C
     conversations = {}  # those of the documents asked again
     unanswered = []  # the failures of requests that failed for good, but for refusals
     answered = False  # an answer came: the teacher takes this run's requests
+    alike = []  # the failures of the last documents, if they failed for good alike, with no answer between
     refusals, held = [], []  # the refusals; the records of those not yet known to be verdicts
 
     def conversation(index: int) -> list[dict]:
@@ -607,11 +628,18 @@ def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int) -> C
             pending = list(todo)
             for attempt in range(1, cfg.attempts + 1):
                 again = []
-                for index, result in client.map(((i, conversation(i)) for i in pending),
-                                                 max_tokens=cfg.max_tokens, temperature=cfg.temperature):
+                answers = client.map(((i, conversation(i)) for i in pending), max_tokens=cfg.max_tokens,
+                                     temperature=cfg.temperature)
+                for index, result in answers:
                     if isinstance(result, llm.Failure) and result.fatal:
                         raise UserError(f"the teacher refuses: {result}")
                     answer = result.text if isinstance(result, llm.Reply) else None
+                    if answer is not None or result.kind == "refused":  # the teacher is there
+                        alike = []
+                    elif alike and not result.alike(alike[-1]):
+                        alike = [result]
+                    else:
+                        alike.append(result)
                     score = None if answer is None else parse_score(answer)
                     if answer is not None and not answered:  # it takes our requests: a refusal is a verdict
                         answered = True
@@ -642,6 +670,11 @@ def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int) -> C
                             unanswered.append(result)
                     writer.write(record)
                     counts["failed" if score is None else score] += 1
+                    if len(alike) >= llm.FAILED_ALIKE:  # an outage: every other document would retry for minutes
+                        answers.close()  # (its threads stop; the requests in flight are asked by a rerun)
+                        break
+                if len(alike) >= llm.FAILED_ALIKE:
+                    break
                 pending = again
             stats = client.stats
         for record in held:  # no answer came: failures, which a rerun asks again
@@ -667,7 +700,9 @@ def ask_teacher(cfg, client: llm.Client, out: Path, todo: dict, drawn: int) -> C
               f"they have no score, train leaves them out, and a rerun with the same --model, --prompt_chars, "
               f"--max_tokens and --temperature does not ask again", file=sys.stderr)
     if unanswered:
-        raise UserError(f"{len(unanswered)} documents got no answer (first: {unanswered[0]}); "
+        stopped = (f"; the last {len(alike)} failed alike, so the run stopped there: is {client.api_base} working?"
+                   if len(alike) >= llm.FAILED_ALIKE else "")
+        raise UserError(f"{len(unanswered)} documents got no answer (first: {unanswered[0]}){stopped}; "
                         f"rerun the same command to ask again")
     if not scores and counts["failed"] and len(todo) == drawn:  # a teacher that does not follow the prompt
         raise UserError(f"none of the {counts['failed']} answers held a score (\"Educational value: N\"); "
@@ -788,14 +823,15 @@ def embed(cfg) -> Path:
                 if same_file(beside, path):
                     raise UserError(f"--embeddings={out} keeps {beside} beside it, the file {corpus_option} names: "
                                     f"writing that would overwrite it; give --embeddings another name")
-        skipped, indices, ids, seen = Counter(), [], [], set()
-        for index, doc_id, _, _ in documents(files, skipped):
+        skipped, indices, ids, digests, seen = Counter(), [], [], [], set()
+        for index, doc_id, text, _ in documents(files, skipped):
             if doc_id in seen:  # e.g. an annotation retried: the same document again
                 skipped["repeated id"] += 1
                 continue
             seen.add(doc_id)
             indices.append(index)
             ids.append(doc_id)
+            digests.append(text_digest(text))
         if first_process():
             warn_skipped(skipped, files)
         if not ids:
@@ -809,6 +845,9 @@ def embed(cfg) -> Path:
         fp = fingerprint(EMBEDDINGS_FORMAT, source, model_identity, ids)
     if embedded(out, sidecar, fp):
         if first_process():
+            meta = json_object(sidecar)
+            if "digests" not in meta:  # an older filter.py's: these are the texts, as the files are those embedded
+                write_atomic(sidecar, json.dumps(dict(meta, version=EMBEDDINGS_VERSION, digests=digests)).encode())
             print(f"{out} already holds these embeddings")
         return out
 
@@ -877,9 +916,9 @@ def embed(cfg) -> Path:
             os.replace(partial, out)
             # with the model's contents (kept out of the fingerprint's source: embeddings made before stay
             # valid), which the forest keeps, so that apply tells another model than the one it learned from
-            meta = dict(format=EMBEDDINGS_FORMAT, version=1, count=n, dim=dim, dtype="float16", fingerprint=fp,
-                        source=dict(source, doc_tokens=min(cfg.doc_tokens, model.config.block_size),
-                                    model=model_identity), ids=ids)
+            meta = dict(format=EMBEDDINGS_FORMAT, version=EMBEDDINGS_VERSION, count=n, dim=dim, dtype="float16",
+                        fingerprint=fp, source=dict(source, doc_tokens=min(cfg.doc_tokens, model.config.block_size),
+                                                    model=model_identity), ids=ids, digests=digests)
             write_atomic(sidecar, json.dumps(meta).encode())
             partial_meta.unlink()
             flags_path.unlink()
@@ -899,6 +938,8 @@ def load_embeddings(path: Path) -> tuple[list[str], np.ndarray, dict]:
         if not isinstance(meta, dict) or meta.get("format") != EMBEDDINGS_FORMAT:
             raise ValueError("not an embeddings description")
         count, dim, ids = int(meta["count"]), int(meta["dim"]), meta["ids"]
+        if len(meta.get("digests", ids)) != len(ids):
+            raise ValueError(f"{len(meta['digests'])} digests of texts for {len(ids)} ids")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: its description {sidecar} is missing or broken ({e})") from None
     try:
@@ -1378,18 +1419,20 @@ def metrics(positive, score, threshold: float = 0.5) -> dict:
                 auc=auc(positive, score))
 
 
-def read_scores(path: Path) -> dict[str, int]:
-    """id -> score from annotate's output: each document's last line with a score. An id
-    whose lines hold two texts (an older annotate asked for each document of a repeated id)
-    is left out, with a warning: embed takes one of the texts, the score may be the other's.
-    A score that is not a number from 0 to 10 (a string, NaN, 1e30) is refused, as a line
-    that is not a JSON object is: annotate writes none, and it would label silently."""
+def read_scores(path: Path) -> tuple[dict[str, int], dict[str, str | None]]:
+    """id -> score from annotate's output: each document's last line with a score; and id ->
+    the text_digest of its text (None for a line without one). An id whose lines hold two
+    texts (an older annotate asked for each document of a repeated id) is left out, with a
+    warning: embed takes one of the texts, the score may be the other's. A score that is not
+    a number from 0 to 10 (a string, NaN, 1e30) is refused, as a line that is not a JSON
+    object is: annotate writes none, and it would label silently."""
     if not path.is_file():
         raise UserError(f"no annotations at {path} (filter.py annotate writes them)")
     scores, texts, mixed, malformed, where = {}, {}, set(), [], path.resolve()
     for number, r in read_jsonl(path, numbered=True):
-        doc_id, text = document_id(r, where, number), hash(str(r.get("text")))  # as embed names it
-        if texts.setdefault(doc_id, text) != text:
+        text = r.get("text")
+        doc_id, digest = document_id(r, where, number), text_digest(text) if isinstance(text, str) else None
+        if texts.setdefault(doc_id, digest) != digest:  # (doc_id as embed names it)
             mixed.add(doc_id)
         score = r.get("score")
         if score is None:  # a failure or a refusal: no score
@@ -1405,7 +1448,35 @@ def read_scores(path: Path) -> dict[str, int]:
     if mixed:
         print(f"warning: {len(mixed)} ids of {path} name two documents (first: {min(mixed)}): their scores are "
               f"left out; annotate into another --labels to score them", file=sys.stderr)
-    return {doc_id: score for doc_id, score in scores.items() if doc_id not in mixed}
+    return {doc_id: score for doc_id, score in scores.items() if doc_id not in mixed}, texts
+
+
+def same_texts(rows: list[int], ids: list[str], meta: dict, digests: dict, cfg) -> list[int]:
+    """The rows of the embeddings (ids, meta: load_embeddings') whose text is the one scored
+    (digests: read_scores'; a label without a text is taken on trust). Annotate and embed
+    know a document by its id, and a corpus made again (prepare.py's dataset:row ids of
+    another draw) or edited holds other texts under the same ids: a forest that learned
+    their scores for those texts filters by someone else's judgement, the reverse of the
+    teacher's at worst. A few such documents (an edited corpus) are left out, with a
+    warning; more than MISMATCHED of them say that another corpus was embedded: refused."""
+    embedded = meta.get("digests")
+    if embedded is None:  # embeddings of a version 1 sidecar
+        print(f"note: {cfg.embeddings} was made by an older filter.py, which kept no digests of its texts: train "
+              f"cannot check that they are the texts scored; rerun the same filter.py embed to add them",
+              file=sys.stderr)
+        return rows
+    same = [i for i in rows if digests[ids[i]] in (None, embedded[i])]
+    other = [ids[i] for i in rows if digests[ids[i]] not in (None, embedded[i])]
+    if len(other) > MISMATCHED * len(rows):
+        raise UserError(f"{len(other)} of the {len(rows)} documents scored in {cfg.labels} have another text in "
+                        f"{cfg.embeddings} under their id (first: {other[0]}): it embeds another corpus than the one "
+                        f"annotated, or one made again since; embed the labels' own texts (filter.py embed without "
+                        f"--corpus)")
+    if other:
+        print(f"warning: {len(other)} of the {len(rows)} documents scored in {cfg.labels} have another text in "
+              f"{cfg.embeddings} under their id (first: {other[0]}), edited since they were annotated: they are "
+              f"left out", file=sys.stderr)
+    return same
 
 
 def holdout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1432,7 +1503,7 @@ def train(cfg) -> RandomForest:
     check_apart({"--forest": Path(cfg.forest)}, {"--labels": [Path(cfg.labels)],
                                                   "--embeddings": [Path(cfg.embeddings)]})
     check_writable(Path(cfg.forest))  # before the fit, not after it
-    scores = read_scores(Path(cfg.labels))
+    scores, digests = read_scores(Path(cfg.labels))
     ids, array, meta = load_embeddings(Path(cfg.embeddings))
     rows = [i for i, doc_id in enumerate(ids) if doc_id in scores]
     if not rows:
@@ -1440,6 +1511,7 @@ def train(cfg) -> RandomForest:
     if len(rows) < len(scores):
         print(f"note: {len(scores) - len(rows)} of the {len(scores)} documents scored in {cfg.labels} have no "
               f"embedding in {cfg.embeddings}: rerun filter.py embed to train on them too", file=sys.stderr)
+    rows = same_texts(rows, ids, meta, digests, cfg)
     X = np.asarray(array[rows], dtype=np.float32)
     if not np.isfinite(X).all():
         raise UserError(f"{cfg.embeddings} holds NaN or infinite values: embed again (with --dtype=float32?)")
@@ -1635,15 +1707,28 @@ def apply(cfg) -> dict | None:
                           shards)
     selection = dict(threshold=cfg.threshold, top_fraction=cfg.top_fraction)
     with contextlib.ExitStack() as held:  # process 0's lock on the shard, held to the end
-        with together(world, device):  # (and a barrier: every process sees what process 0 left)
+        with together(world, device):  # (and a barrier: every process reads the shard's files under the lock)
             if rank == 0:
                 make_folder(kept_path)
                 # one run at a time on a shard: two would score it into one file at once
                 held.enter_context(run_lock(out / f"{name}.lock", f"another run is filtering shard {name} in "
                                                                   f"{out}: wait for it, stop it, or use another --out",
                                             remove=True))
-                if (not shard_done(json_object(summary_path), scoring, selection, kept_path)
-                        and not scores_done(scores_path, scoring)):
+        previous = json_object(summary_path)
+        if shard_done(previous, scoring, selection, kept_path):
+            if rank == 0:
+                print(f"shard {name} is done: {summary_path}")
+            return previous
+        started = time.time()
+        # scores described as whole are used again, whatever a run killed after them left undone
+        if not scores_done(scores_path, scoring):
+            with together(world, device):  # (and a barrier: every process sees the files process 0 made)
+                model = load_embedder(cfg, ckpt, device)
+                if model.config.n_embd != forest.n_features_:
+                    raise UserError(f"{ckpt} embeds in {model.config.n_embd} dimensions, "
+                                    f"the forest takes {forest.n_features_}")
+                # only now: a model that does not load leaves --out as it was
+                if rank == 0:
                     for described in (summary_path, scores_description(scores_path)):  # of the scores replaced
                         described.unlink(missing_ok=True)
                     partial, progress, flags = progress_paths(scores_path)
@@ -1655,19 +1740,6 @@ def apply(cfg) -> dict | None:
                             write_atomic(progress, json.dumps(work).encode())
                         except OSError as e:
                             raise cannot_write(scores_path, e) from None
-        previous = json_object(summary_path)
-        if shard_done(previous, scoring, selection, kept_path):
-            if rank == 0:
-                print(f"shard {name} is done: {summary_path}")
-            return previous
-        started = time.time()
-        # scores described as whole are used again, whatever a run killed after them left undone
-        if not scores_done(scores_path, scoring):
-            with together(world, device):
-                model = load_embedder(cfg, ckpt, device)
-                if model.config.n_embd != forest.n_features_:
-                    raise UserError(f"{ckpt} embeds in {model.config.n_embd} dimensions, "
-                                    f"the forest takes {forest.n_features_}")
             with each_its_share(world, device):
                 documents_seen, skipped = score_shard(cfg, files, shard, shards, forest, model, doc_tokens,
                                                       scores_path, rank, world)
@@ -1836,6 +1908,7 @@ def ast_match_rate_bound(a, b) -> float:
 
 
 _FENCE = re.compile(r"^[ \t]*```[^\n`]*\n(.*?)^[ \t]*```", re.M | re.S)  # a markdown code block
+_DEFINITION = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _TOP_LEVEL = re.compile(r"^(?:@[^\n]*\n)*(?:def|async[ \t]+def|class)\b", re.M)  # a top-level def, decorators too
 
 
@@ -1844,9 +1917,10 @@ def code_units(text: str) -> list:
     document if it parses as a whole, else each fenced code block (a textbook's), else each
     top-level definition's lines (from one def, class or decorator at the line's start to the
     next) that parse, so one Python 2 line costs a file only the part that holds it; and of
-    each, every top-level function and class with the imports it uses, as a benchmark
-    problem is one: a copy inside a larger file is compared as itself, where the whole
-    file's tau would be diluted by the rest (it divides by the larger tree)."""
+    each, every top-level function and class with the imports it uses, alone and with the
+    top-level definitions it uses (helpers), as a benchmark problem is one: a copy inside a
+    larger file is compared as itself, where the whole file's tau would be diluted by the
+    rest (it divides by the larger tree)."""
     whole = parse(text)
     if whole is not None:
         modules = [whole]
@@ -1857,14 +1931,45 @@ def code_units(text: str) -> list:
             modules += [module] if module is not None else parts_that_parse(block)
     else:
         modules = parts_that_parse(text)
-    imports = [s for m in modules for s in m.body if isinstance(s, (ast.Import, ast.ImportFrom))]
+    statements = [s for m in modules for s in m.body]
+    used = [names(s) for s in statements]
+    # of a name defined twice, the last: the one a call finds
+    defined = {s.name: i for i, s in enumerate(statements) if isinstance(s, _DEFINITION)}
+    roots = list(modules)
+    for i, statement in enumerate(statements):
+        if isinstance(statement, _DEFINITION):
+            # alone, and with its helpers: a name it uses may be one the problem does not hold, or no call at all
+            roots.append(unit({i}, statements, used))
+            helped = helpers(i, defined, used)
+            if len(helped) > 1:
+                roots.append(unit(helped, statements, used))
     units = {}
-    for module in modules:
-        for root in [module] + [ast.Module(body=uses(d, imports) + [d], type_ignores=[]) for d in module.body
-                                if isinstance(d, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]:
-            tree = tree_of(root)
-            units.setdefault((tuple(tree[0]), tuple(tree[1])), tree)  # a module of one function is that function
+    for root in roots:
+        tree = tree_of(root)
+        units.setdefault((tuple(tree[0]), tuple(tree[1])), tree)  # a module of one function is that function
     return list(units.values())
+
+
+def helpers(i: int, defined: dict, used: list) -> set[int]:
+    """Statement i with the top-level definitions (defined: name -> statement) it uses, and
+    those use, ...: a problem's solution holds its helpers too (HumanEval/10's make_palindrome
+    calls its is_palindrome)."""
+    taken, todo = {i}, [i]
+    while todo:
+        for name in used[todo.pop()]:
+            if name in defined and defined[name] not in taken:
+                taken.add(defined[name])
+                todo.append(defined[name])
+    return taken
+
+
+def unit(taken: set[int], statements: list, used: list) -> ast.Module:
+    """Statements taken (by index) as a module of their own, in the document's order, as a
+    benchmark problem is one, with the imports they use (used: each statement's names)."""
+    names_used = set().union(*(used[i] for i in taken))
+    imports = [s for s in statements if isinstance(s, (ast.Import, ast.ImportFrom))
+               and any((a.asname or a.name).split(".")[0] in names_used for a in s.names)]
+    return ast.Module(body=imports + [statements[i] for i in sorted(taken)], type_ignores=[])
 
 
 def parts_that_parse(source: str) -> list[ast.Module]:
@@ -1877,10 +1982,9 @@ def parts_that_parse(source: str) -> list[ast.Module]:
     return [m for m in (parse(source[a:b]) for a, b in zip(cuts, cuts[1:]) if a < b) if m is not None]
 
 
-def uses(definition: ast.AST, imports: list) -> list:
-    """The import statements that bind a name used in definition."""
-    names = {n.id for n in ast.walk(definition) if isinstance(n, ast.Name)}
-    return [s for s in imports if any((a.asname or a.name).split(".")[0] in names for a in s.names)]
+def names(node: ast.AST) -> set[str]:
+    """The names used in node."""
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
 def ngrams(text: str) -> set[int]:

@@ -287,6 +287,15 @@ def test_the_score_is_the_last_labelled_one_not_a_number_after_or_before_it():
         assert filter.parse_score(answer) == score, answer
 
 
+def test_an_is_later_in_the_prose_is_no_label():
+    """The label ran over words to any later "is": "value is low, since the file is 5 lines" scored 5."""
+    cases = {"The educational value is low, since the file is 5 lines of configuration.": None,
+             "The educational value is limited. Note: 3 of its functions are empty.": None,
+             "Educational value is: 7": 7}
+    for answer, score in cases.items():
+        assert filter.parse_score(answer) == score, answer
+
+
 # ---------------------------------------------------------------- the AST match rate
 
 class Rename(ast.NodeTransformer):
@@ -787,7 +796,20 @@ def test_annotate_fails_when_requests_fail_and_a_rerun_asks_again(tmp_path, caps
     with FakeLLM(answer=teacher) as server:
         run_filter("annotate", f"--api_base={server.url}", *teach)
         assert len(server.served) == 2
-    assert len(filter.read_scores(labels)) == 4
+    assert len(filter.read_scores(labels)[0]) == 4
+
+
+def test_annotate_stops_when_the_last_documents_failed_alike(tmp_path):
+    """A teacher down (every request a 500) had every document left retry in full before the
+    run failed: 16 documents took 105 s, 100,000 would take days."""
+    docs, labels = corpus(tmp_path / "docs.jsonl", 16, seed=3), tmp_path / "labels.jsonl"
+    with FakeLLM(faults=["ok"] * 3 + ["500"] * 13, answer=teacher) as server:
+        with pytest.raises(UserError, match=r"^5 documents got no answer .*the last 5 failed alike, so the run "
+                                            r"stopped there: is .* working\?; rerun the same command"):
+            run_filter("annotate", f"--corpus={docs}", f"--labels={labels}", f"--api_base={server.url}",
+                       "--model=fake", "--n=16", "--max_retries=0", "--concurrency=1")
+        assert len(server.served) < 16
+    assert [r["score"] is None for r in annotated(labels)] == [False] * 3 + [True] * 5  # the answers are kept
 
 
 def test_a_refusal_is_a_verdict_a_rerun_with_the_same_settings_does_not_ask_again(tmp_path, capsys):
@@ -803,11 +825,11 @@ def test_a_refusal_is_a_verdict_a_rerun_with_the_same_settings_does_not_ask_agai
         run_filter("annotate", f"--api_base={server.url}", f"--labels={labels}", *teach)
         assert len(server.served) == 4  # not asked again
         assert "the teacher refused 2 of its documents for good" in capsys.readouterr().out
-    assert len(filter.read_scores(labels)) == 2
+    assert len(filter.read_scores(labels)[0]) == 2
     with FakeLLM(answer=teacher) as server:
         run_filter("annotate", f"--api_base={server.url}", f"--labels={labels}", "--prompt_chars=1000", *teach)
         assert len(server.served) == 2  # another --prompt_chars asks again
-    assert len(filter.read_scores(labels)) == 4
+    assert len(filter.read_scores(labels)[0]) == 4
 
     # a teacher that refuses every request of a run, scores from before or not: the settings or the
     # endpoint are at fault (scores from before may be another endpoint's), and a rerun asks again
@@ -882,7 +904,7 @@ def test_documents_without_ids_in_files_of_one_name_are_told_apart(tmp_path, cap
         assert "all 3 documents drawn are annotated" in capsys.readouterr().out and not server.served
         run_filter("annotate", f"--corpus={first},{second}", *teach)  # the old ids cannot tell the two apart
         assert len(server.served) == 6
-    scores = filter.read_scores(labels)
+    scores = filter.read_scores(labels)[0]
     assert [scores[doc_id] for doc_id in ids] == [9, 9, 9, 1, 1, 1]
 
 
@@ -934,10 +956,11 @@ def fake_embeddings(tmp_path: Path, scores: list[int]) -> list[str]:
     write them; the settings that point train at them."""
     ids = [f"doc-{i}" for i in range(len(scores))]
     labels, emb = tmp_path / "labels.jsonl", tmp_path / "emb.npy"
-    labels.write_text(lines(*(dict(id=i, score=s) for i, s in zip(ids, scores))))
+    labels.write_text(lines(*(dict(id=i, score=s, text=f"text of {i}") for i, s in zip(ids, scores))))
     np.save(emb, np.random.default_rng(0).standard_normal((len(ids), 4)).astype(np.float16))
-    emb.with_suffix(".json").write_text(json.dumps(dict(format=filter.EMBEDDINGS_FORMAT, count=len(ids), dim=4,
-                                                        ids=ids, source={})))
+    emb.with_suffix(".json").write_text(json.dumps(dict(format=filter.EMBEDDINGS_FORMAT, count=len(ids), dim=4, ids=ids,
+                                                        digests=[filter.text_digest(f"text of {i}") for i in ids],
+                                                        source={})))
     return [f"--labels={labels}", f"--embeddings={emb}", "--n_trees=3", "--workers=1"]
 
 
@@ -1076,6 +1099,10 @@ def test_bad_input_gives_one_clear_line(tmp_path, nano):
     emb.with_suffix(".json").write_text(json.dumps(dict(meta, count=13)))
     with pytest.raises(UserError, match="emb.npy is corrupt"):
         run_filter(*train, f"--embeddings={emb}")
+    emb.with_suffix(".json").write_text(json.dumps(dict(meta, digests=meta["digests"][1:])))
+    with pytest.raises(UserError, match="description .* is missing or broken .*11 digests of texts for 12 ids"):
+        run_filter(*train, f"--embeddings={emb}")
+    emb.with_suffix(".json").write_text(json.dumps(meta))
     kept = emb.read_bytes()
     emb.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(UserError, match="emb.npy is corrupt: the magic string is not correct") as error:
@@ -1320,6 +1347,15 @@ def test_an_interrupted_apply_leaves_no_summary_and_resumes(tmp_path, nano, monk
     run_filter(*args)
     assert json.loads((tmp_path / "out" / "summary-00000-of-00001.json").read_text())["documents"] == 20
     assert not any(p.name.endswith((".partial", ".done")) for p in (tmp_path / "out").iterdir())
+
+
+def test_a_model_that_does_not_load_leaves_no_scores_behind(tmp_path, nano):
+    docs, out = corpus(tmp_path / "docs.jsonl", 4, seed=6), tmp_path / "out"
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(UserError, match="notes.txt is not a readable checkpoint"):
+        run_filter("apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={out}",
+                   f"--ckpt={tmp_path / 'notes.txt'}")
+    assert list(out.iterdir()) == []
 
 
 def test_an_interrupted_apply_goes_on_from_the_chunks_it_scored(tmp_path, nano, monkeypatch, capsys):
@@ -1856,6 +1892,19 @@ def test_decontaminate_compares_each_code_unit_of_a_document(tmp_path):
     assert [json.loads(line)["id"] for line in (tmp_path / "pruned.jsonl").read_text().splitlines()] == ["prose"]
 
 
+def test_a_copy_of_a_problem_with_a_helper_inside_a_larger_file_matches_it():
+    """HumanEval/10's make_palindrome calls its is_palindrome: each definition was compared
+    alone and the whole file diluted by the others, so a copy among other functions, or after
+    a Python 2 line, scored 0.735 and was kept at --prune_tau=0.8 (25 problems have helpers)."""
+    problems, _ = evaluate.load_problems("humaneval")
+    solution = problems["HumanEval/10"]["prompt"] + problems["HumanEval/10"]["reference"]
+    others = ("\n\ndef twice(xs):\n    return [x * 2 for x in xs if x % 3]\n\n\nclass Box:\n"
+              "    def __init__(self, v):\n        self.v = v\n\n    def get(self):\n        return self.v\n")
+    problem = filter.code_tree(solution)
+    for text in (solution + others, "print 'python 2'\n" + solution):
+        assert max(filter.ast_match_rate(unit, problem) for unit in filter.code_units(text)) == 1.0
+
+
 def test_decontaminate_counts_at_a_min_tau_above_the_papers(tmp_path):
     """A --min_tau above the paper's taus is a row of its own, not an empty report."""
     problems, _ = evaluate.load_problems("humaneval")
@@ -1946,7 +1995,7 @@ def test_documents_of_one_id_in_two_files_never_pair_one_score_with_the_other_te
     run_filter("embed", f"--corpus={first}", f"--ckpt={nano}", f"--embeddings={alone}")
     ids, array, _ = filter.load_embeddings(emb)
     assert np.array_equal(array, filter.load_embeddings(alone)[1])  # the first file's texts
-    scores = filter.read_scores(labels)
+    scores = filter.read_scores(labels)[0]
     assert [scores[doc_id] for doc_id in ids] == [9 if kinds[i][0] == "lesson" else 1 for i in range(12)]
 
 
@@ -1955,8 +2004,45 @@ def test_scores_of_an_id_with_two_texts_are_left_out(tmp_path, capsys):
     labels = tmp_path / "labels.jsonl"
     labels.write_text(lines(dict(id="a", score=None, text="x = 1"), dict(id="a", score=9, text="def f(): ..."),
                             dict(id="b", score=None, text="y"), dict(id="b", score=1, text="y")))
-    assert filter.read_scores(labels) == {"b": 1}
+    assert filter.read_scores(labels)[0] == {"b": 1}
     assert "1 ids of" in capsys.readouterr().err
+
+
+def test_train_pairs_a_score_only_with_an_embedding_of_the_text_scored(tmp_path, nano, capsys):
+    """Scores and embeddings were paired by id alone: embeddings of a corpus made again, other
+    texts under the same ids, taught the forest the reverse of the teacher (held-out AUC 1.0)."""
+    docs, labels, emb = corpus(tmp_path / "docs.jsonl", 20, seed=7), tmp_path / "labels.jsonl", tmp_path / "emb.npy"
+    with FakeLLM(answer=teacher) as server:
+        run_filter("annotate", f"--corpus={docs}", "--n=20", f"--labels={labels}", f"--api_base={server.url}",
+                   "--model=fake")
+    train = ["train", f"--labels={labels}", f"--embeddings={emb}", f"--forest={tmp_path / 'f.npz'}", "--n_trees=3",
+             "--workers=1"]
+    run_filter("embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}")
+    capsys.readouterr()
+    run_filter(*train)  # the texts the labels hold are those embed read from the corpus
+    assert "another text" not in capsys.readouterr().err
+
+    rows = annotated(docs)
+    edited = [dict(r, text=r["text"] + "\n") if i == 0 else r for i, r in enumerate(rows)]  # 1 of 20
+    made_again = [dict(r, text=rows[(i + 1) % 20]["text"]) for i, r in enumerate(rows)]  # the ids of other texts
+    for changed, embedded in ((edited, 19), (made_again, None)):
+        docs.write_text(lines(*changed))
+        run_filter("embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}")
+        if embedded is None:
+            with pytest.raises(UserError, match=r"^20 of the 20 documents scored in .* have another text in"):
+                run_filter(*train)
+        else:
+            run_filter(*train)
+            assert "1 of the 20 documents scored" in capsys.readouterr().err
+            assert RandomForest.load(tmp_path / "f.npz").info["report"]["documents"] == embedded
+
+    sidecar = emb.with_suffix(".json")  # an older filter.py's: no digests, and train cannot tell
+    sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "digests"}))
+    run_filter(*train)
+    assert "kept no digests of its texts" in capsys.readouterr().err
+    run_filter("embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}")  # adds them, embedding nothing
+    with pytest.raises(UserError, match=r"^20 of the 20 documents"):
+        run_filter(*train)
 
 
 def test_one_run_at_a_time_annotates_embeds_filters_a_shard_or_decontaminates(tmp_path, nano, capsys):
