@@ -187,13 +187,17 @@ def full_disk(monkeypatch, name: str) -> None:
     monkeypatch.setattr(shutil, "copyfileobj", copyfileobj)
 
 
-def test_a_full_disk_is_one_line_leaves_no_tmp_and_a_rerun_resumes(tmp_path, monkeypatch):
-    texts = [f"x{i} = {i}\n" for i in range(3)]
+def a_part_per_document(tmp_path, monkeypatch, n: int):
+    """n one-line documents prepared a part each (texts, settings, out folder, encoder calls)."""
+    texts = [f"x{i} = {i}\n" for i in range(n)]
     src = write_tree(tmp_path / "src", {f"m{i}.py": t for i, t in enumerate(texts)})
-    monkeypatch.setattr(prepare, "PART_BYTES", 1)  # one document per part
+    monkeypatch.setattr(prepare, "PART_BYTES", 1)
     calls = record_encoding(monkeypatch)
-    cfg = settings(tmp_path, inputs=str(src), val_fraction=0.0)
-    out = tmp_path / "out" / "corpus"
+    return texts, settings(tmp_path, inputs=str(src), val_fraction=0.0), tmp_path / "out" / "corpus", calls
+
+
+def test_a_full_disk_is_one_line_leaves_no_tmp_and_a_rerun_resumes(tmp_path, monkeypatch):
+    texts, cfg, out, calls = a_part_per_document(tmp_path, monkeypatch, 3)
     for full in (out / "parts" / "00001.train.bin", out / "train.bin"):  # tokenizing, then joining the parts
         with monkeypatch.context() as m, pytest.raises(UserError) as e:
             full_disk(m, full.name + ".tmp")
@@ -207,12 +211,7 @@ def test_a_full_disk_is_one_line_leaves_no_tmp_and_a_rerun_resumes(tmp_path, mon
 
 
 def test_a_join_the_disk_cannot_hold_is_one_line_before_it_begins_and_a_rerun_resumes(tmp_path, monkeypatch):
-    texts = [f"x{i} = {i}\n" for i in range(2)]
-    src = write_tree(tmp_path / "src", {f"m{i}.py": t for i, t in enumerate(texts)})
-    monkeypatch.setattr(prepare, "PART_BYTES", 1)  # one document per part
-    calls = record_encoding(monkeypatch)
-    cfg = settings(tmp_path, inputs=str(src), val_fraction=0.0)
-    out = tmp_path / "out" / "corpus"
+    texts, cfg, out, calls = a_part_per_document(tmp_path, monkeypatch, 2)
     real = shutil.disk_usage
     with monkeypatch.context() as m, pytest.raises(UserError) as e:
         m.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=10))  # the parts hold more
