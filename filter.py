@@ -413,11 +413,11 @@ REMINDER = ("I could not find the score. Answer again with just one line of the 
             "Educational value: N\nwhere N is a whole number from 0 to 10.")
 _ASIDE = re.compile(r"[(\[][^()\[\]\n]*[)\]]")  # "(out of 10)", "[0-10]", "(Note: ... Python 2 ...)"
 _SCALE = re.compile(r"\b[01]\s*(?:-|–|—|to)\s*10\b|(?:/|\bout\s+of|\bscale\s+of)\s*10\b", re.I)
-# after a label, "is" right after it, or words without a digit or punctuation and then ":" or "="
-# (a later "is" belongs to the prose: "value is low, since the file is 5 lines"), and the number
-# right after that (past markdown or a line break); a number followed by "/5" or "out of 5" is on
-# another scale
-_AFTER_LABEL = r"(?:\s+is\b|\b[^:=\d\n.,;!?]*?[:=])[\s*_`]*(\d+(?:\.\d+)?(?!\w)(?:\s*(?:/|out\s+of)\s*\d)?)"
+# after a label, words without a digit or punctuation, then ":", "=" or "is" ("value of this code
+# is 7"; an "is" past a comma or full stop belongs to the prose: "value is low, since the file is
+# 5 lines"), and the number right after it (past markdown or a line break); a number followed by
+# "/5" or "out of 5" is on another scale
+_AFTER_LABEL = r"\b[^:=\d\n.,;!?]*?(?:[:=]|\bis\b)[\s*_`]*(\d+(?:\.\d+)?(?!\w)(?:\s*(?:/|out\s+of)\s*\d)?)"
 _VALUE = re.compile(r"\beducational\s+value" + _AFTER_LABEL, re.I)
 _SCORE = re.compile(r"\bscore" + _AFTER_LABEL, re.I)
 _OUT_OF_TEN = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*10\b", re.I)
@@ -426,8 +426,8 @@ _OUT_OF_TEN = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*10\b", r
 def parse_score(answer: str) -> int | None:
     """The score (0-10) in a teacher's answer, read with asides in brackets and the scale
     ("0 to 10", "1-10", "out of 10", "/10") set aside: the number right after its last
-    label "Educational value: N" (or "= N"; words without a digit or punctuation may stand
-    before the ":" or "=": "Educational value (0-10): N"; or "is N" right after it), so
+    label "Educational value: N" (or "= N", "is N"; words without a digit or punctuation may
+    stand between: "Educational value (0-10): N", "educational value of this code is 7"), so
     that neither a number in the explanation ("for Python 3", "value is low, since the file
     is 5 lines") nor prose after the score counts; else after its last "Score: N"; else its
     last "N/10" or "N out of 10"; else the answer if it is a bare number. Anything else is

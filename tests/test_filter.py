@@ -291,7 +291,8 @@ def test_an_is_later_in_the_prose_is_no_label():
     """The label ran over words to any later "is": "value is low, since the file is 5 lines" scored 5."""
     cases = {"The educational value is low, since the file is 5 lines of configuration.": None,
              "The educational value is limited. Note: 3 of its functions are empty.": None,
-             "Educational value is: 7": 7}
+             "Educational value is: 7": 7,
+             "The educational value of this code is 7.": 7, "My score for this is 6": 6}  # is, after words
     for answer, score in cases.items():
         assert filter.parse_score(answer) == score, answer
 
