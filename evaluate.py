@@ -150,6 +150,7 @@ DEFAULTS = dict(
     max_new_tokens=512,  # tokens per completion at most
     batch_size=16,  # prompts generated together
     device="auto",  # auto (cuda if there is one), cpu, cuda, cuda:1, ...
+    dtype="auto",  # auto (bfloat16 on GPUs that have it, else float16; float32 on CPUs), float32, bfloat16, float16
     seed=1337,  # sampling seed
     k="",  # pass@k to report, e.g. 1,10 (default: 1,10,100 where the samples per problem allow)
     limit=0,  # only the first N problems (0: all)
@@ -166,7 +167,7 @@ HUMANEVAL_STOP = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]
 MBPP_STOP = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```"]
 OUTCOMES = ("passed", "failed", "timed out", "crashed")
 GENERATION_ONLY = ("model", "api_timeout", "api_retries", "n_samples", "temperature", "top_p", "max_new_tokens",
-                   "batch_size", "device", "seed")
+                   "batch_size", "device", "dtype", "seed")
 DEFAULT_KS = "1,10,100"  # --k unset: those of these the samples allow, the rest left out without a warning
 DAY = 86400.0  # the longest --timeout and --api_timeout (a --timeout past ~2.1e6 s overflows the OS's waits)
 MAX_UID = 2**32 - 2  # the largest uid Linux has; 2**32 - 1 means "none"
@@ -326,11 +327,17 @@ def model_completions(cfg, jobs: list[tuple], stop: list[str]):
     model loads now, and (key, completion) pairs come as the returned iterator is read."""
     from model import load_model, pick_device, pick_dtype
     device = pick_device(cfg.device)
-    model = load_model(cfg.ckpt or cfg.init_from, device, pick_dtype("auto", device),
+    model = load_model(cfg.ckpt or cfg.init_from, device, pick_dtype(cfg.dtype, device),
                        "--ckpt" if cfg.ckpt else "--init_from")
     prompt_room(model.config.block_size, cfg.max_new_tokens)  # now too, not at the first completion
-    return completions_of(model, jobs, stop, cfg.batch_size, cfg.max_new_tokens, cfg.temperature,
-                          cfg.top_p, cfg.seed)
+
+    def completions():
+        try:
+            yield from completions_of(model, jobs, stop, cfg.batch_size, cfg.max_new_tokens, cfg.temperature,
+                                      cfg.top_p, cfg.seed)
+        except FloatingPointError as e:  # float16 overflowing: --dtype's to change
+            raise UserError(str(e)) from None
+    return completions()
 
 
 def prompt_room(block_size: int, max_new_tokens: int, setting: str = "--max_new_tokens") -> int:
@@ -362,11 +369,8 @@ def completions_of(model, jobs: list[tuple], stop: list[str], batch_size: int, m
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         seeded = derived_seed(seed, batch[0][0])  # the same batch, the same draws
-        try:
-            new = model.generate([encoded[p][-room:] for _, p in batch], max_new_tokens, temperature=temperature,
-                                 top_p=top_p, stop=stop, seed=seeded)
-        except FloatingPointError as e:  # float16 overflowing: --dtype's to change
-            raise UserError(str(e)) from None
+        new = model.generate([encoded[p][-room:] for _, p in batch], max_new_tokens, temperature=temperature,
+                             top_p=top_p, stop=stop, seed=seeded)
         for (key, _), ids in zip(batch, new):
             yield key, tokenizer.cut_at_stop(tokenizer.decode(ids), stop)
 
@@ -1156,8 +1160,8 @@ def check_settings(cfg) -> list[int]:
             raise UserError(f"greedy decoding gives the same sample every time: with --n_samples > 1, set "
                             f"--temperature > 0 (a --temperature or --top_p below {GREEDY_BELOW:g} is greedy)")
     if cfg.ckpt or cfg.init_from:
-        from model import pick_device
-        pick_device(cfg.device)  # a bad name, or a GPU this machine lacks
+        from model import pick_device, pick_dtype
+        pick_dtype(cfg.dtype, pick_device(cfg.device))  # a bad name, or a GPU this machine lacks
     return ks
 
 

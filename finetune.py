@@ -172,9 +172,13 @@ class Exercises:
 def humaneval_score(cfg):
     """The score train.train keeps the best of: greedy pass@1 on the first problems."""
     def score(model):
-        value = evaluate.pass_at_1(model, "humaneval", cfg.humaneval_problems, cfg.humaneval_max_tokens,
-                                   batch_size=cfg.batch_size,  # which out of memory advises lowering
-                                   timeout=cfg.humaneval_timeout, timeout_setting="--humaneval_timeout")
+        try:
+            value = evaluate.pass_at_1(model, "humaneval", cfg.humaneval_problems, cfg.humaneval_max_tokens,
+                                       batch_size=cfg.batch_size,  # which out of memory advises lowering
+                                       timeout=cfg.humaneval_timeout, timeout_setting="--humaneval_timeout")
+        except FloatingPointError as e:  # float16 overflowing in the scored copy: no passing sample, and training goes on
+            print(f"warning: HumanEval pass@1 taken as 0: {e}", file=sys.stderr)
+            value = 0.0
         return (f"HumanEval pass@1 ({cfg.humaneval_problems} problems, {cfg.humaneval_max_tokens} tokens at most)",
                 value)
     return score

@@ -1092,15 +1092,21 @@ def test_a_top_p_too_small_for_float32_is_greedy():
     assert list(evaluate.completions_of(model, jobs, [], 2, 8, temperature=0.8, top_p=1e-320)) == greedy
 
 
-def test_a_model_that_overflows_float16_is_one_line_naming_the_dtype():
-    """It was a traceback (and before that, pass@k scored on token 0 over and over)."""
+def test_a_model_that_overflows_float16_is_one_line_naming_the_dtype_to_change(tmp_path):
+    """It was a traceback (and before that, pass@k scored on token 0 over and over), and
+    evaluate.py had no --dtype to change."""
     torch.manual_seed(0)
-    model = GPT(PRESETS["nano"]).eval().half()
+    model = GPT(PRESETS["nano"])
     with torch.no_grad():  # each fits float16, their sum does not
         model.layers[0].attn_out_bias.fill_(60000)
         model.layers[0].mlp_out_bias.fill_(60000)
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config)}, tmp_path / "ckpt.pt")
+    args = [f"--ckpt={tmp_path / 'ckpt.pt'}", "--limit=1", "--max_new_tokens=4", "--workers=1"]
     with pytest.raises(UserError, match=r"NaN or infinite in float16 .* \(--dtype=float32\)"):
-        list(evaluate.completions_of(model, [("a", "def f(x):")], [], 1, 8))
+        evaluate.main([*args, "--dtype=float16", f"--out={tmp_path / 'half'}"])
+    assert evaluate.main([*args, "--dtype=float32", f"--out={tmp_path / 'full'}"]) is None  # scored
+    with pytest.raises(FloatingPointError):  # finetune.py's pass_at_1 decides what it means there
+        list(evaluate.completions_of(model.half(), [("a", "def f(x):")], [], 1, 8))
 
 
 def test_batches_of_one_prompt_sample_with_draws_of_their_own():

@@ -434,6 +434,19 @@ def test_settings_out_of_range_stop_before_anything_is_read(tmp_path, setting, m
         finetune.finetune(cfg)
 
 
+def test_a_score_that_overflows_float16_is_zero_with_a_warning_not_the_end_of_the_run(monkeypatch, capsys):
+    """The logits of the scored copy going NaN in float16 ended the run, unsaved."""
+    from config import parse_settings
+
+    def overflowing(*args, **kwargs):
+        raise FloatingPointError("the logits went NaN or infinite in float16")
+
+    monkeypatch.setattr(finetune.evaluate, "pass_at_1", overflowing)
+    cfg = parse_settings(finetune.DEFAULTS, argv=["--humaneval_problems=2"])
+    assert finetune.humaneval_score(cfg)(None)[1] == 0.0
+    assert "warning: HumanEval pass@1 taken as 0: the logits went NaN" in capsys.readouterr().err
+
+
 def test_help_describes_finetunings_own_settings():
     text = cli("--help").stdout
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  --")}
