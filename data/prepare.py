@@ -128,14 +128,20 @@ def interpreter_roots() -> list[Path]:
                           + site.getsitepackages())
 
 
-def list_python_files(roots: list[Path]) -> tuple[list[tuple[str, int, int]], list[str]]:
-    """(path, size, ctime_ns) of every .py file under the roots (a root may be a file of
-    any name), sorted, size -1 where stat fails, so the file counts as unreadable; and the
+def stamp(st: os.stat_result) -> list[int]:
+    """What says a listed file changed, for the fingerprint: its modification time, and its
+    mode (a chmod that makes a file skipped as unreadable readable leaves the time alone).
+    Not the ctime, which a copy with cp -a or rsync -a changes too: a dataset moved to
+    another machine would be made again. (An edit that keeps the size and sets the time
+    back, as touch -r does, goes unseen.)"""
+    return [st.st_mtime_ns, st.st_mode]
+
+
+def list_python_files(roots: list[Path]) -> tuple[list[tuple[str, int, list]], list[str]]:
+    """(path, size, stamp) of every .py file under the roots (a root may be a file of any
+    name), sorted, size -1 where stat fails, so the file counts as unreadable; and the
     folders that could not be listed, counted too. Symlinked files are read, symlinked
-    folders are not walked into: a link to a parent would loop, one to a sibling read twice.
-    The ctime, not the mtime, for the fingerprint: it changes on every write and chmod, and
-    nobody can set it back (touch -r and cp -p keep an edited file's mtime, and a chmod
-    that makes a skipped file readable leaves it alone)."""
+    folders are not walked into: a link to a parent would loop, one to a sibling read twice."""
     paths, unlisted = [], []
     for root in roots:
         if not root.is_dir():  # named in --inputs: even a FIFO or a device, which is then skipped
@@ -148,9 +154,9 @@ def list_python_files(roots: list[Path]) -> tuple[list[tuple[str, int, int]], li
     for path in sorted(paths):
         try:
             st = path.stat()
-            listing.append((str(path), st.st_size, st.st_ctime_ns))
+            listing.append((str(path), st.st_size, stamp(st)))
         except OSError:
-            listing.append((str(path), -1, 0))
+            listing.append((str(path), -1, []))
     return listing, sorted(unlisted)
 
 
@@ -348,7 +354,7 @@ def open_source(cfg) -> SimpleNamespace:
                                items=lambda: local_items(listing, unlisted, cfg.max_file_bytes))
     if cfg.source == "jsonl":
         files = expand(cfg.inputs)
-        listing = [(str(p.resolve()), p.stat().st_size, p.stat().st_ctime_ns) for p in files]  # as list_python_files
+        listing = [(str(p.resolve()), p.stat().st_size, stamp(p.stat())) for p in files]  # as list_python_files
         return SimpleNamespace(name=files[0].stem, inputs=[str(p) for p in files], listing=listing,
                                total=sum(size for _, size, _ in listing),
                                items=lambda: jsonl_items(files, cfg.max_file_bytes))

@@ -621,7 +621,7 @@ def test_max_bytes_stops_at_the_document_that_reaches_it(tmp_path):
 
 
 @pytest.mark.parametrize("source", ["local", "jsonl"])
-def test_an_edit_that_keeps_the_size_and_the_mtime_still_redoes_the_run(tmp_path, source):
+def test_an_edit_that_keeps_the_size_or_a_chmod_redoes_the_run_and_a_copy_does_not(tmp_path, source):
     if source == "local":
         path = write_tree(tmp_path / "src", {"a.py": "x = 1\n"}) / "a.py"
         cfg = settings(tmp_path, inputs=str(path.parent), val_fraction=0.0)
@@ -632,12 +632,17 @@ def test_an_edit_that_keeps_the_size_and_the_mtime_still_redoes_the_run(tmp_path
     prepare.prepare(cfg, quiet=True)
     before = path.stat()
     path.write_text(path.read_text().replace("x = 1", "x = 2"))
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # as touch -r, cp -p and rsync -t can
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # a coarse clock may not tick
     prepare.prepare(cfg, quiet=True)
     assert documents(tokens(tmp_path / "out" / "corpus", "train")) == ["x = 2\n"]
     listed = prepare.open_source(cfg).listing
     path.chmod(0o600)  # a chmod, as one that makes a file skipped as unreadable readable
     assert prepare.open_source(cfg).listing != listed
+    listed = prepare.open_source(cfg).listing
+    copy = path.with_name("copy")  # cp -a: the ctime changes, not the mtime nor the mode
+    shutil.copy2(path, copy)
+    os.replace(copy, path)
+    assert prepare.open_source(cfg).listing == listed
 
 
 def test_the_fingerprint_covers_every_setting_that_matters_and_this_file(tmp_path, monkeypatch):
