@@ -18,7 +18,8 @@ needs, in one readable place, with nothing to install:
   holding one second's worth (a request counts as its characters / 4 plus max_tokens,
   corrected by the usage its reply reports);
 - retried, up to max_retries times: connection errors (refused, dropped), timeouts
-  (the whole answer, headers and body, must come within `timeout` seconds of asking),
+  (the whole answer, headers and body, must come within `timeout` seconds of asking;
+  behind an HTTP proxy, only its body and each wait for a byte of the headers),
   429, 5xx, 408, 409, and replies that are not JSON or lack the text. The wait doubles from
   `backoff` seconds (up to max_backoff), jittered down to half; a Retry-After (or
   retry-after-ms) header sets it instead, capped at max_backoff and jittered up by a fifth
@@ -305,6 +306,9 @@ class Client:
         except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as e:  # ValueError: a bad URL
             raise LLMError(Failure("connection", f"cannot reach {self.api_base}: {_why(e)}")) from None
         if r.is_redirect:
+            to = urllib.parse.urlsplit(urllib.parse.urljoin(url, r.headers["Location"]))
+            if to[:2] == urllib.parse.urlsplit(url)[:2]:  # the same server (/models/, say): its first request tells
+                return
             raise LLMError(Failure("refused", _redirected(r, "/models"), r.status_code, fatal=True))
         if r.status_code in (401, 403):
             raise LLMError(Failure("refused", f"{self.api_base} refused the API key ($OPENAI_API_KEY): "

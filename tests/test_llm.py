@@ -644,3 +644,13 @@ def test_a_redirect_is_fatal_and_names_the_api_base_to_use(monkeypatch):
         failure = error.value.failure
         assert (failure.status, failure.fatal, failure.attempts) == (301, True, 1)
         assert failure.message.endswith("/chat/completions: use https://example.com/v1 as --api_base")
+
+    def slash(self):  # /models to /models/, on the same server: the check passes, as for a server without /models
+        self.send_response(307)
+        self.send_header("Location", self.path + "/")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    monkeypatch.setattr(llm_server.Handler, "do_GET", slash)
+    with FakeLLM() as server, client_for(server) as client:
+        client.check()
