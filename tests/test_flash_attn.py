@@ -140,7 +140,8 @@ def test_matches_reference(B, H, Tq, Tk, D, causal, dtype, layout):
     assert all(e <= (TOL_LSE if name == "lse" else TOL[dtype]) for name, e in errs.items()), errs
 
 
-@cpu_only
+@cpu_only  # the backward's exp2 overflows above the diagonal, where the causal mask then drops it (numpy warns)
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 def test_dv_holds_at_a_large_softmax_scale():
     """The lse went to natural log and back between the passes: a few ulp of the row's maximum,
     which the backward's exp2 made a 6% error of dV at scale 1e5 (the winning key's P off)."""
