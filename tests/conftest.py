@@ -21,6 +21,8 @@ if not torch.cuda.is_available():
 _CACHE = ROOT.parent / "shared" / "tiktoken_cache"
 if _CACHE.is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_CACHE))
+if os.environ.get("TIKTOKEN_CACHE_DIR"):  # given relative (../shared/...): the scripts tests start elsewhere need it whole
+    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(os.environ["TIKTOKEN_CACHE_DIR"])
 
 # A shell starts a background job (`pytest &`, nohup) with Ctrl-C ignored, and Python then
 # installs no KeyboardInterrupt handler, neither here nor in the scripts the tests start
