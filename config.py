@@ -69,7 +69,7 @@ def run(main) -> None:
             print("interrupted", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # the reader of stdout went away (`--help | head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
+        write_nowhere_if_gone(sys.stdout)  # Python's own flush at exit would fail too
         sys.exit(128 + signal.SIGPIPE)
 
 
