@@ -1912,7 +1912,7 @@ _DEFINITION = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _TOP_LEVEL = re.compile(r"^(?:@[^\n]*\n)*(?:def|async[ \t]+def|class)\b", re.M)  # a top-level def, decorators too
 
 
-def code_units(text: str) -> list:
+def code_units(text: str, max_nodes: float = float("inf")) -> list:
     """The code_trees a document is compared by (none where no Python in it parses): the
     document if it parses as a whole, else each fenced code block (a textbook's), else each
     top-level definition's lines (from one def, class or decorator at the line's start to the
@@ -1920,7 +1920,10 @@ def code_units(text: str) -> list:
     each, every top-level function and class with the imports it uses, alone and with the
     top-level definitions it uses (helpers), as a benchmark problem is one: a copy inside a
     larger file is compared as itself, where the whole file's tau would be diluted by the
-    rest (it divides by the larger tree)."""
+    rest (it divides by the larger tree). A definition with helpers of more than max_nodes
+    nodes in all is left out: along a chain of calls (f calls g calls h ...) they would
+    make the work quadratic in the file's length, and a unit that much larger than every
+    problem cannot reach the tau asked for."""
     whole = parse(text)
     if whole is not None:
         modules = [whole]
@@ -1935,14 +1938,16 @@ def code_units(text: str) -> list:
     used = [names(s) for s in statements]
     # of a name defined twice, the last: the one a call finds
     defined = {s.name: i for i, s in enumerate(statements) if isinstance(s, _DEFINITION)}
+    sizes = {i: len(tree_of(statements[i])[0]) for i in defined.values()}
+    imports = [s for s in statements if isinstance(s, (ast.Import, ast.ImportFrom))]
     roots = list(modules)
     for i, statement in enumerate(statements):
         if isinstance(statement, _DEFINITION):
             # alone, and with its helpers: a name it uses may be one the problem does not hold, or no call at all
-            roots.append(unit({i}, statements, used))
-            helped = helpers(i, defined, used)
-            if len(helped) > 1:
-                roots.append(unit(helped, statements, used))
+            roots.append(unit({i}, statements, used, imports))
+            helped = helpers(i, defined, used, sizes, max_nodes)
+            if helped is not None and len(helped) > 1:
+                roots.append(unit(helped, statements, used, imports))
     units = {}
     for root in roots:
         tree = tree_of(root)
@@ -1950,26 +1955,29 @@ def code_units(text: str) -> list:
     return list(units.values())
 
 
-def helpers(i: int, defined: dict, used: list) -> set[int]:
+def helpers(i: int, defined: dict, used: list, sizes: dict, max_nodes: float) -> set[int] | None:
     """Statement i with the top-level definitions (defined: name -> statement) it uses, and
     those use, ...: a problem's solution holds its helpers too (HumanEval/10's make_palindrome
-    calls its is_palindrome)."""
-    taken, todo = {i}, [i]
+    calls its is_palindrome). None once their sizes (in nodes) add up to more than max_nodes."""
+    taken, todo, total = {i}, [i], sizes[i]
     while todo:
         for name in used[todo.pop()]:
-            if name in defined and defined[name] not in taken:
-                taken.add(defined[name])
-                todo.append(defined[name])
+            j = defined.get(name)
+            if j is not None and j not in taken:
+                total += sizes[j]
+                if total > max_nodes:
+                    return None
+                taken.add(j)
+                todo.append(j)
     return taken
 
 
-def unit(taken: set[int], statements: list, used: list) -> ast.Module:
+def unit(taken: set[int], statements: list, used: list, imports: list) -> ast.Module:
     """Statements taken (by index) as a module of their own, in the document's order, as a
-    benchmark problem is one, with the imports they use (used: each statement's names)."""
+    benchmark problem is one, with those of the imports they use (used: each statement's names)."""
     names_used = set().union(*(used[i] for i in taken))
-    imports = [s for s in statements if isinstance(s, (ast.Import, ast.ImportFrom))
-               and any((a.asname or a.name).split(".")[0] in names_used for a in s.names)]
-    return ast.Module(body=imports + [statements[i] for i in sorted(taken)], type_ignores=[])
+    imported = [s for s in imports if any((a.asname or a.name).split(".")[0] in names_used for a in s.names)]
+    return ast.Module(body=imported + [statements[i] for i in sorted(taken)], type_ignores=[])
 
 
 def parts_that_parse(source: str) -> list[ast.Module]:
@@ -1999,7 +2007,8 @@ def compare_document(document: tuple[str, str]):
     grams, trees, counts, min_tau = _WORK["grams"], _WORK["trees"], _WORK["counts"], _WORK["min_tau"]
     doc_id, text = document
     shared = sorted({p for g in ngrams(text) if g in grams for p in grams[g]})
-    units, problem_sizes, close = code_units(text), counts.sum(1), {}
+    problem_sizes, close = counts.sum(1), {}
+    units = code_units(text, max_nodes=problem_sizes.max() / min_tau + 1)  # larger: tau < min_tau with every problem
     for tree in units:
         mine = np.bincount(tree[0], minlength=counts.shape[1])[:counts.shape[1]]  # labels new to the problems count 0
         bound = np.minimum(counts, mine).sum(1) / np.maximum(problem_sizes, len(tree[0]))  # against every problem
