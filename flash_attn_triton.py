@@ -81,6 +81,7 @@ Conventions (what model.py relies on):
   tensors are accepted only then.
 """
 
+import contextlib
 import functools
 import math
 import operator
@@ -643,11 +644,19 @@ def _run(jit_fn, head_dim, grid, args, kwargs):
     key = (tuner, args[-3], args[-2], args[-1], kwargs["HEAD_DIM"], kwargs["CAUSAL"], kwargs["DROPOUT"],
            args[0].dtype)
     cfg = _best_configs.get(key)
-    if cfg is None:
-        tuner[grid](*args, **kwargs)
-        _best_configs[key] = tuner.best_config.all_kwargs()
-    else:
-        jit_fn[grid](*args, **kwargs, **cfg)
+    with on_device_of(args[0]):
+        if cfg is None:
+            tuner[grid](*args, **kwargs)
+            _best_configs[key] = tuner.best_config.all_kwargs()
+        else:
+            jit_fn[grid](*args, **kwargs, **cfg)
+
+
+def on_device_of(tensor):
+    """Triton launches on the current CUDA device, and the tensors may be on another: a model
+    on cuda:1, or a server's worker thread (a new thread's current device is cuda:0). This
+    makes it theirs for the launch. (Under torch.compile, Inductor's code does the same.)"""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def wrap_triton(kernel):
@@ -993,7 +1002,8 @@ def dropout_mask(seed, batch, heads, q_len, k_len, dropout_p, device="cuda"):
     seed_t = torch.full((1,), _seed_value(seed, "dropout_mask"), dtype=torch.int64, device=device)
     mask = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=device)
     grid = (_cdiv(q_len, 32), _cdiv(k_len, 32), batch * heads)
-    _dropout_mask_kernel[grid](seed_t, mask, q_len, k_len, float(dropout_p), BLOCK_M=32, BLOCK_N=32)
+    with on_device_of(mask):
+        _dropout_mask_kernel[grid](seed_t, mask, q_len, k_len, float(dropout_p), BLOCK_M=32, BLOCK_N=32)
     return mask.bool()
 
 

@@ -152,6 +152,22 @@ def test_dv_holds_at_a_large_softmax_scale():
     assert rel_err(grads()[2], vr.grad) <= TOL[F16]
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA GPU")
+def test_tensors_on_a_gpu_that_is_not_the_current_one():
+    """Triton launches on the current device: a model on cuda:1 (sample.py --device=cuda:1)
+    ran the kernels on cuda:0, with cuda:1's pointers."""
+    q, k, v = (torch.randn(1, 2, 100, 64, device="cuda:1", dtype=F16, requires_grad=True) for _ in range(3))
+    assert torch.cuda.current_device() == 0
+    out = fa.flash_attn_func(q, k, v)
+    out.backward(torch.ones_like(out))
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = fa.attention_reference(qr, kr, vr)[0]
+    ref.backward(torch.ones_like(ref))
+    assert rel_err(out, ref) <= TOL[F16] and rel_err(q.grad, qr.grad) <= TOL[F16]
+    mask = fa.dropout_mask(1, 1, 2, 100, 100, 0.5, device="cuda:1")
+    assert mask.device == torch.device("cuda:1") and mask.cpu().equal(fa.dropout_mask(1, 1, 2, 100, 100, 0.5).cpu())
+
+
 def test_dropout_zero_is_no_dropout():
     q, k, v, leaves, grads = make_qkv(1, 2, 33, 33, 64, F16, "bhtd")
     a = fa.flash_attn_func(q, k, v)
