@@ -409,7 +409,7 @@ class GPT(nn.Module):
 
         if device.type == "cuda" and most > 2 and not torch.is_autocast_enabled("cuda"):
             try:
-                decode_step = _cuda_graph(decode_step)
+                decode_step = _cuda_graph(decode_step, device)
             except RuntimeError as e:  # an op this torch or GPU cannot capture: still correct, slower
                 _warn_once(f"CUDA graph capture failed ({str(e)[:200]}); decoding step by step")
 
@@ -626,17 +626,18 @@ def _shard_files(index: Path) -> list[Path]:
     return sorted({index.parent / f for f in weight_map.values()})
 
 
-def _cuda_graph(fn):
-    """fn captured in a CUDA graph: the returned function replays it and returns
-    fn's output tensor, which every replay overwrites in place."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # warm-up outside the graph: lazy initialisation, kernel choices
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # sample.py's server decodes off the main thread
-        out = fn()
+def _cuda_graph(fn, device: torch.device):
+    """fn, which works on device, captured in a CUDA graph: the returned function
+    replays it and returns fn's output tensor, which every replay overwrites in place."""
+    with torch.cuda.device(device):  # the streams are the current device's, which may be another (cuda:1)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # warm-up outside the graph: lazy initialisation, kernel choices
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # sample.py's server decodes off the main thread
+            out = fn()
 
     def replay():
         graph.replay()

@@ -134,7 +134,7 @@ def decoding_logits(model, prompts, steps: int):
     try:
         model.generate(prompts, steps)
         graph, seen[:] = torch.stack(seen), []
-        model_module._cuda_graph = lambda step: step
+        model_module._cuda_graph = lambda step, device: step
         model.generate(prompts, steps)
     finally:
         model_module.sample, model_module._cuda_graph = sample, capture

@@ -284,6 +284,21 @@ def test_batched_generation_with_padding_equals_one_prompt_at_a_time():
         assert model.generate([prompt], max_new_tokens=8) == [out]
 
 
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA GPU")
+def test_generation_on_a_gpu_that_is_not_the_current_one():
+    """The decoding step's CUDA graph was captured on the current device's streams (cuda:0)
+    for a model on cuda:1 (sample.py --device=cuda:1)."""
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=64)  # full vocabulary
+    model = small_model(seed=3, config=config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # greedy choices not decided by float noise
+    prompts = [[5, 17, 300, 42, 9], [7]]
+    expected = model.generate(prompts, max_new_tokens=8)
+    assert torch.cuda.current_device() == 0
+    assert model.to("cuda:1").generate(prompts, max_new_tokens=8) == expected
+
+
 def test_generation_under_autocast_and_with_no_new_tokens(monkeypatch):
     # train.py samples from its float32 model under bf16 autocast: the cache then holds
     # bf16 like q, so attention gets one dtype (the Triton kernel refuses a mix)
