@@ -55,7 +55,9 @@ The sandbox (class Sandbox; Linux). Each worker has a supervisor process, a warm
 interpreter takes ten). The child runs in its own session, stdin /dev/null, stdout
 and stderr captured (the last 2 KiB kept, the rest read and dropped), in a fresh
 temporary directory removed afterwards, with limits on address space per process
-(--memory_mb: a program of several processes may use that much in each), CPU time
+(--memory_mb: a program of several processes may use that much in each; memory held in
+files, such as a memfd or a file in /dev/shm, is not counted, but the OOM killer takes
+the program first), CPU time
 (timeout + 1 s), file size (64 MiB), open files (256) and processes, no core files,
 no_new_privs (setuid programs grant nothing), and first in line for the OOM killer.
 At --timeout, or when the program ends, every process it started is killed.
@@ -119,9 +121,9 @@ import queue
 import re
 import secrets
 import selectors
-import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -873,7 +875,7 @@ class Sandbox:
         finally:
             os.close(out_r)
             os.close(report_r)
-            shutil.rmtree(workdir, onerror=_force_remove)
+            _remove_folder(workdir, self.root)
         return self._verdict(nonce, status, timed_out, bytes(report), bytes(output))
 
     def _clear(self, uid: int | None, supervisor: int | None) -> None:
@@ -938,7 +940,7 @@ class Sandbox:
             path.unlink(missing_ok=True)  # while we hold its lock: _claim_uids checks for this
             os.close(fd)
         self.locks.clear()
-        shutil.rmtree(self.base, onerror=_force_remove)
+        _remove_folder(self.base, self.root)
         self.alive.close()
 
     def __enter__(self):
@@ -1051,25 +1053,70 @@ ALIVE = ".alive"  # a file in each sandbox's folder, locked while the sandbox li
 
 def _remove_dead_runs_folders() -> None:
     """The folders of sandboxes whose process is gone: SIGKILL leaves it no time to clean up.
-    A folder whose lock file can be locked has no living owner, whatever its pid namespace."""
+    A folder whose lock file can be locked has no living owner, whatever its pid namespace.
+    Only our own folders: anyone may put a phi1-sandbox-* in /tmp (a link to theirs, say)."""
+    root = os.geteuid() == 0
     for folder in Path(tempfile.gettempdir()).glob("phi1-sandbox-*"):
         try:
-            with open(folder / ALIVE) as f:  # not there: a uid lock file, or a folder being made
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(folder, onerror=_force_remove)
-        except OSError:  # held: its sandbox lives; or not ours to remove
-            pass
-
-
-def _force_remove(function, path, exc_info):
-    """rmtree's error handler: a program may leave directories without write permission."""
-    try:
-        os.chmod(os.path.dirname(path), 0o700)
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.chmod(path, 0o700)
-            shutil.rmtree(path, ignore_errors=True)
+            info = folder.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                continue  # a uid lock file, a link, someone else's
+            alive = os.open(folder / ALIVE, os.O_RDONLY | os.O_NOFOLLOW)  # not there: a folder being made
+        except OSError:
+            continue
+        try:
+            fcntl.flock(alive, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its sandbox lives
+            continue
         else:
-            os.unlink(path)
+            _remove_folder(folder, root)
+        finally:
+            os.close(alive)
+
+
+def _remove_folder(path: Path, root: bool) -> None:
+    """Remove the folder path and whatever a program left in it, never raising: folders nested
+    thousands deep (shutil.rmtree recursed into a RecursionError, and paths outgrow PATH_MAX),
+    without permissions, links (never followed, so nothing outside path is touched). Each
+    folder inside is emptied by moving its entries up into path, so two descriptors do at any
+    depth. What cannot be removed (a mount point, say) stays. Not root, folders are made
+    writable (root needs not: a chmod could be raced onto a link by a program still running)."""
+    try:
+        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    fresh = (f"phi1-removing-{n}" for n in range(1 << 62))  # names for entries moved up
+    try:
+        if not root:
+            os.fchmod(top, 0o700)
+        progress = True
+        while progress:
+            progress = False
+            for name in os.listdir(top):
+                try:
+                    if not stat.S_ISDIR(os.stat(name, dir_fd=top, follow_symlinks=False).st_mode):
+                        os.unlink(name, dir_fd=top)
+                        progress = True
+                        continue
+                    if not root:
+                        os.chmod(name, 0o700, dir_fd=top)
+                    inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
+                    try:
+                        for entry in os.listdir(inner):
+                            os.rename(entry, next(fresh), src_dir_fd=inner, dst_dir_fd=top)
+                            progress = True
+                    finally:
+                        os.close(inner)
+                    os.rmdir(name, dir_fd=top)
+                    progress = True
+                except OSError:
+                    pass
+    except OSError:
+        pass
+    finally:
+        os.close(top)
+    try:
+        os.rmdir(path)
     except OSError:
         pass
 

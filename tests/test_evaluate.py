@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -669,7 +670,7 @@ def test_a_closed_sandbox_refuses_programs_rather_than_waiting():
 
 
 def test_folders_a_program_made_unwritable_are_removed_all_the_same(tmp_path, monkeypatch):
-    """Not root, a program's read-only folder would stop rmtree: its handler makes it writable.
+    """Not root, a program's read-only folders would stop a removal: they are made writable.
     (Root ignores permissions, so the unlink and rmdir here refuse as they would for a user.)"""
     def refusing(real):
         def call(path, *, dir_fd=None):
@@ -686,8 +687,70 @@ def test_folders_a_program_made_unwritable_are_removed_all_the_same(tmp_path, mo
     (workdir / "locked" / "g").write_text("x")
     (workdir / "locked" / "deeper").chmod(0o500)
     (workdir / "locked").chmod(0o500)
-    shutil.rmtree(workdir, onerror=evaluate._force_remove)
+    evaluate._remove_folder(workdir, root=False)
     assert not workdir.exists()
+
+
+
+def nested(folder: Path, depth: int) -> None:
+    """depth folders, one in the other, in folder: deeper than PATH_MAX allows a path."""
+    fd = os.open(folder, os.O_RDONLY)
+    for _ in range(depth):
+        os.mkdir("a" * 20, dir_fd=fd)
+        inner = os.open("a" * 20, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+
+
+def test_folders_nested_thousands_deep_are_removed_and_do_not_stop_later_runs(tmp_path, monkeypatch):
+    """A program that nests 5000 folders made shutil.rmtree raise RecursionError: the run
+    ended in a traceback, its folder stayed, and every later sandbox start on the machine
+    raised it again while clearing dead runs' folders."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    nested(workdir, 5000)
+    (workdir / "file").write_text("x")
+    evaluate._remove_folder(workdir, root=os.geteuid() == 0)
+    assert not workdir.exists()
+    dead = tmp_path / "phi1-sandbox-dead"
+    dead.mkdir()
+    (dead / evaluate.ALIVE).write_text("")
+    nested(dead, 5000)
+    with evaluate.Sandbox(workers=1) as sandbox:
+        assert sandbox.run([("t", "pass\n")]) == "passed"
+    assert not dead.exists()
+
+
+def test_links_in_the_temporary_folder_or_in_a_program_s_are_not_followed(tmp_path, monkeypatch):
+    """Anyone may put a phi1-sandbox-* in /tmp: a link to a folder of theirs holding a .alive.
+    The clean-up at each start followed it, and rmtree's error handler then made the folder
+    above (/tmp itself) 0700; as root, /tmp was no longer anyone else's. A program's link to
+    a folder outside is removed, the folder left as it was."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    temp.chmod(0o1777)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / evaluate.ALIVE).write_text("")
+    (theirs / "data").write_text("keep")
+    (temp / "phi1-sandbox-planted").symlink_to(theirs)
+    outside = tmp_path / "outside"
+    (outside / "inner").mkdir(parents=True)
+    outside.chmod(0o555)
+    workdir = temp / "work"
+    workdir.mkdir()
+    (workdir / "to outside").symlink_to(outside)
+    (workdir / "to inner").symlink_to(outside / "inner")
+    with evaluate.Sandbox(workers=1):
+        pass
+    evaluate._remove_folder(workdir, root=False)
+    assert stat.S_IMODE(temp.stat().st_mode) == 0o1777
+    assert (theirs / "data").read_text() == "keep" and (temp / "phi1-sandbox-planted").is_symlink()
+    assert not workdir.exists() and (outside / "inner").is_dir() and stat.S_IMODE(outside.stat().st_mode) == 0o555
+    outside.chmod(0o755)
 
 
 @ROOT_ONLY
