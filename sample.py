@@ -505,6 +505,12 @@ class Engine:
             if self.closed:
                 return
             self.closed = True
+            while True:  # their 503s now, not after the running batch (minutes, on a CPU)
+                try:
+                    for row in self.queue.get_nowait():
+                        row.finish(error=shutting_down())
+                except queue.Empty:
+                    break
             self.queue.put(_CLOSE)
         self.thread.join()
 
@@ -597,7 +603,14 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, cfg):
         self.address_family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-        super().__init__((cfg.host, cfg.port), Handler)  # binds now: a busy port fails here
+        # binds now, so a busy port fails at once; listens once the model is loaded (start), so
+        # that a client trying meanwhile is refused, not held unanswered in the backlog
+        super().__init__((cfg.host, cfg.port), Handler, bind_and_activate=False)
+        try:
+            self.server_bind()
+        except OSError:
+            self.server_close()
+            raise
         self.cfg = cfg
         self.engine: Engine | None = None
         self.model_name = ""
@@ -612,6 +625,7 @@ class Server(ThreadingHTTPServer):
         self.model_name, self.block_size = model_name, model.config.block_size
         longest_token()  # a fraction of a second: now, not in the first request
         self.engine = Engine(model, self.cfg.max_batch, self.cfg.batch_wait_ms, self.cfg.seed)
+        self.server_activate()
 
     def close(self) -> None:
         """Take no more connections, close the engine, then wait until the handlers have sent
@@ -943,15 +957,21 @@ class Handler(BaseHTTPRequestHandler):
 
 def serve(cfg, device: torch.device, dtype: torch.dtype) -> None:
     """Answer HTTP requests until Ctrl-C or SIGTERM."""
+    def cannot_listen(e: OSError) -> UserError:
+        hint = " (choose another --port)" if e.errno == errno.EADDRINUSE else ""
+        return UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}{hint}")
+
     try:
         server = Server(cfg)  # before the slow model load, so a busy port fails at once
     except OSError as e:
-        hint = " (choose another --port)" if e.errno == errno.EADDRINUSE else ""
-        raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}{hint}") from None
+        raise cannot_listen(e) from None
     try:
         model = load_model(cfg.ckpt, device, dtype)
         name = cfg.model_name or cfg.ckpt
-        server.start(model, name)
+        try:
+            server.start(model, name)
+        except OSError as e:  # another server bound the port too, and listened on it first
+            raise cannot_listen(e) from None
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops as Ctrl-C does
         host, port = server.server_address[:2]
         dtype_name = str(dtype).removeprefix("torch.")
