@@ -81,7 +81,8 @@ def report(e: UserError) -> None:
 def stop_signals() -> list[int]:
     """The signals that stop a long run cleanly (train.py saves, synth.py writes its report):
     SIGTERM, Ctrl-C, and SIGHUP (a closed terminal or ssh session; torchrun passes it on)
-    unless it is ignored, as under nohup."""
+    unless it is ignored, as under nohup (torchrun does not leave it ignored: it handles SIGHUP
+    itself unless told otherwise with --signals-to-handle)."""
     hangup = [] if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else [signal.SIGHUP]
     return [signal.SIGTERM, signal.SIGINT, *hangup]
 
