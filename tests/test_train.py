@@ -451,6 +451,8 @@ def test_processes_that_read_different_data_are_refused_in_one_line(tmp_path):
     ("save", ["--checkpoint_interval=2", "--eval_interval=2"], r"cannot write .*ckpt\.pt: no space left"),
     ("", ["--learning_rate=1e25", "--grad_clip=0"], r"the loss became inf or nan at step \d+: training diverged .*"),
     ("", ["--lr=1"], r"unknown setting --lr \(did you mean --learning_rate\?\)"),
+    # out of memory on one process is its alone: the other, in an all-reduce, printed the broken connection's traceback
+    ("oom 3", [], r"out of memory: lower --batch_size .*\(CUDA out of memory\. Tried to allocate 2\.00 GiB\)"),
 ])
 def test_a_failure_of_one_process_is_one_line_and_stops_them_all(tmp_path, fail, more, said):
     """A UserError of one process in the training loop (bad data, a full disk) left the
@@ -461,6 +463,7 @@ def test_a_failure_of_one_process_is_one_line_and_stops_them_all(tmp_path, fail,
     script.write_text(f"""
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
+import torch
 import train
 from config import UserError, run
 
@@ -468,6 +471,8 @@ fail, rank = os.environ["PHI1_TEST_FAIL"], os.environ["RANK"]
 real_batch, real_save = train.Mixture.batch, train.save_checkpoint
 
 def batch(self, split, seed, step, rows, only=None):
+    if fail == f"oom {{step}}" and split == "train" and rank == "1":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     if fail == f"batch {{step}}" and split == "train" and rank == "1":
         raise UserError(f"a bad batch at step {{step}} on process 1")
     if fail == "val" and split == "val":
