@@ -56,7 +56,7 @@ def main():
     latency = cfg.latency_ms / 1000
     rows = [(c, 0) for c in levels] + ([(levels[-1], cfg.rpm)] if cfg.rpm else [])
     print(f"synth.py textbook against a fake server answering in {cfg.latency_ms:g} ms "
-          f"({os.cpu_count()} CPUs)\n")
+          f"({len(os.sched_getaffinity(0))} CPUs)\n")
     print(f"{'concurrency':>11} {'rpm limit':>9} {'records':>7} {'requests':>8} {'seconds':>7} "
           f"{'records/s':>9} {'ideal':>7}")
     with FakeLLM(latency=latency, answer=lambda body: prose(digest(body), duplicates=False)) as server:
