@@ -99,8 +99,11 @@ others cannot enter that holds Python (pyenv under /root) is replaced by an empt
 tmpfs with only Python bound back in.
 Where unshare is refused (a container without CAP_SYS_ADMIN) the run warns, and the
 network stays reachable, SysV IPC shared and world-writable directories writable.
-Not as root, programs run as you, with your files and network (run untrusted models
-as root, or in a VM or container), the process limit counts all your processes, and
+Not as root, programs run as you, with your files (run untrusted models as root, or in
+a VM or container), in a user namespace of their own where the kernel allows one (most
+do; not where unprivileged user namespaces are off): no network but an unconfigured
+loopback, IPC of their own; else the run warns, and the network is reachable. The
+process limit counts all your processes, and
 processes that leave the session are still killed (the supervisor is their
 subreaper) unless the program kills its supervisor, which is then replaced. They can
 signal any process of yours: os.kill(-1, SIGKILL) ends evaluate.py itself.
@@ -593,6 +596,18 @@ def child(job, out, report):
                     os.chdir(job["shared_dirs"][0])
             except OSError as e:
                 say(f"note: files ({e})")
+    else:  # not root: a user namespace of our own, the same uid in it, where network and IPC can be cut
+        outer_uid, outer_gid = os.getuid(), os.getgid()
+        if libc.unshare(0x10000000 | 0x40000000 | 0x08000000) != 0:  # CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC
+            say("note: network")
+        else:
+            try:
+                for name, line in (("uid_map", f"{outer_uid} {outer_uid} 1"), ("setgroups", "deny"),
+                                   ("gid_map", f"{outer_gid} {outer_gid} 1")):
+                    with open(f"/proc/self/{name}", "w") as f:
+                        f.write(line)
+            except OSError as e:
+                say(f"note: ids ({e})")
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")  # the first to go when memory runs out
@@ -755,7 +770,8 @@ class Sandbox:
 
     def describe(self) -> str:
         if not self.root:
-            return "not root: programs run as you, with your files and network"
+            return "not root: programs run as you, with your files; " + (
+                "NETWORK REACHABLE" if "network" in self.notes else "network cut")
         return ", ".join(["uid per worker", "NETWORK REACHABLE" if "network" in self.notes else "network cut",
                           "SysV IPC shared" if "ipc" in self.notes else "private IPC",
                           "world-writable directories shared" if "files" in self.notes else "private tmpfs"])

@@ -395,6 +395,26 @@ def test_processes_that_leave_the_session_are_killed_when_not_root(monkeypatch):
         assert not processes_with(marker)
 
 
+
+def test_not_root_programs_have_no_network_where_the_kernel_allows_a_user_namespace(monkeypatch):
+    """DESIGN.md: no network where the OS allows it. Not root, only root's namespaces were
+    tried, and a program reached this machine's loopback (and the internet). A user may
+    make a user namespace of their own, and a network namespace in it. (Run as root by pretending.)"""
+    monkeypatch.setattr(evaluate.os, "geteuid", lambda: 1000)
+    listening = socket.create_server(("127.0.0.1", 0))
+    code = GOOD + ("import os, socket\n"
+                   f"assert os.getuid() == {os.getuid()} and os.getgid() == {os.getgid()}\n"
+                   "assert [name for _, name in socket.if_nameindex()] == ['lo']\n"
+                   "try:\n"
+                   f"    socket.create_connection(('127.0.0.1', {listening.getsockname()[1]}), timeout=2)\n"
+                   "    raise AssertionError('connected')\n"
+                   "except OSError:\n    pass\n"
+                   "open('made here', 'w').write('x')\n")
+    with listening, evaluate.Sandbox(workers=1, timeout=5.0) as box:
+        assert box.run([("<completion>", code), ("<tests>", TESTS)]) == "passed"
+        assert box.describe() == "not root: programs run as you, with your files; network cut"
+
+
 def test_a_supervisors_children_are_read_from_the_kernels_lists():
     """Not root, the clean-up after each program read every process's status to find the
     supervisor's children: 10-25 ms a program where 500 to 1000 processes run."""
