@@ -1096,15 +1096,18 @@ def _remove_folder(path: Path, root: bool) -> None:
     without permissions, links (never followed, so nothing outside path is touched). Each
     folder inside is emptied by moving its entries up into path, so two descriptors do at any
     depth. What cannot be removed (a mount point, say) stays. Not root, folders are made
-    writable (root needs not: a chmod could be raced onto a link by a program still running)."""
+    writable (root need not be: a chmod could be raced onto a link by a program still running)."""
+    def writable(name: str, folder: int | None = None) -> None:  # (a folder, not root)
+        if not root and stat.S_ISDIR(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+            os.chmod(name, 0o700, dir_fd=folder)
+
     try:
+        writable(path)
         top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError:
         return
     fresh = (f"phi1-removing-{n}" for n in range(1 << 62))  # names for entries moved up
     try:
-        if not root:
-            os.fchmod(top, 0o700)
         progress = True
         while progress:
             progress = False
@@ -1114,11 +1117,11 @@ def _remove_folder(path: Path, root: bool) -> None:
                         os.unlink(name, dir_fd=top)
                         progress = True
                         continue
-                    if not root:
-                        os.chmod(name, 0o700, dir_fd=top)
+                    writable(name, top)
                     inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
                     try:
                         for entry in os.listdir(inner):
+                            writable(entry, inner)  # a folder moved to another holds its ".." to rewrite
                             os.rename(entry, next(fresh), src_dir_fd=inner, dst_dir_fd=top)
                             progress = True
                     finally:
