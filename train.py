@@ -209,6 +209,10 @@ class Mixture:
             if not all(math.isfinite(w) and w > 0 for w in weights):
                 raise UserError(f"dataset weights must be positive numbers: --data={spec}")
         self.folders = [self._folder(n, prepare_default, splits) for n in self.names]
+        # opened once: the run reads the files it started with, should prepare.py replace or
+        # remove them meanwhile (the same --name prepared again), not another corpus from then on
+        self.files = {(i, split): open(folder / f"{split}.bin", "rb")
+                      for i, folder in enumerate(self.folders) for split in splits}
         resolved = [folder.resolve() for folder in self.folders]
         twice = next((n for i, (n, r) in enumerate(zip(self.names, resolved)) if r in resolved[:i]), None)
         if twice:  # its weights would add up, and its validation loss be taken twice
@@ -216,10 +220,14 @@ class Mixture:
         # what the folders hold now, for a resume to notice data prepared again under the same name
         self.content = ", ".join(map(self._content, self.folders))
         if weights is None:
-            weights = [(folder / "train.bin").stat().st_size for folder in self.folders]
+            weights = [os.fstat(self.files[i, "train"].fileno()).st_size for i in range(len(self.folders))]
         weights = np.array(weights, dtype=np.float64) / max(weights)  # first: 1e308 twice sums to inf
         self.weights = weights / weights.sum()
         self.bounds = np.cumsum(self.weights)  # a row picks dataset i for a draw in [bounds[i-1], bounds[i])
+
+    def __del__(self):
+        for f in getattr(self, "files", {}).values():
+            f.close()
 
     def _folder(self, name: str, prepare_default: bool, splits: tuple[str, ...]) -> Path:
         """The dataset's folder, checked to hold the splits that will be read."""
@@ -270,7 +278,7 @@ class Mixture:
             i = int(np.searchsorted(self.bounds, rng.random() * self.bounds[-1], side="right"))
             i = i if only is None else only
             # a fresh memmap per row: a long-lived one grows the process's resident memory
-            data = np.memmap(self.folders[i] / f"{split}.bin", dtype=np.uint16, mode="r")
+            data = np.memmap(self.files[i, split], dtype=np.uint16, mode="r")
             if len(data) < self.block_size + 1:  # shorter than a window (toy data): it repeats
                 data = np.resize(np.asarray(data), self.block_size + 1)
             start = int(rng.integers(0, len(data) - self.block_size))  # the last window ends on the last token

@@ -97,6 +97,20 @@ def test_windows_reach_every_token_and_a_short_bin_repeats(tmp_path):
     assert x.shape == y.shape == (4, 16) and list(x[0, :7]) == [1, 2, 3, 4, 5, 1, 2]
 
 
+def test_data_prepared_again_during_a_run_is_not_read_by_it(tmp_path):
+    """Each row opened its bin by name: a dataset prepared again under the same name while a
+    run trained on it was read from then on without a word (the run's recorded data no longer
+    what it trained on), and one prepared as JSONL (train.bin removed) ended it in a traceback."""
+    data = make_dataset(tmp_path / "ds")
+    mixture = train.Mixture(str(data), 16, 51200, prepare_default=False)
+    before = mixture.batch("train", 0, 0, range(8)), mixture.batch("val", 0, 0, range(8))
+    np.full(40_000, 7, dtype=np.uint16).tofile(tmp_path / "new.bin")
+    os.replace(tmp_path / "new.bin", data / "train.bin")  # as prepare.py replaces a bin
+    (data / "val.bin").unlink()
+    after = mixture.batch("train", 0, 0, range(8)), mixture.batch("val", 0, 0, range(8))
+    assert all(np.array_equal(a, b) for x, y in zip(before, after) for a, b in zip(x, y))
+
+
 def test_a_bin_cut_short_is_named(tmp_path):
     data = make_dataset(tmp_path / "ds")
     with open(data / "train.bin", "ab") as f:
