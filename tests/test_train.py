@@ -1355,6 +1355,28 @@ def test_a_second_run_in_the_same_out_dir_is_refused_while_the_first_trains(tmp_
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 3
 
 
+def test_a_checkpoint_saved_by_another_run_while_this_one_starts_is_not_overwritten(tmp_path, pico, monkeypatch):
+    """The out_dir is locked after the checkpoint is read: a run stopping (saving phi-1's
+    17 GB takes minutes) while a second one read the older checkpoint let the second go
+    on from the older step once the first had gone, and overwrite the newer checkpoint."""
+    data = str(make_dataset(tmp_path / "ds"))
+    cfg = dict(preset=pico, data=data, out_dir=str(tmp_path / "out"), eval_interval=0)
+    train.train(settings(**cfg, max_iters=2))
+    newer = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    newer["step"] = 3
+    build_model = train.build_model
+
+    def read_as_another_run_saves(*args):
+        built = build_model(*args)
+        torch.save(newer, tmp_path / "out" / "ckpt.tmp")
+        os.replace(tmp_path / "out" / "ckpt.tmp", tmp_path / "out" / "ckpt.pt")  # as save_checkpoint does
+        return built
+    monkeypatch.setattr(train, "build_model", read_as_another_run_saves)
+    with pytest.raises(UserError, match=r"ckpt\.pt was saved by another run while this one started"):
+        train.train(settings(**cfg, max_iters=5))
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 3
+
+
 def test_a_run_shorter_than_the_log_interval_logs_its_last_step(tmp_path, pico, capsys):
     data = str(make_dataset(tmp_path / "ds"))
     train.train(settings(preset=pico, data=data, out_dir=str(tmp_path / "out"), max_iters=3, log_interval=10,
