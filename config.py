@@ -202,9 +202,16 @@ def _convert(key: str, text: str, default):
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError, RecursionError):
-            return text
-        return _finite(key, text, value) if is_number(value) else None if value is None else text
-    return text
+            return _home(text)
+        return _finite(key, text, value) if is_number(value) else None if value is None else _home(text)
+    return _home(text)
+
+
+def _home(text: str) -> str:
+    """text with a ~/ that starts it, or starts one of its comma-separated parts (--data=~/a,~/b),
+    made the home folder, as a shell does for `--out ~/x`, but not for `--out=~/x`: the script
+    would make a folder named ~ in the current one."""
+    return ",".join(os.path.expanduser(part) if part.startswith("~/") else part for part in text.split(","))
 
 
 _MISSING = object()

@@ -106,6 +106,16 @@ def test_settings_that_default_to_none_take_a_number_or_else_the_text():
         parse_settings(DEFAULTS, argv=["--dropout=1e999"])
 
 
+def test_a_home_folder_in_a_value_is_expanded_as_the_shell_would_have(monkeypatch):
+    """Bash leaves the ~ of --out_dir=~/runs as it is: the script made a folder named ~ in
+    the current one (which a later rm -rf ~ would not remove alone)."""
+    monkeypatch.setenv("HOME", "/home/me")
+    assert parse_settings(DEFAULTS, argv=["--data=~/a,b,~/c"]).data == "/home/me/a,b,/home/me/c"
+    assert parse_settings(DEFAULTS, argv=["--dropout=~/x"]).dropout == "/home/me/x"  # a None default
+    for kept in ("~", "a~/b", "~user", "x ~/y"):  # not a home folder the shell would have made
+        assert parse_settings(DEFAULTS, argv=[f"--data={kept}"]).data == kept
+
+
 def test_values_may_hold_equals_signs():
     assert parse_settings(DEFAULTS, argv=["--data=a=b.bin"]).data == "a=b.bin"
     assert parse_settings(DEFAULTS, argv=["--data", "a=b.bin"]).data == "a=b.bin"
