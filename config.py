@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import difflib
+import errno
 import inspect
 import io
 import math
@@ -71,6 +72,12 @@ def run(main) -> None:
     except BrokenPipeError:  # the reader of stdout went away (`--help | head`): stop quietly, as Unix tools do
         write_nowhere_if_gone(sys.stdout)  # Python's own flush at exit would fail too
         sys.exit(128 + signal.SIGPIPE)
+    except OSError as e:  # a path setting past the system's limit, wherever the script first looks at it
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        name = os.fsdecode(e.filename) if e.filename is not None else "a path"
+        report(UserError(f"file name too long: {name[:100]}{'...' if len(name) > 100 else ''}"))
+        sys.exit(2)
 
 
 def report(e: UserError) -> None:

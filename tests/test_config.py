@@ -48,6 +48,16 @@ def test_run_ends_a_user_error_or_ctrl_c_with_one_line(capsys, monkeypatch):
     assert status_of(ctrl_c) == 130 and capsys.readouterr().err == "interrupted\n"
 
 
+def test_a_path_too_long_for_the_system_is_one_line_not_a_traceback(tmp_path):
+    """Python's Path.exists() and is_file() raise ENAMETOOLONG where most scripts first look at
+    a path setting: evaluate.py --samples, synth.py --out, train.py --out_dir, ... each ended in
+    a traceback."""
+    long = tmp_path / ("y" * 300)
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"--samples={long}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == f"error: file name too long: {str(long)[:100]}...\n"
+
+
 def test_a_reader_that_stops_early_ends_the_output_quietly():
     script = ("import sys; sys.path.insert(0, sys.argv[1]); from config import run; "
               "run(lambda: print('usage line\\n' * 100_000))")  # more than a pipe holds
