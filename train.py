@@ -272,8 +272,9 @@ class Mixture:
         """(inputs, targets) int64 arrays of shape (len(rows), block_size): the given rows
         of a step (of val batch number `step` for split "val"); with `only`, every row
         comes from that dataset."""
-        picked, windows = [], []
-        for row in rows:
+        picked = []
+        windows = np.empty((len(rows), self.block_size + 1), dtype=np.int64)  # too many rows: MemoryError now
+        for n, row in enumerate(rows):
             rng = row_rng(seed, split, step, row)
             i = int(np.searchsorted(self.bounds, rng.random() * self.bounds[-1], side="right"))
             i = i if only is None else only
@@ -283,8 +284,7 @@ class Mixture:
                 data = np.resize(np.asarray(data), self.block_size + 1)
             start = int(rng.integers(0, len(data) - self.block_size))  # the last window ends on the last token
             picked.append(i)
-            windows.append(data[start:start + self.block_size + 1].astype(np.int64))
-        windows = np.stack(windows)
+            windows[n] = data[start:start + self.block_size + 1]
         if windows.max() >= self.vocab_size:
             bad = [self.folders[i] for i, w in zip(picked, windows) if w.max() >= self.vocab_size][0]
             raise UserError(f"{bad}/{split}.bin holds token id {windows.max()}, outside the model's "

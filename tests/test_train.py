@@ -787,6 +787,15 @@ def test_out_of_memory_is_one_line_with_what_to_lower(tmp_path, monkeypatch, err
         train.train(settings(data=str(data), out_dir=str(tmp_path / "out2"), max_iters=2))
 
 
+
+def test_a_batch_far_too_large_for_memory_is_the_out_of_memory_line_at_once(tmp_path):
+    """Its rows were gathered one by one into a list: --batch_size=1e12 ran for ever, growing."""
+    data = make_dataset(tmp_path / "ds")
+    with pytest.raises(UserError, match=r"out of memory: lower --batch_size"):
+        train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), max_iters=1, batch_size=10**12,
+                             eval_interval=0))
+
+
 def test_a_float16_run_resumes_a_bfloat16_one_and_the_batch_and_schedule_changes_are_named(tmp_path, capsys):
     """The bf16 run saved a disabled gradient scaler, whose empty state a float16 one refused (a traceback:
     a run begun on an H100 and resumed on a V100). 0 as --total_batch_size follows the processes."""
