@@ -1230,7 +1230,7 @@ def check_settings(cfg) -> list[int]:
             (0 < cfg.timeout <= DAY, f"--timeout must be > 0 and at most {DAY:g} s (a day)"),
             (0 < cfg.api_timeout <= DAY and cfg.api_retries >= 0,
              f"--api_timeout must be > 0 and at most {DAY:g} s, and --api_retries >= 0"),
-            (cfg.memory_mb >= 64, "--memory_mb must be >= 64"),
+            (64 <= cfg.memory_mb <= 1 << 30, "--memory_mb must be in [64, 2**30]"),
             (1 <= cfg.sandbox_uid <= MAX_UID, f"--sandbox_uid must be from 1 to {MAX_UID}"),
             (cfg.workers >= 0, "--workers must be >= 0 (0: one per core)"))
     if cfg.k and not cfg.samples and ks[-1] > cfg.n_samples:  # found only after all the work

@@ -999,7 +999,7 @@ def check_settings(cfg) -> None:
             (0 <= cfg.top_p <= 1, "--top_p must be from 0 to 1"),
             (cfg.num_samples >= 1, "--num_samples must be >= 1"),
             (cfg.max_batch >= 1, "--max_batch must be >= 1"),
-            (cfg.batch_wait_ms >= 0, "--batch_wait_ms must be >= 0"),
+            (0 <= cfg.batch_wait_ms <= 60_000, "--batch_wait_ms must be in [0, 60000]"),
             (cfg.host.strip() != "", "--host must name an address (an empty one would listen on every interface; "
                                      "127.0.0.1 is this machine only)"),
             (0 <= cfg.port <= 65535, "--port must be from 0 to 65535"),

@@ -960,6 +960,8 @@ def main(argv=None):
     check_settings(cfg)
     client = llm.client_from(cfg, cfg.model)
     out = Path(cfg.out or f"out/{kind}.jsonl")
+    if out.name in ("", ".", "..") or out.is_dir():
+        raise UserError(f"--out={cfg.out} is a folder: name the JSONL file to write")
     skipped_path, report_path = sidecars(out)
     check_writable(out, skipped_path, report_path)
     have, done = progress(kind, cfg, out, skipped_path)

@@ -49,7 +49,7 @@ def measure(url: str, concurrency: int, rpm: int, n: int) -> tuple[float, int]:
 
 def main():
     cfg = parse_settings(DEFAULTS, __doc__)
-    levels = [int(c) if c.strip().isdigit() else 0 for c in str(cfg.concurrency).split(",")]
+    levels = [int(c) if c.strip().isdecimal() else 0 for c in str(cfg.concurrency).split(",")]
     require((min(levels) > 0, f"--concurrency takes positive whole numbers, not {cfg.concurrency!r}"),
             (cfg.latency_ms > 0 and cfg.seconds > 0, "--latency_ms and --seconds must be positive"),
             (cfg.rpm >= 0, f"--rpm must not be negative, not {cfg.rpm}"))

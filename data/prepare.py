@@ -800,6 +800,8 @@ def prepare(cfg, quiet: bool = False) -> dict:
         raise UserError(f"--val_fraction must be in [0, 1), not {cfg.val_fraction}")
     if cfg.max_file_bytes <= 0 or min(cfg.max_bytes, cfg.max_docs, cfg.workers) < 0:
         raise UserError("--max_file_bytes must be positive, --max_bytes --max_docs --workers not negative")
+    if cfg.name and Path(cfg.name).name in ("", ".", ".."):  # the output would go into out_dir or above it
+        raise UserError(f"--name={cfg.name} names no folder of its own (a dataset's name, e.g. code_filtered)")
     t0 = time.time()
     source = open_source(cfg)
     out = output_dir(cfg, source.name)

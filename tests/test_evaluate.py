@@ -1159,7 +1159,8 @@ def test_a_wrong_api_base_fails_leaving_no_out_folder(tmp_path):
     (["--timeout=0"], "--timeout must be > 0"),
     (["--timeout=2.2e6"], "--timeout must be > 0 and at most 86400 s"),  # the OS's waits would overflow
     (["--api_timeout=1e10"], "--api_timeout must be > 0 and at most 86400 s"),
-    (["--memory_mb=63"], "--memory_mb must be >= 64"),
+    (["--memory_mb=63"], "--memory_mb must be in [64, 2**30]"),
+    (["--memory_mb=1000000000000000"], "--memory_mb must be in [64, 2**30]"),  # RLIMIT_AS refused: "cannot run Python"
     (["--workers=-3"], "--workers must be >= 0"),
     (["--n_samples=2", "--temperature=1e-5"], "set --temperature > 0 (a --temperature or --top_p below 0.0001"),
     (["--n_samples=2", "--temperature=0.8", "--top_p=1e-5"], "set --temperature > 0"),  # model.sample: greedy

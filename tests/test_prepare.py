@@ -1009,6 +1009,15 @@ def test_a_local_source_with_inputs_gets_a_name_of_its_own(tmp_path, monkeypatch
     assert prepare.open_source(settings(tmp_path, name="")).name == "local_python"  # bare: as before
 
 
+@pytest.mark.parametrize("name", [".", "..", "/", "sub/.."])
+def test_a_name_that_is_no_folder_of_its_own_is_refused(tmp_path, name):
+    """--name=.. wrote train.bin, val.bin and meta.json into out_dir's parent (--name=/: into /)."""
+    src = write_tree(tmp_path / "src", {"a.py": A, "b.py": B})
+    with pytest.raises(UserError, match=f"--name={re.escape(name)} names no folder of its own"):
+        prepare.prepare(settings(tmp_path, inputs=str(src), name=name), quiet=True)
+    assert not list(tmp_path.glob("**/meta.json"))
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "kill"])
 def test_ctrl_c_or_a_kill_stops_the_workers_without_tracebacks(tmp_path, how):
     line = "x = [" + ", ".join(map(str, range(400))) + "]\n"

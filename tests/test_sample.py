@@ -1094,6 +1094,8 @@ def test_cli_refuses_a_prompt_that_fills_the_context(ckpt, reference):
     (["--prompt=x", "--prompt_file=p.txt"], "give --prompt or --prompt_file, not both"),  # --prompt was dropped
     (["--port=9000"], "--port is a setting of --serve, not of the command line"),  # were ignored without a word
     (["--serve", "--num_samples=4"], "--num_samples is a setting of the command line, not of --serve"),
+    # past the waits' limit: the first request ended the batching thread, every one after hung
+    (["--serve", "--batch_wait_ms=1e300"], "--batch_wait_ms must be in [0, 60000]"),
 ])
 def test_bad_settings_are_one_line(ckpt, monkeypatch, args, message):
     monkeypatch.setattr(sys, "argv", ["sample.py", f"--ckpt={ckpt}", *args])

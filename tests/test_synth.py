@@ -938,6 +938,15 @@ def test_an_output_of_another_kind_is_refused_before_any_request(tmp_path):
     assert out.read_bytes() == before and not Path(f"{out}.report.json").exists()
 
 
+@pytest.mark.parametrize("out", [".", "/", "folder"])
+def test_an_out_that_is_a_folder_is_one_line(tmp_path, monkeypatch, out):
+    """--out=. and --out=/ were a traceback (a path without a file name)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UserError, match=f"--out={out} is a folder: name the JSONL file to write"):
+        synth.main(["textbook", "--n=1", f"--out={out}", "--api_base=http://127.0.0.1:9/v1"])
+
+
 @pytest.mark.parametrize("record", [{"id": "web-3", "text": "def f(): pass"}, {"text": "no id"}])
 def test_an_output_holding_records_synth_did_not_write_is_refused_before_any_request(tmp_path, record):
     out = tmp_path / "docs.jsonl"  # a corpus or annotations, given as --out by mistake
