@@ -90,8 +90,10 @@ apply      streams --corpus through the embedding model (the forest's, unless --
            shard whose summary names its kept file is done: a rerun skips it, or with
            another --threshold or --top_fraction only selects again from its scores (a
            changed corpus file, by size or modification time, another forest, model,
-           --doc_tokens or --dtype, is scored again). One run at a time filters a shard (a
-           lock on I-of-N.lock in --out, there while it runs). A --corpus holding files
+           --doc_tokens or --dtype, is scored again, its kept file and scores removed
+           first; a file named another way, or from another folder, is the same). One run
+           at a time filters a shard (a lock on I-of-N.lock in --out, there while it
+           runs). A --corpus holding files
            apply writes in --out is refused (each run would read the last one's output back
            in), and kept files of another --num_shards in --out are warned of: a glob of
            kept-*.jsonl would take them too (move them to a folder of their own). Running
@@ -109,7 +111,8 @@ decontaminate  --corpus (e.g. exercises) against HumanEval and MBPP (--bench): 1
            others, with their pass rates. The comparison's results go into
            REPORT.partial as they come: a rerun of an interrupted run goes on where it
            stopped (the same corpus, benchmarks and --min_tau), and the file goes once the
-           report is written. One run at a time writes a report (a lock on REPORT.lock).
+           report is written. One run at a time writes a report, and --out (locks on
+           REPORT.lock and OUT.lock).
 
 The AST match rate: tau = 1 - d / max(n1, n2), d being the tree edit distance between
 two programs' ASTs of n1 and n2 nodes (Zhang and Shasha's algorithm; inserting, deleting
@@ -318,17 +321,23 @@ def text_digest(text: str) -> str:
 
 
 def files_identity(files: list[Path]) -> list:
-    """Each file's path, size and modification time: a file rewritten in place, shuffled
-    or edited to the same size, is not taken for what was read before (as evaluate.py's
-    weights_stamp)."""
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    """Each file's resolved path, size and modification time: a file rewritten in place,
+    shuffled or edited to the same size, is not taken for what was read before (as
+    evaluate.py's weights_stamp), while the same file named another way (./docs.jsonl, or
+    from another folder) is the same, and the work done on it is not done again."""
+    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def local_name(name: str) -> str:
+    """A local file or folder by its full path, however it was named; anything else (a hub id) as it is."""
+    return str(Path(name).resolve()) if Path(name).exists() else name
 
 
 def content_identity(name: str) -> list:
-    """What a model or file named name stands for: the name, and the contents of its local
-    files (of a folder, the model's: an output put inside it is not)."""
+    """What a model or file named name stands for: its local_name, and the contents of its
+    local files (of a folder, the model's: an output put inside it is not)."""
     from model import weight_files
-    return [name] + [[p.name, digest(p)] for p in weight_files(Path(name))]
+    return [local_name(name)] + [[p.name, digest(p)] for p in weight_files(Path(name))]
 
 
 def digest(path: Path) -> str:
@@ -837,7 +846,7 @@ def embed(cfg) -> Path:
         if not ids:
             raise UserError(f"no documents in {', '.join(map(str, files))}")
         # a local model by its full path: the forest trained on these names it, for apply run from anywhere
-        ckpt = str(Path(cfg.ckpt).resolve()) if Path(cfg.ckpt).exists() else cfg.ckpt
+        ckpt = local_name(cfg.ckpt)
         from model import pick_device
         dtype = embedding_dtype(cfg, pick_device(cfg.device))  # (a bad --device or --dtype)
         source = dict(corpus=files_identity(files), ckpt=ckpt, doc_tokens=cfg.doc_tokens, dtype=dtype)
@@ -1119,10 +1128,10 @@ class RandomForest:
         arrays = dict(header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), roots=self.roots_,
                       feature=self.feature_, threshold=self.threshold_, left=self.left_, right=self.right_,
                       value=self.value_, feature_importances=self.feature_importances_)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.urandom(4).hex()}.tmp")  # its own: two runs may save one forest
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with open(tmp, "xb") as f:
                 np.savez(f, **arrays)
             os.replace(tmp, path)
         finally:
@@ -1728,9 +1737,10 @@ def apply(cfg) -> dict | None:
                     raise UserError(f"{ckpt} embeds in {model.config.n_embd} dimensions, "
                                     f"the forest takes {forest.n_features_}")
                 # only now: a model that does not load leaves --out as it was
-                if rank == 0:
-                    for described in (summary_path, scores_description(scores_path)):  # of the scores replaced
-                        described.unlink(missing_ok=True)
+                if rank == 0:  # the scores replaced, and what was selected from them: a run killed before its
+                    # end must leave no kept file of another forest, corpus or model for a reader to take (as embed)
+                    for stale in (summary_path, scores_description(scores_path), kept_path, scores_path):
+                        stale.unlink(missing_ok=True)
                     partial, progress, flags = progress_paths(scores_path)
                     work = dict(scoring=scoring, chunk=CHUNK)
                     if not (json_object(progress) == work and partial.is_file() and flags.is_file()):
@@ -2175,10 +2185,16 @@ def decontaminate(cfg) -> dict:
     progress = partial_path(report_path)
     state = fingerprint(identity, problems, cfg.min_tau)
     make_folder(report_path)
-    # held to the report's end: a second run, finding the comparison done, would write it too
-    with run_lock(report_path.with_name(report_path.name + ".lock"), f"another run is writing {report_path}: wait "
-                                                                      f"for it, stop it, or use another --report",
-                  remove=True):
+    if out is not None:
+        make_folder(out)
+    with contextlib.ExitStack() as held:
+        # held to the report's end: a second run, finding the comparison done, would write it too; and one
+        # with another --report, but this --out, would write the same OUT.partial at the same time
+        held.enter_context(run_lock(report_path.with_name(report_path.name + ".lock"), f"another run is writing "
+                                    f"{report_path}: wait for it, stop it, or use another --report", remove=True))
+        if out is not None:
+            held.enter_context(run_lock(out.with_name(out.name + ".lock"), f"another run is writing {out}: wait "
+                                        f"for it, stop it, or use another --out", remove=True))
         before = compared_before(progress, state)
         if before:
             print(f"resuming: {len(before)} documents compared before, in {progress}")
@@ -2222,7 +2238,6 @@ def decontaminate(cfg) -> dict:
         if cfg.prune_tau:
             partial = partial_path(out)
             kept = 0
-            make_folder(out)
             try:
                 with open(partial, "w", encoding="utf-8") as f:
                     for i, (_, record) in enumerate(read_again(files, ids)):
@@ -2316,6 +2331,10 @@ def main(argv=None):
             (cfg.workers >= 0, "--workers must be >= 0 (0: one per core)"))
     try:
         command(cfg)
+    except RuntimeError as e:
+        if "train" in sys.modules:  # (start_processes imported it, if there are processes)
+            sys.modules["train"].stop_if_peer_gone(e)
+        raise
     finally:
         # never imported here: a signal while torch was imported leaves torch.distributed without
         # its torch, and importing it again runs torch's import into a torch cut short (two tracebacks)

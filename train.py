@@ -153,11 +153,14 @@ def out_of_memory(e: Exception) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
 
 
-def peer_gone(e: Exception) -> bool:
-    """Whether e is a collective failing because another process exited (gloo's broken
-    connection; NCCL's processes wait in theirs until torchrun stops them)."""
-    return dist.is_initialized() and any(s in str(e) for s in ("Connection closed by peer",
-                                                               "Connection reset by peer"))
+def stop_if_peer_gone(e: Exception) -> None:
+    """Exit 2 with one line if e is a collective failing because another process exited (gloo's
+    broken connection; NCCL's processes wait in theirs until torchrun stops them): that one said
+    why (out of memory, say), not this one's traceback too."""
+    if dist.is_initialized() and any(s in str(e) for s in ("Connection closed by peer", "Connection reset by peer")):
+        print(f"process {dist.get_rank()}: stopping, as another process is gone (its message, or torchrun's "
+              f"report if it was killed, says why)", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def spread(value: int, world: int, device: torch.device) -> tuple[int, int]:
@@ -598,10 +601,7 @@ def train(cfg, make_data=None, score=None) -> GPT:
         with contextlib.ExitStack() as held:  # out_dir's lock, which _train takes, goes however it ends
             return _train(cfg, make_data, score, held)
     except (RuntimeError, MemoryError) as e:
-        if peer_gone(e):  # that one said why (out of memory, say): not this one's traceback too
-            print(f"process {dist.get_rank()}: stopping, as another process is gone (its message, or torchrun's "
-                  f"report if it was killed, says why)", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+        stop_if_peer_gone(e)
         if not out_of_memory(e):
             raise
         context = " or --block_size" if make_data is None else ""  # finetune.py's data: the base model's context

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -181,6 +182,23 @@ def test_forest_files_round_trip_and_other_files_are_refused(tmp_path):
     bad("damaged.npz", lambda p: np.savez(p, **arrays), "damaged")
     with pytest.raises(FileNotFoundError):
         RandomForest.load(tmp_path / "missing.npz")
+
+
+def test_two_runs_saving_one_forest_at_once_each_write_a_file_of_their_own(tmp_path, monkeypatch):
+    """Both wrote forest.npz.tmp: the second truncated the first's, and the first, renaming a
+    file no longer there, failed after its fit."""
+    X, y, _ = noisy(100, seed=6)
+    first, second = (RandomForest(n_trees=n, seed=0).fit(X, y > 0) for n in (3, 4))
+    real = np.savez
+
+    def savez(f, **arrays):  # the second saves while the first is written
+        real(f, **arrays)
+        if len(arrays["roots"]) == 3:
+            second.save(tmp_path / "f.npz")
+
+    monkeypatch.setattr(np, "savez", savez)
+    first.save(tmp_path / "f.npz")
+    assert len(RandomForest.load(tmp_path / "f.npz").roots_) == 3 and not list(tmp_path.glob("*.tmp"))
 
 
 def test_splits_cut_halfway_between_values_and_ties_go_left():
@@ -473,13 +491,17 @@ def run_filter(*args):
     filter.main([str(a) for a in args])
 
 
+def patched(tmp_path: Path, setup: str) -> Path:
+    """filter.py, running setup (Python) first."""
+    script = tmp_path / "patched_filter.py"
+    script.write_text(f"import signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport config, filter\n{setup}\n"
+                      f"signal.signal(signal.SIGTERM, signal.default_int_handler)\nconfig.run(filter.main)\n")
+    return script
+
+
 def torchrun(tmp_path: Path, *args, setup: str = "") -> subprocess.CompletedProcess:
     """filter.py on 2 processes (torchrun, gloo on CPUs); setup: Python that each runs first (a patch)."""
-    script = ROOT / "filter.py"
-    if setup:
-        script = tmp_path / "patched_filter.py"
-        script.write_text(f"import signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport config, filter\n{setup}\n"
-                          f"signal.signal(signal.SIGTERM, signal.default_int_handler)\nconfig.run(filter.main)\n")
+    script = patched(tmp_path, setup) if setup else ROOT / "filter.py"
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
@@ -586,6 +608,25 @@ def test_embed_names_a_local_model_by_its_full_path_for_apply_run_elsewhere(tmp_
     monkeypatch.chdir(tmp_path)  # the same model by another name: the same embeddings
     run_filter("embed", f"--corpus={docs}", f"--ckpt={os.path.relpath(nano)}", f"--embeddings={tmp_path / 'emb.npy'}")
     assert "already holds these embeddings" in capsys.readouterr().out
+
+
+def test_the_same_files_named_another_way_are_not_worked_on_again(tmp_path, nano, monkeypatch, capsys):
+    """The fingerprints held the paths as typed: the same command from another folder, or
+    --corpus=./docs.jsonl for docs.jsonl, embedded or scored everything again."""
+    (tmp_path / "data").mkdir()
+    corpus(tmp_path / "data" / "docs.jsonl", 4, seed=3)
+    nano_forest(tmp_path / "data", nano)
+    monkeypatch.chdir(tmp_path / "data")
+    run_filter("embed", "--corpus=docs.jsonl", f"--ckpt={nano}", "--embeddings=emb.npy")
+    run_filter("apply", "--corpus=docs.jsonl", "--forest=f.npz", "--out=out")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(filter, "embed_texts", lambda *a, **k: pytest.fail("worked on again"))
+    capsys.readouterr()
+    run_filter("embed", "--corpus=./data/docs.jsonl", f"--ckpt={os.path.relpath(nano)}", "--embeddings=data/emb.npy")
+    run_filter("apply", "--corpus=./data/docs.jsonl", "--forest=data/f.npz", f"--ckpt={os.path.relpath(nano)}",
+               "--out=data/out")
+    out = capsys.readouterr().out
+    assert "already holds these embeddings" in out and "shard 00000-of-00001 is done" in out
 
 
 def test_embed_under_torchrun_matches_one_process(tmp_path, nano):
@@ -702,6 +743,46 @@ def test_embed_under_torchrun_waits_for_a_process_far_slower_than_the_others(tmp
     result = torchrun(tmp_path, "embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}", setup=slow)
     assert result.returncode == 0 and said(result.stderr) == [], result.stderr[-3000:]
     assert filter.load_embeddings(emb)[1].shape == (4, 64)
+
+
+def test_a_process_waiting_for_another_that_is_gone_says_so_in_one_line(tmp_path, nano):
+    """A process done with its chunks, waiting for the others, whose peer was killed (out of
+    memory, say) printed the broken connection's traceback. (Two processes started as
+    torchrun starts them, without torchrun, which would stop the other at once.)"""
+    import socket
+    docs, emb, go = corpus(tmp_path / "docs.jsonl", 4, seed=3), tmp_path / "emb.npy", tmp_path / "go"
+    script = patched(tmp_path, f"import os, pathlib, time\nfilter.CHUNK = 2  # a chunk for each\n"
+                               f"if os.environ['RANK'] == '0':  # works on until told to go on\n"
+                               f"    def slow(*a, real=filter.embed_texts):\n"
+                               f"        while not pathlib.Path({str(go)!r}).exists():\n"
+                               f"            time.sleep(0.1)\n"
+                               f"        return real(*a)\n"
+                               f"    filter.embed_texts = slow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    processes = [subprocess.Popen([sys.executable, str(script), "embed", f"--corpus={docs}", f"--ckpt={nano}",
+                                   f"--embeddings={emb}"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                 for rank in (0, 1)]
+    try:
+        flags = Path(f"{emb}.partial.done")
+        for _ in range(600):  # process 1 embedded its chunk, and waits for process 0
+            if flags.is_file() and flags.read_bytes()[1:] == b"\x01":
+                break
+            time.sleep(0.1)
+        time.sleep(1)
+        processes[0].kill()
+        assert processes[1].wait(timeout=30) == 2
+        said = processes[1].stderr.read()
+        assert [line for line in said.splitlines() if line.strip() and not line.startswith(("[W", "embedding"))] == [
+            "process 1: stopping, as another process is gone (its message, or torchrun's report if it was killed, "
+            "says why)"], said[-3000:]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
 
 
 def test_decontaminate_finds_renamed_benchmark_code_and_prunes_it(tmp_path, nano, capsys):
@@ -1239,6 +1320,25 @@ def test_decontaminate_holds_its_lock_until_the_report_is_written(tmp_path, monk
     assert busy and sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "r.json"]
 
 
+def test_decontaminate_holds_a_lock_on_its_out_too(tmp_path, monkeypatch):
+    """Only --report was locked: two runs with one --out and other reports wrote the pruned
+    documents into the same OUT.partial at once."""
+    args = ["decontaminate", f"--corpus={corpus(tmp_path / 'docs.jsonl', 5, seed=8)}", "--bench=humaneval",
+            "--workers=1", "--prune_tau=0.95", f"--out={tmp_path / 'pruned.jsonl'}"]
+    real, tried = filter.write_atomic, []
+
+    def another_run_meanwhile(*a):
+        if not tried:  # (once: not again when that run writes its report)
+            tried.append(True)
+            with pytest.raises(UserError, match="another run is writing .*pruned.jsonl: wait for it"):
+                run_filter(*args, f"--report={tmp_path / 'other.json'}")
+        return real(*a)
+
+    monkeypatch.setattr(filter, "write_atomic", another_run_meanwhile)
+    run_filter(*args, f"--report={tmp_path / 'r.json'}")
+    assert tried and sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "pruned.jsonl", "r.json"]
+
+
 def test_a_full_disk_after_the_long_work_is_one_line(tmp_path, monkeypatch):
     """The forest's file and the pruned documents are written after hours of work: a write
     that failed was a traceback."""
@@ -1348,6 +1448,27 @@ def test_an_interrupted_apply_leaves_no_summary_and_resumes(tmp_path, nano, monk
     run_filter(*args)
     assert json.loads((tmp_path / "out" / "summary-00000-of-00001.json").read_text())["documents"] == 20
     assert not any(p.name.endswith((".partial", ".done")) for p in (tmp_path / "out").iterdir())
+
+
+def test_scoring_with_another_forest_leaves_nothing_of_the_old_one_while_it_runs(tmp_path, nano, monkeypatch):
+    """Scoring a shard again (another forest, corpus or model) removed only its summary: a run
+    killed on the way left the old forest's kept file, which a reader of kept-*.jsonl
+    (prepare.py --inputs) took for the shard's selection, and its scores."""
+    docs, out = corpus(tmp_path / "docs.jsonl", 8, seed=6), tmp_path / "out"
+    run_filter("apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={out}")
+    assert (out / "kept-00000-of-00001.jsonl").is_file()
+    (tmp_path / "other").mkdir()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(filter, "embed_texts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_filter("apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path / 'other', nano, score=0.9)}",
+                   f"--out={out}")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "scores-00000-of-00001.bin.partial", "scores-00000-of-00001.bin.partial.done",
+        "scores-00000-of-00001.bin.partial.json"]
 
 
 def test_a_model_that_does_not_load_leaves_no_scores_behind(tmp_path, nano):
