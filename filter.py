@@ -2204,7 +2204,8 @@ def decontaminate(cfg) -> dict:
             add(*result)
         docs = ((doc_id, text) for _, doc_id, text, _ in documents(files, skipped))
         docs = itertools.islice(docs, len(before), None)  # (read, not compared: the skipped lines are counted)
-        jobs, pool, written = cfg.workers or len(os.sched_getaffinity(0)), None, Appender(progress)
+        cores = len(os.sched_getaffinity(0))  # more processes only share them (--workers=100000 forked that many)
+        jobs, pool, written = min(cfg.workers or cores, cores), None, Appender(progress)
         try:
             if not before:
                 written.write({"fingerprint": state})

@@ -9,6 +9,7 @@ import errno
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -2046,6 +2047,23 @@ def test_code_units_of_a_long_chain_of_calls_stay_linear(monkeypatch):
     assert max(filter.ast_match_rate(unit, problem) for unit in units) == 1.0
     # the whole, each definition alone and with helpers of at most max_nodes: it was 150 times
     assert sum(len(tree[0]) for tree in built) < 8 * document_nodes
+
+
+def test_decontaminate_forks_no_more_processes_than_cores(tmp_path, monkeypatch):
+    """--workers=100000 forked a pool of 100000 processes."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(lines(dict(id="own", text=LESSON.format(name="scale"))))
+    asked = []
+    real_pool = multiprocessing.get_context("fork").Pool
+
+    class Context:
+        def Pool(self, jobs, *args):
+            asked.append(jobs)
+            return real_pool(1, *args)
+    monkeypatch.setattr(filter.multiprocessing, "get_context", lambda how: Context())
+    run_filter("decontaminate", f"--corpus={docs}", "--bench=humaneval", "--workers=100000",
+               f"--report={tmp_path / 'report.json'}")
+    assert asked in ([], [len(os.sched_getaffinity(0))]) and (tmp_path / "report.json").is_file()
 
 
 def test_decontaminate_counts_at_a_min_tau_above_the_papers(tmp_path):
