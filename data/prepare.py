@@ -339,6 +339,10 @@ def open_source(cfg) -> SimpleNamespace:
     """The source's default name, a description for meta.json, what it is made of (for the
     fingerprint), its size in bytes (None if unknown) and a function that opens its items.
     Checks that the inputs exist; reads none of them."""
+    given = [key for key in DEFAULTS if getattr(cfg, key) != DEFAULTS[key]
+             and (key.startswith("hf_") if cfg.source != "hf" else key == "inputs")]
+    if given:  # it would be ignored without a word
+        raise UserError(f"--{given[0]} is no setting of --source={cfg.source}")
     if cfg.source == "local":
         entries = [s.strip() for s in cfg.inputs.split(",") if s.strip()]
         for entry in entries:

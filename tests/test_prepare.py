@@ -1009,6 +1009,16 @@ def test_a_local_source_with_inputs_gets_a_name_of_its_own(tmp_path, monkeypatch
     assert prepare.open_source(settings(tmp_path, name="")).name == "local_python"  # bare: as before
 
 
+@pytest.mark.parametrize("source, setting", [("jsonl", "--hf_dataset=x"), ("local", "--hf_text_field=prompt"),
+                                             ("hf", "--inputs=a.jsonl")])
+def test_a_setting_of_another_source_is_refused_not_ignored(tmp_path, source, setting):
+    """--source=jsonl --hf_text_field=prompt read the "text" field anyway, and called the
+    documents without one no_text."""
+    key, _, value = setting[2:].partition("=")
+    with pytest.raises(UserError, match=f"^{setting.partition('=')[0]} is no setting of --source={source}$"):
+        prepare.prepare(settings(tmp_path, source=source, **{key: value}), quiet=True)
+
+
 @pytest.mark.parametrize("name", [".", "..", "/", "sub/.."])
 def test_a_name_that_is_no_folder_of_its_own_is_refused(tmp_path, name):
     """--name=.. wrote train.bin, val.bin and meta.json into out_dir's parent (--name=/: into /)."""
