@@ -1948,7 +1948,7 @@ def code_units(text: str, max_nodes: float = float("inf")) -> list:
     used = [names(s) for s in statements]
     # of a name defined twice, the last: the one a call finds
     defined = {s.name: i for i, s in enumerate(statements) if isinstance(s, _DEFINITION)}
-    sizes = {i: len(tree_of(statements[i])[0]) for i in defined.values()}
+    sizes = {i: len(tree_of(s)[0]) for i, s in enumerate(statements) if isinstance(s, _DEFINITION)}
     imports = [s for s in statements if isinstance(s, (ast.Import, ast.ImportFrom))]
     roots = list(modules)
     for i, statement in enumerate(statements):

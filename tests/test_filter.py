@@ -2047,6 +2047,8 @@ def test_code_units_of_a_long_chain_of_calls_stay_linear(monkeypatch):
     assert max(filter.ast_match_rate(unit, problem) for unit in units) == 1.0
     # the whole, each definition alone and with helpers of at most max_nodes: it was 150 times
     assert sum(len(tree[0]) for tree in built) < 8 * document_nodes
+    # a name defined twice (the first one's helpers are found by name too): a KeyError ended the run
+    assert filter.code_units("def f():\n    return 1\n\ndef f():\n    return g()\n\ndef g():\n    return 2\n")
 
 
 def test_decontaminate_forks_no_more_processes_than_cores(tmp_path, monkeypatch):
