@@ -209,15 +209,20 @@ def _convert(key: str, text: str, default):
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError, RecursionError):
-            return _home(text)
-        return _finite(key, text, value) if is_number(value) else None if value is None else _home(text)
-    return _home(text)
+            return _home(key, text)
+        return _finite(key, text, value) if is_number(value) else None if value is None else _home(key, text)
+    return _home(key, text)
 
 
-def _home(text: str) -> str:
+TEXT_SETTINGS = ("prompt", "stop", "model", "model_name", "api_base")  # the string settings that are no paths
+
+
+def _home(key: str, text: str) -> str:
     """text with a ~/ that starts it, or starts one of its comma-separated parts (--data=~/a,~/b),
     made the home folder, as a shell does for `--out ~/x`, but not for `--out=~/x`: the script
-    would make a folder named ~ in the current one."""
+    would make a folder named ~ in the current one. Text that is no path is left as it is."""
+    if key in TEXT_SETTINGS:
+        return text
     return ",".join(os.path.expanduser(part) if part.startswith("~/") else part for part in text.split(","))
 
 

@@ -124,6 +124,10 @@ def test_a_home_folder_in_a_value_is_expanded_as_the_shell_would_have(monkeypatc
     assert parse_settings(DEFAULTS, argv=["--dropout=~/x"]).dropout == "/home/me/x"  # a None default
     for kept in ("~", "a~/b", "~user", "x ~/y"):  # not a home folder the shell would have made
         assert parse_settings(DEFAULTS, argv=[f"--data={kept}"]).data == kept
+    # text, not paths: sample.py's prompt and stop strings, a model's name, a URL
+    text = {"prompt": "~/x = 1", "stop": "~/,a\\,~/b", "model": "~/m", "model_name": "~/m", "api_base": "~/v1"}
+    cfg = parse_settings(text, argv=[f"--{key}={value}" for key, value in text.items()])
+    assert vars(cfg) == text
 
 
 def test_values_may_hold_equals_signs():
