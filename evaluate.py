@@ -570,6 +570,15 @@ def child(job, out, report):
     os.closerange(3, report)
     os.closerange(report + 1, 1 << 16)
     os.chdir(job["workdir"])
+    # the limits first: a user namespace made after them counts the processes (RLIMIT_NPROC)
+    # of all of ours against them, where one made before would count its own only
+    for name, value in job["limits"].items():
+        which = getattr(resource, name)
+        # CPU time: SIGXCPU at the soft limit (a time-out); the hard one, a second on, kills a
+        # program that ignores it (Linux checks the hard limit first: the same, it kills at once)
+        wanted = (value, value + 1) if name == "RLIMIT_CPU" else (value, value)
+        hard = resource.getrlimit(which)[1]
+        resource.setrlimit(which, wanted if hard == resource.RLIM_INFINITY else tuple(min(v, hard) for v in wanted))
     uid, gid = job["uid"], job["gid"]
     if uid is not None:  # root: isolate, then become the sandbox uid
         if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
@@ -606,20 +615,13 @@ def child(job, out, report):
                                    ("gid_map", f"{outer_gid} {outer_gid} 1")):
                     with open(f"/proc/self/{name}", "w") as f:
                         f.write(line)
-            except OSError as e:
+            except OSError as e:  # (the program then runs as uid 65534 in it, and may not make files)
                 say(f"note: ids ({e})")
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")  # the first to go when memory runs out
     except OSError:
         pass
-    for name, value in job["limits"].items():
-        which = getattr(resource, name)
-        # CPU time: SIGXCPU at the soft limit (a time-out); the hard one, a second on, kills a
-        # program that ignores it (Linux checks the hard limit first: the same, it kills at once)
-        wanted = (value, value + 1) if name == "RLIMIT_CPU" else (value, value)
-        hard = resource.getrlimit(which)[1]
-        resource.setrlimit(which, wanted if hard == resource.RLIM_INFINITY else tuple(min(v, hard) for v in wanted))
     libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid programs grant nothing
     if uid is not None:
         try:
@@ -771,7 +773,8 @@ class Sandbox:
     def describe(self) -> str:
         if not self.root:
             return "not root: programs run as you, with your files; " + (
-                "NETWORK REACHABLE" if "network" in self.notes else "network cut")
+                "NETWORK REACHABLE" if "network" in self.notes else "network cut") + (
+                "; user namespace without uid map (programs run as 65534 in it)" if "ids" in self.notes else "")
         return ", ".join(["uid per worker", "NETWORK REACHABLE" if "network" in self.notes else "network cut",
                           "SysV IPC shared" if "ipc" in self.notes else "private IPC",
                           "world-writable directories shared" if "files" in self.notes else "private tmpfs"])
@@ -1090,13 +1093,18 @@ def _remove_dead_runs_folders() -> None:
             os.close(alive)
 
 
+REMOVE_S = 60.0  # seconds _remove_folder goes on at most (a folder nested 5000 deep takes a fraction of one)
+
+
 def _remove_folder(path: Path, root: bool) -> None:
     """Remove the folder path and whatever a program left in it, never raising: folders nested
     thousands deep (shutil.rmtree recursed into a RecursionError, and paths outgrow PATH_MAX),
     without permissions, links (never followed, so nothing outside path is touched). Each
     folder inside is emptied by moving its entries up into path, so two descriptors do at any
-    depth. What cannot be removed (a mount point, say) stays. Not root, folders are made
-    writable (root need not be: a chmod could be raced onto a link by a program still running)."""
+    depth. What cannot be removed (a mount point, say) stays, and so does what a process still
+    running keeps writing after REMOVE_S (not root, one that killed its supervisor lives on).
+    Not root, folders are made writable (root need not be: a chmod could be raced onto a link
+    by a program still running)."""
     def writable(name: str, folder: int | None = None) -> None:  # (a folder, not root)
         if not root and stat.S_ISDIR(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
             os.chmod(name, 0o700, dir_fd=folder)
@@ -1107,9 +1115,10 @@ def _remove_folder(path: Path, root: bool) -> None:
     except OSError:
         return
     fresh = (f"phi1-removing-{n}" for n in range(1 << 62))  # names for entries moved up
+    deadline = time.monotonic() + REMOVE_S
     try:
         progress = True
-        while progress:
+        while progress and time.monotonic() < deadline:
             progress = False
             for name in os.listdir(top):
                 try:
@@ -1331,7 +1340,7 @@ def generate_and_score(cfg, ks: list[int], out: Path, every: dict, problems: dic
         described = sandbox.describe()
     seconds["execution"] = time.time() - t0
     if sandbox.notes:  # network, ipc or files
-        print(f"warning: unshare was refused; {described}", file=sys.stderr)
+        print(f"warning: part of the sandbox's isolation was refused here; {described}", file=sys.stderr)
 
     summary = summarize(results, ks)
     if (missing := [k for k in ks if f"pass@{k}" not in summary]) and cfg.k:  # named (DEFAULT_KS: as allowed)

@@ -8,6 +8,7 @@ machine down.
 """
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -741,6 +742,24 @@ def test_folders_nested_thousands_deep_are_removed_and_do_not_stop_later_runs(tm
     with evaluate.Sandbox(workers=1) as sandbox:
         assert sandbox.run([("t", "pass\n")]) == "passed"
     assert not dead.exists()
+
+
+def test_a_folder_something_keeps_writing_in_is_left_after_a_while(tmp_path, monkeypatch):
+    """Each pass that removed something was followed by another: a process left running (not
+    root, after killing its supervisor) that made a file between any two passes held the run
+    for ever. (The writer here: a file made each time the folder is listed.)"""
+    monkeypatch.setattr(evaluate, "REMOVE_S", 1.0)
+    folder = tmp_path / "work"
+    folder.mkdir()
+    made, listdir = itertools.count(), os.listdir
+
+    def listed_as_one_more_is_made(fd):
+        open(f"/proc/self/fd/{fd}/{next(made)}", "w").close()
+        return listdir(fd)
+    monkeypatch.setattr(os, "listdir", listed_as_one_more_is_made)
+    started = time.monotonic()
+    evaluate._remove_folder(folder, root=os.geteuid() == 0)
+    assert time.monotonic() - started < 10
 
 
 def test_links_in_the_temporary_folder_or_in_a_program_s_are_not_followed(tmp_path, monkeypatch):
