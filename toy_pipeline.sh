@@ -16,11 +16,12 @@
 # by a rule: docstrings and comments per line). At paper scale both
 # roles are GPT-4 / GPT-3.5 behind the same --api_base.
 set -euo pipefail
-case "${1:-}" in  # the settings are the environment variables below
-  "") ;;
+fail_args() { echo "error: toy_pipeline.sh takes no arguments: its settings are environment variables (see --help)" >&2
+              exit 2; }
+case "${1-none}" in  # the settings are the environment variables below ("" is an argument too)
+  none) [ $# -eq 0 ] || fail_args ;;
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; grep -E '^[A-Z_]+=\$\{' "$0"; exit 0 ;;
-  *) echo "error: toy_pipeline.sh takes no arguments: its settings are environment variables (see --help)" >&2
-     exit 2 ;;
+  *) fail_args ;;
 esac
 CALLER=$PWD  # a relative OUT or LOCAL_INPUTS is the caller's; the default OUT is the checkout's
 cd "$(dirname "$0")"
@@ -60,6 +61,7 @@ whole TEACHER_PORT 1 65535 "a port, from 1 to 65535"
 python -c "import sys, model
 if sys.argv[1] not in model.PRESETS:
     sys.exit(f'error: PRESET={sys.argv[1]} is no preset of model.py ({\", \".join(model.PRESETS)})')" "$PRESET" || exit 2
+[ -d "$OUT" ] || [ ! -e "$OUT" ] || fail "OUT=$OUT is a file, not a folder"
 mkdir -p "$OUT"
 stage() { echo; echo "=== $(date +%H:%M:%S) $*"; }
 # Each stage runs in a process group of its own (set -m), which a signal to the script's group

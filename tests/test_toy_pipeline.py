@@ -159,10 +159,19 @@ def test_help_lists_the_settings_and_an_argument_is_refused_before_any_work(tmp_
                            text=True, timeout=60)
     assert shown.returncode == 0 and "toy scale" in shown.stdout
     assert "PRETRAIN_ITERS=${PRETRAIN_ITERS:-200}" in shown.stdout and "set -euo" not in shown.stdout
-    wrong = subprocess.run(["bash", str(ROOT / "toy_pipeline.sh"), "--max_iters=5"], env=env, capture_output=True,
-                           text=True, timeout=60)
-    assert wrong.returncode == 2 and "takes no arguments" in wrong.stderr
-    assert "=== " not in shown.stdout + wrong.stdout and not (tmp_path / "toy").exists()
+    for argument in ("--max_iters=5", ""):  # an empty one too (a script's "$SETTING" unset): it started the run
+        wrong = subprocess.run(["bash", str(ROOT / "toy_pipeline.sh"), argument], env=env, capture_output=True,
+                               text=True, timeout=60)
+        assert wrong.returncode == 2 and "takes no arguments" in wrong.stderr
+        assert "=== " not in shown.stdout + wrong.stdout and not (tmp_path / "toy").exists()
+
+
+def test_an_out_that_is_a_file_is_one_line(tmp_path):
+    """It ended in mkdir's own error, exit 1."""
+    (tmp_path / "file").write_text("")
+    env = {**os.environ, "OUT": str(tmp_path / "file"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = run_pipeline(env, timeout=60)
+    assert result.returncode == 2 and result.stderr == f"error: OUT={tmp_path / 'file'} is a file, not a folder\n"
 
 
 def test_the_stand_in_teacher_says_a_busy_port_in_one_line_and_stops_quietly_on_ctrl_c():
