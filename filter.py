@@ -921,6 +921,8 @@ def embed(cfg) -> Path:
             if not flags.all():
                 raise UserError(f"{partial}: {int((flags == 0).sum())} chunks were not embedded "
                                 f"(did {flags_path} change?)")
+            if files_identity(files) != source["corpus"]:  # its digests are of the texts read before embedding
+                raise UserError(f"{cfg.corpus or cfg.labels} changed while it was embedded: rerun")
             del array
             os.replace(partial, out)
             # with the model's contents (kept out of the fingerprint's source: embeddings made before stay

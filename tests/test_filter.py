@@ -601,6 +601,22 @@ def test_embed_resumes_after_a_crash_and_leaves_nothing_that_looks_complete(tmp_
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("emb")) == ["emb.json", "emb.npy"]
 
 
+def test_a_corpus_edited_while_it_is_embedded_is_refused(tmp_path, nano, monkeypatch):
+    """The texts' digests were taken before embedding, from the first read: a corpus edited
+    during the run gave embeddings of the new texts under the old digests, and train then
+    paired them with the labels of the old ones."""
+    docs, emb = corpus(tmp_path / "docs.jsonl", 4, seed=3), tmp_path / "emb.npy"
+    real = filter.embed_texts
+
+    def edited_meanwhile(*a, **k):
+        docs.write_text(docs.read_text().replace("def", "class"))
+        return real(*a, **k)
+    monkeypatch.setattr(filter, "embed_texts", edited_meanwhile)
+    with pytest.raises(UserError, match=f"^{re.escape(str(docs))} changed while it was embedded: rerun$"):
+        run_filter("embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}")
+    assert not emb.exists()
+
+
 def test_embed_names_a_local_model_by_its_full_path_for_apply_run_elsewhere(tmp_path, nano, monkeypatch, capsys):
     docs = corpus(tmp_path / "docs.jsonl", 4, seed=3)
     monkeypatch.chdir(nano.parent)
