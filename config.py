@@ -54,6 +54,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PHI1_CACHE") or Path.home() / ".cache" / "phi1")
 
 
+def file_stamp(path: Path) -> list[int] | None:
+    """A file's size and modification time, from one stat (None where there is no file): what
+    says it was written since it was read, without reading it (an edit that keeps both, as
+    touch -r after it, goes unseen)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def run(main) -> None:
     """Call main(), turning a UserError into one clear line and exit status 2."""
     # a path that is not UTF-8 (its bytes kept as surrogates) is printed with escapes, where

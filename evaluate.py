@@ -136,7 +136,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from config import UserError, cache_dir, counted_lines, parse_settings, require, run
+from config import UserError, cache_dir, counted_lines, file_stamp, parse_settings, require, run
 
 DEFAULTS = dict(
     bench="humaneval",  # humaneval or mbpp
@@ -503,7 +503,7 @@ def weights_stamp(name: str) -> list | None:
     from model import weight_files
     if not name:
         return None
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weight_files(Path(name))] or None
+    return [[p.name, *file_stamp(p)] for p in weight_files(Path(name))] or None
 
 
 def changed_settings(recorded, current: dict) -> list[str]:

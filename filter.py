@@ -163,8 +163,8 @@ import numpy as np
 from tqdm import tqdm
 
 import llm
-from config import (UserError, alike_on_every_process, counted_lines, first_process, is_number, parse_args, require,
-                    run, subcommand)
+from config import (UserError, alike_on_every_process, counted_lines, file_stamp, first_process, is_number, parse_args,
+                    require, run, subcommand)
 from data.prepare import (Appender, cannot_write, check_writable, expand, path_id, read_jsonl, run_lock,
                           worker_signals, write_atomic)
 
@@ -322,10 +322,10 @@ def text_digest(text: str) -> str:
 
 def files_identity(files: list[Path]) -> list:
     """Each file's resolved path, size and modification time: a file rewritten in place,
-    shuffled or edited to the same size, is not taken for what was read before (as
-    evaluate.py's weights_stamp), while the same file named another way (./docs.jsonl, or
+    shuffled or edited to the same size, is not taken for what was read before (config's
+    file_stamp), while the same file named another way (./docs.jsonl, or
     from another folder) is the same, and the work done on it is not done again."""
-    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return [[str(p.resolve()), *file_stamp(p)] for p in files]
 
 
 def local_name(name: str) -> str:

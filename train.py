@@ -46,10 +46,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
-from config import (UserError, Unfailing, alike_on_every_process, first_process, parse_settings, report, require,
+from config import (UserError, Unfailing, alike_on_every_process, file_stamp, first_process, parse_settings, report, require,
                     run, stop_signals)
 from data.prepare import cannot_write, check_writable, ensure_prepared, read_meta, run_lock
-from evaluate import weights_stamp
 from model import (GPT, PRESETS, GPTConfig, config_from_dict, load_checkpoint, load_for_tokens, pick_device,
                    pick_dtype)
 
@@ -618,7 +617,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
 
-    ckpt_seen = weights_stamp(str(ckpt_path))  # looked at again once out_dir is this run's (run_lock below)
+    ckpt_seen = file_stamp(ckpt_path)  # looked at again once out_dir is this run's (run_lock below)
     first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
     for turn in (True, False):  # a node's first process fetches hub weights once, then the rest
         with together(world, device):
@@ -675,7 +674,7 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
             # a second run would overwrite the first's checkpoints
             held.enter_context(run_lock(out_dir, f"another run is training in {out_dir}: wait for it, stop it, "
                                                  f"or use another --out_dir"))
-            if weights_stamp(str(ckpt_path)) != ckpt_seen:  # this run would go on from an older step, and overwrite it
+            if file_stamp(ckpt_path) != ckpt_seen:  # this run would go on from an older step, and overwrite it
                 raise UserError(f"{ckpt_path} was saved by another run while this one started (one stopping as "
                                 f"this one read it): rerun to go on from it")
             for done in (ckpt_path, out_dir / "best.pt"):  # a run killed while saving leaves its temporary file

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from config import UserError, counted_lines, parse_args, parse_settings, require, run, subcommand, usage
+from config import UserError, counted_lines, file_stamp, parse_args, parse_settings, require, run, subcommand, usage
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = dict(
@@ -73,6 +73,17 @@ def test_a_path_that_is_not_utf8_is_printed_with_escapes_not_a_traceback():
     done = subprocess.run([sys.executable, "-c", script, str(ROOT)], capture_output=True,
                           env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"}, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, b"already prepared: caf\\udce9\n", b"")
+
+
+def test_a_file_stamp_changes_when_the_file_is_written_again_to_the_same_size(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    assert file_stamp(path) is None
+    path.write_text("one")
+    os.utime(path, ns=(0, path.stat().st_mtime_ns - 10**9))  # written a second ago
+    first = file_stamp(path)
+    assert first == [3, path.stat().st_mtime_ns]
+    path.write_text("two")
+    assert file_stamp(path)[0] == 3 and file_stamp(path) != first
 
 
 def test_require_reports_the_first_check_that_fails():
