@@ -37,6 +37,7 @@ import pickle
 import re
 import struct
 import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -449,11 +450,15 @@ class GPT(nn.Module):
     def from_checkpoint(cls, path, device="cpu") -> "GPT":
         """A model from a checkpoint written by train.py or finetune.py."""
         ckpt = load_checkpoint(path)
-        model = cls(config_from_dict(ckpt["config"], path))
+        config = config_from_dict(ckpt["config"], path)
+        with torch.device("meta"):  # no time spent on a random init that is overwritten (20 s for phi-1)
+            model = cls(config)
+        weights = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in ckpt["model"].items()}
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(weights, assign=True)  # float32, as the model it was built from trained
         except RuntimeError as e:  # the weights of another architecture
             raise ValueError(f"{path} does not hold a phi-1 model of this code ({_first_problem(e)})") from None
+        model.rotary = rotary_table(config)  # not a weight: still on meta
         return model.to(device).eval()
 
     # ------------------------------------------------------------ Hugging Face
@@ -567,7 +572,12 @@ class GPT(nn.Module):
             raise FileNotFoundError(f"no .safetensors weights in {folder}")
         state_dict = {}
         for f in files:
-            state_dict.update(read_safetensors(f))
+            try:
+                state_dict.update(read_safetensors(f))
+            except ValueError as e:
+                if path.is_dir():
+                    raise
+                raise ValueError(f"{e}; remove {folder} to download it again") from None  # damaged in the cache
         return cls.from_hf_state_dict(state_dict, config).to(device).eval()
 
     def save_pretrained(self, folder) -> None:
@@ -842,6 +852,9 @@ def load_checkpoint(path) -> dict:
     except pickle.UnpicklingError:  # torch's many-line message suggests an unsafe load instead
         raise ValueError(f"{path} is not a readable checkpoint (not a file of tensors that torch.save wrote)") from None
     except Exception as e:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip, whose directory is at its end
+            raise ValueError(f"{path} is not a readable checkpoint (not a whole file that torch.save wrote: "
+                             f"cut short, damaged, or another kind of file)") from None
         first = (str(e).strip().splitlines() or [""])[0][:200]
         reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
         raise ValueError(f"{path} is not a readable checkpoint ({reason})") from None
@@ -911,11 +924,28 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
     return out
 
 
+def whole_safetensors(path: Path) -> bool:
+    """Whether path is as long as its safetensors header says: 8 bytes, the header, and the
+    data up to the last tensor's end (a download cut short, or a page that is no weights, is not)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if 8 + n > size:
+                return False
+            header = json.loads(f.read(n))
+        end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
+        return size == 8 + n + end
+    except (struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError):  # no header, or a damaged one
+        return False
+
+
 def write_safetensors(path, tensors: dict[str, torch.Tensor]) -> None:
     """Write tensors one at a time (the header first, from shapes): no second copy of
     the model in memory."""
     names = {v: k for k, v in _ST_DTYPES.items()}
-    header, offset = {}, 0
+    # transformers before 4.48 fails on a file without it (metadata.get on None)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, t in tensors.items():
         if t.dtype not in names:
             raise ValueError(f"{name}: safetensors has no {t.dtype}")
@@ -977,6 +1007,9 @@ def download_hf(repo: str) -> Path:
                     if size and f.tell() < size:  # cached, it would fail for ever as truncated
                         raise ConnectionError(f"{base + name}: the download ended after {f.tell()} of its "
                                               f"{size} bytes; try again")
+                if name.endswith(".safetensors") and not whole_safetensors(tmp):  # sent without a size
+                    raise ConnectionError(f"{base + name}: the download is not a whole safetensors file "
+                                          f"(cut short?); try again")
             except BaseException:  # Ctrl-C too: a partial file of gigabytes left in the cache for ever
                 tmp.unlink(missing_ok=True)
                 raise

@@ -218,6 +218,10 @@ def test_a_downloaded_model_loads_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(requests, "get", offline)
     loaded = GPT.from_pretrained("someone/phi-tiny")
     assert torch.equal(loaded.lm_head.weight, ours.lm_head.weight)
+    weights = tmp_path / "hub" / "someone" / "phi-tiny" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])  # damaged in the cache: it would fail for ever
+    with pytest.raises(ValueError, match=f"is truncated: .*; remove {re.escape(str(weights.parent))} to download it"):
+        GPT.from_pretrained("someone/phi-tiny")
 
 
 def test_safetensors_reader_matches_the_reference_library(tmp_path):
@@ -227,6 +231,11 @@ def test_safetensors_reader_matches_the_reference_library(tmp_path):
     got = read_safetensors(tmp_path / "x.safetensors")
     assert got.keys() == tensors.keys()
     assert all(torch.equal(got[k], tensors[k]) and got[k].dtype == tensors[k].dtype for k in tensors)
+    # and what we write carries the format, which transformers before 4.48 reads without a check for None
+    write_safetensors(tmp_path / "y.safetensors", tensors)
+    with safetensors.safe_open(tmp_path / "y.safetensors", "pt") as written:
+        assert written.metadata() == {"format": "pt"}
+        assert all(torch.equal(written.get_tensor(k), tensors[k]) for k in tensors)
 
 
 def test_cached_decoding_gives_the_logits_of_a_full_forward():
@@ -400,6 +409,12 @@ def test_checkpoint_errors_are_clear(tmp_path):
     torch.save({"weights": 1}, bad)
     with pytest.raises(ValueError, match="not a phi1 checkpoint"):
         load_checkpoint(bad)
+    torch.save({"model": small_model().state_dict(), "config": vars(SMALL)}, bad)
+    whole = bad.read_bytes()
+    for cut in (100, len(whole) // 3, len(whole) - 10):  # torch's own words were cut at 200 characters, or Errno 22
+        bad.write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match="not a whole file that torch.save wrote: cut short, damaged"):
+            load_checkpoint(bad)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "folder.pt").mkdir()
@@ -409,6 +424,20 @@ def test_checkpoint_errors_are_clear(tmp_path):
         GPT.from_pretrained("")
     with pytest.raises(ValueError, match="missing"):
         GPT.from_hf_state_dict({"foo": torch.zeros(1)})
+
+
+def test_a_checkpoint_loads_its_weights_in_float32_whatever_they_were_saved_in(tmp_path):
+    """The model is built on the meta device and takes the checkpoint's tensors (no random
+    init first, 5 s of phi-1-small's load on two cores): it must come out whole, as before."""
+    ours, path = small_model(seed=3), tmp_path / "ckpt.pt"
+    torch.save({"model": {k: v.bfloat16() for k, v in ours.state_dict().items()}, "config": vars(SMALL)}, path)
+    loaded = GPT.from_checkpoint(path)
+    assert all(p.dtype == torch.float32 and p.requires_grad and p.device.type == "cpu" for p in loaded.parameters())
+    assert torch.equal(loaded.rotary, ours.rotary) and not loaded.training
+    assert all(torch.equal(a, b.bfloat16().float()) for a, b in zip(loaded.parameters(), ours.parameters()))
+    idx = torch.randint(0, SMALL.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert torch.isfinite(loaded(idx)[0]).all()
 
 
 def test_weights_that_are_not_finite_are_refused_at_load(tmp_path):
@@ -825,12 +854,13 @@ def test_pick_dtype_and_pick_device(monkeypatch):
 
 class HubResponse:
     """The hub's answer for one file of folder: 404 if it has none, else its bytes and
-    their Content-Length, or `chunks` in their place (a download cut short)."""
+    their Content-Length (unless not sized: sent chunked), or `chunks` in their place (a
+    download cut short)."""
 
-    def __init__(self, folder, name, chunks=None):
+    def __init__(self, folder, name, chunks=None, sized=True):
         file = folder / name
         self.status_code = 200 if file.exists() else 404
-        self.headers = {"content-length": str(file.stat().st_size)} if file.exists() else {}
+        self.headers = {"content-length": str(file.stat().st_size)} if file.exists() and sized else {}
         self.chunks = [file.read_bytes()] if chunks is None and file.exists() else chunks
 
     def iter_content(self, size):
@@ -874,11 +904,13 @@ def test_a_download_cut_short_or_interrupted_leaves_nothing_in_the_cache(tmp_pat
         yield weights[:100]
         raise KeyboardInterrupt
 
-    cases = [([weights[:100]], ConnectionError, f"ended after 100 of its {len(weights)} bytes; try again"),
-             (interrupted(), KeyboardInterrupt, None)]
-    for chunks, error, message in cases:
+    cases = [([weights[:100]], True, ConnectionError, f"ended after 100 of its {len(weights)} bytes; try again"),
+             ([weights[:-4]], False, ConnectionError, "is not a whole safetensors file .*; try again"),  # no size sent
+             ([b"<html>a proxy's page</html>"], False, ConnectionError, "is not a whole safetensors file"),
+             (interrupted(), True, KeyboardInterrupt, None)]
+    for chunks, sized, error, message in cases:
         monkeypatch.setattr(requests, "get", lambda url, **kwargs: HubResponse(
-            tmp_path / "hub", url.rsplit("/", 1)[-1], chunks if url.endswith("/model.safetensors") else None))
+            tmp_path / "hub", url.rsplit("/", 1)[-1], chunks if url.endswith("/model.safetensors") else None, sized))
         with pytest.raises(error, match=message):
             GPT.from_pretrained("someone/phi-tiny")
         assert [f.name for f in cache.iterdir()] == ["config.json"]
