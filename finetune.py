@@ -1,14 +1,15 @@
 """Finetune a pretrained phi-1 model on exercises: signature and docstring in, body out.
 
-    python finetune.py --base=out/ckpt.pt --exercises=out/exercises.jsonl      # the paper's recipe
+    python finetune.py --base=out/ckpt.pt --exercises=out/exercises.jsonl      # the recipe (its last step)
     torchrun --standalone --nproc_per_node=8 finetune.py --base=out/phi-1-base/ckpt.pt \\
         --exercises=out/exercises.jsonl --batch_size=32 --compile --humaneval_problems=164
 
 The defaults are the paper's finetuning recipe: 256 sequences a step, peak lr 1e-4,
-warmup 50, weight decay 0.01, 6K steps, a checkpoint every 1000. Everything but the
-data is train.py's, called, not copied: the loop, DDP under torchrun, bf16, exact
-resume (rerun the same command), SIGTERM, NaN checks, logs. --base is the model to
-start from: our checkpoint, a Hugging Face phi folder or hub id.
+warmup 50, weight decay 0.01, 6K steps, a checkpoint every 1000 (ckpt.pt, each one
+over the last: the paper keeps the best, which takes --humaneval_problems, below).
+Everything but the data is train.py's, called, not copied: the loop, DDP under
+torchrun, bf16, exact resume (rerun the same command), SIGTERM, NaN checks, logs.
+--base is the model to start from: our checkpoint, a Hugging Face phi folder or hub id.
 
 The data. Each exercise ({"prompt", "completion"} per JSONL line, as synth.py
 writes them) becomes prompt tokens + completion tokens + <|endoftext|>, the prompt
@@ -136,7 +137,7 @@ class Exercises:
             for prompt, body, val in zip(prompts, bodies, in_val[start:]):
                 tokens, mask = parts[val]
                 tokens.append(np.array(prompt + body + [tokenizer.EOT], dtype=np.int32))
-                self.too_long += len(tokens[-1]) > block_size
+                self.too_long += len(tokens[-1]) > block_size + 1  # a window: block_size inputs, one more target
                 mask.append(np.arange(len(tokens[-1])) >= (0 if loss_on == "all" else len(prompt)))
         self.splits = {}
         for split, val in (("train", False), ("val", True)) if validate else (("train", False),):

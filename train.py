@@ -89,7 +89,7 @@ DEFAULTS = dict(
 # (the batch per step is checked as the number of sequences, total_batch_size=0 meaning batch_size x processes)
 # (--dtype as it resolved: auto is float32 on a CPU and bfloat16 or float16 on a GPU)
 TRAJECTORY = ("data", "batch_size", "warmup_iters", "learning_rate", "min_lr", "weight_decay",
-              "beta1", "beta2", "grad_clip", "dtype_used", "seed", "exercises", "exercises_content", "loss_on",
+              "beta1", "beta2", "grad_clip", "dtype_used", "seed", "exercises_content", "loss_on",
               "val_fraction", "drop_failing", "humaneval_problems", "humaneval_max_tokens")
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_DATASET = "local_python"

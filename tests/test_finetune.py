@@ -129,6 +129,15 @@ def test_a_row_depends_on_seed_step_and_its_place_alone():
         assert not np.array_equal(first[0], data.batch("train", seed, step, rows)[0]), (seed, step, rows)
 
 
+def test_an_exercise_is_too_long_only_past_a_whole_window():
+    """A window holds block_size inputs and one more target: an exercise of block_size + 1
+    tokens (its <|endoftext|> too) is learned whole, and was counted as too long."""
+    for words, too_long in ((6, 0), (7, 1)):  # prompt, completion and <|endoftext|>: 9 and 10 tokens
+        data = finetune.Exercises([(" x" * words, " y y"), ("a", " b")], block_size=8, loss_on="completion",
+                                  val_fraction=0.0, name="ex")
+        assert data.too_long == too_long, words
+
+
 def test_a_stream_shorter_than_a_window_repeats_with_its_mask():
     items = exercises(2)
     data = finetune.Exercises(items, block_size=200, loss_on="completion", val_fraction=0.0, name="ex")
@@ -314,6 +323,10 @@ def test_a_resume_on_rewritten_exercises_warns_naming_finetunes_own_settings(tmp
             f"--exercises={data}", "--batch_size=2", "--total_batch_size=2", "--max_iters=2", "--warmup_iters=0",
             "--checkpoint_interval=1", "--sample_tokens=0", f"--out_dir={tmp_path / 'out'}"]
     assert cli(*args, "--eval_interval=0", "--stop_iters=1").returncode == 0
+    # the same file named another way is no change (its contents are compared)
+    renamed = [f"--exercises={os.path.relpath(data, ROOT)}" if a.startswith("--exercises=") else a for a in args]
+    same = cli(*renamed, "--eval_interval=0", "--stop_iters=1")
+    assert same.returncode == 0 and "other settings" not in same.stderr, same.stderr
     moved.rename(tmp_path / "renamed.pt")
     write_exercises(data, exercises(30))  # the same file, other exercises
     resumed = cli(*args, "--eval_interval=0")
