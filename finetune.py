@@ -21,9 +21,9 @@ no window is padded. The loss counts the completion tokens and the <|endoftext|>
 ending them (--loss_on=all: every token), so the model learns to write bodies, not
 docstrings, and to stop; every counted token of a step weighs the same, however the
 step is split into micro-batches and processes. Exercises go to val by a hash of
-their text. Malformed lines are skipped and counted. Exercises whose own docstring
-examples failed in synth.py's sandbox check are kept, as the paper checks nothing
-(--drop_failing leaves them out).
+their text. Malformed lines are skipped and counted; exact repeats are kept, and
+counted in a note. Exercises whose own docstring examples failed in synth.py's
+sandbox check are kept, as the paper checks nothing (--drop_failing leaves them out).
 
 With --humaneval_problems=N, each validation loss comes with the greedy pass@1 on
 the first N HumanEval problems (evaluate.py's sandbox), and the best model so far is
@@ -215,6 +215,9 @@ def finetune(cfg):
             raise UserError(f"no exercises in {path}" + "".join(f"; {line}" for line in skipped))
     if skipped and master:
         print(f"{path}: " + "; ".join(skipped))
+    if (repeats := len(exercises) - len(set(exercises))) and master:  # synth.py writes none: files joined?
+        print(f"note: {repeats:,} exercises of {path} repeat one before them word for word; each is trained on, "
+              f"so it weighs as often as it is there", file=sys.stderr)
     if cfg.drop_failing and unchecked and master:
         print(f"note: --drop_failing: the examples of {unchecked:,} exercises were never run (\"unchecked\" or no "
               f"verdict): they are kept", file=sys.stderr)

@@ -266,6 +266,10 @@ def test_exercises_longer_than_the_context_are_named_with_what_is_counted(tmp_pa
     out, err = capsys.readouterr()
     assert "warning: 1 exercises are longer than the context (64 tokens)" in err
     assert "of them counted by the loss (--loss_on=completion)" in out
+    assert "repeat one before them" not in err
+    write_exercises(path, exercises(20) + exercises(3))  # two files joined: their common exercises weigh twice
+    finetune.finetune(parse_settings(finetune.DEFAULTS, argv=[f"--exercises={path}", "--eval_interval=0"]))
+    assert "note: 3 exercises of" in capsys.readouterr().err
 
 
 def test_completion_only_loss_sends_no_gradient_through_prompt_positions(base):
