@@ -652,6 +652,8 @@ def check_writable(*paths: Path) -> None:
         except OSError as e:  # a symlink loop on the way, which exists() below takes for nothing there
             if e.errno == errno.ELOOP:
                 raise UserError(f"cannot write {path}: {e.strerror}") from None
+        if path.exists() and not path.is_file():  # /dev/null: its sidecars, temporary files, would go to /dev
+            raise UserError(f"cannot write {path}: it is not a regular file (a device or a socket)")
         folder = next(p for p in path.parents if p.exists())  # the nearest one there already
         if not folder.is_dir():
             raise UserError(f"cannot write {path}: {folder} is a file, not a folder")

@@ -366,7 +366,8 @@ def test_check_writable_tries_for_real_and_creates_nothing(tmp_path):
                          (Path("/proc/phi1-out.jsonl"), "cannot write /proc/phi1-out.jsonl: "),  # even as root
                          (tmp_path / "loop1", "Too many levels of symbolic links"),
                          (tmp_path / "loop1" / "f.npz", "Too many levels of symbolic links"),
-                         (tmp_path / "fifo", "it is a FIFO")]:  # its open would wait for a reader
+                         (tmp_path / "fifo", "it is a FIFO"),  # its open would wait for a reader
+                         (Path("/dev/null"), "it is not a regular file")]:  # synth.py's report went into /dev
         with pytest.raises(UserError, match=reason):
             prepare.check_writable(path)
 
