@@ -121,7 +121,8 @@ def attend(q, k, v, causal: bool, dropout_p: float = 0.0, mask=None, impl: str =
     if q.is_cuda and mask is None and (impl == "triton" or (impl == "auto" and q.shape[-2] > 1)):
         kernel = _flash_kernel()
         if kernel:
-            reason = kernel.unsupported_reason(q, k, v, dropout_p)
+            reason = ("TRITON_INTERPRET is set: the interpreter, for the kernel's tests, would copy every call "
+                      "to the host" if kernel.INTERPRET else kernel.unsupported_reason(q, k, v, dropout_p))
             if reason is None:
                 return kernel.flash_attn_func(q, k, v, causal=causal, dropout_p=dropout_p)
             _warn_once(f"FlashAttention kernel rejected this call ({reason}); using PyTorch SDPA")
@@ -251,7 +252,7 @@ def _in_eval_mode(method):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        config = replace(config)  # the model's own copy, shared by its blocks, may be changed
+        config = runnable(replace(config), "GPTConfig")  # the model's own copy, shared by its blocks, may be changed
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -453,7 +454,8 @@ class GPT(nn.Module):
         config = config_from_dict(ckpt["config"], path)
         with torch.device("meta"):  # no time spent on a random init that is overwritten (20 s for phi-1)
             model = cls(config)
-        weights = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in ckpt["model"].items()}
+        weights = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                   for k, v in ckpt["model"].items()}
         try:
             model.load_state_dict(weights, assign=True)  # float32, as the model it was built from trained
         except RuntimeError as e:  # the weights of another architecture
@@ -704,6 +706,8 @@ def runnable(c: GPTConfig, source) -> GPTConfig:
                  f"rotary on {c.rotary_dim} dims of a head of {c.head_dim}: it takes an even number, at most "
                  f"the head's"),
                 (not (is_number(c.dropout) and 0 <= c.dropout < 1), f"dropout {c.dropout!r} is not in [0, 1)"),
+                (c.attention not in ("auto", "sdpa", "triton"),
+                 f"attention {c.attention!r} is not auto, sdpa or triton"),
                 (not (is_number(c.rope_base) and is_number(c.layer_norm_eps) and c.rope_base > 0 and c.layer_norm_eps > 0),
                  f"rope_base {c.rope_base!r} and layer_norm_eps {c.layer_norm_eps!r} must be positive numbers")]
     for bad, what in problems:

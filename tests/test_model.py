@@ -19,8 +19,8 @@ import transformers
 import model as model_module
 import tokenizer
 from config import UserError
-from model import (GPT, GPTConfig, KVCache, PRESETS, config_from_hf, derived_seed, load_checkpoint, load_for_tokens,
-                   load_model, pick_device, pick_dtype, read_safetensors, sample, write_safetensors)
+from model import (GPT, GPTConfig, KVCache, PRESETS, config_from_dict, config_from_hf, derived_seed, load_checkpoint,
+                   load_for_tokens, load_model, pick_device, pick_dtype, read_safetensors, sample, write_safetensors)
 
 SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=64, vocab_size=512)
 ONE_LAYER = GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64)  # full vocabulary
@@ -991,6 +991,34 @@ def test_every_generation_step_has_the_logits_of_a_full_forward(monkeypatch):
         for row, prompt in enumerate(prompts):  # one forward gives every step's logits
             full = model(torch.tensor([prompt + out[row][:-1]]))[0][0, len(prompt) - 1:]
             torch.testing.assert_close(torch.stack([logits[row] for logits in seen]), full, rtol=1e-4, atol=1e-4)
+
+
+def test_under_triton_interpret_cuda_tensors_are_left_to_sdpa(caplog, monkeypatch):
+    """TRITON_INTERPRET set (for the kernel's tests) on a GPU machine ran every attention of
+    the model in the interpreter, copying each call to the host, without a word."""
+    class OnCuda(torch.Tensor):  # a CPU tensor that says it is on CUDA: the path attend takes there
+        is_cuda = property(lambda self: True)
+
+    def launch(*args, **kwargs):
+        raise AssertionError("the interpreter was launched")
+    interpreted = SimpleNamespace(INTERPRET=True, unsupported_reason=lambda *args: None, flash_attn_func=launch)
+    monkeypatch.setattr(model_module, "_flash_kernel", lambda: interpreted)
+    monkeypatch.setattr(model_module, "_warned", set())
+    q, k, v = (torch.randn(1, 2, 5, 32) for _ in range(3))
+    with caplog.at_level(logging.WARNING):
+        out = model_module.attend(*(t.as_subclass(OnCuda) for t in (q, k, v)), causal=True)
+    torch.testing.assert_close(out.as_subclass(torch.Tensor),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert [r.getMessage() for r in caplog.records] == [
+        "FlashAttention kernel rejected this call (TRITON_INTERPRET is set: the interpreter, for the kernel's "
+        "tests, would copy every call to the host); using PyTorch SDPA"]
+
+
+def test_an_unknown_attention_is_refused_not_taken_for_sdpa():
+    for build in (lambda: GPT(replace(SMALL, attention="Triton")),
+                  lambda: config_from_dict({**vars(SMALL), "attention": "flash"}, "ckpt.pt")):
+        with pytest.raises(ValueError, match="attention '(Triton|flash)' is not auto, sdpa or triton"):
+            build()
 
 
 def test_asked_for_the_triton_kernel_on_the_cpu_it_falls_back_once_and_says_why(caplog, monkeypatch):
