@@ -606,7 +606,11 @@ def _retry_after(headers) -> float | None:
 def _why(e: Exception) -> str:
     """The root cause buried in a requests exception ("Connection refused", ...)."""
     text = str(e)
-    m = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", text) or re.findall(r"\w+\((['\"])(.+?)\1\)", text)
+    # "[Errno 111] Connection refused", RemoteDisconnected('...'), ConnectionResetError(104, '...')
+    m = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", text) or re.findall(r"\w+\((?:-?\d+, )?(['\"])(.+?)\1\)", text)
     if isinstance(m, re.Match):
         return m.group(1).strip()
-    return m[-1][1] if m else text[:200] or type(e).__name__
+    if m:
+        return m[-1][1]
+    cut = re.search(r"IncompleteRead\((.+?)\)", text)  # "13 bytes read, 987 more expected"
+    return f"the reply was cut short ({cut.group(1)})" if cut else text[:200] or type(e).__name__

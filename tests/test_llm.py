@@ -5,6 +5,7 @@ import email.utils
 import json
 import signal
 import socket
+import struct
 import threading
 import time
 
@@ -355,7 +356,8 @@ def waits(monkeypatch):
 @pytest.fixture
 def extra_faults(monkeypatch):
     """FakeLLM faults beyond its own: "409", "quota" (429 for exhausted quota), "odd_usage" (usage counts that
-    are not integers), "trickle" (a 200 whose body comes a byte every 0.1 s, for 5 s)."""
+    are not integers), "trickle" (a 200 whose body comes a byte every 0.1 s, for 5 s), "reset" (a 200 whose
+    connection is reset half-way through the body)."""
     import llm_server
     respond = llm_server.Handler.respond
 
@@ -371,6 +373,17 @@ def extra_faults(monkeypatch):
                     time.sleep(0.1)
             except OSError:  # the client gave up
                 pass
+            return
+        if fault == "reset":
+            self.close_connection = True
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"choices": [')
+            self.wfile.flush()
+            # a linger of 0 s: close() sends a reset (RST), not the end of the stream (FIN)
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
             return
         if fault == "409":
             return self.error(409, "Conflict.", "conflict")
@@ -429,6 +442,16 @@ def test_a_reply_without_usage_leaves_the_token_estimate_charged(waits, extra_fa
         client.chat(MESSAGES, max_tokens=900)
         client.chat(MESSAGES, max_tokens=900)
     assert len(waits) == 1 and waits[0] == pytest.approx(estimate / 10, abs=0.2)
+
+
+@pytest.mark.parametrize("fault, why", [("reset", "Connection reset by peer"),
+                                        ("cut", "the reply was cut short (13 bytes read, 987 more expected)")])
+def test_a_connection_broken_mid_reply_is_named_in_plain_words(extra_faults, fault, why):
+    """The reason read as requests' raw tuple: ("Connection broken: ConnectionResetError(104, ...)", ...)."""
+    with FakeLLM(faults=[fault]) as server, client_for(server, max_retries=0) as client:
+        with pytest.raises(llm.LLMError) as error:
+            client.chat(MESSAGES)
+        assert str(error.value) == f"connection: {why}"
 
 
 def test_a_409_is_retried(extra_faults):
