@@ -467,6 +467,28 @@ class Client:
 _deadline = threading.local()  # .at: the time.monotonic() by which this thread's request must be answered
 
 
+@contextlib.contextmanager
+def _shut_at(sock, deadline: float):
+    """Shuts sock down at deadline (time.monotonic()), which ends any read waiting on it;
+    yields an Event, set if it came to that. A socket's timeout bounds each wait for a byte,
+    not a read that waits for many (a header line, a gzip header's comment)."""
+    expired = threading.Event()
+
+    def expire():
+        expired.set()
+        with contextlib.suppress(OSError):  # closed already
+            # not SSLSocket's, which unwraps the TLS the read still uses: it would fail as a bad URL (ValueError)
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(deadline - time.monotonic(), expire)
+    watchdog.daemon = True  # one left waiting by a request abandoned in map() must not hold up the exit
+    watchdog.start()
+    try:
+        yield expired
+    finally:
+        watchdog.cancel()
+
+
 class _Watched:
     """For urllib3's connections: the status line and headers of a response must come by the
     deadline of this thread's request (_deadline.at), else a watchdog shuts the socket down
@@ -475,24 +497,12 @@ class _Watched:
     sending "100 Continue" without end (http.client skips each) for ever."""
 
     def getresponse(self, *args, **kwargs):
-        sock, expired = self.sock, threading.Event()
-
-        def expire():
-            expired.set()
-            with contextlib.suppress(OSError):  # closed already
-                # not SSLSocket's, which unwraps the TLS the read still uses: it would fail as a bad URL (ValueError)
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-        watchdog = threading.Timer(_deadline.at - time.monotonic(), expire)
-        watchdog.daemon = True  # one left waiting by a request abandoned in map() must not hold up the exit
-        watchdog.start()
-        try:
-            response = super().getresponse(*args, **kwargs)
-        except (OSError, http.client.HTTPException):  # what reading a socket shut down raises
-            if not expired.is_set():
-                raise
-        finally:
-            watchdog.cancel()
+        with _shut_at(self.sock, _deadline.at) as expired:
+            try:
+                response = super().getresponse(*args, **kwargs)
+            except (OSError, http.client.HTTPException):  # what reading a socket shut down raises
+                if not expired.is_set():
+                    raise
         if expired.is_set():  # also where the headers came cut short: they end where the stream does
             raise TimeoutError("no headers by the deadline")  # urllib3 makes it a ReadTimeoutError
         return response
@@ -533,12 +543,23 @@ def _watched_session() -> requests.Session:
 def _read_by(r: requests.Response, deadline: float) -> bytes:
     """The body of a streamed response, all of it in by deadline (time.monotonic()), else
     requests.Timeout. requests' read timeout only bounds the wait for each next byte, so a
-    server (or a proxy) that trickles bytes would never time out."""
+    server (or a proxy) that trickles bytes would never time out; checked after each read,
+    the deadline was overrun by the read's own wait (twice the timeout, or for ever where
+    one read waits for many bytes): a watchdog shuts the socket down at it (_shut_at)."""
+    if r.raw.closed:  # read already: requests reads a redirect's body, as if to follow it
+        return r.content
     chunks = []
-    while chunk := r.raw.read1(1 << 16, decode_content=True):  # what has come, not a full 64 KiB
-        if time.monotonic() > deadline:
-            raise requests.Timeout()
-        chunks.append(chunk)
+    # the response's socket, by a descriptor of our own: its connection forgets the socket (.sock is
+    # None) where the body runs to the close, and a proxy's TLS within TLS wraps it in no socket
+    with socket.socket(fileno=os.dup(r.raw.fileno())) as sock, _shut_at(sock, deadline) as expired:
+        try:
+            while chunk := r.raw.read1(1 << 16, decode_content=True):  # what has come, not a full 64 KiB
+                chunks.append(chunk)
+        except (OSError, urllib3.exceptions.HTTPError, http.client.HTTPException):  # reading a socket shut down
+            if not expired.is_set():
+                raise
+    if expired.is_set():
+        raise requests.Timeout()
     return b"".join(chunks)
 
 

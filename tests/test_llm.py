@@ -606,8 +606,9 @@ def test_connecting_and_check_wait_at_most_ten_seconds_whatever_the_timeout(monk
 
 
 @contextlib.contextmanager
-def dripping(first: bytes, drip: bytes):
-    """The URL of a server that answers each request with first, then drip every 0.05 s, for ever."""
+def dripping(first: bytes, drip: bytes, every: float = 0.05):
+    """The URL of a server that answers each request with first, then drip every `every` s, for 5 s
+    (a client that never times out then fails its test, not hangs it)."""
     def serve(listener):
         with contextlib.suppress(OSError):  # the listener closed
             while True:
@@ -617,9 +618,9 @@ def dripping(first: bytes, drip: bytes):
         with conn, contextlib.suppress(OSError):  # the client gave up
             conn.recv(1 << 16)
             conn.sendall(first)
-            while True:
+            for _ in range(int(5 / every)):
                 conn.sendall(drip)
-                time.sleep(0.05)
+                time.sleep(every)
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
         threading.Thread(target=serve, args=(listener,), daemon=True).start()
@@ -641,6 +642,24 @@ def test_headers_that_never_end_time_out(first, drip):
         with pytest.raises(llm.LLMError, match="did not answer within 0.5 s"):
             client.check()
         assert time.monotonic() - started < 3
+
+
+GZIP_COMMENT = b"\x1f\x8b\x08\x10\0\0\0\0\0\x03"  # a gzip header whose comment follows, up to a NUL byte
+
+
+@pytest.mark.parametrize("first, drip, every", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b" ", 0.9),
+    (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n" + GZIP_COMMENT, b"a", 0.05)],
+    ids=["byte-within-each-read-timeout", "gzip-comment"])
+def test_a_body_that_trickles_in_times_out_at_the_timeout(first, drip, every):
+    """Checked after each read, the deadline was passed by the read's own wait: a byte every 0.9 s
+    ended 1 s requests at 1.8 s, and a gzip header's comment (one read, as it decodes to nothing) never."""
+    with dripping(first, drip, every) as url:
+        client = llm.Client(url, "fake", timeout=1, max_retries=0)
+        started = time.monotonic()
+        with pytest.raises(llm.LLMError, match="timeout: no answer within 1 s"):
+            client.chat(MESSAGES)
+        assert time.monotonic() - started < 1.5
 
 
 def test_a_redirect_is_fatal_and_names_the_api_base_to_use(monkeypatch):
