@@ -27,7 +27,8 @@ needs, in one readable place, with nothing to install:
   429 holds every thread's next request until then;
 - not retried: other 4xx, and a reply whose text is null (a refusal, a content filter),
   which fails as "refused" too, a verdict on what was asked; the request fails with the
-  server's message (a 404 also names the URL asked). 401, 403, 404, a 429 for exhausted
+  server's message (a 404 also names the URL asked), and a reply of more than MAX_REPLY
+  (64 MiB), a bad_response read no further. 401, 403, 404, a 429 for exhausted
   quota, a redirect (3xx: not followed, it names where to) and a malformed URL are `fatal`:
   a wrong key, model or URL fails every request the same way, so callers should stop;
 - map() that ends early (the caller breaks off or raises, Ctrl-C) returns at once: its
@@ -87,6 +88,10 @@ DEFAULTS = dict(
 )
 FATAL_STATUS = (401, 403, 404)  # wrong key, no access, wrong model or URL: every request would fail
 TRANSIENT_4XX = (408, 409)  # the server timed out reading the request; a conflict (OpenAI's SDK retries both)
+# bytes of a reply, decoded, at most: the longest answers (128k tokens, each a few bytes, JSON-escaped
+# at worst 6 a character) take a few MiB, so a server sending more (a gzip bomb, a body without end)
+# is broken, and would send as much again: kept whole, it took the memory of the machine
+MAX_REPLY = 64 << 20
 FAILED_ALIKE = 5  # requests in a row that failed alike (Failure.alike): the request or endpoint is at fault
 # how OpenAI ("maximum context length"), vLLM, sample.py --serve and llama.cpp ("exceeds the
 # available context size") refuse a prompt too long for the model
@@ -301,6 +306,8 @@ class Client:
             with self._session().get(url, headers=self.headers, timeout=timeout, stream=True,
                                      allow_redirects=False) as r:
                 r._content = _read_by(r, deadline)
+        except _Failed as e:  # a reply past MAX_REPLY
+            raise LLMError(e.failure) from None
         except (requests.Timeout, urllib3.exceptions.TimeoutError):
             raise LLMError(Failure("timeout", f"{self.api_base} did not answer within {timeout:g} s")) from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as e:  # ValueError: a bad URL
@@ -542,18 +549,23 @@ def _watched_session() -> requests.Session:
 
 def _read_by(r: requests.Response, deadline: float) -> bytes:
     """The body of a streamed response, all of it in by deadline (time.monotonic()), else
-    requests.Timeout. requests' read timeout only bounds the wait for each next byte, so a
-    server (or a proxy) that trickles bytes would never time out; checked after each read,
-    the deadline was overrun by the read's own wait (twice the timeout, or for ever where
-    one read waits for many bytes): a watchdog shuts the socket down at it (_shut_at)."""
+    requests.Timeout, and at most MAX_REPLY bytes, else _Failed, not to be retried.
+    requests' read timeout only bounds the wait for each next byte, so a server (or a proxy)
+    that trickles bytes would never time out; checked after each read, the deadline was
+    overrun by the read's own wait (twice the timeout, or for ever where one read waits for
+    many bytes): a watchdog shuts the socket down at it (_shut_at)."""
     if r.raw.closed:  # read already: requests reads a redirect's body, as if to follow it
         return r.content
-    chunks = []
+    chunks, size = [], 0
     # the response's socket, by a descriptor of our own: its connection forgets the socket (.sock is
     # None) where the body runs to the close, and a proxy's TLS within TLS wraps it in no socket
     with socket.socket(fileno=os.dup(r.raw.fileno())) as sock, _shut_at(sock, deadline) as expired:
         try:
             while chunk := r.raw.read1(1 << 16, decode_content=True):  # what has come, not a full 64 KiB
+                size += len(chunk)
+                if size > MAX_REPLY:
+                    raise _Failed(Failure("bad_response", f"{r.url} sent more than {MAX_REPLY >> 20} MiB, "
+                                          f"which no answer comes near", r.status_code), False)
                 chunks.append(chunk)
         except (OSError, urllib3.exceptions.HTTPError, http.client.HTTPException):  # reading a socket shut down
             if not expired.is_set():

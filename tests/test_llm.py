@@ -454,6 +454,33 @@ def test_a_connection_broken_mid_reply_is_named_in_plain_words(extra_faults, fau
         assert str(error.value) == f"connection: {why}"
 
 
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+def test_a_reply_past_max_reply_fails_unretried_naming_the_limit(monkeypatch, encoding):
+    """Kept whole, a 100 MB answer was taken, one without end grew to 8 GB in 30 s, and a 2 MB gzip
+    bomb (2 GB unpacked) took 4 GB and was asked for again."""
+    import gzip
+    import llm_server
+    monkeypatch.setattr(llm, "MAX_REPLY", 1 << 20)
+    body = json.dumps({"data": [{"id": "fake"}], "choices": [{"message": {"content": "x" * (2 << 20)}}]}).encode()
+
+    def huge(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if encoding == "gzip":  # 2 MiB in 2 KiB
+            return self.send(200, gzip.compress(body), [("Content-Encoding", "gzip")])
+        self.send(200, body)
+
+    monkeypatch.setattr(llm_server.Handler, "do_POST", huge)
+    monkeypatch.setattr(llm_server.Handler, "do_GET", huge)
+    with FakeLLM() as server, client_for(server) as client:
+        with pytest.raises(llm.LLMError) as error:
+            client.chat(MESSAGES)
+        failure = error.value.failure
+        assert (failure.kind, failure.attempts, client.stats.requests) == ("bad_response", 1, 1)
+        assert failure.message == f"{server.url}/chat/completions sent more than 1 MiB, which no answer comes near"
+        with pytest.raises(llm.LLMError, match="/models sent more than 1 MiB"):
+            client.check()
+
+
 def test_a_409_is_retried(extra_faults):
     with FakeLLM(faults=["409", "ok"]) as server, client_for(server) as client:
         assert client.chat(MESSAGES).text
