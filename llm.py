@@ -186,7 +186,10 @@ def client_from(cfg, model: str) -> "Client":
     """The client a script's settings ask for (DEFAULTS above, as parsed by config.py);
     a bad setting is a UserError, one line for the user."""
     from config import UserError, require
-    require((cfg.concurrency >= 1, "--concurrency must be >= 1"),
+    # each request in flight holds a thread and a socket: past 1024, the usual limit on open files
+    # (ulimit -n) fails connections, threads run out (ulimit -u, a container's), and no API's rate
+    # limit is that generous to one client
+    require((1 <= cfg.concurrency <= 1024, "--concurrency must be from 1 to 1024"),
             (cfg.rpm >= 0 and cfg.tpm >= 0, "--rpm and --tpm must be >= 0"),
             (0 < cfg.timeout <= 86400, "--timeout must be > 0 and at most 86400 s (a day)"),
             (cfg.max_retries >= 0, "--max_retries must be >= 0"),
@@ -279,8 +282,14 @@ class Client:
                     jobs.put(job)
                     pending += 1
                     if len(threads) < self.concurrency:
-                        threads.append(threading.Thread(target=work, name="llm", daemon=True))
-                        threads[-1].start()
+                        thread = threading.Thread(target=work, name="llm", daemon=True)
+                        try:
+                            thread.start()
+                        except RuntimeError as e:  # the system's limit on threads: a setting, not a bug
+                            from config import UserError
+                            raise UserError(f"cannot start thread {len(threads) + 1} of --concurrency="
+                                            f"{self.concurrency} ({e}): lower it") from None
+                        threads.append(thread)
                     if pending >= 2 * self.concurrency:
                         break
                 if not pending:

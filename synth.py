@@ -727,7 +727,11 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
             while not stop.is_set() and error is None and len(queue) < 4 * cfg.concurrency and \
                     have + counts["unanswered"] + len(queue) < cfg.n:
                 index = next(indexes)
-                queue.append((index, pool.submit(make_item, kind, index, cfg, client, dedup, sandbox, stop)))
+                try:
+                    queue.append((index, pool.submit(make_item, kind, index, cfg, client, dedup, sandbox, stop)))
+                except RuntimeError as e:  # no thread for it (the system's limit on threads): a setting, not a bug
+                    error = f"cannot start the threads --concurrency={cfg.concurrency} asks for ({e}): lower it"
+                    stop.set()
             if stop.is_set() or error is not None:
                 while queue and queue[-1][1].cancel():  # not started yet: forget them
                     queue.pop()

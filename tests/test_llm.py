@@ -320,7 +320,9 @@ def test_client_from_command_line_settings():
     cfg, _ = parse_args(llm.DEFAULTS, argv=["--api_base=http://127.0.0.1:9/v1", "--concurrency=3", "--rpm=60"])
     client = llm.client_from(cfg, "some-model")
     assert (client.api_base, client.model, client.concurrency) == ("http://127.0.0.1:9/v1", "some-model", 3)
-    for argv, message in [(["--concurrency=0"], "--concurrency must be >= 1"), (["--tpm=-1"], "--rpm and --tpm"),
+    for argv, message in [(["--concurrency=0"], "--concurrency must be from 1 to 1024"),
+                          (["--concurrency=100000"], "--concurrency must be from 1 to 1024"),
+                          (["--tpm=-1"], "--rpm and --tpm"),
                           (["--price_out=-2"], "--price_in and --price_out"),
                           (["--api_base=ftp://example.com"], "http:// or https://")]:
         cfg, _ = parse_args(llm.DEFAULTS, argv=argv)
@@ -534,6 +536,25 @@ def test_concurrency_bounds_requests_from_the_callers_own_threads():
         for thread in threads:
             thread.join()
         assert server.most_in_flight == 2 and client.stats.requests == 6
+
+
+def test_a_thread_map_cannot_start_is_one_line_naming_concurrency(monkeypatch):
+    """"RuntimeError: can't start new thread" came out as a traceback."""
+    from config import UserError
+    start, started = threading.Thread.start, []
+
+    def two_at_most(self):  # map's threads: the server's own start as ever
+        if self.name == "llm":
+            started.append(self)
+            if len(started) > 2:
+                raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", two_at_most)
+    with FakeLLM(latency=0.1) as server, client_for(server, concurrency=4) as client:
+        with pytest.raises(UserError, match=r"^cannot start thread 3 of --concurrency=4 \(can't start new thread\): "
+                                            r"lower it$"):
+            list(client.map((i, MESSAGES) for i in range(8)))
 
 
 def test_map_reads_its_requests_lazily():

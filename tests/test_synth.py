@@ -354,6 +354,27 @@ def test_a_bug_on_an_item_ends_the_run_with_its_report(tmp_path, monkeypatch, ca
     assert "Traceback" in capsys.readouterr().err and not out.read_text()
 
 
+def test_a_thread_that_cannot_start_ends_the_run_naming_concurrency(tmp_path, monkeypatch, capsys):
+    """"RuntimeError: can't start new thread" was shown as a bug, with its traceback."""
+    start, started = threading.Thread.start, []
+
+    def two_at_most(self):  # the run's own threads: the server's start as ever
+        if self.name.startswith("item"):
+            started.append(self)
+            if len(started) > 2:
+                raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", two_at_most)
+    out = tmp_path / "t.jsonl"
+    with FakeLLM(latency=0.05) as server:
+        with pytest.raises(UserError, match=r"^cannot start the threads --concurrency=4 asks for \(can't start new "
+                                            r"thread\): lower it$"):
+            synth.main(["textbook", f"--out={out}", f"--api_base={server.url}", *FAST, "--n=8"])
+    assert json.loads(Path(f"{out}.report.json").read_text())["run"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_an_endpoint_answering_with_a_proxy_page_ends_the_run(tmp_path):
     """A 200 that is no JSON (a proxy's login page) is retried, but it went on for every item of the run."""
     out = tmp_path / "t.jsonl"
