@@ -995,6 +995,10 @@ def dropout_mask(seed, batch, heads, q_len, k_len, dropout_p, device="cuda"):
     reason = _dropout_p_reason(dropout_p)
     if reason is not None:
         raise ValueError(f"dropout_mask: {reason}")
+    sizes = (batch, heads, q_len, k_len)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes) or batch * heads > 65535:
+        raise ValueError(f"dropout_mask: batch, heads, q_len and k_len must be positive integers, batch * heads "
+                         f"at most 65535 (the kernel's grid), as flash_attn_func takes; got {sizes}")
     if INTERPRET:
         device = "cpu"
     elif torch.device(device).type != "cuda":

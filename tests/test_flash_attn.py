@@ -501,6 +501,9 @@ def test_dropout_mask_checks_seed_and_p_as_flash_attn_func_does():
     for seed, p in ((-1, 0.5), (True, 0.5), (1.7, 0.5), (2**63, 0.5), (None, 0.5), (1, 1.5), (1, -0.1)):
         with pytest.raises(ValueError, match="dropout_mask: " + ("seed" if p == 0.5 else "dropout_p")):
             fa.dropout_mask(seed, 1, 1, 4, 4, p, device=DEVICE)
+    for sizes in ((1, 1, -4, 4), (1, 1, 4.0, 4), (0, 1, 4, 4), (2048, 64, 8, 8)):  # torch's errors, a grid past CUDA's
+        with pytest.raises(ValueError, match=r"dropout_mask: batch, heads, q_len and k_len must be positive integers"):
+            fa.dropout_mask(1, *sizes, 0.5, device=DEVICE)
 
 
 def test_the_script_agrees_with_triton_on_TRITON_INTERPRET():
