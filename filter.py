@@ -978,7 +978,11 @@ class RandomForest:
     all of them are constant in the node, it draws on, one at a time, until one varies,
     as scikit-learn does), until a node is pure, has fewer than 2 x min_samples_leaf
     rows, no feature varies in it, or it is at max_depth. With class_weight "balanced"
-    each class weighs n / (classes x its count) in all (or pass a dict class -> weight).
+    each class weighs n / (classes x its count) in all (or pass a dict class -> weight):
+    the weight multiplies a row's bootstrap count, as in scikit-learn before it drew the
+    bootstrap rows with the weights as probabilities (1.9 does, which moves predict_proba
+    toward the rare class; here, with leaves grown pure, the weights change the splits
+    more than the leaves' shares).
     A tree's leaf holds its rows' class shares; predict_proba is their mean over the
     trees, as in scikit-learn's RandomForestClassifier. Fit also sets oob_score_
     (accuracy of each row's prediction by the trees that did not see it), oob_proba_ and
@@ -1043,8 +1047,10 @@ class RandomForest:
     def fit(self, X, y) -> "RandomForest":
         X, y = self._check(X), np.asarray(y)
         n, d = X.shape
-        if y.shape != (n,) or n < 2:
-            raise ValueError(f"need y of shape ({n},) and at least 2 rows")
+        if y.shape != (n,) or n < 2 or d < 1:
+            raise ValueError(f"need y of shape ({n},), at least 2 rows and a feature")
+        if y.dtype.kind == "f" and np.isnan(y).any():  # np.unique makes NaN a class of its own
+            raise ValueError("y holds NaN")
         self.n_features_ = d
         self.classes_, label = np.unique(y, return_inverse=True)
         counts = np.bincount(label)
@@ -1109,6 +1115,8 @@ class RandomForest:
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities, (rows, classes) in the order of classes_."""
+        if not hasattr(self, "roots_"):
+            raise ValueError("the forest is not fitted: fit() it, or RandomForest.load() one")
         X = self._check(X)
         out = np.empty((len(X), len(self.classes_)))
         step = max(1, (1 << 21) // len(self.roots_))  # rows routed at once through all trees
@@ -1120,7 +1128,8 @@ class RandomForest:
         return out
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        proba = self.predict_proba(X)  # first: a forest not fitted has no classes_
+        return self.classes_[proba.argmax(1)]
 
     def save(self, path) -> None:
         """Write the forest to path (an .npz), through a temporary file."""
@@ -1163,19 +1172,39 @@ class RandomForest:
         if version != FOREST_VERSION:
             raise ValueError(f"{path} is version {version} of {FOREST_FORMAT}; this filter.py reads version "
                              f"{FOREST_VERSION}")
-        forest = cls(**header["params"])
-        forest.info, forest.n_features_, forest.oob_score_ = header["info"], header["n_features"], header["oob_score"]
-        forest.classes_ = np.array(header["classes"])
         try:
+            forest = cls(**header["params"])
+            forest.info, forest.n_features_, forest.oob_score_ = (header["info"], int(header["n_features"]),
+                                                                  header["oob_score"])
+            forest.classes_ = np.array(header["classes"])
             for name in ("roots", "feature", "threshold", "left", "right", "value", "feature_importances"):
                 setattr(forest, name + "_", arrays[name])
-            n = len(forest.feature_)
-            assert all(len(a) == n for a in (forest.threshold_, forest.left_, forest.right_, forest.value_))
-            assert forest.value_.shape[1] == len(forest.classes_) and forest.roots_.max() < n
-            assert forest.feature_.max() < forest.n_features_ and max(forest.left_.max(), forest.right_.max()) < n
-        except (KeyError, AssertionError, IndexError, ValueError):
+            if not forest.sound():
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path} is a damaged {FOREST_FORMAT} file (arrays missing or inconsistent)") from None
         return forest
+
+    def sound(self) -> bool:
+        """Whether the arrays are a forest that predict_proba can walk: each tree's nodes after
+        its root, children after their parent within the tree (a loop would walk for ever),
+        features of X, finite thresholds, class shares in [0, 1]. (A file damaged at random
+        fails its CRC first; this is for one written whole, but wrong.)"""
+        roots, feature, left, right = self.roots_, self.feature_, self.left_, self.right_
+        n = len(feature)
+        if not (all(a.ndim == 1 and a.dtype.kind == "i" for a in (roots, feature, left, right))
+                and self.threshold_.shape == (n,) and self.value_.shape == (n, len(self.classes_))
+                and all(len(a) == n for a in (left, right)) and n > 0 and len(roots) > 0):
+            return False
+        node = np.arange(n)
+        end = np.r_[roots[1:], n][np.clip(np.searchsorted(roots, node, side="right") - 1, 0, None)]  # tree's end
+        inner = feature >= 0
+        return bool(roots[0] == 0 and (np.diff(roots) > 0).all() and roots[-1] < n
+                    and (feature >= -1).all() and (feature < self.n_features_).all()
+                    and (node < left)[inner].all() and (node < right)[inner].all()
+                    and (left < end)[inner].all() and (right < end)[inner].all()
+                    and np.isfinite(self.threshold_).all()
+                    and np.isfinite(self.value_).all() and ((self.value_ >= 0) & (self.value_ <= 1)).all())
 
 
 def bin_edges(X: np.ndarray, max_bins: int, rng, sample: int = 200_000) -> list[np.ndarray]:
@@ -1184,14 +1213,35 @@ def bin_edges(X: np.ndarray, max_bins: int, rng, sample: int = 200_000) -> list[
     rows = X if len(X) <= sample else X[np.sort(rng.choice(len(X), sample, replace=False))]
     edges = []
     for column in np.sort(rows, axis=0).T:
-        distinct = column[np.r_[True, column[1:] != column[:-1]]]
+        starts = np.flatnonzero(np.r_[True, column[1:] != column[:-1]])
+        distinct = column[starts]
         if len(distinct) <= max_bins:
             low, high = distinct[:-1], distinct[1:]
             mid = ((low.astype(np.float64) + high) / 2).astype(np.float32)
             edges.append(np.where(mid < high, mid, low))  # a midpoint that rounds up to high would not split
         else:
-            edges.append(np.unique(column[(np.arange(1, max_bins) * len(column)) // max_bins]))
+            edges.append(quantile_edges(distinct, np.diff(np.r_[starts, len(column)]), max_bins))
     return edges
+
+
+def quantile_edges(values: np.ndarray, counts: np.ndarray, max_bins: int) -> np.ndarray:
+    """At most max_bins - 1 of the sorted distinct values (a bin: x <= edge), each bin about
+    as full. A value that fills a bin by itself (the zeros of a sparse feature) gets a bin of
+    its own, and the other values share the rest at the quantiles of their rows: quantiles of
+    all rows put most edges on that one value, where they fell into one (90% zeros left 28
+    bins for the values that vary). Without such a value: the quantiles of all rows."""
+    total, last = counts.sum(), len(values) - 1  # the last value needs no edge: nothing is above it
+    heavy = np.flatnonzero(counts * max_bins >= total)
+    own = np.union1d(heavy, heavy - 1)  # edges at a heavy value and at the value below it
+    own = own[(own >= 0) & (own < last)]
+    budget = max_bins - 1 - len(own)
+    if budget < 0:  # many heavy values: each takes about one quantile of all rows anyway
+        own, budget = own[:0], max_bins - 1
+        heavy = heavy[:0]
+    light = np.cumsum(np.where(np.isin(np.arange(len(values)), heavy), 0, counts))  # rows up to each value
+    # the value where the light rows pass each quantile position (heavy values add none: never picked)
+    picked = np.searchsorted(light, (np.arange(1, budget + 1) * light[-1]) // (budget + 1) + 1)
+    return values[np.union1d(own, picked[picked < last])]
 
 
 def binned(X: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
