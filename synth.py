@@ -42,8 +42,12 @@ to case and whitespace, or a near-duplicate whose word 5-grams have an estimated
 similarity of at least --near_dup (MinHash with numpy). Its slot goes to the next index,
 until the file holds --n records of this kind and seed. An item whose answers were cut off
 at --max_tokens is skipped as "cut off at --max_tokens=N": a run with a larger --max_tokens
-asks for it again (first, if it needs more records), and the summary says how many were;
-with --keep_cut_off, such answers are taken as they are.
+asks for it again (first, if it needs more records), and the summary says how many were.
+An answer cut off after fewer tokens than --max_tokens (its reply's usage says how many)
+ran out of the model's context (sample.py --serve clamps max_tokens to the room the prompt
+leaves, llama.cpp with --parallel shares its context among slots): its item is skipped as
+"cut off by the model's context after N tokens", which more --max_tokens would not change.
+With --keep_cut_off, answers cut off either way are taken as they are.
 
 Two kinds of failure are not verdicts on an item, and leave no line anywhere, so the
 same command run again asks for those items anew (their records then come after the
@@ -122,7 +126,7 @@ DEFAULTS = dict(
     **llm.DEFAULTS,  # the client: --api_base, --concurrency, --rpm, --tpm, --timeout, ... (llm.py)
     temperature=1.0,  # sampling temperature of the teacher
     max_tokens=1024,  # tokens per answer at most
-    keep_cut_off=False,  # take answers cut off at --max_tokens as they are (a teacher that never stops, as the toy's)
+    keep_cut_off=False,  # take answers cut off (--max_tokens, context) as they are (the toy's teacher never stops)
     attempts=3,  # answers (or failed requests) per item before giving up on it (leaving it to a rerun)
     near_dup=0.8,  # estimated Jaccard similarity of word 5-grams that makes a near-duplicate
     give_up=100,  # items in a row without a record that end the run
@@ -131,6 +135,8 @@ DEFAULTS = dict(
 
 KINDS = ("textbook", "exercises")
 CUT = "cut off at --max_tokens={}"  # an item's reason, once an answer was: a run with more asks again
+CONTEXT_CUT = "cut off by the model's context after {} tokens"  # a verdict: more --max_tokens would not help
+CONTEXT_HINT = "--keep_cut_off keeps them; else more context per request (llama.cpp: fewer --parallel) or another model"
 
 # ---------------------------------------------------------------- what to write about
 
@@ -605,6 +611,7 @@ class Outcome:
     reason: str = ""  # why the answers could not become a record
     invalid: int = 0  # answers that could not become a record
     cut: int = 0  # of them, answers cut off at --max_tokens
+    context_cut: int = 0  # of them, answers cut off by the model's context, before --max_tokens
     failure: llm.Failure | None = None  # the last request that failed for good, if no answer came
     stopped: bool = False  # a stop came before it was done: neither a record nor a verdict
 
@@ -615,8 +622,9 @@ def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sand
     stop is set (a request in flight still ends); a refused request (a 4xx, or an answer
     without text) is not sent again (the same request would be refused the same way). An
     answer cut off (finish_reason "length" or "content_filter") is unusable; once one was
-    cut at --max_tokens, the item's reason says so, since more tokens may make a record. A
-    fatal LLMError (wrong key, model or URL) propagates."""
+    cut at --max_tokens, the item's reason says so, since more tokens may make a record (not
+    so where the model's context cut it shorter: context_cut). A fatal LLMError (wrong key,
+    model or URL) propagates."""
     rid = item_id(kind, cfg.seed, index)
     constraints = draw(kind, cfg.seed, index)
     ask = messages(kind, constraints)
@@ -639,15 +647,17 @@ def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sand
                 break
             continue
         answers += 1
+        short = context_cut(reply, cfg.max_tokens)
         try:
             if reply.finish_reason == "length" and not cfg.keep_cut_off:
-                raise Invalid(CUT.format(cfg.max_tokens))
+                raise Invalid(CUT.format(cfg.max_tokens) if short is None else CONTEXT_CUT.format(short))
             if reply.finish_reason == "content_filter":
                 raise Invalid("cut off by the content filter")
             record = to_record(kind, reply.text, constraints, sandbox)
         except Invalid as e:
             out.invalid += 1
-            out.cut += reply.finish_reason == "length"
+            out.cut += reply.finish_reason == "length" and short is None
+            out.context_cut += short is not None
             out.reason = f"invalid: {CUT.format(cfg.max_tokens) if out.cut else e}"
             continue
         out.record = {"id": rid, **record, "constraints": constraints, "model": cfg.model}
@@ -656,6 +666,16 @@ def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sand
     if answers:  # the verdict is the answers', whatever became of the other requests
         out.failure = None
     return out
+
+
+def context_cut(reply: llm.Reply, max_tokens: int) -> int | None:
+    """The tokens of an answer cut off by the model's context, else None: finish_reason "length"
+    after fewer tokens than max_tokens (the server cut max_tokens to the room its context left).
+    Without usage, a cut is taken to be at max_tokens, as the server was asked."""
+    if reply.finish_reason != "length" or reply.usage is None:
+        return None
+    tokens = reply.usage["completion_tokens"]
+    return tokens if tokens < max_tokens else None
 
 
 class Interrupts:
@@ -695,10 +715,10 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
                have: int, done: set[str], stop: threading.Event) -> tuple[Counter, str | None]:
     """Make items until the output holds cfg.n records (have so far), but for the items whose
     requests failed (they keep their slots for a rerun), or stop is set. Returns the counts of
-    this run (written, invalid answers, cut off, items dropped by reason, unanswered) and the
-    error that ended it, if one did: a fatal failure, a write that failed, --give_up items in a
-    row without a record, FAILED_ALIKE items in a row whose requests failed the same way,
-    unanswered items, or a bug (its traceback printed).
+    this run (written, invalid answers, cut off at --max_tokens or by the context, items dropped
+    by reason, unanswered) and the error that ended it, if one did: a fatal failure, a write
+    that failed, --give_up items in a row without a record, FAILED_ALIKE items in a row whose
+    requests failed the same way, unanswered items, or a bug (its traceback printed).
 
     A refused request (a 4xx, an answer without text) is a verdict on its item (a content
     filter, say) unless the next items are refused the same way, which points at the request
@@ -755,6 +775,7 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
                 break
             counts["invalid answers"] += outcome.invalid
             counts["cut off"] += outcome.cut
+            counts["context cut off"] += outcome.context_cut
             failure = outcome.failure
             if alike and not (failure is not None and failure.alike(alike[-1][1])):
                 judge_refusals()  # another outcome came after them
@@ -781,7 +802,9 @@ def synthesize(kind: str, cfg, client: llm.Client, dedup: Dedup, sandbox, out: A
                     error = failed_alike(client, len(alike), failure)
                 elif streak >= cfg.give_up:
                     hint = (f"is {client.api_base} working?" if failure is not None else
-                            "raise --max_tokens?" if outcome.cut else f"is --model={cfg.model} up to the task?")
+                            "raise --max_tokens?" if outcome.cut else
+                            f"the model's context cuts the answers short: {CONTEXT_HINT}" if outcome.context_cut else
+                            f"is --model={cfg.model} up to the task?")
                     error = f"{streak} items in a row gave no record (the last: {reason[:200]}); {hint}"
                 if error is not None:
                     stop.set()  # the items in flight would be thrown away: no more requests (and bills)
@@ -919,6 +942,7 @@ def summarize(kind: str, cfg, out: Path, client: llm.Client, counts: Counter, se
     run = {"written": counts["written"], "seconds": round(seconds, 2), "requests": s.requests,
            "retries": s.retries, "failed_attempts": dict(s.errors), "failed_requests": dict(s.failures),
            "invalid_answers": counts["invalid answers"], "cut_off_answers": counts["cut off"],
+           "context_cut_off_answers": counts["context cut off"],
            "unanswered_items": counts["unanswered"], "tokens_in": s.tokens_in, "tokens_out": s.tokens_out,
            # unknown without usage, or without prices: a later run's total would pass for all of it
            "cost": None if s.no_usage or not (client.price_in or client.price_out) else round(s.cost, 4),
@@ -930,8 +954,12 @@ def summarize(kind: str, cfg, out: Path, client: llm.Client, counts: Counter, se
     rate = counts["written"] / seconds if seconds > 0 else 0.0
     dropped, distinct, total = report["dropped"], report["distinct_ngrams"], report["all_runs"]
     coverage = ", ".join(f"{k} {v['fraction']:.0%}" for k, v in report["coverage"].items())
-    cut = (f" ({counts['cut off']} cut off at --max_tokens={cfg.max_tokens}: raise it to keep such items)"
-           if counts["cut off"] else "")
+    cuts = []
+    if counts["cut off"]:
+        cuts.append(f"{counts['cut off']} cut off at --max_tokens={cfg.max_tokens}: raise it to keep such items")
+    if counts["context cut off"]:
+        cuts.append(f"{counts['context cut off']} cut off by the model's context: {CONTEXT_HINT}")
+    cut = f" ({'; '.join(cuts)})" if cuts else ""
     unmetered = f", not counting {s.no_usage} replies without usage" if s.no_usage else ""
     print(f"{kind}: {counts['written']} records written in {seconds:.1f} s ({rate:.2f}/s); {out} holds "
           f"{have}/{cfg.n} of seed {cfg.seed}\n"

@@ -10,7 +10,9 @@ server.slow seconds), "malformed" (200, not JSON), "nested" (200, JSON nested de
 than Python parses), "html" (200, a proxy's HTML page),
 "empty" (200, no choices), "drop" (closes the connection without answering), "cut"
 (closes it half-way through the body), "length" (half the answer, finish_reason
-"length": cut off at max_tokens), "null" (content null, finish_reason "content_filter"),
+"length", usage counting max_tokens: cut off at max_tokens), "context_full" (the same,
+fewer tokens than max_tokens: cut off by the model's context, as sample.py --serve and
+llama.cpp with --parallel do), "null" (content null, finish_reason "content_filter"),
 "no_usage" (an answer without usage), "filtered" (a 400 from a content filter, its
 message naming the request in words) or "context" (vLLM's 400 for a request longer than
 its context, the message naming the request's token counts).
@@ -202,9 +204,13 @@ class Handler(BaseHTTPRequestHandler):
                                    f"{asked} tokens ({prompt_tokens} in the messages, {body.get('max_tokens')} in "
                                    f"the completion). Please reduce the length of the messages or completion.", 400)
         text, finish = self.server.answer(body), "stop"
-        if fault == "length":
+        if fault in ("length", "context_full"):
             text, finish = text[:len(text) // 2], "length"
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(text) // 4}
+        if fault == "length" and body.get("max_tokens"):  # all it was given
+            usage["completion_tokens"] = body["max_tokens"]
+        if fault == "context_full":  # fewer, however many it was given
+            usage["completion_tokens"] = min(len(text) // 4, (body.get("max_tokens") or 2 ** 20) - 1)
         if fault == "null":
             text, finish = None, "content_filter"
         if self.path.endswith("/chat/completions"):

@@ -1,10 +1,12 @@
 """synth.py against a local fake OpenAI-compatible server that injects faults, and against
 sample.py --serve: exact record counts, no duplicates, resume after kill -9 and Ctrl-C, bad input."""
 
+import contextlib
 import dataclasses
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -274,6 +276,29 @@ def test_answers_cut_off_in_a_row_end_the_run_asking_for_more_tokens(tmp_path):
             synthesize(server, "textbook", tmp_path / "t.jsonl", "--n=5", "--give_up=3", "--attempts=1")
 
 
+def test_answers_cut_off_by_the_models_context_are_not_blamed_on_max_tokens(tmp_path, capsys):
+    """A server that cuts max_tokens to the room its context leaves (sample.py --serve, llama.cpp
+    with --parallel) ends answers at fewer tokens: synth.py said to raise --max_tokens, and a run
+    with a larger one asked for those items again, to be cut off the same way."""
+    out = tmp_path / "t.jsonl"
+    with FakeLLM(faults=["context_full"] * 3 + ["ok"] * 100, answer=distinct_prose) as server:
+        report = synthesize(server, "textbook", out, "--n=3", "--concurrency=1", "--attempts=1")
+        reasons = [s["reason"] for s in records(f"{out}.skipped")]
+        assert len(reasons) == 3 and all(re.fullmatch(r"invalid: cut off by the model's context after \d+ tokens", r)
+                                         for r in reasons), reasons
+        assert (report["run"]["cut_off_answers"], report["run"]["context_cut_off_answers"]) == (0, 3)
+        said = capsys.readouterr().out
+        assert "3 cut off by the model's context: --keep_cut_off keeps them" in said and "raise it" not in said
+        asked = len(server.served)
+        synthesize(server, "textbook", out, "--n=3", "--max_tokens=4096")  # a verdict: not asked again
+        assert len(server.served) == asked
+        server.faults = ["context_full"]
+        with pytest.raises(UserError, match=r"3 items in a row gave no record \(the last: invalid: cut off by the "
+                                            r"model's context after \d+ tokens\); the model's context cuts the "
+                                            r"answers short: --keep_cut_off"):
+            synthesize(server, "textbook", out, "--n=6", "--give_up=3", "--attempts=1")
+
+
 def test_a_run_that_gives_up_asks_no_more_for_the_items_in_flight(tmp_path):
     """Their answers would be thrown away: they went on asking (and paying) for all their --attempts."""
     with FakeLLM(faults=["length"], latency=0.1) as server:
@@ -535,30 +560,49 @@ def test_failed_requests_an_older_version_skipped_are_retried(server, tmp_path):
 
 # ---------------------------------------------------------------- a real server: sample.py --serve
 
-def test_against_sample_serve(tmp_path):
+@contextlib.contextmanager
+def sample_serve(tmp_path, block_size, *args):
+    """The URL of sample.py --serve with a random nano model of block_size tokens of context."""
     import torch  # requirements.txt: a broken install fails, not skips
     import sample
     from config import parse_args
     from model import GPT, PRESETS, load_model
     torch.manual_seed(0)
-    config = dataclasses.replace(PRESETS["nano"], block_size=512)  # room for synth's prompts
+    config = dataclasses.replace(PRESETS["nano"], block_size=block_size)
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model": GPT(config).state_dict(), "config": dataclasses.asdict(config), "step": 0}, ckpt)
-    # a random model's answers end at a stop string, else all would be cut off at --max_tokens
-    cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--port=0", "--quiet", "--stop=e"])
+    cfg, _ = parse_args(sample.DEFAULTS, argv=[f"--ckpt={ckpt}", "--port=0", "--quiet", *args])
     server = sample.Server(cfg)
     server.start(load_model(str(ckpt), torch.device("cpu"), torch.float32), "nano")
     thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
-        out = tmp_path / "textbook.jsonl"
-        synth.main(["textbook", "--n=3", f"--out={out}", f"--api_base=http://127.0.0.1:{server.server_address[1]}/v1",
-                    "--model=nano", "--max_tokens=64"])
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     finally:
         server.shutdown()
         server.close()
+
+
+def test_against_sample_serve(tmp_path):
+    out = tmp_path / "textbook.jsonl"
+    # room for synth's prompts; a random model's answers end at a stop string, else all would be cut off
+    with sample_serve(tmp_path, 512, "--stop=e") as url:
+        synth.main(["textbook", "--n=3", f"--out={out}", f"--api_base={url}", "--model=nano", "--max_tokens=64"])
     got = records(out)
     assert len(got) == 3 and all(r["text"] for r in got)
+
+
+def test_answers_cut_off_by_sample_serves_context_are_judged_so(tmp_path):
+    """sample.py --serve cuts max_tokens to the room its context leaves: the answers were blamed on
+    --max_tokens=1024, which a rerun with more would ask for again."""
+    out = tmp_path / "textbook.jsonl"
+    with sample_serve(tmp_path, 256) as url:  # a random model never stops: the context ends each answer
+        with pytest.raises(UserError, match=r"2 items in a row gave no record \(the last: invalid: cut off by the "
+                                            r"model's context after \d+ tokens\); the model's context"):
+            synth.main(["textbook", "--n=2", f"--out={out}", f"--api_base={url}", "--model=nano", "--attempts=1",
+                        "--give_up=2"])
+    assert [s["reason"].startswith("invalid: cut off by the model's context") for s in records(f"{out}.skipped")] == [
+        True, True]
 
 
 # ---------------------------------------------------------------- bad input
