@@ -52,14 +52,15 @@ With --keep_cut_off, answers cut off either way are taken as they are.
 Two kinds of failure are not verdicts on an item, and leave no line anywhere, so the
 same command run again asks for those items anew (their records then come after the
 others): a request that failed for good after llm.py's retries (an outage, a timeout),
-which keeps its item's slot, the run ending short of --n and saying so; and
-llm.FAILED_ALIKE (5) items in a row whose requests failed the same way, which says the
-request or the endpoint is at fault, not the items, and ends the run quoting the failure:
-refused alike (the same status and message but for its numbers) is likely a setting the
-endpoint rejects; failed alike otherwise, an endpoint down or not OpenAI-compatible (a
-proxy's page in place of answers). An item that got an answer is judged by its answers,
-whatever became of its other requests. (Older versions wrote failed requests to
-FILE.skipped as "request failed: ..."; those lines are not taken as done.)
+which ends its item at once, whatever its answers before (its next attempt would retry as
+long again: a hung endpoint takes 14 minutes at the defaults), and keeps its item's slot,
+the run ending short of --n and saying so; and llm.FAILED_ALIKE (5) items in a row whose
+requests failed the same way, which says the request or the endpoint is at fault, not the
+items, and ends the run quoting the failure: refused alike (the same status and message
+but for its numbers) is likely a setting the endpoint rejects; failed alike otherwise, an
+endpoint down or not OpenAI-compatible (a proxy's page in place of answers). An item
+refused after an answer is judged by its answers. (Older versions wrote failed requests
+to FILE.skipped as "request failed: ..."; those lines are not taken as done.)
 
 Errors end the run with one line and exit status 2, the output as it was: a bad setting
 or subcommand, an output that cannot be written, another run writing it, and an endpoint
@@ -127,7 +128,7 @@ DEFAULTS = dict(
     temperature=1.0,  # sampling temperature of the teacher
     max_tokens=1024,  # tokens per answer at most
     keep_cut_off=False,  # take answers cut off (--max_tokens, context) as they are (the toy's teacher never stops)
-    attempts=3,  # answers (or failed requests) per item before giving up on it (leaving it to a rerun)
+    attempts=3,  # answers per item before giving up on it (a request that fails for good ends it at once)
     near_dup=0.8,  # estimated Jaccard similarity of word 5-grams that makes a near-duplicate
     give_up=100,  # items in a row without a record that end the run
     check_examples=True,  # exercises: run the docstring's examples in evaluate.py's sandbox
@@ -612,15 +613,16 @@ class Outcome:
     invalid: int = 0  # answers that could not become a record
     cut: int = 0  # of them, answers cut off at --max_tokens
     context_cut: int = 0  # of them, answers cut off by the model's context, before --max_tokens
-    failure: llm.Failure | None = None  # the last request that failed for good, if no answer came
+    failure: llm.Failure | None = None  # the request that failed for good and ended the item
     stopped: bool = False  # a stop came before it was done: neither a record nor a verdict
 
 
 def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sandbox,
               stop: threading.Event) -> Outcome:
     """Ask for item index until an answer makes a record, --attempts times at most, or until
-    stop is set (a request in flight still ends); a refused request (a 4xx, or an answer
-    without text) is not sent again (the same request would be refused the same way). An
+    stop is set (a request in flight still ends), or a request fails for good: refused (a 4xx,
+    or an answer without text: the same request would be refused the same way), or after
+    llm.py's retries (then a verdict waits for a rerun, whatever the answers before it). An
     answer cut off (finish_reason "length" or "content_filter") is unusable; once one was
     cut at --max_tokens, the item's reason says so, since more tokens may make a record (not
     so where the model's context cut it shorter: context_cut). A fatal LLMError (wrong key,
@@ -641,11 +643,13 @@ def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sand
                 raise
             if e.failure.kind == "stopped":  # the stop came during a backoff
                 out.stopped = True
-                return out
-            out.failure = e.failure
-            if e.failure.kind == "refused":
-                break
-            continue
+            elif e.failure.kind != "refused" or not answers:  # a refusal after answers leaves their verdict
+                # a refused request would be refused again; one that failed for good (an outage, a hung
+                # endpoint) did so after all llm.py's retries, and the next attempt would retry as long
+                # again (--max_retries + 1 times --timeout): the item ends here, with no verdict, and a
+                # rerun asks for it anew
+                out.failure = e.failure
+            return out
         answers += 1
         short = context_cut(reply, cfg.max_tokens)
         try:
@@ -663,8 +667,6 @@ def make_item(kind: str, index: int, cfg, client: llm.Client, dedup: Dedup, sand
         out.record = {"id": rid, **record, "constraints": constraints, "model": cfg.model}
         out.signature = dedup.signature(record["text"])
         break
-    if answers:  # the verdict is the answers', whatever became of the other requests
-        out.failure = None
     return out
 
 

@@ -411,22 +411,39 @@ def test_an_endpoint_answering_with_a_proxy_page_ends_the_run(tmp_path):
     assert lines(out) == [] and not Path(f"{out}.skipped").exists()  # a rerun asks again
 
 
-def test_an_item_that_got_an_answer_is_judged_by_it_after_a_failed_request():
-    """It was reported as without an answer, keeping its slot and ending the run in an error."""
+def test_a_request_that_failed_for_good_ends_its_item_without_a_verdict():
+    """The next attempt retried for as long again: 3 attempts x 7 tries x 120 s, 44 minutes, before
+    a hung endpoint ended the run. Answers before the failure leave no verdict either (a rerun
+    asks for the item anew, with all its attempts); a refusal after them leaves theirs."""
     from types import SimpleNamespace
 
-    class Client:  # the first request fails for good, the second answers with nothing usable
-        asked = 0
+    class Client:  # the first answer is unusable (empty), then the request fails for good
+        def __init__(self, failure):
+            self.failure, self.asked = failure, 0
 
         def chat(self, messages, temperature, max_tokens, seed):
             self.asked += 1
             if self.asked == 1:
-                raise llm.LLMError(llm.Failure("server", "The server had an error.", 500))
-            return SimpleNamespace(text=" ", finish_reason="stop")
+                return SimpleNamespace(text=" ", finish_reason="stop")
+            raise llm.LLMError(self.failure)
 
-    cfg = SimpleNamespace(seed=1337, attempts=2, temperature=1.0, max_tokens=100, model="fake")
-    outcome = synth.make_item("textbook", 0, cfg, Client(), synth.Dedup(0.8), None, threading.Event())
-    assert (outcome.failure, outcome.record, outcome.reason) == (None, None, "invalid: empty answer")
+    cfg = SimpleNamespace(seed=1337, attempts=3, temperature=1.0, max_tokens=100, model="fake")
+    server_error = llm.Failure("server", "The server had an error.", 500)
+    client = Client(server_error)
+    outcome = synth.make_item("textbook", 0, cfg, client, synth.Dedup(0.8), None, threading.Event())
+    assert (outcome.failure, outcome.record, client.asked) == (server_error, None, 2)
+    client = Client(llm.Failure("refused", "Flagged by the content filter.", 400))
+    outcome = synth.make_item("textbook", 0, cfg, client, synth.Dedup(0.8), None, threading.Event())
+    assert (outcome.failure, outcome.reason, client.asked) == (None, "invalid: empty answer", 2)
+
+
+def test_a_hung_endpoint_ends_the_run_after_one_request_cycle_an_item(tmp_path):
+    out = tmp_path / "t.jsonl"
+    with FakeLLM(faults=["500"]) as server:
+        with pytest.raises(UserError, match=r"the requests of the last 5 items failed alike \(server 500"):
+            synthesize(server, "textbook", out, "--n=20", "--max_retries=1", "--attempts=3", "--concurrency=1")
+        assert len(server.served) <= 5 * 2 + 2  # 5 items of 2 tries, the next one's in flight (was 31: 3 attempts)
+    assert lines(out) == [] and not Path(f"{out}.skipped").exists()  # a rerun asks again
 
 
 def test_a_second_run_on_the_same_output_stops_at_once_and_records_count_by_id(tmp_path):
