@@ -30,9 +30,12 @@ item judged to yield no record gets a line in FILE.skipped ({"id", "reason"}). S
 killed at any moment, started again with the same command, skips every id in either
 file and ends with the same records as a run never stopped (given an endpoint that
 answers the same request the same way), none twice. A line torn by the kill is cut off.
-One run at a time writes an output (a lock on it); a second one stops at once. An output
-holds one kind: a run on another kind's output stops before any request; one that adds
-to another --model's records says so (each record names its model).
+Before its first request, a rerun reads the records written, to drop duplicates of them:
+their MinHashes are made by a process a core, under a progress bar (at a million records,
+one core took 25 minutes). One run at a time writes an output (a lock on it); a second
+one stops at once. An output holds one kind: a run on another kind's output stops before
+any request; one that adds to another --model's records says so (each record names its
+model).
 
 An item yields no record when --attempts answers were judged unusable (an invalid
 exercise, an empty answer, an answer cut off: finish_reason "length" or "content_filter"),
@@ -95,6 +98,7 @@ import doctest
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -107,8 +111,9 @@ import time
 import traceback
 import zlib
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +122,7 @@ from tqdm import tqdm
 
 import llm
 from config import Unfailing, UserError, parse_args, require, run, stop_signals, subcommand
-from data.prepare import Appender, cannot_write, check_writable, read_jsonl, run_lock, write_atomic
+from data.prepare import Appender, cannot_write, check_writable, read_jsonl, run_lock, worker_signals, write_atomic
 
 DEFAULTS = dict(
     n=100,  # records of this kind and seed the output file should hold at the end
@@ -135,6 +140,7 @@ DEFAULTS = dict(
 )
 
 KINDS = ("textbook", "exercises")
+KNOWN_CHUNK = 4096  # records of the output read, then signed on all cores, at a time when a run resumes
 CUT = "cut off at --max_tokens={}"  # an item's reason, once an answer was: a run with more asks again
 CONTEXT_CUT = "cut off by the model's context after {} tokens"  # a verdict: more --max_tokens would not help
 CONTEXT_HINT = "--keep_cut_off keeps them; else more context per request (llama.cpp: fewer --parallel) or another model"
@@ -511,47 +517,71 @@ class Dedup:
     MinHash: 128 hash functions (a * x + b) mod (2^61 - 1) of 32-bit shingle hashes, the minimum
     of each over a text's shingles; the fraction of equal minima estimates the Jaccard
     similarity. LSH: texts that agree on all 4 values of one of 32 bands are candidates (found
-    with probability 0.9998 at similarity 0.7, 0.23 at 0.3); only those are compared."""
+    with probability 0.9998 at similarity 0.7, 0.23 at 0.3); only those are compared.
+
+    The index holds a band as one 60-bit number (a Python int of 32 bytes) and a row alone
+    until a second one shares its band: it was bytes keys and lists of one row, 1.4 GB per
+    200K records. Two bands that differ but map to one number only add a candidate, which
+    the comparison of whole signatures rules out."""
 
     PERMS, BANDS, SHINGLE = 128, 32, 5
     PRIME, MASK = np.uint64((1 << 61) - 1), np.uint64((1 << 32) - 1)
+    _rng = np.random.default_rng(0)  # fixed: signatures stay comparable between runs (and processes)
+    A = _rng.integers(1, 1 << 31, PERMS, dtype=np.uint64)
+    B = _rng.integers(0, 1 << 31, PERMS, dtype=np.uint64)
+    del _rng
+    MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93],
+                   np.uint64)  # odd 64-bit multipliers that fold a band's 4 values into one number
 
     def __init__(self, threshold: float):
-        rng = np.random.default_rng(0)  # fixed: signatures stay comparable between runs
-        self.a = rng.integers(1, 1 << 31, self.PERMS, dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 31, self.PERMS, dtype=np.uint64)
         self.threshold = threshold
         self.exact: dict[bytes, str] = {}  # normalized text digest -> id
-        self.buckets = [{} for _ in range(self.BANDS)]  # per band: band values -> rows
+        self.buckets = [{} for _ in range(self.BANDS)]  # per band: its number -> a row, or a list of rows
         self.signatures = np.zeros((1024, self.PERMS), np.uint32)
         self.ids: list[str] = []
 
-    def signature(self, text: str) -> np.ndarray:
-        """The MinHash of text's word 5-grams (all its words if fewer); thread-safe."""
+    @classmethod
+    def signature(cls, text: str) -> np.ndarray:
+        """The MinHash of text's word 5-grams (all its words if fewer); thread-safe, and it
+        needs no instance, so that worker processes can compute it (known())."""
         words = re.findall(r"\w+", text.lower())
         if not words:
-            return np.full(self.PERMS, self.MASK, np.uint32)
+            return np.full(cls.PERMS, cls.MASK, np.uint32)
         h = np.array([zlib.crc32(w.encode()) for w in words], np.uint64)
-        k = min(self.SHINGLE, len(h))
+        k = min(cls.SHINGLE, len(h))
         shingles = np.zeros(len(h) - k + 1, np.uint64)
         for j in range(k):  # a polynomial hash of k words, mod 2^32
-            shingles = (shingles * np.uint64(1_000_003) + h[j:len(h) - k + 1 + j]) & self.MASK
-        low = np.full(self.PERMS, self.MASK, np.uint64)
+            shingles = (shingles * np.uint64(1_000_003) + h[j:len(h) - k + 1 + j]) & cls.MASK
+        low = np.full(cls.PERMS, cls.MASK, np.uint64)
         for start in range(0, len(shingles), 4096):  # 4096 x 128 at a time: a huge answer takes no GBs
             block = shingles[start:start + 4096, None]
-            low = np.minimum(low, ((block * self.a + self.b) % self.PRIME & self.MASK).min(axis=0))
+            low = np.minimum(low, ((block * cls.A + cls.B) % cls.PRIME & cls.MASK).min(axis=0))
         return low.astype(np.uint32)
+
+    def band_keys(self, sig: np.ndarray) -> list[int]:
+        """Each band's 4 values as one number, wrapping mod 2^64; under 2^60, where Python's
+        ints take 32 bytes, not 36."""
+        mixed = (sig.reshape(self.BANDS, -1).astype(np.uint64) * self.MIX).sum(axis=1)
+        return (mixed >> np.uint64(4)).tolist()
 
     def add(self, rid: str, text: str, signature: np.ndarray | None = None) -> str | None:
         """None if text is new (it is now known), else why it is a duplicate."""
         # surrogatepass: an answer may hold a lone surrogate (JSON can spell one), which json_line writes
-        key = hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        if key in self.exact:
-            return f"duplicate of {self.exact[key]}"
+        digest = hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8", "surrogatepass"),
+                                 digest_size=16).digest()
+        if digest in self.exact:
+            return f"duplicate of {self.exact[digest]}"
         sig = self.signature(text) if signature is None else signature
-        bands = [band.tobytes() for band in sig.reshape(self.BANDS, -1)]
-        rows = sorted({row for bucket, band in zip(self.buckets, bands) for row in bucket.get(band, ())})
+        keys = self.band_keys(sig)
+        rows = set()
+        for bucket, key in zip(self.buckets, keys):
+            held = bucket.get(key)
+            if isinstance(held, list):
+                rows.update(held)
+            elif held is not None:
+                rows.add(held)
         if rows:
+            rows = sorted(rows)
             similarity = (self.signatures[rows] == sig).mean(axis=1)
             best = int(similarity.argmax())
             if similarity[best] >= self.threshold:
@@ -561,9 +591,13 @@ class Dedup:
             self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
         self.signatures[row] = sig
         self.ids.append(rid)
-        self.exact[key] = rid
-        for bucket, band in zip(self.buckets, bands):
-            bucket.setdefault(band, []).append(row)
+        self.exact[digest] = rid
+        for bucket, key in zip(self.buckets, keys):
+            held = bucket.setdefault(key, row)
+            if isinstance(held, list):
+                held.append(row)
+            elif held != row:  # the band's second row
+                bucket[key] = [held, row]
         return None
 
 
@@ -598,6 +632,41 @@ def progress(kind: str, cfg, out: Path, skipped: Path) -> tuple[int, set[str]]:
     done = ids | {str(r.get("id", "")) for r in read_jsonl(skipped) if judged(r, cfg.max_tokens)}
     prefix = item_id(kind, cfg.seed, "")
     return sum(rid.startswith(prefix) for rid in ids), done
+
+
+def known(out: Path, dedup: Dedup, model: str, stop: threading.Event) -> Counter:
+    """Add the records of out to dedup, their signatures made by a process a core, with a
+    progress bar: one core took 25 minutes at a million records, saying nothing, before the
+    first request. Returns the records of another model, by model. A stop ends it early (the
+    run then makes no items)."""
+    with out.open("rb") as f:  # the bar's total: a count of lines is fast beside the parsing
+        total = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+    cores = len(os.sched_getaffinity(0))
+    # processes, not threads: a third of signing (the regex, crc32 a word) holds the GIL, and two
+    # threads on 2 cores made it 1.2-1.4x faster where two processes made it 1.6-1.75x. No pool for
+    # a chunk: one core signs it sooner than processes start. Forked, as prepare.py's tokenizers,
+    # and with worker_signals for the same reasons (Ctrl-C, a kill -9 of this process)
+    pool = (ProcessPoolExecutor(cores, multiprocessing.get_context("fork"), initializer=worker_signals)
+            if cores > 1 and total > KNOWN_CHUNK else None)
+    others, records = Counter(), read_jsonl(out)
+    try:
+        with tqdm(total=total, unit="rec", desc="known records", dynamic_ncols=True, disable=None) as bar:
+            while not stop.is_set() and (chunk := list(itertools.islice(records, KNOWN_CHUNK))):
+                texts = [str(record.get("text", "")) for record in chunk]
+                share = -(-len(texts) // (4 * cores))  # 4 tasks a process: none waits long for the last
+                signatures = pool.map(Dedup.signature, texts, chunksize=share) if pool else map(Dedup.signature, texts)
+                for record, text, signature in zip(chunk, texts, signatures):
+                    dedup.add(str(record.get("id", "")), text, signature)
+                    if record.get("model") != model:
+                        others[str(record.get("model"))] += 1
+                bar.update(len(chunk))
+    except BrokenProcessPool:
+        raise UserError("a process signing the records of the output died (killed, or out of memory?): "
+                        "run the command again") from None
+    finally:
+        if pool:  # the chunks not begun are dropped: a stop waits only for those running
+            pool.shutdown(cancel_futures=True)
+    return others
 
 
 # ---------------------------------------------------------------- the run
@@ -1016,11 +1085,8 @@ def main(argv=None):
         # to the report's end: a signal stops the work, and the report (the run's cost) is still written
         interrupts = held.enter_context(Interrupts(client.stop))
         if have < cfg.n:
-            dedup, others = Dedup(cfg.near_dup), Counter()  # others: records of another model, by model
-            for record in read_jsonl(out):
-                dedup.add(str(record.get("id", "")), str(record.get("text", "")))
-                if record.get("model") != cfg.model:
-                    others[str(record.get("model"))] += 1
+            dedup = Dedup(cfg.near_dup)
+            others = known(out, dedup, cfg.model, interrupts.stop)
             if others:  # allowed (a cheaper teacher for the rest, say), but never unsaid
                 print(f"note: {out} holds records of another --model "
                       f"({', '.join(f'{n} of {m}' for m, n in others.most_common())}); this run adds "

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -805,8 +806,82 @@ def test_dedup_exact_and_near_duplicates():
     shingles = np.zeros(len(h) - 4, np.uint64)
     for j in range(5):
         shingles = (shingles * np.uint64(1_000_003) + h[j:len(h) - 4 + j]) & dedup.MASK
-    at_once = ((shingles[:, None] * dedup.a + dedup.b) % dedup.PRIME & dedup.MASK).min(axis=0)
+    at_once = ((shingles[:, None] * dedup.A + dedup.B) % dedup.PRIME & dedup.MASK).min(axis=0)
     assert np.array_equal(dedup.signature(" ".join(long)), at_once.astype(np.uint32))
+
+
+def test_dedup_finds_the_near_duplicates_a_comparison_with_every_record_finds():
+    """At --near_dup=0.8 two texts that similar share a band (fewer than 32 of 128 values differ),
+    so the index misses none: record by record, its verdicts are those of brute force."""
+    import random
+    rng = random.Random(1)
+    bases = [[f"w{rng.randrange(3000)}" for _ in range(60)] for _ in range(20)]
+    dedup, exact, kept, ids, verdicts = synth.Dedup(0.8), {}, [], [], Counter()
+    for i in range(400):
+        words = list(rng.choice(bases))
+        for _ in range(rng.choice([0, 1, 2, 3, 5, 8, 20])):  # similarities from 1 down to ~0.2
+            words[rng.randrange(len(words))] = f"v{rng.randrange(10 ** 6)}"
+        text, rid = " ".join(words), f"textbook-1-{i}"
+        signature = dedup.signature(text)
+        similarity = (np.array(kept) == signature).mean(axis=1) if kept else np.zeros(1)
+        if text in exact:
+            expected = f"duplicate of {exact[text]}"
+        elif similarity.max() >= 0.8:
+            best = int(similarity.argmax())
+            expected = f"near duplicate of {ids[best]} (similarity {similarity[best]:.2f})"
+        else:
+            expected = None
+            exact[text] = rid
+            kept.append(signature)
+            ids.append(rid)
+        assert dedup.add(rid, text) == expected
+        verdicts[(expected or "new").split(" of ")[0]] += 1
+    assert min(verdicts.values()) > 10 and len(verdicts) == 3, verdicts  # new 323, near 59, exact 18
+
+
+def test_dedup_holds_a_record_in_under_4_5_kb():
+    """32 dicts of bytes keys and lists of one row took 6.8 KB a record (1.4 GB per 200K records;
+    README's million, 7.7 GB); a number a band, and a row alone in place of a list, 3.4 KB."""
+    import tracemalloc
+    n = 3000
+    signatures = np.random.default_rng(0).integers(0, 1 << 32, (n, 128), dtype=np.uint64).astype(np.uint32)
+    tracemalloc.start()
+    try:
+        dedup = synth.Dedup(0.8)
+        for i, signature in enumerate(signatures):
+            assert dedup.add(f"textbook-1337-{i}", f"text {i}", signature) is None
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held / n < 4500
+
+
+def die(text):
+    """A process signing records, killed (out of memory, say)."""
+    os._exit(9)
+
+
+def test_a_resume_signs_the_records_on_all_cores_as_one_core_does(tmp_path, monkeypatch):
+    """One core signed every record before the first request: 25 minutes at README's million."""
+    out = tmp_path / "t.jsonl"
+    texts = [llm_server.prose(i, duplicates=False) for i in range(300)]
+    out.write_text("".join(json.dumps({"id": f"textbook-1337-{i}", "text": text, "model": "teacher" if i % 3 else "fake"})
+                           + "\n" for i, text in enumerate(texts)))
+    monkeypatch.setattr(synth, "KNOWN_CHUNK", 64)  # a pool, for more than a chunk
+    monkeypatch.setattr(synth.os, "sched_getaffinity", lambda pid: {0, 1})  # of two processes, on any machine
+    dedup = synth.Dedup(0.8)
+    assert synth.known(out, dedup, "fake", threading.Event()) == {"teacher": 200}
+    alone = synth.Dedup(0.8)
+    for i, text in enumerate(texts):
+        alone.add(f"textbook-1337-{i}", text)
+    assert dedup.ids == alone.ids and np.array_equal(dedup.signatures, alone.signatures)
+    assert dedup.add("textbook-1337-300", texts[7] + " more").startswith("near duplicate of textbook-1337-7 ")
+    stop = threading.Event()
+    stop.set()  # Ctrl-C: the run makes no items, so none need be known
+    assert synth.known(out, synth.Dedup(0.8), "fake", stop) == Counter()
+    monkeypatch.setattr(synth.Dedup, "signature", die)
+    with pytest.raises(UserError, match="a process signing the records of the output died .*run the command again"):
+        synth.known(out, synth.Dedup(0.8), "fake", threading.Event())
 
 
 # ---------------------------------------------------------------- behaviours pinned by mutation testing
