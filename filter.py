@@ -1078,7 +1078,8 @@ class RandomForest:
         jobs = min(len(groups), len(os.sched_getaffinity(0)) if self.n_jobs in (-1, None) else self.n_jobs)
         trees, pool = [], None
         try:
-            pool = multiprocessing.get_context("fork").Pool(jobs, worker_signals) if jobs > 1 else None
+            pool = (multiprocessing.get_context("fork").Pool(jobs, worker_signals, (os.getpid(),)) if jobs > 1
+                    else None)
             with tqdm(total=self.n_trees, desc="growing trees", disable=not self.progress) as bar:
                 for grown in (pool.imap(grow_trees, groups) if pool else map(grow_trees, groups)):
                     trees += grown
@@ -2261,7 +2262,8 @@ def decontaminate(cfg) -> dict:
         try:
             if not before:
                 written.write({"fingerprint": state})
-            pool = multiprocessing.get_context("fork").Pool(jobs, worker_signals) if jobs > 1 else None
+            pool = (multiprocessing.get_context("fork").Pool(jobs, worker_signals, (os.getpid(),)) if jobs > 1
+                    else None)
             found = pool.imap(compare_document, docs, chunksize=16) if pool else map(compare_document, docs)
             for doc_id, ok, shared, close in tqdm(found, desc="comparing", unit=" docs", initial=len(before)):
                 written.write(dict(id=doc_id, ok=ok, shared=shared, close=close))

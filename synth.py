@@ -646,8 +646,8 @@ def known(out: Path, dedup: Dedup, model: str, stop: threading.Event) -> Counter
     # threads on 2 cores made it 1.2-1.4x faster where two processes made it 1.6-1.75x. No pool for
     # a chunk: one core signs it sooner than processes start. Forked, as prepare.py's tokenizers,
     # and with worker_signals for the same reasons (Ctrl-C, a kill -9 of this process)
-    pool = (ProcessPoolExecutor(cores, multiprocessing.get_context("fork"), initializer=worker_signals)
-            if cores > 1 and total > KNOWN_CHUNK else None)
+    pool = (ProcessPoolExecutor(cores, multiprocessing.get_context("fork"), initializer=worker_signals,
+                                initargs=(os.getpid(),)) if cores > 1 and total > KNOWN_CHUNK else None)
     others, records = Counter(), read_jsonl(out)
     try:
         with tqdm(total=total, unit="rec", desc="known records", dynamic_ncols=True, disable=None) as bar:

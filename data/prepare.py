@@ -321,18 +321,28 @@ def hf_items(cfg):
         import datasets
     except ImportError:
         raise UserError("--source=hf needs the datasets package: pip install datasets") from None
+    def why(e: Exception) -> str:
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
     try:
         rows = iter(datasets.load_dataset(cfg.hf_dataset, cfg.hf_config or None, split=cfg.hf_split,
                                           data_dir=cfg.hf_data_dir or None, streaming=True))
         head = list(itertools.islice(rows, 1))  # the first row: none in an empty dataset
     except Exception as e:  # not found, gated, offline: the user's to fix; the message says which
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise UserError(f"cannot open {cfg.hf_dataset}: {type(e).__name__}: {first_line}") from None
+        raise UserError(f"cannot open {cfg.hf_dataset}: {why(e)}") from None
     if head and cfg.hf_text_field not in head[0]:  # (there but null: that row is skipped as no_text)
         raise UserError(f"--hf_text_field={cfg.hf_text_field} is no field of {cfg.hf_dataset}, "
                         f"whose rows have: {', '.join(map(str, head[0]))}")
-    return (text_item(row.get(cfg.hf_text_field), 0, f"{cfg.hf_dataset}:{row_number}")
-            for row_number, row in enumerate(itertools.chain(head, rows)))
+
+    def items():
+        row_number = 0
+        try:
+            for row_number, row in enumerate(itertools.chain(head, rows)):
+                yield text_item(row.get(cfg.hf_text_field), 0, f"{cfg.hf_dataset}:{row_number}")
+        except Exception as e:  # the network dropped hours into The Stack: one line, the parts kept
+            raise UserError(f"reading {cfg.hf_dataset} failed after row {row_number}: {why(e)}; rerun to go on "
+                            f"from the finished parts") from None
+    return items()
 
 
 def open_source(cfg) -> SimpleNamespace:
@@ -454,8 +464,8 @@ def tokenize(texts: list[str], workers: int, bar) -> np.ndarray:
         tasks.append(task)
     workers = min(workers, len(tasks))
     # forked: the workers start with the tokenizer loaded (and a test's patches)
-    pool = (ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), initializer=worker_signals)
-            if workers > 1 else None)
+    pool = (ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), initializer=worker_signals,
+                                initargs=(os.getpid(),)) if workers > 1 else None)
     arrays = []
     try:
         for task, ids in zip(tasks, (pool.map if pool else map)(encode_docs, tasks)):
@@ -783,17 +793,21 @@ def give_up(out: Path, part_dir: Path) -> None:
 
 # ---------------------------------------------------------------- pipeline
 
-def worker_signals() -> None:
-    """The start of a process pool's worker (prepare's tokenizers, filter.py's). It is in a
+def worker_signals(parent: int) -> None:
+    """The start of a process pool's worker (prepare's tokenizers, filter.py's, synth.py's),
+    forked by the process parent (its pid, passed as the pool's initargs). It is in a
     process group of its own: Ctrl-C, or the SIGTERM a scheduler sends the job's group,
     reaches the main process alone, which stops the pool (a worker killed while it held
     the pool's queue lock could hang that for good). The SIGTERM that stops it kills it,
     not the KeyboardInterrupt of the handler a script's __main__ set, and SIGINT is
     ignored, so no worker prints a traceback. It dies with the main process, even a kill -9
-    of that (Linux), rather than work on alone, holding the run's lock, to a broken pipe."""
+    of that (Linux), rather than work on alone, holding the run's lock, to a broken pipe;
+    also where that came before the death signal was set (the parent is another then)."""
     os.setpgrp()
     with contextlib.suppress(AttributeError, OSError):  # no prctl: not Linux
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # gone already: orphans held the run's lock (flock) for ever
+        os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

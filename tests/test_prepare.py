@@ -320,6 +320,14 @@ def test_hf_source_through_a_stand_in_datasets_package(tmp_path, monkeypatch):
         prepare.prepare(settings(tmp_path, source="hf", name="other"), quiet=True)
     assert not (tmp_path / "out" / "other").exists()
 
+    def dropped(name, config, split, data_dir, streaming):  # the network gone mid-stream: was a traceback
+        yield from ({"content": A}, {"content": B})
+        raise ConnectionError("Read timed out.\n(and more)")
+    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=dropped))
+    with pytest.raises(UserError, match=r"^reading bigcode/the-stack-dedup failed after row 1: ConnectionError: "
+                                        r"Read timed out\.; rerun to go on from the finished parts$"):
+        prepare.prepare(settings(tmp_path, source="hf", name="dropped"), quiet=True)
+
 
 def test_a_wrong_hf_text_field_is_one_line_before_the_dataset_is_streamed(tmp_path, monkeypatch):
     read = []
@@ -797,9 +805,21 @@ def run_isolated(code: str, *args: str, timeout: float = 30) -> subprocess.Compl
                           env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
 
 
+def test_a_worker_whose_parent_died_before_it_started_ends_at_once():
+    """The death signal is set in the worker: a main process killed between the fork and that
+    left the worker working on alone, holding the run's lock (every rerun: "another run")."""
+    code = ("import os\nfrom data.prepare import worker_signals\n"
+            "worker_signals(os.getppid() + 1)\nprint('worked on', flush=True)\n")  # not its parent: gone
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "worked on" not in done.stdout
+    code = code.replace("os.getppid() + 1", "os.getppid()")
+    assert "worked on" in subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                         timeout=60).stdout
+
+
 def test_pool_workers_die_with_a_main_process_killed_outright():
-    code = ("import multiprocessing, time\nfrom data.prepare import worker_signals\n"
-            "pool = multiprocessing.get_context('fork').Pool(2, worker_signals)\n"
+    code = ("import multiprocessing, os, time\nfrom data.prepare import worker_signals\n"
+            "pool = multiprocessing.get_context('fork').Pool(2, worker_signals, (os.getpid(),))\n"
             "print(*[p.pid for p in multiprocessing.active_children()], flush=True)\n"
             "pool.map_async(time.sleep, [60, 60])\ntime.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
