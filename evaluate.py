@@ -517,7 +517,7 @@ def weights_stamp(name: str) -> list | None:
     from model import weight_files
     if not name:
         return None
-    return [[p.name, *file_stamp(p)] for p in weight_files(Path(name))] or None
+    return [[p.name, *(file_stamp(p) or [None, None])] for p in weight_files(Path(name))] or None  # (gone since)
 
 
 def changed_settings(recorded, current: dict) -> list[str]:

@@ -325,7 +325,7 @@ def files_identity(files: list[Path]) -> list:
     shuffled or edited to the same size, is not taken for what was read before (config's
     file_stamp), while the same file named another way (./docs.jsonl, or
     from another folder) is the same, and the work done on it is not done again."""
-    return [[str(p.resolve()), *file_stamp(p)] for p in files]
+    return [[str(p.resolve()), *(file_stamp(p) or [None, None])] for p in files]  # None: gone since listed
 
 
 def local_name(name: str) -> str:
@@ -1204,7 +1204,7 @@ class RandomForest:
                     and (feature >= -1).all() and (feature < self.n_features_).all()
                     and (node < left)[inner].all() and (node < right)[inner].all()
                     and (left < end)[inner].all() and (right < end)[inner].all()
-                    and np.isfinite(self.threshold_).all()
+                    and np.isfinite(self.threshold_[inner]).all()  # a leaf's is unused (inf: no edge)
                     and np.isfinite(self.value_).all() and ((self.value_ >= 0) & (self.value_ <= 1)).all())
 
 

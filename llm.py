@@ -553,6 +553,9 @@ def _watched_session() -> requests.Session:
     session = requests.Session()
     session.mount("http://", _Adapter())
     session.mount("https://", _Adapter())
+    # redirects are not followed (fatal, naming where to), and so not looked for: looking, requests
+    # read a redirect's body itself, past the deadline and MAX_REPLY that _read_by keeps to
+    session.get_redirect_target = lambda response: None
     return session
 
 
@@ -563,12 +566,16 @@ def _read_by(r: requests.Response, deadline: float) -> bytes:
     that trickles bytes would never time out; checked after each read, the deadline was
     overrun by the read's own wait (twice the timeout, or for ever where one read waits for
     many bytes): a watchdog shuts the socket down at it (_shut_at)."""
-    if r.raw.closed:  # read already: requests reads a redirect's body, as if to follow it
+    if r.raw.closed:  # read already (a body of none)
         return r.content
     chunks, size = [], 0
     # the response's socket, by a descriptor of our own: its connection forgets the socket (.sock is
     # None) where the body runs to the close, and a proxy's TLS within TLS wraps it in no socket
-    with socket.socket(fileno=os.dup(r.raw.fileno())) as sock, _shut_at(sock, deadline) as expired:
+    try:
+        descriptor = os.dup(r.raw.fileno())
+    except OSError as e:  # no descriptor left (ulimit -n): as a connection that failed, retried
+        raise requests.ConnectionError(e) from None
+    with socket.socket(fileno=descriptor) as sock, _shut_at(sock, deadline) as expired:
         try:
             while chunk := r.raw.read1(1 << 16, decode_content=True):  # what has come, not a full 64 KiB
                 size += len(chunk)

@@ -577,7 +577,7 @@ class GPT(nn.Module):
             try:
                 state_dict.update(read_safetensors(f))
             except ValueError as e:
-                if path.is_dir():
+                if path.is_dir() or whole_safetensors(f):  # a whole file of a dtype we lack: fetched alike again
                     raise
                 raise ValueError(f"{e}; remove {folder} to download it again") from None  # damaged in the cache
         return cls.from_hf_state_dict(state_dict, config).to(device).eval()
@@ -856,7 +856,7 @@ def load_checkpoint(path) -> dict:
     except pickle.UnpicklingError:  # torch's many-line message suggests an unsafe load instead
         raise ValueError(f"{path} is not a readable checkpoint (not a file of tensors that torch.save wrote)") from None
     except Exception as e:
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip, whose directory is at its end
+        if not isinstance(e, OSError) and not zipfile.is_zipfile(path):  # torch.save's zip: its directory ends it
             raise ValueError(f"{path} is not a readable checkpoint (not a whole file that torch.save wrote: "
                              f"cut short, damaged, or another kind of file)") from None
         first = (str(e).strip().splitlines() or [""])[0][:200]

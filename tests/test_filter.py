@@ -1775,6 +1775,18 @@ def test_nan_and_infinite_values_are_refused():
             call()
 
 
+def test_a_forest_whose_first_feature_is_constant_loads_and_a_file_gone_is_a_change(tmp_path):
+    """A leaf's threshold comes from feature 0's first edge, inf where it has none: the check
+    of a loaded forest refused what fit() wrote. And a corpus file gone since it was listed
+    made files_identity a TypeError, where it is a change (rerun)."""
+    X, y, _ = noisy(200, d=3, seed=3)
+    X[:, 0] = 1
+    forest = RandomForest(n_trees=5, n_jobs=1, seed=0).fit(X, y)
+    forest.save(tmp_path / "f.npz")
+    assert np.array_equal(RandomForest.load(tmp_path / "f.npz").predict_proba(X), forest.predict_proba(X))
+    assert filter.files_identity([tmp_path / "gone.jsonl"]) == [[str(tmp_path / "gone.jsonl"), None, None]]
+
+
 def test_forest_files_with_arrays_out_of_range_are_refused(tmp_path):
     """A file whose features, classes or roots do not fit the forest it describes is damaged:
     loading it must fail, not route rows through other rows' values later."""

@@ -22,6 +22,22 @@ def client_for(server, **kw):
     return llm.Client(server.url, "fake", **{"backoff": 0.01, "timeout": 0.5, **kw})
 
 
+def test_no_descriptor_left_for_a_body_is_a_connection_failure_retried(monkeypatch):
+    """The body's watchdog takes a descriptor of its own: at the limit on open files (ulimit -n),
+    os.dup's OSError came out of map() as a crash (synth.py: "a bug")."""
+    real, calls = llm.os.dup, []
+
+    def dup(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(24, "Too many open files")
+        return real(fd)
+    monkeypatch.setattr(llm.os, "dup", dup)
+    with FakeLLM() as server, client_for(server) as client:
+        assert client.chat(MESSAGES).text
+        assert (client.stats.requests, client.stats.retries, dict(client.stats.errors)) == (2, 1, {"connection": 1})
+
+
 def test_chat_returns_text_usage_and_cost():
     with FakeLLM() as server, client_for(server, price_in=2.0, price_out=10.0) as client:
         reply = client.chat(MESSAGES, max_tokens=50, temperature=0.5, seed=None)  # None: left out
@@ -697,8 +713,11 @@ GZIP_COMMENT = b"\x1f\x8b\x08\x10\0\0\0\0\0\x03"  # a gzip header whose comment 
 
 @pytest.mark.parametrize("first, drip, every", [
     (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b" ", 0.9),
-    (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n" + GZIP_COMMENT, b"a", 0.05)],
-    ids=["byte-within-each-read-timeout", "gzip-comment"])
+    (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n" + GZIP_COMMENT, b"a", 0.05),
+    # requests read a redirect's body itself, to follow it: past the deadline (and without end)
+    (b"HTTP/1.1 302 Found\r\nLocation: http://example.com/\r\nTransfer-Encoding: chunked\r\n\r\n", b"1\r\na\r\n",
+     0.05)],
+    ids=["byte-within-each-read-timeout", "gzip-comment", "redirect-body"])
 def test_a_body_that_trickles_in_times_out_at_the_timeout(first, drip, every):
     """Checked after each read, the deadline was passed by the read's own wait: a byte every 0.9 s
     ended 1 s requests at 1.8 s, and a gzip header's comment (one read, as it decodes to nothing) never."""

@@ -7,6 +7,7 @@ import logging
 import math
 import re
 import socket
+import unittest.mock
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -222,6 +223,10 @@ def test_a_downloaded_model_loads_offline(tmp_path, monkeypatch):
     weights.write_bytes(weights.read_bytes()[:-4])  # damaged in the cache: it would fail for ever
     with pytest.raises(ValueError, match=f"is truncated: .*; remove {re.escape(str(weights.parent))} to download it"):
         GPT.from_pretrained("someone/phi-tiny")
+    head = json.dumps({"lm_head.bias": {"dtype": "F8_E8M0", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    weights.write_bytes(len(head).to_bytes(8, "little") + head + bytes(4))  # whole: a download would be the same
+    with pytest.raises(ValueError, match="which this reader does not take$"):
+        GPT.from_pretrained("someone/phi-tiny")
 
 
 def test_safetensors_reader_matches_the_reference_library(tmp_path):
@@ -410,6 +415,11 @@ def test_checkpoint_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="not a phi1 checkpoint"):
         load_checkpoint(bad)
     torch.save({"model": small_model().state_dict(), "config": vars(SMALL)}, bad)
+    # a file this user may not read (mode 000; root reads anything): zipfile.is_zipfile says False for it too
+    with unittest.mock.patch.object(torch, "load", side_effect=PermissionError(13, "Permission denied")), \
+            unittest.mock.patch.object(model_module.zipfile, "is_zipfile", return_value=False):
+        with pytest.raises(ValueError, match=r"not a readable checkpoint \(PermissionError: "):  # not "cut short"
+            load_checkpoint(bad)
     whole = bad.read_bytes()
     for cut in (100, len(whole) // 3, len(whole) - 10):  # torch's own words were cut at 200 characters, or Errno 22
         bad.write_bytes(whole[:cut])
