@@ -474,6 +474,12 @@ def tokenize(texts: list[str], workers: int, bar) -> np.ndarray:
     except BrokenProcessPool:
         raise UserError("a tokenizer process died (killed, or out of memory?): "
                         "rerun to go on from the finished parts") from None
+    except BaseException:
+        # a stop (Ctrl-C, SIGTERM) between the workers' fork and the start of the pool's thread,
+        # which ends them, left them idle and the exit waiting on them for ever: they go now
+        for worker in list(pool._processes.values()) if pool else []:
+            worker.kill()
+        raise
     finally:
         if pool:  # the tasks not begun are dropped: a Ctrl-C waits only for those running
             pool.shutdown(cancel_futures=True)

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import contextlib
 import subprocess
 import sys
 import time
@@ -1061,6 +1062,24 @@ def test_ctrl_c_or_a_kill_stops_the_workers_without_tracebacks(tmp_path, how):
     stderr = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130 and stderr.endswith("\ninterrupted\n") and "Traceback" not in stderr
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+
+
+def test_a_stop_while_the_pool_starts_ends_the_run(tmp_path):
+    """A Ctrl-C between the workers' fork and the start of the pool's thread that ends them
+    printed "interrupted", then the exit waited on the idle workers for ever, holding the lock."""
+    src = write_tree(tmp_path / "src", {f"m{i}.py": f"x_{i} = {i}\n" for i in range(40)})
+    code = ("import os, signal\nimport concurrent.futures.process as cfp\nfrom config import run\n"
+            "from data import prepare\nprepare.TASK_BYTES = 10\nstart = cfp._ExecutorManagerThread.__init__\n"
+            "def stopped_there(self, *args):\n    os.kill(os.getpid(), signal.SIGINT)\n    start(self, *args)\n"
+            "cfp._ExecutorManagerThread.__init__ = stopped_there\nrun(prepare.main)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, f"--inputs={src}", f"--out_dir={tmp_path / 'out'}",
+                             "--workers=2"], cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stderr = proc.communicate(timeout=60)[1]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the old code's hang, and its workers
+    assert proc.returncode == 130 and stderr.endswith("\ninterrupted\n") and "Traceback" not in stderr
 
 
 def test_a_run_refuses_inputs_it_would_delete_or_overwrite(tmp_path):
