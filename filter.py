@@ -1237,10 +1237,11 @@ def quantile_edges(values: np.ndarray, counts: np.ndarray, max_bins: int) -> np.
     own = own[(own >= 0) & (own < last)]
     budget = max_bins - 1 - len(own)
     if budget < 0:  # many heavy values: each takes about one quantile of all rows anyway
-        own, budget = own[:0], max_bins - 1
-        heavy = heavy[:0]
-    light = np.cumsum(np.where(np.isin(np.arange(len(values)), heavy), 0, counts))  # rows up to each value
-    # the value where the light rows pass each quantile position (heavy values add none: never picked)
+        own, heavy, budget = own[:0], heavy[:0], max_bins - 1
+    rows = counts.copy()
+    rows[heavy] = 0  # the heavy values add no rows: never picked below
+    light = np.cumsum(rows)  # the other values' rows up to each value
+    # the value where those rows pass each quantile position
     picked = np.searchsorted(light, (np.arange(1, budget + 1) * light[-1]) // (budget + 1) + 1)
     return values[np.union1d(own, picked[picked < last])]
 

@@ -321,6 +321,7 @@ def hf_items(cfg):
         import datasets
     except ImportError:
         raise UserError("--source=hf needs the datasets package: pip install datasets") from None
+
     def why(e: Exception) -> str:
         return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
