@@ -20,9 +20,10 @@ so far kept for a rerun.
 Scoring writes OUT/results.jsonl (per sample: task_id, completion, passed, result) and
 OUT/summary.json (pass@k as fractions, counts by outcome, time taken), each written
 whole or not at all, and prints a table; --samples will not score into a folder that
-holds other samples' results. Ctrl-C and SIGTERM stop cleanly: the programs still
-running are killed and the sandbox's files removed (after a SIGKILL, the next sandbox
-to start removes them).
+holds other samples' results. Ctrl-C, SIGTERM and SIGHUP (a closed terminal or ssh
+session; not under nohup, which ignores it) stop cleanly: the programs still running
+are killed and the sandbox's files removed (after a SIGKILL, the next sandbox to start
+removes them).
 
 Benchmarks (DESIGN.md's conventions):
 
@@ -136,7 +137,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from config import UserError, cache_dir, counted_lines, file_stamp, parse_settings, require, run
+from config import UserError, cache_dir, counted_lines, file_stamp, parse_settings, require, run, stop_signals
 
 DEFAULTS = dict(
     bench="humaneval",  # humaneval or mbpp
@@ -1385,5 +1386,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleans up as after Ctrl-C
+    for s in set(stop_signals()) - {signal.SIGINT}:  # SIGTERM, SIGHUP: clean up as after Ctrl-C
+        signal.signal(s, signal.default_int_handler)
     run(main)
