@@ -988,7 +988,11 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                 save(step, scored=True)
                 print(f"saved {ckpt_path} at step {step} with its score", flush=True)
         prompt = tokenizer.encode(SAMPLE_PROMPT) if cfg.sample_tokens > 0 else []
-        n_sample = min(cfg.sample_tokens, config.block_size - len(prompt))  # a small context holds fewer
+        # a small context holds fewer (generate() never feeds the last new token back)
+        n_sample = min(cfg.sample_tokens, config.block_size - len(prompt) + 1)
+        if cfg.sample_tokens > 0 and n_sample <= 0:
+            print(f"note: no sample: the context of {config.block_size} tokens cannot hold its "
+                  f"{len(prompt)}-token prompt", file=sys.stderr)
         if n_sample > 0:
             raw_model.eval()
             with autocast:

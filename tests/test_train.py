@@ -899,6 +899,21 @@ def test_no_validation_needs_no_val_data_and_a_small_context_still_samples(tmp_p
         train.train(settings(data=str(data), out_dir=str(tmp_path / "out2"), eval_interval=5))
 
 
+def test_a_context_too_small_for_the_sample_prompt_says_so_and_one_just_fitting_samples(tmp_path, capsys):
+    """A context that cannot hold the sample's prompt skipped the sample without a word; one
+    holding the prompt exactly skipped it too, though generate() has room for one token."""
+    import tokenizer
+    data = str(make_dataset(tmp_path / "ds"))
+    fits = len(tokenizer.encode(train.SAMPLE_PROMPT))
+    train.train(settings(data=data, out_dir=str(tmp_path / "small"), eval_interval=0, max_iters=1,
+                         block_size=fits - 1, sample_tokens=100))
+    out, err = capsys.readouterr()
+    assert "sample:" not in out and f"no sample: the context of {fits - 1} tokens cannot hold" in err
+    train.train(settings(data=data, out_dir=str(tmp_path / "fits"), eval_interval=0, max_iters=1,
+                         block_size=fits, sample_tokens=100))
+    assert "sample:\n" in capsys.readouterr().out
+
+
 def test_config_parsing():
     cfg, rest = parse_args(train.DEFAULTS, argv=["--batch_size", "3", "--compile", "--dropout=0.2",
                                                  "--learning-rate=2e-3", "extra"])
