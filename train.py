@@ -251,11 +251,11 @@ class Mixture:
                             f"phi-1's has {tokenizer.VOCAB_SIZE}): prepare it with data/prepare.py")
         for split in splits:
             path = folder / f"{split}.bin"
+            hint = " (to train without validation: --eval_interval=0)" if split == "val" else ""
             if not path.exists():
-                raise UserError(f"no {split}.bin in {folder}" + (" (without one: --eval_interval=0)"
-                                                                  if split == "val" else ""))
+                raise UserError(f"no {split}.bin in {folder}{hint}")
             if path.stat().st_size < 4:
-                raise UserError(f"{path} is empty: nothing to {'train' if split == 'train' else 'validate'} on")
+                raise UserError(f"{path} is empty: nothing to {'train' if split == 'train' else 'validate'} on{hint}")
             size, written = path.stat().st_size, (meta.get("files") or {}).get(path.name)
             if isinstance(written, int) and size != written:  # cut short by a full disk or a copy, or changed
                 raise UserError(f"{path} holds {size:,} bytes, not the {written:,} prepare.py wrote: prepare the "

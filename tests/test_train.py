@@ -846,7 +846,7 @@ def test_datasets_of_another_tokenizer_or_dtype_and_a_missing_val_bin_are_named(
     data = make_dataset(tmp_path / "ds")
     cfg = settings(data=str(data), out_dir=str(tmp_path / "out"), eval_interval=5, max_iters=2)
     (data / "val.bin").unlink()
-    with pytest.raises(UserError, match=r"^no val.bin in .*ds \(without one: --eval_interval=0\)$"):
+    with pytest.raises(UserError, match=r"^no val.bin in .*ds \(to train without validation: --eval_interval=0\)$"):
         train.train(cfg)
     for meta, message in [({"dtype": "uint32"}, "holds uint32 tokens; train.py reads uint16"),
                           ({"vocab_size": 50257}, "prepared with another tokenizer \\(50257 ids, phi-1's has 50295")]:
@@ -895,7 +895,8 @@ def test_no_validation_needs_no_val_data_and_a_small_context_still_samples(tmp_p
     train.train(settings(data=str(data), out_dir=str(tmp_path / "out"), eval_interval=0, max_iters=2,
                          sample_tokens=100))  # nano's context of 64 tokens holds fewer
     assert "sample:\n" in capsys.readouterr().out
-    with pytest.raises(UserError, match="val.bin is empty"):
+    with pytest.raises(UserError, match=r"val.bin is empty: nothing to validate on \(to train without validation: "
+                                        r"--eval_interval=0\)"):  # (prepare.py --val_fraction=0 writes one)
         train.train(settings(data=str(data), out_dir=str(tmp_path / "out2"), eval_interval=5))
 
 
