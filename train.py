@@ -17,7 +17,7 @@ noise on (seed, step, micro-batch), so a run resumed from a checkpoint goes on
 exactly as if it had never stopped; resumed on another number of processes,
 too, but for the order of float sums (with dropout: with the same --batch_size).
 Checkpoints are written atomically; SIGTERM, Ctrl-C or SIGHUP (the terminal or ssh
-session closed; not under nohup, and under torchrun only with
+session closed; under nohup the run goes on instead, which under torchrun takes
 --signals-to-handle=SIGTERM,SIGINT,SIGQUIT, see README.md) saves one and exits;
 rerunning the same command resumes, whether the run started from scratch or
 from weights (`--init_from=microsoft/phi-1`).
