@@ -1217,18 +1217,27 @@ def test_validation_reads_each_dataset_s_val_split_for_eval_iters_batches(tmp_pa
     assert [float(v) for v in final[0]] == pytest.approx(expected, abs=2e-4)
 
 
-def test_a_stopped_run_resumes_exactly_in_process(tmp_path, pico, capsys):
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_stopped_run_resumes_exactly_in_process(tmp_path, pico, capsys, mixed):
     """Stopping at --stop_iters and rerunning continues as one run would have: the same
-    batches, dropout noise, optimizer moments and learning-rate step (fast, without processes)."""
+    batches, dropout noise, optimizer moments and learning-rate step (fast, without processes);
+    mixed: of two datasets by weight, in micro-steps, the same losses logged too."""
     data = str(make_dataset(tmp_path / "ds"))
-    cfg = dict(preset=pico, data=data, dropout=0.1, max_iters=6, warmup_iters=2, eval_interval=0)
+    if mixed:
+        data = f"{data}:0.7,{make_dataset(tmp_path / 'ds2', n_tokens=5000, seed=1)}:0.3"
+    cfg = dict(preset=pico, data=data, dropout=0.1, max_iters=6, warmup_iters=2, eval_interval=0, log_interval=1,
+               **(dict(batch_size=2, total_batch_size=6) if mixed else {}))
     straight = train.train(settings(**cfg, out_dir=str(tmp_path / "straight")))
+    losses = re.findall(r"step \d+ \| loss \S+", capsys.readouterr().out)
     out = str(tmp_path / "out")
     for _ in range(2):  # the second run finds the work done
         train.train(settings(**cfg, out_dir=out, stop_iters=3))
-    assert "already finished 3 steps" in capsys.readouterr().out
+    first_half = capsys.readouterr().out
+    assert "already finished 3 steps" in first_half
     resumed = train.train(settings(**cfg, out_dir=out))
-    assert f"resuming {Path(out) / 'ckpt.pt'} from step 3" in capsys.readouterr().out
+    second_half = capsys.readouterr().out
+    assert f"resuming {Path(out) / 'ckpt.pt'} from step 3" in second_half
+    assert re.findall(r"step \d+ \| loss \S+", first_half + second_half) == losses and len(losses) == 6
     for name, tensor in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor), name
 
