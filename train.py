@@ -496,12 +496,11 @@ def build_model(cfg, out_dir: Path, master: bool):
         if not {"step", "optimizer", "scaler"} <= ckpt.keys():
             raise UserError(f"{ckpt_path} holds weights without the state to resume their training (a best.pt "
                             f"copied there?): start from them with --init_from={ckpt_path} and another --out_dir")
-        model = GPT(wanted)
         try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:  # missing, unexpected or misshapen tensors
+            model = GPT.from_state_dict(wanted, ckpt["model"])
+        except ValueError as e:
             raise UserError(f"cannot resume: {ckpt_path}'s weights do not fit the model its config describes "
-                            f"({str(e).strip().splitlines()[-1].strip()[:200]})") from None
+                            f"({e})") from None
         if master:
             print(f"resuming {ckpt_path} from step {ckpt['step']}")
             # a step's rows do not depend on --batch_size, which only splits them; dropout noise does
