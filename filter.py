@@ -422,11 +422,13 @@ REMINDER = ("I could not find the score. Answer again with just one line of the 
             "Educational value: N\nwhere N is a whole number from 0 to 10.")
 _ASIDE = re.compile(r"[(\[][^()\[\]\n]*[)\]]")  # "(out of 10)", "[0-10]", "(Note: ... Python 2 ...)"
 _SCALE = re.compile(r"\b[01]\s*(?:-|–|—|to)\s*10\b|(?:/|\bout\s+of|\bscale\s+of)\s*10\b", re.I)
-# after a label, words without a digit or punctuation, then ":", "=" or "is" ("value of this code
-# is 7"; an "is" past a comma or full stop belongs to the prose: "value is low, since the file is
-# 5 lines"), and the number right after it (past markdown or a line break); a number followed by
-# "/5" or "out of 5" is on another scale
-_AFTER_LABEL = r"\b[^:=\d\n.,;!?]*?(?:[:=]|\bis\b)[\s*_`]*(\d+(?:\.\d+)?(?!\w)(?:\s*(?:/|out\s+of)\s*\d)?)"
+# after a label, words without a digit, punctuation or "is", then ":", "=" or "is" ("value of this
+# code is 7", "value is: 7"; an "is" past a comma or full stop belongs to the prose: "value is low,
+# since the file is 5 lines", and so do words after an "is": "value is good: 2 functions"), and the
+# number right after it (past markdown or a line break); a number followed by "/5" or "out of 5" is
+# on another scale
+_AFTER_LABEL = (r"\b(?:(?!\bis\b)[^:=\d\n.,;!?])*?(?:[:=]|\bis\b\s*[:=]?)[\s*_`]*"
+                r"(\d+(?:\.\d+)?(?!\w)(?:\s*(?:/|out\s+of)\s*\d)?)")
 _VALUE = re.compile(r"\beducational\s+value" + _AFTER_LABEL, re.I)
 _SCORE = re.compile(r"\bscore" + _AFTER_LABEL, re.I)
 _OUT_OF_TEN = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*10\b", re.I)

@@ -316,6 +316,17 @@ def test_an_is_later_in_the_prose_is_no_label():
         assert filter.parse_score(answer) == score, answer
 
 
+def test_words_after_an_is_in_the_prose_make_no_label():
+    """The label's words ran past an "is" to a later colon: a sentence after the score,
+    "the educational value is good: 2 small functions", scored 2 instead of 7."""
+    cases = {"Educational value: 7\n\nIn short, the educational value is good: 2 small functions show loops.": 7,
+             "The educational value is moderate: 3 functions are trivial.\nEducational value: 6": 6,
+             "Score: 6\nThe score is fair: 2 loops are clear.": 6,
+             "Educational value is: 7": 7, "The educational value is = 5": 5}  # "is" right before ":" or "="
+    for answer, score in cases.items():
+        assert filter.parse_score(answer) == score, answer
+
+
 # ---------------------------------------------------------------- the AST match rate
 
 class Rename(ast.NodeTransformer):
