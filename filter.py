@@ -89,11 +89,11 @@ apply      streams --corpus through the embedding model (the forest's, unless --
            the chunks it scored (NAME.partial.done: a byte per chunk). A
            shard whose summary names its kept file is done: a rerun skips it, or with
            another --threshold or --top_fraction only selects again from its scores (a
-           changed corpus file, by size or modification time, another forest, model,
-           --doc_tokens or --dtype, is scored again, its kept file and scores removed
-           first; a file named another way, or from another folder, is the same). One run
-           at a time filters a shard (a lock on I-of-N.lock in --out, there while it
-           runs). A --corpus holding files
+           changed corpus file, by size or modification time, another forest, model or
+           --dtype, is scored again, its kept file and scores removed first: --doc_tokens
+           is the forest's; a file named another way, or from another folder, is the
+           same). One run at a time filters a shard (a lock on I-of-N.lock in --out,
+           there while it runs). A --corpus holding files
            apply writes in --out is refused (each run would read the last one's output back
            in), and kept files of another --num_shards in --out are warned of: a glob of
            kept-*.jsonl would take them too (move them to a folder of their own). Running
