@@ -227,16 +227,19 @@ APPLY_OUTPUT = re.compile(r"(?:kept|scores|summary)-\d+-of-\d+\.(?:jsonl|bin|jso
 # ---------------------------------------------------------------- corpora
 
 def corpus_files(spec: str) -> list[Path]:
-    """The files of a --corpus, which must hold a line that is not blank."""
-    files = expand(spec, "--corpus")
+    """The files of a --corpus, which must hold a line that is not blank. Each is opened now:
+    one that cannot be read is told before the work on the files before it (hours of scoring
+    or comparing; annotate's draw stopped in a traceback)."""
+    files, found = expand(spec, "--corpus"), False
     for path in files:
         try:
             with path.open("rb") as f:
-                if any(line.strip() for line in f):
-                    return files
+                found = found or any(line.strip() for line in f)
         except OSError as e:
             raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    raise UserError(f"no documents in {', '.join(map(str, files))}: the corpus is empty")
+    if not found:
+        raise UserError(f"no documents in {', '.join(map(str, files))}: the corpus is empty")
+    return files
 
 
 def documents(files: list[Path], skipped: Counter, shard: int = 0, num_shards: int = 1, wanted=None):

@@ -1239,6 +1239,29 @@ def test_bad_input_gives_one_clear_line(tmp_path, nano):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_corpus_file_that_cannot_be_read_is_told_before_any_work(tmp_path, nano, monkeypatch):
+    """Only the files up to the first with a document were opened first: annotate's draw met a
+    later unreadable one in a traceback, apply and decontaminate after the work on the others."""
+    docs, locked = corpus(tmp_path / "docs.jsonl", 3, seed=8), corpus(tmp_path / "locked.jsonl", 3, seed=9)
+    forest, real = nano_forest(tmp_path, nano), Path.open
+
+    def open_(path, *args, **kwargs):  # as for a user without the permission (the tests may run as root)
+        if path.name == "locked.jsonl":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "open", open_)
+    monkeypatch.setattr(filter, "load_embedder", lambda *a: pytest.fail("loaded a model before reading the corpus"))
+    monkeypatch.setattr(filter, "compare_document", lambda *a: pytest.fail("compared before reading the corpus"))
+    outputs = [tmp_path / name for name in ("l.jsonl", "e.npy", "out", "r.json")]
+    with FakeLLM(answer=teacher) as server:
+        for command in ("annotate", "embed", "apply", "decontaminate"):
+            with pytest.raises(UserError, match="^cannot read .*locked.jsonl: Permission denied$"):
+                run_filter(command, f"--corpus={docs},{locked}", f"--ckpt={nano}", f"--api_base={server.url}",
+                           f"--forest={forest}", "--model=fake", "--prune_tau=0.95", "--workers=1",
+                           *(f"--{o}={p}" for o, p in zip(("labels", "embeddings", "out", "report"), outputs)))
+    assert not any(p.exists() for p in outputs)
+
+
 def decontaminating(tmp_path: Path, monkeypatch) -> list[str]:
     """A corpus to check, with a comparison that fails the test if it starts: a wrong setting
     must be told before the hours it takes. The settings that point decontaminate at it."""
