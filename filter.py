@@ -929,13 +929,15 @@ def embed(cfg) -> Path:
             if files_identity(files) != source["corpus"]:  # its digests are of the texts read before embedding
                 raise UserError(f"{cfg.corpus or cfg.labels} changed while it was embedded: rerun")
             del array
-            os.replace(partial, out)
             # with the model's contents (kept out of the fingerprint's source: embeddings made before stay
             # valid), which the forest keeps, so that apply tells another model than the one it learned from
             meta = dict(format=EMBEDDINGS_FORMAT, version=EMBEDDINGS_VERSION, count=n, dim=dim, dtype="float16",
                         fingerprint=fp, source=dict(source, doc_tokens=min(cfg.doc_tokens, model.config.block_size),
                                                     model=model_identity), ids=ids, digests=digests)
+            # the description first: a kill before the rename leaves the chunks done, for a rerun to rename
+            # (an array renamed without its description would be made anew)
             write_atomic(sidecar, json.dumps(meta).encode())
+            os.replace(partial, out)
             partial_meta.unlink()
             flags_path.unlink()
             print(f"{out}: {n} embeddings of width {dim} (float16); ids and source in {sidecar}")
@@ -1821,10 +1823,11 @@ def apply(cfg) -> dict | None:
                     for leftover in (partial, progress, flags):
                         leftover.unlink()
                     raise UserError(f"no documents in {', '.join(map(str, files))}")
-                os.replace(partial, scores_path)
-                # saying the file holds the scores of fingerprint scoring, whole: until then a rerun scores on
+                # saying the file holds the scores of fingerprint scoring, whole (until then a rerun scores on):
+                # before the rename, as embed's description, so that a kill between leaves the chunks scored
                 write_atomic(scores_description(scores_path),
                              json.dumps(dict(scoring=scoring, documents=documents_seen)).encode())
+                os.replace(partial, scores_path)
                 progress.unlink()
                 flags.unlink()
         if rank != 0:  # the others only helped score

@@ -612,6 +612,40 @@ def test_embed_resumes_after_a_crash_and_leaves_nothing_that_looks_complete(tmp_
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("emb")) == ["emb.json", "emb.npy"]
 
 
+@pytest.mark.parametrize("written", [False, True])
+def test_a_kill_as_the_whole_work_is_renamed_and_described_loses_none_of_it(tmp_path, nano, monkeypatch, written):
+    """embed and apply renamed the finished .partial, then wrote what it holds: a kill between
+    the two left a whole array or scores without a description, which a rerun removed and
+    made anew (hours of GPUs at scale). A kill as the description is written (before it,
+    or after it) now leaves a rerun only the rename."""
+    docs, emb, out = corpus(tmp_path / "docs.jsonl", 20, seed=6), tmp_path / "emb.npy", tmp_path / "out"
+    embed = ["embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}"]
+    apply = ["apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={out}"]
+    real = filter.write_atomic
+
+    def killed(path, data):
+        if path.name in ("emb.json", "scores-00000-of-00001.json"):
+            if written:
+                real(path, data)
+            raise KeyboardInterrupt
+        real(path, data)
+
+    for args in (embed, apply):
+        with monkeypatch.context() as m:
+            m.setattr(filter, "write_atomic", killed)
+            with pytest.raises(KeyboardInterrupt):
+                run_filter(*args)
+        with monkeypatch.context() as m:
+            m.setattr(filter, "embed_texts", lambda *a, **k: pytest.fail("embedded the documents again"))
+            run_filter(*args)
+    assert filter.load_embeddings(emb)[1].shape == (20, 64)
+    assert json.loads((out / "summary-00000-of-00001.json").read_text())["documents"] == 20
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("emb")) == ["emb.json", "emb.npy"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{kind}-00000-of-00001.{ext}" for kind, ext in
+                                                     (("kept", "jsonl"), ("scores", "bin"), ("scores", "json"),
+                                                      ("summary", "json"))]
+
+
 def test_a_corpus_edited_while_it_is_embedded_is_refused(tmp_path, nano, monkeypatch):
     """The texts' digests were taken before embedding, from the first read: a corpus edited
     during the run gave embeddings of the new texts under the old digests, and train then
@@ -2342,15 +2376,20 @@ def test_a_run_starting_as_another_ends_neither_undoes_nor_redoes_its_work(tmp_p
     commands = (["embed", f"--corpus={docs}", f"--ckpt={nano}", f"--embeddings={emb}"],
                 ["apply", f"--corpus={docs}", f"--forest={nano_forest(tmp_path, nano)}", f"--out={out}"])
     real_replace, real_lock, real_embed = os.replace, filter.run_lock, filter.embed_texts
-    for command, output, busy, done in zip(commands, (emb, out),
-                                           ("another run is embedding", "another run is filtering shard"),
+    # (embed's description is written before the rename: a run starting after it finds the embeddings whole)
+    for command, output, busy, done in zip(commands, (emb, out), (None, "another run is filtering shard"),
                                            (f"{emb} already holds these embeddings", "shard 00000-of-00001 is done")):
         def start_another_as_the_first_renames(src, dst):
             real_replace(src, dst)
             if str(src).endswith(".partial") and not started:
                 started.append(1)
-                with pytest.raises(UserError, match=busy):  # the first is still at work
+                if busy is None:
+                    capsys.readouterr()
                     run_filter(*command)
+                    assert done in capsys.readouterr().out
+                else:
+                    with pytest.raises(UserError, match=busy):  # the first is still at work
+                        run_filter(*command)
 
         started = []
         monkeypatch.setattr(filter.os, "replace", start_another_as_the_first_renames)
