@@ -432,6 +432,7 @@ _SCALE = re.compile(r"\b[01]\s*(?:-|–|—|to)\s*10\b|(?:/|\bout\s+of|\bscale\s
 # on another scale
 _AFTER_LABEL = (r"\b(?:(?!\bis\b)[^:=\d\n.,;!?])*?(?:[:=]|\bis\b\s*[:=]?)[\s*_`]*"
                 r"(\d+(?:\.\d+)?(?!\w)(?:\s*(?:/|out\s+of)\s*\d)?)")
+_LINE_START = re.compile(r"[ \t*_#>`-]*")  # what may stand before a label that starts its line
 _VALUE = re.compile(r"\beducational\s+value" + _AFTER_LABEL, re.I)
 _SCORE = re.compile(r"\bscore" + _AFTER_LABEL, re.I)
 _OUT_OF_TEN = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*10\b", re.I)
@@ -443,13 +444,17 @@ def parse_score(answer: str) -> int | None:
     label "Educational value: N" (or "= N", "is N"; words without a digit or punctuation may
     stand between: "Educational value (0-10): N", "educational value of this code is 7"), so
     that neither a number in the explanation ("for Python 3", "value is low, since the file
-    is 5 lines") nor prose after the score counts; else after its last "Score: N"; else its
+    is 5 lines") nor prose after the score counts; else after its last "Score: N". A label
+    that starts its line (past markdown), as the prompt asks for, outranks one in a sentence
+    ("Suggestions to raise the educational value: 1. ..." after the score); else its
     last "N/10" or "N out of 10"; else the answer if it is a bare number. Anything else is
     asked again with a reminder, not guessed at ("see PEP 8"). A number on another scale
     ("4/5") is no score rather than rescaled. Halves round up; outside 0-10, no score."""
     plain = _SCALE.sub(" ", _ASIDE.sub(" ", answer))
-    found = next((labelled[-1] for labelled in (_VALUE.findall(plain), _SCORE.findall(plain)) if labelled),
-                 None)  # "4/5" whole, which the check below refuses
+    ranked = [[m.group(1) for m in label.finditer(plain)  # "4/5" whole, which the check below refuses
+               if not own_line or _LINE_START.fullmatch(plain, plain.rfind("\n", 0, m.start()) + 1, m.start())]
+              for own_line in (True, False) for label in (_VALUE, _SCORE)]
+    found = next((labelled[-1] for labelled in ranked if labelled), None)
     if found is None:
         found = next(iter(_OUT_OF_TEN.findall(answer)[-1:]), None)
     if found is None:

@@ -327,6 +327,19 @@ def test_words_after_an_is_in_the_prose_make_no_label():
         assert filter.parse_score(answer) == score, answer
 
 
+def test_a_label_that_starts_its_line_outranks_one_in_a_sentence_after_it():
+    """The last label won wherever it stood: a suggestion after the score, "to raise the
+    educational value: 1. add docstrings", scored 1 instead of the 7 on the score's line."""
+    cases = {"Educational value: 7\n\nSuggestions to raise the educational value: 1. Add docstrings.": 7,
+             "Educational value: 6\n**Why this educational value:** 3 loops are shown.": 6,
+             "Score: 7\nSuggestions to raise the educational value: 1. Add docstrings.": 7,
+             "### Educational value: 4\nA higher score: 9 would need tests.": 4, "Score: 7\nConfidence score: 9": 7,
+             "Educational value: 5\nOn reflection:\n- **Educational value:** 6": 6,  # corrected: the last
+             "It is clear.\nThe educational value of this code is 7.": 7}  # none starts a line: as before
+    for answer, score in cases.items():
+        assert filter.parse_score(answer) == score, answer
+
+
 # ---------------------------------------------------------------- the AST match rate
 
 class Rename(ast.NodeTransformer):
