@@ -102,7 +102,9 @@ assert VOCAB_SIZE <= 2**16, "token ids must fit uint16"
 PART_BYTES = 64 << 20  # text per part: the unit of resuming, and what is held in memory
 TASK_BYTES = 1 << 20   # text per task handed to a tokenizer process
 HERE = Path(__file__).resolve().parent
-UNFINGERPRINTED = ("name", "out_dir", "workers")  # settings that don't change the bins
+# settings that don't change the bins; the inputs count by the files they name (the listing),
+# not by how they are spelled (relative or absolute, a glob)
+UNFINGERPRINTED = ("name", "out_dir", "workers", "inputs")
 REPLACED = ("part-*.jsonl", "train.bin", "val.bin", "meta.json")  # what a run removes or rewrites in its folder
 
 
@@ -370,7 +372,7 @@ def open_source(cfg) -> SimpleNamespace:
     if cfg.source == "jsonl":
         files = expand(cfg.inputs)
         listing = [(str(p.resolve()), p.stat().st_size, stamp(p.stat())) for p in files]  # as list_python_files
-        return SimpleNamespace(name=files[0].stem, inputs=[str(p) for p in files], listing=listing,
+        return SimpleNamespace(name=files[0].stem, inputs=[path for path, _, _ in listing], listing=listing,
                                total=sum(size for _, size, _ in listing),
                                items=lambda: jsonl_items(files, cfg.max_file_bytes))
     if cfg.source == "hf":

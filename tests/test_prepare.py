@@ -661,7 +661,7 @@ def test_the_fingerprint_covers_every_setting_that_matters_and_this_file(tmp_pat
     for key, value in prepare.DEFAULTS.items():
         other = value + 1 if isinstance(value, (int, float)) else value + "x"
         changed = prepare.fingerprint(SimpleNamespace(**{**vars(cfg), key: other}), [])
-        assert (changed == first) == (key in ("name", "out_dir", "workers")), key
+        assert (changed == first) == (key in ("name", "out_dir", "workers", "inputs")), key  # inputs: by the listing
     copy = tmp_path / "prepare.py"
     copy.write_text(Path(prepare.__file__).read_text() + "\n# changed\n")
     monkeypatch.setattr(prepare, "__file__", str(copy))
@@ -1147,3 +1147,18 @@ def test_a_file_name_that_is_not_utf8_gives_an_id_filter_keeps(tmp_path):
     skipped = filter.Counter()
     assert [doc_id for _, doc_id, _, _ in filter.documents([part], skipped)] == [f"{src}/caf\\xe9.py"]
     assert not skipped
+
+
+def test_the_same_inputs_spelled_otherwise_are_already_prepared(tmp_path, monkeypatch, capsys):
+    """A path given relative or absolute, with a trailing comma or as a glob, names the same
+    files: the rerun did everything again, saying the dataset was of other inputs."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": A}) + "\n" + json.dumps({"text": B}) + "\n")
+    write_tree(tmp_path / "src", {"a.py": A, "b.py": B})
+    for source, spellings in (("jsonl", ["d.jsonl", str(tmp_path / "d.jsonl"), "d.jsonl,", "d.json?"]),
+                              ("local", ["src", str(tmp_path / "src"), "src/", "src,src/a.py"])):
+        first = prepare.prepare(settings(tmp_path, source=source, inputs=spellings[0], name=source), quiet=True)
+        for inputs in spellings[1:]:
+            assert prepare.prepare(settings(tmp_path, source=source, inputs=inputs, name=source)) == first
+            said = capsys.readouterr().out
+            assert "already prepared" in said and "other inputs" not in said
