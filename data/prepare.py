@@ -290,8 +290,8 @@ def jsonl_items(files: list[Path], max_file_bytes: int):
                     yield None, None, size, where
                     continue
                 else:
-                    try:
-                        doc = json.loads(line)
+                    try:  # UTF-8 only: json.loads of bytes takes UTF-16 too, whose lines cut at \n bytes read garbled
+                        doc = json.loads(line.decode("utf-8-sig"))
                         reason = None if isinstance(doc, dict) else "bad_json"
                     except UnicodeDecodeError:
                         reason = "not_utf8"

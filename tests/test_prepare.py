@@ -1162,3 +1162,19 @@ def test_the_same_inputs_spelled_otherwise_are_already_prepared(tmp_path, monkey
             assert prepare.prepare(settings(tmp_path, source=source, inputs=inputs, name=source)) == first
             said = capsys.readouterr().out
             assert "already prepared" in said and "other inputs" not in said
+
+
+def test_a_jsonl_file_that_is_not_utf8_gives_no_garbled_documents(tmp_path):
+    """json.loads of bytes guesses UTF-16 or -32 from the zero bytes: a UTF-16 file (what
+    Windows PowerShell writes), cut into lines at its \\n bytes, gave every line after the
+    first read shifted by a byte, and kept "代码 x = 1" as "ã丁砠x = 1"."""
+    docs = [{"text": "first"}, {"text": "代码 x = 1"}, {"text": "plain"}]
+    lines = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
+    (tmp_path / "u16.jsonl").write_bytes(lines.encode("utf-16"))
+    with pytest.raises(UserError, match="no usable documents"):
+        prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(tmp_path / "u16.jsonl")), quiet=True)
+    (tmp_path / "bom.jsonl").write_bytes(lines.encode("utf-8-sig"))  # a UTF-8 byte order mark is fine
+    meta = prepare.prepare(settings(tmp_path, source="jsonl", inputs=str(tmp_path / "bom.jsonl"), output="jsonl",
+                                    name="bom"), quiet=True)
+    part = (tmp_path / "out" / "bom" / "part-00000.jsonl").read_text().splitlines()
+    assert [json.loads(line)["text"] for line in part] == [d["text"] for d in docs] and not meta["skipped"]
