@@ -273,19 +273,23 @@ def document_id(record: dict, where: Path, number: int) -> str:
 
 def corpus_record(line: bytes, skipped: Counter) -> dict | None:
     """The record on a corpus line, or None, counted in skipped by why, for a line that holds
-    no document: blank, not a JSON object with a string "text", or holding a lone surrogate,
-    which JSON can spell ("\\ud800") but no UTF-8 output can hold."""
+    no document: blank, not UTF-8 (a UTF-16 file, whose lines json.loads would take, cut at its
+    \\n bytes and read garbled), not a JSON object with a string "text", or holding a lone
+    surrogate, which JSON can spell ("\\ud800") but no UTF-8 output can hold."""
     if not line.strip():
         skipped["blank"] += 1
         return None
     try:
-        record = json.loads(line)
+        record = json.loads(line.decode("utf-8-sig"))
+    except UnicodeDecodeError:  # (raw surrogate bytes ED A0-BF too)
+        skipped["not UTF-8"] += 1
+        return None
     except (ValueError, RecursionError):  # RecursionError: nested too deep
         record = None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         skipped["not a JSON object with a text"] += 1
         return None
-    if b"\\u" in line or b"\xed" in line:  # surrogates come of \\u escapes, or of bytes ED A0-BF that json.loads takes
+    if b"\\u" in line:  # surrogates come of \\u escapes
         try:
             json.dumps(record, ensure_ascii=False).encode()
         except UnicodeEncodeError:

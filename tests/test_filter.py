@@ -1065,6 +1065,18 @@ def test_documents_without_ids_in_files_of_one_name_are_told_apart(tmp_path, cap
     assert [scores[doc_id] for doc_id in ids] == [9, 9, 9, 1, 1, 1]
 
 
+def test_a_utf16_corpus_gives_no_garbled_documents_and_a_byte_order_mark_reads(tmp_path):
+    """json.loads of bytes takes UTF-16: a UTF-16 file (PowerShell's), cut into lines at its \\n
+    bytes, kept its lines a byte off, "代码 = 1" read as other characters, without a word."""
+    docs = tmp_path / "docs.jsonl"
+    records = [dict(id=f"d{i}", text=f"代码_{i} = {i}\n") for i in range(3)]
+    docs.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-16"))
+    assert list(filter.documents([docs], Counter())) == []
+    docs.write_bytes(lines(*records).encode("utf-8-sig"))
+    assert [(doc_id, text) for _, doc_id, text, _ in filter.documents([docs], Counter())] == [
+        (r["id"], r["text"]) for r in records]
+
+
 def test_lines_with_lone_surrogates_are_skipped_and_counted(tmp_path):
     docs = tmp_path / "docs.jsonl"
     docs.write_bytes(lines(dict(id="fine", text="def f():\n    return 1\n"),
@@ -1074,7 +1086,7 @@ def test_lines_with_lone_surrogates_are_skipped_and_counted(tmp_path):
                      + '{"id": "raw", "text": "\ud800"}\n'.encode("utf-8", "surrogatepass"))
     skipped = Counter()
     assert [doc_id for _, doc_id, _, _ in filter.documents([docs], skipped)] == ["fine", "an emoji"]
-    assert skipped == {"with a lone surrogate (not UTF-8)": 3, "not a JSON object with a text": 1}
+    assert skipped == {"with a lone surrogate (not UTF-8)": 2, "not UTF-8": 1, "not a JSON object with a text": 1}
     pruned = tmp_path / "pruned.jsonl"
     run_filter("decontaminate", f"--corpus={docs}", "--bench=humaneval,humaneval", "--prune_tau=0.95",
                f"--out={pruned}", f"--report={tmp_path / 'report.json'}", "--workers=1")
