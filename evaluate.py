@@ -177,6 +177,8 @@ MBPP_STOP = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```"]
 OUTCOMES = ("passed", "failed", "timed out", "crashed")
 GENERATION_ONLY = ("model", "api_timeout", "api_retries", "n_samples", "temperature", "top_p", "max_new_tokens",
                    "batch_size", "device", "dtype", "seed")
+API_ONLY = ("model", "api_timeout", "api_retries")  # settings of --api_base alone
+LOCAL_ONLY = ("device", "dtype")  # of --ckpt and --init_from alone: a server runs its model its own way
 DEFAULT_KS = "1,10,100"  # --k unset: those of these the samples allow, the rest left out without a warning
 DAY = 86400.0  # the longest --timeout and --api_timeout (a --timeout past ~2.1e6 s overflows the OS's waits)
 MAX_UID = 2**32 - 2  # the largest uid Linux has; 2**32 - 1 means "none"
@@ -1230,10 +1232,16 @@ def check_settings(cfg) -> list[int]:
                         + (f" (not {' and '.join('--' + s for s in sources)})" if sources else ""))
     if cfg.api_base and not cfg.model:
         raise UserError("--api_base needs --model, the model's name at that endpoint")
-    # a setting that would be ignored without a word
-    generating = [key for key in GENERATION_ONLY if getattr(cfg, key) != DEFAULTS[key]]
-    if cfg.samples and generating:
-        raise UserError(f"--{generating[0]} is a setting of generation: --samples scores its file as it is")
+    # a setting that would be ignored without a word (and --model, recorded in generation.json,
+    # would have a rerun without it refused as samples of other settings)
+    if cfg.samples:
+        unused, why = GENERATION_ONLY, "generation: --samples scores its file as it is"
+    elif cfg.api_base:
+        unused, why = LOCAL_ONLY, "--ckpt and --init_from: the server at --api_base runs its model its own way"
+    else:
+        unused, why = API_ONLY, f"--api_base: --{sources[0]} generates with the model here"
+    if ignored := [key for key in unused if getattr(cfg, key) != DEFAULTS[key]]:
+        raise UserError(f"--{ignored[0]} is a setting of {why}")
     if cfg.data and cfg.bench != "mbpp":
         raise UserError(f"--data is MBPP's file: {cfg.bench}'s problems come with its package")
     if re.search(r"/completions/?$", cfg.api_base):  # llm.py adds the route: .../completions/completions

@@ -1181,7 +1181,8 @@ def test_a_wrong_api_base_fails_leaving_no_out_folder(tmp_path):
     (["--n_samples=0"], "--n_samples must be >= 1"),
     (["--timeout=-1"], "--timeout must be >= 0"),
     (["--timeout=2.2e6"], "--timeout must be >= 0 and at most 86400 s"),  # the OS's waits would overflow
-    (["--api_timeout=1e10"], "--api_timeout must be > 0 and at most 86400 s"),
+    (["--api_base=http://127.0.0.1:9/v1", "--model=m", "--api_timeout=1e10"],
+     "--api_timeout must be > 0 and at most 86400 s"),
     (["--memory_mb=63"], "--memory_mb must be in [64, 2**30]"),
     (["--memory_mb=1000000000000000"], "--memory_mb must be in [64, 2**30]"),  # RLIMIT_AS refused: "cannot run Python"
     (["--workers=-3"], "--workers must be >= 0"),
@@ -1189,9 +1190,24 @@ def test_a_wrong_api_base_fails_leaving_no_out_folder(tmp_path):
     (["--n_samples=2", "--temperature=0.8", "--top_p=1e-5"], "set --temperature > 0"),  # model.sample: greedy
 ])
 def test_settings_that_cannot_work_are_refused_up_front(tmp_path, args, message):
+    source = [] if any(a.startswith("--api_base=") for a in args) else [f"--ckpt={tmp_path / 'absent.pt'}"]
     with pytest.raises(UserError, match=re.escape(message)):
-        evaluate.main([f"--ckpt={tmp_path / 'absent.pt'}", f"--out={tmp_path / 'out'}", *args])
+        evaluate.main([*source, f"--out={tmp_path / 'out'}", *args])
     assert not (tmp_path / "out" / "generation.json").exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt=x.pt", "--model=phi"], "--model is a setting of --api_base"),
+    (["--init_from=microsoft/phi-1", "--api_retries=2"], "--api_retries is a setting of --api_base"),
+    (["--api_base=http://127.0.0.1:9/v1", "--model=m", "--dtype=float16"], "--dtype is a setting of --ckpt"),
+    (["--api_base=http://127.0.0.1:9/v1", "--model=m", "--device=cuda"], "--device is a setting of --ckpt"),
+])
+def test_a_setting_of_the_other_source_of_samples_is_refused_not_ignored(tmp_path, args, message):
+    """--model with --ckpt was ignored, yet recorded: a rerun without it was refused as samples
+    of other settings; --dtype and --device with --api_base were ignored without a word."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        evaluate.main([*args, f"--out={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_out_that_is_a_file_or_an_unreadable_generation_json_is_one_line(tmp_path):
