@@ -426,7 +426,9 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
     A prompt the server refuses as longer than its context (with --max_new_tokens) is no
     request to ask again: every rerun would be refused, and the benchmark never scored. Its
     sample is an empty completion, a failure, as a model that cannot read the problem has;
-    a warning says how many. (--ckpt cuts such a prompt from the left instead.)"""
+    a warning says how many. (--ckpt cuts such a prompt from the left instead.)
+    Answers that begin with their whole prompt are counted in a warning too: a server that
+    echoes prompts gives samples cut at a stop string inside the prompt, failures all."""
     from llm import FAILED_ALIKE, Client, Failure, LLMError, Reply
     from model import derived_seed  # sample.py --serve's rule (torch comes with it: generation is minutes)
     from tokenizer import cut_at_stop  # the rule our own generate() follows
@@ -441,7 +443,8 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
                   **({"top_p": cfg.top_p} if cfg.temperature > 0 else {}))
 
     def answers():
-        failed, alike, too_long = [], 0, 0  # alike: the last failures in a row, failed as the last one
+        failed, alike, too_long, echoed = [], 0, 0, 0  # alike: the last failures in a row, failed as the last one
+        prompts = dict(jobs)
         with client:
             # a seed per sample: one for a problem's samples would make them one sample n times, and
             # seed + index for all would draw each problem's sample i from the same random numbers
@@ -456,10 +459,15 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
                         break
                     continue
                 alike = 0
+                echoed += reply.text.startswith(prompts[key])
                 yield key, cut_at_stop(reply.text, stop)
         if too_long:
             print(f"warning: {cfg.api_base} refused {too_long} prompts as longer than its context leaves with "
                   f"--max_new_tokens={cfg.max_new_tokens}: their samples are empty completions, failures",
+                  file=sys.stderr)
+        if echoed:
+            print(f"warning: {echoed} answers from {cfg.api_base} begin with their prompt: if the server echoes "
+                  f"prompts, those samples are no completions (each is cut at a stop string inside its prompt)",
                   file=sys.stderr)
         if failed:
             transient = any(f.kind != "refused" for f in failed)

@@ -1108,6 +1108,19 @@ def test_a_prompt_too_long_for_the_servers_context_is_a_failed_sample_not_a_run_
     assert "refused 1 prompts as longer than its context leaves with --max_new_tokens=4" in capsys.readouterr().err
 
 
+def test_answers_that_begin_with_their_prompt_are_counted_in_a_warning(tmp_path, capsys):
+    """A server echoing the prompt gave completions cut at a stop string inside the prompt
+    (HumanEval/0's: "from typing import List\\n\\n"), every one a failure, without a word."""
+    from llm_server import FakeLLM
+    args = ["--model=fake", "--max_new_tokens=4", "--limit=2", "--workers=1"]
+    with FakeLLM(answer=lambda body: body["prompt"] + "    return 1\n") as server:
+        evaluate.main([f"--api_base={server.url}", *args, f"--out={tmp_path / 'echo'}"])
+        assert "2 answers from" in capsys.readouterr().err
+    with FakeLLM(answer=lambda body: "    return 1\n") as server:
+        evaluate.main([f"--api_base={server.url}", *args, f"--out={tmp_path / 'plain'}"])
+        assert "begin with their prompt" not in capsys.readouterr().err
+
+
 def test_requests_failing_alike_end_the_run_keeping_the_samples_so_far(tmp_path):
     from llm_server import FakeLLM
     out = tmp_path / "out"
