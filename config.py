@@ -197,6 +197,15 @@ def _finite(key: str, text: str, value):
     return value
 
 
+_PADDED = re.compile(r"\s*[+-]?0+[0-9]+\s*")
+
+
+def _literal(text: str):
+    """ast.literal_eval(text), but an integer with leading zeros is that integer: Python reads
+    no such literal, and --shard=07 (printf %02d's) is 7 to whoever typed it."""
+    return int(text) if _PADDED.fullmatch(text) else ast.literal_eval(text)
+
+
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -210,7 +219,7 @@ def _convert(key: str, text: str, default):
         raise UserError(f"--{key} takes true or false, not {text!r}")
     if isinstance(default, (int, float)):
         try:
-            value = ast.literal_eval(text)
+            value = _literal(text)
         except (ValueError, SyntaxError, RecursionError):  # RecursionError: "-" * 5000 + "1"
             value = None
         if not is_number(value) or (isinstance(default, int) and not isinstance(value, int)):
@@ -218,7 +227,7 @@ def _convert(key: str, text: str, default):
         return type(default)(_finite(key, text, value))
     if default is None:  # a number if it looks like one, None as --help shows it, else the string
         try:
-            value = ast.literal_eval(text)
+            value = _literal(text)
         except (ValueError, SyntaxError, RecursionError):
             return _home(key, text)
         return _finite(key, text, value) if is_number(value) else None if value is None else _home(key, text)

@@ -117,6 +117,19 @@ def test_numbers_take_the_type_of_their_default():
         parse_settings(DEFAULTS, argv=["--learning_rate=False"])
 
 
+def test_a_zero_padded_integer_is_that_integer():
+    """Python reads no 07: a loop over printf %02d's shard numbers stopped at --shard=07,
+    "takes int, not '07'"."""
+    defaults = dict(shard=0, lr=1.0, block_size=None)
+    cfg = parse_settings(defaults, argv=["--shard=07", "--lr=-0010", "--block_size=0512"])
+    assert (cfg.shard, cfg.lr, cfg.block_size) == (7, -10.0, 512) and type(cfg.lr) is float
+    assert parse_settings(defaults, argv=["--shard=00"]).shard == 0
+    for kept in ("0x10", "0.5", "00.5", "1e3"):  # other literals read as before
+        assert parse_settings(defaults, argv=[f"--block_size={kept}"]).block_size == eval(kept)
+    with pytest.raises(UserError, match="^--shard takes int, not '0" + "9" * 38):  # past int()'s digits
+        parse_settings(defaults, argv=["--shard=0" + "9" * 5000])
+
+
 def test_settings_that_default_to_none_take_a_number_or_else_the_text():
     """And None, as --help shows the default."""
     for text, value in [("5", 5), ("2.5", 2.5), ("abc", "abc"), ("[1, 2]", "[1, 2]"),
