@@ -322,7 +322,8 @@ def _parse_args(defaults: dict, doc: str | None, argv: list[str]) -> tuple[Simpl
         arg = argv[i]
         i += 1
         if arg in ("-h", "--help"):
-            print(usage(defaults, doc))
+            if first_process():  # under torchrun, once: eight copies interleave their lines
+                print(usage(defaults, doc))
             sys.exit(0)
         if not arg.startswith("--"):
             positionals.append(arg)

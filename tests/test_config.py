@@ -222,6 +222,13 @@ def test_help_prints_the_docstring_and_every_default_then_exits_0(capsys, flag):
     assert shown["--data"] == "'data/x'" and shown["--dropout"] == "None"  # repr: a string shows its quotes
 
 
+def test_help_is_printed_once_under_torchrun(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # every process torchrun starts reads the same --help
+    with pytest.raises(SystemExit) as exited:
+        parse_args(DEFAULTS, "Doc.", argv=["--help"])
+    assert exited.value.code == 0 and capsys.readouterr().out == ""
+
+
 def _module(monkeypatch, tmp_path, name, source):
     path = tmp_path / f"{name}.py"
     path.write_text(source)
