@@ -294,6 +294,8 @@ def _unknown(key: str, defaults: dict) -> UserError:
         close = (difflib.get_close_matches(key, defaults, n=1, cutoff=0.7)  # typos: --learnign_rate
                  # whole words of the name: --batch for --batch_size, but --out is no --dropout
                  or [k for k in defaults if f"_{key}_" in f"_{k}_" or f"_{k}_" in f"_{key}_"])
+        prefixed = [k for k in defaults if k.startswith(key)]
+        close = close or (prefixed if len(prefixed) == 1 else [])  # --temp: --temperature, the one it starts
     return UserError(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else " (see --help)"))
 
 

@@ -187,6 +187,8 @@ def test_unknown_setting_suggests_a_close_one():
     ("--sorce=hf", dict(source="local", out_dir=""), "--source"),
     ("--out=x", dict(dropout=0.0, timeout=1.0), None),  # in those names, but no word of them
     ("--x=1", dict(n=10, x_max=1), None),  # a letter is in too many names to guess from
+    ("--temp=0", dict(temperature=0.8, top_p=0.95), "--temperature"),  # the one name it starts
+    ("--hum=1", dict(humaneval_problems=0, humaneval_timeout=3.0), None),  # it starts two
 ])
 def test_a_guess_is_the_setting_meant_or_none(typo, defaults, guess):
     with pytest.raises(UserError) as error:
