@@ -303,10 +303,14 @@ def subcommand(args: list[str], choices: tuple[str, ...]) -> str:
     """The one positional argument of a script with subcommands (synth.py, filter.py)."""
     if len(args) == 1 and args[0] in choices:
         return args[0]
-    what = (f"unknown subcommand {args[0]!r}" if args and args[0] not in choices else
-            f"unexpected argument {args[1]!r}" if args else "no subcommand")
+    say = f"say {', '.join(choices[:-1])} or {choices[-1]} (see --help)"
     with alike_on_every_process():
-        raise UserError(f"{what}: say {', '.join(choices[:-1])} or {choices[-1]} (see --help)")
+        if not args:
+            raise UserError(f"no subcommand: {say}")
+        if args[0] not in choices:
+            raise UserError(f"unknown subcommand {args[0]!r}: {say}")
+        # a setting that lost its dashes (n=5), not a subcommand to choose
+        raise UserError(f"unexpected argument {args[1]!r} after {args[0]} (settings are --key=value, see --help)")
 
 
 def parse_args(defaults: dict, doc: str | None = None,
