@@ -2400,8 +2400,9 @@ def nearest(cfg, model, files: list[Path], problem_texts: list[str], ids: list[s
 def main(argv=None):
     cfg, args = parse_args(DEFAULTS, __doc__, argv)
     command = globals()[subcommand(args, COMMANDS)]
-    require((isinstance(cfg.seed, int) and cfg.seed >= 0, "--seed must be an integer >= 0"),
-            (cfg.workers >= 0, "--workers must be >= 0 (0: one per core)"))
+    with alike_on_every_process():  # under torchrun, said once
+        require((isinstance(cfg.seed, int) and cfg.seed >= 0, "--seed must be an integer >= 0"),
+                (cfg.workers >= 0, "--workers must be >= 0 (0: one per core)"))
     try:
         command(cfg)
     except RuntimeError as e:

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import evaluate
+import config
 import filter
 from conftest import at_work
 from config import UserError
@@ -2567,6 +2568,16 @@ def test_a_signal_while_torch_is_imported_is_the_usual_interrupted_line(tmp_path
     """)
     result = subprocess.run([sys.executable, "-c", stop], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 130 and result.stderr == "interrupted\n", result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("setting", ["--seed=-1", "--workers=-1"])
+def test_a_bad_seed_or_workers_is_said_by_process_0_alone(monkeypatch, setting):
+    """Under torchrun every process printed "error: --seed must be ..." (README: process 0 says it)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(config.time, "sleep", lambda seconds: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as stopped:  # waited, silent, for torchrun's SIGTERM (here, at once)
+        filter.main(["apply", setting])
+    assert stopped.value.code == 2
 
 
 def test_descriptions_that_are_json_but_no_object_are_stale_or_one_line(tmp_path, nano):
