@@ -651,6 +651,14 @@ class Handler(BaseHTTPRequestHandler):
     ROUTES = {"/v1/models": ("GET", "models"), "/v1/completions": ("POST", "completions"),
               "/v1/chat/completions": ("POST", "chat"), "/health": ("GET", "health")}
 
+    def handle_one_request(self) -> None:
+        """A client that resets the connection (killed, or closing with an answer unread) while
+        its next request line or headers are read is gone, not a server error: no traceback."""
+        try:
+            super().handle_one_request()
+        except ConnectionError:
+            self.close_connection = True
+
     def dispatch(self) -> None:
         """Answer one request, counted busy meanwhile so that Server.close waits for it; not
         while its body comes in: a client slow to send it, or that never does, holds up no

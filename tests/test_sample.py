@@ -944,6 +944,18 @@ def test_a_connection_survives_an_error(server):
     conn.close()
 
 
+def test_a_client_that_resets_its_connection_is_gone_not_a_traceback(server):
+    """A client killed, or closing with an answer unread, resets its connection: the read of
+    the next request line raised, and socketserver printed its traceback, --quiet or not."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        conn, address = listener.accept()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # linger 0: a reset
+    with conn:
+        sample.Handler(conn, address, server)  # handles the connection, here in this thread
+
+
 def test_bodies_without_a_usable_length_are_refused(server):
     status, payload = raw(server, "POST", "/v1/completions", b"",
                           headers={"Content-Length": str(sample.MAX_BODY + 1)})
