@@ -94,6 +94,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -535,7 +536,12 @@ class Engine:
             for row in rows:
                 groups.setdefault((row.temperature, row.top_p, row.stop), []).append(row)
             for group in groups.values():
-                for i, batch in enumerate(self._split(group)):
+                # a batch's index counts the batches of its request, not the group's: a seeded request
+                # whose rows make a batch of their own draws as it would alone on the server
+                made = Counter()
+                for batch in self._split(group):
+                    i = made[batch[0].request]
+                    made.update({row.request for row in batch})
                     batch = [row for row in batch if not row.cancelled]  # hung up on while queued
                     if batch and self.closed:  # stopping: the batch running then finishes, no other
                         for row in batch:

@@ -329,6 +329,15 @@ def test_rows_too_long_for_one_context_together_are_generated_apart(server, refe
         assert row.future.result(timeout=60) == reference.generate([row.prompt], row.max_new)[0]
 
 
+def test_a_seeded_request_split_from_another_into_a_batch_of_its_own_draws_as_alone(server, reference):
+    """Its batch's seed came from its index among all of the round's batches (here 1, after the
+    long prompt's), not among its own: other samples than alone, where its rows made a batch alone."""
+    long_prompt, ids = tokenizer.encode(" x" * (BLOCK - 8)), tokenizer.encode("def f(x):")
+    other, seeded = sample.Row(long_prompt, 4, 1.0, 1.0, (), None, -1), sample.Row(ids, 30, 1.0, 1.0, (), 5, -2)
+    server.engine.submit([other, seeded])  # one queue item, one group: too long together, split apart
+    assert seeded.future.result(timeout=60) == reference.generate([ids], 30, 1.0, 1.0, seed=derived_seed(5, 0))[0]
+
+
 class HeldModel:
     """A model whose generate sets started, then holds its batch until release is set."""
     config = PRESETS["nano"]
