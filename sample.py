@@ -33,8 +33,8 @@ the next token, so the streamed pieces join into exactly the answer without stre
 The stream begins with the first tokens: a request refused before them (a 503 from
 a server stopping) gets its HTTP status, as one without stream does.
 Errors look like OpenAI's: {"error": {"message", "type", "param", "code"}}. A POST
-body needs a Content-Length (else 411); one that does not come whole within the
-connection's timeout is a 408.
+body needs a Content-Length (else 411); one that stops coming for the connection's
+timeout (300 s without a byte) is a 408.
 
 Chat template: each message becomes one "role: content" line (roles system,
 developer, user, assistant; a list of content parts contributes its text parts,
@@ -741,7 +741,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 raw = self.rfile.read(length) if length else b""
             except TimeoutError:
-                raise ApiError(f"the request body did not come within {self.timeout} s", 408,
+                raise ApiError(f"the request body stopped coming for {self.timeout} s", 408,
                                "request_timeout") from None
         except ApiError as e:
             self.close_connection = True
