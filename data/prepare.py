@@ -76,7 +76,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from config import UserError, parse_args, run  # noqa: E402
+from config import UserError, parse_settings, run  # noqa: E402
 from tokenizer import EOT, VOCAB_SIZE, encode  # noqa: E402
 
 DEFAULTS = dict(
@@ -970,10 +970,7 @@ def ensure_prepared(name: str = "local_python", quiet: bool = False) -> Path:
 
 
 def main():
-    cfg, positionals = parse_args(DEFAULTS, __doc__)
-    if positionals:
-        raise UserError(f"unexpected argument {positionals[0]!r} (settings are --key=value)")
-    prepare(cfg)
+    prepare(parse_settings(DEFAULTS, __doc__))
 
 
 if __name__ == "__main__":
