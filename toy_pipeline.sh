@@ -60,7 +60,11 @@ whole TEACHER_PORT 1 65535 "a port, from 1 to 65535"
 [ "$SERVE_PORT" != "$TEACHER_PORT" ] || fail "SERVE_PORT and TEACHER_PORT must differ, not both $SERVE_PORT"
 python -c "import sys, model
 if sys.argv[1] not in model.PRESETS:
-    sys.exit(f'error: PRESET={sys.argv[1]} is no preset of model.py ({\", \".join(model.PRESETS)})')" "$PRESET" || exit 2
+    sys.exit(f'error: PRESET={sys.argv[1]} is no preset of model.py ({\", \".join(model.PRESETS)})')
+context = model.PRESETS[sys.argv[1]].block_size  # stage 4's server refuses a prompt that fills it
+if context < 256:  # the textbook prompts take 101 to 125 tokens (3000 drawn)
+    sys.exit(f'error: PRESET={sys.argv[1]} has a context of {context} tokens, too short for the textbook prompts '
+             f'of stage 4 (up to 125 tokens): choose tiny or a larger preset')" "$PRESET" || exit 2
 [ -d "$OUT" ] || [ ! -e "$OUT" ] || fail "OUT=$OUT is a file, not a folder"
 mkdir -p "$OUT"
 stage() { echo; echo "=== $(date +%H:%M:%S) $*"; }

@@ -143,6 +143,8 @@ def test_settings_that_would_fail_stages_later_stop_it_before_any_work(tmp_path)
                               (dict(N_WEB="99999999999999999999"), "N_WEB must be a whole number above 0"),
                               (dict(SERVE_PORT="9000", TEACHER_PORT="9000"), "must differ"),  # stage 4's puzzle
                               (dict(PRESET="huge"), "PRESET=huge is no preset of model.py"),  # after stage 1's minutes
+                              # its 64-token context holds no textbook prompt: stage 4, after two stages' work
+                              (dict(PRESET="nano"), "PRESET=nano has a context of 64 tokens"),
                               (dict(EVAL_PROBLEMS="-1"), "EVAL_PROBLEMS must be a whole number"),  # at stage 9
                               (dict(N_SYNTH="0"), "N_SYNTH must be a whole number above 0")]:  # at stage 8
         result = run_pipeline({**env, **settings}, timeout=60)
