@@ -135,7 +135,11 @@ python sample.py --ckpt="$OUT/base/ckpt.pt" --serve --port="$SERVE_PORT" --model
 SERVER=$!
 python tests/llm_server.py --port="$TEACHER_PORT" --model=teacher &
 TEACHER=$!
-trap 'kill $SERVER $TEACHER 2>/dev/null || true' EXIT
+stop_servers() {  # waited for, so that none outlives the script (and the shell prints no "Terminated")
+  kill $SERVER $TEACHER 2>/dev/null || true
+  wait $SERVER $TEACHER 2>/dev/null || true
+}
+trap stop_servers EXIT
 wait_for "http://127.0.0.1:$SERVE_PORT/v1" $SERVER
 wait_for "http://127.0.0.1:$TEACHER_PORT/v1" $TEACHER
 
@@ -155,8 +159,7 @@ run python filter.py train --labels="$OUT/annotations.jsonl" --embeddings="$OUT/
 run python filter.py apply --corpus="$WEB" --forest="$OUT/forest.npz" --out="$OUT/filtered" \
   --top_fraction=0.5
 
-kill $SERVER $TEACHER 2>/dev/null || true  # stages 4 and 5 were theirs: their memory and ports go now
-wait $SERVER $TEACHER 2>/dev/null || true  # reaped here, not announced by the shell as "Terminated"
+stop_servers  # stages 4 and 5 were theirs: their memory and ports go now
 trap - EXIT
 
 stage "6. the mixture: filtered code and textbooks as token bins"

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +119,29 @@ def test_a_signal_to_the_script_alone_stops_its_running_stage_which_keeps_its_wo
         # the stage stopped as on one Ctrl-C, and saved: a second signal is said again (or stops it at once)
         assert rest.count("saving a checkpoint") == 1 and "saved" in rest and "interrupted" not in rest, rest
         assert (out / "base" / "ckpt.pt").exists()
+
+
+def test_a_signal_while_the_servers_run_stops_them_before_the_script_exits(tmp_path):
+    """The exit trap sent them SIGTERM and did not wait: the script was gone while the model's
+    server still ran its shutdown, a stray process for whoever ran it."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path / "toy"
+    env = {**os.environ, "OUT": str(out), "LOCAL_INPUTS": str(stdlib / "json"), "PRETRAIN_ITERS": "1",
+           "N_SYNTH": "100000", "SERVE_PORT": str(free_port()), "TEACHER_PORT": str(free_port()),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    with subprocess.Popen(["bash", str(ROOT / "toy_pipeline.sh")], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True) as script:
+        try:
+            for line in script.stdout:  # until stage 4 asks the model's server for textbooks
+                if line.startswith("textbook:") or "4. synthesize" in line:
+                    break
+            time.sleep(2)
+            script.send_signal(signal.SIGTERM)
+            assert script.wait(timeout=120) == 143
+            alive = subprocess.run(["pgrep", "-af", str(out)], capture_output=True, text=True).stdout
+            assert not alive, f"left running: {alive}"
+        finally:
+            stop(script, str(out))
 
 
 def test_a_port_in_use_stops_the_run_before_any_work_in_an_out_of_the_callers(tmp_path):
