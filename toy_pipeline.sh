@@ -29,7 +29,7 @@ from_caller() { case $1 in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$CALLER" "
 
 OUT=${OUT:-out/toy}                      # what this run writes (the local bins of stage 1 are shared)
 LOCAL_INPUTS=${LOCAL_INPUTS:-}           # folders of .py files instead of this interpreter's
-PRESET=${PRESET:-tiny}                   # model size for both pretraining runs
+PRESET=${PRESET:-tiny}                   # model size for both pretraining runs: tiny or larger
 PRETRAIN_ITERS=${PRETRAIN_ITERS:-200}    # steps of each pretraining run
 FINETUNE_ITERS=${FINETUNE_ITERS:-100}    # finetuning steps
 N_WEB=${N_WEB:-1000}                     # files in the "web" corpus that is filtered
