@@ -34,7 +34,7 @@ PRETRAIN_ITERS=${PRETRAIN_ITERS:-200}    # steps of each pretraining run
 FINETUNE_ITERS=${FINETUNE_ITERS:-100}    # finetuning steps
 N_WEB=${N_WEB:-1000}                     # files in the "web" corpus that is filtered
 N_ANNOTATE=${N_ANNOTATE:-300}            # of them annotated by the teacher
-N_SYNTH=${N_SYNTH:-100}                  # textbook sections and exercises synthesized
+N_SYNTH=${N_SYNTH:-100}                  # textbook sections and exercises synthesized (2 at least)
 EVAL_PROBLEMS=${EVAL_PROBLEMS:-0}        # HumanEval and MBPP problems evaluated (0: all)
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}     # tokens per benchmark completion
 SERVE_PORT=${SERVE_PORT:-8011}           # sample.py --serve
@@ -51,9 +51,11 @@ whole() {  # $1: a variable's name, $2 and $3: its least and largest values, $4:
   [[ ${!1} =~ ^[0-9]{1,9}$ ]] && (( 10#${!1} >= $2 && 10#${!1} <= $3 )) || fail "$1 must be $4, not '${!1}'"
   printf -v "$1" '%d' "$((10#${!1}))"
 }
-for name in PRETRAIN_ITERS FINETUNE_ITERS N_WEB N_ANNOTATE N_SYNTH MAX_NEW_TOKENS; do
+for name in PRETRAIN_ITERS FINETUNE_ITERS N_WEB N_ANNOTATE MAX_NEW_TOKENS; do
   whole "$name" 1 999999999 "a whole number above 0"
 done
+# one of each goes to validation: one textbook leaves stage 7 no validation tokens, one exercise stage 8 none to train
+whole N_SYNTH 2 999999999 "a whole number above 1"
 whole EVAL_PROBLEMS 0 999999999 "a whole number (0: all)"
 whole SERVE_PORT 1 65535 "a port, from 1 to 65535"
 whole TEACHER_PORT 1 65535 "a port, from 1 to 65535"

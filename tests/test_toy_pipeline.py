@@ -170,7 +170,9 @@ def test_settings_that_would_fail_stages_later_stop_it_before_any_work(tmp_path)
                               # its 64-token context holds no textbook prompt: stage 4, after two stages' work
                               (dict(PRESET="nano"), "PRESET=nano has a context of 64 tokens"),
                               (dict(EVAL_PROBLEMS="-1"), "EVAL_PROBLEMS must be a whole number"),  # at stage 9
-                              (dict(N_SYNTH="0"), "N_SYNTH must be a whole number above 0")]:  # at stage 8
+                              # one textbook leaves stage 7 no validation tokens, one exercise stage 8 nothing to train on
+                              (dict(N_SYNTH="1"), "N_SYNTH must be a whole number above 1"),
+                              (dict(N_SYNTH="0"), "N_SYNTH must be a whole number above 1")]:  # at stage 8
         result = run_pipeline({**env, **settings}, timeout=60)
         lines = result.stderr.splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
