@@ -994,9 +994,12 @@ def _train(cfg, make_data, score, held: contextlib.ExitStack) -> GPT:
                   f"{len(prompt)}-token prompt", file=sys.stderr)
         if n_sample > 0:
             raw_model.eval()
-            with autocast:
-                new = raw_model.generate([prompt], n_sample, temperature=0.8, top_p=0.95, seed=cfg.seed)[0]
-            print("sample:\n" + SAMPLE_PROMPT + tokenizer.decode(new))
+            try:
+                with autocast:
+                    new = raw_model.generate([prompt], n_sample, temperature=0.8, top_p=0.95, seed=cfg.seed)[0]
+                print("sample:\n" + SAMPLE_PROMPT + tokenizer.decode(new))
+            except FloatingPointError as e:  # float16 overflowing in the sample alone: the run is done and saved
+                print(f"note: no sample: {e}", file=sys.stderr)
     return raw_model
 
 

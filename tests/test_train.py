@@ -915,6 +915,19 @@ def test_a_context_too_small_for_the_sample_prompt_says_so_and_one_just_fitting_
     assert "sample:\n" in capsys.readouterr().out
 
 
+def test_a_sample_that_overflows_is_a_note_after_a_run_that_is_done(tmp_path, capsys, monkeypatch):
+    """generate() raises FloatingPointError where float16 overflows (a GPU without bfloat16):
+    a traceback ended a run that had trained and saved."""
+    def overflowing(self, *args, **kwargs):
+        raise FloatingPointError("the logits went NaN or infinite in float16")
+
+    monkeypatch.setattr(train.GPT, "generate", overflowing)
+    data = str(make_dataset(tmp_path / "ds"))
+    train.train(settings(data=data, out_dir=str(tmp_path / "out"), eval_interval=0, max_iters=1, sample_tokens=8))
+    assert "note: no sample: the logits went NaN or infinite in float16" in capsys.readouterr().err
+    assert (tmp_path / "out" / "ckpt.pt").is_file()
+
+
 def test_config_parsing():
     cfg, rest = parse_args(train.DEFAULTS, argv=["--batch_size", "3", "--compile", "--dropout=0.2",
                                                  "--learning-rate=2e-3", "extra"])
