@@ -469,3 +469,26 @@ def test_help_describes_finetunings_own_settings():
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  --")}
     assert "base model's" in lines["--dropout"]
     assert "batches" in lines["--seed"] and "prepare.py" not in lines["--seed"]  # finetune splits exercises itself
+
+
+def test_a_step_in_micro_steps_trains_as_the_step_in_one_batch(tmp_path, base):
+    """Batch 4 in one micro-step and in 2 of 2: the same weights, though the micro-steps
+    count different numbers of targets (bodies of many lengths), since each counted target of a
+    step weighs the same."""
+    from config import parse_settings
+    varied = [(f'def f_{i}(x):\n    """Add {i % 4} ones."""\n', f"    return x{' + 1' * (i % 4) * (i % 5)}\n")
+              for i in range(24)]
+    path = write_exercises(tmp_path / "ex.jsonl", varied)
+    data = finetune.Exercises(varied, 64, "completion", 0.0, "ex", validate=False)
+    assert data.counted(1337, 0, range(2)) != data.counted(1337, 0, range(2, 4))  # micro-steps weigh differently
+    models = []
+    for batch_size in (4, 2):
+        cfg = parse_settings(finetune.DEFAULTS, argv=[
+            f"--base={base}", f"--exercises={path}", f"--batch_size={batch_size}", "--total_batch_size=4",
+            "--max_iters=2", "--warmup_iters=0", "--learning_rate=1e-3", "--eval_interval=0", "--sample_tokens=0",
+            "--dropout=0.0", "--checkpoint_interval=0", f"--out_dir={tmp_path / str(batch_size)}"])
+        models.append(finetune.finetune(cfg).state_dict())
+    initial = torch.load(base, weights_only=True)["model"]
+    assert not torch.equal(models[0]["lm_head.weight"], initial["lm_head.weight"])  # it trained
+    for name, tensor in models[0].items():
+        torch.testing.assert_close(models[1][name], tensor, rtol=1e-5, atol=1e-5, msg=name)
