@@ -492,3 +492,26 @@ def test_a_step_in_micro_steps_trains_as_the_step_in_one_batch(tmp_path, base):
     assert not torch.equal(models[0]["lm_head.weight"], initial["lm_head.weight"])  # it trained
     for name, tensor in models[0].items():
         torch.testing.assert_close(models[1][name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_synth_exercises_are_what_finetune_trains_on(tmp_path):
+    """The contract between synth.py and finetune.py: each record trains as its prompt, then its
+    body and <|endoftext|>, joined with no newline lost or added, and the loss counts the body and
+    <|endoftext|> alone."""
+    import synth
+    from llm_server import FakeLLM
+    out = tmp_path / "ex.jsonl"
+    with FakeLLM() as server:
+        synth.main(["exercises", "--n=6", f"--out={out}", f"--api_base={server.url}", "--model=fake",
+                    "--check_examples=false"])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    items, malformed, _, _ = finetune.read_exercises(out)
+    assert items == [(r["prompt"], r["completion"]) for r in records] and not malformed and len(items) == 6
+    tokens, mask = finetune.Exercises(items, 8, "completion", 0.0, "ex", validate=False).splits["train"]
+    eot = tokenizer.decode([tokenizer.EOT])
+    assert tokenizer.decode(tokens.tolist()) == "".join(r["text"] + eot for r in records)
+    assert tokenizer.decode(tokens[mask].tolist()) == "".join(r["completion"] + eot for r in records)
+    assert tokenizer.decode(tokens[~mask].tolist()) == "".join(r["prompt"] for r in records)
+    for r in records:  # as a HumanEval prompt ends, and its completion begins
+        assert r["prompt"].endswith('    """\n') and r["completion"].startswith("    return ")
+        assert r["completion"].endswith("\n") and not r["completion"].endswith("\n\n")
