@@ -502,7 +502,7 @@ def to_record(kind: str, text: str, c: dict, sandbox) -> dict:
     if kind == "textbook":
         if not text.strip():
             raise Invalid("empty answer")
-        return {"text": text.strip()}
+        return {"text": text.replace("\r\n", "\n").strip()}  # a server's CRLF: no "\r" in what trains
     prompt, completion = parse_exercise(text, c["name"])
     record = {"prompt": prompt, "completion": completion, "text": prompt + completion}
     return {**record, "examples": check_examples(record, sandbox)}

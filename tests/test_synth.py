@@ -884,6 +884,14 @@ def test_a_resume_signs_the_records_on_all_cores_as_one_core_does(tmp_path, monk
         synth.known(out, synth.Dedup(0.8), "fake", threading.Event())
 
 
+def test_a_textbook_answer_with_crlf_line_ends_trains_without_carriage_returns():
+    """Exercises were normalised, textbooks only stripped: a server sending CRLF put "\r" before
+    every newline of the pretraining text."""
+    text = "## Loops\r\n\r\n```python\r\nfor i in range(3):\r\n    print(i)\r\n```\r\n"
+    assert synth.to_record("textbook", text, {}, None) == {"text": "## Loops\n\n```python\nfor i in range(3):\n"
+                                                                  "    print(i)\n```"}
+
+
 # ---------------------------------------------------------------- behaviours pinned by mutation testing
 
 def distinct_prose(body):
