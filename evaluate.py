@@ -534,11 +534,14 @@ def weights_stamp(name: str) -> list | None:
 def changed_settings(recorded, current: dict) -> list[str]:
     """The settings deciding the samples that differ between the recorded ones and these.
     Greedy decoding (temperature 0) depends on neither top_p nor seed; the same local weights
-    (weights_stamp) named by another path (./ck/ckpt.pt, ck/ckpt.pt) are no change; a setting
-    that a generation.json of an older evaluate.py does not hold is not compared."""
+    (weights_stamp) named by another path (./ck/ckpt.pt, ck/ckpt.pt) are no change, nor is a
+    --model recorded with local weights (an older evaluate.py took it there and ignored it); a
+    setting that a generation.json of an older evaluate.py does not hold is not compared."""
     if not isinstance(recorded, dict):
         return ["all"]
     same = dict(top_p=None, seed=None) if current["temperature"] == 0 else {}
+    if not current.get("api_base"):  # --model names no local model (an older evaluate.py recorded it anyway)
+        same["model"] = None
     if current["weights"] is not None and recorded.get("weights") == current["weights"]:
         same.update(ckpt=None, init_from=None)
     recorded, current = {**recorded, **same}, {**current, **same}

@@ -1558,6 +1558,23 @@ def test_resuming_refuses_samples_of_a_checkpoint_trained_on_since_or_of_another
         evaluate.main(common)
 
 
+def test_samples_of_a_checkpoint_recorded_with_a_model_name_still_resume(tmp_path, capsys):
+    """An older evaluate.py took --model with --ckpt (and ignored it) but recorded it in
+    generation.json; --model is now refused with --ckpt, so a rerun could not match it either
+    way: the folder's samples could never be resumed or scored again."""
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt.pt"  # never loaded: every sample is there already
+    out.mkdir()
+    ckpt.write_bytes(b"step 100")
+    write_jsonl(out / "samples.jsonl", [dict(task_id="HumanEval/0", completion="")])
+    (out / "generation.json").write_text(json.dumps(dict(
+        bench="humaneval", ckpt=str(ckpt), init_from="", weights=evaluate.weights_stamp(str(ckpt)), api_base="",
+        model="phi", temperature=0.0, top_p=0.95, seed=1337, max_new_tokens=8)))
+    evaluate.main([f"--ckpt={ckpt}", "--max_new_tokens=8", "--limit=1", f"--out={out}", "--workers=1"])
+    assert "the samples are already in" in capsys.readouterr().out
+    recorded = dict(api_base="http://127.0.0.1:9/v1", model="a", weights=None, temperature=0.0)
+    assert evaluate.changed_settings(recorded, {**recorded, "model": "b"}) == ["model"]  # a server's model counts
+
+
 def test_the_same_checkpoint_by_another_path_resumes_another_file_does_not(tmp_path, monkeypatch, capsys):
     out, ckpt = tmp_path / "out", tmp_path / "ck" / "ckpt.pt"  # never loaded: every sample is there already
     ckpt.parent.mkdir()
