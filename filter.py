@@ -436,7 +436,8 @@ _SCALE = re.compile(r"\b[01]\s*(?:-|–|—|to)\s*10\b|(?:/|\bout\s+of|\bscale\s
 # on another scale
 _AFTER_LABEL = (r"\b(?:(?!\bis\b)[^:=\d\n.,;!?])*?(?:[:=]|\bis\b\s*[:=]?)[\s*_`]*"
                 r"(\d+(?:\.\d+)?(?!\w)(?:\s*(?:/|out\s+of)\s*\d)?)")
-_LINE_START = re.compile(r"[ \t*_#>`-]*")  # what may stand before a label that starts its line
+# what may stand before a label that starts its line: markdown, a list's bullet or number ("2. ", "2) ")
+_LINE_START = re.compile(r"[ \t*_#>`-]*(?:\d{1,2}[.)][ \t*_`]+)?")
 _VALUE = re.compile(r"\beducational\s+value" + _AFTER_LABEL, re.I)
 _SCORE = re.compile(r"\bscore" + _AFTER_LABEL, re.I)
 _OUT_OF_TEN = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*10\b", re.I)

@@ -341,6 +341,17 @@ def test_a_label_that_starts_its_line_outranks_one_in_a_sentence_after_it():
         assert filter.parse_score(answer) == score, answer
 
 
+def test_a_label_on_a_numbered_list_item_starts_its_line():
+    """A "- " bullet let a label start its line, a numbered item's "2. " did not: a teacher's
+    list "2. Educational value: 6" lost to a later "Score: 3" on a line of its own (scored 3,
+    or, "3 out of 5" being on another scale, no score), where the last label had given 6."""
+    cases = {"1. Readability: good\n2. Educational value: 6\n\nScore: 3 out of 5 for style": 6,
+             "1. Correct: yes\n2) **Educational value:** 6\nScore: 3": 6,
+             "Score: 7\nIn a sentence, 2. educational value: 3 is low": 7}  # "2." inside a sentence: no label line
+    for answer, score in cases.items():
+        assert filter.parse_score(answer) == score, answer
+
+
 # ---------------------------------------------------------------- the AST match rate
 
 class Rename(ast.NodeTransformer):
