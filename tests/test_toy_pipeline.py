@@ -125,9 +125,9 @@ def test_a_signal_while_the_servers_run_stops_them_before_the_script_exits(tmp_p
     """The exit trap sent them SIGTERM and did not wait: the script was gone while the model's
     server still ran its shutdown, a stray process for whoever ran it."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    out = tmp_path / "toy"
+    out, teacher_port = tmp_path / "toy", free_port()
     env = {**os.environ, "OUT": str(out), "LOCAL_INPUTS": str(stdlib / "json"), "PRETRAIN_ITERS": "1",
-           "N_SYNTH": "100000", "SERVE_PORT": str(free_port()), "TEACHER_PORT": str(free_port()),
+           "N_SYNTH": "100000", "SERVE_PORT": str(free_port()), "TEACHER_PORT": str(teacher_port),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     with subprocess.Popen(["bash", str(ROOT / "toy_pipeline.sh")], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, start_new_session=True) as script:
@@ -138,7 +138,8 @@ def test_a_signal_while_the_servers_run_stops_them_before_the_script_exits(tmp_p
             time.sleep(2)
             script.send_signal(signal.SIGTERM)
             assert script.wait(timeout=120) == 143
-            alive = subprocess.run(["pgrep", "-af", str(out)], capture_output=True, text=True).stdout
+            alive = "".join(subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True).stdout
+                            for pattern in (str(out), f"llm_server.py --port={teacher_port}"))  # (the teacher's)
             assert not alive, f"left running: {alive}"
         finally:
             stop(script, str(out))
