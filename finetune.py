@@ -94,7 +94,7 @@ def read_exercises(path: Path, drop_failing: bool = False) -> tuple[list[tuple[s
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8-sig"))  # UTF-8 only: json.loads of bytes takes UTF-16
             prompt, completion = record["prompt"], record["completion"]
             if not (isinstance(prompt, str) and isinstance(completion, str) and completion.strip()):
                 raise ValueError

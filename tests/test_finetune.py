@@ -85,6 +85,16 @@ def test_read_exercises_skips_and_counts_each_malformed_line_but_not_blank_ones(
     assert (malformed, failing, unchecked) == (list(range(5, 13)), 0, 2)  # numbered from 1, blank lines too
 
 
+def test_a_utf16_exercises_file_gives_no_garbled_exercises(tmp_path):
+    """json.loads of bytes takes UTF-16: after the first line, each line cut at a \\n byte read
+    as UTF-16-BE, ASCII right and every other character garbled ("代码" as other characters)."""
+    path = tmp_path / "ex.jsonl"
+    rows = [{"prompt": f'def f{i}():\n    """代码 {i}"""\n', "completion": f"    return {i}\n"} for i in range(3)]
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-16"))
+    items, malformed, _, _ = finetune.read_exercises(path)
+    assert items == [] and malformed == [1, 2, 3, 4]  # 4: the last newline's second byte
+
+
 def test_drop_failing_leaves_out_the_exercises_whose_examples_did_not_pass(tmp_path):
     verdicts = ["passed", "failed: AssertionError", "timed out", "crashed: killed by SIGKILL", "none", "unchecked"]
     path = tmp_path / "ex.jsonl"
