@@ -470,8 +470,10 @@ def api_completions(cfg, jobs: list[tuple], stop: list[str]):
                   f"prompts, those samples are no completions (each is cut at a stop string inside its prompt)",
                   file=sys.stderr)
         if failed:
-            transient = any(f.kind != "refused" for f in failed)
-            why = (f"the last {alike} alike, so the run stopped: {failed[-1]}" if alike == FAILED_ALIKE
+            last = failed[-1]  # a fatal one (a key refused, a quota spent) ended the run: asking again fails alike
+            transient = not last.fatal and any(f.kind != "refused" for f in failed)
+            why = (f"the last {alike} alike, so the run stopped: {last}" if alike == FAILED_ALIKE
+                   else f"the run stopped at the last: {last}" if last.fatal and len(failed) > 1
                    else f"first: {failed[0]}")
             raise UserError(f"{len(failed)} requests to {cfg.api_base} failed ({why})"
                             + ("; rerun the same command to ask again" if transient else ""))

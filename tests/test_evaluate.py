@@ -1167,6 +1167,25 @@ def test_a_model_that_cannot_load_or_an_endpoint_that_cannot_answer_leaves_no_tr
     assert not (tmp_path / "out").exists()
 
 
+def test_a_fatal_failure_after_a_passing_one_is_named_and_no_rerun_is_advised(tmp_path, monkeypatch):
+    """The run stopped at a refused key, after a 500 another request had met: the error named
+    the 500 (the first failure) and said to rerun, which fails the same way."""
+    import llm
+    from llm_server import FakeLLM
+
+    def failing(self, asks, **params):
+        keys = [key for key, _, _ in asks]
+        yield keys[0], llm.Failure("server", "The server had an error.", 500, attempts=3)
+        yield keys[1], llm.Failure("refused", "Incorrect API key provided", 401, fatal=True)
+
+    monkeypatch.setattr(llm.Client, "map", failing)
+    with FakeLLM() as server:
+        with pytest.raises(UserError) as failed:
+            evaluate.main([f"--api_base={server.url}", "--model=fake", "--limit=3", f"--out={tmp_path / 'out'}"])
+    assert str(failed.value).endswith("2 requests to %s failed (the run stopped at the last: refused 401: Incorrect API "
+                                      "key provided)" % server.url), failed.value
+
+
 def test_a_wrong_api_base_fails_leaving_no_out_folder(tmp_path):
     from llm_server import FakeLLM  # a 404 for any path outside /v1/, as vLLM
     out = tmp_path / "out"
