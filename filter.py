@@ -1929,14 +1929,30 @@ def code_tree(source: str):
     return None if root is None else tree_of(root)
 
 
-def tree_of(root: ast.AST):
+def tree_of(root: ast.AST, walked: dict | None = None):
     """The AST under root for the tree edit distance: node labels in postorder (type only,
-    see the module doc), the leftmost leaf of each node, and Zhang and Shasha's keyroots."""
+    see the module doc), the leftmost leaf of each node, and Zhang and Shasha's keyroots.
+    walked: the postorder of nodes under root walked before (by id), taken as it is."""
+    labels, leftmost = postorder(root, walked or {})
+    keyroots = sorted({l: i for i, l in enumerate(leftmost)}.values())  # the highest node of each leftmost leaf
+    return labels, leftmost, keyroots
+
+
+def postorder(root: ast.AST, walked: dict) -> tuple[list[int], list[int]]:
+    """The labels of the nodes under root in postorder, and the leftmost leaf of each (of
+    a node in walked, its subtree's as found there)."""
     labels, leftmost = [], []
     stack = [[root, iter(_children(root)), None]]  # node, children to visit, its leftmost leaf
     while stack:
         top = stack[-1]
         child = next(top[1], None)
+        if child is not None and id(child) in walked:
+            start, (child_labels, child_leftmost) = len(labels), walked[id(child)]
+            labels += child_labels
+            leftmost += [start + i for i in child_leftmost]
+            if top[2] is None:
+                top[2] = start
+            continue
         if child is not None:
             stack.append([child, iter(_children(child)), None])
             continue
@@ -1945,8 +1961,7 @@ def tree_of(root: ast.AST):
         leftmost.append(len(labels) - 1 if top[2] is None else top[2])
         if stack and stack[-1][2] is None:
             stack[-1][2] = leftmost[-1]
-    keyroots = sorted({l: i for i, l in enumerate(leftmost)}.values())  # the highest node of each leftmost leaf
-    return labels, leftmost, keyroots
+    return labels, leftmost
 
 
 def tree_distance(a, b) -> int:
@@ -2020,7 +2035,9 @@ def code_units(text: str, max_nodes: float = float("inf")) -> list:
     used = [names(s) for s in statements]
     # of a name defined twice, the last: the one a call finds
     defined = {s.name: i for i, s in enumerate(statements) if isinstance(s, _DEFINITION)}
-    sizes = {i: len(tree_of(s)[0]) for i, s in enumerate(statements) if isinstance(s, _DEFINITION)}
+    # each statement walked once: the units hold the same ones, a definition in several of them
+    walked = {id(s): postorder(s, {}) for s in statements}
+    sizes = {i: len(walked[id(s)][0]) for i, s in enumerate(statements) if isinstance(s, _DEFINITION)}
     imports = [s for s in statements if isinstance(s, (ast.Import, ast.ImportFrom))]
     roots = list(modules)
     for i, statement in enumerate(statements):
@@ -2032,7 +2049,7 @@ def code_units(text: str, max_nodes: float = float("inf")) -> list:
                 roots.append(unit(helped, statements, used, imports))
     units = {}
     for root in roots:
-        tree = tree_of(root)
+        tree = tree_of(root, walked)
         units.setdefault((tuple(tree[0]), tuple(tree[1])), tree)  # a module of one function is that function
     return list(units.values())
 

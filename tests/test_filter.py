@@ -453,6 +453,27 @@ def test_humaneval_solutions_match_renamed_copies_of_themselves():
     assert other < 0.5
 
 
+def test_code_units_walk_each_statement_of_a_document_once(monkeypatch):
+    """A definition is in several units (the file, alone, with its helpers, as the helper of
+    others): its labels are found once and taken into each, as walking it again finds them.
+    A chain of calls walked again in each unit made the work quadratic in the chain's length."""
+    chain = "".join(f'def f{i}(x):\n    """Step {i}."""\n    return f{i - 1}(x) + {i}\n\n' for i in range(1, 30))
+    text = f'"""A chain."""\nimport os\n\ndef f0(x):\n    return os.sep * x\n\n{chain}'
+    module = ast.parse(text)
+    nodes, definitions = len(filter.tree_of(module)[0]), len(module.body) - 2
+    labelled, label = [], filter._label
+    monkeypatch.setattr(filter, "_label", lambda node: labelled.append(node) or label(node))
+    units = filter.code_units(text)
+    # each node once; the module of each unit (the file, each definition alone and with its
+    # helpers), and the file's docstring (an Expr and a Constant) besides
+    assert len(labelled) <= nodes + 2 * definitions + 2
+    monkeypatch.setattr(filter, "_label", label)
+    walked = {id(s): filter.postorder(s, {}) for s in module.body}
+    assert filter.tree_of(module, walked) == filter.tree_of(module)  # (the module's docstring left out alike)
+    last = ast.Module(body=[module.body[1], *module.body[2:]], type_ignores=[])  # f29 with its helpers: all
+    assert filter.tree_of(last) in units
+
+
 # ---------------------------------------------------------------- the pipeline
 
 def test_the_draw_is_spread_over_length_quantiles_and_grows_by_extension(tmp_path):
@@ -2211,7 +2232,7 @@ def test_code_units_of_a_long_chain_of_calls_stay_linear(monkeypatch):
     document_nodes, problem = len(filter.code_tree(text)[0]), filter.code_tree(solution)
     built = []
     tree_of = filter.tree_of
-    monkeypatch.setattr(filter, "tree_of", lambda root: built.append(tree_of(root)) or built[-1])
+    monkeypatch.setattr(filter, "tree_of", lambda root, *walked: built.append(tree_of(root, *walked)) or built[-1])
     units = filter.code_units(text, max_nodes=len(problem[0]) / 0.8 + 1)
     assert max(filter.ast_match_rate(unit, problem) for unit in units) == 1.0
     # the whole, each definition alone and with helpers of at most max_nodes: it was 150 times
