@@ -7,10 +7,13 @@
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=phi1 \\
         --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 
-The recipe is the paper's: AdamW with weight decay on matrices only, linear
-warmup then linear decay, gradient clipping, gradient accumulation up to the
-effective batch (phi-1: 1024 sequences of 2048 tokens). Batches are drawn at
-random offsets from one prepared dataset or a weighted mixture of several
+The recipe is the paper's: AdamW, linear warmup then linear decay, gradient
+accumulation up to the effective batch (phi-1: 1024 sequences of 2048 tokens).
+What the paper leaves unsaid is ours: betas (0.9, 0.95), eps 1e-8, decay on weight
+matrices only (the embedding and lm_head too), the gradient norm clipped at 1.0, the
+decay ending at --min_lr=0; and bf16 where the paper trained in fp16 (--dtype=float16
+for that). Batches are drawn at random offsets (the paper slices one
+concatenated array) from one prepared dataset or a weighted mixture of several
 (`--data=code:0.7,textbooks:0.3`). Which tokens a step reads depends only on
 (seed, step), however processes and micro-steps split it, and the dropout
 noise on (seed, step, micro-batch), so a run resumed from a checkpoint goes on
