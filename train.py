@@ -100,7 +100,7 @@ DDP_TIMEOUT = datetime.timedelta(hours=1)  # how long a process waits in a colle
 SAMPLE_PROMPT = 'def is_prime(n):\n    """Return True if n is a prime number."""\n'
 # dense bf16 peaks, the first name found in the device's wins (the PCIe and NVL cards are slower than SXM)
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200 NVL": 835.0, "H200": 989.0,
-               "H800": 989.0, "A100": 312.0, "A800": 312.0}
+               "H800 PCIe": 756.0, "H800": 989.0, "A100": 312.0, "A800": 312.0}
 
 _stop_signal: int | None = None  # set by a stop signal: save and exit (see train's loop)
 _validating = False  # while process 0 validates (and scores): a signal stops that at once

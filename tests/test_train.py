@@ -516,7 +516,7 @@ run(train.main)
 
 def test_mfu_divides_by_the_peak_of_the_card_by_its_full_name(monkeypatch):
     """An H200 NVL (835 TFLOP/s) was taken for an SXM H200 (989): its MFU read low."""
-    for name, tflops in [("NVIDIA H200 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H100 PCIe", 756),
+    for name, tflops in [("NVIDIA H200 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H800 PCIe", 756),
                          ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA A100-SXM4-80GB", 312), ("Tesla T4", None)]:
         monkeypatch.setattr(train.torch.cuda, "get_device_name", lambda device: name)
         peak = train.peak_flops(settings(), torch.device("cuda"))
