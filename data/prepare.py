@@ -479,9 +479,14 @@ def tokenize(texts: list[str], workers: int, bar) -> np.ndarray:
                         "rerun to go on from the finished parts") from None
     except BaseException:
         # a stop (Ctrl-C, SIGTERM) between the workers' fork and the start of the pool's thread,
-        # which ends them, left them idle and the exit waiting on them for ever: they go now
-        for worker in list(pool._processes.values()) if pool else []:
-            worker.kill()
+        # which ends them, left them idle and the exit waiting on them for ever: they go now. Not
+        # once that thread runs: shutdown ends them, and killed under it, the pool's broken-pool
+        # path met the futures map() had cancelled and died, leaving a task stuck in the pipe to
+        # them, which the exit then waited on (1 in ~20 stops)
+        manager = pool and pool._executor_manager_thread
+        if pool and not (manager and manager.is_alive()):
+            for worker in list(pool._processes.values()):
+                worker.kill()
         raise
     finally:
         if pool:  # the tasks not begun are dropped: a Ctrl-C waits only for those running

@@ -1082,6 +1082,27 @@ def test_a_stop_while_the_pool_starts_ends_the_run(tmp_path):
     assert proc.returncode == 130 and stderr.endswith("\ninterrupted\n") and "Traceback" not in stderr
 
 
+def test_a_stop_once_the_pool_has_queued_tasks_ends_the_run(tmp_path):
+    """A stop once the pool's thread had queued tasks: the workers were killed under it, its
+    broken-pool path raised on the futures map() had cancelled, and the exit waited for ever on
+    a task stuck in the pipe to the dead workers (1 in ~20 SIGTERMs in CI)."""
+    line = "x = [" + ", ".join(map(str, range(400))) + "]\n"
+    src = write_tree(tmp_path / "src", {f"m{i}.py": line * 60 + f"# {i}\n" for i in range(40)})  # 4.8 MB: 5 tasks
+    code = ("import time\nimport concurrent.futures._base as base\nfrom config import run\n"
+            "from data import prepare\nresult = base.Future.result\n"
+            "def stopped_there(self, timeout=None):  # Ctrl-C as map() waits on its first result\n"
+            "    base.Future.result = result\n    time.sleep(0.3)  # the pool's thread queues tasks meanwhile\n"
+            "    raise KeyboardInterrupt\nbase.Future.result = stopped_there\nrun(prepare.main)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, f"--inputs={src}", f"--out_dir={tmp_path / 'out'}",
+                             "--workers=2"], cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stderr = proc.communicate(timeout=60)[1]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the old code's hang, and its workers
+    assert proc.returncode == 130 and stderr.endswith("\ninterrupted\n") and "Traceback" not in stderr, stderr[-2000:]
+
+
 def test_a_run_refuses_inputs_it_would_delete_or_overwrite(tmp_path):
     """Bins into the folder of their own JSONL input would delete it (and then find nothing
     on a rerun); files the run does not replace may lie there."""
