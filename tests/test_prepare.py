@@ -1064,6 +1064,19 @@ def test_ctrl_c_or_a_kill_stops_the_workers_without_tracebacks(tmp_path, how):
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
 
 
+def stopped_run(code: str, src: Path, out: Path) -> tuple[int, str]:
+    """(exit status, stderr) of python -c code (a stop staged, then prepare.py's main) on src
+    with 2 workers; killed with its workers after 60 s (a hang)."""
+    proc = subprocess.Popen([sys.executable, "-c", code, f"--inputs={src}", f"--out_dir={out}", "--workers=2"],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stderr = proc.communicate(timeout=60)[1]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the old code's hang, and its workers
+    return proc.returncode, stderr
+
+
 def test_a_stop_while_the_pool_starts_ends_the_run(tmp_path):
     """A Ctrl-C between the workers' fork and the start of the pool's thread that ends them
     printed "interrupted", then the exit waited on the idle workers for ever, holding the lock."""
@@ -1072,14 +1085,8 @@ def test_a_stop_while_the_pool_starts_ends_the_run(tmp_path):
             "from data import prepare\nprepare.TASK_BYTES = 10\nstart = cfp._ExecutorManagerThread.__init__\n"
             "def stopped_there(self, *args):\n    os.kill(os.getpid(), signal.SIGINT)\n    start(self, *args)\n"
             "cfp._ExecutorManagerThread.__init__ = stopped_there\nrun(prepare.main)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, f"--inputs={src}", f"--out_dir={tmp_path / 'out'}",
-                             "--workers=2"], cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stderr = proc.communicate(timeout=60)[1]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the old code's hang, and its workers
-    assert proc.returncode == 130 and stderr.endswith("\ninterrupted\n") and "Traceback" not in stderr
+    returncode, stderr = stopped_run(code, src, tmp_path / "out")
+    assert returncode == 130 and stderr.endswith("\ninterrupted\n") and "Traceback" not in stderr
 
 
 def test_a_stop_once_the_pool_has_queued_tasks_ends_the_run(tmp_path):
@@ -1093,14 +1100,8 @@ def test_a_stop_once_the_pool_has_queued_tasks_ends_the_run(tmp_path):
             "def stopped_there(self, timeout=None):  # Ctrl-C as map() waits on its first result\n"
             "    base.Future.result = result\n    time.sleep(0.3)  # the pool's thread queues tasks meanwhile\n"
             "    raise KeyboardInterrupt\nbase.Future.result = stopped_there\nrun(prepare.main)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, f"--inputs={src}", f"--out_dir={tmp_path / 'out'}",
-                             "--workers=2"], cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stderr = proc.communicate(timeout=60)[1]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the old code's hang, and its workers
-    assert proc.returncode == 130 and stderr.endswith("\ninterrupted\n") and "Traceback" not in stderr, stderr[-2000:]
+    returncode, stderr = stopped_run(code, src, tmp_path / "out")
+    assert returncode == 130 and stderr.endswith("\ninterrupted\n") and "Traceback" not in stderr, stderr[-2000:]
 
 
 def test_a_run_refuses_inputs_it_would_delete_or_overwrite(tmp_path):
